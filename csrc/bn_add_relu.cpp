@@ -1,0 +1,358 @@
+// Residual tail op: schema (TORCH_LIBRARY), input validation and the CPU kernels.
+//
+//   bn_add_relu(x, scale, shift, residual, res_scale=None, res_shift=None, relu=True) -> out
+//     out = act(x * scale[c] + shift[c] + r),  r = residual * res_scale[c] + res_shift[c]  or  residual
+//   bn_add_relu_backward(grad_out, x, scale, shift, residual, res_scale, res_shift, relu)
+//     -> (grad_x, grad_residual, sum_g, sum_gx, sum_gr)
+//     g = grad_out masked by (pre-activation > 0) when relu, recomputed from the inputs;
+//     grad_x = g * scale[c], grad_residual = g * res_scale[c] (or g), and the per-channel sums
+//     sum_g = Σg, sum_gx = Σ g·x, sum_gr = Σ g·residual that the BatchNorm backward needs.
+//
+// x/residual/grad_out: 4-D, same shape/dtype (float32, float16, bfloat16, float64), NCHW-contiguous or
+// channels_last; scale/shift/res_*: [C] float32 (float64 when x is float64). Math is in float32 (float64 for
+// float64). Reductions are deterministic: per-plane (NCHW) or per-row-chunk (NHWC) partials, where the
+// partition depends only on the shape, summed in a fixed order.
+#include "bn_add_relu.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <Python.h>
+#include <pybind11/pybind11.h>
+
+#include <tuple>
+#include <vector>
+
+namespace resnet_fast {
+
+namespace {
+
+std::string shape_str(const at::Tensor& t) { return c10::str(t.sizes()); }
+
+void check_vector(const char* op, const char* name, const at::Tensor& v, const at::Tensor& x, int64_t c) {
+  TORCH_CHECK_VALUE(v.defined(), op, ": ", name, " must be a tensor");
+  TORCH_CHECK_VALUE(v.device() == x.device(), op, ": ", name, " is on ", v.device(), " but x is on ", x.device(),
+                    "; all tensors must be on the same device");
+  const auto want = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK_VALUE(v.scalar_type() == want, op, ": ", name, " must be ", want, " (per-channel parameters are ",
+                    want, " for x of dtype ", x.scalar_type(), "), got ", v.scalar_type());
+  TORCH_CHECK_VALUE(v.dim() == 1 && v.size(0) == c, op, ": ", name, " must have shape [C] = [", c,
+                    "] to match x.shape[1], got shape ", shape_str(v));
+  TORCH_CHECK_VALUE(v.is_contiguous(), op, ": ", name, " must be contiguous");
+}
+
+void check_like_x(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x,
+                  at::MemoryFormat fmt) {
+  TORCH_CHECK_VALUE(t.defined(), op, ": ", name, " must be a tensor");
+  TORCH_CHECK_VALUE(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ", x.device(),
+                    "; all tensors must be on the same device");
+  TORCH_CHECK_VALUE(t.scalar_type() == x.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(),
+                    " but x has dtype ", x.scalar_type(), "; they must match");
+  TORCH_CHECK_VALUE(t.sizes() == x.sizes(), op, ": ", name, " has shape ", shape_str(t), " but x has shape ",
+                    shape_str(x), "; they must match");
+  TORCH_CHECK_VALUE(t.is_contiguous(fmt), op, ": ", name, " must be dense in the same memory format as x (",
+                    fmt == at::MemoryFormat::ChannelsLast ? "channels_last" : "NCHW-contiguous",
+                    "), got strides ", c10::str(t.strides()), "; mixed layouts and strided views are not supported,"
+                    " call .contiguous(memory_format=...) first");
+}
+
+}  // namespace
+
+Layout check_inputs(const char* op, const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
+                    const at::Tensor& residual, const std::optional<at::Tensor>& res_scale,
+                    const std::optional<at::Tensor>& res_shift, const at::Tensor* grad_out) {
+  TORCH_CHECK_VALUE(x.defined(), op, ": x must be a tensor");
+  TORCH_CHECK_VALUE(x.dim() == 4, op, ": x must be a 4-D (N, C, H, W) tensor, got a ", x.dim(),
+                    "-D tensor of shape ", shape_str(x));
+  const auto dt = x.scalar_type();
+  TORCH_CHECK_VALUE(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 || dt == at::kDouble, op,
+                    ": x must be float32, float16, bfloat16 or float64, got ", dt);
+  // NCHW wins when a tensor is both (C == 1 or H*W == 1): the two layouts then index identically.
+  at::MemoryFormat fmt;
+  if (x.is_contiguous()) {
+    fmt = at::MemoryFormat::Contiguous;
+  } else if (x.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    fmt = at::MemoryFormat::ChannelsLast;
+  } else {
+    TORCH_CHECK_VALUE(false, op, ": x must be dense NCHW-contiguous or channels_last, got strides ",
+                      c10::str(x.strides()), " for shape ", shape_str(x),
+                      "; strided views are not supported, call .contiguous(memory_format=...) first");
+  }
+  check_like_x(op, "residual", residual, x, fmt);
+  if (grad_out != nullptr) check_like_x(op, "grad_out", *grad_out, x, fmt);
+  const int64_t c = x.size(1);
+  check_vector(op, "scale", scale, x, c);
+  check_vector(op, "shift", shift, x, c);
+  const bool has_rs = res_scale.has_value() && res_scale->defined();
+  const bool has_rb = res_shift.has_value() && res_shift->defined();
+  TORCH_CHECK_VALUE(has_rs == has_rb, op, ": res_scale and res_shift must be given together (got ",
+                    has_rs ? "res_scale" : "res_shift", " only)");
+  if (has_rs) {
+    check_vector(op, "res_scale", *res_scale, x, c);
+    check_vector(op, "res_shift", *res_shift, x, c);
+  }
+  Layout l;
+  l.channels_last = fmt == at::MemoryFormat::ChannelsLast;
+  l.n = x.size(0);
+  l.c = c;
+  l.hw = x.size(2) * x.size(3);
+  l.numel = x.numel();
+  return l;
+}
+
+at::Tensor empty_in_layout(const at::Tensor& like, const Layout& layout) {
+  return at::empty(like.sizes(), like.options().memory_format(layout.channels_last ? at::MemoryFormat::ChannelsLast
+                                                                                      : at::MemoryFormat::Contiguous));
+}
+
+namespace {
+
+// Work per parallel_for task, in elements: large enough to amortise scheduling, small enough to balance.
+constexpr int64_t kGrainElems = 32768;
+// Independent accumulator lanes so the reduction loops vectorise without reassociating float sums.
+constexpr int kLanes = 8;
+
+template <typename T, typename A, bool kResBN, bool kRelu>
+void forward_cpu(const T* __restrict__ x, const T* __restrict__ r, T* __restrict__ out, const A* __restrict__ s,
+                 const A* __restrict__ b, const A* __restrict__ rs, const A* __restrict__ rb, const Layout& L) {
+  if (!L.channels_last) {
+    // NCHW: each (n, c) plane is contiguous and has one channel, so the inner loop has scalar parameters.
+    const int64_t planes = L.n * L.c, hw = L.hw;
+    at::parallel_for(0, planes, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(hw, 1)),
+                     [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t c = p % L.c;
+        const A sc = s[c], sh = b[c], rsc = kResBN ? rs[c] : A(1), rsh = kResBN ? rb[c] : A(0);
+        const T* xp = x + p * hw;
+        const T* rp = r + p * hw;
+        T* op = out + p * hw;
+        for (int64_t j = 0; j < hw; ++j) {
+          const A rv = kResBN ? static_cast<A>(rp[j]) * rsc + rsh : static_cast<A>(rp[j]);
+          A z = static_cast<A>(xp[j]) * sc + sh + rv;
+          if (kRelu) z = z > A(0) ? z : A(0);
+          op[j] = static_cast<T>(z);
+        }
+      }
+    });
+  } else {
+    // NHWC: rows of C contiguous channels; the inner loop runs over channels.
+    const int64_t rows = L.n * L.hw, C = L.c;
+    at::parallel_for(0, rows, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(C, 1)),
+                     [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m) {
+        const T* xp = x + m * C;
+        const T* rp = r + m * C;
+        T* op = out + m * C;
+        for (int64_t c = 0; c < C; ++c) {
+          const A rv = kResBN ? static_cast<A>(rp[c]) * rs[c] + rb[c] : static_cast<A>(rp[c]);
+          A z = static_cast<A>(xp[c]) * s[c] + b[c] + rv;
+          if (kRelu) z = z > A(0) ? z : A(0);
+          op[c] = static_cast<T>(z);
+        }
+      }
+    });
+  }
+}
+
+// One element of the backward: returns g (grad_out after the ReLU mask) and writes grad_x / grad_residual.
+template <typename T, typename A, bool kResBN, bool kRelu>
+inline A backward_elem(T go, T xv, T rv, A sc, A sh, A rsc, A rsh, T* gx, T* gr, A* xa, A* ra) {
+  const A xf = static_cast<A>(xv), rf = static_cast<A>(rv);
+  A g = static_cast<A>(go);
+  if (kRelu) {
+    const A z = xf * sc + sh + (kResBN ? rf * rsc + rsh : rf);
+    g = z > A(0) ? g : A(0);
+  }
+  *gx = static_cast<T>(g * sc);
+  *gr = static_cast<T>(kResBN ? g * rsc : g);
+  *xa = xf;
+  *ra = rf;
+  return g;
+}
+
+template <typename T, typename A, bool kResBN, bool kRelu>
+void backward_cpu(const T* __restrict__ go, const T* __restrict__ x, const T* __restrict__ r, T* __restrict__ gx,
+                  T* __restrict__ gr, const A* __restrict__ s, const A* __restrict__ b, const A* __restrict__ rs,
+                  const A* __restrict__ rb, A* sum_g, A* sum_gx, A* sum_gr, const Layout& L) {
+  const int64_t C = L.c;
+  if (!L.channels_last) {
+    // NCHW: one partial per (n, c) plane, computed sequentially by one task (lane accumulators), then
+    // summed over n in order: the result does not depend on the thread count.
+    const int64_t planes = L.n * C, hw = L.hw;
+    std::vector<A> part(3 * planes);
+    at::parallel_for(0, planes, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(hw, 1)),
+                     [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t c = p % C;
+        const A sc = s[c], sh = b[c], rsc = kResBN ? rs[c] : A(1), rsh = kResBN ? rb[c] : A(0);
+        const int64_t off = p * hw;
+        A ag[kLanes] = {}, agx[kLanes] = {}, agr[kLanes] = {};
+        int64_t j = 0;
+        for (; j + kLanes <= hw; j += kLanes) {
+          for (int l = 0; l < kLanes; ++l) {
+            A xf, rf;
+            const A g = backward_elem<T, A, kResBN, kRelu>(go[off + j + l], x[off + j + l], r[off + j + l], sc, sh,
+                                                           rsc, rsh, gx + off + j + l, gr + off + j + l, &xf, &rf);
+            ag[l] += g;
+            agx[l] += g * xf;
+            agr[l] += g * rf;
+          }
+        }
+        for (int l = 0; j < hw; ++j, ++l) {
+          A xf, rf;
+          const A g = backward_elem<T, A, kResBN, kRelu>(go[off + j], x[off + j], r[off + j], sc, sh, rsc, rsh,
+                                                         gx + off + j, gr + off + j, &xf, &rf);
+          ag[l] += g;
+          agx[l] += g * xf;
+          agr[l] += g * rf;
+        }
+        A tg = 0, tgx = 0, tgr = 0;
+        for (int l = 0; l < kLanes; ++l) {
+          tg += ag[l];
+          tgx += agx[l];
+          tgr += agr[l];
+        }
+        part[p] = tg;
+        part[planes + p] = tgx;
+        part[2 * planes + p] = tgr;
+      }
+    });
+    for (int64_t c = 0; c < C; ++c) {
+      A tg = 0, tgx = 0, tgr = 0;
+      for (int64_t n = 0; n < L.n; ++n) {
+        tg += part[n * C + c];
+        tgx += part[planes + n * C + c];
+        tgr += part[2 * planes + n * C + c];
+      }
+      sum_g[c] = tg;
+      sum_gx[c] = tgx;
+      sum_gr[c] = tgr;
+    }
+  } else {
+    // NHWC: rows of C channels split into fixed chunks (size from the shape only); each chunk accumulates a
+    // [3, C] partial over its rows (the inner loop over channels is independent per channel, so it
+    // vectorises), then the chunks are summed in order.
+    const int64_t rows = L.n * L.hw;
+    const int64_t chunk = std::max<int64_t>(64, 16384 / std::max<int64_t>(C, 1));
+    const int64_t nchunks = (rows + chunk - 1) / chunk;
+    std::vector<A> part(3 * nchunks * C, A(0));
+    at::parallel_for(0, nchunks, 1, [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k) {
+        A* pg = part.data() + (3 * k) * C;
+        A* pgx = pg + C;
+        A* pgr = pg + 2 * C;
+        const int64_t m1 = std::min(rows, (k + 1) * chunk);
+        for (int64_t m = k * chunk; m < m1; ++m) {
+          const int64_t off = m * C;
+          for (int64_t c = 0; c < C; ++c) {
+            A xf, rf;
+            const A g = backward_elem<T, A, kResBN, kRelu>(go[off + c], x[off + c], r[off + c], s[c], b[c],
+                                                           kResBN ? rs[c] : A(1), kResBN ? rb[c] : A(0),
+                                                           gx + off + c, gr + off + c, &xf, &rf);
+            pg[c] += g;
+            pgx[c] += g * xf;
+            pgr[c] += g * rf;
+          }
+        }
+      }
+    });
+    for (int64_t c = 0; c < C; ++c) {
+      A tg = 0, tgx = 0, tgr = 0;
+      for (int64_t k = 0; k < nchunks; ++k) {
+        tg += part[(3 * k) * C + c];
+        tgx += part[(3 * k + 1) * C + c];
+        tgr += part[(3 * k + 2) * C + c];
+      }
+      sum_g[c] = tg;
+      sum_gx[c] = tgx;
+      sum_gr[c] = tgr;
+    }
+  }
+}
+
+// Expands the two runtime flags into template parameters so the inner loops carry no branches.
+template <typename F>
+void dispatch_flags(bool res_bn, bool relu, F&& f) {
+  if (res_bn) {
+    if (relu) f(std::true_type{}, std::true_type{});
+    else f(std::true_type{}, std::false_type{});
+  } else {
+    if (relu) f(std::false_type{}, std::true_type{});
+    else f(std::false_type{}, std::false_type{});
+  }
+}
+
+at::Tensor bn_add_relu_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
+                           const at::Tensor& residual, const std::optional<at::Tensor>& res_scale,
+                           const std::optional<at::Tensor>& res_shift, bool relu) {
+  const Layout L = check_inputs("bn_add_relu", x, scale, shift, residual, res_scale, res_shift, nullptr);
+  at::Tensor out = empty_in_layout(x, L);
+  if (L.numel == 0) return out;
+  const bool res_bn = res_scale.has_value() && res_scale->defined();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_add_relu_cpu", [&] {
+    using A = at::opmath_type<scalar_t>;
+    const A* rs = res_bn ? res_scale->data_ptr<A>() : nullptr;
+    const A* rb = res_bn ? res_shift->data_ptr<A>() : nullptr;
+    dispatch_flags(res_bn, relu, [&](auto kres, auto krelu) {
+      forward_cpu<scalar_t, A, decltype(kres)::value, decltype(krelu)::value>(
+          x.const_data_ptr<scalar_t>(), residual.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+          scale.const_data_ptr<A>(), shift.const_data_ptr<A>(), rs, rb, L);
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_add_relu_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
+    const at::Tensor& residual, const std::optional<at::Tensor>& res_scale,
+    const std::optional<at::Tensor>& res_shift, bool relu) {
+  const Layout L =
+      check_inputs("bn_add_relu_backward", x, scale, shift, residual, res_scale, res_shift, &grad_out);
+  at::Tensor grad_x = empty_in_layout(x, L);
+  at::Tensor grad_r = empty_in_layout(x, L);
+  at::Tensor sum_g = at::zeros({L.c}, scale.options());
+  at::Tensor sum_gx = at::zeros({L.c}, scale.options());
+  at::Tensor sum_gr = at::zeros({L.c}, scale.options());
+  if (L.numel == 0) return {grad_x, grad_r, sum_g, sum_gx, sum_gr};
+  const bool res_bn = res_scale.has_value() && res_scale->defined();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_add_relu_backward_cpu", [&] {
+    using A = at::opmath_type<scalar_t>;
+    const A* rs = res_bn ? res_scale->data_ptr<A>() : nullptr;
+    const A* rb = res_bn ? res_shift->data_ptr<A>() : nullptr;
+    dispatch_flags(res_bn, relu, [&](auto kres, auto krelu) {
+      backward_cpu<scalar_t, A, decltype(kres)::value, decltype(krelu)::value>(
+          grad_out.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), residual.const_data_ptr<scalar_t>(),
+          grad_x.data_ptr<scalar_t>(), grad_r.data_ptr<scalar_t>(), scale.const_data_ptr<A>(),
+          shift.const_data_ptr<A>(), rs, rb, sum_g.data_ptr<A>(), sum_gx.data_ptr<A>(), sum_gr.data_ptr<A>(), L);
+    });
+  });
+  return {grad_x, grad_r, sum_g, sum_gx, sum_gr};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(resnet_fast, m) {
+  // Fake (meta) implementations and autograd live in Python; this makes torch import that module when
+  // the op is traced before anyone imported it.
+  m.set_python_module("resnet_fast.ops.bn_add_relu");
+  m.def("bn_add_relu(Tensor x, Tensor scale, Tensor shift, Tensor residual, Tensor? res_scale=None, "
+        "Tensor? res_shift=None, bool relu=True) -> Tensor");
+  m.def("bn_add_relu_backward(Tensor grad_out, Tensor x, Tensor scale, Tensor shift, Tensor residual, "
+        "Tensor? res_scale, Tensor? res_shift, bool relu) -> "
+        "(Tensor grad_x, Tensor grad_residual, Tensor sum_g, Tensor sum_gx, Tensor sum_gr)");
+}
+
+TORCH_LIBRARY_IMPL(resnet_fast, CPU, m) {
+  m.impl("bn_add_relu", &bn_add_relu_cpu);
+  m.impl("bn_add_relu_backward", &bn_add_relu_backward_cpu);
+}
+
+}  // namespace resnet_fast
+
+// Nothing is exported to Python: the ops are reached through torch.ops.resnet_fast. The module exists so
+// that `import resnet_fast._C` (or the JIT-built equivalent) loads the library and runs the registrations.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.doc() = "resnet_fast C++/CUDA ops (registered in torch.ops.resnet_fast)"; }

@@ -1,0 +1,435 @@
+// CUDA kernels of the residual tail op (schema and semantics: bn_add_relu.cpp).
+//
+// Memory-bound elementwise work, so the kernels aim at full-width memory traffic:
+//  * 16-byte vector loads/stores (V = 16 / sizeof(T) elements) when every pointer is 16-byte aligned and the
+//    layout allows it; a V = 1 instantiation otherwise. Math in float32 (float64 for float64 tensors).
+//  * grid-stride loops, 64-bit element indices (32-bit division where numel < 2^31).
+//  * backward reductions: per-thread accumulators -> fixed-order shared-memory tree per block -> one partial per
+//    (block, channel) in a [3, blocks, C] buffer -> a finalize kernel sums the blocks in order. No atomics, and
+//    the grid depends only on the shape, so results are bitwise reproducible.
+//  * NHWC: channel = i % C; a block owns a fixed tile of channels (threadIdx.x) and walks rows (threadIdx.y).
+//    NCHW: each (n, c) plane is contiguous; a block owns one channel and walks its N planes.
+//
+// Only c10/cuda headers are used (not ATen/cuda/CUDAContext.h, which pulls in cuSPARSE/cuBLAS headers), so the
+// file compiles against a CUDA toolkit that has just the runtime.
+#include "bn_add_relu.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <tuple>
+
+namespace resnet_fast {
+namespace {
+
+constexpr int kThreads = 256;
+// Backward grid target (blocks in total). Fixed rather than derived from the SM count so that the reduction
+// partition, hence the rounding, is the same on every GPU. 1024 x 256 threads fills an H100 (132 SMs x 2048).
+constexpr int64_t kTargetBlocks = 1024;
+constexpr int64_t kMaxGridY = 65535;
+
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Vec {
+  T v[V];
+};
+
+template <typename T, int V>
+__device__ __forceinline__ Vec<T, V> load_vec(const T* p) {
+  return *reinterpret_cast<const Vec<T, V>*>(p);
+}
+
+template <typename T, int V>
+__device__ __forceinline__ void store_vec(T* p, const Vec<T, V>& v) {
+  *reinterpret_cast<Vec<T, V>*>(p) = v;
+}
+
+template <bool k32>
+__device__ __forceinline__ int64_t mod(int64_t a, int64_t b) {
+  return k32 ? static_cast<int64_t>(static_cast<uint32_t>(a) % static_cast<uint32_t>(b)) : a % b;
+}
+
+template <bool k32>
+__device__ __forceinline__ int64_t div(int64_t a, int64_t b) {
+  return k32 ? static_cast<int64_t>(static_cast<uint32_t>(a) / static_cast<uint32_t>(b)) : a / b;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Forward: out = act(x * s[c] + b[c] + (res_bn ? r * rs[c] + rb[c] : r)).
+// ---------------------------------------------------------------------------------------------------------
+template <typename T, typename A, int V, bool kCL, bool k32>
+__global__ void __launch_bounds__(kThreads)
+    fwd_kernel(const T* __restrict__ x, const T* __restrict__ r, T* __restrict__ out, const A* __restrict__ s,
+               const A* __restrict__ b, const A* __restrict__ rs, const A* __restrict__ rb, bool res_bn, bool relu,
+               int64_t numel, int64_t C, int64_t HW) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t nvec = numel / V;
+  for (int64_t i = tid; i < nvec; i += stride) {
+    const int64_t e0 = i * V;
+    // Channel of the first element; the next V-1 follow by increment-with-wrap (no further divisions).
+    int64_t c, hw = 0;
+    if (kCL) {
+      c = mod<k32>(e0, C);
+    } else {
+      hw = mod<k32>(e0, HW);
+      c = mod<k32>(div<k32>(e0, HW), C);
+    }
+    const Vec<T, V> xv = load_vec<T, V>(x + e0);
+    const Vec<T, V> rv = load_vec<T, V>(r + e0);
+    Vec<T, V> ov;
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const A rf = static_cast<A>(rv.v[k]);
+      A z = static_cast<A>(xv.v[k]) * s[c] + b[c] + (res_bn ? rf * rs[c] + rb[c] : rf);
+      if (relu) z = z > A(0) ? z : A(0);
+      ov.v[k] = static_cast<T>(z);
+      if (kCL) {
+        if (++c == C) c = 0;
+      } else if (++hw == HW) {
+        hw = 0;
+        if (++c == C) c = 0;
+      }
+    }
+    store_vec<T, V>(out + e0, ov);
+  }
+  // Scalar tail (numel % V elements).
+  for (int64_t e = nvec * V + tid; e < numel; e += stride) {
+    const int64_t c = kCL ? mod<k32>(e, C) : mod<k32>(div<k32>(e, HW), C);
+    const A rf = static_cast<A>(r[e]);
+    A z = static_cast<A>(x[e]) * s[c] + b[c] + (res_bn ? rf * rs[c] + rb[c] : rf);
+    if (relu) z = z > A(0) ? z : A(0);
+    out[e] = static_cast<T>(z);
+  }
+}
+
+// One element of the backward. Returns g (grad_out after the ReLU mask, which is recomputed from the inputs).
+template <typename T, typename A>
+__device__ __forceinline__ A bwd_elem(T go, A xf, A rf, A sc, A sh, A rsc, A rsh, bool res_bn, bool relu, T* gx,
+                                      T* gr) {
+  A g = static_cast<A>(go);
+  if (relu) {
+    const A z = xf * sc + sh + (res_bn ? rf * rsc + rsh : rf);
+    g = z > A(0) ? g : A(0);
+  }
+  *gx = static_cast<T>(g * sc);
+  *gr = static_cast<T>(res_bn ? g * rsc : g);
+  return g;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Backward, NHWC. Block = TX x TY threads; thread (tx, ty) owns channels c0 .. c0+V-1 of its block's channel
+// tile and rows ty, ty + TY, ... of its block's share. Requires C % V == 0.
+// partial: [3, gridDim.x, C].
+// ---------------------------------------------------------------------------------------------------------
+template <typename T, typename A, int V>
+__global__ void __launch_bounds__(kThreads)
+    bwd_nhwc_kernel(const T* __restrict__ go, const T* __restrict__ x, const T* __restrict__ r, T* __restrict__ gx,
+                    T* __restrict__ gr, const A* __restrict__ s, const A* __restrict__ b, const A* __restrict__ rs,
+                    const A* __restrict__ rb, bool res_bn, bool relu, A* __restrict__ partial, int64_t rows,
+                    int64_t C) {
+  extern __shared__ unsigned char smem_raw[];
+  A* sm = reinterpret_cast<A*>(smem_raw);  // [3][TY][TX * V]
+  const int tx = threadIdx.x, ty = threadIdx.y, TX = blockDim.x, TY = blockDim.y;
+  const int width = TX * V;
+  const int64_t nb = gridDim.x;
+  for (int64_t tile = blockIdx.y; tile * width < C; tile += gridDim.y) {
+    const int64_t c0 = tile * width + static_cast<int64_t>(tx) * V;
+    const bool active = c0 < C;
+    A sc[V], sh[V], rsc[V], rsh[V], ag[V], agx[V], agr[V];
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      sc[k] = active ? s[c0 + k] : A(0);
+      sh[k] = active ? b[c0 + k] : A(0);
+      rsc[k] = active && res_bn ? rs[c0 + k] : A(1);
+      rsh[k] = active && res_bn ? rb[c0 + k] : A(0);
+      ag[k] = agx[k] = agr[k] = A(0);
+    }
+    if (active) {
+      for (int64_t m = static_cast<int64_t>(blockIdx.x) * TY + ty; m < rows; m += nb * TY) {
+        const int64_t off = m * C + c0;
+        const Vec<T, V> gv = load_vec<T, V>(go + off), xv = load_vec<T, V>(x + off), rv = load_vec<T, V>(r + off);
+        Vec<T, V> gxv, grv;
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+          const A xf = static_cast<A>(xv.v[k]), rf = static_cast<A>(rv.v[k]);
+          const A g = bwd_elem<T, A>(gv.v[k], xf, rf, sc[k], sh[k], rsc[k], rsh[k], res_bn, relu, &gxv.v[k],
+                                     &grv.v[k]);
+          ag[k] += g;
+          agx[k] += g * xf;
+          agr[k] += g * rf;
+        }
+        store_vec<T, V>(gx + off, gxv);
+        store_vec<T, V>(gr + off, grv);
+      }
+    }
+    // Fixed-order tree over ty (TY is a power of two).
+    const int plane = TY * width;
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const int idx = ty * width + tx * V + k;
+      sm[idx] = ag[k];
+      sm[plane + idx] = agx[k];
+      sm[2 * plane + idx] = agr[k];
+    }
+    __syncthreads();
+    for (int h = TY / 2; h > 0; h >>= 1) {
+      if (ty < h) {
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+          const int idx = ty * width + tx * V + k, other = (ty + h) * width + tx * V + k;
+          sm[idx] += sm[other];
+          sm[plane + idx] += sm[plane + other];
+          sm[2 * plane + idx] += sm[2 * plane + other];
+        }
+      }
+      __syncthreads();
+    }
+    if (ty == 0 && active) {
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        const int idx = tx * V + k;
+        partial[(0 * nb + blockIdx.x) * C + c0 + k] = sm[idx];
+        partial[(1 * nb + blockIdx.x) * C + c0 + k] = sm[plane + idx];
+        partial[(2 * nb + blockIdx.x) * C + c0 + k] = sm[2 * plane + idx];
+      }
+    }
+    __syncthreads();  // sm is reused by the next tile
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Backward, NCHW. A block owns one channel c (grid-stride over blockIdx.y) and a share of its N * HW elements,
+// which sit in N contiguous planes of HW. Requires HW % V == 0. partial: [3, gridDim.x, C].
+// ---------------------------------------------------------------------------------------------------------
+template <typename A>
+__device__ __forceinline__ A warp_sum(A v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+  return v;
+}
+
+template <typename T, typename A, int V, bool k32>
+__global__ void __launch_bounds__(kThreads)
+    bwd_nchw_kernel(const T* __restrict__ go, const T* __restrict__ x, const T* __restrict__ r, T* __restrict__ gx,
+                    T* __restrict__ gr, const A* __restrict__ s, const A* __restrict__ b, const A* __restrict__ rs,
+                    const A* __restrict__ rb, bool res_bn, bool relu, A* __restrict__ partial, int64_t N,
+                    int64_t C, int64_t HW) {
+  __shared__ A sm[3][kThreads / 32];
+  const int64_t hwv = HW / V;
+  const int64_t per_c = N * hwv;
+  const int64_t nb = gridDim.x;
+  const int64_t stride = nb * blockDim.x;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int64_t c = blockIdx.y; c < C; c += gridDim.y) {
+    const A sc = s[c], sh = b[c], rsc = res_bn ? rs[c] : A(1), rsh = res_bn ? rb[c] : A(0);
+    A ag = 0, agx = 0, agr = 0;
+    for (int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < per_c; j += stride) {
+      const int64_t n = div<k32>(j, hwv);
+      const int64_t off = (n * C + c) * HW + (j - n * hwv) * V;
+      const Vec<T, V> gv = load_vec<T, V>(go + off), xv = load_vec<T, V>(x + off), rv = load_vec<T, V>(r + off);
+      Vec<T, V> gxv, grv;
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        const A xf = static_cast<A>(xv.v[k]), rf = static_cast<A>(rv.v[k]);
+        const A g = bwd_elem<T, A>(gv.v[k], xf, rf, sc, sh, rsc, rsh, res_bn, relu, &gxv.v[k], &grv.v[k]);
+        ag += g;
+        agx += g * xf;
+        agr += g * rf;
+      }
+      store_vec<T, V>(gx + off, gxv);
+      store_vec<T, V>(gr + off, grv);
+    }
+    ag = warp_sum(ag);
+    agx = warp_sum(agx);
+    agr = warp_sum(agr);
+    if (lane == 0) {
+      sm[0][warp] = ag;
+      sm[1][warp] = agx;
+      sm[2][warp] = agr;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      A tg = 0, tgx = 0, tgr = 0;
+      for (int w = 0; w < kThreads / 32; ++w) {
+        tg += sm[0][w];
+        tgx += sm[1][w];
+        tgr += sm[2][w];
+      }
+      partial[(0 * nb + blockIdx.x) * C + c] = tg;
+      partial[(1 * nb + blockIdx.x) * C + c] = tgx;
+      partial[(2 * nb + blockIdx.x) * C + c] = tgr;
+    }
+    __syncthreads();  // sm is reused by the next channel
+  }
+}
+
+// Sums partial[q, :, c] over the blocks in order: sum_q[c].
+template <typename A>
+__global__ void finalize_kernel(const A* __restrict__ partial, A* __restrict__ sum_g, A* __restrict__ sum_gx,
+                                A* __restrict__ sum_gr, int64_t nb, int64_t C) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < 3 * C; i += stride) {
+    const int64_t q = i / C, c = i - q * C;
+    A t = 0;
+    for (int64_t k = 0; k < nb; ++k) t += partial[(q * nb + k) * C + c];
+    (q == 0 ? sum_g : q == 1 ? sum_gx : sum_gr)[c] = t;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Host side.
+// ---------------------------------------------------------------------------------------------------------
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+int sm_count(int device) {
+  int n = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+  return n;
+}
+
+template <typename T, typename A, int V, bool kCL>
+void launch_fwd(const T* x, const T* r, T* out, const A* s, const A* b, const A* rs, const A* rb, bool res_bn,
+                bool relu, const Layout& L, int device, cudaStream_t stream) {
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(ceil_div(L.numel / V + 1, kThreads),
+                                                                 static_cast<int64_t>(sm_count(device)) * 8));
+  // 32-bit index math is safe when every index (plus one grid stride) stays below 2^31.
+  if (L.numel + blocks * kThreads * V < (int64_t(1) << 31)) {
+    fwd_kernel<T, A, V, kCL, true><<<blocks, kThreads, 0, stream>>>(x, r, out, s, b, rs, rb, res_bn, relu, L.numel,
+                                                                    L.c, L.hw);
+  } else {
+    fwd_kernel<T, A, V, kCL, false><<<blocks, kThreads, 0, stream>>>(x, r, out, s, b, rs, rb, res_bn, relu,
+                                                                     L.numel, L.c, L.hw);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, typename A, int V>
+void launch_bwd(const T* go, const T* x, const T* r, T* gx, T* gr, const A* s, const A* b, const A* rs, const A* rb,
+                bool res_bn, bool relu, A* sum_g, A* sum_gx, A* sum_gr, const Layout& L,
+                const at::TensorOptions& acc_opts, cudaStream_t stream) {
+  at::Tensor partial;
+  int64_t nb;
+  if (L.channels_last) {
+    const int64_t rows = L.n * L.hw, cols = L.c / V;
+    int tx = 1;
+    while (tx < 32 && tx < cols) tx *= 2;
+    const int ty = kThreads / tx;
+    const int64_t tiles = ceil_div(cols, tx);
+    nb = std::max<int64_t>(1, std::min(ceil_div(kTargetBlocks, tiles), ceil_div(rows, ty)));
+    partial = at::empty({3, nb, L.c}, acc_opts);
+    const dim3 grid(static_cast<unsigned>(nb), static_cast<unsigned>(std::min(tiles, kMaxGridY)));
+    const size_t smem = 3 * sizeof(A) * kThreads * V;
+    bwd_nhwc_kernel<T, A, V><<<grid, dim3(tx, ty), smem, stream>>>(go, x, r, gx, gr, s, b, rs, rb, res_bn, relu,
+                                                                   partial.data_ptr<A>(), rows, L.c);
+  } else {
+    const int64_t per_c = L.n * (L.hw / V);
+    nb = std::max<int64_t>(1, std::min(ceil_div(kTargetBlocks, L.c), ceil_div(per_c, kThreads)));
+    partial = at::empty({3, nb, L.c}, acc_opts);
+    const dim3 grid(static_cast<unsigned>(nb), static_cast<unsigned>(std::min(L.c, kMaxGridY)));
+    if (per_c + nb * kThreads < (int64_t(1) << 31)) {
+      bwd_nchw_kernel<T, A, V, true><<<grid, kThreads, 0, stream>>>(go, x, r, gx, gr, s, b, rs, rb, res_bn, relu,
+                                                                    partial.data_ptr<A>(), L.n, L.c, L.hw);
+    } else {
+      bwd_nchw_kernel<T, A, V, false><<<grid, kThreads, 0, stream>>>(go, x, r, gx, gr, s, b, rs, rb, res_bn, relu,
+                                                                     partial.data_ptr<A>(), L.n, L.c, L.hw);
+    }
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  finalize_kernel<A><<<static_cast<unsigned>(std::min<int64_t>(ceil_div(3 * L.c, kThreads), 1024)), kThreads, 0,
+                       stream>>>(partial.data_ptr<A>(), sum_g, sum_gx, sum_gr, nb, L.c);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor bn_add_relu_cuda(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
+                            const at::Tensor& residual, const std::optional<at::Tensor>& res_scale,
+                            const std::optional<at::Tensor>& res_shift, bool relu) {
+  const Layout L = check_inputs("bn_add_relu", x, scale, shift, residual, res_scale, res_shift, nullptr);
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor out = empty_in_layout(x, L);
+  if (L.numel == 0) return out;
+  const bool res_bn = res_scale.has_value() && res_scale->defined();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_add_relu_cuda", [&] {
+    using A = at::opmath_type<scalar_t>;
+    constexpr int V = 16 / sizeof(scalar_t);
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* rp = residual.const_data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const A* rs = res_bn ? res_scale->const_data_ptr<A>() : nullptr;
+    const A* rb = res_bn ? res_shift->const_data_ptr<A>() : nullptr;
+    const bool vec = aligned16(xp) && aligned16(rp) && aligned16(op);
+    const int dev = x.get_device();
+    const A* s = scale.const_data_ptr<A>();
+    const A* b = shift.const_data_ptr<A>();
+    if (L.channels_last) {
+      if (vec) launch_fwd<scalar_t, A, V, true>(xp, rp, op, s, b, rs, rb, res_bn, relu, L, dev, stream);
+      else launch_fwd<scalar_t, A, 1, true>(xp, rp, op, s, b, rs, rb, res_bn, relu, L, dev, stream);
+    } else {
+      if (vec) launch_fwd<scalar_t, A, V, false>(xp, rp, op, s, b, rs, rb, res_bn, relu, L, dev, stream);
+      else launch_fwd<scalar_t, A, 1, false>(xp, rp, op, s, b, rs, rb, res_bn, relu, L, dev, stream);
+    }
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_add_relu_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
+    const at::Tensor& residual, const std::optional<at::Tensor>& res_scale,
+    const std::optional<at::Tensor>& res_shift, bool relu) {
+  const Layout L =
+      check_inputs("bn_add_relu_backward", x, scale, shift, residual, res_scale, res_shift, &grad_out);
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor grad_x = empty_in_layout(x, L);
+  at::Tensor grad_r = empty_in_layout(x, L);
+  at::Tensor sum_g = at::zeros({L.c}, scale.options());
+  at::Tensor sum_gx = at::zeros({L.c}, scale.options());
+  at::Tensor sum_gr = at::zeros({L.c}, scale.options());
+  if (L.numel == 0) return {grad_x, grad_r, sum_g, sum_gx, sum_gr};
+  const bool res_bn = res_scale.has_value() && res_scale->defined();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_add_relu_backward_cuda", [&] {
+    using A = at::opmath_type<scalar_t>;
+    constexpr int V = 16 / sizeof(scalar_t);
+    const scalar_t* gop = grad_out.const_data_ptr<scalar_t>();
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* rp = residual.const_data_ptr<scalar_t>();
+    scalar_t* gxp = grad_x.data_ptr<scalar_t>();
+    scalar_t* grp = grad_r.data_ptr<scalar_t>();
+    const A* rs = res_bn ? res_scale->const_data_ptr<A>() : nullptr;
+    const A* rb = res_bn ? res_shift->const_data_ptr<A>() : nullptr;
+    const bool vec = aligned16(gop) && aligned16(xp) && aligned16(rp) && aligned16(gxp) && aligned16(grp) &&
+                     (L.channels_last ? L.c % V == 0 : L.hw % V == 0);
+    const auto acc_opts = scale.options();
+    if (vec) {
+      launch_bwd<scalar_t, A, V>(gop, xp, rp, gxp, grp, scale.const_data_ptr<A>(), shift.const_data_ptr<A>(), rs,
+                                 rb, res_bn, relu, sum_g.data_ptr<A>(), sum_gx.data_ptr<A>(), sum_gr.data_ptr<A>(),
+                                 L, acc_opts, stream);
+    } else {
+      launch_bwd<scalar_t, A, 1>(gop, xp, rp, gxp, grp, scale.const_data_ptr<A>(), shift.const_data_ptr<A>(), rs,
+                                 rb, res_bn, relu, sum_g.data_ptr<A>(), sum_gx.data_ptr<A>(), sum_gr.data_ptr<A>(),
+                                 L, acc_opts, stream);
+    }
+  });
+  return {grad_x, grad_r, sum_g, sum_gx, sum_gr};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(resnet_fast, CUDA, m) {
+  m.impl("bn_add_relu", &bn_add_relu_cuda);
+  m.impl("bn_add_relu_backward", &bn_add_relu_backward_cuda);
+}
+
+}  // namespace resnet_fast
