@@ -1,0 +1,151 @@
+"""Rows, statuses and the time budget shared by the GPU suites and the CPU demo.
+
+Every (case, implementation) pair becomes one row, whatever happens: a missing API gives
+``status = "unavailable: <reason>"``, an exception ``"error: <type>: <message>"``, an exhausted budget
+``"skipped: time budget"``. Nothing is silently dropped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import time
+import traceback
+from typing import Callable, Optional
+
+import torch
+
+IMPLS = ("resnet_fast", "eager", "eager_fp32_nchw", "compile", "compile_max_autotune")
+SUITES = ("op", "conv", "block", "model")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class Unavailable(Exception):
+    """An implementation cannot be built here (API missing, unsupported option); the reason is reported."""
+
+
+@dataclasses.dataclass
+class Case:
+    """What is measured, independent of the implementation."""
+    suite: str
+    model: str
+    name: str
+    mode: str  # "train" | "eval" | "fwd" | "bwd"
+    dtype: str
+    batch: int
+    flops: Optional[float] = None  # per call
+    nbytes: Optional[float] = None  # compulsory bytes per call (None where no honest model exists)
+    extra: dict = dataclasses.field(default_factory=dict)
+
+
+def base_row(case: Case, impl: str) -> dict:
+    return {"suite": case.suite, "model": case.model, "name": case.name, "mode": case.mode,
+            "dtype": "fp32" if impl == "eager_fp32_nchw" else case.dtype, "batch": case.batch, "impl": impl,
+            "ms": None, "tflops": None, "gbps": None, "peak_mem_MB": None, "status": "ok", **case.extra}
+
+
+def fill_rates(row: dict, case: Case, peaks: Optional[dict]) -> dict:
+    """Achieved TFLOP/s and GB/s from the median, and their fractions of the measured ceilings."""
+    ms = row.get("ms")
+    if not ms:
+        return row
+    if case.flops:
+        row["tflops"] = case.flops / (ms * 1e-3) / 1e12
+    if case.nbytes:
+        row["gbps"] = case.nbytes / (ms * 1e-3) / 1e9
+    if peaks:
+        if row["tflops"] is not None and peaks.get("bf16_TFLOPs"):
+            row["tflops_frac"] = row["tflops"] / peaks["bf16_TFLOPs"]
+        if row["gbps"] is not None and peaks.get("copy_GBps"):
+            row["gbps_frac"] = row["gbps"] / peaks["copy_GBps"]
+    return row
+
+
+def error_status(exc: BaseException) -> str:
+    if isinstance(exc, Unavailable):
+        return f"unavailable: {exc}"
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"error: {type(exc).__name__}: {msg[:200]}"
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def reset_compiler() -> None:
+    """Drop dynamo's caches between compiled rows: frees memory and keeps clear of the recompile limit."""
+    try:
+        torch._dynamo.reset()
+    except Exception:  # noqa: BLE001
+        pass
+
+
+class Budget:
+    """Wall-clock budget of a run, split across suites by weight; unused time passes to later suites."""
+
+    def __init__(self, total_s: Optional[float], weights: Optional[dict] = None):
+        self.start = time.perf_counter()
+        self.total_s = total_s
+        self.weights = weights or {}
+        self._deadline: Optional[float] = None
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def begin_suite(self, suites_left: list[str]) -> None:
+        """Give the first of ``suites_left`` its weighted share of what is left."""
+        if self.total_s is None:
+            return
+        left = self.total_s - self.elapsed()
+        w = [self.weights.get(s, 1.0) for s in suites_left]
+        self._deadline = self.elapsed() + max(0.0, left) * w[0] / sum(w)
+
+    def allows(self, estimate_s: float = 0.0) -> bool:
+        """Whether a row expected to take ``estimate_s`` still fits the current suite's share."""
+        if self.total_s is None:
+            return True
+        deadline = self._deadline if self._deadline is not None else self.total_s
+        return self.elapsed() + estimate_s <= deadline
+
+
+def run_row(case: Case, impl: str, build: Callable[[], Callable[[], dict]], *, peaks: Optional[dict],
+            budget: Optional[Budget] = None, estimate_s: float = 0.0, log: Optional[Callable] = None) -> dict:
+    """Build ``impl`` for ``case`` and measure it; any failure becomes the row's status.
+
+    ``build()`` sets up the implementation and returns ``measure()``, which returns timing fields
+    (``Timing.as_dict()`` plus anything extra). Peak memory is reset just before ``measure``.
+    """
+    row = base_row(case, impl)
+    if budget is not None and not budget.allows(estimate_s):
+        row["status"] = "skipped: time budget"
+        return row
+    try:
+        measure = build()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        row.update(measure())
+        if torch.cuda.is_available():
+            row["peak_mem_MB"] = torch.cuda.max_memory_allocated() / 2 ** 20
+        fill_rates(row, case, peaks)
+    except Exception as exc:  # noqa: BLE001  (reported in the row, the run goes on)
+        row["status"] = error_status(exc)
+        if log is not None and not isinstance(exc, Unavailable):
+            log(f"{case.suite}/{case.name}/{case.mode}/{impl}: {row['status']}\n{traceback.format_exc(limit=4)}")
+    finally:
+        if impl.startswith("compile"):
+            reset_compiler()
+        free_memory()
+    return row
+
+
+def add_speedups(rows: list[dict], baseline: str = "eager") -> list[dict]:
+    """``speedup`` = baseline median / row median, per (suite, model, name, mode)."""
+    base = {(r["suite"], r["model"], r["name"], r["mode"]): r["ms"] for r in rows
+            if r["impl"] == baseline and r.get("ms")}
+    for r in rows:
+        b = base.get((r["suite"], r["model"], r["name"], r["mode"]))
+        if b and r.get("ms"):
+            r["speedup"] = b / r["ms"]
+    return rows
