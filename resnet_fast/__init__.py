@@ -9,3 +9,9 @@ from . import ops
 
 __version__ = "0.1.0"
 __all__ = ["ops", "backend", "stats", "reset_stats", "__version__"]
+
+# Modules, models, convert()/revert() (issue 5).
+from . import nn, models  # noqa: E402
+from .convert import convert, revert  # noqa: E402
+
+__all__ += ["nn", "models", "convert", "revert"]

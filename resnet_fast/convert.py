@@ -1,0 +1,218 @@
+"""convert(): swap a ResNet's blocks and stem for the fused modules; revert(): give plain torch modules back.
+
+Blocks are found BY STRUCTURE, so torchvision's and timm's (and look-alikes) are covered: a module with
+``conv1, bn1, conv2, bn2`` (and ``conv3, bn3`` for a Bottleneck) is a block. It is fused only when every part
+is something the fused forward computes exactly: plain ``Conv2d`` (no bias, zero padding), plain
+``BatchNorm2d`` with affine params and running stats, ReLU activations (``relu`` or timm's ``act1/2/3``),
+``downsample`` None / Sequential(Conv2d, BatchNorm2d) / a parameter-free shortcut, and any other child an
+Identity (timm's ``drop_block``, ``aa``). Anything else (SE, anti-aliasing, DropPath, custom or frozen norms,
+non-ReLU activations) is left as it is and listed in the summary. The fused forward assumes torchvision's
+order of operations (conv-bn-relu ..., add, relu), which is what these structures compute in torchvision/timm.
+
+The stem (``conv1, bn1, relu|act1`` beside a ``layer1``) is fused by making ``conv1`` a FusedStemConv and
+``bn1`` a pass-through FoldedBatchNorm2d with the same state, so the model's own forward is unchanged.
+
+Fused modules SHARE the original Parameters and buffers: an optimiser built before convert keeps training the
+same tensors, and ``state_dict()`` is identical (keys, values, order).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import torch.nn as tnn
+
+from .nn.functional import downsample_pair
+from .nn.modules import BasicBlock, Bottleneck, FusedStemConv
+from .nn.sync_bn import SyncBatchNorm2d, retype, to_sync_batch_norm
+
+_BN_TYPES = (tnn.BatchNorm2d, SyncBatchNorm2d)  # exact types: subclasses may compute something else
+_KNOWN = {"conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "relu", "act1", "act2", "act3", "downsample"}
+
+
+@dataclasses.dataclass
+class ConvertSummary:
+    """What :func:`convert` did: fused module names, and (name, reason) for each block it left alone."""
+
+    fused: list = dataclasses.field(default_factory=list)
+    skipped: list = dataclasses.field(default_factory=list)
+    sync_bn: int = 0
+
+    def __str__(self):
+        lines = [f"resnet_fast.convert: fused {len(self.fused)} module(s), left {len(self.skipped)} unfused, "
+                 f"{self.sync_bn} BatchNorm2d synced"]
+        lines += [f"  fused   {name}" for name in self.fused]
+        lines += [f"  skipped {name}: {reason}" for name, reason in self.skipped]
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ structure checks
+def _conv_problem(name, conv):
+    if type(conv) is not tnn.Conv2d:
+        return f"{name} is {type(conv).__name__}, not Conv2d"
+    if conv.bias is not None:
+        return f"{name} has a bias"
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        return f"{name} uses padding {conv.padding!r} / mode {conv.padding_mode!r}"
+    return None
+
+
+def _bn_problem(name, bn):
+    if type(bn) not in _BN_TYPES:
+        return f"{name} is {type(bn).__name__}, not BatchNorm2d"
+    if not bn.affine or not bn.track_running_stats:
+        return f"{name} has affine=False or track_running_stats=False"
+    return None
+
+
+def _is_block(module) -> bool:
+    return all(isinstance(getattr(module, a, None), tnn.Module) for a in ("conv1", "bn1", "conv2", "bn2"))
+
+
+def _block_problem(block) -> str | None:
+    """Why ``block`` cannot be fused, or None."""
+    names = ["1", "2"] + (["3"] if isinstance(getattr(block, "conv3", None), tnn.Module) else [])
+    for i in names:
+        problem = _conv_problem(f"conv{i}", getattr(block, f"conv{i}")) or \
+            _bn_problem(f"bn{i}", getattr(block, f"bn{i}", None))
+        if problem:
+            return problem
+    acts = [a for a in ("relu", "act1", "act2", "act3") if getattr(block, a, None) is not None]
+    if not acts:
+        return "no relu/act1 activation attribute"
+    for a in acts:
+        if type(getattr(block, a)) is not tnn.ReLU:
+            return f"activation {a} is {type(getattr(block, a)).__name__}, not ReLU"
+    ds = block.downsample if hasattr(block, "downsample") else None
+    if ds is not None:
+        pair = downsample_pair(ds)
+        if pair is not None:
+            problem = _conv_problem("downsample.0", pair[0]) or _bn_problem("downsample.1", pair[1])
+            if problem:
+                return problem
+        elif any(True for _ in ds.parameters()) or any(True for _ in ds.buffers()):
+            return f"downsample {type(ds).__name__} is neither Sequential(Conv2d, BatchNorm2d) nor parameter-free"
+    for name, child in block.named_children():
+        if name not in _KNOWN and not isinstance(child, tnn.Identity):
+            return f"has {name} ({type(child).__name__}), which the fused block does not compute"
+    return None
+
+
+def _stem(module):
+    """(conv, bn, relu attribute name) when ``module`` has a fusable conv1/bn1/relu stem before a layer1."""
+    if _is_block(module) or not hasattr(module, "layer1"):
+        return None
+    conv, bn = getattr(module, "conv1", None), getattr(module, "bn1", None)
+    act = next((a for a in ("relu", "act1") if isinstance(getattr(module, a, None), tnn.Module)), None)
+    if not isinstance(conv, tnn.Module) or not isinstance(bn, tnn.Module) or act is None:
+        return None
+    if _conv_problem("conv1", conv) or _bn_problem("bn1", bn) or type(getattr(module, act)) is not tnn.ReLU:
+        return None
+    return conv, bn, act
+
+
+# ------------------------------------------------------------------------------------------------ convert
+def _convert_children(module, prefix, summary):
+    stem = _stem(module)
+    if stem is not None:
+        conv, bn, act = stem
+        module.conv1, module.bn1, fused_act = FusedStemConv.fuse(conv, bn, getattr(module, act), act)
+        setattr(module, act, fused_act)
+        summary.fused.append(f"{prefix}conv1+bn1+{act}")
+    for name, child in list(module.named_children()):
+        qualname = prefix + name
+        if isinstance(child, (BasicBlock, Bottleneck, FusedStemConv)):
+            continue  # already fused
+        if _is_block(child):
+            problem = _block_problem(child)
+            if problem is None:
+                cls = Bottleneck if isinstance(getattr(child, "conv3", None), tnn.Module) else BasicBlock
+                setattr(module, name, cls.from_block(child))
+                summary.fused.append(qualname)
+            else:
+                summary.skipped.append((qualname, problem))
+            continue
+        _convert_children(child, qualname + ".", summary)
+
+
+def _sync_all(module, process_group, summary):
+    for name, child in list(module.named_children()):
+        if type(child) is tnn.BatchNorm2d:
+            setattr(module, name, to_sync_batch_norm(child, process_group))
+            summary.sync_bn += 1
+        else:
+            _sync_all(child, process_group, summary)
+
+
+def convert(model: tnn.Module, *, inplace: bool = False, sync_bn: bool = False, process_group=None,
+            verbose: bool = False) -> tnn.Module:
+    """Swap ``model``'s ResNet blocks and stem for fused modules that share its parameters and buffers.
+
+    inplace: change ``model`` itself (else a deep copy, leaving ``model`` untouched).
+    sync_bn: make every BatchNorm2d a :class:`~resnet_fast.nn.SyncBatchNorm2d` over ``process_group``.
+    verbose: print the summary. The summary is also attached as ``model.resnet_fast_summary``.
+    """
+    if not isinstance(model, tnn.Module):
+        raise TypeError(f"convert: expected an nn.Module, got {type(model).__name__}")
+    if not inplace:
+        model = copy.deepcopy(model)
+    summary = ConvertSummary()
+    if sync_bn:
+        if type(model) is tnn.BatchNorm2d:
+            raise ValueError("convert(sync_bn=True): pass the model containing the BatchNorm2d, not the layer")
+        _sync_all(model, process_group, summary)
+    if _is_block(model):
+        raise ValueError("convert: pass the model containing the block, not the block itself "
+                         "(use resnet_fast.nn.BasicBlock.from_block / Bottleneck.from_block)")
+    _convert_children(model, "", summary)
+    model.resnet_fast_summary = summary
+    if verbose:
+        print(summary)
+    return model
+
+
+# ------------------------------------------------------------------------------------------------- revert
+def _plain_block_classes():
+    try:
+        from torchvision.models.resnet import BasicBlock as TVBasic, Bottleneck as TVBottleneck
+        return TVBasic, TVBottleneck
+    except Exception:  # torchvision absent or broken: the exact mirrors
+        from .models.reference import BasicBlock as RefBasic, Bottleneck as RefBottleneck
+        return RefBasic, RefBottleneck
+
+
+def _plain_block(fused, plain_cls):
+    new = plain_cls.__new__(plain_cls)
+    tnn.Module.__init__(new)
+    for name in type(fused)._child_order:
+        setattr(new, name, getattr(fused, name))
+    new.stride = fused.stride
+    new.training = fused.training
+    return new
+
+
+def _revert_children(module, classes):
+    stem = getattr(module, "conv1", None)
+    if isinstance(stem, FusedStemConv):
+        act = stem._stem_act
+        module.conv1, module.bn1, relu = stem.unfuse()
+        setattr(module, act, relu)
+    for name, child in list(module.named_children()):
+        if isinstance(child, BasicBlock):
+            setattr(module, name, _plain_block(child, classes[0]))
+        elif isinstance(child, Bottleneck):
+            setattr(module, name, _plain_block(child, classes[1]))
+        elif isinstance(child, SyncBatchNorm2d):
+            setattr(module, name, retype(child, tnn.BatchNorm2d))
+        if name in module._modules:
+            _revert_children(module._modules[name], classes)
+
+
+def revert(model: tnn.Module, *, inplace: bool = False) -> tnn.Module:
+    """Plain torch modules back: torchvision's BasicBlock/Bottleneck (the reference mirrors without
+    torchvision), Conv2d/BatchNorm2d/ReLU stem, BatchNorm2d for SyncBatchNorm2d. Same parameters/buffers."""
+    if not inplace:
+        model = copy.deepcopy(model)
+    _revert_children(model, _plain_block_classes())
+    model.__dict__.pop("resnet_fast_summary", None)
+    return model

@@ -1,0 +1,214 @@
+"""Forward computations of the fused modules, one function per path.
+
+* :func:`block_forward` / :func:`conv_bn_act` dispatch: the kernel path in eval, the training path in train,
+  the eager computation under the eager backend (or when the backend policy says no kernels).
+* ``*_eval_kernels``: every conv runs ``resnet_fast.ops.conv2d`` with BatchNorm folded per call by
+  ``resnet_fast.ops.fold_bn`` (no cached folding, so BN parameters changed between calls are honoured), the
+  residual add and ReLU fused into the last conv's epilogue.
+* :func:`block_forward_train`: the one place the training kernels (fused conv + batch-statistics BN) plug in.
+  They do not exist yet, so today it records a fallback and runs the eager computation.
+* ``*_eager``: the explicit eager fallback, the blocks' own ``nn`` submodules, so running stats, momentum,
+  ``num_batches_tracked`` and friends follow PyTorch exactly.
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+import torch.nn as tnn
+
+from .. import _backend
+
+# name -> (callable or None, reason it is missing); looked up once per process.
+_OPS: dict = {}
+TRAIN_FALLBACK_REASON = "training kernels not available yet"
+
+
+def _op(name: str):
+    """``resnet_fast.ops.<name>``, or None while that op does not exist (another layer is still writing it)."""
+    if name not in _OPS:
+        fn, why = None, f"resnet_fast.ops.{name} is not available"
+        for modname in ("resnet_fast.ops", "resnet_fast.ops.conv"):
+            try:
+                fn = getattr(importlib.import_module(modname), name, None)
+            except ImportError as exc:  # the op module is absent or broken: say which
+                why = f"resnet_fast.ops.{name} is not available ({type(exc).__name__}: {exc})"
+            if fn is not None:
+                break
+        _OPS[name] = (fn, why)
+    return _OPS[name]
+
+
+def prime_ops() -> None:
+    """Resolve the ops now (module construction calls this) so torch.compile never traces an import."""
+    for name in ("conv2d", "fold_bn", "conv_bn_train"):
+        _op(name)
+
+
+def _kernels(op: str, device: torch.device) -> bool:
+    if torch.compiler.is_compiling():
+        # Same decision as use_kernels, without the lock/logging that would break the graph; the eager
+        # call that precedes compilation (or the first trace) has already logged any fallback.
+        name = _backend.backend()
+        return name != "eager" and (device.type == "cuda" or (name == "triton" and _backend.interpreting()))
+    return _backend.use_kernels(op, device)
+
+
+def _fallback(op: str, reason: str) -> None:
+    if not torch.compiler.is_compiling():
+        _backend.record_fallback(op, reason)
+
+
+def _kernel_call(op: str) -> None:
+    if not torch.compiler.is_compiling():
+        _backend.record_kernel_call(op)
+
+
+def check_input(x: torch.Tensor, channels: int, who: str) -> None:
+    """ValueError unless ``x`` is a 4-D (N, C, H, W) tensor with ``C == channels``."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != channels:
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{who}: expected a 4-D input of shape (N, {channels}, H, W), got {got}")
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def block_pairs(block) -> list:
+    """The block's (conv, bn) pairs in order: two for a BasicBlock, three for a Bottleneck."""
+    pairs = [(block.conv1, block.bn1), (block.conv2, block.bn2)]
+    if getattr(block, "conv3", None) is not None:
+        pairs.append((block.conv3, block.bn3))
+    return pairs
+
+
+def downsample_pair(downsample):
+    """(conv, bn) when ``downsample`` is torchvision's Sequential(Conv2d, BatchNorm2d), else None."""
+    if isinstance(downsample, tnn.Sequential) and len(downsample) == 2 \
+            and isinstance(downsample[0], tnn.Conv2d) and isinstance(downsample[1], tnn.BatchNorm2d):
+        return downsample[0], downsample[1]
+    return None
+
+
+def fold_blocker(conv, bn) -> str | None:
+    """Why (conv, bn) cannot run as one kernel conv with folded BN in eval, or None when it can."""
+    if not isinstance(bn, tnn.BatchNorm2d):
+        return f"norm layer {type(bn).__name__} is not BatchNorm2d"
+    if bn.running_mean is None or bn.running_var is None:
+        return "BatchNorm2d without running stats normalises with batch statistics in eval"
+    if bn.weight is None or bn.bias is None:
+        return "BatchNorm2d with affine=False"
+    if conv.bias is not None or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        return "Conv2d with bias, non-zero padding mode or string padding"
+    return None
+
+
+# ------------------------------------------------------------------------------------------ kernel path
+def conv_bn_eval_kernels(x, conv, bn, *, residual=None, relu=False):
+    """One kernel conv: ``relu(bn(conv(x)) + residual)`` with BN folded into a per-channel scale/shift."""
+    fold_bn, _ = _op("fold_bn")
+    conv2d, _ = _op("conv2d")
+    scale, shift = fold_bn(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+    return conv2d(x, conv.weight, stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
+                  groups=conv.groups, scale=scale, shift=shift, residual=residual, relu=relu)
+
+
+def _eval_blocker(pairs) -> str | None:
+    for name in ("conv2d", "fold_bn"):
+        fn, why = _op(name)
+        if fn is None:
+            return why
+    for conv, bn in pairs:
+        reason = fold_blocker(conv, bn)
+        if reason is not None:
+            return reason
+    return None
+
+
+def block_forward_eval_kernels(block, x):
+    """Eval forward of a block on the kernels; the residual add and final ReLU ride on the last conv."""
+    pairs = block_pairs(block)
+    ds = block.downsample
+    ds_pair = downsample_pair(ds)
+    reason = _eval_blocker(pairs + ([ds_pair] if ds_pair is not None else []))
+    if reason is not None:
+        _fallback("block", reason)
+        return block_forward_eager(block, x)
+    if ds is None:
+        identity = x
+    elif ds_pair is not None:
+        identity = conv_bn_eval_kernels(x, *ds_pair)
+    else:  # a parameter-free shortcut (CIFAR option A): no conv or BN to fuse
+        identity = ds(x)
+    out = x
+    for conv, bn in pairs[:-1]:
+        out = conv_bn_eval_kernels(out, conv, bn, relu=True)
+    conv, bn = pairs[-1]
+    out = conv_bn_eval_kernels(out, conv, bn, residual=identity, relu=True)
+    _kernel_call("block")
+    return out
+
+
+# -------------------------------------------------------------------------------------------- train path
+def block_forward_train(block, x):
+    """Training forward of a block. The fused conv + batch-statistics BN kernels (issue 4) plug in here.
+
+    Until they exist (and are wired in below) this records the fallback and runs the eager computation, which
+    is exactly PyTorch's training semantics.
+    """
+    train_op, _ = _op("conv_bn_train")
+    reason = TRAIN_FALLBACK_REASON if train_op is None else "training kernels exist but are not wired into nn yet"
+    _fallback("block_train", reason)
+    return block_forward_eager(block, x)
+
+
+def conv_bn_act_train(x, conv, bn, relu, bn_forward=None):
+    """Training forward of conv + BN (+ ReLU); the same plug point as :func:`block_forward_train`."""
+    train_op, _ = _op("conv_bn_train")
+    reason = TRAIN_FALLBACK_REASON if train_op is None else "training kernels exist but are not wired into nn yet"
+    _fallback("conv_bn_train", reason)
+    return conv_bn_act_eager(x, conv, bn, relu, bn_forward)
+
+
+# -------------------------------------------------------------------------------------------- eager path
+def block_forward_eager(block, x):
+    """torchvision's BasicBlock/Bottleneck forward, computed by the block's own nn submodules."""
+    pairs = block_pairs(block)
+    out = x
+    for conv, bn in pairs[:-1]:
+        out = block.relu(bn(conv(out)))
+    conv, bn = pairs[-1]
+    out = bn(conv(out))
+    identity = x if block.downsample is None else block.downsample(x)
+    return block.relu(out + identity)
+
+
+def conv_bn_act_eager(x, conv, bn, relu, bn_forward=None):
+    # nn.Conv2d.forward, not conv(x): the fused stem conv is itself a Conv2d whose __call__ comes here.
+    out = (bn_forward or bn)(tnn.Conv2d.forward(conv, x))
+    return torch.relu(out) if relu else out
+
+
+# -------------------------------------------------------------------------------------------- dispatch
+def block_forward(block, x):
+    """Forward of a fused BasicBlock/Bottleneck: validates ``x``, then kernels (eval), train path, or eager."""
+    check_input(x, block.conv1.in_channels, type(block).__name__)
+    if not _kernels("block", x.device):
+        return block_forward_eager(block, x)
+    if block.training:
+        return block_forward_train(block, x)
+    return block_forward_eval_kernels(block, x)
+
+
+def conv_bn_act(x, conv, bn, relu=True, bn_forward=None, who="ConvBNReLU"):
+    """Forward of conv + BN (+ ReLU). ``bn_forward`` computes the BN in eager/train mode when it is not
+    ``bn(...)`` itself (the fused stem's BN module is a pass-through in the model's own forward)."""
+    check_input(x, conv.in_channels, who)
+    if not _kernels("conv_bn", x.device):
+        return conv_bn_act_eager(x, conv, bn, relu, bn_forward)
+    if bn.training:
+        return conv_bn_act_train(x, conv, bn, relu, bn_forward)
+    reason = _eval_blocker([(conv, bn)])
+    if reason is not None:
+        _fallback("conv_bn", reason)
+        return conv_bn_act_eager(x, conv, bn, relu, bn_forward)
+    _kernel_call("conv_bn")
+    return conv_bn_eval_kernels(x, conv, bn, relu=relu)

@@ -1,0 +1,161 @@
+"""Fused modules with torchvision's parameter names, so a torchvision checkpoint loads as is.
+
+Each holds ordinary ``nn.Conv2d`` / ``nn.BatchNorm2d`` submodules; only ``forward`` differs, and it lives in
+:mod:`resnet_fast.nn.functional` (kernels in eval, the training path in train, eager under the eager backend).
+"""
+from __future__ import annotations
+
+import torch.nn as tnn
+
+from . import functional as F
+from .sync_bn import SyncBatchNorm2d, retype
+
+
+def conv3x3(in_planes, out_planes, stride=1, groups=1, dilation=1):
+    return tnn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=dilation, groups=groups,
+                      bias=False, dilation=dilation)
+
+
+def conv1x1(in_planes, out_planes, stride=1):
+    return tnn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
+
+
+class ConvBNReLU(tnn.Module):
+    """``relu(bn(conv(x)))`` (ReLU optional) as one kernel conv in eval. Keys: ``conv.*``, ``bn.*``."""
+
+    def __init__(self, in_channels, out_channels, kernel_size=3, stride=1, padding=None, dilation=1, groups=1,
+                 relu=True, norm_layer=None):
+        super().__init__()
+        if padding is None:
+            padding = dilation * (kernel_size - 1) // 2
+        self.conv = tnn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
+                               dilation=dilation, groups=groups, bias=False)
+        self.bn = (norm_layer or tnn.BatchNorm2d)(out_channels)
+        self.relu = bool(relu)
+        F.prime_ops()
+
+    def forward(self, x):
+        return F.conv_bn_act(x, self.conv, self.bn, relu=self.relu, who="ConvBNReLU")
+
+
+class _FusedBlock(tnn.Module):
+    """Shared by BasicBlock and Bottleneck: the fused forward and construction from a torchvision-like block."""
+
+    expansion = 1
+    _child_order: tuple = ()
+
+    def forward(self, x):
+        return F.block_forward(self, x)
+
+    @classmethod
+    def from_block(cls, block: tnn.Module) -> "_FusedBlock":
+        """A fused block that SHARES ``block``'s conv/bn/downsample modules (same Parameters and buffers)."""
+        new = cls.__new__(cls)
+        tnn.Module.__init__(new)
+        for name in cls._child_order:
+            child = tnn.ReLU(inplace=True) if name == "relu" else getattr(block, name)
+            setattr(new, name, child)  # registration order = torchvision's, so state_dict order is kept
+        new.stride = getattr(block, "stride", new.conv1.stride[0])
+        new.training = block.training
+        F.prime_ops()
+        return new
+
+
+class BasicBlock(_FusedBlock):
+    """torchvision's BasicBlock (same signature, children and state_dict), fused forward."""
+
+    expansion = 1
+    _child_order = ("conv1", "bn1", "relu", "conv2", "bn2", "downsample")
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None, groups=1, base_width=64, dilation=1,
+                 norm_layer=None):
+        super().__init__()
+        norm_layer = norm_layer or tnn.BatchNorm2d
+        if groups != 1 or base_width != 64:
+            raise ValueError("BasicBlock only supports groups=1 and base_width=64")
+        if dilation > 1:
+            raise NotImplementedError("Dilation > 1 not supported in BasicBlock")
+        self.conv1 = conv3x3(inplanes, planes, stride)
+        self.bn1 = norm_layer(planes)
+        self.relu = tnn.ReLU(inplace=True)
+        self.conv2 = conv3x3(planes, planes)
+        self.bn2 = norm_layer(planes)
+        self.downsample = downsample
+        self.stride = stride
+        F.prime_ops()
+
+
+class Bottleneck(_FusedBlock):
+    """torchvision's Bottleneck (ResNet v1.5: stride on the 3x3 conv), fused forward."""
+
+    expansion = 4
+    _child_order = ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "relu", "downsample")
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None, groups=1, base_width=64, dilation=1,
+                 norm_layer=None):
+        super().__init__()
+        norm_layer = norm_layer or tnn.BatchNorm2d
+        width = int(planes * (base_width / 64.0)) * groups
+        self.conv1 = conv1x1(inplanes, width)
+        self.bn1 = norm_layer(width)
+        self.conv2 = conv3x3(width, width, stride, groups, dilation)
+        self.bn2 = norm_layer(width)
+        self.conv3 = conv1x1(width, planes * self.expansion)
+        self.bn3 = norm_layer(planes * self.expansion)
+        self.relu = tnn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.stride = stride
+        F.prime_ops()
+
+
+# --------------------------------------------------------------------------------------------------- stem
+class _Folded:
+    """A BatchNorm whose math the preceding :class:`FusedStemConv` computes: same state, pass-through forward."""
+
+    def forward(self, x):
+        return x
+
+    def normalize(self, x):
+        return super(_Folded, self).forward(x)  # the real BatchNorm2d / SyncBatchNorm2d forward
+
+
+class FoldedBatchNorm2d(_Folded, tnn.BatchNorm2d):
+    pass
+
+
+class FoldedSyncBatchNorm2d(_Folded, SyncBatchNorm2d):
+    pass
+
+
+class FusedStemConv(tnn.Conv2d):
+    """The stem's ``conv1`` computing conv1 + bn1 + ReLU, so a ResNet's own forward and state_dict stay as they
+    are: ``bn1`` becomes a :class:`FoldedBatchNorm2d` (pass-through, same state) and ``relu`` an Identity.
+
+    The BN is reached through an unregistered reference to the model's (folded) ``bn1`` module, so ``.to()``,
+    ``.half()`` and ``load_state_dict`` on the model are seen here.
+    """
+
+    @classmethod
+    def fuse(cls, conv: tnn.Conv2d, bn: tnn.BatchNorm2d, relu: tnn.Module, act_name: str = "relu"):
+        """Returns (fused conv, folded bn, identity) to put in place of (conv1, bn1, ``act_name``)."""
+        folded_cls = FoldedSyncBatchNorm2d if isinstance(bn, SyncBatchNorm2d) else FoldedBatchNorm2d
+        folded = retype(bn, folded_cls)
+        new = retype(conv, cls)
+        new.__dict__["_stem_bn"] = folded  # not a submodule: bn1 stays where it was in the state_dict
+        new.__dict__["_stem_relu"] = relu  # what revert() puts back, and where
+        new.__dict__["_stem_act"] = act_name
+        F.prime_ops()
+        return new, folded, tnn.Identity()
+
+    def forward(self, x):
+        bn = self._stem_bn
+        return F.conv_bn_act(x, self, bn, relu=True, bn_forward=bn.normalize, who="ResNet stem")
+
+    def unfuse(self):
+        """Plain (Conv2d, BatchNorm2d, ReLU) modules sharing the same parameters and buffers."""
+        bn = self._stem_bn
+        plain_bn = retype(bn, tnn.BatchNorm2d)
+        conv = retype(self, tnn.Conv2d)
+        for key in ("_stem_bn", "_stem_relu", "_stem_act"):
+            conv.__dict__.pop(key, None)
+        return conv, plain_bn, self._stem_relu
