@@ -1,0 +1,266 @@
+"""BatchNorm finalize kernels of the training path: per-tile partial sums -> per-channel vectors.
+
+Forward (:func:`bn_finalize`): the conv forward's stats epilogue writes, per output tile ``t`` and channel
+``c``, ``sum[t, c] = Σ y`` and ``sumsq[t, c] = Σ y²`` over the tile's valid rows (fp32, shape
+``[T, C]``; rows past the end of the tensor contribute nothing, so tile sizes never need to be known here).
+One launch reduces the tiles in a fixed order in float64 (so the ``E[y²] - E[y]²`` cancellation across
+tiles costs nothing; only the in-tile fp32 sums round), then writes ``mean``, ``invstd`` (biased variance,
+as BatchNorm normalises), the folded affine ``scale = gamma*invstd``, ``shift = beta - mean*scale``, and
+updates ``running_mean``/``running_var`` (unbiased variance) and ``num_batches_tracked`` in place exactly
+like ``torch.nn.BatchNorm2d`` in train mode -- on the device, without a host sync.
+
+Backward (:func:`bn_backward_coeffs`): the dgrad epilogue writes ``Σ dz`` and ``Σ dz·(y - mean)`` per tile;
+one launch reduces them and returns the per-channel coefficients of the BatchNorm input gradient::
+
+    dy = c1[c]*dz + c2[c]*(y - mean[c]) + c3[c]
+    c1 = gamma*invstd,  c2 = -gamma*invstd³·Σdz(y-μ)/n,  c3 = -gamma*invstd·Σdz/n
+
+plus ``dgamma = invstd·Σdz(y-μ)`` and ``dbeta = Σdz``. The dgrad/wgrad kernels apply ``dy`` while loading
+their ``dy`` operand (``dy_bn=`` option of ``conv_dgrad``/``conv_wgrad``), so ``dy`` is never written.
+
+``num_batches_tracked`` is incremented by the last program to finish (an integer ticket counter, reset by
+that program), so every program reads the pre-increment value first; the counter is per device, so two
+finalize launches must not run concurrently on different streams of one device.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["bn_finalize", "bn_backward_coeffs", "compile_specs", "FINALIZE_CONFIG"]
+
+# (BLOCK_T, BLOCK_C, num_warps): tiles reduced per step x channels per program. Memory bound and tiny.
+FINALIZE_CONFIG = (32, 64, 4)
+_TICKETS: dict = {}  # device -> int32[1] counter, always back at 0 after a launch
+
+
+@triton.jit
+def _reduce_tiles(a_ptr, b_ptr, stride_a, stride_b, T, C, offs_c, BLOCK_T: tl.constexpr):
+    """Column sums over rows 0..T-1 of two [T, C] fp32 buffers, in float64, in a fixed order."""
+    mask_c = offs_c < C
+    acc_a = tl.zeros([offs_c.shape[0]], dtype=tl.float64)
+    acc_b = tl.zeros([offs_c.shape[0]], dtype=tl.float64)
+    for t0 in range(0, T, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        m = (offs_t[:, None] < T) & mask_c[None, :]
+        a = tl.load(a_ptr + offs_t[:, None] * stride_a + offs_c[None, :], mask=m, other=0.0)
+        b = tl.load(b_ptr + offs_t[:, None] * stride_b + offs_c[None, :], mask=m, other=0.0)
+        acc_a += tl.sum(a.to(tl.float64), axis=0)
+        acc_b += tl.sum(b.to(tl.float64), axis=0)
+    return acc_a, acc_b
+
+
+@triton.jit
+def _bn_finalize_kernel(sum_ptr, sumsq_ptr, stride_s, stride_q, T, C, count, eps, momentum,
+                        w_ptr, b_ptr, rm_ptr, rv_ptr, nbt_ptr, ticket_ptr,
+                        mean_ptr, invstd_ptr, scale_ptr, shift_ptr,
+                        AFFINE: tl.constexpr, TRACK: tl.constexpr, CUMULATIVE: tl.constexpr,
+                        BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    if TRACK:
+        nbt_old = tl.load(nbt_ptr)  # read before the ticket below: the increment comes after every read
+    s, q = _reduce_tiles(sum_ptr, sumsq_ptr, stride_s, stride_q, T, C, offs_c, BLOCK_T)
+    n = count.to(tl.float64)  # divide in float64: a float32 1/n would be amplified by the cancellation
+    mean64 = s / n
+    var64 = tl.maximum(q / n - mean64 * mean64, 0.0)  # biased: what BatchNorm normalises with
+    mean = mean64.to(tl.float32)
+    var = var64.to(tl.float32)
+    invstd = 1.0 / tl.sqrt(var + eps)
+    if AFFINE:
+        scale = tl.load(w_ptr + offs_c, mask=mask_c, other=1.0).to(tl.float32) * invstd
+        shift = tl.load(b_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32) - mean * scale
+    else:
+        scale = invstd
+        shift = -mean * invstd
+    tl.store(mean_ptr + offs_c, mean, mask=mask_c)
+    tl.store(invstd_ptr + offs_c, invstd, mask=mask_c)
+    tl.store(scale_ptr + offs_c, scale, mask=mask_c)
+    tl.store(shift_ptr + offs_c, shift, mask=mask_c)
+    if TRACK:
+        if CUMULATIVE:  # momentum=None: cumulative moving average, factor 1/num_batches_tracked (new value)
+            factor = 1.0 / (nbt_old + 1).to(tl.float32)
+        else:
+            factor = momentum
+        rm = tl.load(rm_ptr + offs_c, mask=mask_c, other=0.0)
+        rv = tl.load(rv_ptr + offs_c, mask=mask_c, other=0.0)
+        new_rm = (1.0 - factor) * rm.to(tl.float32) + factor * mean
+        new_rv = (1.0 - factor) * rv.to(tl.float32) + factor * (var64 * n / (n - 1.0)).to(tl.float32)
+        tl.store(rm_ptr + offs_c, new_rm.to(rm.dtype), mask=mask_c)
+        tl.store(rv_ptr + offs_c, new_rv.to(rv.dtype), mask=mask_c)
+        ticket = tl.atomic_add(ticket_ptr, 1)  # integer, acq_rel: ordered after this program's nbt read
+        if ticket == tl.num_programs(0) - 1:
+            tl.store(nbt_ptr, nbt_old + 1)
+            tl.store(ticket_ptr, 0)
+
+
+@triton.jit
+def _bn_backward_coeffs_kernel(sdz_ptr, sdzy_ptr, stride_s, stride_q, T, C, inv_count,
+                               invstd_ptr, w_ptr, c1_ptr, c2_ptr, c3_ptr, dw_ptr, db_ptr,
+                               AFFINE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    sdz, sdzy = _reduce_tiles(sdz_ptr, sdzy_ptr, stride_s, stride_q, T, C, offs_c, BLOCK_T)
+    invstd = tl.load(invstd_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+    if AFFINE:
+        gamma = tl.load(w_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+    else:
+        gamma = tl.full([BLOCK_C], 1.0, tl.float32)
+    dbeta = sdz.to(tl.float32)
+    dgamma = sdzy.to(tl.float32) * invstd
+    c1 = gamma * invstd
+    tl.store(c1_ptr + offs_c, c1, mask=mask_c)
+    tl.store(c2_ptr + offs_c, -c1 * invstd * dgamma * inv_count, mask=mask_c)
+    tl.store(c3_ptr + offs_c, -c1 * dbeta * inv_count, mask=mask_c)
+    tl.store(dw_ptr + offs_c, dgamma, mask=mask_c)
+    tl.store(db_ptr + offs_c, dbeta, mask=mask_c)
+
+
+# --------------------------------------------------------------------------------------------- launchers
+def _check_partials(name_a, a, name_b, b, who):
+    for name, t in ((name_a, a), (name_b, b)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.dtype != torch.float32:
+            got = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{who}: {name} must be a 2-D [T, C] float32 tensor, got {got}")
+        if t.stride(1) != 1:
+            raise ValueError(f"{who}: {name} must be contiguous along channels (stride(1) == 1)")
+    if a.shape != b.shape or a.device != b.device:
+        raise ValueError(f"{who}: {name_a} {tuple(a.shape)} and {name_b} {tuple(b.shape)} must have the same "
+                         "shape and device")
+    if a.shape[0] < 1 or a.shape[1] < 1:
+        raise ValueError(f"{who}: {name_a} must have at least one tile and one channel, got {tuple(a.shape)}")
+
+
+def _check_vector(name, t, C, device, who, dtypes=(torch.float32, torch.float16, torch.bfloat16)):
+    if not isinstance(t, torch.Tensor) or t.shape != (C,) or t.dtype not in dtypes or t.device != device \
+            or (C > 1 and t.stride(0) != 1):
+        got = f"{tuple(t.shape)} {t.dtype} on {t.device}" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{who}: {name} must be a contiguous [{C}] tensor of dtype in "
+                         f"{[str(d) for d in dtypes]} on {device}, got {got}")
+
+
+def _ticket(device: torch.device) -> torch.Tensor:
+    key = str(device)
+    if key not in _TICKETS:
+        _TICKETS[key] = torch.zeros(1, dtype=torch.int32, device=device)
+    return _TICKETS[key]
+
+
+def bn_finalize(sum_y: torch.Tensor, sum_y2: torch.Tensor, count: int, *,
+                running_mean: torch.Tensor | None = None, running_var: torch.Tensor | None = None,
+                num_batches_tracked: torch.Tensor | None = None, momentum: float | None = 0.1,
+                eps: float = 1e-5, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                config: tuple | None = None):
+    """Batch statistics, folded affine and running-stat update of a train-mode BatchNorm2d, in one launch.
+
+    Args:
+        sum_y, sum_y2: [T, C] float32 per-tile partial sums Σy and Σy² (row stride free, channels dense).
+        count: number of values per channel that the partials cover (N*H*W of the BN input), > 1.
+        running_mean, running_var: [C] float32/float16/bfloat16, updated in place; pass both or neither
+            (neither = ``track_running_stats=False``). ``num_batches_tracked``: int64 scalar tensor,
+            incremented in place (required with running stats).
+        momentum: float in [0, 1], or None for the cumulative moving average (factor 1/num_batches_tracked).
+        weight, bias: [C] gamma/beta, both or neither (neither = ``affine=False``).
+        config: optional (BLOCK_T, BLOCK_C, num_warps), default :data:`FINALIZE_CONFIG`.
+
+    Returns:
+        (mean, invstd, scale, shift), each [C] float32 on the partials' device: ``invstd = 1/sqrt(var + eps)``
+        with the biased batch variance; ``scale = gamma*invstd``, ``shift = beta - mean*scale`` (gamma=1,
+        beta=0 without affine) so that ``bn(y) = y*scale + shift``.
+    """
+    who = "bn_finalize"
+    _check_partials("sum_y", sum_y, "sum_y2", sum_y2, who)
+    T, C = sum_y.shape
+    device = sum_y.device
+    if not isinstance(count, int) or isinstance(count, bool) or count < 2:
+        raise ValueError(f"{who}: count must be an int > 1 (BatchNorm needs more than one value per channel "
+                         f"in training), got {count!r}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{who}: running_mean and running_var must be given together")
+    track = running_mean is not None
+    if track:
+        _check_vector("running_mean", running_mean, C, device, who)
+        _check_vector("running_var", running_var, C, device, who)
+        if not isinstance(num_batches_tracked, torch.Tensor) or num_batches_tracked.dtype != torch.int64 \
+                or num_batches_tracked.numel() != 1 or num_batches_tracked.device != device:
+            raise ValueError(f"{who}: num_batches_tracked must be a one-element int64 tensor on {device} "
+                             "when running stats are tracked")
+    if momentum is not None and not (isinstance(momentum, (int, float)) and 0.0 <= momentum <= 1.0):
+        raise ValueError(f"{who}: momentum must be a float in [0, 1] or None, got {momentum!r}")
+    if not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"{who}: eps must be a positive float, got {eps!r}")
+    if (weight is None) != (bias is None):
+        raise ValueError(f"{who}: weight and bias must be given together (affine) or both be None")
+    affine = weight is not None
+    if affine:
+        _check_vector("weight", weight, C, device, who)
+        _check_vector("bias", bias, C, device, who)
+    block_t, block_c, warps = config or FINALIZE_CONFIG
+    mean, invstd, scale, shift = (torch.empty(C, dtype=torch.float32, device=device) for _ in range(4))
+    dummy = mean  # never dereferenced when its constexpr switch is off
+    _bn_finalize_kernel[(triton.cdiv(C, block_c),)](
+        sum_y, sum_y2, sum_y.stride(0), sum_y2.stride(0), T, C, count, float(eps),
+        float(momentum if momentum is not None else 0.0),
+        weight if affine else dummy, bias if affine else dummy,
+        running_mean if track else dummy, running_var if track else dummy,
+        num_batches_tracked if track else dummy, _ticket(device),
+        mean, invstd, scale, shift,
+        AFFINE=affine, TRACK=track, CUMULATIVE=momentum is None, BLOCK_T=block_t, BLOCK_C=block_c,
+        num_warps=warps)
+    return mean, invstd, scale, shift
+
+
+def bn_backward_coeffs(sum_dz: torch.Tensor, sum_dz_yc: torch.Tensor, invstd: torch.Tensor, count: int, *,
+                       weight: torch.Tensor | None = None, config: tuple | None = None):
+    """Per-channel coefficients of the BatchNorm backward from the dgrad epilogue's per-tile partials.
+
+    Args:
+        sum_dz, sum_dz_yc: [T, C] float32 per-tile Σdz and Σdz·(y - mean), ``dz`` the gradient w.r.t. the BN
+            output (after the ReLU mask), ``y`` the raw BN input, ``mean`` the forward batch mean.
+        invstd: [C] float32 forward ``1/sqrt(var + eps)``. count: values per channel (N*H*W), > 1.
+        weight: [C] gamma, or None for ``affine=False``.
+
+    Returns:
+        (c1, c2, c3, dgamma, dbeta), each [C] float32, with ``dL/dy = c1*dz + c2*(y - mean) + c3``.
+    """
+    who = "bn_backward_coeffs"
+    _check_partials("sum_dz", sum_dz, "sum_dz_yc", sum_dz_yc, who)
+    T, C = sum_dz.shape
+    device = sum_dz.device
+    if not isinstance(count, int) or isinstance(count, bool) or count < 2:
+        raise ValueError(f"{who}: count must be an int > 1, got {count!r}")
+    _check_vector("invstd", invstd, C, device, who, dtypes=(torch.float32,))
+    if weight is not None:
+        _check_vector("weight", weight, C, device, who)
+    block_t, block_c, warps = config or FINALIZE_CONFIG
+    outs = [torch.empty(C, dtype=torch.float32, device=device) for _ in range(5)]
+    _bn_backward_coeffs_kernel[(triton.cdiv(C, block_c),)](
+        sum_dz, sum_dz_yc, sum_dz.stride(0), sum_dz_yc.stride(0), T, C, 1.0 / count,
+        invstd, weight if weight is not None else invstd, *outs,
+        AFFINE=weight is not None, BLOCK_T=block_t, BLOCK_C=block_c, num_warps=warps)
+    return tuple(outs)
+
+
+def compile_specs() -> list:
+    """(jit_fn, signature, constexprs, options, is_gemm) for the sm_90 compile check, every variant."""
+    block_t, block_c, warps = FINALIZE_CONFIG
+    specs = []
+    opts = {"num_warps": warps, "num_stages": 1}
+    for affine in (False, True):
+        for track in (False, True):
+            for cumulative in (False, True):
+                sig = {"sum_ptr": "*fp32", "sumsq_ptr": "*fp32", "stride_s": "i32", "stride_q": "i32",
+                       "T": "i32", "C": "i32", "count": "i64", "eps": "fp32",
+                       "momentum": "fp32", "w_ptr": "*fp32", "b_ptr": "*fp32", "rm_ptr": "*fp32",
+                       "rv_ptr": "*fp32", "nbt_ptr": "*i64", "ticket_ptr": "*i32", "mean_ptr": "*fp32",
+                       "invstd_ptr": "*fp32", "scale_ptr": "*fp32", "shift_ptr": "*fp32"}
+                cx = {"AFFINE": affine, "TRACK": track, "CUMULATIVE": cumulative, "BLOCK_T": block_t,
+                      "BLOCK_C": block_c}
+                specs.append((_bn_finalize_kernel, sig, cx, opts, False))
+        sig = {"sdz_ptr": "*fp32", "sdzy_ptr": "*fp32", "stride_s": "i32", "stride_q": "i32", "T": "i32",
+               "C": "i32", "inv_count": "fp32", "invstd_ptr": "*fp32", "w_ptr": "*fp32", "c1_ptr": "*fp32",
+               "c2_ptr": "*fp32", "c3_ptr": "*fp32", "dw_ptr": "*fp32", "db_ptr": "*fp32"}
+        specs.append((_bn_backward_coeffs_kernel, sig,
+                      {"AFFINE": affine, "BLOCK_T": block_t, "BLOCK_C": block_c}, opts, False))
+    return specs
