@@ -71,12 +71,14 @@ Layout check_inputs(const char* op, const at::Tensor& x, const at::Tensor& scale
   const auto dt = x.scalar_type();
   TORCH_CHECK_VALUE(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 || dt == at::kDouble, op,
                     ": x must be float32, float16, bfloat16 or float64, got ", dt);
-  // NCHW wins when a tensor is both (C == 1 or H*W == 1): the two layouts then index identically.
+  // A tensor can be both (size-1 dims, or N == 0); the layouts then index identically, and the strides
+  // decide which format the output gets. Same rule as _memory_format() in resnet_fast/ops/bn_add_relu.py.
+  const bool nchw = x.is_contiguous(), nhwc = x.is_contiguous(at::MemoryFormat::ChannelsLast);
   at::MemoryFormat fmt;
-  if (x.is_contiguous()) {
-    fmt = at::MemoryFormat::Contiguous;
-  } else if (x.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+  if (nhwc && (!nchw || x.stride(1) < x.stride(3))) {
     fmt = at::MemoryFormat::ChannelsLast;
+  } else if (nchw) {
+    fmt = at::MemoryFormat::Contiguous;
   } else {
     TORCH_CHECK_VALUE(false, op, ": x must be dense NCHW-contiguous or channels_last, got strides ",
                       c10::str(x.strides()), " for shape ", shape_str(x),

@@ -23,10 +23,10 @@ _OP = "bn_add_relu"
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
-    # Same rule as the C++ check_inputs: NCHW wins when a tensor is both (the layouts then coincide).
-    if x.is_contiguous():
-        return torch.contiguous_format
-    if x.is_contiguous(memory_format=torch.channels_last):
+    # Same rule as check_inputs in csrc/bn_add_relu.cpp; a tensor can be both (size-1 dims, N == 0), and then
+    # the strides decide.
+    nchw, nhwc = x.is_contiguous(), x.is_contiguous(memory_format=torch.channels_last)
+    if nhwc and (not nchw or x.stride(1) < x.stride(3)):
         return torch.channels_last
     return torch.contiguous_format
 
