@@ -122,21 +122,24 @@ def conv_module(c: shapes.ConvShape) -> tuple[nn.Conv2d, nn.BatchNorm2d]:
 
 
 def conv_eval_fn(impl: str, c: shapes.ConvShape, conv: nn.Conv2d, bn: nn.BatchNorm2d, *, device: str,
-                 layout: str, relu: bool = True):
-    """Inference conv with BN folded: the fused epilogue for resnet_fast, a folded-weight conv for cuDNN."""
+                 layout: str, dtype: torch.dtype, relu: bool = True):
+    """Inference conv with BN folded: the fused epilogue for resnet_fast, a folded-weight conv for cuDNN.
+
+    Weights are stored once in the activation dtype, as a deployed model does (no per-call casts).
+    """
+    fmt = memory_format(impl, layout)
     with torch.no_grad():
         if impl == "resnet_fast":
             conv2d = rf_attr("ops", "conv2d")
             scale, shift = fold(bn.to(device))
-            w = conv.weight.detach().to(device).contiguous(memory_format=memory_format(impl, layout))
+            w = conv.weight.detach().to(device, dtype).contiguous(memory_format=fmt)
             return lambda x: conv2d(x, w, stride=c.stride, padding=c.padding, groups=c.groups, scale=scale,
                                     shift=shift, relu=relu)
         if impl not in ("eager", "eager_fp32_nchw"):
             raise Unavailable(f"{impl} is not run in the conv suite")
         scale, shift = fold_reference(bn)
-        w = (conv.weight * scale.view(-1, 1, 1, 1)).detach().to(device).contiguous(
-            memory_format=memory_format(impl, layout))
-        b = shift.detach().to(device)
+        w = (conv.weight * scale.view(-1, 1, 1, 1)).detach().to(device, dtype).contiguous(memory_format=fmt)
+        b = shift.detach().to(device, dtype)
 
     def eager(x):
         y = F.conv2d(x, w, b, c.stride, c.padding, 1, c.groups)

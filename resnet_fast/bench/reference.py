@@ -1,8 +1,9 @@
 """torch.nn reference blocks and models for the eager/compile rows and for numerics checks.
 
-torchvision's are used when it is importable (the GPU machine has it). Otherwise a minimal stand-in with
-torchvision's structure and state_dict keys (ResNet v1.5: stride on the 3x3 conv) is built here; it is a
-reference, not a model zoo (``resnet_fast.models`` is the package's).
+Order of preference: torchvision (the GPU machine has it), then ``resnet_fast.models.reference`` (the package's
+plain-PyTorch mirror of torchvision), and only when neither imports, the minimal stand-in below with
+torchvision's structure and state_dict keys (ResNet v1.5: stride on the 3x3 conv). It is a reference, not a
+model zoo.
 """
 from __future__ import annotations
 
@@ -13,12 +14,23 @@ from torch import nn
 
 from . import shapes
 
-try:  # prefer the real thing
-    from torchvision.models import resnet as _tv
-except Exception:  # noqa: BLE001  (torchvision missing or broken: use the stand-in)
-    _tv = None
 
-SOURCE = "torchvision" if _tv is not None else "resnet_fast.bench.reference"
+def _find_source():
+    try:  # prefer the real thing
+        from torchvision.models import resnet as tv
+        return tv, "torchvision"
+    except Exception:  # noqa: BLE001  (missing or broken: try the next one)
+        pass
+    try:
+        from resnet_fast.models import reference as mirror
+        if all(hasattr(mirror, n) for n in ("BasicBlock", "Bottleneck", "ResNet")):
+            return mirror, "resnet_fast.models.reference"
+    except Exception:  # noqa: BLE001
+        pass
+    return None, "resnet_fast.bench.reference"
+
+
+_tv, SOURCE = _find_source()
 
 
 def _conv3x3(cin, cout, stride=1, groups=1):
@@ -131,8 +143,15 @@ class ResNet(nn.Module):
 
 
 def model(name: str, num_classes: int = 1000) -> nn.Module:
-    """The reference network ``name`` (torchvision's when importable), untrained weights, randomized BN."""
+    """The reference network ``name`` built from ``shapes.ARCHS`` (torchvision's ResNet class when importable),
+    untrained weights, randomized BN statistics."""
     if name not in shapes.ARCHS:
         raise ValueError(f"unknown model {name!r}")
-    m = getattr(_tv, name)(num_classes=num_classes) if _tv is not None else ResNet(name, num_classes)
+    if _tv is not None:
+        arch = shapes.ARCHS[name]
+        blk = _tv.BasicBlock if arch.block == "basic" else _tv.Bottleneck
+        m = _tv.ResNet(blk, list(arch.layers), num_classes=num_classes, groups=arch.groups,
+                       width_per_group=arch.width_per_group)
+    else:
+        m = ResNet(name, num_classes)
     return randomize_bn(m)

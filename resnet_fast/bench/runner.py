@@ -120,6 +120,7 @@ def run_row(case: Case, impl: str, build: Callable[[], Callable[[], dict]], *, p
     if budget is not None and not budget.allows(estimate_s):
         row["status"] = "skipped: time budget"
         return row
+    before = _kernel_stats() if impl == "resnet_fast" else None
     try:
         measure = build()
         if torch.cuda.is_available():
@@ -134,10 +135,35 @@ def run_row(case: Case, impl: str, build: Callable[[], Callable[[], dict]], *, p
         if log is not None and not isinstance(exc, Unavailable):
             log(f"{case.suite}/{case.name}/{case.mode}/{impl}: {row['status']}\n{traceback.format_exc(limit=4)}")
     finally:
+        if before is not None:
+            row.update(kernel_path(before, _kernel_stats()))
         if impl.startswith("compile"):
             reset_compiler()
         free_memory()
     return row
+
+
+def _kernel_stats() -> dict:
+    try:
+        import resnet_fast
+        return resnet_fast.stats()
+    except Exception:  # noqa: BLE001
+        return {"kernel_calls": {}, "fallbacks": {}}
+
+
+def kernel_path(before: dict, after: dict) -> dict:
+    """What a resnet_fast row really ran: kernel calls and fallbacks (op: reason -> count) during the row.
+
+    A row whose ops fell back to eager PyTorch is timing eager code under resnet_fast's name; the table says so.
+    """
+    calls = sum(after["kernel_calls"].values()) - sum(before["kernel_calls"].values())
+    fallbacks = {}
+    for op, reasons in after["fallbacks"].items():
+        for reason, n in reasons.items():
+            d = n - before["fallbacks"].get(op, {}).get(reason, 0)
+            if d:
+                fallbacks[f"{op}: {reason}"] = d
+    return {"kernel_calls": calls, "fallbacks": fallbacks}
 
 
 def add_speedups(rows: list[dict], baseline: str = "eager") -> list[dict]:
