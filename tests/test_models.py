@@ -1,0 +1,240 @@
+"""Model constructors: parameter counts (torchvision docs / He et al.), state_dict keys and shapes, init, and
+outputs against the plain nn reference (and torchvision where it imports)."""
+import pytest
+import torch
+import torch.nn as nn
+
+import resnet_fast
+from resnet_fast import models
+from resnet_fast.models import reference
+from resnet_fast.nn import functional as F
+
+# torchvision's documented parameter counts.
+IMAGENET = {
+    "resnet18": 11_689_512, "resnet34": 21_797_672, "resnet50": 25_557_032, "resnet101": 44_549_160,
+    "resnet152": 60_192_808, "resnext50_32x4d": 25_028_904, "resnext101_32x8d": 88_791_336,
+    "resnext101_64x4d": 83_455_272, "wide_resnet50_2": 68_883_240, "wide_resnet101_2": 126_886_696,
+}
+# He et al. 2016, table 6 (millions).
+CIFAR = {"resnet20": 0.27, "resnet32": 0.46, "resnet44": 0.66, "resnet56": 0.85, "resnet110": 1.7}
+
+
+def _count(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def _shapes(model):
+    return [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
+
+
+def _no_conv_kernel_reason():
+    fn, why = F._op("conv2d")
+    return None if fn is not None else why
+
+
+@pytest.mark.parametrize("name", sorted(IMAGENET))
+def test_imagenet_param_count_and_keys_match_reference(name):
+    build = getattr(models, name)
+    with torch.device("meta"):  # no memory, no init cost: counts and shapes only
+        fused, plain = build(), build(fused=False)
+    assert _count(fused) == IMAGENET[name]
+    assert _shapes(fused) == _shapes(plain)
+    summary = fused.resnet_fast_summary
+    assert not summary.skipped
+    assert len(summary.fused) == 1 + sum(len(getattr(fused, f"layer{i}")) for i in range(1, 5))
+
+
+@pytest.mark.parametrize("name", sorted(CIFAR))
+def test_cifar_param_count_matches_paper_and_depth(name):
+    model = getattr(models, name)()
+    digits = 1 if name == "resnet110" else 2
+    assert round(_count(model) / 1e6, digits) == CIFAR[name]
+    depth = int(name[len("resnet"):])
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) + 1 == depth  # 6n+2 = convs + fc; option A shortcuts have no conv
+    assert [k for k in model.state_dict()][:2] == ["conv1.weight", "bn1.weight"]
+    assert model.fc.in_features == 64 and model.layer3[0].conv1.stride == (2, 2)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_same_weights_as_torchvision(name):
+    tv = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    want = getattr(tv.models, name)().state_dict()
+    torch.manual_seed(0)
+    got = getattr(models, name)().state_dict()
+    assert list(got) == list(want)
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+
+
+def test_init_matches_reference_and_zero_init_residual():
+    torch.manual_seed(3)
+    want = reference.ResNet(reference.Bottleneck, [1, 1, 1, 1], zero_init_residual=True).state_dict()
+    torch.manual_seed(3)
+    model = models.ResNet(reference.Bottleneck, [1, 1, 1, 1], zero_init_residual=True)
+    got = model.state_dict()
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+    for block in (model.layer1[0], model.layer4[0]):
+        assert torch.count_nonzero(block.bn3.weight) == 0 and torch.all(block.bn1.weight == 1)
+    fan_out = model.layer1[0].conv2.weight[0].numel() // model.layer1[0].conv2.in_channels * \
+        model.layer1[0].conv2.out_channels
+    std = model.layer1[0].conv2.weight.std().item()
+    assert abs(std - (2.0 / fan_out) ** 0.5) < 0.2 * (2.0 / fan_out) ** 0.5  # kaiming_normal_, fan_out
+
+
+def test_constructor_arguments():
+    with pytest.raises(ValueError, match="weights"):
+        models.resnet18(weights="IMAGENET1K_V1")
+    with pytest.raises(ValueError, match="replace_stride_with_dilation"):
+        models.resnet50(replace_stride_with_dilation=[True])
+    with pytest.raises(ValueError, match="groups=1"):
+        resnet_fast.nn.BasicBlock(8, 8, groups=2)
+    with torch.device("meta"):
+        m = models.resnet50(num_classes=7, replace_stride_with_dilation=[False, True, True])
+        assert m.fc.out_features == 7
+        assert m.layer4[1].conv2.dilation == (4, 4) and m.layer4[0].conv2.stride == (1, 1)
+        assert _shapes(m) == _shapes(models.resnet50(num_classes=7, fused=False,
+                                                      replace_stride_with_dilation=[False, True, True]))
+
+
+def _pair(build, seed=0, **kw):
+    torch.manual_seed(seed)
+    fused = build(**kw)
+    torch.manual_seed(seed)
+    return fused, build(fused=False, **kw)
+
+
+def _train_and_compare(fused, plain, x, steps=2):
+    """Eval outputs, then training steps (outputs, input grads, running stats) against the reference."""
+    fused.eval(), plain.eval()
+    torch.testing.assert_close(fused(x), plain(x), rtol=1e-4, atol=1e-5)
+    fused.train(), plain.train()
+    for _ in range(steps):
+        xf, xp = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        yf, yp = fused(xf), plain(xp)
+        torch.testing.assert_close(yf, yp, rtol=1e-4, atol=1e-5)
+        yf.square().sum().backward()
+        yp.square().sum().backward()
+        torch.testing.assert_close(xf.grad, xp.grad, rtol=1e-4, atol=1e-5)
+    for (k, a), b in zip(fused.state_dict().items(), plain.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=k)
+    for (k, a), b in zip(fused.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-3, atol=1e-4, msg=k)
+
+
+@pytest.mark.parametrize("name,size,steps", [("resnet18", 16, 1), ("resnet20", 8, 2)])
+def test_eager_backend_matches_reference(eager_backend, name, size, steps):
+    fused, plain = _pair(getattr(models, name), num_classes=5)
+    _train_and_compare(fused, plain, torch.randn(2, 3, size, size), steps)
+    assert resnet_fast.stats()["fallbacks"] == {}  # eager was asked for: not a fallback
+
+
+class _TinyGroupedBottleneckNet(nn.Module):
+    """ResNeXt-style Bottlenecks (groups=2, strided projection downsample) at narrow width."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.relu = nn.ReLU(inplace=True)
+        down = nn.Sequential(reference.conv1x1(8, 16, 2), nn.BatchNorm2d(16))
+        self.layer1 = nn.Sequential(reference.Bottleneck(8, 4, 2, down, groups=2),
+                                    reference.Bottleneck(16, 4, groups=2, dilation=2))
+
+    def forward(self, x):
+        return self.layer1(self.relu(self.bn1(self.conv1(x))))
+
+
+def test_eager_backend_grouped_dilated_bottlenecks_match_reference(eager_backend):
+    torch.manual_seed(0)
+    plain = _TinyGroupedBottleneckNet()
+    fused = resnet_fast.convert(plain)
+    assert isinstance(fused.layer1[1], resnet_fast.nn.Bottleneck)
+    _train_and_compare(fused, plain, torch.randn(2, 3, 8, 8))
+
+
+def test_auto_on_cpu_counts_fallbacks(monkeypatch):
+    monkeypatch.setenv("RESNET_FAST_BACKEND", "auto")
+    resnet_fast.reset_stats()
+    fused, plain = _pair(models.resnet20)
+    fused.eval(), plain.eval()
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(fused(x), plain(x))
+    fallbacks = resnet_fast.stats()["fallbacks"]
+    assert sum(fallbacks["block"].values()) == 9 and sum(fallbacks["conv_bn"].values()) == 1
+    resnet_fast.reset_stats()
+
+
+def test_train_mode_records_the_training_fallback(triton_backend):
+    # The training kernels do not exist yet: under the triton backend the train path must say so, and compute
+    # PyTorch's training semantics exactly (running stats included).
+    fused, plain = _pair(models.resnet20, num_classes=4)
+    fused.train(), plain.train()
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(fused(x), plain(x))
+    torch.testing.assert_close(fused.layer2[0].bn1.running_var, plain.layer2[0].bn1.running_var)
+    fallbacks = resnet_fast.stats()["fallbacks"]
+    if F._op("conv_bn_train")[0] is None:
+        assert fallbacks["block_train"] == {F.TRAIN_FALLBACK_REASON: 9}
+        assert fallbacks["conv_bn_train"] == {F.TRAIN_FALLBACK_REASON: 1}
+
+
+def test_non_batchnorm_norm_layer_stays_plain_and_is_reported(eager_backend):
+    gn = lambda c: nn.GroupNorm(2, c)  # noqa: E731
+    fused, plain = _pair(models.resnet18, num_classes=3, norm_layer=gn)
+    skipped = dict(fused.resnet_fast_summary.skipped)
+    assert len(skipped) == 8 and "not BatchNorm2d" in skipped["layer1.0"]
+    assert isinstance(fused.layer1[0], reference.BasicBlock)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(fused(x), plain(x))
+
+
+def test_bad_input_is_a_clear_error():
+    model = models.resnet20().eval()
+    with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
+        model(torch.randn(3, 8, 8))
+    with pytest.raises(ValueError, match=r"\(N, 3, H, W\).*\(2, 4, 8, 8\)"):
+        model(torch.randn(2, 4, 8, 8))
+    with pytest.raises(ValueError, match=r"BasicBlock.*\(N, 16, H, W\)"):
+        model.layer1[0](torch.randn(2, 8, 8, 8))
+
+
+# ------------------------------------------------------------------------------- project kernels (triton)
+class _TinyResNet18Style(nn.Module):
+    """ResNet-18's pattern at narrow width (8/16 channels): a conv1/bn1/relu stem, then BasicBlocks with a
+    strided projection (Sequential(conv1x1, bn)) downsample; plain nn, for convert() to fuse."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.relu = nn.ReLU(inplace=True)
+        down = nn.Sequential(reference.conv1x1(8, 16, 2), nn.BatchNorm2d(16))
+        self.layer1 = nn.Sequential(reference.BasicBlock(8, 8), reference.BasicBlock(8, 8))
+        self.layer2 = nn.Sequential(reference.BasicBlock(8, 16, 2, down), reference.BasicBlock(16, 16))
+
+    def forward(self, x):
+        return self.layer2(self.layer1(self.relu(self.bn1(self.conv1(x)))))
+
+
+@pytest.mark.parametrize("build,size", [("tiny_resnet18", 16), ("resnet20", 8)])
+def test_triton_backend_eval_matches_reference(triton_backend, build, size):
+    reason = _no_conv_kernel_reason()
+    if reason:
+        pytest.skip(f"eval kernel path needs resnet_fast.ops.conv2d/fold_bn: {reason}")
+    torch.manual_seed(0)
+    plain = models.resnet20(fused=False) if build == "resnet20" else _TinyResNet18Style()
+    for m in plain.modules():  # non-trivial BN so folding is exercised
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.running_mean.uniform_(-0.2, 0.2), m.running_var.uniform_(0.5, 1.5), m.weight.uniform_(0.5, 1.5)
+    fused = resnet_fast.convert(plain).eval()
+    plain.eval()
+    x = torch.randn(2, 3, size, size)
+    torch.testing.assert_close(fused(x), plain(x), rtol=2e-3, atol=2e-3)
+    stats = resnet_fast.stats()
+    assert stats["kernel_calls"].get("block", 0) == sum(1 for m in fused.modules()
+                                                       if isinstance(m, resnet_fast.nn.BasicBlock))
+    assert "block" not in stats["fallbacks"]
