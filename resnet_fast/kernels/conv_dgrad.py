@@ -1,0 +1,347 @@
+"""Conv input gradient (dgrad) as a Triton implicit GEMM over NHWC tensors, by stride phase.
+
+``dx[n, h, w, c] = Σ_{k, r, s} dy[n, p, q, k] · W[k, c, r, s]`` with ``h = p*stride - pad + r*dil``.
+
+Stride-phase decomposition: the rows of ``dx`` are split into ``stride_h*stride_w`` phases
+``(h % stride_h, w % stride_w)``. Within a phase only the taps ``(r, s)`` with
+``(phase + pad - r*dil) % stride == 0`` contribute, each with a constant output offset
+``p = h // stride + dp``, so every phase is a dense stride-1 conv with a sub-kernel: no MMA work is spent on
+masked-out taps (a stride-2 3×3 conv runs 9 taps over 4 phases instead of 9 taps over every row). The
+per-phase tap lists come from a tiny host-built table (``[phases, R*S, 3]`` int32: tap, dp, dq), cached per
+geometry. Stride 1 is the one-phase case.
+
+GEMM view per (phase, group): M = N*ceil(H/sh)*ceil(W/sw) rows of dx, N = C/groups, reduction over
+(valid taps) × K/groups. Accumulation in fp32; storage fp32/fp16/bf16.
+
+Fusions (constexpr switches, default off):
+
+* ``epilogue`` (EPI) "dgrad + dReLU + dBN sums": this conv's input was ``relu(y_prev*in_scale + in_shift)``
+  (the previous conv's raw output through its BatchNorm+ReLU). The epilogue recomputes the ReLU mask from
+  ``y_prev`` and writes ``dz = dx * (y_prev*in_scale + in_shift > 0)`` instead of ``dx``, plus per-tile
+  partials ``Σdz`` and ``Σdz·(y_prev - mean)`` (known mean: no cancellation) into ``[2, T, C]`` fp32 for
+  :func:`resnet_fast.kernels.bn_finalize.bn_backward_coeffs`.
+* ``dy_bn`` (DY_BN) "BN backward applied on load": ``dy`` is not stored; the kernel reads this conv's raw
+  output ``y`` and ``dz`` (the gradient w.r.t. its BN output) and forms ``dy = c1*dz + c2*(y - mean) + c3``
+  per element while loading the A operand (coefficients from ``bn_backward_coeffs``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["conv2d_dgrad_nhwc", "ConvShape", "DgradConfig", "compile_specs", "DGRAD_CONFIGS"]
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_TL = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+@dataclass(frozen=True)
+class ConvShape:
+    """Geometry of a conv ``x [N, C, H, W] * w [K, C/groups, R, S] -> y [N, K, P, Q]`` (zero padding)."""
+    N: int
+    C: int
+    H: int
+    W: int
+    K: int
+    R: int
+    S: int
+    stride: tuple
+    padding: tuple
+    dilation: tuple
+    groups: int
+
+    @property
+    def P(self) -> int:
+        return (self.H + 2 * self.padding[0] - self.dilation[0] * (self.R - 1) - 1) // self.stride[0] + 1
+
+    @property
+    def Q(self) -> int:
+        return (self.W + 2 * self.padding[1] - self.dilation[1] * (self.S - 1) - 1) // self.stride[1] + 1
+
+    @staticmethod
+    def make(x_shape, w_shape, stride, padding, dilation, groups, who: str) -> "ConvShape":
+        """Validated geometry; ValueError naming the bad argument."""
+        pair = lambda v: (int(v), int(v)) if isinstance(v, int) else tuple(int(e) for e in v)  # noqa: E731
+        try:
+            stride, padding, dilation = pair(stride), pair(padding), pair(dilation)
+        except (TypeError, ValueError):
+            raise ValueError(f"{who}: stride/padding/dilation must be ints or pairs of ints") from None
+        for name, v, lo in (("stride", stride, 1), ("padding", padding, 0), ("dilation", dilation, 1)):
+            if len(v) != 2 or min(v) < lo:
+                raise ValueError(f"{who}: {name} must be an int or a pair of ints >= {lo}, got {v}")
+        N, C, H, W = x_shape
+        K, Cg, R, S = w_shape
+        if not isinstance(groups, int) or groups < 1 or C % groups or K % groups or Cg != C // groups:
+            raise ValueError(f"{who}: groups={groups!r} does not fit C={C}, K={K} and weight shape "
+                             f"{tuple(w_shape)} (expected [K, C/groups, R, S])")
+        g = ConvShape(N, C, H, W, K, R, S, stride, padding, dilation, groups)
+        if g.P < 1 or g.Q < 1:
+            raise ValueError(f"{who}: the conv output would be empty (P={g.P}, Q={g.Q})")
+        return g
+
+
+@dataclass(frozen=True)
+class DgradConfig:
+    """Tile sizes: BLOCK_M rows of dx × BLOCK_N input channels, BLOCK_K output channels per MMA step."""
+    BLOCK_M: int = 128
+    BLOCK_N: int = 64
+    BLOCK_K: int = 32
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+# Every config the launcher may pick; compile_specs covers each of them.
+DGRAD_CONFIGS = (DgradConfig(128, 64, 32, 4, 3), DgradConfig(128, 128, 32, 8, 3), DgradConfig(64, 32, 32, 4, 3))
+
+
+def _pick_config(g: ConvShape) -> DgradConfig:
+    cg = g.C // g.groups
+    if cg <= 32:
+        return DGRAD_CONFIGS[2]
+    return DGRAD_CONFIGS[1] if cg >= 128 else DGRAD_CONFIGS[0]
+
+
+@triton.jit
+def _conv_dgrad_kernel(
+        dy_ptr, w_ptr, dx_ptr, taps_ptr, ntaps_ptr,
+        y_ptr, isc_ptr, ish_ptr, imu_ptr, part_ptr,            # EPI: y_prev, its BN scale/shift/mean, partials
+        z_ptr, c1_ptr, c2_ptr, c3_ptr, mu_ptr,                 # DY_BN: this conv's raw output y and coefficients
+        N, H, W, Cg, Kg, P, Q, HPH, WPH, TILES_M, T_PART, C_TOT,
+        sdy_n, sdy_h, sdy_w, sdy_c,
+        sw_k, sw_c, sw_r, sw_s,
+        sdx_n, sdx_h, sdx_w, sdx_c,
+        sy_n, sy_h, sy_w, sy_c,
+        SH: tl.constexpr, SW: tl.constexpr, S: tl.constexpr, MAX_TAPS: tl.constexpr,
+        EPI: tl.constexpr, DY_BN: tl.constexpr, ALLOW_TF32: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid0 = tl.program_id(0)
+    phase = pid0 // TILES_M
+    pid_m = pid0 % TILES_M
+    pid_n = tl.program_id(1)
+    grp = tl.program_id(2)
+    ph_h = phase // SW
+    ph_w = phase % SW
+
+    # rows of this phase: (n, ih, iw) -> dx row (n, ph_h + ih*SH, ph_w + iw*SW)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    iw = offs_m % WPH
+    ih = (offs_m // WPH) % HPH
+    n = offs_m // (WPH * HPH)
+    h = ph_h + ih * SH
+    w = ph_w + iw * SW
+    row_ok = (n < N) & (h < H) & (w < W)
+    n64 = n.to(tl.int64)
+
+    offs_c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    c_ok = offs_c < Cg
+    offs_kk = tl.arange(0, BLOCK_K)
+    k_base = grp * Kg
+    c_glob = grp * Cg + offs_c
+
+    ntaps = tl.load(ntaps_ptr + phase)
+    k_iters = tl.cdiv(Kg, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for it in range(0, ntaps * k_iters):
+        t = it // k_iters
+        k0 = (it % k_iters) * BLOCK_K
+        tap_ptr = taps_ptr + (phase * MAX_TAPS + t) * 3
+        tap = tl.load(tap_ptr)
+        p = ih + tl.load(tap_ptr + 1)
+        q = iw + tl.load(tap_ptr + 2)
+        a_row_ok = row_ok & (p >= 0) & (p < P) & (q >= 0) & (q < Q)
+        offs_k = k0 + offs_kk
+        k_ok = offs_k < Kg
+        a_mask = a_row_ok[:, None] & k_ok[None, :]
+        a_off = (n64 * sdy_n + p * sdy_h + q * sdy_w)[:, None] + ((k_base + offs_k) * sdy_c)[None, :]
+        a = tl.load(dy_ptr + a_off, mask=a_mask, other=0.0)
+        if DY_BN:  # dy = c1*dz + c2*(y - mean) + c3, zero outside the image (c3 != 0)
+            yv = tl.load(z_ptr + a_off, mask=a_mask, other=0.0).to(tl.float32)
+            kk = k_base + offs_k
+            c1 = tl.load(c1_ptr + kk, mask=k_ok, other=0.0)
+            c2 = tl.load(c2_ptr + kk, mask=k_ok, other=0.0)
+            c3 = tl.load(c3_ptr + kk, mask=k_ok, other=0.0)
+            mu = tl.load(mu_ptr + kk, mask=k_ok, other=0.0)
+            d = c1[None, :] * a.to(tl.float32) + c2[None, :] * (yv - mu[None, :]) + c3[None, :]
+            a = tl.where(a_mask, d, 0.0).to(dy_ptr.dtype.element_ty)
+        r = tap // S
+        s = tap % S
+        b_off = ((k_base + offs_k) * sw_k + r * sw_r + s * sw_s)[:, None] + (offs_c * sw_c)[None, :]
+        b = tl.load(w_ptr + b_off, mask=k_ok[:, None] & c_ok[None, :], other=0.0)
+        if ALLOW_TF32:
+            acc = tl.dot(a, b, acc)
+        else:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+
+    out_mask = row_ok[:, None] & c_ok[None, :]
+    if EPI:  # dz = dx * relu'(y_prev*scale + shift); partial Σdz, Σdz·(y_prev - mean) per tile
+        y_off = (n64 * sy_n + h * sy_h + w * sy_w)[:, None] + (c_glob * sy_c)[None, :]
+        yp = tl.load(y_ptr + y_off, mask=out_mask, other=0.0).to(tl.float32)
+        isc = tl.load(isc_ptr + c_glob, mask=c_ok, other=0.0)
+        ish = tl.load(ish_ptr + c_glob, mask=c_ok, other=0.0)
+        imu = tl.load(imu_ptr + c_glob, mask=c_ok, other=0.0)
+        live = (yp * isc[None, :] + ish[None, :] > 0) & out_mask
+        acc = tl.where(live, acc, 0.0)
+        tl.store(part_ptr + pid0 * C_TOT + c_glob, tl.sum(acc, axis=0), mask=c_ok)
+        tl.store(part_ptr + (T_PART + pid0) * C_TOT + c_glob,
+                 tl.sum(acc * (yp - imu[None, :]), axis=0), mask=c_ok)
+    dx_off = (n64 * sdx_n + h * sdx_h + w * sdx_w)[:, None] + (c_glob * sdx_c)[None, :]
+    tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=out_mask)
+
+
+_TAPS: dict = {}
+
+
+def _tap_tables(g: ConvShape, device: torch.device):
+    """Per stride phase, the contributing taps: ``taps [phases, R*S, 3]`` (r*S+s, dp, dq), ``ntaps [phases]``."""
+    key = (g.R, g.S, g.stride, g.padding, g.dilation, str(device))
+    if key not in _TAPS:
+        sh, sw = g.stride
+        rows, counts = [], []
+        for ph in range(sh):
+            for pw in range(sw):
+                lst = []
+                for r in range(g.R):
+                    th = ph + g.padding[0] - r * g.dilation[0]
+                    if th % sh:
+                        continue
+                    for s in range(g.S):
+                        tw = pw + g.padding[1] - s * g.dilation[1]
+                        if tw % sw == 0:
+                            lst.append((r * g.S + s, th // sh, tw // sw))
+                counts.append(len(lst))
+                rows.append(lst + [(0, 0, 0)] * (g.R * g.S - len(lst)))
+        _TAPS[key] = (torch.tensor(rows, dtype=torch.int32, device=device).contiguous(),
+                      torch.tensor(counts, dtype=torch.int32, device=device))
+    return _TAPS[key]
+
+
+def _check_tensor(name, t, shape, dtype, device, who):
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{who}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if tuple(t.shape) != tuple(shape) or (dtype is not None and t.dtype != dtype) or t.device != device:
+        raise ValueError(f"{who}: {name} must be {tuple(shape)} {dtype or ''} on {device}, "
+                         f"got {tuple(t.shape)} {t.dtype} on {t.device}")
+
+
+def _check_vec(name, t, n, device, who):
+    _check_tensor(name, t, (n,), torch.float32, device, who)
+    if n > 1 and t.stride(0) != 1:
+        raise ValueError(f"{who}: {name} must be contiguous")
+
+
+def conv2d_dgrad_nhwc(dy: torch.Tensor, weight: torch.Tensor, x_shape, *, stride=1, padding=0, dilation=1,
+                      groups: int = 1, y_prev: torch.Tensor | None = None, in_scale=None, in_shift=None,
+                      in_mean=None, dy_bn: tuple | None = None, allow_tf32: bool | None = None,
+                      config: DgradConfig | None = None):
+    """Gradient of a conv w.r.t. its input (``torch.nn.grad.conv2d_input``), optionally fused for training.
+
+    Args:
+        dy: [N, K, P, Q] gradient w.r.t. the conv output, fp32/fp16/bf16, any strides (channels_last is the
+            fast layout). With ``dy_bn`` it is instead ``dz``, the gradient w.r.t. this conv's BN output.
+        weight: [K, C/groups, R, S] of dy's dtype, any strides (channels_last weights load contiguously).
+        x_shape: (N, C, H, W) of the conv input.
+        stride, padding, dilation, groups: as ``torch.nn.functional.conv2d`` (zero padding).
+        y_prev, in_scale, in_shift, in_mean: the epilogue fusion (all or none): the conv input was
+            ``relu(y_prev*in_scale + in_shift)``; y_prev [N, C, H, W] of dy's dtype, the others [C] fp32
+            (in_mean is the batch mean of y_prev). The output is then ``dz`` = the gradient w.r.t. the BN
+            output before the ReLU, and per-tile partials are returned too.
+        dy_bn: (y, c1, c2, c3, mean): form ``dy = c1*dz + c2*(y - mean) + c3`` while loading; y [N, K, P, Q]
+            with dy's dtype and strides (this conv's raw output), the rest [K] fp32.
+        allow_tf32: fp32 inputs use TF32 MMAs (default: ``torch.backends.cudnn.allow_tf32``, like cuDNN).
+        config: tile config (tests pin one); default picked from the shape.
+
+    Returns:
+        dx [N, C, H, W] in dy's dtype, channels_last; with the epilogue ``(dz, partials)`` where
+        ``partials`` is [2, T, C] fp32: ``partials[0]`` = Σdz and ``partials[1]`` = Σdz·(y_prev - in_mean)
+        per tile, ready for ``bn_backward_coeffs(partials[0], partials[1], ...)``.
+    """
+    who = "conv2d_dgrad_nhwc"
+    if not isinstance(dy, torch.Tensor) or dy.dim() != 4 or dy.dtype not in _DTYPES:
+        raise ValueError(f"{who}: dy must be a 4-D float32/float16/bfloat16 tensor, got "
+                         f"{tuple(dy.shape) if isinstance(dy, torch.Tensor) else type(dy).__name__}")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
+        raise ValueError(f"{who}: weight must be a 4-D [K, C/groups, R, S] tensor")
+    if len(tuple(x_shape)) != 4:
+        raise ValueError(f"{who}: x_shape must be (N, C, H, W), got {x_shape!r}")
+    g = ConvShape.make(tuple(int(v) for v in x_shape), tuple(weight.shape), stride, padding, dilation, groups,
+                       who)
+    dev = dy.device
+    _check_tensor("dy", dy, (g.N, g.K, g.P, g.Q), None, dev, who)
+    _check_tensor("weight", weight, weight.shape, dy.dtype, dev, who)
+    epi_args = (y_prev, in_scale, in_shift, in_mean)
+    epi = y_prev is not None
+    if any(a is None for a in epi_args) and any(a is not None for a in epi_args):
+        raise ValueError(f"{who}: y_prev, in_scale, in_shift and in_mean go together (all or none)")
+    if epi:
+        _check_tensor("y_prev", y_prev, (g.N, g.C, g.H, g.W), dy.dtype, dev, who)
+        for name, v in (("in_scale", in_scale), ("in_shift", in_shift), ("in_mean", in_mean)):
+            _check_vec(name, v, g.C, dev, who)
+    if dy_bn is not None:
+        if not isinstance(dy_bn, (tuple, list)) or len(dy_bn) != 5:
+            raise ValueError(f"{who}: dy_bn must be a tuple (y, c1, c2, c3, mean)")
+        _check_tensor("dy_bn[0] (y)", dy_bn[0], dy.shape, dy.dtype, dev, who)
+        if dy_bn[0].stride() != dy.stride():
+            raise ValueError(f"{who}: dy_bn[0] (y) must have dy's strides {dy.stride()}, got {dy_bn[0].stride()}")
+        for i, name in enumerate(("c1", "c2", "c3", "mean"), 1):
+            _check_vec(f"dy_bn[{i}] ({name})", dy_bn[i], g.K, dev, who)
+    cfg = config or _pick_config(g)
+    if allow_tf32 is None:
+        allow_tf32 = torch.backends.cudnn.allow_tf32
+
+    sh, sw = g.stride
+    hph, wph = triton.cdiv(g.H, sh), triton.cdiv(g.W, sw)
+    tiles_m = triton.cdiv(g.N * hph * wph, cfg.BLOCK_M)
+    phases = sh * sw
+    cg, kg = g.C // g.groups, g.K // g.groups
+    taps, ntaps = _tap_tables(g, dev)
+    dx = torch.empty((g.N, g.C, g.H, g.W), dtype=dy.dtype, device=dev, memory_format=torch.channels_last)
+    T = phases * tiles_m
+    part = torch.empty((2, T, g.C), dtype=torch.float32, device=dev) if epi else dx
+    yp = y_prev if epi else dx
+    zb = dy_bn if dy_bn is not None else (dy, taps, taps, taps, taps)  # placeholders, never read
+    v = (in_scale, in_shift, in_mean) if epi else (taps, taps, taps)
+    grid = (T, triton.cdiv(cg, cfg.BLOCK_N), g.groups)
+    _conv_dgrad_kernel[grid](
+        dy, weight, dx, taps, ntaps, yp, *v, part, *zb,
+        g.N, g.H, g.W, cg, kg, g.P, g.Q, hph, wph, tiles_m, T, g.C,
+        dy.stride(0), dy.stride(2), dy.stride(3), dy.stride(1),
+        weight.stride(0), weight.stride(1), weight.stride(2), weight.stride(3),
+        dx.stride(0), dx.stride(2), dx.stride(3), dx.stride(1),
+        yp.stride(0), yp.stride(2), yp.stride(3), yp.stride(1),
+        SH=sh, SW=sw, S=g.S, MAX_TAPS=g.R * g.S, EPI=epi, DY_BN=dy_bn is not None,
+        ALLOW_TF32=bool(allow_tf32) and dy.dtype == torch.float32,
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return (dx, part) if epi else dx
+
+
+def compile_specs() -> list:
+    """(jit_fn, signature, constexprs, options, is_gemm) for the sm_90 compile check: every config × dtype ×
+    fusion, at a stride-2 3×3 geometry (the strides and the filter width are constexpr)."""
+    specs = []
+    for cfg in DGRAD_CONFIGS:
+        for dt in ("bf16", "fp16", "fp32"):
+            for epi, dybn in ((False, False), (True, True)):
+                sig = {"dy_ptr": f"*{dt}", "w_ptr": f"*{dt}", "dx_ptr": f"*{dt}", "taps_ptr": "*i32",
+                       "ntaps_ptr": "*i32", "y_ptr": f"*{dt}", "isc_ptr": "*fp32", "ish_ptr": "*fp32",
+                       "imu_ptr": "*fp32", "part_ptr": "*fp32", "z_ptr": f"*{dt}", "c1_ptr": "*fp32",
+                       "c2_ptr": "*fp32", "c3_ptr": "*fp32", "mu_ptr": "*fp32"}
+                for name in ("N", "H", "W", "Cg", "Kg", "P", "Q", "HPH", "WPH", "TILES_M", "T_PART", "C_TOT",
+                             "sdy_n", "sdy_h", "sdy_w", "sw_k", "sw_r", "sw_s", "sdx_n", "sdx_h", "sdx_w",
+                             "sy_n", "sy_h", "sy_w"):
+                    sig[name] = "i32"
+                for name in ("sdy_c", "sw_c", "sdx_c", "sy_c"):  # unit channel strides, as specialised
+                    sig[name] = "constexpr"
+                cx = {"sdy_c": 1, "sw_c": 1, "sdx_c": 1, "sy_c": 1, "SH": 2, "SW": 2, "S": 3, "MAX_TAPS": 9,
+                      "EPI": epi, "DY_BN": dybn, "ALLOW_TF32": dt == "fp32",
+                      "BLOCK_M": cfg.BLOCK_M, "BLOCK_N": cfg.BLOCK_N, "BLOCK_K": cfg.BLOCK_K}
+                for k in ("SH", "SW", "S", "MAX_TAPS", "EPI", "DY_BN", "ALLOW_TF32", "BLOCK_M", "BLOCK_N",
+                          "BLOCK_K"):
+                    sig[k] = "constexpr"
+                specs.append((_conv_dgrad_kernel, sig, cx,
+                              {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}, True))
+    return specs

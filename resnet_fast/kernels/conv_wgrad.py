@@ -1,0 +1,269 @@
+"""Conv weight gradient (wgrad) as a Triton implicit GEMM over NHWC tensors, with deterministic split-K.
+
+``dW[k, c, r, s] = Σ_{n, p, q} dy[n, p, q, k] · x[n, p*stride - pad + r*dil, q*stride - pad + s*dil, c]``
+
+GEMM view per group: M = K/groups output channels, N = R*S*C/groups (one tap per program, a tile of input
+channels), reduction over the N*P*Q output pixels. That reduction is long and M×N is small for late ResNet
+layers (K=512, 3×3 → few tiles), so it is split into SPLIT contiguous chunks of whole BLOCK_K steps, one
+program per (tile, chunk): each writes its fp32 partial into ``[SPLIT, K, C/groups, R, S]`` and
+:func:`_wgrad_combine_kernel` sums the SPLIT partials in index order -- bit-reproducible, no float
+atomics. With SPLIT = 1 the GEMM kernel stores ``dW`` directly.
+
+Fusions (constexpr switches, default off):
+
+* ``in_scale/in_shift`` (PROLOGUE): ``x`` is the raw output ``y_prev`` of the previous conv; the operand is
+  ``relu(y_prev*in_scale[c] + in_shift[c])`` recomputed in registers, with the padding mask applied after
+  the transform (a padded zero must stay zero, not become ``relu(in_shift)``).
+* ``dy_bn`` (DY_BN): as in ``conv_dgrad``: ``dy = c1*dz + c2*(y - mean) + c3`` formed while loading.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .conv_dgrad import ConvShape, _check_tensor, _check_vec
+
+__all__ = ["conv2d_wgrad_nhwc", "WgradConfig", "WGRAD_CONFIGS", "pick_split", "compile_specs"]
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Programs wanted in flight: 2 waves of an H100's 132 SMs; and at least this many BLOCK_K steps per chunk so
+# the partial round trip stays small next to the GEMM work.
+_TARGET_PROGRAMS = 264
+_MIN_STEPS_PER_SPLIT = 8
+_MAX_SPLIT = 64
+
+
+@dataclass(frozen=True)
+class WgradConfig:
+    """Tile sizes: BLOCK_M output channels × BLOCK_N input channels (one tap), BLOCK_K pixels per MMA step."""
+    BLOCK_M: int = 64
+    BLOCK_N: int = 64
+    BLOCK_K: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+WGRAD_CONFIGS = (WgradConfig(64, 64, 64, 4, 3), WgradConfig(128, 128, 64, 8, 3), WgradConfig(64, 32, 64, 4, 3))
+
+
+def _pick_config(g: ConvShape) -> WgradConfig:
+    cg, kg = g.C // g.groups, g.K // g.groups
+    if cg <= 32:
+        return WGRAD_CONFIGS[2]
+    return WGRAD_CONFIGS[1] if min(cg, kg) >= 128 else WGRAD_CONFIGS[0]
+
+
+def pick_split(g: ConvShape, cfg: WgradConfig) -> int:
+    """SPLIT so the grid fills the GPU while each chunk keeps >= _MIN_STEPS_PER_SPLIT BLOCK_K steps."""
+    tiles = triton.cdiv(g.K // g.groups, cfg.BLOCK_M) * triton.cdiv(g.C // g.groups, cfg.BLOCK_N) \
+        * g.R * g.S * g.groups
+    steps = triton.cdiv(g.N * g.P * g.Q, cfg.BLOCK_K)
+    want = triton.cdiv(_TARGET_PROGRAMS, tiles)
+    return max(1, min(want, steps // _MIN_STEPS_PER_SPLIT, _MAX_SPLIT))
+
+
+@triton.jit
+def _conv_wgrad_kernel(
+        dy_ptr, x_ptr, out_ptr,
+        isc_ptr, ish_ptr,                                      # PROLOGUE: x = relu(x*isc + ish)
+        z_ptr, c1_ptr, c2_ptr, c3_ptr, mu_ptr,                 # DY_BN
+        H, W, Cg, Kg, P, Q, NPQ, CHUNK,
+        pad_h, pad_w, dil_h, dil_w,
+        sdy_n, sdy_h, sdy_w, sdy_c,
+        sx_n, sx_h, sx_w, sx_c,
+        so_split, so_k, so_c, so_r, so_s,
+        SH: tl.constexpr, SW: tl.constexpr, S: tl.constexpr, TILES_N: tl.constexpr, SPLIT: tl.constexpr,
+        PROLOGUE: tl.constexpr, DY_BN: tl.constexpr, ALLOW_TF32: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid1 = tl.program_id(1)
+    tap = pid1 // TILES_N
+    pid_n = pid1 % TILES_N
+    pid2 = tl.program_id(2)
+    grp = pid2 // SPLIT
+    split = pid2 % SPLIT
+    r = tap // S
+    s = tap % S
+
+    offs_k = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)    # output channels (GEMM M)
+    k_ok = offs_k < Kg
+    k_glob = grp * Kg + offs_k
+    offs_c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)    # input channels (GEMM N)
+    c_ok = offs_c < Cg
+    c_glob = grp * Cg + offs_c
+    if PROLOGUE:
+        isc = tl.load(isc_ptr + c_glob, mask=c_ok, other=0.0)
+        ish = tl.load(ish_ptr + c_glob, mask=c_ok, other=0.0)
+    if DY_BN:
+        c1 = tl.load(c1_ptr + k_glob, mask=k_ok, other=0.0)
+        c2 = tl.load(c2_ptr + k_glob, mask=k_ok, other=0.0)
+        c3 = tl.load(c3_ptr + k_glob, mask=k_ok, other=0.0)
+        mu = tl.load(mu_ptr + k_glob, mask=k_ok, other=0.0)
+
+    lo = split * CHUNK
+    hi = tl.minimum(lo + CHUNK, NPQ)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for j0 in range(lo, hi, BLOCK_K):
+        offs_j = j0 + tl.arange(0, BLOCK_K)             # output pixels (GEMM reduction)
+        j_ok = offs_j < hi
+        q = offs_j % Q
+        p = (offs_j // Q) % P
+        n64 = (offs_j // (P * Q)).to(tl.int64)
+        # A = dy^T [BLOCK_M, BLOCK_K], contiguous along k for NHWC
+        a_off = (k_glob * sdy_c)[:, None] + (n64 * sdy_n + p * sdy_h + q * sdy_w)[None, :]
+        a_mask = k_ok[:, None] & j_ok[None, :]
+        a = tl.load(dy_ptr + a_off, mask=a_mask, other=0.0)
+        if DY_BN:
+            yv = tl.load(z_ptr + a_off, mask=a_mask, other=0.0).to(tl.float32)
+            d = c1[:, None] * a.to(tl.float32) + c2[:, None] * (yv - mu[:, None]) + c3[:, None]
+            a = tl.where(a_mask, d, 0.0).to(dy_ptr.dtype.element_ty)
+        # B = x [BLOCK_K, BLOCK_N] at the tap's input position, zero padding
+        h = p * SH - pad_h + r * dil_h
+        w = q * SW - pad_w + s * dil_w
+        row_ok = j_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+        b_mask = row_ok[:, None] & c_ok[None, :]
+        b = tl.load(x_ptr + (n64 * sx_n + h * sx_h + w * sx_w)[:, None] + (c_glob * sx_c)[None, :],
+                    mask=b_mask, other=0.0)
+        if PROLOGUE:  # the mask again after the transform: padding is zero in relu(bn(y)), not relu(shift)
+            xb = tl.maximum(b.to(tl.float32) * isc[None, :] + ish[None, :], 0.0)
+            b = tl.where(b_mask, xb, 0.0).to(x_ptr.dtype.element_ty)
+        if ALLOW_TF32:
+            acc = tl.dot(a, b, acc)
+        else:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+
+    o_off = split * so_split + r * so_r + s * so_s + (k_glob * so_k)[:, None] + (offs_c * so_c)[None, :]
+    tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=k_ok[:, None] & c_ok[None, :])
+
+
+@triton.jit
+def _wgrad_combine_kernel(part_ptr, out_ptr, NUMEL, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+    """out[i] = Σ_{split=0..SPLIT-1} part[split, i], always in this order (deterministic)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < NUMEL
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in range(SPLIT):
+        acc += tl.load(part_ptr + i * NUMEL + offs, mask=m, other=0.0)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=m)
+
+
+_COMBINE_BLOCK = 1024
+
+
+def conv2d_wgrad_nhwc(dy: torch.Tensor, x: torch.Tensor, weight_shape, *, stride=1, padding=0, dilation=1,
+                      groups: int = 1, in_scale=None, in_shift=None, dy_bn: tuple | None = None,
+                      split: int | None = None, out_dtype: torch.dtype = torch.float32,
+                      allow_tf32: bool | None = None, config: WgradConfig | None = None) -> torch.Tensor:
+    """Gradient of a conv w.r.t. its weight (``torch.nn.grad.conv2d_weight``), optionally fused for training.
+
+    Args:
+        dy: [N, K, P, Q] fp32/fp16/bf16, any strides (channels_last is the fast layout). With ``dy_bn`` it is
+            ``dz``, the gradient w.r.t. this conv's BN output.
+        x: [N, C, H, W] conv input of dy's dtype, any strides; with the prologue the raw ``y_prev``.
+        weight_shape: (K, C/groups, R, S).
+        in_scale, in_shift: [C] fp32, both or neither: the operand is ``relu(x*in_scale + in_shift)``.
+        dy_bn: (y, c1, c2, c3, mean): ``dy = c1*dz + c2*(y - mean) + c3`` formed while loading; y with dy's
+            shape, dtype and strides, the rest [K] fp32.
+        split: SPLIT of the N*P*Q reduction (>= 1; default :func:`pick_split`). Any value gives the same
+            result up to fp32 summation order; a given value is bit-reproducible.
+        out_dtype: dtype of dW (float32 default: the master-weight gradient under mixed precision).
+        allow_tf32: fp32 inputs use TF32 MMAs (default ``torch.backends.cudnn.allow_tf32``).
+
+    Returns:
+        dW [K, C/groups, R, S] contiguous, ``out_dtype``.
+    """
+    who = "conv2d_wgrad_nhwc"
+    for name, t in (("dy", dy), ("x", x)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.dtype not in _DTYPES:
+            raise ValueError(f"{who}: {name} must be a 4-D float32/float16/bfloat16 tensor, got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if len(tuple(weight_shape)) != 4:
+        raise ValueError(f"{who}: weight_shape must be (K, C/groups, R, S), got {weight_shape!r}")
+    g = ConvShape.make(tuple(x.shape), tuple(int(v) for v in weight_shape), stride, padding, dilation, groups,
+                       who)
+    dev = dy.device
+    _check_tensor("dy", dy, (g.N, g.K, g.P, g.Q), None, dev, who)
+    _check_tensor("x", x, x.shape, dy.dtype, dev, who)
+    if out_dtype not in _DTYPES:
+        raise ValueError(f"{who}: out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
+    if (in_scale is None) != (in_shift is None):
+        raise ValueError(f"{who}: in_scale and in_shift go together (both or neither)")
+    prologue = in_scale is not None
+    if prologue:
+        _check_vec("in_scale", in_scale, g.C, dev, who)
+        _check_vec("in_shift", in_shift, g.C, dev, who)
+    if dy_bn is not None:
+        if not isinstance(dy_bn, (tuple, list)) or len(dy_bn) != 5:
+            raise ValueError(f"{who}: dy_bn must be a tuple (y, c1, c2, c3, mean)")
+        _check_tensor("dy_bn[0] (y)", dy_bn[0], dy.shape, dy.dtype, dev, who)
+        if dy_bn[0].stride() != dy.stride():
+            raise ValueError(f"{who}: dy_bn[0] (y) must have dy's strides {dy.stride()}, got {dy_bn[0].stride()}")
+        for i, name in enumerate(("c1", "c2", "c3", "mean"), 1):
+            _check_vec(f"dy_bn[{i}] ({name})", dy_bn[i], g.K, dev, who)
+    cfg = config or _pick_config(g)
+    if split is None:
+        split = pick_split(g, cfg)
+    if not isinstance(split, int) or isinstance(split, bool) or split < 1:
+        raise ValueError(f"{who}: split must be an int >= 1, got {split!r}")
+    if allow_tf32 is None:
+        allow_tf32 = torch.backends.cudnn.allow_tf32
+
+    npq = g.N * g.P * g.Q
+    chunk = triton.cdiv(triton.cdiv(npq, split), cfg.BLOCK_K) * cfg.BLOCK_K
+    split = triton.cdiv(npq, chunk)  # no empty chunks
+    cg, kg = g.C // g.groups, g.K // g.groups
+    dw = torch.empty((g.K, cg, g.R, g.S), dtype=out_dtype, device=dev)
+    out = dw if split == 1 else torch.empty((split, g.K, cg, g.R, g.S), dtype=torch.float32, device=dev)
+    so_split = out.stride(0) if split > 1 else 0
+    so = out.stride()[-4:]
+    tiles_n = triton.cdiv(cg, cfg.BLOCK_N)
+    zb = dy_bn if dy_bn is not None else (dy, dw, dw, dw, dw)  # placeholders, never read
+    v = (in_scale, in_shift) if prologue else (dw, dw)
+    grid = (triton.cdiv(kg, cfg.BLOCK_M), g.R * g.S * tiles_n, split * g.groups)
+    _conv_wgrad_kernel[grid](
+        dy, x, out, *v, *zb,
+        g.H, g.W, cg, kg, g.P, g.Q, npq, chunk,
+        g.padding[0], g.padding[1], g.dilation[0], g.dilation[1],
+        dy.stride(0), dy.stride(2), dy.stride(3), dy.stride(1),
+        x.stride(0), x.stride(2), x.stride(3), x.stride(1),
+        so_split, *so,
+        SH=g.stride[0], SW=g.stride[1], S=g.S, TILES_N=tiles_n, SPLIT=split,
+        PROLOGUE=prologue, DY_BN=dy_bn is not None,
+        ALLOW_TF32=bool(allow_tf32) and dy.dtype == torch.float32,
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if split > 1:
+        numel = dw.numel()
+        _wgrad_combine_kernel[(triton.cdiv(numel, _COMBINE_BLOCK),)](out, dw, numel, SPLIT=split,
+                                                                     BLOCK=_COMBINE_BLOCK, num_warps=4)
+    return dw
+
+
+def compile_specs() -> list:
+    """(jit_fn, signature, constexprs, options, is_gemm) for the sm_90 compile check: every config × dtype ×
+    fusion at a stride-2 3×3 geometry with SPLIT=4, plus the combine kernel."""
+    specs = []
+    for cfg in WGRAD_CONFIGS:
+        for dt in ("bf16", "fp16", "fp32"):
+            for fused in (False, True):
+                sig = {"dy_ptr": f"*{dt}", "x_ptr": f"*{dt}", "out_ptr": "*fp32", "isc_ptr": "*fp32",
+                       "ish_ptr": "*fp32", "z_ptr": f"*{dt}", "c1_ptr": "*fp32", "c2_ptr": "*fp32",
+                       "c3_ptr": "*fp32", "mu_ptr": "*fp32"}
+                for name in ("H", "W", "Cg", "Kg", "P", "Q", "NPQ", "CHUNK", "pad_h", "pad_w", "dil_h", "dil_w",
+                             "sdy_n", "sdy_h", "sdy_w", "sx_n", "sx_h", "sx_w", "so_split", "so_k", "so_c",
+                             "so_r", "so_s"):
+                    sig[name] = "i32"
+                cx = {"sdy_c": 1, "sx_c": 1, "SH": 2, "SW": 2, "S": 3, "TILES_N": 2, "SPLIT": 4,
+                      "PROLOGUE": fused, "DY_BN": fused, "ALLOW_TF32": dt == "fp32",
+                      "BLOCK_M": cfg.BLOCK_M, "BLOCK_N": cfg.BLOCK_N, "BLOCK_K": cfg.BLOCK_K}
+                for k in cx:
+                    sig[k] = "constexpr"
+                specs.append((_conv_wgrad_kernel, sig, cx,
+                              {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}, True))
+    specs.append((_wgrad_combine_kernel, {"part_ptr": "*fp32", "out_ptr": "*bf16", "NUMEL": "i32",
+                                          "SPLIT": "constexpr", "BLOCK": "constexpr"},
+                  {"SPLIT": 4, "BLOCK": _COMBINE_BLOCK}, {"num_warps": 4, "num_stages": 1}, False))
+    return specs
