@@ -1,0 +1,7 @@
+"""Triton kernels (NHWC implicit-GEMM convolutions, BN finalize).
+
+Submodules are imported on demand (``resnet_fast.kernels.conv_fwd`` etc.) so that importing the package never
+defines a ``@triton.jit`` kernel before :mod:`resnet_fast._backend` has decided whether to interpret them.
+Shared geometry/index math: :mod:`.conv_common`; tile configs and the autotune cache: :mod:`.configs`;
+the sm_90 compile check over every module's ``compile_specs()``: :mod:`.compile_check`.
+"""

@@ -1,0 +1,171 @@
+"""Conv geometry and index math shared by the forward, dgrad and wgrad kernels.
+
+Conventions (every conv kernel of this package):
+
+* Activations are NHWC in memory (a ``[N, C, H, W]`` tensor in ``torch.channels_last``), channel stride 1.
+* The implicit GEMM of the forward conv has ``M = N*P*Q`` rows (output pixels, row ``m = (n*P + p)*Q + q``),
+  ``Kg = K/groups`` columns per group, and reduces over ``R*S*Cg`` (filter taps × input channels per group).
+* An output pixel ``(p, q)`` and a tap ``(r, s)`` read input pixel
+  ``h = p*stride_h - pad_h + r*dil_h``, ``w = q*stride_w - pad_w + s*dil_w`` (zero outside the image).
+* Packed forward weights are ``[K, R, S, Cg_pad]`` (KRSC) with ``Cg_pad = round_up(Cg, CHANNEL_PAD)``: the
+  stem's ``C = 3`` and ResNeXt's 4 channels per group become one 16-wide MMA step of zeros instead of a
+  special case; the activation itself is never padded (loads mask ``c >= Cg``).
+* Offsets that can pass 2**31 elements (anything scaled by the batch index or the GEMM row) are int64;
+  offsets inside one image stay int32, which :meth:`ConvGeometry.check_index_range` guarantees.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import triton
+import triton.language as tl
+
+__all__ = ["ConvGeometry", "conv_output_size", "pair", "CHANNEL_PAD", "round_up",
+           "rows_to_npq", "input_coords", "swizzle_pid"]
+
+CHANNEL_PAD = 16  # smallest MMA reduction step for 16-bit operands (and 8 for tf32): pad Cg to this
+_INT32_MAX = 2**31 - 1
+
+
+def round_up(v: int, m: int) -> int:
+    return (v + m - 1) // m * m
+
+
+def pair(v, name: str, who: str, lo: int) -> tuple:
+    """``v`` (an int or a pair of ints, each ``>= lo``) as a tuple of two ints; ValueError naming ``name``."""
+    try:
+        t = (int(v), int(v)) if isinstance(v, int) else tuple(int(e) for e in v)
+    except (TypeError, ValueError):
+        raise ValueError(f"{who}: {name} must be an int or a pair of ints, got {v!r}") from None
+    if isinstance(v, bool) or len(t) != 2 or min(t) < lo:
+        raise ValueError(f"{who}: {name} must be an int or a pair of ints >= {lo}, got {v!r}")
+    return t
+
+
+def conv_output_size(size: int, k: int, stride: int, pad: int, dil: int) -> int:
+    """PyTorch's conv output length along one dimension (may be <= 0 for an invalid conv)."""
+    return (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """A validated conv ``x [N, C, H, W] * w [K, C/groups, R, S] -> y [N, K, P, Q]`` with zero padding.
+
+    Build it with :meth:`make`, which raises ValueError naming the bad argument; after that every field is
+    consistent (``C % groups == K % groups == 0``, ``P, Q >= 1``) and kernels need not re-check.
+    """
+    N: int
+    C: int
+    H: int
+    W: int
+    K: int
+    R: int
+    S: int
+    stride: tuple
+    padding: tuple
+    dilation: tuple
+    groups: int
+
+    @property
+    def P(self) -> int:
+        return conv_output_size(self.H, self.R, self.stride[0], self.padding[0], self.dilation[0])
+
+    @property
+    def Q(self) -> int:
+        return conv_output_size(self.W, self.S, self.stride[1], self.padding[1], self.dilation[1])
+
+    @property
+    def Cg(self) -> int:
+        """Input channels per group."""
+        return self.C // self.groups
+
+    @property
+    def Kg(self) -> int:
+        """Output channels per group."""
+        return self.K // self.groups
+
+    @property
+    def Cg_pad(self) -> int:
+        """Input channels per group in the packed weight (multiple of :data:`CHANNEL_PAD`)."""
+        return round_up(self.Cg, CHANNEL_PAD)
+
+    @property
+    def M(self) -> int:
+        """GEMM rows: output pixels ``N*P*Q``."""
+        return self.N * self.P * self.Q
+
+    @property
+    def is_pointwise(self) -> bool:
+        """1×1, stride 1, no padding: the conv is a plain GEMM ``[N*H*W, C] @ [C, K]`` per group."""
+        return (self.R, self.S) == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
+
+    @staticmethod
+    def make(x_shape, w_shape, stride=1, padding=0, dilation=1, groups=1, who: str = "conv2d") -> "ConvGeometry":
+        """Validated geometry from the shapes of ``x`` and the (unpacked, OIHW) weight."""
+        x_shape, w_shape = tuple(x_shape), tuple(w_shape)
+        if len(x_shape) != 4:
+            raise ValueError(f"{who}: input must be 4-D [N, C, H, W], got shape {x_shape}")
+        if len(w_shape) != 4:
+            raise ValueError(f"{who}: weight must be 4-D [K, C/groups, R, S], got shape {w_shape}")
+        stride = pair(stride, "stride", who, 1)
+        padding = pair(padding, "padding", who, 0)
+        dilation = pair(dilation, "dilation", who, 1)
+        N, C, H, W = x_shape
+        K, Cg, R, S = w_shape
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+            raise ValueError(f"{who}: groups must be a positive int, got {groups!r}")
+        if C % groups or K % groups:
+            raise ValueError(f"{who}: groups={groups} must divide the input channels C={C} and the output "
+                             f"channels K={K}")
+        if Cg != C // groups:
+            raise ValueError(f"{who}: weight shape {w_shape} expects C/groups={Cg} input channels per group, "
+                             f"but the input has C={C} channels and groups={groups}")
+        if min(K, R, S, C) < 1:
+            raise ValueError(f"{who}: weight shape {w_shape} and input channels C={C} must be non-empty")
+        g = ConvGeometry(N, C, H, W, K, R, S, stride, padding, dilation, groups)
+        if g.P < 1 or g.Q < 1:
+            raise ValueError(f"{who}: input of spatial size {(H, W)} is too small for kernel {(R, S)} with "
+                             f"padding={padding}, dilation={dilation} (output would be {(g.P, g.Q)})")
+        return g
+
+    def check_index_range(self, who: str = "conv2d") -> None:
+        """ValueError when one image (input or output) has more than 2**31-1 elements: per-image offsets are
+        int32 in the kernels (batch and GEMM-row offsets are int64, so N*H*W*C itself may be larger)."""
+        if self.H * self.W * self.C > _INT32_MAX or self.P * self.Q * self.K > _INT32_MAX:
+            raise ValueError(f"{who}: one image of {self.H}x{self.W}x{self.C} (or its output) exceeds 2**31 "
+                             f"elements, which the kernels do not index")
+
+
+# ----------------------------------------------------------------------------------------- Triton helpers
+@triton.jit
+def swizzle_pid(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """Grouped ordering of a 1-D program id into (pid_m, pid_n): GROUP_M row tiles share each column sweep,
+    so the weight tiles they read stay in L2."""
+    num_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_in_group
+    first_m = group_id * GROUP_M
+    size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % num_in_group) % size_m
+    pid_n = (pid % num_in_group) // size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def rows_to_npq(offs_m, P, Q):
+    """GEMM rows ``m`` -> output pixel ``(n, p, q)`` with ``m = (n*P + p)*Q + q``; ``n`` is int64 so batch
+    offsets never overflow. ``offs_m`` may be int32 or int64."""
+    q = (offs_m % Q).to(tl.int32)
+    pq = offs_m // Q
+    p = (pq % P).to(tl.int32)
+    n = (pq // P).to(tl.int64)
+    return n, p, q
+
+
+@triton.jit
+def input_coords(p, q, r, s, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, H, W):
+    """Input pixel ``(h, w)`` read by output pixel ``(p, q)`` at tap ``(r, s)``, and whether it is inside the
+    image (False means the zero padding)."""
+    h = p * stride_h - pad_h + r * dil_h
+    w = q * stride_w - pad_w + s * dil_w
+    inside = (h >= 0) & (h < H) & (w >= 0) & (w < W)
+    return h, w, inside
