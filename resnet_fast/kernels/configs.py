@@ -1,0 +1,214 @@
+"""Tile configs, the TF32 rule, and an autotuner with a persistent on-disk cache, for the conv kernels.
+
+* :class:`ConvConfig` — BLOCK_M × BLOCK_N output tile, BLOCK_K reduction step, GROUP_M swizzle, warps, stages.
+* :data:`FWD_CONFIGS` — the forward kernel's candidates (sized for Hopper's 227 KB and Ampere's 164 KB of
+  shared memory with 16-bit operands; :func:`for_dtype` halves BLOCK_K for fp32 so the staged bytes stay the
+  same). :data:`INTERPRETER_CONFIG` — the one small config used in the CPU interpreter (never autotuned).
+* :func:`conv_allows_tf32` — fp32 convs use TF32 exactly when PyTorch would use it for a cuDNN conv.
+* :class:`Autotuner` — picks the fastest candidate once per key, remembers it in memory and in a JSON file
+  under ``$RESNET_FAST_CACHE_DIR`` (default ``~/.cache/resnet_fast``), so a second process does not retune.
+  Keys come from :func:`tuning_key`, which buckets the GEMM row count coarsely (powers of 4) so a new batch
+  size does not retune. ``RESNET_FAST_AUTOTUNE=0`` disables tuning (the shape heuristic decides).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import threading
+from dataclasses import asdict, dataclass, replace
+
+import torch
+
+__all__ = ["ConvConfig", "FWD_CONFIGS", "INTERPRETER_CONFIG", "for_dtype", "prune", "heuristic",
+           "conv_allows_tf32", "tuning_key", "cache_path", "Autotuner"]
+
+
+@dataclass(frozen=True)
+class ConvConfig:
+    """One launch configuration of an implicit-GEMM conv kernel."""
+    BLOCK_M: int
+    BLOCK_N: int
+    BLOCK_K: int
+    GROUP_M: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def smem_bytes(self, elem_bytes: int) -> int:
+        """Shared memory of the pipelined A/B tiles (what num_stages multiplies)."""
+        return self.num_stages * (self.BLOCK_M * self.BLOCK_K + self.BLOCK_K * self.BLOCK_N) * elem_bytes
+
+    def name(self) -> str:
+        return (f"m{self.BLOCK_M}n{self.BLOCK_N}k{self.BLOCK_K}g{self.GROUP_M}"
+                f"w{self.num_warps}s{self.num_stages}")
+
+
+# Candidates for 16-bit operands. The large tiles feed wgmma on sm_90 (8 warps = 2 warpgroups); the 16-wide
+# ones serve the 7×7 stem (C=3 padded to 16) and ResNeXt's 4 channels per group.
+FWD_CONFIGS = (
+    ConvConfig(128, 128, 64, 8, 8, 3),
+    ConvConfig(128, 256, 64, 8, 8, 3),
+    ConvConfig(256, 128, 64, 8, 8, 3),
+    ConvConfig(128, 64, 64, 8, 4, 4),
+    ConvConfig(64, 128, 64, 8, 4, 4),
+    ConvConfig(64, 64, 64, 8, 4, 4),
+    ConvConfig(128, 64, 32, 8, 4, 4),
+    ConvConfig(128, 64, 16, 8, 4, 4),
+    ConvConfig(128, 16, 16, 8, 4, 4),
+)
+
+# CPU interpreter: small tiles keep numpy's work per program low; one config, never tuned.
+INTERPRETER_CONFIG = ConvConfig(32, 32, 16, 4, 4, 1)
+
+
+def for_dtype(cfg: ConvConfig, dtype: torch.dtype) -> ConvConfig:
+    """The config adjusted for ``dtype``: fp32 operands are twice as wide, so BLOCK_K is halved (>= 16)."""
+    if dtype == torch.float32 and cfg.BLOCK_K > 16:
+        return replace(cfg, BLOCK_K=cfg.BLOCK_K // 2)
+    return cfg
+
+
+def _pow2_at_least(v: int, lo: int = 16) -> int:
+    return max(lo, 1 << max(0, math.ceil(math.log2(max(1, v)))))
+
+
+def prune(configs, M: int, Kg: int, Cg_pad: int, dtype: torch.dtype) -> list:
+    """Candidates that do not waste most of a tile on this shape (BLOCK_N > Kg, BLOCK_K > Cg_pad, BLOCK_M > M
+    rounded up); never empty. Deduplicated after :func:`for_dtype`."""
+    out = []
+    for cfg in configs:
+        cfg = for_dtype(cfg, dtype)
+        if (cfg.BLOCK_N <= _pow2_at_least(Kg) and cfg.BLOCK_K <= _pow2_at_least(Cg_pad)
+                and cfg.BLOCK_M <= _pow2_at_least(M, 64) and cfg not in out):
+            out.append(cfg)
+    return out or [heuristic(M, Kg, Cg_pad, dtype)]
+
+
+def heuristic(M: int, Kg: int, Cg_pad: int, dtype: torch.dtype) -> ConvConfig:
+    """A reasonable config without tuning: tiles as wide as the channels allow, up to 128×128×64."""
+    bn = min(128, _pow2_at_least(Kg))
+    bk = min(64, _pow2_at_least(Cg_pad))
+    bm = 128 if M >= 128 else 64
+    warps = 8 if bm * bn >= 128 * 128 else 4
+    return for_dtype(ConvConfig(bm, bn, bk, 8, warps, 3 if warps == 8 else 4), dtype)
+
+
+def conv_allows_tf32() -> bool:
+    """Whether an fp32 conv may use TF32, by PyTorch's own setting for cuDNN convs.
+
+    Rule: torch >= 2.9 exposes ``torch.backends.cudnn.conv.fp32_precision`` ("tf32", "ieee" or "none" =
+    inherit from ``torch.backends.cudnn.fp32_precision``, then ``torch.backends.fp32_precision``; "none" all
+    the way up means IEEE). Older torch only has ``torch.backends.cudnn.allow_tf32``. Note PyTorch's default
+    for convs is TF32 (``allow_tf32=True``), so set ``torch.backends.cudnn.allow_tf32 = False`` (or
+    ``conv.fp32_precision = "ieee"``) for IEEE fp32 -- the same switch that makes cuDNN's convs IEEE.
+    """
+    cudnn = torch.backends.cudnn
+    conv = getattr(cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):
+        # Only the new API is read: reading allow_tf32 raises once the two APIs disagree.
+        for prec in (conv.fp32_precision, getattr(cudnn, "fp32_precision", "none"),
+                     getattr(torch.backends, "fp32_precision", "none")):
+            if prec != "none":
+                return prec == "tf32"
+        return False
+    return bool(cudnn.allow_tf32)
+
+
+def _bucket(M: int) -> int:
+    """Coarse bucket of the GEMM row count: the next power of 4 (batch 32 and 48 share a bucket)."""
+    return 4 ** max(0, math.ceil(math.log(max(1, M), 4)))
+
+
+def tuning_key(op: str, geometry, dtype: torch.dtype, device: torch.device, *extra) -> str:
+    """Autotune key: the op, every geometry field except the batch and spatial size (N·P·Q is bucketed),
+    the dtype, the device's name and compute capability, and any ``extra`` kernel switches."""
+    g = geometry
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    cap = torch.cuda.get_device_capability(device) if device.type == "cuda" else ()
+    fields = (op, g.C, g.K, g.R, g.S, g.stride, g.padding, g.dilation, g.groups, _bucket(g.M),
+              str(dtype).replace("torch.", ""), name, cap) + tuple(extra)
+    return "|".join(str(f) for f in fields)
+
+
+def cache_path() -> str:
+    base = os.environ.get("RESNET_FAST_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                                    "resnet_fast")
+    import triton  # the winners depend on the compiler that produced them
+    return os.path.join(base, f"autotune-triton{triton.__version__}.json")
+
+
+class Autotuner:
+    """Fastest-candidate picker with a per-process dict and a shared JSON file.
+
+    ``pick(key, candidates, bench)`` returns the cached winner for ``key`` if it is one of ``candidates``,
+    else times ``bench(cfg)`` (a callable returning milliseconds) for each candidate, stores the winner in
+    memory and on disk, and returns it. The benchmarked kernels must be pure (only write their outputs), so
+    running them several times has no side effects.
+    """
+
+    def __init__(self):
+        self._mem: dict | None = None
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def enabled() -> bool:
+        return os.environ.get("RESNET_FAST_AUTOTUNE", "1").strip().lower() not in ("0", "false", "off", "no")
+
+    def _load(self) -> dict:
+        if self._mem is None:
+            try:
+                with open(cache_path()) as f:
+                    self._mem = {k: v for k, v in json.load(f).items() if isinstance(v, dict)}
+            except (OSError, ValueError):
+                self._mem = {}
+        return self._mem
+
+    def lookup(self, key: str, candidates) -> ConvConfig | None:
+        with self._lock:
+            hit = self._load().get(key)
+        if hit is None:
+            return None
+        try:
+            cfg = ConvConfig(**hit)
+        except TypeError:
+            return None
+        return cfg if cfg in candidates else None
+
+    def pick(self, key: str, candidates, bench) -> ConvConfig:
+        hit = self.lookup(key, candidates)
+        if hit is not None:
+            return hit
+        if len(candidates) == 1:
+            return candidates[0]
+        timings = []
+        for cfg in candidates:
+            try:
+                timings.append((bench(cfg), cfg))
+            except Exception:  # a config that fails to compile/launch (e.g. out of resources) is skipped
+                continue
+        if not timings:
+            return candidates[0]
+        best = min(timings, key=lambda t: t[0])[1]
+        self._store(key, best)
+        return best
+
+    def _store(self, key: str, cfg: ConvConfig) -> None:
+        with self._lock:
+            self._load()[key] = asdict(cfg)
+            path = cache_path()
+            try:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                merged = {}
+                try:  # merge with what other processes wrote meanwhile
+                    with open(path) as f:
+                        merged = json.load(f)
+                except (OSError, ValueError):
+                    pass
+                merged.update(self._mem)
+                fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+                with os.fdopen(fd, "w") as f:
+                    json.dump(merged, f, indent=1, sort_keys=True)
+                os.replace(tmp, path)  # atomic: readers never see a half-written file
+            except OSError:
+                pass  # an unwritable cache only costs retuning in the next process

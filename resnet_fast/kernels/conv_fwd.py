@@ -1,0 +1,357 @@
+"""Fused conv forward as a Triton implicit GEMM over NHWC activations and KRSC-packed weights.
+
+``y = act((conv(x, W) + bias) * scale[k] + shift[k] + residual)`` with every term optional, optionally with
+an input prologue ``x -> relu(x*in_scale[c] + in_shift[c])`` and a batch-statistics epilogue.
+
+GEMM view (see :mod:`.conv_common`): per group, ``M = N*P*Q`` output pixels × ``Kg`` output channels,
+reduced over ``R*S`` taps × ``Cg`` input channels. One program owns a ``BLOCK_M × BLOCK_N`` output tile
+(grouped pid order for L2 reuse of weight tiles; groups on grid axis 1) and walks one flattened loop over
+(tap, channel block), so Triton software-pipelines the loads across taps; ``tl.dot`` accumulates in fp32
+(wgmma on sm_90, mma on sm_80). The A tile is gathered from ``x`` with the padding/out-of-range rows and
+channels ``c >= Cg`` masked to zero; the B tile comes from the packed weight ``[K, R, S, Cg_pad]`` whose
+zero-padded channels let ``C = 3`` or 4 channels per group run as a 16-wide MMA step. A 1×1 stride-1
+unpadded conv (``POINTWISE``) skips the pixel math: row ``m`` reads ``x`` at ``m*C``.
+
+Fusions (constexpr switches, all off by default, used by the training path):
+
+* ``PROLOGUE``: ``a = relu?(x*in_scale[c] + in_shift[c])`` applied to the loaded A tile in fp32, then the load
+  mask is re-applied (a masked 0 would otherwise become ``relu(in_shift)``: padding must stay zero), then
+  rounded back to the operand dtype.
+* ``STATS``: after the output is rounded to its dtype, per-channel fp32 ``Σy`` and ``Σy²`` over the tile's
+  valid rows go to ``partials[0, pid_m, k]`` and ``partials[1, pid_m, k]`` (shape ``[2, T, K]``,
+  ``T = cdiv(M, BLOCK_M)``): every element is written by exactly one program, no atomics, deterministic.
+  :func:`resnet_fast.kernels.bn_finalize.bn_finalize` takes ``partials[0], partials[1]``.
+
+Offsets scaled by the batch index or the GEMM row are int64; offsets within one image are int32
+(:meth:`ConvGeometry.check_index_range`).
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+import weakref
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import _backend
+from . import configs as _cfg
+from .configs import ConvConfig
+from .conv_common import ConvGeometry, input_coords, rows_to_npq, swizzle_pid
+
+__all__ = ["conv2d_nhwc", "pack_weight", "pinned_config", "compile_specs", "SUPPORTED_DTYPES"]
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@triton.jit
+def _conv_fwd_kernel(
+        x_ptr, w_ptr, y_ptr,
+        bias_ptr, scale_ptr, shift_ptr, res_ptr,
+        in_scale_ptr, in_shift_ptr, part_ptr,
+        H, W, C, P, Q, K, Cg, Kg, Cg_pad, M,
+        stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+        R: tl.constexpr, S: tl.constexpr, POINTWISE: tl.constexpr,
+        HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr,
+        RELU: tl.constexpr, PROLOGUE: tl.constexpr, IN_RELU: tl.constexpr, STATS: tl.constexpr,
+        DOT_IEEE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    grp = tl.program_id(1)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(Kg, BLOCK_N)
+    pid_m, pid_n = swizzle_pid(tl.program_id(0), num_pid_m, num_pid_n, GROUP_M)
+
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: M may pass 2**31 / K
+    row_ok = offs_m < M
+    n, p, q = rows_to_npq(offs_m, P, Q)
+    x_img = n * H * W * C + grp * Cg  # int64 base of each row's image (and group)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < Kg
+    k_glob = grp * Kg + offs_n
+    w_col = k_glob * (R * S * Cg_pad)
+    offs_c = tl.arange(0, BLOCK_K)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    c_blocks = tl.cdiv(Cg, BLOCK_K)
+    for it in range(0, R * S * c_blocks):
+        rs = it // c_blocks
+        cc = (it - rs * c_blocks) * BLOCK_K + offs_c
+        c_ok = cc < Cg
+        if POINTWISE:  # h = p, w = q: the row's pixel is the input pixel
+            a_row = offs_m * C + grp * Cg
+            a_rows_ok = row_ok
+        else:
+            h, w, inside = input_coords(p, q, rs // S, rs % S, stride_h, stride_w, pad_h, pad_w,
+                                        dil_h, dil_w, H, W)
+            a_row = x_img + (h * W + w) * C
+            a_rows_ok = row_ok & inside
+        a_mask = a_rows_ok[:, None] & c_ok[None, :]
+        a = tl.load(x_ptr + a_row[:, None] + cc[None, :], mask=a_mask, other=0.0)
+        if PROLOGUE:
+            isc = tl.load(in_scale_ptr + grp * Cg + cc, mask=c_ok, other=0.0)
+            ish = tl.load(in_shift_ptr + grp * Cg + cc, mask=c_ok, other=0.0)
+            af = a.to(tl.float32) * isc[None, :] + ish[None, :]
+            if IN_RELU:
+                af = tl.maximum(af, 0.0)
+            a = tl.where(a_mask, af, 0.0).to(x_ptr.dtype.element_ty)  # padding stays zero
+        b = tl.load(w_ptr + (w_col + rs * Cg_pad)[None, :] + cc[:, None],
+                    mask=c_ok[:, None] & n_ok[None, :], other=0.0)
+        if DOT_IEEE:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + k_glob, mask=n_ok, other=0.0)[None, :]
+    if HAS_SCALE:
+        acc *= tl.load(scale_ptr + k_glob, mask=n_ok, other=0.0)[None, :]
+    if HAS_SHIFT:
+        acc += tl.load(shift_ptr + k_glob, mask=n_ok, other=0.0)[None, :]
+    out_mask = row_ok[:, None] & n_ok[None, :]
+    y_off = offs_m[:, None] * K + k_glob[None, :]
+    if HAS_RES:
+        acc += tl.load(res_ptr + y_off, mask=out_mask, other=0.0).to(tl.float32)
+    if RELU:
+        acc = tl.maximum(acc, 0.0)
+    y = acc.to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + y_off, y, mask=out_mask)
+    if STATS:  # statistics of the stored (rounded) values, over valid rows only
+        ys = tl.where(out_mask, y.to(tl.float32), 0.0)
+        tl.store(part_ptr + pid_m * K + k_glob, tl.sum(ys, axis=0), mask=n_ok)
+        tl.store(part_ptr + (num_pid_m + pid_m) * K + k_glob, tl.sum(ys * ys, axis=0), mask=n_ok)
+
+
+# ------------------------------------------------------------------------------------------ weight packing
+_PACK_LOCK = threading.Lock()
+_PACKED: dict = {}
+_PACK_CACHE_MAX = 256
+
+
+def _pack_eager(weight: torch.Tensor, groups: int, dtype: torch.dtype) -> torch.Tensor:
+    K, Cg, R, S = weight.shape
+    g = ConvGeometry.make((1, Cg * groups, R, S), weight.shape, groups=groups, who="pack_weight")
+    out = torch.zeros((K, R, S, g.Cg_pad), dtype=dtype, device=weight.device)
+    out[..., :Cg] = weight.detach().permute(0, 2, 3, 1)
+    return out
+
+
+def pack_weight(weight: torch.Tensor, groups: int, dtype: torch.dtype) -> torch.Tensor:
+    """OIHW ``weight [K, C/groups, R, S]`` -> ``[K, R, S, Cg_pad]`` in ``dtype`` (channels zero-padded to a
+    multiple of 16), cached.
+
+    The cache key is (data_ptr, shape, strides, dtype, target dtype, device, groups); an entry is used only
+    while the very tensor it was packed from is alive and its ``_version`` is unchanged, so an in-place
+    update (optimizer step, ``copy_``) or a new tensor at a recycled address repacks instead of going stale.
+    """
+    key = (weight.data_ptr(), tuple(weight.shape), weight.stride(), weight.dtype, dtype, str(weight.device),
+           groups)
+    with _PACK_LOCK:
+        hit = _PACKED.get(key)
+    if hit is not None:
+        ref, version, packed = hit
+        src = ref()
+        if src is not None and src._version == weight._version and src.data_ptr() == weight.data_ptr():
+            return packed
+    packed = _pack_eager(weight, groups, dtype)
+    with _PACK_LOCK:
+        if len(_PACKED) >= _PACK_CACHE_MAX:
+            _PACKED.pop(next(iter(_PACKED)))  # oldest first
+        _PACKED[key] = (weakref.ref(weight, lambda r, k=key: _forget(k, r)), weight._version, packed)
+    return packed
+
+
+def _forget(key, ref) -> None:
+    """Drop the entry of a freed weight (only if it is still that weight's entry)."""
+    with _PACK_LOCK:
+        if key in _PACKED and _PACKED[key][0] is ref:
+            del _PACKED[key]
+
+
+# -------------------------------------------------------------------------------------------------- configs
+_PINNED = threading.local()
+_TUNER = _cfg.Autotuner()
+
+
+@contextlib.contextmanager
+def pinned_config(cfg: ConvConfig):
+    """Run every conv forward in this thread with ``cfg`` (tests; reproducing a tuning result)."""
+    prev = getattr(_PINNED, "cfg", None)
+    _PINNED.cfg = cfg
+    try:
+        yield cfg
+    finally:
+        _PINNED.cfg = prev
+
+
+def _choose_config(g: ConvGeometry, dtype, device, flags: tuple, launch) -> ConvConfig:
+    pinned = getattr(_PINNED, "cfg", None)
+    if pinned is not None:
+        return pinned
+    if _backend.interpreting() or device.type != "cuda":
+        return _cfg.INTERPRETER_CONFIG
+    candidates = _cfg.prune(_cfg.FWD_CONFIGS, g.M, g.Kg, g.Cg_pad, dtype)
+    key = _cfg.tuning_key("conv_fwd", g, dtype, device, *flags)
+    capturing = torch.cuda.is_current_stream_capturing()
+    if not _cfg.Autotuner.enabled() or capturing:
+        hit = _TUNER.lookup(key, candidates)
+        return hit or _cfg.heuristic(g.M, g.Kg, g.Cg_pad, dtype)
+
+    def bench(cfg):
+        return triton.testing.do_bench(lambda: launch(cfg), warmup=5, rep=25)
+
+    return _TUNER.pick(key, candidates, bench)
+
+
+# ------------------------------------------------------------------------------------------------- launcher
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+def _check_vec(name: str, t, length: int, device, who: str):
+    """fp32 contiguous copy-free view of a per-channel vector, or None."""
+    if t is None:
+        return None
+    _check(isinstance(t, torch.Tensor) and t.dim() == 1 and t.numel() == length,
+           f"{who}: {name} must be a 1-D tensor of length {length}, got "
+           f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    _check(t.device == device, f"{who}: {name} is on {t.device}, expected {device}")
+    _check(t.is_floating_point(), f"{who}: {name} must be floating point, got {t.dtype}")
+    return t.to(torch.float32).contiguous()
+
+
+def conv2d_nhwc(x: torch.Tensor, w_packed: torch.Tensor, geometry: ConvGeometry, *, bias=None, scale=None,
+                shift=None, residual=None, relu: bool = False, in_scale=None, in_shift=None,
+                in_relu: bool = False, stats: bool = False, allow_tf32: bool | None = None,
+                config: ConvConfig | None = None, out: torch.Tensor | None = None):
+    """Launch the fused forward conv; the one entry point of the inference and training ops.
+
+    Args:
+        x: ``[N, C, H, W]`` channels_last-contiguous, fp32/fp16/bf16 (the operand and output dtype).
+        w_packed: ``[K, R, S, Cg_pad]`` from :func:`pack_weight` in ``x.dtype``.
+        geometry: the validated :class:`ConvGeometry` of ``x`` and the unpacked weight.
+        bias, scale, shift: optional ``[K]`` float vectors (read as fp32).
+        residual: optional ``[N, K, P, Q]`` channels_last-contiguous tensor in ``x.dtype``.
+        relu: ReLU after everything.
+        in_scale, in_shift, in_relu: the prologue ``x -> relu?(x*in_scale[c] + in_shift[c])``, ``[C]`` vectors
+            (both or neither).
+        stats: also return the ``[2, T, K]`` fp32 partials (Σy, Σy²) of the stored output.
+        allow_tf32: fp32 only; None follows :func:`configs.conv_allows_tf32`.
+        config: a fixed tile config (else pinned / interpreter / autotuned).
+        out: optional preallocated ``[N, K, P, Q]`` channels_last output (fully overwritten).
+
+    Returns ``(y, partials or None)``; ``y`` is ``[N, K, P, Q]`` channels_last in ``x.dtype``.
+    """
+    who = "conv2d_nhwc"
+    g = geometry
+    dtype, device = x.dtype, x.device
+    _check(dtype in SUPPORTED_DTYPES, f"{who}: x dtype {dtype} is not one of fp32/fp16/bf16")
+    _check(tuple(x.shape) == (g.N, g.C, g.H, g.W), f"{who}: x shape {tuple(x.shape)} does not match {g}")
+    _check(x.is_contiguous(memory_format=torch.channels_last), f"{who}: x must be channels_last-contiguous")
+    _check(tuple(w_packed.shape) == (g.K, g.R, g.S, g.Cg_pad) and w_packed.is_contiguous(),
+           f"{who}: w_packed must be a contiguous [K, R, S, Cg_pad] = {(g.K, g.R, g.S, g.Cg_pad)} tensor, got "
+           f"{tuple(w_packed.shape)}")
+    _check(w_packed.dtype == dtype and w_packed.device == device,
+           f"{who}: w_packed is {w_packed.dtype} on {w_packed.device}, expected {dtype} on {device}")
+    g.check_index_range(who)
+    bias = _check_vec("bias", bias, g.K, device, who)
+    scale = _check_vec("scale", scale, g.K, device, who)
+    shift = _check_vec("shift", shift, g.K, device, who)
+    in_scale = _check_vec("in_scale", in_scale, g.C, device, who)
+    in_shift = _check_vec("in_shift", in_shift, g.C, device, who)
+    _check((in_scale is None) == (in_shift is None), f"{who}: in_scale and in_shift go together")
+    _check(not in_relu or in_scale is not None, f"{who}: in_relu needs in_scale/in_shift")
+    y_shape = (g.N, g.K, g.P, g.Q)
+    if residual is not None:
+        _check(tuple(residual.shape) == y_shape, f"{who}: residual shape {tuple(residual.shape)} != output "
+                                                 f"shape {y_shape}")
+        _check(residual.dtype == dtype and residual.device == device,
+               f"{who}: residual is {residual.dtype} on {residual.device}, expected {dtype} on {device}")
+        _check(residual.is_contiguous(memory_format=torch.channels_last),
+               f"{who}: residual must be channels_last-contiguous")
+    if out is None:
+        out = torch.empty(y_shape, dtype=dtype, device=device, memory_format=torch.channels_last)
+    else:
+        _check(tuple(out.shape) == y_shape and out.dtype == dtype and out.device == device
+               and out.is_contiguous(memory_format=torch.channels_last),
+               f"{who}: out must be a channels_last {y_shape} {dtype} tensor on {device}")
+    if allow_tf32 is None:
+        allow_tf32 = _cfg.conv_allows_tf32()
+    dot_ieee = dtype == torch.float32 and not allow_tf32
+    prologue = in_scale is not None
+    flags = (bool(prologue), bool(stats), residual is not None, bool(dot_ieee))
+    partials_for: dict = {}
+
+    def launch(cfg: ConvConfig):
+        tiles_m = triton.cdiv(g.M, cfg.BLOCK_M)
+        part = None
+        if stats:
+            part = partials_for.get(tiles_m)
+            if part is None:
+                part = partials_for[tiles_m] = torch.empty((2, tiles_m, g.K), dtype=torch.float32,
+                                                           device=device)
+        if g.M == 0:
+            if part is not None:
+                part.zero_()
+            return part
+        dummy = out  # never read: its branch is compiled out
+        grid = (tiles_m * triton.cdiv(g.Kg, cfg.BLOCK_N), g.groups)
+        _conv_fwd_kernel[grid](
+            x, w_packed, out,
+            dummy if bias is None else bias, dummy if scale is None else scale,
+            dummy if shift is None else shift, dummy if residual is None else residual,
+            dummy if in_scale is None else in_scale, dummy if in_shift is None else in_shift,
+            dummy if part is None else part,
+            g.H, g.W, g.C, g.P, g.Q, g.K, g.Cg, g.Kg, g.Cg_pad, g.M,
+            g.stride[0], g.stride[1], g.padding[0], g.padding[1], g.dilation[0], g.dilation[1],
+            R=g.R, S=g.S, POINTWISE=g.is_pointwise,
+            HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
+            HAS_RES=residual is not None, RELU=bool(relu), PROLOGUE=prologue, IN_RELU=bool(in_relu),
+            STATS=bool(stats), DOT_IEEE=dot_ieee,
+            BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        return part
+
+    cfg = config or _choose_config(g, dtype, device, flags, launch)
+    part = launch(cfg)
+    return out, part
+
+
+# --------------------------------------------------------------------------------------- sm_90 compile check
+_TL = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def compile_specs() -> list:
+    """(jit_fn, signature, constexprs, options, is_gemm) for :mod:`.compile_check`: every forward config in
+    bf16 (3×3 stride-1 geometry, plain epilogue), each fp16 and tf32 variant of the configs the dtype
+    adjusts, the fully fused training variant (prologue + residual + stats) and a pointwise one."""
+    fn = _conv_fwd_kernel
+    ptrs = ("x_ptr", "w_ptr", "y_ptr", "bias_ptr", "scale_ptr", "shift_ptr", "res_ptr", "in_scale_ptr",
+            "in_shift_ptr", "part_ptr")
+    fp32_ptrs = ("bias_ptr", "scale_ptr", "shift_ptr", "in_scale_ptr", "in_shift_ptr", "part_ptr")
+    ints = ("H", "W", "C", "P", "Q", "K", "Cg", "Kg", "Cg_pad", "M", "stride_h", "stride_w", "pad_h", "pad_w",
+            "dil_h", "dil_w")
+
+    def spec(dtype, cfg, *, pointwise=False, fused=False, ieee=False):
+        dt = _TL[dtype]
+        sig = {p: ("*fp32" if p in fp32_ptrs else f"*{dt}") for p in ptrs}
+        sig.update({i: "i32" for i in ints})
+        cx = dict(R=1 if pointwise else 3, S=1 if pointwise else 3, POINTWISE=pointwise, HAS_BIAS=False,
+                  HAS_SCALE=True, HAS_SHIFT=True, HAS_RES=fused, RELU=True, PROLOGUE=fused, IN_RELU=fused,
+                  STATS=fused, DOT_IEEE=ieee, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
+                  GROUP_M=cfg.GROUP_M)
+        sig.update({k: "constexpr" for k in cx})
+        sig = {name: sig[name] for name in fn.arg_names}
+        return (fn, sig, cx, {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}, not ieee)
+
+    specs = [spec(torch.bfloat16, cfg) for cfg in _cfg.FWD_CONFIGS]
+    for dtype in (torch.float16, torch.float32):
+        for cfg in _cfg.FWD_CONFIGS:
+            if _cfg.for_dtype(cfg, dtype) != cfg or dtype == torch.float16 and cfg is _cfg.FWD_CONFIGS[0]:
+                specs.append(spec(dtype, _cfg.for_dtype(cfg, dtype)))
+    big = _cfg.FWD_CONFIGS[0]
+    specs.append(spec(torch.bfloat16, big, fused=True))
+    specs.append(spec(torch.bfloat16, big, pointwise=True))
+    specs.append(spec(torch.float32, _cfg.for_dtype(_cfg.FWD_CONFIGS[5], torch.float32), ieee=True))
+    return specs
