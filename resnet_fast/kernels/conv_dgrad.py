@@ -319,6 +319,11 @@ def conv2d_dgrad_nhwc(dy: torch.Tensor, weight: torch.Tensor, x_shape, *, stride
     return (dx, part) if epi else dx
 
 
+def _ordered(fn, sig: dict) -> dict:
+    """The signature in the kernel's argument order (what ASTSource expects)."""
+    return {name: sig[name] for name in fn.arg_names}
+
+
 def compile_specs() -> list:
     """(jit_fn, signature, constexprs, options, is_gemm) for the sm_90 compile check: every config × dtype ×
     fusion, at a stride-2 3×3 geometry (the strides and the filter width are constexpr)."""
@@ -342,6 +347,6 @@ def compile_specs() -> list:
                 for k in ("SH", "SW", "S", "MAX_TAPS", "EPI", "DY_BN", "ALLOW_TF32", "BLOCK_M", "BLOCK_N",
                           "BLOCK_K"):
                     sig[k] = "constexpr"
-                specs.append((_conv_dgrad_kernel, sig, cx,
+                specs.append((_conv_dgrad_kernel, _ordered(_conv_dgrad_kernel, sig), cx,
                               {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}, True))
     return specs

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .conv_dgrad import ConvShape, _check_tensor, _check_vec
+from .conv_dgrad import ConvShape, _check_tensor, _check_vec, _ordered
 
 __all__ = ["conv2d_wgrad_nhwc", "WgradConfig", "WGRAD_CONFIGS", "pick_split", "compile_specs"]
 
@@ -261,7 +261,7 @@ def compile_specs() -> list:
                       "BLOCK_M": cfg.BLOCK_M, "BLOCK_N": cfg.BLOCK_N, "BLOCK_K": cfg.BLOCK_K}
                 for k in cx:
                     sig[k] = "constexpr"
-                specs.append((_conv_wgrad_kernel, sig, cx,
+                specs.append((_conv_wgrad_kernel, _ordered(_conv_wgrad_kernel, sig), cx,
                               {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}, True))
     specs.append((_wgrad_combine_kernel, {"part_ptr": "*fp32", "out_ptr": "*bf16", "NUMEL": "i32",
                                           "SPLIT": "constexpr", "BLOCK": "constexpr"},

@@ -1,0 +1,226 @@
+"""conv dgrad / wgrad Triton kernels (interpreted on CPU) vs float64 torch.nn.grad references.
+
+Every shape family of ResNet's forward, with and without the training fusions, fp32 and fp16 on the CPU
+(bf16 ``tl.dot`` is wrong in the interpreter: bf16 runs in the GPU-marked tests only). Configs are pinned and
+small so the interpreter covers several tiles per dimension, partial tiles and several stride phases.
+"""
+import pytest
+import torch
+from torch.nn.grad import conv2d_input, conv2d_weight
+
+from resnet_fast.kernels.conv_dgrad import DgradConfig, conv2d_dgrad_nhwc
+from resnet_fast.kernels.conv_wgrad import WgradConfig, conv2d_wgrad_nhwc
+
+DCFG = DgradConfig(32, 16, 16, 4, 1)
+WCFG = WgradConfig(16, 16, 32, 4, 1)
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
+CL = torch.channels_last
+
+# (N, C, H, W, K, R, stride, padding, dilation, groups)
+FAMILIES = {
+    "stem7x7s2": (1, 3, 9, 9, 8, 7, 2, 3, 1, 1),
+    "3x3s1": (2, 12, 7, 6, 10, 3, 1, 1, 1, 1),
+    "3x3s2": (2, 8, 9, 7, 20, 3, 2, 1, 1, 1),
+    "1x1s1": (2, 20, 5, 5, 24, 1, 1, 0, 1, 1),
+    "1x1s2": (1, 20, 5, 7, 24, 1, 2, 0, 1, 1),
+    "dil2": (1, 8, 9, 9, 8, 3, 1, 2, 2, 1),
+    "dil4": (1, 8, 9, 9, 12, 3, 1, 4, 4, 1),
+    "groups4cpg": (1, 16, 6, 6, 16, 3, 1, 1, 1, 4),
+    "groups4cpg_s2": (1, 16, 7, 7, 16, 3, 2, 1, 1, 4),
+}
+FP16_FAMILIES = ("3x3s2", "1x1s2")  # fp16 groups: in the fusion tests
+CASES = [(f, torch.float32) for f in FAMILIES] + [(f, torch.float16) for f in FP16_FAMILIES]
+
+
+def _rel(out, ref):
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+def _case(name, dtype, device, seed=0):
+    """Inputs rounded to ``dtype`` (on ``device``, channels_last) and their float64 values."""
+    N, C, H, W, K, R, st, pd, dl, g = FAMILIES[name]
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, C, H, W, generator=gen).to(dtype)
+    w = (torch.randn(K, C // g, R, R, generator=gen) / (C // g * R * R) ** 0.5).to(dtype)
+    P = (H + 2 * pd - dl * (R - 1) - 1) // st + 1
+    Q = (W + 2 * pd - dl * (R - 1) - 1) // st + 1
+    dy = torch.randn(N, K, P, Q, generator=gen).to(dtype)
+    conv = dict(stride=st, padding=pd, dilation=dl, groups=g)
+    dev = lambda t: t.to(device).contiguous(memory_format=CL)  # noqa: E731
+    return x.double(), w.double(), dy.double(), dev(x), dev(w), dev(dy), conv
+
+
+def _bn_relu_input(C, device, seed):
+    """Raw y_prev plus BN scale/shift/mean whose pre-activation stays away from the ReLU kink (so fp32 vs
+    float64 rounding never flips the mask)."""
+    gen = torch.Generator().manual_seed(seed)
+    scale = torch.rand(C, generator=gen) + 0.5
+    shift = torch.randn(C, generator=gen) * 0.5
+    mean = torch.randn(C, generator=gen) * 0.1
+    return scale.to(device), shift.to(device), mean.to(device), scale.double(), shift.double(), mean.double()
+
+
+def _away_from_kink(y, scale, shift):
+    pre = y * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+    return torch.where(pre.abs() < 0.05, y + 0.2 / scale.view(1, -1, 1, 1), y)
+
+
+@pytest.mark.parametrize("family,dtype", CASES)
+def test_dgrad_matches_conv2d_input(kernel_device, triton_backend, family, dtype):
+    x64, w64, dy64, _, w, dy, conv = _case(family, dtype, kernel_device)
+    ref = conv2d_input(x64.shape, w64, dy64, **conv)
+    out = conv2d_dgrad_nhwc(dy, w, x64.shape, **conv, allow_tf32=False, config=DCFG)
+    assert out.shape == x64.shape and out.dtype == dtype
+    assert _rel(out.cpu(), ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("family,dtype", CASES)
+def test_wgrad_matches_conv2d_weight(kernel_device, triton_backend, family, dtype):
+    x64, w64, dy64, x, _, dy, conv = _case(family, dtype, kernel_device)
+    ref = conv2d_weight(x64, w64.shape, dy64, **conv)
+    out = conv2d_wgrad_nhwc(dy, x, w64.shape, **conv, split=1, allow_tf32=False, config=WCFG)
+    assert out.shape == w64.shape and out.dtype == torch.float32
+    assert _rel(out.cpu(), ref) < TOL[dtype]
+
+
+def test_nchw_strides_and_half_output(kernel_device, triton_backend):
+    # Any strides are honoured (NCHW-contiguous dy, x and weight here); dW may be stored in fp16.
+    x64, w64, dy64, x, w, dy, conv = _case("3x3s2", torch.float16, kernel_device, seed=3)
+    x, w, dy = x.contiguous(), w.contiguous(), dy.contiguous()
+    dx = conv2d_dgrad_nhwc(dy, w, x.shape, **conv, config=DCFG)
+    assert _rel(dx.cpu(), conv2d_input(x64.shape, w64, dy64, **conv)) < TOL[torch.float16]
+    dw = conv2d_wgrad_nhwc(dy, x, w.shape, **conv, out_dtype=torch.float16, split=1, config=WCFG)
+    assert dw.dtype == torch.float16
+    assert _rel(dw.cpu(), conv2d_weight(x64, w64.shape, dy64, **conv)) < TOL[torch.float16]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("family", ["3x3s2", "groups4cpg"])
+def test_dgrad_drelu_dbn_epilogue(kernel_device, triton_backend, family, dtype):
+    x64, w64, dy64, _, w, dy, conv = _case(family, dtype, kernel_device, seed=1)
+    C = x64.shape[1]
+    sc, sh, mu, sc64, sh64, mu64 = _bn_relu_input(C, kernel_device, seed=5)
+    y64 = _away_from_kink(x64 * 2 + 0.3, sc64, sh64).to(dtype).double()  # the raw previous-conv output
+    y = y64.to(dtype).to(kernel_device).contiguous(memory_format=CL)
+    dz, part = conv2d_dgrad_nhwc(dy, w, x64.shape, **conv, y_prev=y, in_scale=sc, in_shift=sh, in_mean=mu,
+                                 allow_tf32=False, config=DCFG)
+    v = lambda t: t.view(1, -1, 1, 1)  # noqa: E731
+    dz_ref = conv2d_input(x64.shape, w64, dy64, **conv) * (y64 * v(sc64) + v(sh64) > 0)
+    assert _rel(dz.cpu(), dz_ref) < TOL[dtype]
+    assert part.shape[0] == 2 and part.shape[2] == C and part.dtype == torch.float32
+    assert _rel(part[0].sum(0).cpu(), dz_ref.sum((0, 2, 3))) < TOL[dtype]
+    assert _rel(part[1].sum(0).cpu(), (dz_ref * (y64 - v(mu64))).sum((0, 2, 3))) < TOL[dtype]
+
+
+def _dy_bn(K, dy64, device, dtype, seed):
+    """(y, c1, c2, c3, mean) for the BN-backward-on-load option and the float64 dy it stands for."""
+    gen = torch.Generator().manual_seed(seed)
+    y64 = torch.randn(dy64.shape, generator=gen).to(dtype).double()
+    c = [torch.randn(K, generator=gen) for _ in range(4)]
+    v = lambda t: t.double().view(1, -1, 1, 1)  # noqa: E731
+    dy_eff = v(c[0]) * dy64 + v(c[1]) * (y64 - v(c[3])) + v(c[2])
+    y = y64.to(dtype).to(device).contiguous(memory_format=CL)
+    return (y, *(t.to(device) for t in c)), dy_eff
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_dgrad_bn_backward_on_load(kernel_device, triton_backend, dtype):
+    x64, w64, dy64, _, w, dz, conv = _case("3x3s2", dtype, kernel_device, seed=2)
+    dy_bn, dy_eff = _dy_bn(w64.shape[0], dy64, kernel_device, dtype, seed=6)
+    out = conv2d_dgrad_nhwc(dz, w, x64.shape, **conv, dy_bn=dy_bn, allow_tf32=False, config=DCFG)
+    # fp16 rounds the formed dy once more than the float64 reference: twice the storage tolerance
+    assert _rel(out.cpu(), conv2d_input(x64.shape, w64, dy_eff, **conv)) < 2 * TOL[dtype]
+
+
+@pytest.mark.parametrize("family,dtype", [("3x3s2", torch.float32), ("3x3s2", torch.float16),
+                                          ("groups4cpg", torch.float32)])
+def test_wgrad_prologue_and_bn_backward_on_load(kernel_device, triton_backend, family, dtype):
+    x64, w64, dy64, _, _, dz, conv = _case(family, dtype, kernel_device, seed=4)
+    C = x64.shape[1]
+    sc, sh, _, sc64, sh64, _ = _bn_relu_input(C, kernel_device, seed=7)
+    y_prev64 = _away_from_kink(x64, sc64, sh64).to(dtype).double()
+    y_prev = y_prev64.to(dtype).to(kernel_device).contiguous(memory_format=CL)
+    a64 = torch.relu(y_prev64 * sc64.view(1, -1, 1, 1) + sh64.view(1, -1, 1, 1))
+    out = conv2d_wgrad_nhwc(dz, y_prev, w64.shape, **conv, in_scale=sc, in_shift=sh, split=1,
+                            allow_tf32=False, config=WCFG)
+    assert _rel(out.cpu(), conv2d_weight(a64, w64.shape, dy64, **conv)) < 2 * TOL[dtype]
+    dy_bn, dy_eff = _dy_bn(w64.shape[0], dy64, kernel_device, dtype, seed=8)
+    out = conv2d_wgrad_nhwc(dz, y_prev, w64.shape, **conv, in_scale=sc, in_shift=sh, dy_bn=dy_bn, split=2,
+                            allow_tf32=False, config=WCFG)
+    assert _rel(out.cpu(), conv2d_weight(a64, w64.shape, dy_eff, **conv)) < 2 * TOL[dtype]
+
+
+def test_wgrad_split_k_is_deterministic(kernel_device, triton_backend):
+    x64, w64, dy64, x, _, dy, conv = _case("3x3s1", torch.float32, kernel_device, seed=9)
+    ref = conv2d_weight(x64, w64.shape, dy64, **conv)
+    cfg = WgradConfig(16, 16, 16, 4, 1)  # N*P*Q = 84 pixels: up to 6 chunks of 16
+    runs = {s: conv2d_wgrad_nhwc(dy, x, w64.shape, **conv, split=s, allow_tf32=False, config=cfg)
+            for s in (1, 2, 5)}
+    again = conv2d_wgrad_nhwc(dy, x, w64.shape, **conv, split=5, allow_tf32=False, config=cfg)
+    assert torch.equal(runs[5], again)
+    for s, out in runs.items():
+        assert _rel(out.cpu(), ref) < TOL[torch.float32], s
+    assert _rel(runs[5].cpu(), runs[1].cpu().double()) < 1e-6
+
+
+def test_bad_inputs(kernel_device, triton_backend):
+    x64, w64, dy64, x, w, dy, conv = _case("3x3s1", torch.float32, kernel_device)
+    with pytest.raises(ValueError, match="dy"):
+        conv2d_dgrad_nhwc(dy[:, :3], w, x.shape, **conv)
+    with pytest.raises(ValueError, match="weight"):
+        conv2d_dgrad_nhwc(dy, w.half(), x.shape, **conv)
+    with pytest.raises(ValueError, match="groups"):
+        conv2d_dgrad_nhwc(dy, w, x.shape, **{**conv, "groups": 5})
+    with pytest.raises(ValueError, match="stride"):
+        conv2d_dgrad_nhwc(dy, w, x.shape, **{**conv, "stride": 0})
+    with pytest.raises(ValueError, match="in_mean"):
+        conv2d_dgrad_nhwc(dy, w, x.shape, **conv, y_prev=x, in_scale=torch.ones(12, device=kernel_device),
+                          in_shift=torch.ones(12, device=kernel_device))
+    with pytest.raises(ValueError, match="dy_bn"):
+        conv2d_dgrad_nhwc(dy, w, x.shape, **conv, dy_bn=(dy,))
+    with pytest.raises(ValueError, match="x"):
+        conv2d_wgrad_nhwc(dy, x.half(), w.shape, **conv)
+    with pytest.raises(ValueError, match="split"):
+        conv2d_wgrad_nhwc(dy, x, w.shape, **conv, split=0)
+    with pytest.raises(ValueError, match="in_shift"):
+        conv2d_wgrad_nhwc(dy, x, w.shape, **conv, in_scale=torch.ones(12, device=kernel_device))
+    with pytest.raises(ValueError, match="in_scale"):
+        conv2d_wgrad_nhwc(dy, x, w.shape, **conv, in_scale=torch.ones(11, device=kernel_device),
+                          in_shift=torch.ones(11, device=kernel_device))
+    with pytest.raises(ValueError, match="out_dtype"):
+        conv2d_wgrad_nhwc(dy, x, w.shape, **conv, out_dtype=torch.int32)
+
+
+# ------------------------------------------------------------------------------------------------ GPU only
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_gpu_default_configs_all_dtypes(family, dtype):
+    """Default (picked) configs and split on the GPU, bf16 included; fp32 with TF32 gets a TF32 tolerance."""
+    x64, w64, dy64, x, w, dy, conv = _case(family, dtype, "cuda")
+    tol = 5e-3 if dtype == torch.float32 else TOL[dtype]
+    dx = conv2d_dgrad_nhwc(dy, w, x.shape, **conv, allow_tf32=True)
+    assert _rel(dx.cpu(), conv2d_input(x64.shape, w64, dy64, **conv)) < tol
+    dw = conv2d_wgrad_nhwc(dy, x, w.shape, **conv, allow_tf32=True)
+    assert _rel(dw.cpu(), conv2d_weight(x64, w64.shape, dy64, **conv)) < tol
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_resnet_layer_shapes(dtype):
+    """A realistic layer (stage 2 entry, 3×3/2, 64 -> 128) with every fusion on, default configs."""
+    torch.manual_seed(0)
+    N, C, H, K = 8, 64, 28, 128
+    conv = dict(stride=2, padding=1, dilation=1, groups=1)
+    y_prev = torch.randn(N, C, H, H, device="cuda").to(dtype).contiguous(memory_format=CL)
+    sc, sh = torch.rand(C, device="cuda") + 0.5, torch.randn(C, device="cuda") * 0.5
+    mu = torch.randn(C, device="cuda") * 0.1
+    w = (torch.randn(K, C, 3, 3, device="cuda") / 24).to(dtype)
+    dy = torch.randn(N, K, H // 2, H // 2, device="cuda").to(dtype).contiguous(memory_format=CL)
+    a64 = torch.relu(y_prev.double() * sc.double().view(1, -1, 1, 1) + sh.double().view(1, -1, 1, 1))
+    dz, part = conv2d_dgrad_nhwc(dy, w, y_prev.shape, **conv, y_prev=y_prev, in_scale=sc, in_shift=sh, in_mean=mu)
+    ref = conv2d_input(y_prev.shape, w.double(), dy.double(), **conv) * (a64 > 0)
+    assert _rel(dz, ref) < TOL[dtype]
+    assert _rel(part[0].sum(0), ref.sum((0, 2, 3))) < TOL[dtype]
+    dw = conv2d_wgrad_nhwc(dy, y_prev, w.shape, **conv, in_scale=sc, in_shift=sh)
+    assert _rel(dw, conv2d_weight(a64, w.shape, dy.double(), **conv)) < TOL[dtype]
