@@ -8,11 +8,12 @@ import pytest
 import torch
 from torch.nn.grad import conv2d_input, conv2d_weight
 
-from resnet_fast.kernels.conv_dgrad import DgradConfig, conv2d_dgrad_nhwc
-from resnet_fast.kernels.conv_wgrad import WgradConfig, conv2d_wgrad_nhwc
+from resnet_fast.kernels.configs import ConvConfig
+from resnet_fast.kernels.conv_dgrad import conv2d_dgrad_nhwc
+from resnet_fast.kernels.conv_wgrad import conv2d_wgrad_nhwc
 
-DCFG = DgradConfig(32, 16, 16, 4, 1)
-WCFG = WgradConfig(16, 16, 32, 4, 1)
+DCFG = ConvConfig(32, 16, 16, 1, 4, 1)
+WCFG = ConvConfig(16, 16, 32, 1, 4, 1)
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
 CL = torch.channels_last
 
@@ -153,7 +154,7 @@ def test_wgrad_prologue_and_bn_backward_on_load(kernel_device, triton_backend, f
 def test_wgrad_split_k_is_deterministic(kernel_device, triton_backend):
     x64, w64, dy64, x, _, dy, conv = _case("3x3s1", torch.float32, kernel_device, seed=9)
     ref = conv2d_weight(x64, w64.shape, dy64, **conv)
-    cfg = WgradConfig(16, 16, 16, 4, 1)  # N*P*Q = 84 pixels: up to 6 chunks of 16
+    cfg = ConvConfig(16, 16, 16, 1, 4, 1)  # N*P*Q = 84 pixels: up to 6 chunks of 16
     runs = {s: conv2d_wgrad_nhwc(dy, x, w64.shape, **conv, split=s, allow_tf32=False, config=cfg)
             for s in (1, 2, 5)}
     again = conv2d_wgrad_nhwc(dy, x, w64.shape, **conv, split=5, allow_tf32=False, config=cfg)

@@ -26,80 +26,30 @@ Fusions (constexpr switches, default off):
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["conv2d_dgrad_nhwc", "ConvShape", "DgradConfig", "compile_specs", "DGRAD_CONFIGS"]
+from .. import _backend
+from .configs import INTERPRETER_CONFIG, ConvConfig, conv_allows_tf32
+from .conv_common import ConvGeometry
+
+__all__ = ["conv2d_dgrad_nhwc", "compile_specs", "DGRAD_CONFIGS"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TL = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
-@dataclass(frozen=True)
-class ConvShape:
-    """Geometry of a conv ``x [N, C, H, W] * w [K, C/groups, R, S] -> y [N, K, P, Q]`` (zero padding)."""
-    N: int
-    C: int
-    H: int
-    W: int
-    K: int
-    R: int
-    S: int
-    stride: tuple
-    padding: tuple
-    dilation: tuple
-    groups: int
-
-    @property
-    def P(self) -> int:
-        return (self.H + 2 * self.padding[0] - self.dilation[0] * (self.R - 1) - 1) // self.stride[0] + 1
-
-    @property
-    def Q(self) -> int:
-        return (self.W + 2 * self.padding[1] - self.dilation[1] * (self.S - 1) - 1) // self.stride[1] + 1
-
-    @staticmethod
-    def make(x_shape, w_shape, stride, padding, dilation, groups, who: str) -> "ConvShape":
-        """Validated geometry; ValueError naming the bad argument."""
-        pair = lambda v: (int(v), int(v)) if isinstance(v, int) else tuple(int(e) for e in v)  # noqa: E731
-        try:
-            stride, padding, dilation = pair(stride), pair(padding), pair(dilation)
-        except (TypeError, ValueError):
-            raise ValueError(f"{who}: stride/padding/dilation must be ints or pairs of ints") from None
-        for name, v, lo in (("stride", stride, 1), ("padding", padding, 0), ("dilation", dilation, 1)):
-            if len(v) != 2 or min(v) < lo:
-                raise ValueError(f"{who}: {name} must be an int or a pair of ints >= {lo}, got {v}")
-        N, C, H, W = x_shape
-        K, Cg, R, S = w_shape
-        if not isinstance(groups, int) or groups < 1 or C % groups or K % groups or Cg != C // groups:
-            raise ValueError(f"{who}: groups={groups!r} does not fit C={C}, K={K} and weight shape "
-                             f"{tuple(w_shape)} (expected [K, C/groups, R, S])")
-        g = ConvShape(N, C, H, W, K, R, S, stride, padding, dilation, groups)
-        if g.P < 1 or g.Q < 1:
-            raise ValueError(f"{who}: the conv output would be empty (P={g.P}, Q={g.Q})")
-        return g
-
-
-@dataclass(frozen=True)
-class DgradConfig:
-    """Tile sizes: BLOCK_M rows of dx × BLOCK_N input channels, BLOCK_K output channels per MMA step."""
-    BLOCK_M: int = 128
-    BLOCK_N: int = 64
-    BLOCK_K: int = 32
-    num_warps: int = 4
-    num_stages: int = 3
-
-
 # Every config the launcher may pick; compile_specs covers each of them.
-DGRAD_CONFIGS = (DgradConfig(128, 64, 32, 4, 3), DgradConfig(128, 128, 32, 8, 3), DgradConfig(64, 32, 32, 4, 3))
+# (BLOCK_M rows of dx, BLOCK_N input channels, BLOCK_K output channels per MMA step; GROUP_M unused)
+DGRAD_CONFIGS = (ConvConfig(128, 64, 32, 8, 4, 3), ConvConfig(128, 128, 32, 8, 8, 3),
+                 ConvConfig(64, 32, 32, 8, 4, 3))
 
 
-def _pick_config(g: ConvShape) -> DgradConfig:
-    cg = g.C // g.groups
+def _pick_config(g: ConvGeometry) -> ConvConfig:
+    if _backend.interpreting():
+        return INTERPRETER_CONFIG
+    cg = g.Cg
     if cg <= 32:
         return DGRAD_CONFIGS[2]
     return DGRAD_CONFIGS[1] if cg >= 128 else DGRAD_CONFIGS[0]
@@ -116,7 +66,7 @@ def _conv_dgrad_kernel(
         sdx_n, sdx_h, sdx_w, sdx_c,
         sy_n, sy_h, sy_w, sy_c,
         SH: tl.constexpr, SW: tl.constexpr, S: tl.constexpr, MAX_TAPS: tl.constexpr,
-        EPI: tl.constexpr, DY_BN: tl.constexpr, ALLOW_TF32: tl.constexpr,
+        EPI: tl.constexpr, DY_BN: tl.constexpr, DOT_IEEE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid0 = tl.program_id(0)
     phase = pid0 // TILES_M
@@ -171,10 +121,10 @@ def _conv_dgrad_kernel(
         s = tap % S
         b_off = ((k_base + offs_k) * sw_k + r * sw_r + s * sw_s)[:, None] + (offs_c * sw_c)[None, :]
         b = tl.load(w_ptr + b_off, mask=k_ok[:, None] & c_ok[None, :], other=0.0)
-        if ALLOW_TF32:
-            acc = tl.dot(a, b, acc)
-        else:
+        if DOT_IEEE:
             acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
 
     out_mask = row_ok[:, None] & c_ok[None, :]
     if EPI:  # dz = dx * relu'(y_prev*scale + shift); partial Σdz, Σdz·(y_prev - mean) per tile
@@ -195,7 +145,7 @@ def _conv_dgrad_kernel(
 _TAPS: dict = {}
 
 
-def _tap_tables(g: ConvShape, device: torch.device):
+def _tap_tables(g: ConvGeometry, device: torch.device):
     """Per stride phase, the contributing taps: ``taps [phases, R*S, 3]`` (r*S+s, dp, dq), ``ntaps [phases]``."""
     key = (g.R, g.S, g.stride, g.padding, g.dilation, str(device))
     if key not in _TAPS:
@@ -236,7 +186,7 @@ def _check_vec(name, t, n, device, who):
 def conv2d_dgrad_nhwc(dy: torch.Tensor, weight: torch.Tensor, x_shape, *, stride=1, padding=0, dilation=1,
                       groups: int = 1, y_prev: torch.Tensor | None = None, in_scale=None, in_shift=None,
                       in_mean=None, dy_bn: tuple | None = None, allow_tf32: bool | None = None,
-                      config: DgradConfig | None = None):
+                      config: ConvConfig | None = None):
     """Gradient of a conv w.r.t. its input (``torch.nn.grad.conv2d_input``), optionally fused for training.
 
     Args:
@@ -251,7 +201,7 @@ def conv2d_dgrad_nhwc(dy: torch.Tensor, weight: torch.Tensor, x_shape, *, stride
             output before the ReLU, and per-tile partials are returned too.
         dy_bn: (y, c1, c2, c3, mean): form ``dy = c1*dz + c2*(y - mean) + c3`` while loading; y [N, K, P, Q]
             with dy's dtype and strides (this conv's raw output), the rest [K] fp32.
-        allow_tf32: fp32 inputs use TF32 MMAs (default: ``torch.backends.cudnn.allow_tf32``, like cuDNN).
+        allow_tf32: fp32 inputs use TF32 MMAs (default :func:`configs.conv_allows_tf32`, PyTorch's rule).
         config: tile config (tests pin one); default picked from the shape.
 
     Returns:
@@ -267,8 +217,9 @@ def conv2d_dgrad_nhwc(dy: torch.Tensor, weight: torch.Tensor, x_shape, *, stride
         raise ValueError(f"{who}: weight must be a 4-D [K, C/groups, R, S] tensor")
     if len(tuple(x_shape)) != 4:
         raise ValueError(f"{who}: x_shape must be (N, C, H, W), got {x_shape!r}")
-    g = ConvShape.make(tuple(int(v) for v in x_shape), tuple(weight.shape), stride, padding, dilation, groups,
-                       who)
+    g = ConvGeometry.make(tuple(int(v) for v in x_shape), tuple(weight.shape), stride, padding, dilation,
+                          groups, who)
+    g.check_index_range(who)
     dev = dy.device
     _check_tensor("dy", dy, (g.N, g.K, g.P, g.Q), None, dev, who)
     _check_tensor("weight", weight, weight.shape, dy.dtype, dev, who)
@@ -290,13 +241,13 @@ def conv2d_dgrad_nhwc(dy: torch.Tensor, weight: torch.Tensor, x_shape, *, stride
             _check_vec(f"dy_bn[{i}] ({name})", dy_bn[i], g.K, dev, who)
     cfg = config or _pick_config(g)
     if allow_tf32 is None:
-        allow_tf32 = torch.backends.cudnn.allow_tf32
+        allow_tf32 = conv_allows_tf32()
 
     sh, sw = g.stride
     hph, wph = triton.cdiv(g.H, sh), triton.cdiv(g.W, sw)
     tiles_m = triton.cdiv(g.N * hph * wph, cfg.BLOCK_M)
     phases = sh * sw
-    cg, kg = g.C // g.groups, g.K // g.groups
+    cg, kg = g.Cg, g.Kg
     taps, ntaps = _tap_tables(g, dev)
     dx = torch.empty((g.N, g.C, g.H, g.W), dtype=dy.dtype, device=dev, memory_format=torch.channels_last)
     T = phases * tiles_m
@@ -313,7 +264,7 @@ def conv2d_dgrad_nhwc(dy: torch.Tensor, weight: torch.Tensor, x_shape, *, stride
         dx.stride(0), dx.stride(2), dx.stride(3), dx.stride(1),
         yp.stride(0), yp.stride(2), yp.stride(3), yp.stride(1),
         SH=sh, SW=sw, S=g.S, MAX_TAPS=g.R * g.S, EPI=epi, DY_BN=dy_bn is not None,
-        ALLOW_TF32=bool(allow_tf32) and dy.dtype == torch.float32,
+        DOT_IEEE=dy.dtype == torch.float32 and not allow_tf32,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return (dx, part) if epi else dx
@@ -342,9 +293,9 @@ def compile_specs() -> list:
                 for name in ("sdy_c", "sw_c", "sdx_c", "sy_c"):  # unit channel strides, as specialised
                     sig[name] = "constexpr"
                 cx = {"sdy_c": 1, "sw_c": 1, "sdx_c": 1, "sy_c": 1, "SH": 2, "SW": 2, "S": 3, "MAX_TAPS": 9,
-                      "EPI": epi, "DY_BN": dybn, "ALLOW_TF32": dt == "fp32",
+                      "EPI": epi, "DY_BN": dybn, "DOT_IEEE": False,
                       "BLOCK_M": cfg.BLOCK_M, "BLOCK_N": cfg.BLOCK_N, "BLOCK_K": cfg.BLOCK_K}
-                for k in ("SH", "SW", "S", "MAX_TAPS", "EPI", "DY_BN", "ALLOW_TF32", "BLOCK_M", "BLOCK_N",
+                for k in ("SH", "SW", "S", "MAX_TAPS", "EPI", "DY_BN", "DOT_IEEE", "BLOCK_M", "BLOCK_N",
                           "BLOCK_K"):
                     sig[k] = "constexpr"
                 specs.append((_conv_dgrad_kernel, _ordered(_conv_dgrad_kernel, sig), cx,

@@ -18,15 +18,16 @@ Fusions (constexpr switches, default off):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
 
-from .conv_dgrad import ConvShape, _check_tensor, _check_vec, _ordered
+from .. import _backend
+from .configs import INTERPRETER_CONFIG, ConvConfig, conv_allows_tf32
+from .conv_common import ConvGeometry, input_coords, rows_to_npq
+from .conv_dgrad import _check_tensor, _check_vec, _ordered
 
-__all__ = ["conv2d_wgrad_nhwc", "WgradConfig", "WGRAD_CONFIGS", "pick_split", "compile_specs"]
+__all__ = ["conv2d_wgrad_nhwc", "WGRAD_CONFIGS", "pick_split", "compile_specs"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Programs wanted in flight: 2 waves of an H100's 132 SMs; and at least this many BLOCK_K steps per chunk so
@@ -36,29 +37,23 @@ _MIN_STEPS_PER_SPLIT = 8
 _MAX_SPLIT = 64
 
 
-@dataclass(frozen=True)
-class WgradConfig:
-    """Tile sizes: BLOCK_M output channels × BLOCK_N input channels (one tap), BLOCK_K pixels per MMA step."""
-    BLOCK_M: int = 64
-    BLOCK_N: int = 64
-    BLOCK_K: int = 64
-    num_warps: int = 4
-    num_stages: int = 3
+# (BLOCK_M output channels, BLOCK_N input channels of one tap, BLOCK_K pixels per MMA step; GROUP_M unused)
+WGRAD_CONFIGS = (ConvConfig(64, 64, 64, 8, 4, 3), ConvConfig(128, 128, 64, 8, 8, 3),
+                 ConvConfig(64, 32, 64, 8, 4, 3))
 
 
-WGRAD_CONFIGS = (WgradConfig(64, 64, 64, 4, 3), WgradConfig(128, 128, 64, 8, 3), WgradConfig(64, 32, 64, 4, 3))
-
-
-def _pick_config(g: ConvShape) -> WgradConfig:
-    cg, kg = g.C // g.groups, g.K // g.groups
+def _pick_config(g: ConvGeometry) -> ConvConfig:
+    if _backend.interpreting():
+        return INTERPRETER_CONFIG
+    cg, kg = g.Cg, g.Kg
     if cg <= 32:
         return WGRAD_CONFIGS[2]
     return WGRAD_CONFIGS[1] if min(cg, kg) >= 128 else WGRAD_CONFIGS[0]
 
 
-def pick_split(g: ConvShape, cfg: WgradConfig) -> int:
+def pick_split(g: ConvGeometry, cfg: ConvConfig) -> int:
     """SPLIT so the grid fills the GPU while each chunk keeps >= _MIN_STEPS_PER_SPLIT BLOCK_K steps."""
-    tiles = triton.cdiv(g.K // g.groups, cfg.BLOCK_M) * triton.cdiv(g.C // g.groups, cfg.BLOCK_N) \
+    tiles = triton.cdiv(g.Kg, cfg.BLOCK_M) * triton.cdiv(g.Cg, cfg.BLOCK_N) \
         * g.R * g.S * g.groups
     steps = triton.cdiv(g.N * g.P * g.Q, cfg.BLOCK_K)
     want = triton.cdiv(_TARGET_PROGRAMS, tiles)
@@ -76,7 +71,7 @@ def _conv_wgrad_kernel(
         sx_n, sx_h, sx_w, sx_c,
         so_split, so_k, so_c, so_r, so_s,
         SH: tl.constexpr, SW: tl.constexpr, S: tl.constexpr, TILES_N: tl.constexpr, SPLIT: tl.constexpr,
-        PROLOGUE: tl.constexpr, DY_BN: tl.constexpr, ALLOW_TF32: tl.constexpr,
+        PROLOGUE: tl.constexpr, DY_BN: tl.constexpr, DOT_IEEE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid1 = tl.program_id(1)
@@ -109,9 +104,7 @@ def _conv_wgrad_kernel(
     for j0 in range(lo, hi, BLOCK_K):
         offs_j = j0 + tl.arange(0, BLOCK_K)             # output pixels (GEMM reduction)
         j_ok = offs_j < hi
-        q = offs_j % Q
-        p = (offs_j // Q) % P
-        n64 = (offs_j // (P * Q)).to(tl.int64)
+        n64, p, q = rows_to_npq(offs_j, P, Q)
         # A = dy^T [BLOCK_M, BLOCK_K], contiguous along k for NHWC
         a_off = (k_glob * sdy_c)[:, None] + (n64 * sdy_n + p * sdy_h + q * sdy_w)[None, :]
         a_mask = k_ok[:, None] & j_ok[None, :]
@@ -121,19 +114,18 @@ def _conv_wgrad_kernel(
             d = c1[:, None] * a.to(tl.float32) + c2[:, None] * (yv - mu[:, None]) + c3[:, None]
             a = tl.where(a_mask, d, 0.0).to(dy_ptr.dtype.element_ty)
         # B = x [BLOCK_K, BLOCK_N] at the tap's input position, zero padding
-        h = p * SH - pad_h + r * dil_h
-        w = q * SW - pad_w + s * dil_w
-        row_ok = j_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+        h, w, inside = input_coords(p, q, r, s, SH, SW, pad_h, pad_w, dil_h, dil_w, H, W)
+        row_ok = j_ok & inside
         b_mask = row_ok[:, None] & c_ok[None, :]
         b = tl.load(x_ptr + (n64 * sx_n + h * sx_h + w * sx_w)[:, None] + (c_glob * sx_c)[None, :],
                     mask=b_mask, other=0.0)
         if PROLOGUE:  # the mask again after the transform: padding is zero in relu(bn(y)), not relu(shift)
             xb = tl.maximum(b.to(tl.float32) * isc[None, :] + ish[None, :], 0.0)
             b = tl.where(b_mask, xb, 0.0).to(x_ptr.dtype.element_ty)
-        if ALLOW_TF32:
-            acc = tl.dot(a, b, acc)
-        else:
+        if DOT_IEEE:
             acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
 
     o_off = split * so_split + r * so_r + s * so_s + (k_glob * so_k)[:, None] + (offs_c * so_c)[None, :]
     tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=k_ok[:, None] & c_ok[None, :])
@@ -156,7 +148,7 @@ _COMBINE_BLOCK = 1024
 def conv2d_wgrad_nhwc(dy: torch.Tensor, x: torch.Tensor, weight_shape, *, stride=1, padding=0, dilation=1,
                       groups: int = 1, in_scale=None, in_shift=None, dy_bn: tuple | None = None,
                       split: int | None = None, out_dtype: torch.dtype = torch.float32,
-                      allow_tf32: bool | None = None, config: WgradConfig | None = None) -> torch.Tensor:
+                      allow_tf32: bool | None = None, config: ConvConfig | None = None) -> torch.Tensor:
     """Gradient of a conv w.r.t. its weight (``torch.nn.grad.conv2d_weight``), optionally fused for training.
 
     Args:
@@ -170,7 +162,7 @@ def conv2d_wgrad_nhwc(dy: torch.Tensor, x: torch.Tensor, weight_shape, *, stride
         split: SPLIT of the N*P*Q reduction (>= 1; default :func:`pick_split`). Any value gives the same
             result up to fp32 summation order; a given value is bit-reproducible.
         out_dtype: dtype of dW (float32 default: the master-weight gradient under mixed precision).
-        allow_tf32: fp32 inputs use TF32 MMAs (default ``torch.backends.cudnn.allow_tf32``).
+        allow_tf32: fp32 inputs use TF32 MMAs (default :func:`configs.conv_allows_tf32`, PyTorch's rule).
 
     Returns:
         dW [K, C/groups, R, S] contiguous, ``out_dtype``.
@@ -182,8 +174,9 @@ def conv2d_wgrad_nhwc(dy: torch.Tensor, x: torch.Tensor, weight_shape, *, stride
                              f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
     if len(tuple(weight_shape)) != 4:
         raise ValueError(f"{who}: weight_shape must be (K, C/groups, R, S), got {weight_shape!r}")
-    g = ConvShape.make(tuple(x.shape), tuple(int(v) for v in weight_shape), stride, padding, dilation, groups,
-                       who)
+    g = ConvGeometry.make(tuple(x.shape), tuple(int(v) for v in weight_shape), stride, padding, dilation,
+                          groups, who)
+    g.check_index_range(who)
     dev = dy.device
     _check_tensor("dy", dy, (g.N, g.K, g.P, g.Q), None, dev, who)
     _check_tensor("x", x, x.shape, dy.dtype, dev, who)
@@ -209,12 +202,12 @@ def conv2d_wgrad_nhwc(dy: torch.Tensor, x: torch.Tensor, weight_shape, *, stride
     if not isinstance(split, int) or isinstance(split, bool) or split < 1:
         raise ValueError(f"{who}: split must be an int >= 1, got {split!r}")
     if allow_tf32 is None:
-        allow_tf32 = torch.backends.cudnn.allow_tf32
+        allow_tf32 = conv_allows_tf32()
 
     npq = g.N * g.P * g.Q
     chunk = triton.cdiv(triton.cdiv(npq, split), cfg.BLOCK_K) * cfg.BLOCK_K
     split = triton.cdiv(npq, chunk)  # no empty chunks
-    cg, kg = g.C // g.groups, g.K // g.groups
+    cg, kg = g.Cg, g.Kg
     dw = torch.empty((g.K, cg, g.R, g.S), dtype=out_dtype, device=dev)
     out = dw if split == 1 else torch.empty((split, g.K, cg, g.R, g.S), dtype=torch.float32, device=dev)
     so_split = out.stride(0) if split > 1 else 0
@@ -232,7 +225,7 @@ def conv2d_wgrad_nhwc(dy: torch.Tensor, x: torch.Tensor, weight_shape, *, stride
         so_split, *so,
         SH=g.stride[0], SW=g.stride[1], S=g.S, TILES_N=tiles_n, SPLIT=split,
         PROLOGUE=prologue, DY_BN=dy_bn is not None,
-        ALLOW_TF32=bool(allow_tf32) and dy.dtype == torch.float32,
+        DOT_IEEE=dy.dtype == torch.float32 and not allow_tf32,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if split > 1:
@@ -257,7 +250,7 @@ def compile_specs() -> list:
                              "so_r", "so_s"):
                     sig[name] = "i32"
                 cx = {"sdy_c": 1, "sx_c": 1, "SH": 2, "SW": 2, "S": 3, "TILES_N": 2, "SPLIT": 4,
-                      "PROLOGUE": fused, "DY_BN": fused, "ALLOW_TF32": dt == "fp32",
+                      "PROLOGUE": fused, "DY_BN": fused, "DOT_IEEE": False,
                       "BLOCK_M": cfg.BLOCK_M, "BLOCK_N": cfg.BLOCK_N, "BLOCK_K": cfg.BLOCK_K}
                 for k in cx:
                     sig[k] = "constexpr"
