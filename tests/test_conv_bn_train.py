@@ -1,0 +1,104 @@
+"""The training-path kernels composed by hand: conv -> BN -> ReLU -> conv -> BN, forward and backward.
+
+This is the data flow the training op is built on (see docs/ARCHITECTURE.md, "Training path kernels"):
+
+forward   y1, Σ1 = conv_fwd(x, W1, stats)            -> bn_finalize -> mean1, invstd1, sc1, sh1
+          y2, Σ2 = conv_fwd(y1, W2, prologue relu(y1*sc1+sh1), stats) -> bn_finalize -> sc2, sh2
+          out = y2*sc2 + sh2
+backward  dz2 = dL/d out; BN2 coefficients from Σdz2, Σdz2·(y2-μ2) (here a torch reduction: in a network the
+          next conv's dgrad epilogue or the tail op provides them)
+          dz1, Σ' = dgrad(conv2, dy formed on load from (dz2, y2), epilogue dReLU(y1) + dBN sums)
+          dW2 = wgrad(dy formed on load, x operand relu(y1*sc1+sh1) on load)
+          BN1 coefficients from Σ' -> dx = dgrad(conv1, dy formed on load from (dz1, y1)), dW1 = wgrad(...)
+
+Everything is checked against torch.nn (Conv2d/BatchNorm2d/ReLU) in float64 autograd: outputs ≤ 1e-4
+relative, gradients ≤ 1e-3, running statistics ≤ 1e-5 -- in fp32 with IEEE MMAs.
+"""
+import torch
+
+from resnet_fast.kernels.bn_finalize import bn_backward_coeffs, bn_finalize
+from resnet_fast.kernels.conv_common import ConvGeometry
+from resnet_fast.kernels.conv_dgrad import conv2d_dgrad_nhwc
+from resnet_fast.kernels.conv_fwd import conv2d_nhwc, pack_weight
+from resnet_fast.kernels.conv_wgrad import conv2d_wgrad_nhwc
+
+CL = torch.channels_last
+
+
+def _rel(out, ref):
+    return ((out.detach().cpu().double() - ref.detach().double()).norm() / ref.detach().double().norm()).item()
+
+
+def test_conv_bn_relu_conv_bn_chain_matches_torch(kernel_device, triton_backend):
+    torch.manual_seed(0)
+    momentum = None  # cumulative average: the factor comes from num_batches_tracked on the device
+    N, C0, H, C1, C2 = 2, 4, 6, 8, 12
+    conv1 = dict(stride=1, padding=1, dilation=1, groups=1)
+    conv2 = dict(stride=2, padding=1, dilation=1, groups=2)
+    ref = torch.nn.Sequential(
+        torch.nn.Conv2d(C0, C1, 3, bias=False, **conv1), torch.nn.BatchNorm2d(C1, momentum=momentum),
+        torch.nn.ReLU(), torch.nn.Conv2d(C1, C2, 3, bias=False, **conv2), torch.nn.BatchNorm2d(C2, momentum=momentum),
+    ).double().train()
+    with torch.no_grad():
+        for bn in (ref[1], ref[4]):
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.3, 0.3)
+    x64 = torch.randn(N, C0, H, H, dtype=torch.float64, requires_grad=True)
+    dev = lambda t: t.detach().float().to(kernel_device)  # noqa: E731
+    w1, w2 = dev(ref[0].weight), dev(ref[3].weight)
+    g1, b1, g2, b2 = dev(ref[1].weight), dev(ref[1].bias), dev(ref[4].weight), dev(ref[4].bias)
+    state = [(dev(bn.running_mean), dev(bn.running_var), bn.num_batches_tracked.clone().to(kernel_device))
+             for bn in (ref[1], ref[4])]
+    x = dev(x64).contiguous(memory_format=CL)
+
+    for step in range(2):  # two steps: running stats and num_batches_tracked evolve
+        if step:
+            x64 = (torch.randn(N, C0, H, H, dtype=torch.float64) * 2 + 0.5).requires_grad_(True)
+            x = dev(x64).contiguous(memory_format=CL)
+        out_ref = ref(x64)
+        grad = torch.randn_like(out_ref)
+        ref.zero_grad()
+        out_ref.backward(grad)
+
+        # ---- forward: conv (stats) -> finalize -> conv (BN+ReLU prologue, stats) -> finalize
+        geo1 = ConvGeometry.make(x.shape, w1.shape, **conv1)
+        y1, part1 = conv2d_nhwc(x, pack_weight(w1, 1, torch.float32), geo1, stats=True, allow_tf32=False)
+        n1 = N * geo1.P * geo1.Q
+        mean1, invstd1, sc1, sh1 = bn_finalize(part1[0], part1[1], n1, running_mean=state[0][0],
+                                               running_var=state[0][1], num_batches_tracked=state[0][2],
+                                               momentum=momentum, eps=1e-5, weight=g1, bias=b1)
+        geo2 = ConvGeometry.make(y1.shape, w2.shape, **conv2)
+        y2, part2 = conv2d_nhwc(y1, pack_weight(w2, 2, torch.float32), geo2, in_scale=sc1, in_shift=sh1,
+                                in_relu=True, stats=True, allow_tf32=False)
+        n2 = N * geo2.P * geo2.Q
+        mean2, invstd2, sc2, sh2 = bn_finalize(part2[0], part2[1], n2, running_mean=state[1][0],
+                                               running_var=state[1][1], num_batches_tracked=state[1][2],
+                                               momentum=momentum, eps=1e-5, weight=g2, bias=b2)
+        out = y2 * sc2.view(1, -1, 1, 1) + sh2.view(1, -1, 1, 1)
+        assert _rel(out, out_ref) < 1e-4
+
+        # ---- backward
+        dz2 = dev(grad).contiguous(memory_format=CL)
+        yc2 = y2 - mean2.view(1, -1, 1, 1)
+        s_dz2 = dz2.sum((0, 2, 3)).view(1, -1)  # stands in for the next layer's dgrad-epilogue partials
+        s_dzy2 = (dz2 * yc2).sum((0, 2, 3)).view(1, -1)
+        c1, c2, c3, dg2, db2 = bn_backward_coeffs(s_dz2, s_dzy2, invstd2, n2, weight=g2)
+        dy_bn2 = (y2, c1, c2, c3, mean2)
+        dz1, dpart1 = conv2d_dgrad_nhwc(dz2, w2, y1.shape, **conv2, y_prev=y1, in_scale=sc1, in_shift=sh1,
+                                        in_mean=mean1, dy_bn=dy_bn2, allow_tf32=False)
+        dw2 = conv2d_wgrad_nhwc(dz2, y1, w2.shape, **conv2, in_scale=sc1, in_shift=sh1, dy_bn=dy_bn2,
+                                allow_tf32=False)
+        e1, e2, e3, dg1, db1 = bn_backward_coeffs(dpart1[0], dpart1[1], invstd1, n1, weight=g1)
+        dy_bn1 = (y1, e1, e2, e3, mean1)
+        dx = conv2d_dgrad_nhwc(dz1, w1, x.shape, **conv1, dy_bn=dy_bn1, allow_tf32=False)
+        dw1 = conv2d_wgrad_nhwc(dz1, x, w1.shape, **conv1, dy_bn=dy_bn1, allow_tf32=False)
+
+        for name, got, want in (("dx", dx, x64.grad), ("dW1", dw1, ref[0].weight.grad),
+                                ("dW2", dw2, ref[3].weight.grad), ("dgamma1", dg1, ref[1].weight.grad),
+                                ("dbeta1", db1, ref[1].bias.grad), ("dgamma2", dg2, ref[4].weight.grad),
+                                ("dbeta2", db2, ref[4].bias.grad)):
+            assert _rel(got, want) < 1e-3, name
+        for (rm, rv, nbt), bn in zip(state, (ref[1], ref[4])):
+            assert _rel(rm, bn.running_mean) < 1e-5
+            assert _rel(rv, bn.running_var) < 1e-5
+            assert int(nbt.cpu()) == int(bn.num_batches_tracked)
