@@ -201,8 +201,11 @@ def test_torch_compile_kernel_path_has_no_graph_breaks(triton_backend):
         pytest.skip(f"eval kernel path needs resnet_fast.ops.conv2d: {why}")
     torch._dynamo.reset()
     model = resnet_fast.convert(TimmLikeNet(bad_blocks=False)).eval()
-    explained = torch._dynamo.explain(model)(torch.randn(2, 3, 8, 8))
+    resnet_fast.reset_stats()
+    with torch.no_grad():
+        explained = torch._dynamo.explain(model)(torch.randn(2, 3, 8, 8))
     assert explained.graph_break_count == 0, explained.break_reasons
+    assert resnet_fast.stats()["kernel_calls"].get("conv2d", 0) > 0  # the custom op ran, not eager
     torch._dynamo.reset()
 
 
@@ -234,13 +237,15 @@ def test_fused_block_honours_bn_changes_between_eval_calls(eager_backend, monkey
         torch.manual_seed(0)
         block = BasicBlock(4, 4).eval()
         x = torch.randn(2, 4, 6, 6)
-        first = block(x)
-        with torch.no_grad():
-            block.bn2.weight.mul_(3)
         plain = reference.BasicBlock(4, 4).eval()
-        plain.load_state_dict(block.state_dict())
-        assert not torch.allclose(first, block(x))
-        torch.testing.assert_close(block(x), plain(x), rtol=2e-3, atol=2e-3)
+        with torch.no_grad():
+            first = block(x)
+            block.bn2.weight.mul_(3)
+            plain.load_state_dict(block.state_dict())
+            assert not torch.allclose(first, block(x))
+            torch.testing.assert_close(block(x), plain(x), rtol=2e-3, atol=2e-3)
+        if backend == "triton":
+            assert resnet_fast.stats()["kernel_calls"]["block"] == 3 and "block" not in resnet_fast.stats()["fallbacks"]
 
 
 def test_torchvision_models_convert_and_revert(eager_backend):

@@ -22,6 +22,10 @@ from .. import _backend
 # name -> (callable or None, reason it is missing); looked up once per process.
 _OPS: dict = {}
 TRAIN_FALLBACK_REASON = "training kernels not available yet"
+# ops.conv2d registers no autograd (the training ops of issue 4 own the backward): an eval forward that autograd
+# records would fail on backward, so it runs eager. torch.no_grad()/inference_mode() gets the kernels.
+GRAD_FALLBACK_REASON = ("eval forward with autograd recording needs the conv2d backward (not available yet); "
+                        "run under torch.no_grad() or torch.inference_mode() for the kernels")
 
 
 def _op(name: str):
@@ -111,11 +115,22 @@ def conv_bn_eval_kernels(x, conv, bn, *, residual=None, relu=False):
                   groups=conv.groups, scale=scale, shift=shift, residual=residual, relu=relu)
 
 
-def _eval_blocker(pairs) -> str | None:
+def _records_grad(x, pairs) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    tensors = [x]
+    for conv, bn in pairs:
+        tensors += [conv.weight, getattr(bn, "weight", None), getattr(bn, "bias", None)]
+    return any(t is not None and t.requires_grad for t in tensors)
+
+
+def _eval_blocker(pairs, x) -> str | None:
     for name in ("conv2d", "fold_bn"):
         fn, why = _op(name)
         if fn is None:
             return why
+    if _records_grad(x, pairs):
+        return GRAD_FALLBACK_REASON
     for conv, bn in pairs:
         reason = fold_blocker(conv, bn)
         if reason is not None:
@@ -128,7 +143,7 @@ def block_forward_eval_kernels(block, x):
     pairs = block_pairs(block)
     ds = block.downsample
     ds_pair = downsample_pair(ds)
-    reason = _eval_blocker(pairs + ([ds_pair] if ds_pair is not None else []))
+    reason = _eval_blocker(pairs + ([ds_pair] if ds_pair is not None else []), x)
     if reason is not None:
         _fallback("block", reason)
         return block_forward_eager(block, x)
@@ -206,7 +221,7 @@ def conv_bn_act(x, conv, bn, relu=True, bn_forward=None, who="ConvBNReLU"):
         return conv_bn_act_eager(x, conv, bn, relu, bn_forward)
     if bn.training:
         return conv_bn_act_train(x, conv, bn, relu, bn_forward)
-    reason = _eval_blocker([(conv, bn)])
+    reason = _eval_blocker([(conv, bn)], x)
     if reason is not None:
         _fallback("conv_bn", reason)
         return conv_bn_act_eager(x, conv, bn, relu, bn_forward)
