@@ -251,3 +251,20 @@ def test_triton_backend_eval_under_autograd_falls_back_and_backpropagates(triton
     block(x).sum().backward()
     assert x.grad is not None and block.conv1.weight.grad is not None
     assert resnet_fast.stats()["fallbacks"]["block"] == {F.GRAD_FALLBACK_REASON: 1}
+
+
+def test_triton_backend_eval_under_autocast_runs_the_kernels_in_half(triton_backend):
+    reason = _no_conv_kernel_reason()
+    if reason:
+        pytest.skip(f"eval kernel path needs resnet_fast.ops.conv2d/fold_bn: {reason}")
+    torch.manual_seed(0)
+    block = resnet_fast.nn.BasicBlock(8, 8).eval()
+    plain = reference.BasicBlock(8, 8).eval()
+    plain.load_state_dict(block.state_dict())
+    x = torch.randn(2, 8, 6, 6)
+    # float16: ops.conv2d's bfloat16 is wrong in the Triton interpreter (seen 2026-11; not this layer's bug).
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+        y = block(x)
+    assert y.dtype == torch.float16 and resnet_fast.stats()["kernel_calls"]["block"] == 1
+    with torch.no_grad():
+        torch.testing.assert_close(y.float(), plain(x), rtol=2e-2, atol=2e-2)

@@ -110,8 +110,14 @@ def conv_bn_eval_kernels(x, conv, bn, *, residual=None, relu=False):
     """One kernel conv: ``relu(bn(conv(x)) + residual)`` with BN folded into a per-channel scale/shift."""
     fold_bn, _ = _op("fold_bn")
     conv2d, _ = _op("conv2d")
+    # Custom ops are not autocast-aware: cast as autocast would for a conv, and the weight to x's dtype
+    # (a preceding unfused layer may have produced half precision).
+    if torch.is_autocast_enabled(x.device.type):
+        x = x.to(torch.get_autocast_dtype(x.device.type))
+    if residual is not None:
+        residual = residual.to(x.dtype)
     scale, shift = fold_bn(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
-    return conv2d(x, conv.weight, stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
+    return conv2d(x, conv.weight.to(x.dtype), stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
                   groups=conv.groups, scale=scale, shift=shift, residual=residual, relu=relu)
 
 
