@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-__all__ = ["ConvConfig", "FWD_CONFIGS", "INTERPRETER_CONFIG", "for_dtype", "prune", "heuristic",
+__all__ = ["ConvConfig", "FWD_CONFIGS", "INTERPRETER_CONFIG", "for_dtype", "fwd_configs", "prune", "heuristic",
            "conv_allows_tf32", "tuning_key", "cache_path", "Autotuner"]
 
 
@@ -69,16 +69,28 @@ def for_dtype(cfg: ConvConfig, dtype: torch.dtype) -> ConvConfig:
     return cfg
 
 
+def fwd_configs(dtype: torch.dtype) -> tuple:
+    """The forward candidates for ``dtype``: :data:`FWD_CONFIGS` through :func:`for_dtype`; fp32 drops the
+    tiles larger than 128×128, whose fp32 (tf32) operand layouts spill registers on sm_90 (see compile_check)."""
+    out = []
+    for cfg in FWD_CONFIGS:
+        if dtype == torch.float32 and cfg.BLOCK_M * cfg.BLOCK_N > 128 * 128:
+            continue
+        cfg = for_dtype(cfg, dtype)
+        if cfg not in out:
+            out.append(cfg)
+    return tuple(out)
+
+
 def _pow2_at_least(v: int, lo: int = 16) -> int:
     return max(lo, 1 << max(0, math.ceil(math.log2(max(1, v)))))
 
 
 def prune(configs, M: int, Kg: int, Cg_pad: int, dtype: torch.dtype) -> list:
-    """Candidates that do not waste most of a tile on this shape (BLOCK_N > Kg, BLOCK_K > Cg_pad, BLOCK_M > M
-    rounded up); never empty. Deduplicated after :func:`for_dtype`."""
+    """Candidates (already for ``dtype``) that do not waste most of a tile on this shape (BLOCK_N > Kg,
+    BLOCK_K > Cg_pad, BLOCK_M > M rounded up); never empty."""
     out = []
     for cfg in configs:
-        cfg = for_dtype(cfg, dtype)
         if (cfg.BLOCK_N <= _pow2_at_least(Kg) and cfg.BLOCK_K <= _pow2_at_least(Cg_pad)
                 and cfg.BLOCK_M <= _pow2_at_least(M, 64) and cfg not in out):
             out.append(cfg)

@@ -55,7 +55,7 @@ def _conv_fwd_kernel(
         R: tl.constexpr, S: tl.constexpr, POINTWISE: tl.constexpr,
         HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr,
         RELU: tl.constexpr, PROLOGUE: tl.constexpr, IN_RELU: tl.constexpr, STATS: tl.constexpr,
-        DOT_IEEE: tl.constexpr,
+        DOT_IEEE: tl.constexpr, C_ALIGN: tl.constexpr, EVEN_C: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     grp = tl.program_id(1)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -77,7 +77,6 @@ def _conv_fwd_kernel(
     for it in range(0, R * S * c_blocks):
         rs = it // c_blocks
         cc = (it - rs * c_blocks) * BLOCK_K + offs_c
-        c_ok = cc < Cg
         if POINTWISE:  # h = p, w = q: the row's pixel is the input pixel
             a_row = offs_m * C + grp * Cg
             a_rows_ok = row_ok
@@ -86,17 +85,23 @@ def _conv_fwd_kernel(
                                         dil_h, dil_w, H, W)
             a_row = x_img + (h * W + w) * C
             a_rows_ok = row_ok & inside
-        a_mask = a_rows_ok[:, None] & c_ok[None, :]
+        a_row = tl.multiple_of(a_row, C_ALIGN)  # every row starts at a multiple of gcd(Cg, 16) elements
+        b_col = tl.multiple_of(w_col + rs * Cg_pad, 16)  # Cg_pad is a multiple of 16
+        if EVEN_C:  # no channel mask: masks constant along c keep loads vectorised (and cp.async-pipelined)
+            a_mask = a_rows_ok[:, None]
+            b_mask = n_ok[None, :]
+        else:
+            c_ok = cc < Cg
+            a_mask = a_rows_ok[:, None] & c_ok[None, :]
+            b_mask = c_ok[:, None] & n_ok[None, :]
         a = tl.load(x_ptr + a_row[:, None] + cc[None, :], mask=a_mask, other=0.0)
-        if PROLOGUE:
-            isc = tl.load(in_scale_ptr + grp * Cg + cc, mask=c_ok, other=0.0)
-            ish = tl.load(in_shift_ptr + grp * Cg + cc, mask=c_ok, other=0.0)
-            af = a.to(tl.float32) * isc[None, :] + ish[None, :]
+        if PROLOGUE:  # in_scale/in_shift are read at c < Cg only: channels past Cg are masked below
+            c_in = grp * Cg + tl.minimum(cc, Cg - 1)
+            af = a.to(tl.float32) * tl.load(in_scale_ptr + c_in)[None, :] + tl.load(in_shift_ptr + c_in)[None, :]
             if IN_RELU:
                 af = tl.maximum(af, 0.0)
-            a = tl.where(a_mask, af, 0.0).to(x_ptr.dtype.element_ty)  # padding stays zero
-        b = tl.load(w_ptr + (w_col + rs * Cg_pad)[None, :] + cc[:, None],
-                    mask=c_ok[:, None] & n_ok[None, :], other=0.0)
+            a = tl.where(a_mask, af, 0.0).to(x_ptr.dtype.element_ty)  # padding stays zero, not relu(shift)
+        b = tl.load(w_ptr + b_col[None, :] + cc[:, None], mask=b_mask, other=0.0)
         if DOT_IEEE:
             acc = tl.dot(a, b, acc, input_precision="ieee")
         else:
@@ -120,6 +125,14 @@ def _conv_fwd_kernel(
         ys = tl.where(out_mask, y.to(tl.float32), 0.0)
         tl.store(part_ptr + pid_m * K + k_glob, tl.sum(ys, axis=0), mask=n_ok)
         tl.store(part_ptr + (num_pid_m + pid_m) * K + k_glob, tl.sum(ys * ys, axis=0), mask=n_ok)
+
+
+def _pow2_divisor(v: int, cap: int) -> int:
+    """Largest power of two <= cap dividing v (the alignment, in elements, of every row start)."""
+    a = 1
+    while a < cap and v % (2 * a) == 0:
+        a *= 2
+    return a
 
 
 # ------------------------------------------------------------------------------------------ weight packing
@@ -190,7 +203,7 @@ def _choose_config(g: ConvGeometry, dtype, device, flags: tuple, launch) -> Conv
         return pinned
     if _backend.interpreting() or device.type != "cuda":
         return _cfg.INTERPRETER_CONFIG
-    candidates = _cfg.prune(_cfg.FWD_CONFIGS, g.M, g.Kg, g.Cg_pad, dtype)
+    candidates = _cfg.prune(_cfg.fwd_configs(dtype), g.M, g.Kg, g.Cg_pad, dtype)
     key = _cfg.tuning_key("conv_fwd", g, dtype, device, *flags)
     capturing = torch.cuda.is_current_stream_capturing()
     if not _cfg.Autotuner.enabled() or capturing:
@@ -308,7 +321,7 @@ def conv2d_nhwc(x: torch.Tensor, w_packed: torch.Tensor, geometry: ConvGeometry,
             R=g.R, S=g.S, POINTWISE=g.is_pointwise,
             HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
             HAS_RES=residual is not None, RELU=bool(relu), PROLOGUE=prologue, IN_RELU=bool(in_relu),
-            STATS=bool(stats), DOT_IEEE=dot_ieee,
+            STATS=bool(stats), DOT_IEEE=dot_ieee, C_ALIGN=_pow2_divisor(g.Cg, 16), EVEN_C=g.Cg % cfg.BLOCK_K == 0,
             BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return part
@@ -323,9 +336,10 @@ _TL = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 def compile_specs() -> list:
-    """(jit_fn, signature, constexprs, options, is_gemm) for :mod:`.compile_check`: every forward config in
-    bf16 (3×3 stride-1 geometry, plain epilogue), each fp16 and tf32 variant of the configs the dtype
-    adjusts, the fully fused training variant (prologue + residual + stats) and a pointwise one."""
+    """(jit_fn, signature, constexprs, options, is_gemm, div16) for :mod:`.compile_check`: every forward
+    candidate of bf16 and fp32 (tf32) at a 3×3 stride-1 geometry with the inference epilogue, one fp16, the
+    fully fused training variant (prologue + residual + stats), the pointwise path, the stem's unaligned
+    C=3 path, and IEEE fp32 (FMA, not a wgmma GEMM)."""
     fn = _conv_fwd_kernel
     ptrs = ("x_ptr", "w_ptr", "y_ptr", "bias_ptr", "scale_ptr", "shift_ptr", "res_ptr", "in_scale_ptr",
             "in_shift_ptr", "part_ptr")
@@ -333,25 +347,24 @@ def compile_specs() -> list:
     ints = ("H", "W", "C", "P", "Q", "K", "Cg", "Kg", "Cg_pad", "M", "stride_h", "stride_w", "pad_h", "pad_w",
             "dil_h", "dil_w")
 
-    def spec(dtype, cfg, *, pointwise=False, fused=False, ieee=False):
+    def spec(dtype, cfg, *, pointwise=False, fused=False, ieee=False, stem=False):
         dt = _TL[dtype]
         sig = {p: ("*fp32" if p in fp32_ptrs else f"*{dt}") for p in ptrs}
         sig.update({i: "i32" for i in ints})
-        cx = dict(R=1 if pointwise else 3, S=1 if pointwise else 3, POINTWISE=pointwise, HAS_BIAS=False,
-                  HAS_SCALE=True, HAS_SHIFT=True, HAS_RES=fused, RELU=True, PROLOGUE=fused, IN_RELU=fused,
-                  STATS=fused, DOT_IEEE=ieee, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
-                  GROUP_M=cfg.GROUP_M)
+        rs = 7 if stem else 1 if pointwise else 3
+        cx = dict(R=rs, S=rs, POINTWISE=pointwise, HAS_BIAS=False, HAS_SCALE=True, HAS_SHIFT=True,
+                  HAS_RES=fused, RELU=True, PROLOGUE=fused, IN_RELU=fused, STATS=fused, DOT_IEEE=ieee,
+                  C_ALIGN=1 if stem else 16, EVEN_C=not stem, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
+                  BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M)
         sig.update({k: "constexpr" for k in cx})
         sig = {name: sig[name] for name in fn.arg_names}
-        return (fn, sig, cx, {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}, not ieee)
+        # channel counts as Triton specialises them for ResNet layers (multiples of 16; the stem's C=3 not)
+        div16 = ("K", "Kg", "Cg_pad") + (() if stem else ("C", "Cg"))
+        return (fn, sig, cx, {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}, not ieee, div16)
 
-    specs = [spec(torch.bfloat16, cfg) for cfg in _cfg.FWD_CONFIGS]
-    for dtype in (torch.float16, torch.float32):
-        for cfg in _cfg.FWD_CONFIGS:
-            if _cfg.for_dtype(cfg, dtype) != cfg or dtype == torch.float16 and cfg is _cfg.FWD_CONFIGS[0]:
-                specs.append(spec(dtype, _cfg.for_dtype(cfg, dtype)))
-    big = _cfg.FWD_CONFIGS[0]
-    specs.append(spec(torch.bfloat16, big, fused=True))
-    specs.append(spec(torch.bfloat16, big, pointwise=True))
-    specs.append(spec(torch.float32, _cfg.for_dtype(_cfg.FWD_CONFIGS[5], torch.float32), ieee=True))
+    bf16, fp32 = _cfg.fwd_configs(torch.bfloat16), _cfg.fwd_configs(torch.float32)
+    specs = [spec(torch.bfloat16, cfg) for cfg in bf16] + [spec(torch.float32, cfg) for cfg in fp32]
+    specs += [spec(torch.float16, bf16[0]), spec(torch.bfloat16, bf16[0], fused=True),
+              spec(torch.bfloat16, bf16[0], pointwise=True), spec(torch.bfloat16, bf16[-2], stem=True),
+              spec(torch.float32, next(c for c in fp32 if c.BLOCK_M == c.BLOCK_N == 64), ieee=True)]
     return specs

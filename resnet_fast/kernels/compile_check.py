@@ -1,0 +1,186 @@
+"""Compile every Triton kernel config for Hopper (sm_90) without a GPU and check the generated code.
+
+Run: ``python -m resnet_fast.kernels.compile_check [--json PATH] [--only MODULE]`` with ``TRITON_INTERPRET``
+unset (the interpreter replaces the compiler). Exit status 0 when every check passes.
+
+Contract for kernel modules: any module in :mod:`resnet_fast.kernels` may define ``compile_specs()``
+returning a list of 5-tuples ``(jit_fn, signature, constexprs, options, is_gemm)`` (or 6-tuples ending in
+``div16``):
+
+* ``jit_fn``: the ``@triton.jit`` function;
+* ``signature``: ``{arg_name: type}`` for EVERY argument in the kernel's order, types as Triton spells them
+  (``"*fp16"``, ``"*bf16"``, ``"*fp32"``, ``"*i32"``, ``"i32"``, ``"i64"``, ``"fp32"``, and ``"constexpr"``
+  for each constexpr argument);
+* ``constexprs``: ``{arg_name: value}`` for the constexpr arguments;
+* ``options``: ``{"num_warps": int, "num_stages": int}``;
+* ``is_gemm``: True when the kernel's inner loop is a ``tl.dot`` that must lower to ``wgmma`` on sm_90;
+* ``div16`` (optional): names of integer arguments to treat as multiples of 16, as Triton's launcher
+  specialises them at run time for such values (e.g. channel counts).
+
+Pointer arguments are compiled as 16-byte aligned (``tt.divisibility=16``), which is what Triton's launcher
+specialises for every fresh PyTorch allocation; without it the PTX would show the unaligned fallback
+(scalar loads, no cp.async pipelining) that real launches never use.
+
+Each spec is compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`` in a pool of
+2 processes, then checked: (1) GEMM kernels contain ``wgmma`` in their PTX; (2) ``ptxas -arch=sm_90a -v``
+reports 0 bytes of spill stores and loads; (3) shared memory fits Hopper's 227 KB per block. ``ptxas`` is
+Triton's bundled one (the toolkit's may reject the newer PTX version Triton emits), else ``$CUDA_HOME/bin``,
+``/usr/local/cuda/bin`` or ``PATH``.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import importlib
+import json
+import multiprocessing as mp
+import os
+import pkgutil
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+HOPPER_SMEM = 232448  # bytes of shared memory one block may use on sm_90 (227 KB)
+_SKIP = {"compile_check", "configs", "conv_common"}
+
+
+def kernel_modules(only: str | None = None) -> list:
+    """Names of the resnet_fast.kernels submodules that define compile_specs()."""
+    import resnet_fast.kernels as pkg
+    names = []
+    for info in pkgutil.iter_modules(pkg.__path__):
+        if info.name in _SKIP or (only and info.name != only):
+            continue
+        mod = importlib.import_module(f"resnet_fast.kernels.{info.name}")
+        if callable(getattr(mod, "compile_specs", None)):
+            names.append(info.name)
+    return sorted(names)
+
+
+def find_ptxas() -> str | None:
+    """Triton's bundled ptxas (it knows the PTX version Triton emits), else the CUDA toolkit's."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        try:
+            tool = get_ptxas(90)  # triton >= 3.5 takes the arch
+        except TypeError:
+            tool = get_ptxas()
+        path = getattr(tool, "path", None) or (tool[0] if isinstance(tool, (tuple, list)) else None)
+        if path and os.path.exists(path):
+            return path
+    except Exception:  # API differs across Triton versions: fall back to the toolkit
+        pass
+    for base in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if base and os.path.exists(os.path.join(base, "bin", "ptxas")):
+            return os.path.join(base, "bin", "ptxas")
+    return shutil.which("ptxas")
+
+
+_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+_REGS = re.compile(r"Used (\d+) registers")
+
+
+def ptxas_usage(ptx: str, ptxas: str) -> dict:
+    """Registers and spill bytes of the PTX's kernel per ``ptxas -arch=sm_90a -v``."""
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        res = subprocess.run([ptxas, "-arch=sm_90a", "-v", src, "-o", os.path.join(d, "k.cubin")],
+                             capture_output=True, text=True)
+    log = res.stdout + res.stderr
+    if res.returncode != 0:
+        raise RuntimeError(f"ptxas failed: {log.strip()[-2000:]}")
+    spills = [tuple(map(int, m)) for m in _SPILL.findall(log)]
+    regs = [int(m) for m in _REGS.findall(log)]
+    return {"registers": max(regs) if regs else None,
+            "spill_stores": sum(s for s, _ in spills), "spill_loads": sum(l for _, l in spills)}
+
+
+def _describe(sig: dict, cx: dict, opts: dict) -> str:
+    ptr_types = sorted({t for t in sig.values() if t.startswith("*") and t not in ("*fp32", "*i32")})
+    blocks = "x".join(str(cx[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if k in cx)
+    flags = ",".join(k for k, v in cx.items() if v is True)
+    return (f"{'/'.join(ptr_types) or 'fp32'} {blocks} w{opts.get('num_warps')} s{opts.get('num_stages')}"
+            + (f" [{flags}]" if flags else ""))
+
+
+def compile_one(job: tuple) -> dict:
+    """Compile spec ``index`` of module ``name`` for sm_90 and check it (runs in a pool worker)."""
+    name, index, ptxas = job
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    mod = importlib.import_module(f"resnet_fast.kernels.{name}")
+    fn, sig, cx, opts, is_gemm, *rest = mod.compile_specs()[index]
+    div16 = set(rest[0]) if rest else set()
+    attrs = {(i,): [["tt.divisibility", 16]] for i, (arg, ty) in enumerate(sig.items())
+             if ty.startswith("*") or arg in div16}
+    row = {"module": name, "kernel": fn.__name__, "spec": _describe(sig, cx, opts), "is_gemm": bool(is_gemm)}
+    t0 = time.time()
+    try:
+        ck = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cx, attrs=attrs), target=GPUTarget("cuda", 90, 32),
+                            options=dict(opts))
+        ptx = ck.asm["ptx"]
+        row["wgmma"] = "wgmma" in ptx
+        row["shared"] = int(getattr(ck.metadata, "shared", 0) or 0)
+        row.update(ptxas_usage(ptx, ptxas) if ptxas else {"registers": None, "spill_stores": None,
+                                                         "spill_loads": None})
+        problems = []
+        if is_gemm and not row["wgmma"]:
+            problems.append("no wgmma in PTX")
+        if row["spill_stores"] or row["spill_loads"]:
+            problems.append(f"spills {row['spill_stores']}B stores / {row['spill_loads']}B loads")
+        if row["shared"] > HOPPER_SMEM:
+            problems.append(f"shared memory {row['shared']} > {HOPPER_SMEM}")
+        if not ptxas:
+            problems.append("no ptxas found: spills not checked")
+        row["problems"] = problems
+    except Exception as exc:  # report, don't crash the whole run
+        row["problems"] = [f"compile failed: {type(exc).__name__}: {str(exc)[:500]}"]
+    row["seconds"] = round(time.time() - t0, 2)
+    row["ok"] = not row["problems"]
+    return row
+
+
+def run(only: str | None = None, workers: int = 2) -> list:
+    """Compile and check every spec of every kernel module; returns one dict per spec."""
+    if os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes"):
+        raise RuntimeError("compile_check: unset TRITON_INTERPRET (the interpreter does not compile kernels)")
+    ptxas = find_ptxas()
+    jobs = []
+    for name in kernel_modules(only):
+        mod = importlib.import_module(f"resnet_fast.kernels.{name}")
+        jobs += [(name, i, ptxas) for i in range(len(mod.compile_specs()))]
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        return list(pool.map(compile_one, jobs))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--only", help="one kernel module, e.g. conv_fwd")
+    ap.add_argument("--json", help="also write the rows to this file")
+    ap.add_argument("--workers", type=int, default=2)
+    args = ap.parse_args(argv)
+    t0 = time.time()
+    rows = run(args.only, args.workers)
+    for r in rows:
+        print(f"{'OK ' if r['ok'] else 'BAD'} {r['module']:<12} {r['kernel']:<26} {r['spec']:<44} "
+              f"wgmma={r.get('wgmma')} regs={r.get('registers')} spill={r.get('spill_stores')}/"
+              f"{r.get('spill_loads')} smem={r.get('shared')} {r['seconds']}s"
+              + (f"  <- {'; '.join(r['problems'])}" if r["problems"] else ""))
+    bad = [r for r in rows if not r["ok"]]
+    print(f"{len(rows)} specs, {len(bad)} failing, {time.time() - t0:.1f}s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 1 if bad or not rows else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
