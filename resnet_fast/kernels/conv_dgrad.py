@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from .. import _backend
-from .configs import INTERPRETER_CONFIG, ConvConfig, conv_allows_tf32
+from .configs import INTERPRETER_CONFIG, ConvConfig, conv_allows_tf32, for_dtype
 from .conv_common import ConvGeometry
 
 __all__ = ["conv2d_dgrad_nhwc", "compile_specs", "DGRAD_CONFIGS"]
@@ -41,18 +41,15 @@ _TL = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 # Every config the launcher may pick; compile_specs covers each of them.
-# (BLOCK_M rows of dx, BLOCK_N input channels, BLOCK_K output channels per MMA step; GROUP_M unused)
-DGRAD_CONFIGS = (ConvConfig(128, 64, 32, 8, 4, 3), ConvConfig(128, 128, 32, 8, 8, 3),
-                 ConvConfig(64, 32, 32, 8, 4, 3))
+# (BLOCK_M rows of dx, BLOCK_N input channels, BLOCK_K output channels per MMA step; GROUP_M unused).
+# 128-row tiles need 8 warps: at 4 warps (or 128x128 at 8) ptxas spills 100-1600 bytes on sm_90.
+DGRAD_CONFIGS = (ConvConfig(128, 64, 32, 8, 8, 3), ConvConfig(64, 32, 32, 8, 4, 3))
 
 
 def _pick_config(g: ConvGeometry) -> ConvConfig:
     if _backend.interpreting():
         return INTERPRETER_CONFIG
-    cg = g.Cg
-    if cg <= 32:
-        return DGRAD_CONFIGS[2]
-    return DGRAD_CONFIGS[1] if cg >= 128 else DGRAD_CONFIGS[0]
+    return DGRAD_CONFIGS[1] if g.Cg <= 32 else DGRAD_CONFIGS[0]
 
 
 @triton.jit
@@ -239,7 +236,7 @@ def conv2d_dgrad_nhwc(dy: torch.Tensor, weight: torch.Tensor, x_shape, *, stride
             raise ValueError(f"{who}: dy_bn[0] (y) must have dy's strides {dy.stride()}, got {dy_bn[0].stride()}")
         for i, name in enumerate(("c1", "c2", "c3", "mean"), 1):
             _check_vec(f"dy_bn[{i}] ({name})", dy_bn[i], g.K, dev, who)
-    cfg = config or _pick_config(g)
+    cfg = config or for_dtype(_pick_config(g), dy.dtype)  # fp32: half BLOCK_K, same staged bytes
     if allow_tf32 is None:
         allow_tf32 = conv_allows_tf32()
 
@@ -279,8 +276,9 @@ def compile_specs() -> list:
     """(jit_fn, signature, constexprs, options, is_gemm) for the sm_90 compile check: every config × dtype ×
     fusion, at a stride-2 3×3 geometry (the strides and the filter width are constexpr)."""
     specs = []
-    for cfg in DGRAD_CONFIGS:
-        for dt in ("bf16", "fp16", "fp32"):
+    for base in DGRAD_CONFIGS:
+        for dt, tdt in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)):
+            cfg = for_dtype(base, tdt)
             for epi, dybn in ((False, False), (True, True)):
                 sig = {"dy_ptr": f"*{dt}", "w_ptr": f"*{dt}", "dx_ptr": f"*{dt}", "taps_ptr": "*i32",
                        "ntaps_ptr": "*i32", "y_ptr": f"*{dt}", "isc_ptr": "*fp32", "ish_ptr": "*fp32",

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .. import _backend
-from .configs import INTERPRETER_CONFIG, ConvConfig, conv_allows_tf32
+from .configs import INTERPRETER_CONFIG, ConvConfig, conv_allows_tf32, for_dtype
 from .conv_common import ConvGeometry, input_coords, rows_to_npq
 from .conv_dgrad import _check_tensor, _check_vec, _ordered
 
@@ -196,7 +196,7 @@ def conv2d_wgrad_nhwc(dy: torch.Tensor, x: torch.Tensor, weight_shape, *, stride
             raise ValueError(f"{who}: dy_bn[0] (y) must have dy's strides {dy.stride()}, got {dy_bn[0].stride()}")
         for i, name in enumerate(("c1", "c2", "c3", "mean"), 1):
             _check_vec(f"dy_bn[{i}] ({name})", dy_bn[i], g.K, dev, who)
-    cfg = config or _pick_config(g)
+    cfg = config or for_dtype(_pick_config(g), dy.dtype)  # fp32: half BLOCK_K, same staged bytes
     if split is None:
         split = pick_split(g, cfg)
     if not isinstance(split, int) or isinstance(split, bool) or split < 1:
@@ -239,8 +239,9 @@ def compile_specs() -> list:
     """(jit_fn, signature, constexprs, options, is_gemm) for the sm_90 compile check: every config × dtype ×
     fusion at a stride-2 3×3 geometry with SPLIT=4, plus the combine kernel."""
     specs = []
-    for cfg in WGRAD_CONFIGS:
-        for dt in ("bf16", "fp16", "fp32"):
+    for base in WGRAD_CONFIGS:
+        for dt, tdt in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)):
+            cfg = for_dtype(base, tdt)
             for fused in (False, True):
                 sig = {"dy_ptr": f"*{dt}", "x_ptr": f"*{dt}", "out_ptr": "*fp32", "isc_ptr": "*fp32",
                        "ish_ptr": "*fp32", "z_ptr": f"*{dt}", "c1_ptr": "*fp32", "c2_ptr": "*fp32",
