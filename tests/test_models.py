@@ -219,13 +219,14 @@ class _TinyResNet18Style(nn.Module):
         return self.layer2(self.layer1(self.relu(self.bn1(self.conv1(x)))))
 
 
-@pytest.mark.parametrize("build,size", [("tiny_resnet18", 8), ("resnet20", 8)])
+@pytest.mark.parametrize("build,size", [("tiny_resnet18", 8), ("resnet20", 8), ("grouped_bottleneck", 8)])
 def test_triton_backend_eval_matches_reference(triton_backend, build, size):
     reason = _no_conv_kernel_reason()
     if reason:
         pytest.skip(f"eval kernel path needs resnet_fast.ops.conv2d/fold_bn: {reason}")
     torch.manual_seed(0)
-    plain = models.resnet20(fused=False) if build == "resnet20" else _TinyResNet18Style()
+    plain = {"resnet20": lambda: models.resnet20(fused=False), "tiny_resnet18": _TinyResNet18Style,
+             "grouped_bottleneck": _TinyGroupedBottleneckNet}[build]()
     for m in plain.modules():  # non-trivial BN so folding is exercised
         if isinstance(m, nn.BatchNorm2d):
             with torch.no_grad():
@@ -236,8 +237,8 @@ def test_triton_backend_eval_matches_reference(triton_backend, build, size):
     with torch.no_grad():  # the eval kernels have no backward yet: under autograd they fall back
         torch.testing.assert_close(fused(x), plain(x), rtol=2e-3, atol=2e-3)
     stats = resnet_fast.stats()
-    assert stats["kernel_calls"].get("block", 0) == sum(1 for m in fused.modules()
-                                                       if isinstance(m, resnet_fast.nn.BasicBlock))
+    blocks = (resnet_fast.nn.BasicBlock, resnet_fast.nn.Bottleneck)
+    assert stats["kernel_calls"].get("block", 0) == sum(1 for m in fused.modules() if isinstance(m, blocks))
     assert "block" not in stats["fallbacks"]
 
 
@@ -268,3 +269,25 @@ def test_triton_backend_eval_under_autocast_runs_the_kernels_in_half(triton_back
     assert y.dtype == torch.float16 and resnet_fast.stats()["kernel_calls"]["block"] == 1
     with torch.no_grad():
         torch.testing.assert_close(y.float(), plain(x), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_conv_bn_relu_module(monkeypatch, backend):
+    if backend == "triton" and _no_conv_kernel_reason():
+        pytest.skip(f"eval kernel path needs resnet_fast.ops.conv2d/fold_bn: {_no_conv_kernel_reason()}")
+    monkeypatch.setenv("RESNET_FAST_BACKEND", backend)
+    resnet_fast.reset_stats()
+    torch.manual_seed(0)
+    fused = resnet_fast.nn.ConvBNReLU(4, 6, 3, stride=2)
+    assert list(fused.state_dict())[:2] == ["conv.weight", "bn.weight"]
+    plain = nn.Sequential(fused.conv, fused.bn, nn.ReLU())  # the same modules, eager
+    x = torch.randn(2, 4, 7, 7)
+    with torch.no_grad():
+        fused.bn.running_mean.uniform_(-0.5, 0.5)
+        fused.eval(), plain.eval()
+        torch.testing.assert_close(fused(x), plain(x), rtol=2e-3, atol=2e-3)
+    assert resnet_fast.stats()["kernel_calls"].get("conv_bn", 0) == (1 if backend == "triton" else 0)
+    fused.train(), plain.train()
+    torch.testing.assert_close(fused(x), plain(x))
+    with pytest.raises(ValueError, match=r"ConvBNReLU.*\(N, 4, H, W\)"):
+        fused(torch.randn(2, 3, 7, 7))
