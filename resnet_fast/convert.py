@@ -23,7 +23,7 @@ import dataclasses
 import torch.nn as tnn
 
 from .nn.functional import downsample_pair
-from .nn.modules import BasicBlock, Bottleneck, FusedStemConv
+from .nn.modules import BasicBlock, Bottleneck, FoldedBatchNorm2d, FoldedSyncBatchNorm2d, FusedStemConv
 from .nn.sync_bn import SyncBatchNorm2d, retype, to_sync_batch_norm
 
 _BN_TYPES = (tnn.BatchNorm2d, SyncBatchNorm2d)  # exact types: subclasses may compute something else
@@ -136,6 +136,12 @@ def _convert_children(module, prefix, summary):
 
 
 def _sync_all(module, process_group, summary):
+    stem = getattr(module, "conv1", None)
+    if isinstance(stem, FusedStemConv) and type(module.bn1) is FoldedBatchNorm2d:  # converted before
+        synced = retype(module.bn1, FoldedSyncBatchNorm2d)
+        synced.process_group = process_group
+        module.bn1 = stem.__dict__["_stem_bn"] = synced  # the stem conv computes with this module
+        summary.sync_bn += 1
     for name, child in list(module.named_children()):
         if type(child) is tnn.BatchNorm2d:
             setattr(module, name, to_sync_batch_norm(child, process_group))

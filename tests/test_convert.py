@@ -176,6 +176,10 @@ def test_sync_bn_convert_and_revert():
     assert isinstance(model.layer1[0].bn1, resnet_fast.nn.SyncBatchNorm2d)
     plain = resnet_fast.revert(model)
     assert all(type(m) is nn.BatchNorm2d for m in plain.modules() if isinstance(m, nn.BatchNorm2d))
+    # Syncing a model that was converted before reaches the folded stem BN too, and the stem computes with it.
+    again = resnet_fast.convert(models.resnet20(), sync_bn=True)
+    assert again.resnet_fast_summary.sync_bn == 19
+    assert isinstance(again.bn1, resnet_fast.nn.FoldedSyncBatchNorm2d) and again.conv1._stem_bn is again.bn1
 
 
 def test_convert_argument_errors():

@@ -12,8 +12,7 @@ import torch.distributed as dist
 import torch.nn as tnn
 
 
-def _reduce_dims(x):
-    return (0, 2, 3)
+_DIMS = (0, 2, 3)  # every dim but channels
 
 
 def _bcast(t):
@@ -24,10 +23,9 @@ class _SyncBatchNormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps, group):
         c = x.shape[1]
-        dims = _reduce_dims(x)
         xf = x.float()
         count = torch.full((1,), float(x.numel() // c), dtype=torch.float32, device=x.device)
-        packed = torch.cat([xf.sum(dims), (xf * xf).sum(dims), count])
+        packed = torch.cat([xf.sum(_DIMS), (xf * xf).sum(_DIMS), count])
         dist.all_reduce(packed, group=group)  # the one forward collective
         n = packed[-1].clone()
         mean = packed[:c] / n
@@ -46,9 +44,8 @@ class _SyncBatchNormFn(torch.autograd.Function):
     def backward(ctx, dy, _dmean, _dvar, _dn):
         xhat, invstd, weight, n = ctx.saved_tensors
         c = xhat.shape[1]
-        dims = _reduce_dims(xhat)
         dyf = dy.float()
-        local = torch.cat([dyf.sum(dims), (dyf * xhat).sum(dims)])
+        local = torch.cat([dyf.sum(_DIMS), (dyf * xhat).sum(_DIMS)])
         grad_weight = local[c:].clone() if weight is not None else None
         grad_bias = local[:c].clone() if weight is not None else None
         dist.all_reduce(local, group=ctx.group)  # the one backward collective
