@@ -59,7 +59,7 @@ FWD_CONFIGS = (
 )
 
 # CPU interpreter: small tiles keep numpy's work per program low; one config, never tuned.
-INTERPRETER_CONFIG = ConvConfig(32, 32, 16, 4, 4, 1)
+INTERPRETER_CONFIG = ConvConfig(64, 32, 16, 4, 4, 1)
 
 
 def for_dtype(cfg: ConvConfig, dtype: torch.dtype) -> ConvConfig:

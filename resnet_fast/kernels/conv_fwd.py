@@ -164,7 +164,7 @@ def pack_weight(weight: torch.Tensor, groups: int, dtype: torch.dtype) -> torch.
     if hit is not None:
         ref, version, packed = hit
         src = ref()
-        if src is not None and src._version == weight._version and src.data_ptr() == weight.data_ptr():
+        if src is not None and version == weight._version and src.data_ptr() == weight.data_ptr():
             return packed
     packed = _pack_eager(weight, groups, dtype)
     with _PACK_LOCK:

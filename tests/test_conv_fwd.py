@@ -1,0 +1,375 @@
+"""Fused conv forward (resnet_fast.ops.conv2d / kernels.conv_fwd) against float64 references.
+
+On CPU the Triton kernel runs in the interpreter (tiny shapes, fp32 and fp16; bf16 only on GPU, where the
+interpreter's bf16 dot is unreliable). Every comparison is a relative error norm ||out - ref|| / ||ref||
+against F.conv2d in float64 composed with the float64 epilogue.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+import resnet_fast
+from resnet_fast.kernels import configs as cfgs
+from resnet_fast.kernels import conv_fwd
+from resnet_fast.kernels.configs import ConvConfig
+from resnet_fast.kernels.conv_common import ConvGeometry
+from resnet_fast.ops import conv2d, fold_bn
+
+TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+# Pinned in the interpreter: several row and column tiles even on tiny shapes, GROUP_M swizzle of 2.
+SMALL = ConvConfig(32, 16, 16, 2, 4, 1)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def reference(x, w, bias=None, stride=1, padding=0, dilation=1, groups=1, scale=None, shift=None,
+              residual=None, relu=False, in_scale=None, in_shift=None, in_relu=False) -> torch.Tensor:
+    """float64 ``act((conv(pro(x), w) + bias)*scale + shift + residual)``; pro = the input prologue."""
+    d = lambda t: None if t is None else t.double()  # noqa: E731
+    x = x.double()
+    if in_scale is not None:
+        x = x * d(in_scale).view(1, -1, 1, 1) + d(in_shift).view(1, -1, 1, 1)
+        if in_relu:
+            x = torch.relu(x)
+    y = F.conv2d(x, w.double(), d(bias), stride, padding, dilation, groups)
+    v = (1, -1, 1, 1)
+    if scale is not None:
+        y = y * d(scale).view(v)
+    if shift is not None:
+        y = y + d(shift).view(v)
+    if residual is not None:
+        y = y + residual.double()
+    return torch.relu(y) if relu else y
+
+
+def make(N, C, H, W, K, R, S, groups, dtype, device, seed=0, **terms):
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    x = rnd(N, C, H, W).to(device, dtype)
+    w = (rnd(K, C // groups, R, S) / (C // groups * R * S) ** 0.5).to(device, dtype)
+    vec = lambda: rnd(K).to(device)  # noqa: E731
+    kw = {}
+    if terms.get("bias"):
+        kw["bias"] = vec()
+    if terms.get("scale"):
+        kw["scale"] = vec().abs() + 0.5
+    if terms.get("shift"):
+        kw["shift"] = vec()
+    if terms.get("relu"):
+        kw["relu"] = True
+    return x, w, kw
+
+
+@pytest.fixture
+def small_config():
+    with conv_fwd.pinned_config(SMALL):
+        yield SMALL
+
+
+# (N, C, H, W, K, R, stride, padding, dilation, groups)
+FAMILIES = {
+    "stem7x7s2_C3": (1, 3, 9, 9, 8, 7, 2, 3, 1, 1),
+    "3x3s1": (1, 16, 6, 7, 24, 3, 1, 1, 1, 1),
+    "3x3s2_oddC": (2, 20, 7, 5, 12, 3, 2, 1, 1, 1),
+    "1x1s1_pointwise": (2, 24, 5, 3, 20, 1, 1, 0, 1, 1),
+    "1x1s2": (1, 16, 7, 7, 8, 1, 2, 0, 1, 1),
+    "dil2": (1, 8, 8, 9, 8, 3, 1, 2, 2, 1),
+    "dil4": (1, 8, 9, 9, 16, 3, 1, 4, 4, 1),
+    "groups_4_per_group": (2, 16, 5, 6, 16, 3, 1, 1, 1, 4),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_shape_families_full_epilogue(family, dtype, kernel_device, triton_backend, small_config):
+    if dtype == torch.float16 and family in ("3x3s1", "1x1s2", "dil2"):
+        pytest.skip("fp16 runs on a subset to keep the interpreter budget")
+    N, C, H, W, K, R, s, p, d, gr = FAMILIES[family]
+    x, w, kw = make(N, C, H, W, K, R, R, gr, dtype, kernel_device, bias=True, scale=True, shift=True, relu=True)
+    geo = ConvGeometry.make(x.shape, w.shape, s, p, d, gr)
+    res = torch.randn(N, K, geo.P, geo.Q).to(kernel_device, dtype).contiguous(memory_format=torch.channels_last)
+    bias = kw.pop("bias")
+    y = conv2d(x, w, bias, s, p, d, gr, residual=res, **kw)
+    ref = reference(x, w, bias, s, p, d, gr, residual=res, **kw)
+    assert y.shape == ref.shape and y.dtype == dtype
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert rel_err(y, ref) < TOL[dtype]
+    assert resnet_fast.stats()["kernel_calls"].get("conv2d") == 1
+    assert not resnet_fast.stats()["fallbacks"]
+
+
+@pytest.mark.parametrize("term", ["none", "bias", "scale", "shift", "residual", "relu"])
+def test_each_epilogue_term_alone(term, kernel_device, triton_backend):
+    x, w, kw = make(2, 6, 4, 5, 10, 3, 3, 1, torch.float32, kernel_device, **{term: True})
+    if term == "residual":
+        kw["residual"] = torch.randn(2, 10, 4, 5).to(kernel_device)  # NCHW residual: converted once
+    y = conv2d(x, w, padding=1, **kw)
+    ref = reference(x, w, padding=1, **kw)
+    assert rel_err(y, ref) < TOL[torch.float32]
+    if term != "none":  # the term must matter: without it the result differs
+        plain = reference(x, w, padding=1)
+        assert rel_err(y, plain) > 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("geom", [(2, 12, 6, 6, 20, 3, 1, 1, 1), (1, 3, 7, 7, 8, 7, 2, 3, 1)],
+                         ids=["3x3_padded", "stem"])
+def test_prologue_and_stats(geom, dtype, kernel_device, small_config):
+    N, C, H, W, K, R, s, p, gr = geom
+    x, w, _ = make(N, C, H, W, K, R, R, gr, dtype, kernel_device, seed=3)
+    in_scale = (torch.rand(C) + 0.5).to(kernel_device)
+    in_shift = (torch.rand(C) + 0.5).to(kernel_device)  # > 0: relu(shift) would leak into the zero padding
+    geo = ConvGeometry.make(x.shape, w.shape, s, p, 1, gr)
+    xc = x.contiguous(memory_format=torch.channels_last)
+    y, part = conv_fwd.conv2d_nhwc(xc, conv_fwd.pack_weight(w, gr, dtype), geo, in_scale=in_scale,
+                                   in_shift=in_shift, in_relu=True, stats=True)
+    ref = reference(x, w, None, s, p, 1, gr, in_scale=in_scale, in_shift=in_shift, in_relu=True)
+    assert rel_err(y, ref) < TOL[dtype]
+    # partials: per tile of SMALL.BLOCK_M GEMM rows, Σy and Σy² of the stored (rounded) output
+    tiles = -(-geo.M // SMALL.BLOCK_M)
+    assert part.shape == (2, tiles, K) and part.dtype == torch.float32
+    rows = y.permute(0, 2, 3, 1).reshape(geo.M, K).double()
+    pad = torch.zeros(tiles * SMALL.BLOCK_M - geo.M, K, dtype=torch.float64, device=rows.device)
+    per_tile = torch.cat([rows, pad]).view(tiles, SMALL.BLOCK_M, K)
+    assert rel_err(part[0], per_tile.sum(1)) < 1e-5
+    assert rel_err(part[1], (per_tile ** 2).sum(1)) < 1e-5
+    # and the prologue without ReLU, without stats
+    y2, none = conv_fwd.conv2d_nhwc(xc, conv_fwd.pack_weight(w, gr, dtype), geo, in_scale=in_scale,
+                                    in_shift=-in_shift)
+    assert none is None
+    assert rel_err(y2, reference(x, w, None, s, p, 1, gr, in_scale=in_scale, in_shift=-in_shift)) < TOL[dtype]
+
+
+def test_stats_partials_feed_bn_finalize(kernel_device, small_config):
+    """The partials layout is the one bn_finalize consumes: batch mean/var of the conv output."""
+    bn_finalize = pytest.importorskip("resnet_fast.kernels.bn_finalize").bn_finalize
+    x, w, _ = make(2, 8, 5, 5, 12, 1, 1, 1, torch.float32, kernel_device, seed=5)
+    geo = ConvGeometry.make(x.shape, w.shape)
+    y, part = conv_fwd.conv2d_nhwc(x.contiguous(memory_format=torch.channels_last),
+                                   conv_fwd.pack_weight(w, 1, torch.float32), geo, stats=True)
+    mean, invstd, _, _ = bn_finalize(part[0], part[1], geo.M, eps=1e-5)
+    yd = y.double()
+    assert rel_err(mean, yd.mean((0, 2, 3))) < 1e-5
+    assert rel_err(invstd, (yd.var((0, 2, 3), unbiased=False) + 1e-5).rsqrt()) < 1e-5
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(N=st.integers(1, 2), cg=st.integers(1, 6), kg=st.integers(1, 6), groups=st.sampled_from([1, 2, 3]),
+       H=st.integers(1, 8), W=st.integers(1, 8), R=st.sampled_from([1, 2, 3]), S=st.sampled_from([1, 3]),
+       stride=st.integers(1, 3), padding=st.integers(0, 2), dilation=st.integers(1, 2), seed=st.integers(0, 99))
+def test_random_shapes(N, cg, kg, groups, H, W, R, S, stride, padding, dilation, seed, kernel_device,
+                       triton_backend):
+    C, K = cg * groups, kg * groups
+    assume((H + 2 * padding - dilation * (R - 1) - 1) >= 0 and (W + 2 * padding - dilation * (S - 1) - 1) >= 0)
+    x, w, kw = make(N, C, H, W, K, R, S, groups, torch.float32, kernel_device, seed=seed, shift=True, relu=True)
+    y = conv2d(x, w, None, stride, padding, dilation, groups, **kw)
+    assert rel_err(y, reference(x, w, None, stride, padding, dilation, groups, **kw)) < TOL[torch.float32]
+
+
+def test_every_output_element_written(kernel_device, small_config):
+    """NaN-poisoned output buffer: every element is overwritten, none beyond the output is touched."""
+    x, w, kw = make(2, 5, 9, 7, 40, 3, 3, 1, torch.float32, kernel_device, seed=7, bias=True)
+    geo = ConvGeometry.make(x.shape, w.shape, 2, 1)
+    big = torch.full((geo.N * geo.P * geo.Q * geo.K + 64,), float("nan"), device=kernel_device)
+    out = big[:-64].view(geo.N, geo.P, geo.Q, geo.K).permute(0, 3, 1, 2)
+    y, _ = conv_fwd.conv2d_nhwc(x.contiguous(memory_format=torch.channels_last),
+                                conv_fwd.pack_weight(w, 1, torch.float32), geo, out=out, **kw)
+    assert y.data_ptr() == out.data_ptr()
+    assert not torch.isnan(y).any()
+    assert torch.isnan(big[-64:]).all()
+    assert rel_err(y, reference(x, w, kw["bias"], 2, 1)) < TOL[torch.float32]
+
+
+def test_nchw_and_channels_last_inputs_agree(kernel_device, triton_backend):
+    x, w, _ = make(2, 7, 6, 5, 9, 3, 3, 1, torch.float32, kernel_device, seed=9)
+    x_before = x.clone()
+    y_nchw = conv2d(x, w, stride=2, padding=1)
+    y_cl = conv2d(x.contiguous(memory_format=torch.channels_last), w, stride=2, padding=1)
+    assert torch.equal(x, x_before)  # input not mutated
+    assert y_nchw.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(y_nchw, y_cl)
+    assert rel_err(y_nchw, reference(x, w, None, 2, 1)) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_fold_bn_matches_eval_batchnorm(affine, kernel_device, triton_backend):
+    torch.manual_seed(0)
+    bn = torch.nn.BatchNorm2d(6, eps=1e-3, affine=affine).eval()
+    bn.running_mean.normal_()
+    bn.running_var.uniform_(0.5, 2.0)
+    if affine:
+        bn.weight.data.normal_()
+        bn.bias.data.normal_()
+    scale, shift = fold_bn(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+    assert scale.dtype == shift.dtype == torch.float32 and scale.shape == (6,)
+    z = torch.randn(3, 6, 4, 4)
+    ref = bn.double()(z.double())
+    assert rel_err(z * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1), ref) < 1e-6
+    # fused into the conv (kernel path) against conv -> eval BN in float64
+    x, w, _ = make(1, 4, 5, 5, 6, 3, 3, 1, torch.float32, kernel_device)
+    y = conv2d(x, w, padding=1, scale=scale.to(kernel_device), shift=shift.to(kernel_device), relu=True)
+    assert rel_err(y, torch.relu(bn(F.conv2d(x.double(), w.double(), padding=1)))) < TOL[torch.float32]
+
+
+def test_fallbacks_are_counted_and_correct(kernel_device, triton_backend, monkeypatch):
+    x, w, kw = make(1, 4, 5, 5, 6, 3, 3, 1, torch.float64, kernel_device, shift=True)
+    y = conv2d(x, w, padding=1, **kw)  # float64: no kernel, an explicit counted fallback
+    assert y.dtype == torch.float64 and y.is_contiguous(memory_format=torch.channels_last)
+    assert rel_err(y, reference(x, w, padding=1, **kw)) < 1e-12
+    st_ = resnet_fast.stats()
+    assert sum(st_["fallbacks"]["conv2d"].values()) == 1 and "conv2d" not in st_["kernel_calls"]
+    monkeypatch.setenv("RESNET_FAST_BACKEND", "eager")
+    x32, w32 = x.float(), w.float()
+    y_eager = conv2d(x32, w32, padding=1, **kw)
+    assert rel_err(y_eager, reference(x32, w32, padding=1, **kw)) < 1e-6
+    assert "conv2d" not in resnet_fast.stats()["kernel_calls"]
+
+
+def test_weight_pack_cache_never_stale(kernel_device, triton_backend):
+    x, w, _ = make(1, 4, 4, 4, 5, 3, 3, 1, torch.float32, kernel_device)
+    p1 = conv_fwd.pack_weight(w, 1, torch.float32)
+    assert conv_fwd.pack_weight(w, 1, torch.float32) is p1  # cached
+    assert p1.shape == (5, 3, 3, 16) and torch.all(p1[..., 4:] == 0)
+    assert torch.equal(p1[..., :4], w.permute(0, 2, 3, 1))
+    conv2d(x, w, padding=1)
+    with torch.no_grad():
+        w.mul_(-2.0)  # in place: bumps _version
+    assert conv_fwd.pack_weight(w, 1, torch.float32) is not p1
+    y = conv2d(x, w, padding=1)
+    assert rel_err(y, reference(x, w, padding=1)) < TOL[torch.float32]
+
+
+def test_custom_op_fake_and_compile(kernel_device, triton_backend):
+    x, w, kw = make(1, 4, 5, 5, 6, 3, 3, 1, torch.float32, kernel_device, scale=True, relu=True)
+    op = torch.ops.resnet_fast.conv2d.default
+    torch.library.opcheck(op, (x, w, None, [1, 1], [1, 1], [1, 1], 1, kw["scale"], None, None, True),
+                          test_utils=("test_schema", "test_faketensor"))
+    fn = torch.compile(lambda a, b: conv2d(a, b, padding=1, **kw) * 2, backend="aot_eager", fullgraph=True)
+    assert rel_err(fn(x, w), 2 * reference(x, w, padding=1, **kw)) < TOL[torch.float32]
+
+
+BAD = [
+    ("x must be 4-D", lambda x, w: conv2d(x[0], w)),
+    ("weight dtype", lambda x, w: conv2d(x, w.double())),
+    ("C/groups=5", lambda x, w: conv2d(x, torch.randn(6, 5, 3, 3))),
+    ("groups=3 must divide", lambda x, w: conv2d(x, w, groups=3)),
+    ("weight must be 4-D", lambda x, w: conv2d(x, w[0])),
+    ("scale must be a 1-D tensor of length K=6", lambda x, w: conv2d(x, w, scale=torch.ones(5))),
+    ("shift must be a 1-D", lambda x, w: conv2d(x, w, shift=torch.ones(6, 1))),
+    ("residual must have the output shape", lambda x, w: conv2d(x, w, residual=torch.ones(1, 6, 5, 5))),
+    ("residual dtype", lambda x, w: conv2d(x, w, residual=torch.ones(1, 6, 3, 3, dtype=torch.float16))),
+    ("stride must be", lambda x, w: conv2d(x, w, stride=0)),
+    ("padding must be", lambda x, w: conv2d(x, w, padding=(1, 2, 3))),
+    ("too small", lambda x, w: conv2d(x[:, :, :2, :2], w)),
+    ("relu must be a bool", lambda x, w: conv2d(x, w, relu="yes")),
+    ("x must be floating point", lambda x, w: conv2d(x.long(), w)),
+    ("running_var must be a 1-D floating tensor of length 4",
+     lambda x, w: fold_bn(torch.zeros(4), torch.ones(3), None, None, 1e-5)),
+    ("eps must be a positive", lambda x, w: fold_bn(torch.zeros(4), torch.ones(4), None, None, -1.0)),
+]
+
+
+@pytest.mark.parametrize("match,call", BAD, ids=[b[0] for b in BAD])
+def test_bad_inputs_raise_value_error(match, call, triton_backend):
+    x, w = torch.randn(1, 4, 5, 5), torch.randn(6, 4, 3, 3)
+    with pytest.raises(ValueError, match=match):
+        call(x, w)
+
+
+def test_autotuner_persists_winners(tmp_path, monkeypatch):
+    monkeypatch.setenv("RESNET_FAST_CACHE_DIR", str(tmp_path))
+    g32 = ConvGeometry.make((32, 64, 56, 56), (64, 64, 3, 3), 1, 1)
+    g48 = ConvGeometry.make((48, 64, 56, 56), (64, 64, 3, 3), 1, 1)
+    key = cfgs.tuning_key("conv_fwd", g32, torch.float16, torch.device("cpu"))
+    assert key == cfgs.tuning_key("conv_fwd", g48, torch.float16, torch.device("cpu"))  # same bucket
+    g_other = ConvGeometry.make((32, 128, 56, 56), (64, 128, 3, 3), 1, 1)
+    assert key != cfgs.tuning_key("conv_fwd", g_other, torch.float16, torch.device("cpu"))
+    cands = cfgs.prune(cfgs.fwd_configs(torch.float16), g32.M, g32.Kg, g32.Cg_pad, torch.float16)
+    assert len(cands) > 1
+    times = {c: 1.0 + i for i, c in enumerate(cands)}
+    best = cands[-1]
+    times[best] = 0.1
+    calls = []
+    win = cfgs.Autotuner().pick(key, cands, lambda c: calls.append(c) or times[c])
+    assert win == best and len(calls) == len(cands)
+    saved = json.loads(open(cfgs.cache_path()).read())
+    assert ConvConfig(**saved[key]) == best
+    fresh = cfgs.Autotuner()  # a "second process": reads the file, never benchmarks
+
+    def no_bench(c):
+        raise AssertionError("retuned")
+    assert fresh.pick(key, cands, no_bench) == best
+
+
+def test_fp32_tf32_rule_follows_torch(monkeypatch):
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is None or not hasattr(conv, "fp32_precision"):
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+        assert cfgs.conv_allows_tf32() is False
+        return
+    before = conv.fp32_precision
+    try:
+        conv.fp32_precision = "ieee"
+        assert cfgs.conv_allows_tf32() is False
+        conv.fp32_precision = "tf32"
+        assert cfgs.conv_allows_tf32() is True
+    finally:
+        conv.fp32_precision = before
+
+
+# ------------------------------------------------------------------------------------------------------ GPU
+def _resnet50_convs():
+    """(C, K, R, stride, padding, H) of every distinct conv of torchvision ResNet-50 at 224x224."""
+    shapes = {(3, 64, 7, 2, 3, 224)}
+    c_in, h = 64, 56
+    for width, blocks, stride in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)):
+        out = width * 4
+        for b in range(blocks):
+            s = stride if b == 0 else 1
+            shapes |= {(c_in, width, 1, 1, 0, h), (width, width, 3, s, 1, h), (width, out, 1, 1, 0, h // s)}
+            if b == 0:
+                shapes.add((c_in, out, 1, s, 0, h))
+            c_in, h = out, h // s
+    return sorted(shapes)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("shape", _resnet50_convs(), ids=lambda s: "C{}K{}r{}s{}p{}h{}".format(*s))
+def test_resnet50_layers_gpu(shape, dtype, triton_backend):
+    C, K, R, s, p, h = shape
+    x, w, kw = make(32, C, h, h, K, R, R, 1, dtype, "cuda", scale=True, shift=True, relu=True)
+    x = x.contiguous(memory_format=torch.channels_last)
+    geo = ConvGeometry.make(x.shape, w.shape, s, p)
+    res = torch.randn(32, K, geo.P, geo.Q, device="cuda", dtype=dtype).contiguous(memory_format=torch.channels_last)
+    y, _ = conv_fwd.conv2d_nhwc(x, conv_fwd.pack_weight(w, 1, dtype), geo, residual=res, allow_tf32=False, **kw)
+    ref = reference(x, w, None, s, p, residual=res, **kw)
+    assert rel_err(y, ref) < TOL[dtype]
+    if dtype == torch.float32:  # TF32 when asked: within TF32's 10-bit mantissa
+        y32, _ = conv_fwd.conv2d_nhwc(x, conv_fwd.pack_weight(w, 1, dtype), geo, residual=res, allow_tf32=True, **kw)
+        assert rel_err(y32, ref) < 5e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_training_variants_gpu(dtype):
+    """Prologue + stats on a ResNeXt grouped layer (4 channels per group) and a stem at batch 8."""
+    for (C, K, R, s, p, gr, h) in ((128, 128, 3, 1, 1, 32, 28), (3, 64, 7, 2, 3, 1, 64)):
+        x, w, _ = make(8, C, h, h, K, R, R, gr, dtype, "cuda", seed=1)
+        x = x.contiguous(memory_format=torch.channels_last)
+        isc, ish = torch.rand(C, device="cuda") + 0.5, torch.rand(C, device="cuda") - 0.2
+        geo = ConvGeometry.make(x.shape, w.shape, s, p, 1, gr)
+        y, part = conv_fwd.conv2d_nhwc(x, conv_fwd.pack_weight(w, gr, dtype), geo, in_scale=isc, in_shift=ish,
+                                       in_relu=True, stats=True)
+        ref = reference(x, w, None, s, p, 1, gr, in_scale=isc, in_shift=ish, in_relu=True)
+        assert rel_err(y, ref) < TOL[dtype]
+        assert rel_err(part[0].sum(0), y.double().sum((0, 2, 3))) < 1e-5
+        assert rel_err(part[1].sum(0), (y.double() ** 2).sum((0, 2, 3))) < 1e-5
