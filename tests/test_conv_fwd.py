@@ -344,7 +344,8 @@ def _resnet50_convs():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
 @pytest.mark.parametrize("shape", _resnet50_convs(), ids=lambda s: "C{}K{}r{}s{}p{}h{}".format(*s))
-def test_resnet50_layers_gpu(shape, dtype, triton_backend):
+def test_resnet50_layers_gpu(shape, dtype, triton_backend, monkeypatch):
+    monkeypatch.setenv("RESNET_FAST_AUTOTUNE", "0")  # heuristic config: every config is covered below
     C, K, R, s, p, h = shape
     x, w, kw = make(32, C, h, h, K, R, R, 1, dtype, "cuda", scale=True, shift=True, relu=True)
     x = x.contiguous(memory_format=torch.channels_last)
@@ -373,3 +374,34 @@ def test_training_variants_gpu(dtype):
         assert rel_err(y, ref) < TOL[dtype]
         assert rel_err(part[0].sum(0), y.double().sum((0, 2, 3))) < 1e-5
         assert rel_err(part[1].sum(0), (y.double() ** 2).sum((0, 2, 3))) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+def test_every_tuning_config_gpu(dtype):
+    """Each candidate the autotuner may pick, pinned, on an aligned and an unaligned (C=20, K=24) layer."""
+    for C, K in ((64, 128), (20, 24)):
+        x, w, kw = make(4, C, 15, 13, K, 3, 3, 1, dtype, "cuda", bias=True, relu=True)
+        x = x.contiguous(memory_format=torch.channels_last)
+        geo = ConvGeometry.make(x.shape, w.shape, 1, 1)
+        ref = reference(x, w, kw["bias"], 1, 1, relu=True)
+        for cfg in cfgs.fwd_configs(dtype):
+            y, _ = conv_fwd.conv2d_nhwc(x, conv_fwd.pack_weight(w, 1, dtype), geo, config=cfg, allow_tf32=False,
+                                        **kw)
+            assert rel_err(y, ref) < TOL[dtype], cfg
+
+
+@pytest.mark.gpu
+def test_autotune_then_cache_hit_gpu(tmp_path, monkeypatch, triton_backend):
+    monkeypatch.setenv("RESNET_FAST_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(conv_fwd, "_TUNER", cfgs.Autotuner())
+    x, w, _ = make(8, 64, 28, 28, 64, 3, 3, 1, torch.float16, "cuda")
+    y = conv2d(x, w, padding=1)
+    assert rel_err(y, reference(x, w, padding=1)) < TOL[torch.float16]
+    saved = json.loads(open(cfgs.cache_path()).read())
+    assert len(saved) == 1
+    monkeypatch.setattr(conv_fwd, "_TUNER", cfgs.Autotuner())  # a fresh process's view: reads the file
+    monkeypatch.setattr(cfgs.Autotuner, "pick", lambda *a: pytest.fail("retuned despite the disk cache"),
+                        raising=True)
+    x2 = torch.randn(12, 64, 28, 28, device="cuda", dtype=torch.float16)  # another batch, same bucket
+    assert rel_err(conv2d(x2, w, padding=1), reference(x2, w, padding=1)) < TOL[torch.float16]

@@ -88,22 +88,21 @@ def _pow2_at_least(v: int, lo: int = 16) -> int:
 
 def prune(configs, M: int, Kg: int, Cg_pad: int, dtype: torch.dtype) -> list:
     """Candidates (already for ``dtype``) that do not waste most of a tile on this shape (BLOCK_N > Kg,
-    BLOCK_K > Cg_pad, BLOCK_M > M rounded up); never empty."""
-    out = []
-    for cfg in configs:
-        if (cfg.BLOCK_N <= _pow2_at_least(Kg) and cfg.BLOCK_K <= _pow2_at_least(Cg_pad)
-                and cfg.BLOCK_M <= _pow2_at_least(M, 64) and cfg not in out):
-            out.append(cfg)
-    return out or [heuristic(M, Kg, Cg_pad, dtype)]
+    BLOCK_K > Cg_pad, BLOCK_M > M rounded up); never empty (else the smallest tile)."""
+    out = [cfg for cfg in configs
+           if cfg.BLOCK_N <= _pow2_at_least(Kg) and cfg.BLOCK_K <= _pow2_at_least(Cg_pad)
+           and cfg.BLOCK_M <= _pow2_at_least(M, 64)]
+    return out or [min(configs, key=lambda c: (c.BLOCK_M * c.BLOCK_N, c.BLOCK_K))]
 
 
-def heuristic(M: int, Kg: int, Cg_pad: int, dtype: torch.dtype) -> ConvConfig:
-    """A reasonable config without tuning: tiles as wide as the channels allow, up to 128×128×64."""
-    bn = min(128, _pow2_at_least(Kg))
-    bk = min(64, _pow2_at_least(Cg_pad))
-    bm = 128 if M >= 128 else 64
-    warps = 8 if bm * bn >= 128 * 128 else 4
-    return for_dtype(ConvConfig(bm, bn, bk, 8, warps, 3 if warps == 8 else 4), dtype)
+def heuristic(candidates, M: int, Kg: int, Cg_pad: int) -> ConvConfig:
+    """Without tuning: the candidate closest (in log2 of each tile side) to tiles as wide as the channels
+    allow, up to 128×128×64. Always one of ``candidates``, so always a compile-checked config."""
+    want = (128 if M >= 128 else 64, min(128, _pow2_at_least(Kg)), min(64, _pow2_at_least(Cg_pad)))
+
+    def dist(c):
+        return sum(abs(math.log2(a) - math.log2(b)) for a, b in zip((c.BLOCK_M, c.BLOCK_N, c.BLOCK_K), want))
+    return min(candidates, key=dist)
 
 
 def conv_allows_tf32() -> bool:

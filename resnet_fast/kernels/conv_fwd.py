@@ -205,10 +205,11 @@ def _choose_config(g: ConvGeometry, dtype, device, flags: tuple, launch) -> Conv
         return _cfg.INTERPRETER_CONFIG
     candidates = _cfg.prune(_cfg.fwd_configs(dtype), g.M, g.Kg, g.Cg_pad, dtype)
     key = _cfg.tuning_key("conv_fwd", g, dtype, device, *flags)
-    capturing = torch.cuda.is_current_stream_capturing()
-    if not _cfg.Autotuner.enabled() or capturing:
-        hit = _TUNER.lookup(key, candidates)
-        return hit or _cfg.heuristic(g.M, g.Kg, g.Cg_pad, dtype)
+    hit = _TUNER.lookup(key, candidates)  # this process's or an earlier one's winner
+    if hit is not None:
+        return hit
+    if not _cfg.Autotuner.enabled() or torch.cuda.is_current_stream_capturing():
+        return _cfg.heuristic(candidates, g.M, g.Kg, g.Cg_pad)  # never benchmark inside a CUDA graph capture
 
     def bench(cfg):
         return triton.testing.do_bench(lambda: launch(cfg), warmup=5, rep=25)
