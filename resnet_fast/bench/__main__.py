@@ -127,10 +127,12 @@ def run_demo(args) -> int:
     bad = demo.failures(rows)
     checked = [r for r in rows if r.get("numerics")]
     fell_back = sum(1 for r in checked if r.get("fallbacks"))
-    not_run = sum(1 for r in rows if r["impl"] == "resnet_fast" and r["status"] != "ok")
+    ours = [r for r in rows if r["impl"] == "resnet_fast"]
+    n_err = sum(1 for r in ours if r["status"].startswith("error"))
+    n_skip = sum(1 for r in ours if r["status"].startswith(("unavailable", "skipped")))
     print(f"\n{len(checked)} resnet_fast results checked against eager ({len(checked) - fell_back} through the "
-          f"project's kernels, {fell_back} fell back to eager), {len(bad)} mismatched; {not_run} not run "
-          f"(see status). These are NOT GPU timings.")
+          f"project's kernels, {fell_back} fell back to eager), {len(bad)} mismatched; {n_err} raised an error, "
+          f"{n_skip} unavailable or skipped (see status). These are NOT GPU timings.")
     return 1 if bad else 0
 
 

@@ -19,6 +19,9 @@ SUITES = ("op", "conv", "block", "model")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+_logged_errors: set = set()
+
+
 class Unavailable(Exception):
     """An implementation cannot be built here (API missing, unsupported option); the reason is reported."""
 
@@ -68,8 +71,9 @@ def error_status(exc: BaseException) -> str:
 
 
 def free_memory() -> None:
-    gc.collect()
+    """Release the last row's device memory so the next row's peak is its own (no-op without CUDA)."""
     if torch.cuda.is_available():
+        gc.collect()
         torch.cuda.empty_cache()
 
 
@@ -133,7 +137,10 @@ def run_row(case: Case, impl: str, build: Callable[[], Callable[[], dict]], *, p
     except Exception as exc:  # noqa: BLE001  (reported in the row, the run goes on)
         row["status"] = error_status(exc)
         if log is not None and not isinstance(exc, Unavailable):
-            log(f"{case.suite}/{case.name}/{case.mode}/{impl}: {row['status']}\n{traceback.format_exc(limit=4)}")
+            # The traceback once per distinct error; later rows with the same error get one line.
+            tb = "" if row["status"] in _logged_errors else "\n" + traceback.format_exc(limit=4)
+            _logged_errors.add(row["status"])
+            log(f"{case.suite}/{case.name}/{case.mode}/{impl}: {row['status']}{tb}")
     finally:
         if before is not None:
             row.update(kernel_path(before, _kernel_stats()))

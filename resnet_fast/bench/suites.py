@@ -42,6 +42,7 @@ class Config:
     budget_s: Optional[float] = None
     profile_dir: Optional[Path] = None
     device: str = "cuda"
+    width: int = 64  # base channel width of the op/conv/block shapes; < 64 only for CPU smoke runs
 
 
 def n_buffers(bytes_per_set: int) -> int:
@@ -64,7 +65,7 @@ def op_jobs(cfg: Config) -> Iterator:
     dt = DTYPES[cfg.dtype]
     esize = torch.empty((), dtype=dt).element_size()
     modes = ["fwd"] + (["bwd"] if "train" in cfg.modes else [])
-    for tail, count in shapes.tails(cfg.model, cfg.resolution).items():
+    for tail, count in shapes.tails(cfg.model, cfg.resolution, cfg.width).items():
         n = tail.elements(cfg.batch)
         for mode in modes:
             # Compulsory traffic: fwd reads x, residual, writes out; bwd reads grad, x, residual and writes
@@ -114,7 +115,7 @@ def _op_build(cfg: Config, tail: shapes.TailShape, mode: str, impl: str):
 # ---- conv -----------------------------------------------------------------------------------------------
 
 def conv_jobs(cfg: Config) -> Iterator:
-    for conv, count in shapes.convs(cfg.model, cfg.resolution).items():
+    for conv, count in shapes.convs(cfg.model, cfg.resolution, cfg.width).items():
         x_el, w_el, y_el = conv.elements(cfg.batch)
         for mode in cfg.modes:
             train = mode == "train"
@@ -162,7 +163,7 @@ def _conv_build(cfg: Config, c: shapes.ConvShape, mode: str, impl: str):
 # ---- block and model ------------------------------------------------------------------------------------
 
 def block_jobs(cfg: Config) -> Iterator:
-    for shape, count in shapes.blocks(cfg.model, cfg.resolution).items():
+    for shape, count in shapes.blocks(cfg.model, cfg.resolution, cfg.width).items():
         ref = reference.block(shape)
         x_el = cfg.batch * shape.inplanes * shape.h * shape.w
         ho, wo = shape.out_hw
@@ -287,12 +288,12 @@ def count_jobs(cfg: Config) -> int:
     for suite in cfg.suites:
         if suite == "op":
             per = len([i for i in cfg.impls if i != "eager_fp32_nchw"])
-            n += len(shapes.tails(cfg.model, cfg.resolution)) * (1 + ("train" in cfg.modes)) * per
+            n += len(shapes.tails(cfg.model, cfg.resolution, cfg.width)) * (1 + ("train" in cfg.modes)) * per
         elif suite == "conv":
             per = len([i for i in cfg.impls if i in ("resnet_fast", "eager", "eager_fp32_nchw")])
-            n += len(shapes.convs(cfg.model, cfg.resolution)) * len(cfg.modes) * per
+            n += len(shapes.convs(cfg.model, cfg.resolution, cfg.width)) * len(cfg.modes) * per
         elif suite == "block":
-            n += len(shapes.blocks(cfg.model, cfg.resolution)) * len(cfg.modes) * len(cfg.impls)
+            n += len(shapes.blocks(cfg.model, cfg.resolution, cfg.width)) * len(cfg.modes) * len(cfg.impls)
         elif suite == "model":
             n += len(cfg.modes) * len(cfg.impls)
     return n

@@ -1,0 +1,214 @@
+"""The benchmark tool on CPU: shape derivation, timing statistics, schema check, suites plumbing, CPU demo."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from resnet_fast.bench import reference, report, runner, shapes, timing
+from resnet_fast.bench.suites import Config, count_jobs, run_suites
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---- shapes ---------------------------------------------------------------------------------------------
+
+def test_resnet50_distinct_convs():
+    convs = shapes.convs("resnet50")
+    assert len(convs) == 23  # stem + 4 distinct in layer1 + 6 in each later stage
+    assert sum(convs.values()) == 53
+    known = {(c.cin, c.cout, c.k, c.stride, c.h): n for c, n in convs.items()}
+    assert known[(64, 64, 3, 1, 56)] == 3  # (64,64,3,3,s1,56x56): once per layer1 block
+    assert known[(3, 64, 7, 2, 224)] == 1
+    assert known[(64, 256, 1, 1, 56)] == 4  # 3 conv3 + the downsample, same shape
+    assert known[(128, 128, 3, 2, 56)] == 1  # v1.5: stride on the 3x3 conv
+    assert known[(1024, 2048, 1, 2, 14)] == 1
+    assert (512, 512, 3, 1, 7) in known
+
+
+def test_distinct_blocks_and_tails():
+    assert len(shapes.blocks("resnet18")) == 7  # layer1's two blocks coincide
+    assert len(shapes.blocks("resnet50")) == 8
+    rx = shapes.blocks("resnext50_32x4d")
+    assert [b.width for b in rx][:2] == [128, 128] and all(b.groups == 32 for b in rx)
+    tails = shapes.tails("resnet50")
+    assert {(t.c, t.h) for t in tails} == {(256, 56), (512, 28), (1024, 14), (2048, 7)}
+    assert sum(tails.values()) == 16
+
+
+@pytest.mark.parametrize("model, gmacs", [("resnet18", 1.81), ("resnet50", 4.09), ("resnext50_32x4d", 4.23)])
+def test_model_flops_match_published(model, gmacs):
+    # torchvision's model cards list these GFLOPS (multiply-adds) at 224x224.
+    assert shapes.model_flops(model, 1) / 2e9 == pytest.approx(gmacs, abs=0.01)
+
+
+@pytest.mark.parametrize("model", list(shapes.ARCHS))
+def test_shapes_match_the_reference_network(model):
+    """Every conv the reference network runs at 224x224 is exactly what shapes.all_convs derives."""
+    seen = []
+
+    def hook(mod, inp, out):
+        x = inp[0]
+        seen.append(shapes.ConvShape(mod.in_channels, mod.out_channels, mod.kernel_size[0], mod.stride[0],
+                                     mod.padding[0], mod.groups, x.shape[2], x.shape[3]))
+    net = reference.model(model).eval()
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            m.register_forward_hook(hook)
+    with torch.no_grad():
+        net(torch.randn(1, 3, 224, 224))
+    assert sorted(seen, key=repr) == sorted(shapes.all_convs(model), key=repr)
+
+
+def test_standin_reference_has_torchvision_structure():
+    standin = reference.ResNet("resnet50")
+    keys = list(standin.state_dict())
+    assert len(keys) == 320 and keys[:2] == ["conv1.weight", "bn1.weight"]
+    assert "layer2.0.downsample.1.running_var" in keys
+    assert sum(p.numel() for p in standin.parameters()) == 25557032  # torchvision resnet50
+
+
+# ---- timing ---------------------------------------------------------------------------------------------
+
+class ScriptedTimer:
+    """Returns pre-set per-repeat times; counts the calls it makes."""
+
+    def __init__(self, samples):
+        self.samples, self.calls = samples, 0
+
+    def run(self, fn, setup, repeats):
+        for i in range(repeats):
+            fn(i) if setup is None else fn(i, setup(i))
+            self.calls += 1
+        return self.samples[:repeats]
+
+    def sync(self):
+        pass
+
+
+def test_summary_statistics():
+    t = timing.summarize([7.0, 1.0, 3.0, 10.0, 2.0, 9.0, 4.0, 8.0, 5.0, 6.0], warmup_s=1.5)
+    assert (t.median, t.p20, t.p80, t.min, t.n, t.warmup_s) == (5.5, pytest.approx(2.8), pytest.approx(8.2),
+                                                                1.0, 10, 1.5)
+    assert timing.quantile([4.0], 0.2) == 4.0
+    with pytest.raises(ValueError):
+        timing.quantile([], 0.5)
+
+
+def test_measure_warms_up_then_uses_the_timer():
+    calls = []
+    timer = ScriptedTimer([3.0, 1.0, 2.0])
+    t = timing.measure(lambda i: calls.append(i), warmup=2, repeats=3, timer=timer)
+    assert calls == [0, 1, 0, 1, 2]  # 2 warm-up calls, then the 3 timed ones with their rotation index
+    assert t.median == 2.0 and t.n == 3 and t.warmup_s >= 0
+
+
+def test_measure_passes_setup_state():
+    got = []
+    timer = ScriptedTimer([1.0] * 5)
+    timing.measure(lambda i, s: got.append(s), setup=lambda i: i * 10, warmup=1, repeats=5, timer=timer)
+    assert got == [0, 0, 10, 20, 30, 40]
+
+
+# ---- schema ---------------------------------------------------------------------------------------------
+
+def _doc():
+    row = {"suite": "block", "model": "resnet50", "name": "b", "mode": "train", "dtype": "bf16", "batch": 256,
+           "impl": "eager", "ms": 1.25, "tflops": 100.0, "gbps": None, "peak_mem_MB": 12.0}
+    return {"device": "NVIDIA H100", "date": "2025-01-01", "commit": "abc", "torch": "2.11", "triton": "3.6",
+            "cuda": "13.0", "peaks": {"copy_GBps": 3000.0, "bf16_TFLOPs": 700.0}, "results": [row]}
+
+
+def test_validator_accepts_a_good_document():
+    assert report.validate(_doc())
+
+
+@pytest.mark.parametrize("breakage", [
+    lambda d: d.pop("commit"),
+    lambda d: d["peaks"].pop("copy_GBps"),
+    lambda d: d["results"][0].pop("ms"),
+    lambda d: d["results"][0].update(impl="cudnn"),
+    lambda d: d["results"][0].update(ms="1.2"),
+    lambda d: d["results"][0].update(ms=None),  # status ok without a time
+    lambda d: d["results"][0].update(ms=float("nan")),
+    lambda d: d["results"][0].update(batch=0),
+    lambda d: d["results"][0].update(suite="layer"),
+    lambda d: d.update(results={}),
+])
+def test_validator_rejects_a_malformed_document(breakage):
+    doc = _doc()
+    breakage(doc)
+    with pytest.raises(ValueError, match="invalid results document|must be"):
+        report.validate(doc)
+
+
+def test_unavailable_row_is_valid_and_shown():
+    doc = _doc()
+    doc["results"][0].update(ms=None, tflops=None, status="unavailable: resnet_fast.ops.conv2d does not exist yet")
+    report.validate(doc)
+    assert "unavailable: resnet_fast.ops.conv2d" in report.format_table(doc["results"])
+    assert "unavailable" in report.to_markdown(doc)
+
+
+# ---- suites plumbing on CPU -----------------------------------------------------------------------------
+
+def test_suites_run_every_row_on_cpu():
+    """The GPU suites' plumbing on CPU with tiny shapes: one row per job, eager rows timed, none dropped."""
+    cfg = Config(model="resnet50", batch=2, resolution=16, width=8, dtype="bf16", device="cpu", repeats=2,
+                 warmup=1, impls=("resnet_fast", "eager", "eager_fp32_nchw"), max_row_s=0.1,
+                 suites=("op", "conv", "block"))
+    rows = run_suites(cfg, peaks={"copy_GBps": None, "bf16_TFLOPs": None})
+    assert len(rows) == count_jobs(cfg)
+    # The model suite is full width: the smallest network, eager rows only.
+    cfg = Config(model="resnet18", batch=2, resolution=32, dtype="bf16", device="cpu", repeats=2, warmup=1,
+                 impls=("eager", "eager_fp32_nchw"), suites=("model",))
+    rows += run_suites(cfg, peaks={"copy_GBps": None, "bf16_TFLOPs": None})
+    eager = [r for r in rows if r["impl"].startswith("eager")]
+    assert eager and all(r["status"] == "ok" and r["ms"] > 0 for r in eager), [r for r in eager if r["status"] != "ok"][:2]
+    assert all(r["tflops"] > 0 for r in eager if r["suite"] in ("conv", "block", "model"))
+    assert {r["suite"] for r in rows} == {"op", "conv", "block", "model"}
+    assert {r["dtype"] for r in eager if r["impl"] == "eager_fp32_nchw"} == {"fp32"}
+    ours = [r for r in rows if r["impl"] == "resnet_fast"]
+    assert all(r["status"] == "ok" or r["status"].startswith(("unavailable:", "error:")) for r in ours)
+    assert all("kernel_calls" in r for r in ours)
+
+
+def test_exhausted_budget_skips_rows_instead_of_dropping_them():
+    case = runner.Case("op", "resnet50", "x", "fwd", "bf16", 1)
+    budget = runner.Budget(0.0)
+    row = runner.run_row(case, "eager", lambda: (lambda: {"ms": 1.0}), peaks=None, budget=budget, estimate_s=1)
+    assert row["status"] == "skipped: time budget" and row["ms"] is None
+
+
+def test_speedup_is_baseline_over_row():
+    rows = [{"suite": "op", "model": "m", "name": "n", "mode": "fwd", "impl": "eager", "ms": 3.0},
+            {"suite": "op", "model": "m", "name": "n", "mode": "fwd", "impl": "resnet_fast", "ms": 1.5}]
+    runner.add_speedups(rows)
+    assert rows[1]["speedup"] == 2.0 and rows[0]["speedup"] == 1.0
+
+
+# ---- the CPU demo, end to end ---------------------------------------------------------------------------
+
+def test_cpu_demo_end_to_end(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RESNET_FAST", "TRITON_INTERPRET"))}
+    env["CUDA_VISIBLE_DEVICES"] = ""  # the demo path even on a GPU machine
+    proc = subprocess.run([sys.executable, "-m", "resnet_fast.bench", "--quick", "--demo-budget-s", "12",
+                           "--output", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "NOT GPU timings" in proc.stdout
+    assert "backend=triton" in proc.stdout  # re-executed into the interpreter backend
+    files = sorted(tmp_path.iterdir())
+    assert [f.suffix for f in files] == [".json", ".md", ".png"]
+    doc = report.validate(json.loads(files[0].read_text()))
+    assert doc["gpu_timings"] is False and "NOT GPU timings" in doc["timing_note"]
+    assert doc["device"] == "cpu" and doc["backend"] == "triton"
+    ours = [r for r in doc["results"] if r["impl"] == "resnet_fast"]
+    assert ours and all(r.get("numerics") in ("ok", None) for r in ours)
+    assert any(r.get("numerics") == "ok" for r in ours)
+    assert files[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "NOT GPU timings" in files[1].read_text()
