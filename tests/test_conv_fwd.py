@@ -226,6 +226,14 @@ def test_fallbacks_are_counted_and_correct(kernel_device, triton_backend, monkey
     assert rel_err(y, reference(x, w, padding=1, **kw)) < 1e-12
     st_ = resnet_fast.stats()
     assert sum(st_["fallbacks"]["conv2d"].values()) == 1 and "conv2d" not in st_["kernel_calls"]
+    if kernel_device == "cpu":  # interpreter: bf16 dots are wrong there, so bf16 is an explicit fallback
+        xb, wb = x.bfloat16(), w.bfloat16()
+        yb = conv2d(xb, wb, padding=1, **kw)
+        assert rel_err(yb, reference(xb, wb, padding=1, **kw)) < TOL[torch.bfloat16]
+        assert sum(resnet_fast.stats()["fallbacks"]["conv2d"].values()) == 2
+        with pytest.raises(RuntimeError, match="interpreter"):
+            conv_fwd.conv2d_nhwc(xb.contiguous(memory_format=torch.channels_last),
+                                 conv_fwd.pack_weight(wb, 1, torch.bfloat16), ConvGeometry.make(xb.shape, wb.shape, 1, 1))
     monkeypatch.setenv("RESNET_FAST_BACKEND", "eager")
     x32, w32 = x.float(), w.float()
     y_eager = conv2d(x32, w32, padding=1, **kw)

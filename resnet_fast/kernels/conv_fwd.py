@@ -261,6 +261,9 @@ def conv2d_nhwc(x: torch.Tensor, w_packed: torch.Tensor, geometry: ConvGeometry,
     g = geometry
     dtype, device = x.dtype, x.device
     _check(dtype in SUPPORTED_DTYPES, f"{who}: x dtype {dtype} is not one of fp32/fp16/bf16")
+    if dtype == torch.bfloat16 and _backend.interpreting():  # an error, not garbage
+        raise RuntimeError(f"{who}: bf16 tl.dot returns wrong results in the Triton interpreter; use fp16/fp32 "
+                           "on CPU (ops.conv2d falls back to eager for bf16 there)")
     _check(tuple(x.shape) == (g.N, g.C, g.H, g.W), f"{who}: x shape {tuple(x.shape)} does not match {g}")
     _check(x.is_contiguous(memory_format=torch.channels_last), f"{who}: x must be channels_last-contiguous")
     _check(tuple(w_packed.shape) == (g.K, g.R, g.S, g.Cg_pad) and w_packed.is_contiguous(),

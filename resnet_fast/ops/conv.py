@@ -68,6 +68,9 @@ def _conv2d_op(x, weight, bias, stride, padding, dilation, groups, scale, shift,
     if x.dtype not in conv_fwd.SUPPORTED_DTYPES:
         _backend.record_fallback(_OP, f"dtype {x.dtype} has no kernel (fp32/fp16/bf16 only)")
         return eager_conv2d(*args, **kw)
+    if x.dtype == torch.bfloat16 and _backend.interpreting():
+        _backend.record_fallback(_OP, "bf16 tl.dot is wrong in the Triton interpreter")
+        return eager_conv2d(*args, **kw)
     _backend.record_kernel_call(_OP)
     cl = torch.channels_last
     w_packed = conv_fwd.pack_weight(weight, groups, x.dtype)
