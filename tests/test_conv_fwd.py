@@ -233,7 +233,8 @@ def test_fallbacks_are_counted_and_correct(kernel_device, triton_backend, monkey
         assert sum(resnet_fast.stats()["fallbacks"]["conv2d"].values()) == 2
         with pytest.raises(RuntimeError, match="interpreter"):
             conv_fwd.conv2d_nhwc(xb.contiguous(memory_format=torch.channels_last),
-                                 conv_fwd.pack_weight(wb, 1, torch.bfloat16), ConvGeometry.make(xb.shape, wb.shape, 1, 1))
+                                 conv_fwd.pack_weight(wb, 1, torch.bfloat16),
+                                 ConvGeometry.make(xb.shape, wb.shape, 1, 1))
     monkeypatch.setenv("RESNET_FAST_BACKEND", "eager")
     x32, w32 = x.float(), w.float()
     y_eager = conv2d(x32, w32, padding=1, **kw)

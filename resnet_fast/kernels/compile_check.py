@@ -123,7 +123,8 @@ def compile_one(job: tuple) -> dict:
     row = {"module": name, "kernel": fn.__name__, "spec": _describe(sig, cx, opts), "is_gemm": bool(is_gemm)}
     t0 = time.time()
     try:
-        ck = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cx, attrs=attrs), target=GPUTarget("cuda", 90, 32),
+        src = ASTSource(fn=fn, signature=sig, constexprs=cx, attrs=attrs)
+        ck = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                             options=dict(opts))
         ptx = ck.asm["ptx"]
         row["wgmma"] = "wgmma" in ptx

@@ -74,9 +74,9 @@ def _conv2d_op(x, weight, bias, stride, padding, dilation, groups, scale, shift,
     _backend.record_kernel_call(_OP)
     cl = torch.channels_last
     w_packed = conv_fwd.pack_weight(weight, groups, x.dtype)
+    res = None if residual is None else residual.contiguous(memory_format=cl)
     y, _ = conv_fwd.conv2d_nhwc(x.contiguous(memory_format=cl), w_packed, g, bias=bias, scale=scale,
-                                shift=shift, residual=None if residual is None else residual.contiguous(memory_format=cl),
-                                relu=relu)
+                                shift=shift, residual=res, relu=relu)
     return y
 
 
