@@ -318,20 +318,29 @@ def test_autotuner_persists_winners(tmp_path, monkeypatch):
     assert fresh.pick(key, cands, no_bench) == best
 
 
-def test_fp32_tf32_rule_follows_torch(monkeypatch):
+def test_fp32_is_ieee_unless_both_torch_switches_allow_tf32(monkeypatch):
+    prev = torch.get_float32_matmul_precision()
     conv = getattr(torch.backends.cudnn, "conv", None)
-    if conv is None or not hasattr(conv, "fp32_precision"):
-        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-        assert cfgs.conv_allows_tf32() is False
-        return
-    before = conv.fp32_precision
+    new_api = conv is not None and hasattr(conv, "fp32_precision")
+    before = conv.fp32_precision if new_api else None
     try:
-        conv.fp32_precision = "ieee"
+        torch.set_float32_matmul_precision("highest")  # PyTorch's default: IEEE whatever cuDNN says
         assert cfgs.conv_allows_tf32() is False
-        conv.fp32_precision = "tf32"
-        assert cfgs.conv_allows_tf32() is True
+        torch.set_float32_matmul_precision("high")
+        if new_api:
+            conv.fp32_precision = "tf32"
+            assert cfgs.conv_allows_tf32() is True
+            conv.fp32_precision = "ieee"
+            assert cfgs.conv_allows_tf32() is False
+        else:
+            monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+            assert cfgs.conv_allows_tf32() is True
+            monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+            assert cfgs.conv_allows_tf32() is False
     finally:
-        conv.fp32_precision = before
+        torch.set_float32_matmul_precision(prev)
+        if new_api:
+            conv.fp32_precision = before
 
 
 # ------------------------------------------------------------------------------------------------------ GPU

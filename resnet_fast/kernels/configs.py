@@ -106,14 +106,17 @@ def heuristic(candidates, M: int, Kg: int, Cg_pad: int) -> ConvConfig:
 
 
 def conv_allows_tf32() -> bool:
-    """Whether an fp32 conv may use TF32, by PyTorch's own setting for cuDNN convs.
+    """Whether an fp32 conv may use TF32: only when BOTH of PyTorch's switches allow it.
 
-    Rule: torch >= 2.9 exposes ``torch.backends.cudnn.conv.fp32_precision`` ("tf32", "ieee" or "none" =
-    inherit from ``torch.backends.cudnn.fp32_precision``, then ``torch.backends.fp32_precision``; "none" all
-    the way up means IEEE). Older torch only has ``torch.backends.cudnn.allow_tf32``. Note PyTorch's default
-    for convs is TF32 (``allow_tf32=True``), so set ``torch.backends.cudnn.allow_tf32 = False`` (or
-    ``conv.fp32_precision = "ieee"``) for IEEE fp32 -- the same switch that makes cuDNN's convs IEEE.
+    IEEE fp32 is the default (the issue's contract), which is stricter than cuDNN: PyTorch's conv setting
+    defaults to TF32, its matmul setting to IEEE. TF32 needs (1) the cuDNN conv setting to allow it
+    (``torch.backends.cudnn.conv.fp32_precision``, inherited through ``cudnn.fp32_precision`` and
+    ``torch.backends.fp32_precision``, on torch >= 2.9; ``torch.backends.cudnn.allow_tf32`` before) and (2) the
+    float32 matmul precision to be relaxed (``torch.set_float32_matmul_precision("high")`` or ``"medium"``).
+    So ``torch.set_float32_matmul_precision("high")`` opts in, and ``cudnn.allow_tf32 = False`` still opts out.
     """
+    if torch.get_float32_matmul_precision() == "highest":
+        return False
     cudnn = torch.backends.cudnn
     conv = getattr(cudnn, "conv", None)
     if conv is not None and hasattr(conv, "fp32_precision"):
@@ -122,7 +125,7 @@ def conv_allows_tf32() -> bool:
                      getattr(torch.backends, "fp32_precision", "none")):
             if prec != "none":
                 return prec == "tf32"
-        return False
+        return True  # "none" all the way up: cuDNN's own default, TF32
     return bool(cudnn.allow_tf32)
 
 
