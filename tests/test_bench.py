@@ -64,12 +64,12 @@ def test_shapes_match_the_reference_network(model):
     assert sorted(seen, key=repr) == sorted(shapes.all_convs(model), key=repr)
 
 
-def test_standin_reference_has_torchvision_structure():
-    standin = reference.ResNet("resnet50")
-    keys = list(standin.state_dict())
+def test_reference_model_has_torchvision_structure():
+    ref = reference.model("resnet50")
+    keys = list(ref.state_dict())
     assert len(keys) == 320 and keys[:2] == ["conv1.weight", "bn1.weight"]
     assert "layer2.0.downsample.1.running_var" in keys
-    assert sum(p.numel() for p in standin.parameters()) == 25557032  # torchvision resnet50
+    assert sum(p.numel() for p in ref.parameters()) == 25557032  # torchvision resnet50
 
 
 # ---- timing ---------------------------------------------------------------------------------------------
