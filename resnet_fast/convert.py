@@ -25,6 +25,7 @@ import torch.nn as tnn
 from .nn.functional import downsample_pair
 from .nn.modules import BasicBlock, Bottleneck, FoldedBatchNorm2d, FoldedSyncBatchNorm2d, FusedStemConv
 from .nn.sync_bn import SyncBatchNorm2d, retype, to_sync_batch_norm
+from .nn.reference import plain_classes
 
 _BN_TYPES = (tnn.BatchNorm2d, SyncBatchNorm2d)  # exact types: subclasses may compute something else
 _KNOWN = {"conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "relu", "act1", "act2", "act3", "downsample"}
@@ -179,12 +180,8 @@ def convert(model: tnn.Module, *, inplace: bool = False, sync_bn: bool = False, 
 
 # ------------------------------------------------------------------------------------------------- revert
 def _plain_block_classes():
-    try:
-        from torchvision.models.resnet import BasicBlock as TVBasic, Bottleneck as TVBottleneck
-        return TVBasic, TVBottleneck
-    except Exception:  # torchvision absent or broken: the exact mirrors
-        from .models.reference import BasicBlock as RefBasic, Bottleneck as RefBottleneck
-        return RefBasic, RefBottleneck
+    src, _ = plain_classes()
+    return src.BasicBlock, src.Bottleneck
 
 
 def _plain_block(fused, plain_cls):

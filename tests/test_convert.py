@@ -9,7 +9,7 @@ from torch.utils.checkpoint import checkpoint
 
 import resnet_fast
 from resnet_fast import models
-from resnet_fast.models import reference
+from resnet_fast.nn import reference
 from resnet_fast.nn import BasicBlock, Bottleneck, FusedStemConv
 from resnet_fast.nn import functional as F
 

@@ -6,7 +6,7 @@ import torch.nn as nn
 
 import resnet_fast
 from resnet_fast import models
-from resnet_fast.models import reference
+from resnet_fast.nn import reference
 from resnet_fast.nn import functional as F
 
 # torchvision's documented parameter counts.

@@ -1,6 +1,6 @@
 """torch.nn reference blocks and models for the eager/compile rows and for numerics checks.
 
-torchvision's classes where torchvision imports (the GPU machine), else ``resnet_fast.models.reference``, the
+torchvision's classes where torchvision imports (the GPU machine), else ``resnet_fast.nn.reference``, the
 package's plain-PyTorch mirror of torchvision (same structure, state_dict keys and init). Either way the
 reference is made of torch.nn layers only.
 """
@@ -11,19 +11,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..models import reference as _mirror
+from ..nn import reference as _mirror
 from . import shapes
 
-
-def _find_source():
-    try:  # prefer the real thing
-        from torchvision.models import resnet as tv
-        return tv, "torchvision"
-    except Exception:  # noqa: BLE001  (missing, or broken against this torch: use the mirror)
-        return _mirror, "resnet_fast.models.reference"
-
-
-_src, SOURCE = _find_source()
+_src, SOURCE = _mirror.plain_classes()
 
 
 def block_classes():

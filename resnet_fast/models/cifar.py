@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from . import reference
+from ..nn import reference
 
 
 class ZeroPadShortcut(nn.Module):

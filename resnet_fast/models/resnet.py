@@ -7,7 +7,7 @@ stays a plain block and is listed in ``model.resnet_fast_summary``. There is no 
 """
 from __future__ import annotations
 
-from . import reference
+from ..nn import reference
 
 
 class ResNet(reference.ResNet):

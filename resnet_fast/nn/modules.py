@@ -8,16 +8,8 @@ from __future__ import annotations
 import torch.nn as tnn
 
 from . import functional as F
+from . import reference
 from .sync_bn import SyncBatchNorm2d, retype
-
-
-def conv3x3(in_planes, out_planes, stride=1, groups=1, dilation=1):
-    return tnn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=dilation, groups=groups,
-                      bias=False, dilation=dilation)
-
-
-def conv1x1(in_planes, out_planes, stride=1):
-    return tnn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
 
 
 class ConvBNReLU(tnn.Module):
@@ -38,11 +30,14 @@ class ConvBNReLU(tnn.Module):
         return F.conv_bn_act(x, self.conv, self.bn, relu=self.relu, who="ConvBNReLU")
 
 
-class _FusedBlock(tnn.Module):
-    """Shared by BasicBlock and Bottleneck: the fused forward and construction from a torchvision-like block."""
+class _FusedBlock:
+    """Mixin over a plain reference block: its constructor, children and state_dict, with the fused forward."""
 
-    expansion = 1
-    _child_order: tuple = ()
+    _child_order: tuple = ()  # torchvision's registration order (state_dict order)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        F.prime_ops()
 
     def forward(self, x):
         return F.block_forward(self, x)
@@ -61,51 +56,16 @@ class _FusedBlock(tnn.Module):
         return new
 
 
-class BasicBlock(_FusedBlock):
+class BasicBlock(_FusedBlock, reference.BasicBlock):
     """torchvision's BasicBlock (same signature, children and state_dict), fused forward."""
 
-    expansion = 1
     _child_order = ("conv1", "bn1", "relu", "conv2", "bn2", "downsample")
 
-    def __init__(self, inplanes, planes, stride=1, downsample=None, groups=1, base_width=64, dilation=1,
-                 norm_layer=None):
-        super().__init__()
-        norm_layer = norm_layer or tnn.BatchNorm2d
-        if groups != 1 or base_width != 64:
-            raise ValueError("BasicBlock only supports groups=1 and base_width=64")
-        if dilation > 1:
-            raise NotImplementedError("Dilation > 1 not supported in BasicBlock")
-        self.conv1 = conv3x3(inplanes, planes, stride)
-        self.bn1 = norm_layer(planes)
-        self.relu = tnn.ReLU(inplace=True)
-        self.conv2 = conv3x3(planes, planes)
-        self.bn2 = norm_layer(planes)
-        self.downsample = downsample
-        self.stride = stride
-        F.prime_ops()
 
-
-class Bottleneck(_FusedBlock):
+class Bottleneck(_FusedBlock, reference.Bottleneck):
     """torchvision's Bottleneck (ResNet v1.5: stride on the 3x3 conv), fused forward."""
 
-    expansion = 4
     _child_order = ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "relu", "downsample")
-
-    def __init__(self, inplanes, planes, stride=1, downsample=None, groups=1, base_width=64, dilation=1,
-                 norm_layer=None):
-        super().__init__()
-        norm_layer = norm_layer or tnn.BatchNorm2d
-        width = int(planes * (base_width / 64.0)) * groups
-        self.conv1 = conv1x1(inplanes, width)
-        self.bn1 = norm_layer(width)
-        self.conv2 = conv3x3(width, width, stride, groups, dilation)
-        self.bn2 = norm_layer(width)
-        self.conv3 = conv1x1(width, planes * self.expansion)
-        self.bn3 = norm_layer(planes * self.expansion)
-        self.relu = tnn.ReLU(inplace=True)
-        self.downsample = downsample
-        self.stride = stride
-        F.prime_ops()
 
 
 # --------------------------------------------------------------------------------------------------- stem

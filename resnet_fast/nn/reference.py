@@ -144,3 +144,14 @@ class ResNet(nn.Module):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def plain_classes():
+    """``(module, name)`` of the plain ResNet classes to compare with or revert to: torchvision's
+    ``torchvision.models.resnet`` where it imports, else this mirror."""
+    try:
+        from torchvision.models import resnet as tv
+        return tv, "torchvision"
+    except Exception:  # noqa: BLE001  (torchvision absent, or broken against this torch)
+        import sys
+        return sys.modules[__name__], "resnet_fast.nn.reference"
