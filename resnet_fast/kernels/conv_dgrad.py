@@ -23,6 +23,13 @@ Fusions (constexpr switches, default off):
 * ``dy_bn`` (DY_BN) "BN backward applied on load": ``dy`` is not stored; the kernel reads this conv's raw
   output ``y`` and ``dz`` (the gradient w.r.t. its BN output) and forms ``dy = c1*dz + c2*(y - mean) + c3``
   per element while loading the A operand (coefficients from ``bn_backward_coeffs``).
+
+Alignment (``ALIGNED``, set by the launcher from the runtime shapes, see :func:`_aligned`): unit channel
+strides (dy, y, dx, y_prev and a channels_last weight), ``Kg % BLOCK_K == 0``, ``Cg % BLOCK_N == 0`` and every
+pixel (and weight tap) stride a multiple of 16 elements -- every ResNet layer with channels_last tensors. The
+kernel then drops the channel masks and asserts 16-element alignment of every row start (``tl.multiple_of``):
+the dy, y and weight tiles load as 16-byte vectors through cp.async and the loop is software-pipelined.
+Otherwise the masked general path runs, at the 64×32 config only (see :data:`DGRAD_CONFIGS`).
 """
 from __future__ import annotations
 
@@ -40,16 +47,36 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TL = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
-# Every config the launcher may pick; compile_specs covers each of them.
+# Every config the launcher may pick; compile_specs covers each of them (ALIGNED, plain and fused (EPI +
+# DY_BN), each dtype; the masked general path at the 64x32 config only, the one the launcher gives it).
 # (BLOCK_M rows of dx, BLOCK_N input channels, BLOCK_K output channels per MMA step; GROUP_M unused).
-# 128-row tiles need 8 warps: at 4 warps (or 128x128 at 8) ptxas spills 100-1600 bytes on sm_90.
+# 128-row tiles need 8 warps: at 4 warps (or 128x128 at 8) ptxas spills 100-1600 bytes on sm_90. The masked
+# general path of the 128x64 tile reaches 255 registers when fused (one load and one 64-bit address per
+# element), so unaligned shapes take 64x32.
 DGRAD_CONFIGS = (ConvConfig(128, 64, 32, 8, 8, 3), ConvConfig(64, 32, 32, 8, 4, 3))
+_GENERAL_CONFIG = DGRAD_CONFIGS[1]  # the one config whose masked general path is compile-checked
 
 
-def _pick_config(g: ConvGeometry) -> ConvConfig:
+def _rows_aligned(t: torch.Tensor) -> bool:
+    """``t`` [A, B, C, D] has unit stride along dim 1 and strides that are multiples of 16 elements along
+    dims 0, 2, 3 (size-1 dims excepted: their index is always 0), so each (a, c, d) row starts 16-aligned."""
+    return t.stride(1) == 1 and all(t.stride(d) % 16 == 0 for d in (0, 2, 3) if t.shape[d] > 1)
+
+
+def _aligned(g: ConvGeometry, cfg: ConvConfig, dy: torch.Tensor, weight: torch.Tensor, others=()) -> bool:
+    """The kernel's ALIGNED switch: channel tiles divide the channels (Kg % BLOCK_K, Cg % BLOCK_N), and dy,
+    the weight (channels_last) and ``others`` (dx, y_prev) have unit channel strides and 16-aligned rows."""
+    return (g.Kg % cfg.BLOCK_K == 0 and g.Cg % cfg.BLOCK_N == 0
+            and all(_rows_aligned(t) for t in (dy, weight, *others)))
+
+
+def _pick_config(g: ConvGeometry, dy: torch.Tensor, weight: torch.Tensor, others) -> ConvConfig:
     if _backend.interpreting():
         return INTERPRETER_CONFIG
-    return DGRAD_CONFIGS[1] if g.Cg <= 32 else DGRAD_CONFIGS[0]
+    if g.Cg <= 32:
+        return _GENERAL_CONFIG
+    cfg = DGRAD_CONFIGS[0]
+    return cfg if _aligned(g, for_dtype(cfg, dy.dtype), dy, weight, others) else _GENERAL_CONFIG
 
 
 @triton.jit
@@ -63,7 +90,7 @@ def _conv_dgrad_kernel(
         sdx_n, sdx_h, sdx_w, sdx_c,
         sy_n, sy_h, sy_w, sy_c,
         SH: tl.constexpr, SW: tl.constexpr, S: tl.constexpr, MAX_TAPS: tl.constexpr,
-        EPI: tl.constexpr, DY_BN: tl.constexpr, DOT_IEEE: tl.constexpr,
+        EPI: tl.constexpr, DY_BN: tl.constexpr, DOT_IEEE: tl.constexpr, ALIGNED: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid0 = tl.program_id(0)
     phase = pid0 // TILES_M
@@ -84,10 +111,15 @@ def _conv_dgrad_kernel(
     n64 = n.to(tl.int64)
 
     offs_c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    c_ok = offs_c < Cg
     offs_kk = tl.arange(0, BLOCK_K)
-    k_base = grp * Kg
-    c_glob = grp * Cg + offs_c
+    if ALIGNED:  # Kg % BLOCK_K == Cg % BLOCK_N == 0: no channel masks, 16-aligned channel bases
+        c_ok = tl.full([BLOCK_N], True, tl.int1)
+        k_base = tl.multiple_of(grp * Kg, 16)
+        c_glob = tl.multiple_of(grp * Cg + pid_n * BLOCK_N, 16) + tl.arange(0, BLOCK_N)
+    else:
+        c_ok = offs_c < Cg
+        k_base = grp * Kg
+        c_glob = grp * Cg + offs_c
 
     ntaps = tl.load(ntaps_ptr + phase)
     k_iters = tl.cdiv(Kg, BLOCK_K)
@@ -100,10 +132,16 @@ def _conv_dgrad_kernel(
         p = ih + tl.load(tap_ptr + 1)
         q = iw + tl.load(tap_ptr + 2)
         a_row_ok = row_ok & (p >= 0) & (p < P) & (q >= 0) & (q < Q)
-        offs_k = k0 + offs_kk
-        k_ok = offs_k < Kg
+        dy_row = n64 * sdy_n + p * sdy_h + q * sdy_w
+        if ALIGNED:  # every pixel's channel vector starts 16-element aligned; every k of the block exists
+            dy_row = tl.multiple_of(dy_row, 16)
+            offs_k = tl.multiple_of(k0, 16) + offs_kk
+            k_ok = tl.full([BLOCK_K], True, tl.int1)
+        else:
+            offs_k = k0 + offs_kk
+            k_ok = offs_k < Kg
         a_mask = a_row_ok[:, None] & k_ok[None, :]
-        a_off = (n64 * sdy_n + p * sdy_h + q * sdy_w)[:, None] + ((k_base + offs_k) * sdy_c)[None, :]
+        a_off = dy_row[:, None] + ((k_base + offs_k) * sdy_c)[None, :]
         a = tl.load(dy_ptr + a_off, mask=a_mask, other=0.0)
         if DY_BN:  # dy = c1*dz + c2*(y - mean) + c3, zero outside the image (c3 != 0)
             yv = tl.load(z_ptr + a_off, mask=a_mask, other=0.0).to(tl.float32)
@@ -116,7 +154,10 @@ def _conv_dgrad_kernel(
             a = tl.where(a_mask, d, 0.0).to(dy_ptr.dtype.element_ty)
         r = tap // S
         s = tap % S
-        b_off = ((k_base + offs_k) * sw_k + r * sw_r + s * sw_s)[:, None] + (offs_c * sw_c)[None, :]
+        w_row = (k_base + offs_k) * sw_k + r * sw_r + s * sw_s
+        if ALIGNED:
+            w_row = tl.multiple_of(w_row, 16)
+        b_off = w_row[:, None] + (offs_c * sw_c)[None, :]
         b = tl.load(w_ptr + b_off, mask=k_ok[:, None] & c_ok[None, :], other=0.0)
         if DOT_IEEE:
             acc = tl.dot(a, b, acc, input_precision="ieee")
@@ -125,7 +166,10 @@ def _conv_dgrad_kernel(
 
     out_mask = row_ok[:, None] & c_ok[None, :]
     if EPI:  # dz = dx * relu'(y_prev*scale + shift); partial Σdz, Σdz·(y_prev - mean) per tile
-        y_off = (n64 * sy_n + h * sy_h + w * sy_w)[:, None] + (c_glob * sy_c)[None, :]
+        y_row = n64 * sy_n + h * sy_h + w * sy_w
+        if ALIGNED:
+            y_row = tl.multiple_of(y_row, 16)
+        y_off = y_row[:, None] + (c_glob * sy_c)[None, :]
         yp = tl.load(y_ptr + y_off, mask=out_mask, other=0.0).to(tl.float32)
         isc = tl.load(isc_ptr + c_glob, mask=c_ok, other=0.0)
         ish = tl.load(ish_ptr + c_glob, mask=c_ok, other=0.0)
@@ -135,7 +179,10 @@ def _conv_dgrad_kernel(
         tl.store(part_ptr + pid0 * C_TOT + c_glob, tl.sum(acc, axis=0), mask=c_ok)
         tl.store(part_ptr + (T_PART + pid0) * C_TOT + c_glob,
                  tl.sum(acc * (yp - imu[None, :]), axis=0), mask=c_ok)
-    dx_off = (n64 * sdx_n + h * sdx_h + w * sdx_w)[:, None] + (c_glob * sdx_c)[None, :]
+    dx_row = n64 * sdx_n + h * sdx_h + w * sdx_w
+    if ALIGNED:
+        dx_row = tl.multiple_of(dx_row, 16)
+    dx_off = dx_row[:, None] + (c_glob * sdx_c)[None, :]
     tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=out_mask)
 
 
@@ -236,7 +283,10 @@ def conv2d_dgrad_nhwc(dy: torch.Tensor, weight: torch.Tensor, x_shape, *, stride
             raise ValueError(f"{who}: dy_bn[0] (y) must have dy's strides {dy.stride()}, got {dy_bn[0].stride()}")
         for i, name in enumerate(("c1", "c2", "c3", "mean"), 1):
             _check_vec(f"dy_bn[{i}] ({name})", dy_bn[i], g.K, dev, who)
-    cfg = config or for_dtype(_pick_config(g), dy.dtype)  # fp32: half BLOCK_K, same staged bytes
+    dx = torch.empty((g.N, g.C, g.H, g.W), dtype=dy.dtype, device=dev, memory_format=torch.channels_last)
+    yp = y_prev if epi else dx
+    # fp32: half BLOCK_K, same staged bytes
+    cfg = config or for_dtype(_pick_config(g, dy, weight, (dx, yp)), dy.dtype)
     if allow_tf32 is None:
         allow_tf32 = conv_allows_tf32()
 
@@ -246,10 +296,8 @@ def conv2d_dgrad_nhwc(dy: torch.Tensor, weight: torch.Tensor, x_shape, *, stride
     phases = sh * sw
     cg, kg = g.Cg, g.Kg
     taps, ntaps = _tap_tables(g, dev)
-    dx = torch.empty((g.N, g.C, g.H, g.W), dtype=dy.dtype, device=dev, memory_format=torch.channels_last)
     T = phases * tiles_m
     part = torch.empty((2, T, g.C), dtype=torch.float32, device=dev) if epi else dx
-    yp = y_prev if epi else dx
     zb = dy_bn if dy_bn is not None else (dy, taps, taps, taps, taps)  # placeholders, never read
     v = (in_scale, in_shift, in_mean) if epi else (taps, taps, taps)
     grid = (T, triton.cdiv(cg, cfg.BLOCK_N), g.groups)
@@ -261,7 +309,7 @@ def conv2d_dgrad_nhwc(dy: torch.Tensor, weight: torch.Tensor, x_shape, *, stride
         dx.stride(0), dx.stride(2), dx.stride(3), dx.stride(1),
         yp.stride(0), yp.stride(2), yp.stride(3), yp.stride(1),
         SH=sh, SW=sw, S=g.S, MAX_TAPS=g.R * g.S, EPI=epi, DY_BN=dy_bn is not None,
-        DOT_IEEE=dy.dtype == torch.float32 and not allow_tf32,
+        DOT_IEEE=dy.dtype == torch.float32 and not allow_tf32, ALIGNED=_aligned(g, cfg, dy, weight, (dx, yp)),
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return (dx, part) if epi else dx
@@ -273,29 +321,35 @@ def _ordered(fn, sig: dict) -> dict:
 
 
 def compile_specs() -> list:
-    """(jit_fn, signature, constexprs, options, is_gemm) for the sm_90 compile check: every config × dtype ×
-    fusion, at a stride-2 3×3 geometry (the strides and the filter width are constexpr)."""
-    specs = []
-    for base in DGRAD_CONFIGS:
-        for dt, tdt in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)):
-            cfg = for_dtype(base, tdt)
-            for epi, dybn in ((False, False), (True, True)):
-                sig = {"dy_ptr": f"*{dt}", "w_ptr": f"*{dt}", "dx_ptr": f"*{dt}", "taps_ptr": "*i32",
-                       "ntaps_ptr": "*i32", "y_ptr": f"*{dt}", "isc_ptr": "*fp32", "ish_ptr": "*fp32",
-                       "imu_ptr": "*fp32", "part_ptr": "*fp32", "z_ptr": f"*{dt}", "c1_ptr": "*fp32",
-                       "c2_ptr": "*fp32", "c3_ptr": "*fp32", "mu_ptr": "*fp32"}
-                for name in ("N", "H", "W", "Cg", "Kg", "P", "Q", "HPH", "WPH", "TILES_M", "T_PART", "C_TOT",
-                             "sdy_n", "sdy_h", "sdy_w", "sw_k", "sw_r", "sw_s", "sdx_n", "sdx_h", "sdx_w",
-                             "sy_n", "sy_h", "sy_w"):
-                    sig[name] = "i32"
-                for name in ("sdy_c", "sw_c", "sdx_c", "sy_c"):  # unit channel strides, as specialised
-                    sig[name] = "constexpr"
-                cx = {"sdy_c": 1, "sw_c": 1, "sdx_c": 1, "sy_c": 1, "SH": 2, "SW": 2, "S": 3, "MAX_TAPS": 9,
-                      "EPI": epi, "DY_BN": dybn, "DOT_IEEE": False,
-                      "BLOCK_M": cfg.BLOCK_M, "BLOCK_N": cfg.BLOCK_N, "BLOCK_K": cfg.BLOCK_K}
-                for k in ("SH", "SW", "S", "MAX_TAPS", "EPI", "DY_BN", "DOT_IEEE", "BLOCK_M", "BLOCK_N",
-                          "BLOCK_K"):
-                    sig[k] = "constexpr"
-                specs.append((_conv_dgrad_kernel, _ordered(_conv_dgrad_kernel, sig), cx,
-                              {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}, True))
+    """(jit_fn, signature, constexprs, options, is_gemm, div16) for the sm_90 compile check, at a stride-2 3×3
+    geometry (the strides and the filter width are constexpr): every config × dtype × {plain, fused (EPI +
+    DY_BN)} on the ALIGNED path, with the channel counts and the NHWC / channels_last-weight strides multiples
+    of 16 as Triton's launcher specialises them for ResNet layers; the masked general path at the config the
+    launcher gives it (64×32), without divisibility hints (its worst case: 4-32 channels per group, NCHW)."""
+    ints = ("N", "H", "W", "Cg", "Kg", "P", "Q", "HPH", "WPH", "TILES_M", "T_PART", "C_TOT",
+            "sdy_n", "sdy_h", "sdy_w", "sw_k", "sw_r", "sw_s", "sdx_n", "sdx_h", "sdx_w", "sy_n", "sy_h", "sy_w")
+    # ResNet layer: channel counts (Cg, Kg, C_TOT = C) and every stride are multiples of 16 (the weight's
+    # sw_s = Cg, sw_r = S*Cg, sw_k = R*S*Cg too); sizes and tile counts are not in general.
+    div16 = ("Cg", "Kg", "C_TOT", "sdy_n", "sdy_h", "sdy_w", "sw_k", "sw_r", "sw_s", "sdx_n", "sdx_h", "sdx_w",
+             "sy_n", "sy_h", "sy_w")
+
+    def spec(base, dt, tdt, fused, aligned):
+        cfg = for_dtype(base, tdt)
+        sig = {"dy_ptr": f"*{dt}", "w_ptr": f"*{dt}", "dx_ptr": f"*{dt}", "taps_ptr": "*i32",
+               "ntaps_ptr": "*i32", "y_ptr": f"*{dt}", "isc_ptr": "*fp32", "ish_ptr": "*fp32",
+               "imu_ptr": "*fp32", "part_ptr": "*fp32", "z_ptr": f"*{dt}", "c1_ptr": "*fp32",
+               "c2_ptr": "*fp32", "c3_ptr": "*fp32", "mu_ptr": "*fp32"}
+        sig.update({name: "i32" for name in ints})
+        # unit channel strides, as specialised
+        cx = {"sdy_c": 1, "sw_c": 1, "sdx_c": 1, "sy_c": 1, "SH": 2, "SW": 2, "S": 3, "MAX_TAPS": 9,
+              "EPI": fused, "DY_BN": fused, "DOT_IEEE": False, "ALIGNED": aligned,
+              "BLOCK_M": cfg.BLOCK_M, "BLOCK_N": cfg.BLOCK_N, "BLOCK_K": cfg.BLOCK_K}
+        sig.update({k: "constexpr" for k in cx})
+        return (_conv_dgrad_kernel, _ordered(_conv_dgrad_kernel, sig), cx,
+                {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}, True, div16 if aligned else ())
+
+    dtypes = (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32))
+    specs = [spec(base, dt, tdt, fused, True)
+             for base in DGRAD_CONFIGS for dt, tdt in dtypes for fused in (False, True)]
+    specs += [spec(_GENERAL_CONFIG, dt, tdt, fused, False) for dt, tdt in dtypes for fused in (False, True)]
     return specs

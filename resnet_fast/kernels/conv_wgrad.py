@@ -15,6 +15,14 @@ Fusions (constexpr switches, default off):
   ``relu(y_prev*in_scale[c] + in_shift[c])`` recomputed in registers, with the padding mask applied after
   the transform (a padded zero must stay zero, not become ``relu(in_shift)``).
 * ``dy_bn`` (DY_BN): as in ``conv_dgrad``: ``dy = c1*dz + c2*(y - mean) + c3`` formed while loading.
+
+Alignment (``ALIGNED``, set by the launcher from the runtime shapes, see :func:`_aligned`): unit channel
+strides, ``Kg % BLOCK_M == 0``, ``Cg % BLOCK_N == 0`` and every pixel stride a multiple of 16 elements -- every
+ResNet layer but the stem (C=3). The kernel then drops the channel masks (masks constant along the channels)
+and asserts 16-element alignment of every row start (``tl.multiple_of``), so the dy, y and x tiles load as
+16-byte vectors through cp.async and the loop is software-pipelined; otherwise the masked general path
+(scalar loads, not pipelined) runs, and the launcher gives it only the 64×32 config, the one whose general
+path compiles without spills on sm_90 (see :data:`WGRAD_CONFIGS`).
 """
 from __future__ import annotations
 
@@ -25,7 +33,7 @@ import triton.language as tl
 from .. import _backend
 from .configs import INTERPRETER_CONFIG, ConvConfig, conv_allows_tf32, for_dtype
 from .conv_common import ConvGeometry, input_coords, rows_to_npq
-from .conv_dgrad import _check_tensor, _check_vec, _ordered
+from .conv_dgrad import _check_tensor, _check_vec, _ordered, _rows_aligned
 
 __all__ = ["conv2d_wgrad_nhwc", "WGRAD_CONFIGS", "pick_split", "compile_specs"]
 
@@ -37,18 +45,33 @@ _MIN_STEPS_PER_SPLIT = 8
 _MAX_SPLIT = 64
 
 
+# Every config the launcher may pick; compile_specs covers each of them (16-bit and fp32 via for_dtype, plain
+# and fused (PROLOGUE + DY_BN), ALIGNED; the general path at the 64x32 config only).
 # (BLOCK_M output channels, BLOCK_N input channels of one tap, BLOCK_K pixels per MMA step; GROUP_M unused)
+# Register use on sm_90 is dominated by the operand loads: aligned (16-byte vectors, cp.async, 3 stages) the
+# fused 128x128 w8 tile needs ~234 registers and 64x64 w4 ~141, no spills; the masked general path of those
+# two tiles issues one load (and one 64-bit address) per element and spills at 255 registers when fused, so
+# unaligned shapes run the 64x32 tile, whose general path fits.
 WGRAD_CONFIGS = (ConvConfig(64, 64, 64, 8, 4, 3), ConvConfig(128, 128, 64, 8, 8, 3),
                  ConvConfig(64, 32, 64, 8, 4, 3))
+_GENERAL_CONFIG = WGRAD_CONFIGS[2]  # the one config whose masked general path is compile-checked
 
 
-def _pick_config(g: ConvGeometry) -> ConvConfig:
+def _aligned(g: ConvGeometry, cfg: ConvConfig, dy: torch.Tensor, x: torch.Tensor) -> bool:
+    """The kernel's ALIGNED switch: channel tiles divide the channels (Kg % BLOCK_M, Cg % BLOCK_N), and dy
+    (and y, which has its strides) and x have unit channel strides and 16-aligned pixel rows."""
+    return g.Kg % cfg.BLOCK_M == 0 and g.Cg % cfg.BLOCK_N == 0 and _rows_aligned(dy) and _rows_aligned(x)
+
+
+def _pick_config(g: ConvGeometry, dy: torch.Tensor, x: torch.Tensor) -> ConvConfig:
     if _backend.interpreting():
         return INTERPRETER_CONFIG
     cg, kg = g.Cg, g.Kg
     if cg <= 32:
-        return WGRAD_CONFIGS[2]
-    return WGRAD_CONFIGS[1] if min(cg, kg) >= 128 else WGRAD_CONFIGS[0]
+        return _GENERAL_CONFIG
+    cfg = WGRAD_CONFIGS[1] if min(cg, kg) >= 128 else WGRAD_CONFIGS[0]
+    # BLOCK_K does not enter _aligned, so the 16-bit tile decides for fp32 too
+    return cfg if _aligned(g, cfg, dy, x) else _GENERAL_CONFIG
 
 
 def pick_split(g: ConvGeometry, cfg: ConvConfig) -> int:
@@ -71,7 +94,7 @@ def _conv_wgrad_kernel(
         sx_n, sx_h, sx_w, sx_c,
         so_split, so_k, so_c, so_r, so_s,
         SH: tl.constexpr, SW: tl.constexpr, S: tl.constexpr, TILES_N: tl.constexpr, SPLIT: tl.constexpr,
-        PROLOGUE: tl.constexpr, DY_BN: tl.constexpr, DOT_IEEE: tl.constexpr,
+        PROLOGUE: tl.constexpr, DY_BN: tl.constexpr, DOT_IEEE: tl.constexpr, ALIGNED: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid1 = tl.program_id(1)
@@ -84,11 +107,17 @@ def _conv_wgrad_kernel(
     s = tap % S
 
     offs_k = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)    # output channels (GEMM M)
-    k_ok = offs_k < Kg
-    k_glob = grp * Kg + offs_k
     offs_c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)    # input channels (GEMM N)
-    c_ok = offs_c < Cg
-    c_glob = grp * Cg + offs_c
+    if ALIGNED:  # Kg % BLOCK_M == Cg % BLOCK_N == 0: every channel of the tile exists, no channel masks
+        k_ok = tl.full([BLOCK_M], True, tl.int1)
+        c_ok = tl.full([BLOCK_N], True, tl.int1)
+        k_glob = tl.multiple_of(grp * Kg + pid_m * BLOCK_M, 16) + tl.arange(0, BLOCK_M)
+        c_glob = tl.multiple_of(grp * Cg + pid_n * BLOCK_N, 16) + tl.arange(0, BLOCK_N)
+    else:
+        k_ok = offs_k < Kg
+        c_ok = offs_c < Cg
+        k_glob = grp * Kg + offs_k
+        c_glob = grp * Cg + offs_c
     if PROLOGUE:
         isc = tl.load(isc_ptr + c_glob, mask=c_ok, other=0.0)
         ish = tl.load(ish_ptr + c_glob, mask=c_ok, other=0.0)
@@ -105,8 +134,11 @@ def _conv_wgrad_kernel(
         offs_j = j0 + tl.arange(0, BLOCK_K)             # output pixels (GEMM reduction)
         j_ok = offs_j < hi
         n64, p, q = rows_to_npq(offs_j, P, Q)
+        dy_pix = n64 * sdy_n + p * sdy_h + q * sdy_w
+        if ALIGNED:  # every pixel's channel vector starts 16-element aligned
+            dy_pix = tl.multiple_of(dy_pix, 16)
         # A = dy^T [BLOCK_M, BLOCK_K], contiguous along k for NHWC
-        a_off = (k_glob * sdy_c)[:, None] + (n64 * sdy_n + p * sdy_h + q * sdy_w)[None, :]
+        a_off = (k_glob * sdy_c)[:, None] + dy_pix[None, :]
         a_mask = k_ok[:, None] & j_ok[None, :]
         a = tl.load(dy_ptr + a_off, mask=a_mask, other=0.0)
         if DY_BN:
@@ -117,8 +149,10 @@ def _conv_wgrad_kernel(
         h, w, inside = input_coords(p, q, r, s, SH, SW, pad_h, pad_w, dil_h, dil_w, H, W)
         row_ok = j_ok & inside
         b_mask = row_ok[:, None] & c_ok[None, :]
-        b = tl.load(x_ptr + (n64 * sx_n + h * sx_h + w * sx_w)[:, None] + (c_glob * sx_c)[None, :],
-                    mask=b_mask, other=0.0)
+        x_pix = n64 * sx_n + h * sx_h + w * sx_w
+        if ALIGNED:
+            x_pix = tl.multiple_of(x_pix, 16)
+        b = tl.load(x_ptr + x_pix[:, None] + (c_glob * sx_c)[None, :], mask=b_mask, other=0.0)
         if PROLOGUE:  # the mask again after the transform: padding is zero in relu(bn(y)), not relu(shift)
             xb = tl.maximum(b.to(tl.float32) * isc[None, :] + ish[None, :], 0.0)
             b = tl.where(b_mask, xb, 0.0).to(x_ptr.dtype.element_ty)
@@ -196,7 +230,7 @@ def conv2d_wgrad_nhwc(dy: torch.Tensor, x: torch.Tensor, weight_shape, *, stride
             raise ValueError(f"{who}: dy_bn[0] (y) must have dy's strides {dy.stride()}, got {dy_bn[0].stride()}")
         for i, name in enumerate(("c1", "c2", "c3", "mean"), 1):
             _check_vec(f"dy_bn[{i}] ({name})", dy_bn[i], g.K, dev, who)
-    cfg = config or for_dtype(_pick_config(g), dy.dtype)  # fp32: half BLOCK_K, same staged bytes
+    cfg = config or for_dtype(_pick_config(g, dy, x), dy.dtype)  # fp32: half BLOCK_K, same staged bytes
     if split is None:
         split = pick_split(g, cfg)
     if not isinstance(split, int) or isinstance(split, bool) or split < 1:
@@ -225,7 +259,7 @@ def conv2d_wgrad_nhwc(dy: torch.Tensor, x: torch.Tensor, weight_shape, *, stride
         so_split, *so,
         SH=g.stride[0], SW=g.stride[1], S=g.S, TILES_N=tiles_n, SPLIT=split,
         PROLOGUE=prologue, DY_BN=dy_bn is not None,
-        DOT_IEEE=dy.dtype == torch.float32 and not allow_tf32,
+        DOT_IEEE=dy.dtype == torch.float32 and not allow_tf32, ALIGNED=_aligned(g, cfg, dy, x),
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if split > 1:
@@ -236,27 +270,35 @@ def conv2d_wgrad_nhwc(dy: torch.Tensor, x: torch.Tensor, weight_shape, *, stride
 
 
 def compile_specs() -> list:
-    """(jit_fn, signature, constexprs, options, is_gemm) for the sm_90 compile check: every config × dtype ×
-    fusion at a stride-2 3×3 geometry with SPLIT=4, plus the combine kernel."""
-    specs = []
-    for base in WGRAD_CONFIGS:
-        for dt, tdt in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)):
-            cfg = for_dtype(base, tdt)
-            for fused in (False, True):
-                sig = {"dy_ptr": f"*{dt}", "x_ptr": f"*{dt}", "out_ptr": "*fp32", "isc_ptr": "*fp32",
-                       "ish_ptr": "*fp32", "z_ptr": f"*{dt}", "c1_ptr": "*fp32", "c2_ptr": "*fp32",
-                       "c3_ptr": "*fp32", "mu_ptr": "*fp32"}
-                for name in ("H", "W", "Cg", "Kg", "P", "Q", "NPQ", "CHUNK", "pad_h", "pad_w", "dil_h", "dil_w",
-                             "sdy_n", "sdy_h", "sdy_w", "sx_n", "sx_h", "sx_w", "so_split", "so_k", "so_c",
-                             "so_r", "so_s"):
-                    sig[name] = "i32"
-                cx = {"sdy_c": 1, "sx_c": 1, "SH": 2, "SW": 2, "S": 3, "TILES_N": 2, "SPLIT": 4,
-                      "PROLOGUE": fused, "DY_BN": fused, "DOT_IEEE": False,
-                      "BLOCK_M": cfg.BLOCK_M, "BLOCK_N": cfg.BLOCK_N, "BLOCK_K": cfg.BLOCK_K}
-                for k in cx:
-                    sig[k] = "constexpr"
-                specs.append((_conv_wgrad_kernel, _ordered(_conv_wgrad_kernel, sig), cx,
-                              {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}, True))
+    """(jit_fn, signature, constexprs, options, is_gemm, div16) for the sm_90 compile check, at a stride-2 3×3
+    geometry with SPLIT=4: every config × dtype × {plain, fused (PROLOGUE + DY_BN)} on the ALIGNED path, with
+    the channel counts and pixel strides multiples of 16 as Triton's launcher specialises them for ResNet
+    layers; the masked general path at the config the launcher gives it (64×32), without divisibility hints
+    (its worst case: the stem's C=3, 4-32 channels per group, NCHW strides); the combine kernel."""
+    ints = ("H", "W", "Cg", "Kg", "P", "Q", "NPQ", "CHUNK", "pad_h", "pad_w", "dil_h", "dil_w",
+            "sdy_n", "sdy_h", "sdy_w", "sx_n", "sx_h", "sx_w", "so_split", "so_k", "so_c", "so_r", "so_s")
+    # ResNet layer: Cg, Kg, N*P*Q and the NHWC strides are multiples of 16; CHUNK always is (whole BLOCK_K
+    # steps); so_c = R*S, so_r = S, H, W, P, Q are not in general.
+    div16 = ("Cg", "Kg", "NPQ", "CHUNK", "sdy_n", "sdy_h", "sdy_w", "sx_n", "sx_h", "sx_w", "so_split", "so_k")
+
+    def spec(base, dt, tdt, fused, aligned):
+        cfg = for_dtype(base, tdt)
+        sig = {"dy_ptr": f"*{dt}", "x_ptr": f"*{dt}", "out_ptr": "*fp32", "isc_ptr": "*fp32",
+               "ish_ptr": "*fp32", "z_ptr": f"*{dt}", "c1_ptr": "*fp32", "c2_ptr": "*fp32",
+               "c3_ptr": "*fp32", "mu_ptr": "*fp32"}
+        sig.update({name: "i32" for name in ints})
+        cx = {"sdy_c": 1, "sx_c": 1, "SH": 2, "SW": 2, "S": 3, "TILES_N": 2, "SPLIT": 4,
+              "PROLOGUE": fused, "DY_BN": fused, "DOT_IEEE": False, "ALIGNED": aligned,
+              "BLOCK_M": cfg.BLOCK_M, "BLOCK_N": cfg.BLOCK_N, "BLOCK_K": cfg.BLOCK_K}
+        sig.update({k: "constexpr" for k in cx})
+        return (_conv_wgrad_kernel, _ordered(_conv_wgrad_kernel, sig), cx,
+                {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}, True,
+                div16 if aligned else ("CHUNK",))
+
+    dtypes = (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32))
+    specs = [spec(base, dt, tdt, fused, True)
+             for base in WGRAD_CONFIGS for dt, tdt in dtypes for fused in (False, True)]
+    specs += [spec(_GENERAL_CONFIG, dt, tdt, fused, False) for dt, tdt in dtypes for fused in (False, True)]
     specs.append((_wgrad_combine_kernel, {"part_ptr": "*fp32", "out_ptr": "*bf16", "NUMEL": "i32",
                                           "SPLIT": "constexpr", "BLOCK": "constexpr"},
                   {"SPLIT": 4, "BLOCK": _COMBINE_BLOCK}, {"num_warps": 4, "num_stages": 1}, False))
