@@ -28,8 +28,12 @@ FAMILIES = {
     "dil4": (1, 8, 9, 9, 12, 3, 1, 4, 4, 1),
     "groups4cpg": (1, 16, 6, 6, 16, 3, 1, 1, 1, 4),
     "groups4cpg_s2": (1, 16, 7, 7, 16, 3, 2, 1, 1, 4),
+    # channels that divide the pinned tiles, channels_last: the ALIGNED (unmasked, 16-aligned) kernel path
+    "aligned3x3s2": (1, 32, 6, 5, 32, 3, 2, 1, 1, 1),
+    "aligned1x1s1": (2, 32, 3, 4, 48, 1, 1, 0, 1, 1),
 }
-FP16_FAMILIES = ("3x3s2", "1x1s2")  # fp16 groups: in the fusion tests
+ALIGNED_FAMILIES = ("aligned3x3s2", "aligned1x1s1")
+FP16_FAMILIES = ("3x3s2", "1x1s2") + ALIGNED_FAMILIES  # fp16 groups: in the fusion tests
 CASES = [(f, torch.float32) for f in FAMILIES] + [(f, torch.float16) for f in FP16_FAMILIES]
 
 
@@ -84,6 +88,21 @@ def test_wgrad_matches_conv2d_weight(kernel_device, triton_backend, family, dtyp
     assert _rel(out.cpu(), ref) < TOL[dtype]
 
 
+@pytest.mark.parametrize("family", ALIGNED_FAMILIES + ("3x3s1",))
+def test_aligned_path_is_taken_exactly_when_channels_divide_the_tiles(kernel_device, triton_backend,
+                                                                      monkeypatch, family):
+    import resnet_fast.kernels.conv_dgrad as dg
+    import resnet_fast.kernels.conv_wgrad as wg
+    seen = {}
+    for mod, name in ((dg, "dgrad"), (wg, "wgrad")):
+        real = mod._aligned
+        monkeypatch.setattr(mod, "_aligned", lambda *a, _r=real, _n=name, **k: seen.setdefault(_n, _r(*a, **k)))
+    _, w64, _, x, w, dy, conv = _case(family, torch.float32, kernel_device)
+    conv2d_dgrad_nhwc(dy, w, x.shape, **conv, allow_tf32=False, config=DCFG)
+    conv2d_wgrad_nhwc(dy, x, w64.shape, **conv, split=1, allow_tf32=False, config=WCFG)
+    assert seen == {"dgrad": family != "3x3s1", "wgrad": family != "3x3s1"}
+
+
 def test_nchw_strides_and_half_output(kernel_device, triton_backend):
     # Any strides are honoured (NCHW-contiguous dy, x and weight here); dW may be stored in fp16.
     x64, w64, dy64, x, w, dy, conv = _case("3x3s2", torch.float16, kernel_device, seed=3)
@@ -96,7 +115,7 @@ def test_nchw_strides_and_half_output(kernel_device, triton_backend):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("family", ["3x3s2", "groups4cpg"])
+@pytest.mark.parametrize("family", ["3x3s2", "groups4cpg", "aligned3x3s2"])
 def test_dgrad_drelu_dbn_epilogue(kernel_device, triton_backend, family, dtype):
     x64, w64, dy64, _, w, dy, conv = _case(family, dtype, kernel_device, seed=1)
     C = x64.shape[1]
@@ -134,7 +153,7 @@ def test_dgrad_bn_backward_on_load(kernel_device, triton_backend, dtype):
 
 
 @pytest.mark.parametrize("family,dtype", [("3x3s2", torch.float32), ("3x3s2", torch.float16),
-                                          ("groups4cpg", torch.float32)])
+                                          ("groups4cpg", torch.float32), ("aligned3x3s2", torch.float16)])
 def test_wgrad_prologue_and_bn_backward_on_load(kernel_device, triton_backend, family, dtype):
     x64, w64, dy64, _, _, dz, conv = _case(family, dtype, kernel_device, seed=4)
     C = x64.shape[1]
