@@ -70,10 +70,10 @@ def _aligned(g: ConvGeometry, cfg: ConvConfig, dy: torch.Tensor, weight: torch.T
             and all(_rows_aligned(t) for t in (dy, weight, *others)))
 
 
-def _pick_config(g: ConvGeometry, dy: torch.Tensor, weight: torch.Tensor, others) -> ConvConfig:
+def _pick_config(g: ConvGeometry, dy: torch.Tensor, weight: torch.Tensor, others, ieee: bool) -> ConvConfig:
     if _backend.interpreting():
         return INTERPRETER_CONFIG
-    if g.Cg <= 32:
+    if g.Cg <= 32 or ieee:  # IEEE fp32 is FMA: the 128x64 tile's fused variant spills on sm_90
         return _GENERAL_CONFIG
     cfg = DGRAD_CONFIGS[0]
     return cfg if _aligned(g, for_dtype(cfg, dy.dtype), dy, weight, others) else _GENERAL_CONFIG
@@ -285,10 +285,11 @@ def conv2d_dgrad_nhwc(dy: torch.Tensor, weight: torch.Tensor, x_shape, *, stride
             _check_vec(f"dy_bn[{i}] ({name})", dy_bn[i], g.K, dev, who)
     dx = torch.empty((g.N, g.C, g.H, g.W), dtype=dy.dtype, device=dev, memory_format=torch.channels_last)
     yp = y_prev if epi else dx
-    # fp32: half BLOCK_K, same staged bytes
-    cfg = config or for_dtype(_pick_config(g, dy, weight, (dx, yp)), dy.dtype)
     if allow_tf32 is None:
         allow_tf32 = conv_allows_tf32()
+    ieee = dy.dtype == torch.float32 and not allow_tf32
+    # fp32: half BLOCK_K, same staged bytes
+    cfg = config or for_dtype(_pick_config(g, dy, weight, (dx, yp), ieee), dy.dtype)
 
     sh, sw = g.stride
     hph, wph = triton.cdiv(g.H, sh), triton.cdiv(g.W, sw)
@@ -309,7 +310,7 @@ def conv2d_dgrad_nhwc(dy: torch.Tensor, weight: torch.Tensor, x_shape, *, stride
         dx.stride(0), dx.stride(2), dx.stride(3), dx.stride(1),
         yp.stride(0), yp.stride(2), yp.stride(3), yp.stride(1),
         SH=sh, SW=sw, S=g.S, MAX_TAPS=g.R * g.S, EPI=epi, DY_BN=dy_bn is not None,
-        DOT_IEEE=dy.dtype == torch.float32 and not allow_tf32, ALIGNED=_aligned(g, cfg, dy, weight, (dx, yp)),
+        DOT_IEEE=ieee, ALIGNED=_aligned(g, cfg, dy, weight, (dx, yp)),
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return (dx, part) if epi else dx
@@ -333,7 +334,7 @@ def compile_specs() -> list:
     div16 = ("Cg", "Kg", "C_TOT", "sdy_n", "sdy_h", "sdy_w", "sw_k", "sw_r", "sw_s", "sdx_n", "sdx_h", "sdx_w",
              "sy_n", "sy_h", "sy_w")
 
-    def spec(base, dt, tdt, fused, aligned):
+    def spec(base, dt, tdt, fused, aligned, ieee=False):
         cfg = for_dtype(base, tdt)
         sig = {"dy_ptr": f"*{dt}", "w_ptr": f"*{dt}", "dx_ptr": f"*{dt}", "taps_ptr": "*i32",
                "ntaps_ptr": "*i32", "y_ptr": f"*{dt}", "isc_ptr": "*fp32", "ish_ptr": "*fp32",
@@ -342,14 +343,17 @@ def compile_specs() -> list:
         sig.update({name: "i32" for name in ints})
         # unit channel strides, as specialised
         cx = {"sdy_c": 1, "sw_c": 1, "sdx_c": 1, "sy_c": 1, "SH": 2, "SW": 2, "S": 3, "MAX_TAPS": 9,
-              "EPI": fused, "DY_BN": fused, "DOT_IEEE": False, "ALIGNED": aligned,
+              "EPI": fused, "DY_BN": fused, "DOT_IEEE": ieee, "ALIGNED": aligned,
               "BLOCK_M": cfg.BLOCK_M, "BLOCK_N": cfg.BLOCK_N, "BLOCK_K": cfg.BLOCK_K}
         sig.update({k: "constexpr" for k in cx})
         return (_conv_dgrad_kernel, _ordered(_conv_dgrad_kernel, sig), cx,
-                {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}, True, div16 if aligned else ())
+                {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}, not ieee, div16 if aligned else ())
 
     dtypes = (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32))
     specs = [spec(base, dt, tdt, fused, True)
              for base in DGRAD_CONFIGS for dt, tdt in dtypes for fused in (False, True)]
     specs += [spec(_GENERAL_CONFIG, dt, tdt, fused, False) for dt, tdt in dtypes for fused in (False, True)]
+    # IEEE fp32 (the default unless TF32 is allowed, configs.conv_allows_tf32): FMA, not wgmma, by design
+    specs += [spec(_GENERAL_CONFIG, "fp32", torch.float32, fused, aligned, ieee=True)
+              for aligned in (True, False) for fused in (False, True)]
     return specs

@@ -281,24 +281,28 @@ def compile_specs() -> list:
     # steps); so_c = R*S, so_r = S, H, W, P, Q are not in general.
     div16 = ("Cg", "Kg", "NPQ", "CHUNK", "sdy_n", "sdy_h", "sdy_w", "sx_n", "sx_h", "sx_w", "so_split", "so_k")
 
-    def spec(base, dt, tdt, fused, aligned):
+    def spec(base, dt, tdt, fused, aligned, ieee=False):
         cfg = for_dtype(base, tdt)
         sig = {"dy_ptr": f"*{dt}", "x_ptr": f"*{dt}", "out_ptr": "*fp32", "isc_ptr": "*fp32",
                "ish_ptr": "*fp32", "z_ptr": f"*{dt}", "c1_ptr": "*fp32", "c2_ptr": "*fp32",
                "c3_ptr": "*fp32", "mu_ptr": "*fp32"}
         sig.update({name: "i32" for name in ints})
         cx = {"sdy_c": 1, "sx_c": 1, "SH": 2, "SW": 2, "S": 3, "TILES_N": 2, "SPLIT": 4,
-              "PROLOGUE": fused, "DY_BN": fused, "DOT_IEEE": False, "ALIGNED": aligned,
+              "PROLOGUE": fused, "DY_BN": fused, "DOT_IEEE": ieee, "ALIGNED": aligned,
               "BLOCK_M": cfg.BLOCK_M, "BLOCK_N": cfg.BLOCK_N, "BLOCK_K": cfg.BLOCK_K}
         sig.update({k: "constexpr" for k in cx})
         return (_conv_wgrad_kernel, _ordered(_conv_wgrad_kernel, sig), cx,
-                {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}, True,
+                {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}, not ieee,
                 div16 if aligned else ("CHUNK",))
 
     dtypes = (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32))
     specs = [spec(base, dt, tdt, fused, True)
              for base in WGRAD_CONFIGS for dt, tdt in dtypes for fused in (False, True)]
     specs += [spec(_GENERAL_CONFIG, dt, tdt, fused, False) for dt, tdt in dtypes for fused in (False, True)]
+    # IEEE fp32 (the default unless TF32 is allowed, configs.conv_allows_tf32): FMA, not wgmma, by design
+    specs += [spec(base, "fp32", torch.float32, fused, aligned, ieee=True)
+              for base, aligned in [(b, True) for b in WGRAD_CONFIGS] + [(_GENERAL_CONFIG, False)]
+              for fused in (False, True)]
     specs.append((_wgrad_combine_kernel, {"part_ptr": "*fp32", "out_ptr": "*bf16", "NUMEL": "i32",
                                           "SPLIT": "constexpr", "BLOCK": "constexpr"},
                   {"SPLIT": 4, "BLOCK": _COMBINE_BLOCK}, {"num_warps": 4, "num_stages": 1}, False))
