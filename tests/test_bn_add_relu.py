@@ -330,3 +330,26 @@ def test_cuda_large_tensor_64bit_indexing(layout):
             ref_sg += gm.sum(dtype=torch.float64).item()
             assert rel_err(gx[n, c], gm * s[c]) <= 2e-3
         assert abs(sg[c].item() - ref_sg) <= 1e-4 * max(1.0, abs(ref_sg)) + 1e-3 * (shape[2] * shape[3]) ** 0.5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_relu_threshold_is_exactly_zero(layout, device):
+    """Pre-activations packed within ±0.01 of the kink: a mask at any threshold but 0 (or a strict/non-strict
+    mix-up that zeroes small positives) changes most of the output and of the gradient."""
+    shape = (2, 8, 4, 5)
+    g = torch.Generator().manual_seed(11)
+    fmt = LAYOUTS[layout]
+    z = (torch.rand(shape, generator=g) * 0.02 - 0.01).double()  # the pre-activation
+    r = torch.randn(shape, generator=g).double()
+    s = torch.rand(8, generator=g).double() + 0.5
+    b = torch.randn(8, generator=g).double() * 0.1
+    x = (z - r - b.view(1, -1, 1, 1)) / s.view(1, -1, 1, 1)  # so that x*s + b + r == z
+    x, r = (t.to(device).contiguous(memory_format=fmt) for t in (x, r))
+    x.requires_grad_(True)
+    out = bn_add_relu(x, s.to(device), b.to(device), r)
+    ref = torch.relu(z)
+    assert rel_err(out.cpu(), ref) < 1e-9
+    grad = torch.randn(shape, generator=g).double()
+    (gx,) = torch.autograd.grad(out, x, grad.to(device))
+    assert rel_err(gx.cpu(), grad * (z > 0) * s.view(1, -1, 1, 1)) < 1e-9
