@@ -45,7 +45,8 @@ def _op(name: str):
 
 def prime_ops() -> None:
     """Resolve the ops now (module construction calls this) so torch.compile never traces an import."""
-    for name in ("conv2d", "fold_bn", "conv_bn_train"):
+    for name in ("conv2d", "fold_bn", "conv_bn_train", "train_blocker", "block_forward_train_kernels",
+                 "conv_bn_act_train_kernels"):
         _op(name)
 
 
@@ -170,23 +171,40 @@ def block_forward_eval_kernels(block, x):
 
 # -------------------------------------------------------------------------------------------- train path
 def block_forward_train(block, x):
-    """Training forward of a block. The fused conv + batch-statistics BN kernels (issue 4) plug in here.
+    """Training forward of a block on the training op (``ops.block_forward_train_kernels``: fused conv +
+    batch-statistics BN units, C++ tail). Falls back to the eager computation (recorded) when the ops, the C++
+    extension, the dtype or the block's layers are not covered."""
+    fn, why = _op("block_forward_train_kernels")
+    pairs = block_pairs(block)
+    ds_pair = downsample_pair(block.downsample)
+    reason = why if fn is None else _train_blocker(x, pairs + ([ds_pair] if ds_pair is not None else []))
+    if reason is not None:
+        _fallback("block_train", reason)
+        return block_forward_eager(block, x)
+    _kernel_call("block_train")
+    return fn(block, x)
 
-    Until they exist (and are wired in below) this records the fallback and runs the eager computation, which
-    is exactly PyTorch's training semantics.
-    """
-    train_op, _ = _op("conv_bn_train")
-    reason = TRAIN_FALLBACK_REASON if train_op is None else "training kernels exist but are not wired into nn yet"
-    _fallback("block_train", reason)
-    return block_forward_eager(block, x)
+
+def _train_blocker(x, pairs) -> str | None:
+    from .. import _ext
+    blocker, why = _op("train_blocker")
+    if blocker is None:
+        return why
+    if not _ext.available():
+        return f"the C++ extension is not available: {_ext.error()}"
+    return blocker(x, pairs)
 
 
 def conv_bn_act_train(x, conv, bn, relu, bn_forward=None):
-    """Training forward of conv + BN (+ ReLU); the same plug point as :func:`block_forward_train`."""
-    train_op, _ = _op("conv_bn_train")
-    reason = TRAIN_FALLBACK_REASON if train_op is None else "training kernels exist but are not wired into nn yet"
-    _fallback("conv_bn_train", reason)
-    return conv_bn_act_eager(x, conv, bn, relu, bn_forward)
+    """Training forward of conv + BN (+ ReLU) on the training op (``ops.conv_bn_act_train_kernels``), the same
+    plug point as :func:`block_forward_train`."""
+    fn, why = _op("conv_bn_act_train_kernels")
+    reason = why if fn is None else _train_blocker(x, [(conv, bn)])
+    if reason is not None:
+        _fallback("conv_bn_train", reason)
+        return conv_bn_act_eager(x, conv, bn, relu, bn_forward)
+    _kernel_call("conv_bn_train")
+    return fn(x, conv, bn, relu)
 
 
 # -------------------------------------------------------------------------------------------- eager path
