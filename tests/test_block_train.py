@@ -1,0 +1,219 @@
+"""Fused BasicBlock / Bottleneck / ConvBNReLU in train mode on the training op vs the same layers in torch.nn.
+
+The reference is the plain block (``resnet_fast.nn.reference``, torchvision-identical) in float64; the fused
+module holds the same weights in float32 and runs ``resnet_fast.ops.block_forward_train_kernels`` (Triton
+interpreter on CPU). Bounds: outputs ≤ 1e-4 relative (norm), every gradient ≤ 1e-3, running statistics
+≤ 1e-5, weights after SGD steps ≤ 1e-3.
+"""
+import copy
+
+import pytest
+import torch
+
+import resnet_fast
+from resnet_fast import nn as rnn
+from resnet_fast.nn import reference
+
+STEPS = 3  # SGD steps per block (interpreter time: ~1 s per fused step at these shapes)
+
+
+def _rel(got, want):
+    want = want.detach().double().cpu()
+    return ((got.detach().double().cpu() - want).norm() / want.norm().clamp_min(1e-30)).item()
+
+
+def _ds(cin, cout, stride):
+    return torch.nn.Sequential(torch.nn.Conv2d(cin, cout, 1, stride=stride, bias=False), torch.nn.BatchNorm2d(cout))
+
+
+# (name, plain constructor, fused class, input channels)
+CASES = [
+    ("basic_s1", lambda: reference.BasicBlock(8, 8), rnn.BasicBlock, 8),
+    ("basic_s2_ds", lambda: reference.BasicBlock(4, 8, stride=2, downsample=_ds(4, 8, 2)), rnn.BasicBlock, 4),
+    ("bottleneck_s1_ds", lambda: reference.Bottleneck(8, 4, downsample=_ds(8, 16, 1)), rnn.Bottleneck, 8),
+    ("bottleneck_s2_ds", lambda: reference.Bottleneck(8, 4, stride=2, downsample=_ds(8, 16, 2)), rnn.Bottleneck, 8),
+    ("bottleneck_s1", lambda: reference.Bottleneck(16, 4), rnn.Bottleneck, 16),
+]
+
+
+def _randomise_bn(module):
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, torch.nn.BatchNorm2d) and m.weight is not None:
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.3, 0.3)
+
+
+def _pair(make_plain, fused_cls, device):
+    """(float64 plain reference on CPU, float32 fused copy on ``device``) with identical state."""
+    plain = make_plain()
+    _randomise_bn(plain)
+    fused = copy.deepcopy(plain)
+    fused.__class__ = fused_cls  # same children and state: only forward differs (see nn/modules.py)
+    resnet_fast.nn.functional.prime_ops()
+    return plain.double().train(), fused.float().to(device).train()
+
+
+def _compare_state(fused, plain, *, grads=True):
+    for (name, p), (_, q) in zip(plain.named_parameters(), fused.named_parameters()):
+        if grads:
+            assert _rel(q.grad, p.grad) < 1e-3, f"grad {name}: {_rel(q.grad, p.grad):.2e}"
+    for (name, b), (_, c) in zip(plain.named_buffers(), fused.named_buffers()):
+        if b.is_floating_point():
+            assert _rel(c, b) < 1e-5, f"buffer {name}: {_rel(c, b):.2e}"
+        else:
+            assert int(c.cpu()) == int(b), name
+
+
+def _assert_kernels_ran(op="block_train"):
+    st = resnet_fast.stats()
+    assert st["kernel_calls"].get(op, 0) > 0 and st["kernel_calls"].get("conv_bn_stats", 0) > 0, st
+    assert op not in st["fallbacks"], st["fallbacks"]
+
+
+@pytest.mark.parametrize("name,make_plain,fused_cls,cin", CASES, ids=[c[0] for c in CASES])
+def test_block_train_steps_match_torch(name, make_plain, fused_cls, cin, kernel_device, triton_backend):
+    torch.manual_seed(0)
+    plain, fused = _pair(make_plain, fused_cls, kernel_device)
+    opt_p = torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.9)
+    opt_f = torch.optim.SGD(fused.parameters(), lr=0.1, momentum=0.9)
+    for step in range(STEPS):
+        x64 = (torch.randn(2, cin, 8, 8, dtype=torch.float64) * (1 + step) + 0.3 * step).requires_grad_(True)
+        x = x64.detach().float().to(kernel_device).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+        out_p, out_f = plain(x64), fused(x)
+        assert out_f.dtype == torch.float32 and out_f.shape == out_p.shape
+        assert _rel(out_f, out_p) < 1e-4, f"step {step} output {_rel(out_f, out_p):.2e}"
+        g = torch.randn_like(out_p)
+        opt_p.zero_grad()
+        opt_f.zero_grad()
+        out_p.backward(g)
+        out_f.backward(g.float().to(kernel_device))
+        assert _rel(x.grad, x64.grad) < 1e-3, f"step {step} input grad {_rel(x.grad, x64.grad):.2e}"
+        _compare_state(fused, plain)
+        opt_p.step()
+        opt_f.step()
+    for (pname, p), (_, q) in zip(plain.named_parameters(), fused.named_parameters()):
+        assert _rel(q, p) < 1e-3, f"weight {pname} after {STEPS} steps"
+    _assert_kernels_ran()
+
+
+@pytest.mark.parametrize("variant", ["momentum_none", "no_running_stats", "batch_of_one", "no_grad", "affine_off"])
+def test_block_train_bn_variants(variant, kernel_device, triton_backend):
+    torch.manual_seed(1)
+    plain, fused = _pair(lambda: reference.BasicBlock(4, 8, stride=2, downsample=_ds(4, 8, 2)), rnn.BasicBlock,
+                         kernel_device)
+    for model in (plain, fused):
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                if variant == "momentum_none":
+                    m.momentum = None
+                if variant == "no_running_stats":
+                    m.track_running_stats = False
+                    m.running_mean = m.running_var = m.num_batches_tracked = None
+                if variant == "affine_off":
+                    m.weight = m.bias = None
+    n = 1 if variant == "batch_of_one" else 2
+    for step in range(2):
+        x64 = torch.randn(n, 4, 6, 6, dtype=torch.float64) * 2 + step
+        x = x64.float().to(kernel_device)
+        if variant == "no_grad":
+            with torch.no_grad():
+                out_p, out_f = plain(x64), fused(x)
+            assert not out_f.requires_grad
+        else:
+            x64.requires_grad_(True)
+            x.requires_grad_(True)
+            out_p, out_f = plain(x64), fused(x)
+            g = torch.randn_like(out_p)
+            plain.zero_grad()
+            fused.zero_grad()
+            out_p.backward(g)
+            out_f.backward(g.float().to(kernel_device))
+            assert _rel(x.grad, x64.grad) < 1e-3
+        assert _rel(out_f, out_p) < 1e-4
+        _compare_state(fused, plain, grads=variant != "no_grad")
+    if variant in ("momentum_none", "no_grad"):
+        assert int(fused.bn1.num_batches_tracked) == 2
+    if variant == "no_running_stats":
+        assert fused.bn1.running_mean is None
+    _assert_kernels_ran()
+
+
+def test_conv_bn_relu_module_train_matches_torch(kernel_device, triton_backend):
+    torch.manual_seed(2)
+    for relu in (True, False):
+        fused = rnn.ConvBNReLU(3, 8, 3, stride=2, relu=relu).float().to(kernel_device).train()
+        _randomise_bn(fused)
+        plain = torch.nn.Sequential(copy.deepcopy(fused.conv), copy.deepcopy(fused.bn)).double().cpu().train()
+        x64 = torch.randn(2, 3, 8, 8, dtype=torch.float64, requires_grad=True)
+        x = x64.detach().float().to(kernel_device).requires_grad_(True)
+        out_p = plain(x64)
+        out_p = torch.relu(out_p) if relu else out_p
+        out_f = fused(x)
+        assert _rel(out_f, out_p) < 1e-4
+        g = torch.randn_like(out_p)
+        out_p.backward(g)
+        out_f.backward(g.float().to(kernel_device))
+        assert _rel(x.grad, x64.grad) < 1e-3
+        for (name, p), (_, q) in zip(plain.named_parameters(), fused.named_parameters()):
+            assert _rel(q.grad, p.grad) < 1e-3, name
+        for (name, b), (_, c) in zip(plain.named_buffers(), fused.named_buffers()):
+            assert _rel(c, b) < 1e-5 if b.is_floating_point() else int(c) == int(b), name
+    _assert_kernels_ran("conv_bn_train")
+
+
+def test_fallback_is_recorded_for_float64(triton_backend):
+    block = rnn.BasicBlock(4, 4).double().train()
+    block(torch.randn(2, 4, 6, 6, dtype=torch.float64))
+    assert "float64" in next(iter(resnet_fast.stats()["fallbacks"]["block_train"]))
+
+
+def test_train_step_compiles_fullgraph(kernel_device, triton_backend):
+    torch.manual_seed(3)
+    torch._dynamo.reset()
+    _, fused = _pair(lambda: reference.BasicBlock(4, 8, stride=2, downsample=_ds(4, 8, 2)), rnn.BasicBlock,
+                     kernel_device)
+    ref = copy.deepcopy(fused)
+
+    def loss(model, x):
+        out = model(x)
+        return out, out.square().sum()
+
+    # fullgraph: the forward (kernels, running-stat updates) is one graph; AOTAutograd traces the backward
+    # (the backward custom op through its fake) when .backward() runs.
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 4, 6, 6, device=kernel_device)
+    out_c, l_c = compiled(fused, x)
+    l_c.backward()
+    out_e, l_e = loss(ref, x)
+    l_e.backward()
+    assert _rel(out_c, out_e) < 1e-5
+    for (name, p), (_, q) in zip(ref.named_parameters(), fused.named_parameters()):
+        assert _rel(q.grad, p.grad) < 1e-5, name
+    for (name, b), (_, c) in zip(ref.named_buffers(), fused.named_buffers()):
+        assert _rel(c.float(), b.float()) < 1e-6, name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_block_train_autocast_gpu(dtype, triton_backend):
+    torch.manual_seed(4)
+    plain, fused = _pair(lambda: reference.Bottleneck(64, 32, stride=2, downsample=_ds(64, 128, 2)), rnn.Bottleneck,
+                         "cuda")
+    plain = plain.float().cuda()
+    x = torch.randn(8, 64, 28, 28, device="cuda").contiguous(memory_format=torch.channels_last)
+    xs = [x.clone().requires_grad_(True) for _ in range(2)]
+    with torch.autocast("cuda", dtype=dtype):
+        out_p, out_f = plain(xs[0]), fused(xs[1])
+    assert out_f.dtype == out_p.dtype == dtype
+    assert _rel(out_f, out_p) < 2e-2
+    g = torch.randn_like(out_p)
+    out_p.backward(g)
+    out_f.backward(g)
+    assert _rel(xs[1].grad, xs[0].grad) < 5e-2
+    for (name, p), (_, q) in zip(plain.named_parameters(), fused.named_parameters()):
+        assert q.grad.dtype == torch.float32 and _rel(q.grad, p.grad) < 5e-2, name
+    for (name, b), (_, c) in zip(plain.named_buffers(), fused.named_buffers()):
+        if b.is_floating_point():
+            assert c.dtype == torch.float32 and _rel(c, b) < 1e-2, name
+    _assert_kernels_ran()
