@@ -14,6 +14,7 @@ backward  dz2 = dL/d out; BN2 coefficients from Σdz2, Σdz2·(y2-μ2) (here a t
 Everything is checked against torch.nn (Conv2d/BatchNorm2d/ReLU) in float64 autograd: outputs ≤ 1e-4
 relative, gradients ≤ 1e-3, running statistics ≤ 1e-5 -- in fp32 with IEEE MMAs.
 """
+import pytest
 import torch
 
 from resnet_fast.kernels.bn_finalize import bn_backward_coeffs, bn_finalize
@@ -21,6 +22,7 @@ from resnet_fast.kernels.conv_common import ConvGeometry
 from resnet_fast.kernels.conv_dgrad import conv2d_dgrad_nhwc
 from resnet_fast.kernels.conv_fwd import conv2d_nhwc, pack_weight
 from resnet_fast.kernels.conv_wgrad import conv2d_wgrad_nhwc
+from resnet_fast.ops import conv_bn_stats
 
 CL = torch.channels_last
 
@@ -102,3 +104,90 @@ def test_conv_bn_relu_conv_bn_chain_matches_torch(kernel_device, triton_backend)
             assert _rel(rm, bn.running_mean) < 1e-5
             assert _rel(rv, bn.running_var) < 1e-5
             assert int(nbt.cpu()) == int(bn.num_batches_tracked)
+
+
+# ------------------------------------------------------------------- the op: resnet_fast::conv_bn_stats
+def _eager_unit(x, w, sc, sh, conv, eps):
+    """float64 autograd reference of the op: prologue, conv, biased batch mean and invstd."""
+    a = x if sc is None else torch.relu(x * sc.view(1, -1, 1, 1) + sh.view(1, -1, 1, 1))
+    y = torch.nn.functional.conv2d(a, w, None, **conv)
+    mean = y.mean((0, 2, 3))
+    invstd = torch.rsqrt(y.var((0, 2, 3), unbiased=False) + eps)
+    return y, mean, invstd
+
+
+@pytest.mark.parametrize("prologue", [False, True])
+def test_conv_bn_stats_op_gradients_vs_float64(prologue, kernel_device, triton_backend):
+    # Random upstream gradients on all three outputs: exercises dy = g_y + c2*(y - mean) + c3 on load, the
+    # dReLU epilogue, the pre-scaled dgrad weight and the in_scale/in_shift sums.
+    torch.manual_seed(5)
+    conv = dict(stride=2, padding=1, dilation=1, groups=2)
+    N, C, H, K, eps = 2, 8, 7, 12, 1e-5
+    x64 = (torch.randn(N, C, H, H, dtype=torch.float64) + 0.2).requires_grad_(True)
+    w64 = (torch.randn(K, C // 2, 3, 3, dtype=torch.float64) * 0.3).requires_grad_(True)
+    sc64 = sh64 = cen = None
+    if prologue:
+        sc64 = torch.empty(C, dtype=torch.float64).uniform_(0.5, 1.5).requires_grad_(True)
+        sh64 = torch.empty(C, dtype=torch.float64).uniform_(-0.5, 0.5).requires_grad_(True)
+        cen = torch.full((C,), 0.2, device=kernel_device)
+    ins64 = [t for t in (x64, w64, sc64, sh64) if t is not None]
+    ins = [t.detach().float().to(kernel_device).requires_grad_(True) for t in ins64]
+    ref = _eager_unit(x64, w64, sc64, sh64, conv, eps)
+    got = conv_bn_stats(ins[0].contiguous(memory_format=CL), ins[1], *(ins[2:] if prologue else (None, None)),
+                        cen, eps=eps, **conv)
+    for g, r in zip(got, ref):
+        assert _rel(g, r) < 1e-5
+    assert got[0].is_contiguous(memory_format=CL) and got[1].dtype == got[2].dtype == torch.float32
+    ups = [torch.randn_like(r) for r in ref]
+    ups[2] = ups[2] * 0.3
+    grads64 = torch.autograd.grad(ref, ins64, ups)
+    grads = torch.autograd.grad(got, ins, [u.float().to(kernel_device) for u in ups])
+    for name, g, r in zip(("x", "weight", "in_scale", "in_shift"), grads, grads64):
+        assert _rel(g, r) < 1e-4, f"grad {name}: {_rel(g, r):.2e}"
+
+
+def test_conv_bn_stats_zero_scale_channel_keeps_grad_x_exact(kernel_device, triton_backend):
+    # A prologue channel with in_scale exactly 0 (BN gamma 0): grad_x is exact (0 there); its in_scale/in_shift
+    # gradients are the documented limitation (0 instead of Σdz·x, Σdz), every other channel is exact.
+    torch.manual_seed(6)
+    x64 = torch.randn(2, 4, 6, 6, dtype=torch.float64, requires_grad=True)
+    w64 = torch.randn(4, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    sc64 = torch.tensor([1.0, 0.0, 0.7, 1.2], dtype=torch.float64, requires_grad=True)
+    sh64 = torch.tensor([0.1, 0.3, -0.2, 0.0], dtype=torch.float64, requires_grad=True)
+    ins = [t.detach().float().to(kernel_device).requires_grad_(True) for t in (x64, w64, sc64, sh64)]
+    conv = dict(stride=1, padding=1, dilation=1, groups=1)
+    ref = _eager_unit(x64, w64, sc64, sh64, conv, 1e-5)[0]
+    got = conv_bn_stats(ins[0], ins[1], ins[2], ins[3], padding=1)[0]
+    up = torch.randn_like(ref)
+    gx64, gsc64, gsh64 = torch.autograd.grad(ref, (x64, sc64, sh64), up)
+    gx, gsc, gsh = torch.autograd.grad(got, (ins[0], ins[2], ins[3]), up.float().to(kernel_device))
+    assert _rel(gx, gx64) < 1e-4 and float(gx[:, 1].abs().max()) == 0.0
+    keep = [0, 2, 3]
+    assert _rel(gsc[keep], gsc64[keep]) < 1e-4 and _rel(gsh[keep], gsh64[keep]) < 1e-4
+    assert float(gsc[1]) == 0.0 and float(gsh[1]) == 0.0
+
+
+def test_conv_bn_stats_bad_input(triton_backend):
+    x = torch.randn(2, 4, 6, 6)
+    w = torch.randn(8, 4, 3, 3)
+    with pytest.raises(ValueError, match="in_scale and in_shift"):
+        conv_bn_stats(x, w, torch.ones(4), None)
+    with pytest.raises(ValueError, match=r"in_scale must be a float32 \[4\]"):
+        conv_bn_stats(x, w, torch.ones(3), torch.ones(3))
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        conv_bn_stats(torch.randn(1, 4, 1, 1), w, padding=1, stride=2)
+    with pytest.raises(ValueError, match="float64 has no kernel"):
+        conv_bn_stats(x.double(), w.double())
+    with pytest.raises(ValueError, match="dtype"):
+        conv_bn_stats(x, w.half())
+    with pytest.raises(ValueError, match="eps"):
+        conv_bn_stats(x, w, eps=0.0)
+
+
+def test_conv_bn_stats_fake_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        x = torch.empty(2, 4, 8, 8).contiguous(memory_format=CL)
+        y, mean, invstd = torch.ops.resnet_fast.conv_bn_stats(x, torch.empty(8, 2, 3, 3), torch.empty(4),
+                                                             torch.empty(4), None, [2, 2], [1, 1], [1, 1], 2, 1e-5)
+        assert y.shape == (2, 8, 4, 4) and y.is_contiguous(memory_format=CL) and mean.shape == invstd.shape == (8,)
