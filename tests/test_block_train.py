@@ -168,6 +168,14 @@ def test_fallback_is_recorded_for_float64(triton_backend):
     assert "float64" in next(iter(resnet_fast.stats()["fallbacks"]["block_train"]))
 
 
+def test_sync_batchnorm_falls_back_not_silently_local(triton_backend):
+    block = rnn.BasicBlock(4, 4).train()
+    for name in ("bn1", "bn2"):
+        setattr(block, name, rnn.SyncBatchNorm2d(4))
+    block(torch.randn(2, 4, 6, 6))
+    assert "SyncBatchNorm2d" in next(iter(resnet_fast.stats()["fallbacks"]["block_train"]))
+
+
 def test_train_step_compiles_fullgraph(kernel_device, triton_backend):
     torch.manual_seed(3)
     torch._dynamo.reset()

@@ -240,7 +240,10 @@ def train_blocker(x: torch.Tensor, pairs) -> str | None:
         return f"dtype {dt} has no training kernel (float32/float16/bfloat16 only)"
     if dt == torch.bfloat16 and _backend.interpreting():
         return "bf16 tl.dot is wrong in the Triton interpreter"
+    from ..nn.sync_bn import SyncBatchNorm2d  # lazy: nn imports ops
     for conv, bn in pairs:
+        if isinstance(bn, SyncBatchNorm2d):  # a BatchNorm2d subclass whose statistics are all-reduced
+            return "SyncBatchNorm2d (cross-rank statistics) has no training kernel yet"
         if not isinstance(bn, torch.nn.BatchNorm2d) or not isinstance(conv, torch.nn.Conv2d):
             return f"norm layer {type(bn).__name__} / conv {type(conv).__name__} is not BatchNorm2d / Conv2d"
         if conv.bias is not None or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
