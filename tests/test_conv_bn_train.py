@@ -146,9 +146,9 @@ def test_conv_bn_stats_op_gradients_vs_float64(prologue, kernel_device, triton_b
         assert _rel(g, r) < 1e-4, f"grad {name}: {_rel(g, r):.2e}"
 
 
-def test_conv_bn_stats_zero_scale_channel_keeps_grad_x_exact(kernel_device, triton_backend):
-    # A prologue channel with in_scale exactly 0 (BN gamma 0): grad_x is exact (0 there); its in_scale/in_shift
-    # gradients are the documented limitation (0 instead of Σdz·x, Σdz), every other channel is exact.
+def test_conv_bn_stats_zero_scale_channel_is_exact(kernel_device, triton_backend):
+    # A prologue channel with in_scale exactly 0 (BN gamma 0, as zero_init_residual makes): grad_x is 0 there,
+    # and its in_scale/in_shift gradients are still Σdz·x and Σdz (dgrad scales its output, not the weight).
     torch.manual_seed(6)
     x64 = torch.randn(2, 4, 6, 6, dtype=torch.float64, requires_grad=True)
     w64 = torch.randn(4, 4, 3, 3, dtype=torch.float64, requires_grad=True)
@@ -162,9 +162,8 @@ def test_conv_bn_stats_zero_scale_channel_keeps_grad_x_exact(kernel_device, trit
     gx64, gsc64, gsh64 = torch.autograd.grad(ref, (x64, sc64, sh64), up)
     gx, gsc, gsh = torch.autograd.grad(got, (ins[0], ins[2], ins[3]), up.float().to(kernel_device))
     assert _rel(gx, gx64) < 1e-4 and float(gx[:, 1].abs().max()) == 0.0
-    keep = [0, 2, 3]
-    assert _rel(gsc[keep], gsc64[keep]) < 1e-4 and _rel(gsh[keep], gsh64[keep]) < 1e-4
-    assert float(gsc[1]) == 0.0 and float(gsh[1]) == 0.0
+    assert _rel(gsc, gsc64) < 1e-4 and _rel(gsh, gsh64) < 1e-4
+    assert float(gsh64[1]) != 0.0  # the zero-scale channel's gradients are really exercised
 
 
 def test_conv_bn_stats_bad_input(triton_backend):

@@ -130,6 +130,10 @@ def test_dgrad_drelu_dbn_epilogue(kernel_device, triton_backend, family, dtype):
     assert part.shape[0] == 2 and part.shape[2] == C and part.dtype == torch.float32
     assert _rel(part[0].sum(0).cpu(), dz_ref.sum((0, 2, 3))) < TOL[dtype]
     assert _rel(part[1].sum(0).cpu(), (dz_ref * (y64 - v(mu64))).sum((0, 2, 3))) < TOL[dtype]
+    dxs, part_s = conv2d_dgrad_nhwc(dy, w, x64.shape, **conv, y_prev=y, in_scale=sc, in_shift=sh, in_mean=mu,
+                                    out_scale=sc, allow_tf32=False, config=DCFG)  # stores dz*scale, sums of dz
+    assert _rel(dxs.cpu(), dz_ref * v(sc64)) < TOL[dtype]
+    assert torch.equal(part_s, part)
 
 
 def _dy_bn(K, dy64, device, dtype, seed):

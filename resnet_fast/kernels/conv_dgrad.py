@@ -82,7 +82,7 @@ def _pick_config(g: ConvGeometry, dy: torch.Tensor, weight: torch.Tensor, others
 @triton.jit
 def _conv_dgrad_kernel(
         dy_ptr, w_ptr, dx_ptr, taps_ptr, ntaps_ptr,
-        y_ptr, isc_ptr, ish_ptr, imu_ptr, part_ptr,            # EPI: y_prev, its BN scale/shift/mean, partials
+        y_ptr, isc_ptr, ish_ptr, imu_ptr, part_ptr, osc_ptr,   # EPI: y_prev, BN scale/shift/mean, partials, out scale
         z_ptr, c1_ptr, c2_ptr, c3_ptr, mu_ptr,                 # DY_BN: this conv's raw output y and coefficients
         N, H, W, Cg, Kg, P, Q, HPH, WPH, TILES_M, T_PART, C_TOT,
         sdy_n, sdy_h, sdy_w, sdy_c,
@@ -90,8 +90,8 @@ def _conv_dgrad_kernel(
         sdx_n, sdx_h, sdx_w, sdx_c,
         sy_n, sy_h, sy_w, sy_c,
         SH: tl.constexpr, SW: tl.constexpr, S: tl.constexpr, MAX_TAPS: tl.constexpr,
-        EPI: tl.constexpr, DY_BN: tl.constexpr, DOT_IEEE: tl.constexpr, ALIGNED: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        EPI: tl.constexpr, OUT_SCALE: tl.constexpr, DY_BN: tl.constexpr, DOT_IEEE: tl.constexpr,
+        ALIGNED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid0 = tl.program_id(0)
     phase = pid0 // TILES_M
     pid_m = pid0 % TILES_M
@@ -179,6 +179,8 @@ def _conv_dgrad_kernel(
         tl.store(part_ptr + pid0 * C_TOT + c_glob, tl.sum(acc, axis=0), mask=c_ok)
         tl.store(part_ptr + (T_PART + pid0) * C_TOT + c_glob,
                  tl.sum(acc * (yp - imu[None, :]), axis=0), mask=c_ok)
+        if OUT_SCALE:  # store dz*out_scale[c] (the BN's input gradient); the partials stay sums of dz
+            acc = acc * tl.load(osc_ptr + c_glob, mask=c_ok, other=0.0)[None, :]
     dx_row = n64 * sdx_n + h * sdx_h + w * sdx_w
     if ALIGNED:
         dx_row = tl.multiple_of(dx_row, 16)
@@ -229,7 +231,8 @@ def _check_vec(name, t, n, device, who):
 
 def conv2d_dgrad_nhwc(dy: torch.Tensor, weight: torch.Tensor, x_shape, *, stride=1, padding=0, dilation=1,
                       groups: int = 1, y_prev: torch.Tensor | None = None, in_scale=None, in_shift=None,
-                      in_mean=None, dy_bn: tuple | None = None, allow_tf32: bool | None = None,
+                      in_mean=None, out_scale=None, dy_bn: tuple | None = None,
+                      allow_tf32: bool | None = None,
                       config: ConvConfig | None = None):
     """Gradient of a conv w.r.t. its input (``torch.nn.grad.conv2d_input``), optionally fused for training.
 
@@ -243,6 +246,8 @@ def conv2d_dgrad_nhwc(dy: torch.Tensor, weight: torch.Tensor, x_shape, *, stride
             ``relu(y_prev*in_scale + in_shift)``; y_prev [N, C, H, W] of dy's dtype, the others [C] fp32
             (in_mean is the batch mean of y_prev). The output is then ``dz`` = the gradient w.r.t. the BN
             output before the ReLU, and per-tile partials are returned too.
+        out_scale: with the epilogue, an fp32 [C] vector: the stored output is ``dz*out_scale[c]`` (pass the BN's
+            ``in_scale`` to get the gradient w.r.t. ``y_prev``); the partials are still sums of ``dz``.
         dy_bn: (y, c1, c2, c3, mean): form ``dy = c1*dz + c2*(y - mean) + c3`` while loading; y [N, K, P, Q]
             with dy's dtype and strides (this conv's raw output), the rest [K] fp32.
         allow_tf32: fp32 inputs use TF32 MMAs (default :func:`configs.conv_allows_tf32`, PyTorch's rule).
@@ -271,10 +276,14 @@ def conv2d_dgrad_nhwc(dy: torch.Tensor, weight: torch.Tensor, x_shape, *, stride
     epi = y_prev is not None
     if any(a is None for a in epi_args) and any(a is not None for a in epi_args):
         raise ValueError(f"{who}: y_prev, in_scale, in_shift and in_mean go together (all or none)")
+    if out_scale is not None and not epi:
+        raise ValueError(f"{who}: out_scale needs the epilogue (y_prev, in_scale, in_shift, in_mean)")
     if epi:
         _check_tensor("y_prev", y_prev, (g.N, g.C, g.H, g.W), dy.dtype, dev, who)
         for name, v in (("in_scale", in_scale), ("in_shift", in_shift), ("in_mean", in_mean)):
             _check_vec(name, v, g.C, dev, who)
+        if out_scale is not None:
+            _check_vec("out_scale", out_scale, g.C, dev, who)
     if dy_bn is not None:
         if not isinstance(dy_bn, (tuple, list)) or len(dy_bn) != 5:
             raise ValueError(f"{who}: dy_bn must be a tuple (y, c1, c2, c3, mean)")
@@ -303,13 +312,14 @@ def conv2d_dgrad_nhwc(dy: torch.Tensor, weight: torch.Tensor, x_shape, *, stride
     v = (in_scale, in_shift, in_mean) if epi else (taps, taps, taps)
     grid = (T, triton.cdiv(cg, cfg.BLOCK_N), g.groups)
     _conv_dgrad_kernel[grid](
-        dy, weight, dx, taps, ntaps, yp, *v, part, *zb,
+        dy, weight, dx, taps, ntaps, yp, *v, part, taps if out_scale is None else out_scale, *zb,
         g.N, g.H, g.W, cg, kg, g.P, g.Q, hph, wph, tiles_m, T, g.C,
         dy.stride(0), dy.stride(2), dy.stride(3), dy.stride(1),
         weight.stride(0), weight.stride(1), weight.stride(2), weight.stride(3),
         dx.stride(0), dx.stride(2), dx.stride(3), dx.stride(1),
         yp.stride(0), yp.stride(2), yp.stride(3), yp.stride(1),
-        SH=sh, SW=sw, S=g.S, MAX_TAPS=g.R * g.S, EPI=epi, DY_BN=dy_bn is not None,
+        SH=sh, SW=sw, S=g.S, MAX_TAPS=g.R * g.S, EPI=epi, OUT_SCALE=out_scale is not None,
+        DY_BN=dy_bn is not None,
         DOT_IEEE=ieee, ALIGNED=_aligned(g, cfg, dy, weight, (dx, yp)),
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -338,12 +348,12 @@ def compile_specs() -> list:
         cfg = for_dtype(base, tdt)
         sig = {"dy_ptr": f"*{dt}", "w_ptr": f"*{dt}", "dx_ptr": f"*{dt}", "taps_ptr": "*i32",
                "ntaps_ptr": "*i32", "y_ptr": f"*{dt}", "isc_ptr": "*fp32", "ish_ptr": "*fp32",
-               "imu_ptr": "*fp32", "part_ptr": "*fp32", "z_ptr": f"*{dt}", "c1_ptr": "*fp32",
+               "imu_ptr": "*fp32", "part_ptr": "*fp32", "osc_ptr": "*fp32", "z_ptr": f"*{dt}", "c1_ptr": "*fp32",
                "c2_ptr": "*fp32", "c3_ptr": "*fp32", "mu_ptr": "*fp32"}
         sig.update({name: "i32" for name in ints})
         # unit channel strides, as specialised
         cx = {"sdy_c": 1, "sw_c": 1, "sdx_c": 1, "sy_c": 1, "SH": 2, "SW": 2, "S": 3, "MAX_TAPS": 9,
-              "EPI": fused, "DY_BN": fused, "DOT_IEEE": ieee, "ALIGNED": aligned,
+              "EPI": fused, "OUT_SCALE": fused, "DY_BN": fused, "DOT_IEEE": ieee, "ALIGNED": aligned,
               "BLOCK_M": cfg.BLOCK_M, "BLOCK_N": cfg.BLOCK_N, "BLOCK_K": cfg.BLOCK_K}
         sig.update({k: "constexpr" for k in cx})
         return (_conv_dgrad_kernel, _ordered(_conv_dgrad_kernel, sig), cx,

@@ -16,12 +16,8 @@ Backward (``conv_bn_stats_backward``, a custom op too so torch.compile traces it
 w.r.t. y is ``g_y + g_mean/M - g_invstd*invstd³*(y - mean)/M``, i.e. ``dy = c1*g_y + c2*(y - mean) + c3``
 with c1 = 1 -- formed while loading dy in dgrad and wgrad (their ``dy_bn`` option), never written. With a
 prologue, dgrad's dReLU epilogue returns ``dz = dA*[x*in_scale + in_shift > 0]`` and per-tile Σdz,
-Σdz·(x - in_centre). The true ``grad_x = dz*in_scale[c]``: the epilogue has no output scale, so dgrad runs
-with the weight pre-scaled along its input channels (``W[k, c]*in_scale[c]``, weight-sized, not
-activation-sized), which makes the kernel write ``dz*in_scale`` directly; the partials then carry the same
-factor and are divided by ``in_scale`` per channel. Limitation: a channel whose in_scale is exactly 0 (BN
-gamma exactly 0) gets in_scale/in_shift gradient 0 for that channel instead of Σdz·x / Σdz (grad_x is still
-exact). wgrad recomputes ``a`` from x in its prologue. Saved: x, weight, in_scale, in_shift, in_centre, y,
+Σdz·(x - in_centre), and stores ``grad_x = dz*in_scale[c]`` (its ``out_scale``), so the in_scale/in_shift
+gradients are those sums and grad_x is exact, a channel with in_scale exactly 0 (BN gamma 0) included. wgrad recomputes ``a`` from x in its prologue. Saved: x, weight, in_scale, in_shift, in_centre, y,
 mean, invstd -- no normalised activations.
 """
 from __future__ import annotations
@@ -100,13 +96,6 @@ def _like(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(ref).copy_(t)
 
 
-def _scaled_weight(weight, in_scale, groups):
-    """``W[k, c] * in_scale[group(k)*Cg + c]`` in W's dtype: dgrad then writes ``dz*in_scale`` itself."""
-    K, cg = weight.shape[0], weight.shape[1]
-    sc = in_scale.view(groups, 1, cg).expand(groups, K // groups, cg).reshape(K, cg, 1, 1)
-    return (weight.float() * sc).to(weight.dtype)
-
-
 @torch.library.custom_op("resnet_fast::conv_bn_stats_backward", mutates_args=(), schema=_BWD_SCHEMA)
 def _conv_bn_stats_backward_op(g_y, c2, c3, x, weight, in_scale, in_shift, in_centre, y, mean, stride, padding,
                                dilation, groups):
@@ -124,16 +113,14 @@ def _conv_bn_stats_backward_op(g_y, c2, c3, x, weight, in_scale, in_shift, in_ce
         grad_w = conv2d_wgrad_nhwc(g_y, x, weight.shape, **conv, dy_bn=dy_bn)
     else:
         centre = in_centre if in_centre is not None else torch.zeros_like(in_scale)
-        grad_x, part = conv2d_dgrad_nhwc(g_y, _scaled_weight(weight, in_scale, groups), x.shape, **conv,
-                                         y_prev=x, in_scale=in_scale, in_shift=in_shift, in_mean=centre,
-                                         dy_bn=dy_bn)
+        grad_x, part = conv2d_dgrad_nhwc(g_y, weight, x.shape, **conv, y_prev=x, in_scale=in_scale,
+                                         in_shift=in_shift, in_mean=centre, out_scale=in_scale, dy_bn=dy_bn)
         # Fixed-order float64 reduction of the per-tile partials (invstd=1: dgamma = Σ·(x - centre), dbeta = Σ);
         # count only scales the unused coefficients.
         n = max(x.shape[0] * x.shape[2] * x.shape[3], 2)
         _, _, _, s_xc, s = bn_backward_coeffs(part[0], part[1], torch.ones(C, device=x.device), n)
-        safe = torch.where(in_scale == 0, torch.ones_like(in_scale), in_scale)
-        grad_shift = s / safe  # Σdz
-        grad_scale = s_xc / safe + centre * grad_shift  # Σdz·x = Σdz·(x - centre) + centre·Σdz
+        grad_shift = s  # Σdz
+        grad_scale = s_xc + centre * grad_shift  # Σdz·x = Σdz·(x - centre) + centre·Σdz
         grad_w = conv2d_wgrad_nhwc(g_y, x, weight.shape, **conv, in_scale=in_scale, in_shift=in_shift,
                                    dy_bn=dy_bn)
     return grad_x, grad_w.to(weight.dtype), grad_scale, grad_shift
