@@ -229,6 +229,18 @@ def _check_vec(name, t, n, device, who):
         raise ValueError(f"{who}: {name} must be contiguous")
 
 
+def _check_dy_bn(dy_bn, dy, K, who):
+    """The BN-backward-on-load tuple ``(y, c1, c2, c3, mean)`` shared by dgrad and wgrad: y like dy (shape, dtype,
+    strides), the rest fp32 [K] vectors."""
+    if not isinstance(dy_bn, (tuple, list)) or len(dy_bn) != 5:
+        raise ValueError(f"{who}: dy_bn must be a tuple (y, c1, c2, c3, mean)")
+    _check_tensor("dy_bn[0] (y)", dy_bn[0], dy.shape, dy.dtype, dy.device, who)
+    if dy_bn[0].stride() != dy.stride():
+        raise ValueError(f"{who}: dy_bn[0] (y) must have dy's strides {dy.stride()}, got {dy_bn[0].stride()}")
+    for i, name in enumerate(("c1", "c2", "c3", "mean"), 1):
+        _check_vec(f"dy_bn[{i}] ({name})", dy_bn[i], K, dy.device, who)
+
+
 def conv2d_dgrad_nhwc(dy: torch.Tensor, weight: torch.Tensor, x_shape, *, stride=1, padding=0, dilation=1,
                       groups: int = 1, y_prev: torch.Tensor | None = None, in_scale=None, in_shift=None,
                       in_mean=None, out_scale=None, dy_bn: tuple | None = None,
@@ -285,13 +297,7 @@ def conv2d_dgrad_nhwc(dy: torch.Tensor, weight: torch.Tensor, x_shape, *, stride
         if out_scale is not None:
             _check_vec("out_scale", out_scale, g.C, dev, who)
     if dy_bn is not None:
-        if not isinstance(dy_bn, (tuple, list)) or len(dy_bn) != 5:
-            raise ValueError(f"{who}: dy_bn must be a tuple (y, c1, c2, c3, mean)")
-        _check_tensor("dy_bn[0] (y)", dy_bn[0], dy.shape, dy.dtype, dev, who)
-        if dy_bn[0].stride() != dy.stride():
-            raise ValueError(f"{who}: dy_bn[0] (y) must have dy's strides {dy.stride()}, got {dy_bn[0].stride()}")
-        for i, name in enumerate(("c1", "c2", "c3", "mean"), 1):
-            _check_vec(f"dy_bn[{i}] ({name})", dy_bn[i], g.K, dev, who)
+        _check_dy_bn(dy_bn, dy, g.K, who)
     dx = torch.empty((g.N, g.C, g.H, g.W), dtype=dy.dtype, device=dev, memory_format=torch.channels_last)
     yp = y_prev if epi else dx
     if allow_tf32 is None:

@@ -33,7 +33,7 @@ import triton.language as tl
 from .. import _backend
 from .configs import INTERPRETER_CONFIG, ConvConfig, conv_allows_tf32, for_dtype
 from .conv_common import ConvGeometry, input_coords, rows_to_npq
-from .conv_dgrad import _check_tensor, _check_vec, _ordered, _rows_aligned
+from .conv_dgrad import _check_dy_bn, _check_tensor, _check_vec, _ordered, _rows_aligned
 
 __all__ = ["conv2d_wgrad_nhwc", "WGRAD_CONFIGS", "pick_split", "compile_specs"]
 
@@ -223,13 +223,7 @@ def conv2d_wgrad_nhwc(dy: torch.Tensor, x: torch.Tensor, weight_shape, *, stride
         _check_vec("in_scale", in_scale, g.C, dev, who)
         _check_vec("in_shift", in_shift, g.C, dev, who)
     if dy_bn is not None:
-        if not isinstance(dy_bn, (tuple, list)) or len(dy_bn) != 5:
-            raise ValueError(f"{who}: dy_bn must be a tuple (y, c1, c2, c3, mean)")
-        _check_tensor("dy_bn[0] (y)", dy_bn[0], dy.shape, dy.dtype, dev, who)
-        if dy_bn[0].stride() != dy.stride():
-            raise ValueError(f"{who}: dy_bn[0] (y) must have dy's strides {dy.stride()}, got {dy_bn[0].stride()}")
-        for i, name in enumerate(("c1", "c2", "c3", "mean"), 1):
-            _check_vec(f"dy_bn[{i}] ({name})", dy_bn[i], g.K, dev, who)
+        _check_dy_bn(dy_bn, dy, g.K, who)
     cfg = config or for_dtype(_pick_config(g, dy, x), dy.dtype)  # fp32: half BLOCK_K, same staged bytes
     if split is None:
         split = pick_split(g, cfg)
