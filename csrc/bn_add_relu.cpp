@@ -111,6 +111,11 @@ at::Tensor empty_in_layout(const at::Tensor& like, const Layout& layout) {
                                                                                       : at::MemoryFormat::Contiguous));
 }
 
+BackwardOutputs empty_backward_outputs(const at::Tensor& x, const at::Tensor& scale, const Layout& layout) {
+  return {empty_in_layout(x, layout), empty_in_layout(x, layout), at::zeros({layout.c}, scale.options()),
+          at::zeros({layout.c}, scale.options()), at::zeros({layout.c}, scale.options())};
+}
+
 namespace {
 
 // Work per parallel_for task, in elements: large enough to amortise scheduling, small enough to balance.
@@ -308,17 +313,14 @@ at::Tensor bn_add_relu_cpu(const at::Tensor& x, const at::Tensor& scale, const a
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_add_relu_backward_cpu(
+BackwardOutputs bn_add_relu_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
     const at::Tensor& residual, const std::optional<at::Tensor>& res_scale,
     const std::optional<at::Tensor>& res_shift, bool relu) {
   const Layout L =
       check_inputs("bn_add_relu_backward", x, scale, shift, residual, res_scale, res_shift, &grad_out);
-  at::Tensor grad_x = empty_in_layout(x, L);
-  at::Tensor grad_r = empty_in_layout(x, L);
-  at::Tensor sum_g = at::zeros({L.c}, scale.options());
-  at::Tensor sum_gx = at::zeros({L.c}, scale.options());
-  at::Tensor sum_gr = at::zeros({L.c}, scale.options());
+  at::Tensor grad_x, grad_r, sum_g, sum_gx, sum_gr;  // named (not structured bindings): lambdas capture them
+  std::tie(grad_x, grad_r, sum_g, sum_gx, sum_gr) = empty_backward_outputs(x, scale, L);
   if (L.numel == 0) return {grad_x, grad_r, sum_g, sum_gx, sum_gr};
   const bool res_bn = res_scale.has_value() && res_scale->defined();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_add_relu_backward_cpu", [&] {

@@ -27,4 +27,9 @@ Layout check_inputs(const char* op, const at::Tensor& x, const at::Tensor& scale
 // Allocates an uninitialised tensor shaped like `like`, in the layout's memory format.
 at::Tensor empty_in_layout(const at::Tensor& like, const Layout& layout);
 
+// The backward's outputs: grad_x and grad_residual (uninitialised, x's layout) and the zeroed [C] sums
+// sum_g, sum_gx, sum_gr in scale's dtype.
+using BackwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+BackwardOutputs empty_backward_outputs(const at::Tensor& x, const at::Tensor& scale, const Layout& layout);
+
 }  // namespace resnet_fast

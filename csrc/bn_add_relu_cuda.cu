@@ -384,18 +384,15 @@ at::Tensor bn_add_relu_cuda(const at::Tensor& x, const at::Tensor& scale, const 
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_add_relu_backward_cuda(
+BackwardOutputs bn_add_relu_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
     const at::Tensor& residual, const std::optional<at::Tensor>& res_scale,
     const std::optional<at::Tensor>& res_shift, bool relu) {
   const Layout L =
       check_inputs("bn_add_relu_backward", x, scale, shift, residual, res_scale, res_shift, &grad_out);
   const c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor grad_x = empty_in_layout(x, L);
-  at::Tensor grad_r = empty_in_layout(x, L);
-  at::Tensor sum_g = at::zeros({L.c}, scale.options());
-  at::Tensor sum_gx = at::zeros({L.c}, scale.options());
-  at::Tensor sum_gr = at::zeros({L.c}, scale.options());
+  at::Tensor grad_x, grad_r, sum_g, sum_gx, sum_gr;  // named (not structured bindings): lambdas capture them
+  std::tie(grad_x, grad_r, sum_g, sum_gx, sum_gr) = empty_backward_outputs(x, scale, L);
   if (L.numel == 0) return {grad_x, grad_r, sum_g, sum_gx, sum_gr};
   const bool res_bn = res_scale.has_value() && res_scale->defined();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();
