@@ -131,25 +131,36 @@ def test_eager_backend_matches_reference(eager_backend, name, size, steps):
     assert resnet_fast.stats()["fallbacks"] == {}  # eager was asked for: not a fallback
 
 
-class _TinyGroupedBottleneckNet(nn.Module):
-    """ResNeXt-style Bottlenecks (groups=2, strided projection downsample) at narrow width."""
+class _TinyNet(nn.Module):
+    """A narrow ResNet-shaped net for convert() to fuse: the conv1/bn1/relu stem (3 -> 8 channels), then
+    ``layer1, layer2, ...`` as given; plain nn."""
 
-    def __init__(self):
+    def __init__(self, *layers):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(8)
         self.relu = nn.ReLU(inplace=True)
-        down = nn.Sequential(reference.conv1x1(8, 16, 2), nn.BatchNorm2d(16))
-        self.layer1 = nn.Sequential(reference.Bottleneck(8, 4, 2, down, groups=2),
-                                    reference.Bottleneck(16, 4, groups=2, dilation=2))
+        self.layers = len(layers)
+        for i, layer in enumerate(layers, 1):
+            setattr(self, f"layer{i}", layer)
 
     def forward(self, x):
-        return self.layer1(self.relu(self.bn1(self.conv1(x))))
+        x = self.relu(self.bn1(self.conv1(x)))
+        for i in range(1, self.layers + 1):
+            x = getattr(self, f"layer{i}")(x)
+        return x
+
+
+def _tiny_grouped_bottleneck_net():
+    """ResNeXt-style Bottlenecks (groups=2, strided projection downsample, then dilation 2) at narrow width."""
+    down = nn.Sequential(reference.conv1x1(8, 16, 2), nn.BatchNorm2d(16))
+    return _TinyNet(nn.Sequential(reference.Bottleneck(8, 4, 2, down, groups=2),
+                                  reference.Bottleneck(16, 4, groups=2, dilation=2)))
 
 
 def test_eager_backend_grouped_dilated_bottlenecks_match_reference(eager_backend):
     torch.manual_seed(0)
-    plain = _TinyGroupedBottleneckNet()
+    plain = _tiny_grouped_bottleneck_net()
     fused = resnet_fast.convert(plain)
     assert isinstance(fused.layer1[1], resnet_fast.nn.Bottleneck)
     _train_and_compare(fused, plain, torch.randn(2, 3, 8, 8))
@@ -202,21 +213,12 @@ def test_bad_input_is_a_clear_error():
 
 
 # ------------------------------------------------------------------------------- project kernels (triton)
-class _TinyResNet18Style(nn.Module):
-    """ResNet-18's pattern at narrow width (8/16 channels): a conv1/bn1/relu stem, then BasicBlocks with a
-    strided projection (Sequential(conv1x1, bn)) downsample; plain nn, for convert() to fuse."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(8)
-        self.relu = nn.ReLU(inplace=True)
-        down = nn.Sequential(reference.conv1x1(8, 16, 2), nn.BatchNorm2d(16))
-        self.layer1 = nn.Sequential(reference.BasicBlock(8, 8), reference.BasicBlock(8, 8))
-        self.layer2 = nn.Sequential(reference.BasicBlock(8, 16, 2, down), reference.BasicBlock(16, 16))
-
-    def forward(self, x):
-        return self.layer2(self.layer1(self.relu(self.bn1(self.conv1(x)))))
+def _tiny_resnet18_style():
+    """ResNet-18's pattern at narrow width (8/16 channels): BasicBlocks with a strided projection
+    (Sequential(conv1x1, bn)) downsample."""
+    down = nn.Sequential(reference.conv1x1(8, 16, 2), nn.BatchNorm2d(16))
+    return _TinyNet(nn.Sequential(reference.BasicBlock(8, 8), reference.BasicBlock(8, 8)),
+                    nn.Sequential(reference.BasicBlock(8, 16, 2, down), reference.BasicBlock(16, 16)))
 
 
 @pytest.mark.parametrize("build,size", [("tiny_resnet18", 8), ("resnet20", 8), ("grouped_bottleneck", 8)])
@@ -225,8 +227,8 @@ def test_triton_backend_eval_matches_reference(triton_backend, build, size):
     if reason:
         pytest.skip(f"eval kernel path needs resnet_fast.ops.conv2d/fold_bn: {reason}")
     torch.manual_seed(0)
-    plain = {"resnet20": lambda: models.resnet20(fused=False), "tiny_resnet18": _TinyResNet18Style,
-             "grouped_bottleneck": _TinyGroupedBottleneckNet}[build]()
+    plain = {"resnet20": lambda: models.resnet20(fused=False), "tiny_resnet18": _tiny_resnet18_style,
+             "grouped_bottleneck": _tiny_grouped_bottleneck_net}[build]()
     for m in plain.modules():  # non-trivial BN so folding is exercised
         if isinstance(m, nn.BatchNorm2d):
             with torch.no_grad():
