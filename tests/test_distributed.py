@@ -3,7 +3,8 @@
 * SyncBatchNorm2d (from ``convert(sync_bn=True)``): outputs, input/weight/bias grads and running stats equal a
   plain BatchNorm2d on the global batch, with unequal per-rank batch sizes, over two steps.
 * DDP: a converted, synced CIFAR ResNet trained for two SGD steps equals the plain reference model trained on
-  the concatenated batch (same parameters and running stats after the steps).
+  the concatenated batch (same parameters and running stats after the steps), on the eager path and on the
+  fused kernels (Triton interpreter), whose per-rank statistics are merged by ``sync_batch_stats``.
 
 One spawn runs both (process start-up dominates the cost).
 """
@@ -85,21 +86,30 @@ def _check_ddp(rank):
             _close(got[key], want[key], f"after 2 steps: {key}", atol=1e-4, rtol=1e-3)
 
 
-def _worker(rank, init_file):
+def _worker(rank, init_file, backend):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
-        _check_sync_bn(rank)
+        if backend == "eager":
+            _check_sync_bn(rank)  # the module's own synced forward; the backend does not enter it
+        import resnet_fast
+        resnet_fast.reset_stats()
         _check_ddp(rank)
+        if backend == "triton":  # the synced statistics came from the fused kernels, not a fallback
+            st = resnet_fast.stats()
+            assert st["kernel_calls"].get("block_train", 0) > 0, st
+            assert st["kernel_calls"].get("conv_bn_train", 0) > 0, st
+            assert not st["fallbacks"], st["fallbacks"]
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-def test_sync_bn_and_ddp_match_single_process_on_concatenated_batch(tmp_path, eager_backend):
-    # eager_backend sets RESNET_FAST_BACKEND=eager in os.environ, which the spawned processes inherit.
-    assert os.environ["RESNET_FAST_BACKEND"] == "eager"
-    mp.spawn(_worker, args=(str(tmp_path / "init"),), nprocs=WORLD, join=True)
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_sync_bn_and_ddp_match_single_process_on_concatenated_batch(tmp_path, monkeypatch, backend):
+    # The spawned processes inherit RESNET_FAST_BACKEND (and conftest's TRITON_INTERPRET) from os.environ.
+    monkeypatch.setenv("RESNET_FAST_BACKEND", backend)
+    mp.spawn(_worker, args=(str(tmp_path / "init"), backend), nprocs=WORLD, join=True)
 
 
 def test_sync_bn_is_batch_norm_without_a_process_group():

@@ -4,6 +4,10 @@ Forward all-reduces each layer's per-channel (sum, sum of squares) and the eleme
 (a packed [2C+1] float32 tensor), so batch statistics and running stats are those of the global batch. Backward
 all-reduces the two per-channel gradient sums (sum dy, sum dy*xhat) in one collective, so the input gradient is
 that of the global batch; weight/bias gradients stay local, as in SyncBatchNorm, for DDP to reduce.
+
+The training kernels (``conv_bn_stats``) compute each rank's statistics themselves; :func:`sync_batch_stats`
+merges those per-rank (mean, var, count) into the global batch's in one differentiable all-gather, so the
+kernel path stays fused under ``convert(sync_bn=True)``.
 """
 from __future__ import annotations
 
@@ -62,6 +66,44 @@ def sync_batch_norm(x, weight, bias, eps, group=None):
     return _SyncBatchNormFn.apply(x, weight, bias, eps, group)
 
 
+class _AllGather(torch.autograd.Function):
+    """``[world, *t.shape]`` of every rank's ``t``; backward all-reduces the gradient (each rank's loss depends
+    on every rank's ``t``) and keeps this rank's row. Plain all_gather + all_reduce: gloo has no reduce_scatter."""
+
+    @staticmethod
+    def forward(ctx, t, group):
+        ctx.group = group
+        parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, t.contiguous(), group=group)
+        return torch.stack(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad[dist.get_rank(ctx.group)], None
+
+
+def sync_batch_stats(mean, invstd, count: int, eps: float, group=None):
+    """Global-batch BatchNorm statistics from each rank's local ones, differentiably.
+
+    Args: ``mean``, ``invstd`` fp32 ``[C]`` of this rank's batch (biased variance, ``invstd = (var+eps)^-1/2``);
+    ``count`` values per channel on this rank; the BN's ``eps``. One collective (an all-gather of a packed
+    ``[2C+1]`` vector); Chan's merge ``var = Σ n_r (var_r + (mean_r - mean)²) / N`` in float64, free of the
+    ``E[y²] - mean²`` cancellation. Returns ``(mean, invstd, N)``: fp32 ``[C]`` and the global count as a
+    0-d float64 device tensor (no host sync). Gradients reach every rank's ``mean``/``invstd``.
+    """
+    c = mean.shape[0]
+    var = invstd.double().pow(-2) - eps
+    n = torch.full((1,), float(count), dtype=torch.float64, device=mean.device)
+    rows = _AllGather.apply(torch.cat([mean.double(), var, n]), group)  # [world, 2C+1]
+    counts = rows[:, -1:]
+    total = counts.sum()
+    g_mean = (rows[:, :c] * counts).sum(0) / total
+    g_var = ((rows[:, c:2 * c] + (rows[:, :c] - g_mean) ** 2) * counts).sum(0) / total
+    return g_mean.float(), torch.rsqrt(g_var + eps).float(), total.detach()
+
+
 def _distributed(group) -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
 
@@ -75,11 +117,15 @@ class SyncBatchNorm2d(tnn.BatchNorm2d):
 
     process_group = None
 
+    def syncs(self) -> bool:
+        """Whether this forward normalises with cross-rank batch statistics (training, or no running stats,
+        inside a multi-rank process group)."""
+        return (self.training or self.running_mean is None) and _distributed(self.process_group)
+
     def forward(self, x):
         if x.dim() != 4:
             raise ValueError(f"SyncBatchNorm2d: expected a 4-D input, got shape {tuple(x.shape)}")
-        use_batch_stats = self.training or self.running_mean is None
-        if not (use_batch_stats and _distributed(self.process_group)):
+        if not self.syncs():
             return super().forward(x)
         y, mean, var, n = sync_batch_norm(x, self.weight, self.bias, self.eps, self.process_group)
         if self.training and self.track_running_stats:

@@ -189,7 +189,8 @@ def conv_bn_stats(x: torch.Tensor, weight: torch.Tensor, in_scale: torch.Tensor 
 
 def update_running_stats(bn: torch.nn.BatchNorm2d, mean: torch.Tensor, invstd: torch.Tensor, count: int) -> None:
     """``bn``'s train-mode running-statistics update from this batch's ``mean``/``invstd`` (fp32 [C]) over
-    ``count`` values per channel, exactly as ``nn.BatchNorm2d``: ``num_batches_tracked += 1``; factor =
+    ``count`` values per channel (an int, or a 0-d device tensor for the global count of a synced BN),
+    exactly as ``nn.BatchNorm2d``: ``num_batches_tracked += 1``; factor =
     momentum, or 1/num_batches_tracked for momentum=None (a device tensor: no host sync); running_var takes the
     unbiased variance. Nothing when the module does not track running stats or is in eval mode. [C] math in
     float64, recovering ``var = invstd^-2 - eps``; not recorded by autograd."""
@@ -203,7 +204,8 @@ def update_running_stats(bn: torch.nn.BatchNorm2d, mean: torch.Tensor, invstd: t
         else:
             factor = bn.momentum
         var = invstd.detach().double().pow(-2) - bn.eps
-        unbiased = var * (count / max(count - 1, 1))
+        count = torch.as_tensor(count, dtype=torch.float64, device=var.device)
+        unbiased = var * count / (count - 1).clamp_min(1)
         rm, rv = bn.running_mean, bn.running_var
         rm.copy_((1 - factor) * rm.double() + factor * mean.detach().double())
         rv.copy_((1 - factor) * rv.double() + factor * unbiased)
@@ -227,10 +229,7 @@ def train_blocker(x: torch.Tensor, pairs) -> str | None:
         return f"dtype {dt} has no training kernel (float32/float16/bfloat16 only)"
     if dt == torch.bfloat16 and _backend.interpreting():
         return "bf16 tl.dot is wrong in the Triton interpreter"
-    from ..nn.sync_bn import SyncBatchNorm2d  # lazy: nn imports ops
     for conv, bn in pairs:
-        if isinstance(bn, SyncBatchNorm2d):  # a BatchNorm2d subclass whose statistics are all-reduced
-            return "SyncBatchNorm2d (cross-rank statistics) has no training kernel yet"
         if not isinstance(bn, torch.nn.BatchNorm2d) or not isinstance(conv, torch.nn.Conv2d):
             return f"norm layer {type(bn).__name__} / conv {type(conv).__name__} is not BatchNorm2d / Conv2d"
         if conv.bias is not None or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
@@ -244,10 +243,17 @@ def conv_bn_train(x: torch.Tensor, conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm
                   in_centre=None):
     """One training unit ``bn(conv(act_in(x)))`` in folded form: returns ``(y_raw, scale, shift, mean)`` with
     ``bn(conv(...)) == y_raw*scale + shift`` (never materialised; the next conv's prologue or the tail op
-    applies it) and updates ``bn``'s running statistics. ``x`` must already be in the activation dtype."""
+    applies it) and updates ``bn``'s running statistics. ``x`` must already be in the activation dtype.
+
+    A :class:`~resnet_fast.nn.SyncBatchNorm2d` that syncs merges the kernel's per-rank statistics into the
+    global batch's (one all-gather of [2C+1] values, differentiable), so the fused path serves synced BN too."""
+    from ..nn.sync_bn import SyncBatchNorm2d, sync_batch_stats  # lazy: nn imports ops
     y, mean, invstd = conv_bn_stats(x, conv.weight.to(x.dtype), in_scale, in_shift, in_centre,
                                     stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
                                     groups=conv.groups, eps=bn.eps)
-    update_running_stats(bn, mean, invstd, y.shape[0] * y.shape[2] * y.shape[3])
+    count = y.shape[0] * y.shape[2] * y.shape[3]
+    if isinstance(bn, SyncBatchNorm2d) and bn.syncs():
+        mean, invstd, count = sync_batch_stats(mean, invstd, count, bn.eps, bn.process_group)
+    update_running_stats(bn, mean, invstd, count)
     scale, shift = bn_affine(bn, mean, invstd)
     return y, scale, shift, mean
