@@ -14,7 +14,7 @@ import resnet_fast
 from resnet_fast import nn as rnn
 from resnet_fast.nn import reference
 
-STEPS = 3  # SGD steps per block (interpreter time: ~1 s per fused step at these shapes)
+STEPS = 10  # SGD steps per block, as issue 4 asks (interpreter: ~1 s per fused step at these shapes)
 
 
 def _rel(got, want):
@@ -54,13 +54,18 @@ def _pair(make_plain, fused_cls, device):
     return plain.double().train(), fused.float().to(device).train()
 
 
-def _compare_state(fused, plain, *, grads=True):
+def _compare_state(fused, plain, *, grads=True, fp32_twin=None):
+    """Grads within 1e-3 and running statistics within 1e-5 of the float64 reference. After SGD steps the
+    weights have drifted by fp32 rounding, and PyTorch's own fp32 block drifts past 1e-5 too: with ``fp32_twin``
+    (an eager fp32 copy trained alongside) a buffer may also be within 4x of that twin's own error."""
     for (name, p), (_, q) in zip(plain.named_parameters(), fused.named_parameters()):
         if grads:
             assert _rel(q.grad, p.grad) < 1e-3, f"grad {name}: {_rel(q.grad, p.grad):.2e}"
+    twin = dict(fp32_twin.named_buffers()) if fp32_twin is not None else {}
     for (name, b), (_, c) in zip(plain.named_buffers(), fused.named_buffers()):
         if b.is_floating_point():
-            assert _rel(c, b) < 1e-5, f"buffer {name}: {_rel(c, b):.2e}"
+            tol = max(1e-5, 4 * _rel(twin[name], b)) if name in twin else 1e-5
+            assert _rel(c, b) < tol, f"buffer {name}: {_rel(c, b):.2e} (tolerance {tol:.1e})"
         else:
             assert int(c.cpu()) == int(b), name
 
@@ -77,21 +82,26 @@ def test_block_train_steps_match_torch(name, make_plain, fused_cls, cin, kernel_
     plain, fused = _pair(make_plain, fused_cls, kernel_device)
     opt_p = torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.9)
     opt_f = torch.optim.SGD(fused.parameters(), lr=0.1, momentum=0.9)
+    twin = copy.deepcopy(plain).float()  # PyTorch's own fp32 drift, for the running-stat tolerance
+    opt_t = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9)
     for step in range(STEPS):
         x64 = (torch.randn(2, cin, 8, 8, dtype=torch.float64) * (1 + step) + 0.3 * step).requires_grad_(True)
         x = x64.detach().float().to(kernel_device).contiguous(memory_format=torch.channels_last).requires_grad_(True)
-        out_p, out_f = plain(x64), fused(x)
+        out_p, out_f, out_t = plain(x64), fused(x), twin(x64.detach().float())
         assert out_f.dtype == torch.float32 and out_f.shape == out_p.shape
         assert _rel(out_f, out_p) < 1e-4, f"step {step} output {_rel(out_f, out_p):.2e}"
         g = torch.randn_like(out_p)
         opt_p.zero_grad()
         opt_f.zero_grad()
+        opt_t.zero_grad()
         out_p.backward(g)
         out_f.backward(g.float().to(kernel_device))
+        out_t.backward(g.float())
         assert _rel(x.grad, x64.grad) < 1e-3, f"step {step} input grad {_rel(x.grad, x64.grad):.2e}"
-        _compare_state(fused, plain)
+        _compare_state(fused, plain, fp32_twin=twin)
         opt_p.step()
         opt_f.step()
+        opt_t.step()
     for (pname, p), (_, q) in zip(plain.named_parameters(), fused.named_parameters()):
         assert _rel(q, p) < 1e-3, f"weight {pname} after {STEPS} steps"
     _assert_kernels_ran()
@@ -168,12 +178,20 @@ def test_fallback_is_recorded_for_float64(triton_backend):
     assert "float64" in next(iter(resnet_fast.stats()["fallbacks"]["block_train"]))
 
 
-def test_sync_batchnorm_falls_back_not_silently_local(triton_backend):
-    block = rnn.BasicBlock(4, 4).train()
+def test_sync_batchnorm_outside_a_process_group_runs_the_kernels(kernel_device, triton_backend):
+    # SyncBatchNorm2d is BatchNorm2d without a multi-rank group; the synced case is tests/test_distributed.py.
+    torch.manual_seed(4)
+    plain = rnn.BasicBlock(4, 4).train().to(kernel_device)
+    synced = copy.deepcopy(plain)
     for name in ("bn1", "bn2"):
-        setattr(block, name, rnn.SyncBatchNorm2d(4))
-    block(torch.randn(2, 4, 6, 6))
-    assert "SyncBatchNorm2d" in next(iter(resnet_fast.stats()["fallbacks"]["block_train"]))
+        setattr(synced, name, rnn.SyncBatchNorm2d(4).to(kernel_device))
+        getattr(synced, name).load_state_dict(getattr(plain, name).state_dict())
+    x = torch.randn(2, 4, 6, 6, device=kernel_device)
+    with torch.no_grad():
+        assert _rel(synced(x), plain(x)) < 1e-6
+        assert _rel(synced.bn2.running_var, plain.bn2.running_var) < 1e-6
+    assert "block_train" not in resnet_fast.stats()["fallbacks"]
+    assert resnet_fast.stats()["kernel_calls"]["block_train"] == 2
 
 
 def test_train_step_compiles_fullgraph(kernel_device, triton_backend):
