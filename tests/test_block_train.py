@@ -243,3 +243,30 @@ def test_block_train_autocast_gpu(dtype, triton_backend):
         if b.is_floating_point():
             assert c.dtype == torch.float32 and _rel(c, b) < 1e-2, name
     _assert_kernels_ran()
+
+
+def _saved_bytes(model, x) -> int:
+    """Bytes of the distinct storages autograd saves for the backward of ``model(x)`` (parameters excluded)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("name,make_plain,fused_cls,cin", CASES, ids=[c[0] for c in CASES])
+def test_block_train_saves_no_more_than_eager(name, make_plain, fused_cls, cin, kernel_device, triton_backend):
+    # Issue 4: per conv-BN-ReLU only the raw conv output and two fp32 vectors are saved, so the fused block keeps
+    # no more activation memory for its backward than torch.nn's (which saves BN inputs and ReLU outputs).
+    plain, fused = _pair(make_plain, fused_cls, kernel_device)
+    x = torch.randn(4, cin, 16, 16).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    eager = _saved_bytes(plain.float(), x)
+    ours = _saved_bytes(fused, x.to(kernel_device))
+    assert ours <= eager, f"fused block saves {ours} bytes, torch.nn {eager}"
