@@ -293,6 +293,19 @@ def test_bad_inputs_raise_value_error(match, call, triton_backend):
         call(x, w)
 
 
+def test_choose_honours_a_pin_for_its_op_only():
+    g = ConvGeometry.make((2, 16, 8, 8), (16, 16, 3, 3), 1, 1)
+    cpu = torch.device("cpu")
+
+    def never(cfg):
+        raise AssertionError("launched")
+    args = (g, torch.float32, cpu, [SMALL], (), never, SMALL)
+    with cfgs.pinned_config("conv_dgrad", SMALL):
+        assert cfgs.choose("conv_dgrad", *args) == SMALL
+        assert cfgs.choose("conv_fwd", *args) == cfgs.INTERPRETER_CONFIG  # off the GPU: never tuned
+    assert cfgs.choose("conv_dgrad", *args) == cfgs.INTERPRETER_CONFIG  # the pin ended with its block
+
+
 def test_autotuner_persists_winners(tmp_path, monkeypatch):
     monkeypatch.setenv("RESNET_FAST_CACHE_DIR", str(tmp_path))
     g32 = ConvGeometry.make((32, 64, 56, 56), (64, 64, 3, 3), 1, 1)
@@ -412,13 +425,13 @@ def test_every_tuning_config_gpu(dtype):
 @pytest.mark.gpu
 def test_autotune_then_cache_hit_gpu(tmp_path, monkeypatch, triton_backend):
     monkeypatch.setenv("RESNET_FAST_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(conv_fwd, "_TUNER", cfgs.Autotuner())
+    monkeypatch.setattr(cfgs, "_TUNER", cfgs.Autotuner())
     x, w, _ = make(8, 64, 28, 28, 64, 3, 3, 1, torch.float16, "cuda")
     y = conv2d(x, w, padding=1)
     assert rel_err(y, reference(x, w, padding=1)) < TOL[torch.float16]
     saved = json.loads(open(cfgs.cache_path()).read())
     assert len(saved) == 1
-    monkeypatch.setattr(conv_fwd, "_TUNER", cfgs.Autotuner())  # a fresh process's view: reads the file
+    monkeypatch.setattr(cfgs, "_TUNER", cfgs.Autotuner())  # a fresh process's view: reads the file
     monkeypatch.setattr(cfgs.Autotuner, "pick", lambda *a: pytest.fail("retuned despite the disk cache"),
                         raising=True)
     x2 = torch.randn(12, 64, 28, 28, device="cuda", dtype=torch.float16)  # another batch, same bucket

@@ -9,9 +9,12 @@
   under ``$RESNET_FAST_CACHE_DIR`` (default ``~/.cache/resnet_fast``), so a second process does not retune.
   Keys come from :func:`tuning_key`, which buckets the GEMM row count coarsely (powers of 4) so a new batch
   size does not retune. ``RESNET_FAST_AUTOTUNE=0`` disables tuning (the shape heuristic decides).
+* :func:`choose` — the one selection policy of every conv launcher (forward, dgrad, wgrad): a config pinned
+  with :func:`pinned_config`, else the interpreter's, else the tuned winner, else the heuristic's choice.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -21,8 +24,10 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
+from .. import _backend
+
 __all__ = ["ConvConfig", "FWD_CONFIGS", "INTERPRETER_CONFIG", "for_dtype", "fwd_configs", "prune", "heuristic",
-           "conv_allows_tf32", "tuning_key", "cache_path", "Autotuner"]
+           "conv_allows_tf32", "tuning_key", "cache_path", "Autotuner", "choose", "pinned_config"]
 
 
 @dataclass(frozen=True)
@@ -226,3 +231,45 @@ class Autotuner:
                 os.replace(tmp, path)  # atomic: readers never see a half-written file
             except OSError:
                 pass  # an unwritable cache only costs retuning in the next process
+
+
+_TUNER = Autotuner()
+_PINNED = threading.local()
+
+
+@contextlib.contextmanager
+def pinned_config(op: str, cfg: ConvConfig):
+    """Launch kernel ``op`` (``"conv_fwd"``, ``"conv_dgrad"``, ``"conv_wgrad"``) with ``cfg`` in this thread
+    (tests; reproducing a tuning result). The config must be one the kernel supports for the shape."""
+    prev = getattr(_PINNED, op, None)
+    setattr(_PINNED, op, cfg)
+    try:
+        yield cfg
+    finally:
+        setattr(_PINNED, op, prev)
+
+
+def choose(op: str, geometry, dtype: torch.dtype, device: torch.device, candidates, flags: tuple, launch,
+           default: ConvConfig) -> ConvConfig:
+    """The config for one launch of kernel ``op``: pinned, else :data:`INTERPRETER_CONFIG` off the GPU, else the
+    tuned winner among ``candidates`` (benchmarking ``launch(cfg)`` on a miss), else ``default`` when tuning is
+    off or a CUDA graph is being captured (never benchmark inside a capture). ``launch`` must be pure: it only
+    writes the kernel's outputs, so timing runs have no side effects. ``flags``: the kernel switches that
+    enter the tuning key."""
+    pinned = getattr(_PINNED, op, None)
+    if pinned is not None:
+        return pinned
+    if _backend.interpreting() or device.type != "cuda":
+        return INTERPRETER_CONFIG
+    key = tuning_key(op, geometry, dtype, device, *flags)
+    hit = _TUNER.lookup(key, candidates)  # this process's or an earlier one's winner
+    if hit is not None:
+        return hit
+    if not Autotuner.enabled() or torch.cuda.is_current_stream_capturing():
+        return default
+    import triton.testing
+
+    def bench(cfg):
+        return triton.testing.do_bench(lambda: launch(cfg), warmup=5, rep=25)
+
+    return _TUNER.pick(key, candidates, bench)

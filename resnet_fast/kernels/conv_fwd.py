@@ -27,7 +27,6 @@ Offsets scaled by the batch index or the GEMM row are int64; offsets within one 
 """
 from __future__ import annotations
 
-import contextlib
 import threading
 import weakref
 
@@ -182,39 +181,9 @@ def _forget(key, ref) -> None:
 
 
 # -------------------------------------------------------------------------------------------------- configs
-_PINNED = threading.local()
-_TUNER = _cfg.Autotuner()
-
-
-@contextlib.contextmanager
 def pinned_config(cfg: ConvConfig):
     """Run every conv forward in this thread with ``cfg`` (tests; reproducing a tuning result)."""
-    prev = getattr(_PINNED, "cfg", None)
-    _PINNED.cfg = cfg
-    try:
-        yield cfg
-    finally:
-        _PINNED.cfg = prev
-
-
-def _choose_config(g: ConvGeometry, dtype, device, flags: tuple, launch) -> ConvConfig:
-    pinned = getattr(_PINNED, "cfg", None)
-    if pinned is not None:
-        return pinned
-    if _backend.interpreting() or device.type != "cuda":
-        return _cfg.INTERPRETER_CONFIG
-    candidates = _cfg.prune(_cfg.fwd_configs(dtype), g.M, g.Kg, g.Cg_pad, dtype)
-    key = _cfg.tuning_key("conv_fwd", g, dtype, device, *flags)
-    hit = _TUNER.lookup(key, candidates)  # this process's or an earlier one's winner
-    if hit is not None:
-        return hit
-    if not _cfg.Autotuner.enabled() or torch.cuda.is_current_stream_capturing():
-        return _cfg.heuristic(candidates, g.M, g.Kg, g.Cg_pad)  # never benchmark inside a CUDA graph capture
-
-    def bench(cfg):
-        return triton.testing.do_bench(lambda: launch(cfg), warmup=5, rep=25)
-
-    return _TUNER.pick(key, candidates, bench)
+    return _cfg.pinned_config("conv_fwd", cfg)
 
 
 # ------------------------------------------------------------------------------------------------- launcher
@@ -330,8 +299,11 @@ def conv2d_nhwc(x: torch.Tensor, w_packed: torch.Tensor, geometry: ConvGeometry,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return part
 
-    cfg = config or _choose_config(g, dtype, device, flags, launch)
-    part = launch(cfg)
+    if config is None:
+        candidates = _cfg.prune(_cfg.fwd_configs(dtype), g.M, g.Kg, g.Cg_pad, dtype)
+        config = _cfg.choose("conv_fwd", g, dtype, device, candidates, flags, launch,
+                             _cfg.heuristic(candidates, g.M, g.Kg, g.Cg_pad))
+    part = launch(config)
     return out, part
 
 
