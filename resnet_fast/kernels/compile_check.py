@@ -26,6 +26,9 @@ Each spec is compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cu
 reports 0 bytes of spill stores and loads; (3) shared memory fits Hopper's 227 KB per block. ``ptxas`` is
 Triton's bundled one (the toolkit's may reject the newer PTX version Triton emits), else ``$CUDA_HOME/bin``,
 ``/usr/local/cuda/bin`` or ``PATH``.
+
+To check against another Triton (the GPU machine has 3.6): ``pip install --no-deps --target DIR triton==3.6.0``
+and run with ``PYTHONPATH=DIR``; the summary line names the version that compiled.
 """
 from __future__ import annotations
 
@@ -176,7 +179,8 @@ def main(argv=None) -> int:
               f"{r.get('spill_loads')} smem={r.get('shared')} {r['seconds']}s"
               + (f"  <- {'; '.join(r['problems'])}" if r["problems"] else ""))
     bad = [r for r in rows if not r["ok"]]
-    print(f"{len(rows)} specs, {len(bad)} failing, {time.time() - t0:.1f}s")
+    import triton
+    print(f"{len(rows)} specs, {len(bad)} failing, {time.time() - t0:.1f}s (triton {triton.__version__}, sm_90)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
