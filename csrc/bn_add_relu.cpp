@@ -1,4 +1,4 @@
-// Residual tail op: schema (TORCH_LIBRARY), input validation and the CPU kernels.
+// Residual tail op and its residual-free form: schema (TORCH_LIBRARY), input validation and the CPU kernels.
 //
 //   bn_add_relu(x, scale, shift, residual, res_scale=None, res_shift=None, relu=True) -> out
 //     out = act(x * scale[c] + shift[c] + r),  r = residual * res_scale[c] + res_shift[c]  or  residual
@@ -7,6 +7,11 @@
 //     g = grad_out masked by (pre-activation > 0) when relu, recomputed from the inputs;
 //     grad_x = g * scale[c], grad_residual = g * res_scale[c] (or g), and the per-channel sums
 //     sum_g = Σg, sum_gx = Σ g·x, sum_gr = Σ g·residual that the BatchNorm backward needs.
+//   bn_relu(x, scale, shift, relu=True) -> out = act(x * scale[c] + shift[c])
+//   bn_relu_backward(grad_out, x, scale, shift, relu) -> (grad_x, sum_g, sum_gx), as above without a residual.
+//
+// Both ops run the same kernels (below, and in bn_add_relu_cuda.cu): the template parameter kHasRes is false
+// for bn_relu, which removes the residual's reads, the grad_residual write and the Σ g·residual sum.
 //
 // x/residual/grad_out: 4-D, same shape/dtype (float32, float16, bfloat16, float64), NCHW-contiguous or
 // channels_last; scale/shift/res_*: [C] float32 (float64 when x is float64). Math is in float32 (float64 for
@@ -63,7 +68,7 @@ void check_like_x(const char* op, const char* name, const at::Tensor& t, const a
 }  // namespace
 
 Layout check_inputs(const char* op, const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
-                    const at::Tensor& residual, const std::optional<at::Tensor>& res_scale,
+                    const at::Tensor* residual, const std::optional<at::Tensor>& res_scale,
                     const std::optional<at::Tensor>& res_shift, const at::Tensor* grad_out) {
   TORCH_CHECK_VALUE(x.defined(), op, ": x must be a tensor");
   TORCH_CHECK_VALUE(x.dim() == 4, op, ": x must be a 4-D (N, C, H, W) tensor, got a ", x.dim(),
@@ -84,13 +89,14 @@ Layout check_inputs(const char* op, const at::Tensor& x, const at::Tensor& scale
                       c10::str(x.strides()), " for shape ", shape_str(x),
                       "; strided views are not supported, call .contiguous(memory_format=...) first");
   }
-  check_like_x(op, "residual", residual, x, fmt);
+  if (residual != nullptr) check_like_x(op, "residual", *residual, x, fmt);
   if (grad_out != nullptr) check_like_x(op, "grad_out", *grad_out, x, fmt);
   const int64_t c = x.size(1);
   check_vector(op, "scale", scale, x, c);
   check_vector(op, "shift", shift, x, c);
   const bool has_rs = res_scale.has_value() && res_scale->defined();
   const bool has_rb = res_shift.has_value() && res_shift->defined();
+  TORCH_INTERNAL_ASSERT(residual != nullptr || !(has_rs || has_rb), op, ": res_scale/res_shift without a residual");
   TORCH_CHECK_VALUE(has_rs == has_rb, op, ": res_scale and res_shift must be given together (got ",
                     has_rs ? "res_scale" : "res_shift", " only)");
   if (has_rs) {
@@ -111,9 +117,11 @@ at::Tensor empty_in_layout(const at::Tensor& like, const Layout& layout) {
                                                                                       : at::MemoryFormat::Contiguous));
 }
 
-BackwardOutputs empty_backward_outputs(const at::Tensor& x, const at::Tensor& scale, const Layout& layout) {
-  return {empty_in_layout(x, layout), empty_in_layout(x, layout), at::zeros({layout.c}, scale.options()),
-          at::zeros({layout.c}, scale.options()), at::zeros({layout.c}, scale.options())};
+BackwardOutputs empty_backward_outputs(const at::Tensor& x, const at::Tensor& scale, const Layout& layout,
+                                       bool has_residual) {
+  const auto sum = [&] { return at::zeros({layout.c}, scale.options()); };
+  return {empty_in_layout(x, layout), has_residual ? empty_in_layout(x, layout) : at::Tensor(), sum(), sum(),
+          has_residual ? sum() : at::Tensor()};
 }
 
 namespace {
@@ -123,9 +131,12 @@ constexpr int64_t kGrainElems = 32768;
 // Independent accumulator lanes so the reduction loops vectorise without reassociating float sums.
 constexpr int kLanes = 8;
 
-template <typename T, typename A, bool kResBN, bool kRelu>
+// Template parameters of the kernels: kHasRes (false for bn_relu: no residual pointer is ever read or
+// written), kResBN (residual has its own affine; implies kHasRes), kRelu.
+template <typename T, typename A, bool kHasRes, bool kResBN, bool kRelu>
 void forward_cpu(const T* __restrict__ x, const T* __restrict__ r, T* __restrict__ out, const A* __restrict__ s,
                  const A* __restrict__ b, const A* __restrict__ rs, const A* __restrict__ rb, const Layout& L) {
+  static_assert(kHasRes || !kResBN, "a residual affine needs a residual");
   if (!L.channels_last) {
     // NCHW: each (n, c) plane is contiguous and has one channel, so the inner loop has scalar parameters.
     const int64_t planes = L.n * L.c, hw = L.hw;
@@ -135,11 +146,11 @@ void forward_cpu(const T* __restrict__ x, const T* __restrict__ r, T* __restrict
         const int64_t c = p % L.c;
         const A sc = s[c], sh = b[c], rsc = kResBN ? rs[c] : A(1), rsh = kResBN ? rb[c] : A(0);
         const T* xp = x + p * hw;
-        const T* rp = r + p * hw;
+        const T* rp = kHasRes ? r + p * hw : nullptr;
         T* op = out + p * hw;
         for (int64_t j = 0; j < hw; ++j) {
-          const A rv = kResBN ? static_cast<A>(rp[j]) * rsc + rsh : static_cast<A>(rp[j]);
-          A z = static_cast<A>(xp[j]) * sc + sh + rv;
+          const A rf = kHasRes ? static_cast<A>(rp[j]) : A(0);
+          A z = pre_activation<kHasRes>(static_cast<A>(xp[j]), rf, sc, sh, rsc, rsh, kResBN);
           if (kRelu) z = z > A(0) ? z : A(0);
           op[j] = static_cast<T>(z);
         }
@@ -152,11 +163,12 @@ void forward_cpu(const T* __restrict__ x, const T* __restrict__ r, T* __restrict
                      [&](int64_t m0, int64_t m1) {
       for (int64_t m = m0; m < m1; ++m) {
         const T* xp = x + m * C;
-        const T* rp = r + m * C;
+        const T* rp = kHasRes ? r + m * C : nullptr;
         T* op = out + m * C;
         for (int64_t c = 0; c < C; ++c) {
-          const A rv = kResBN ? static_cast<A>(rp[c]) * rs[c] + rb[c] : static_cast<A>(rp[c]);
-          A z = static_cast<A>(xp[c]) * s[c] + b[c] + rv;
+          const A rf = kHasRes ? static_cast<A>(rp[c]) : A(0);
+          A z = pre_activation<kHasRes>(static_cast<A>(xp[c]), rf, s[c], b[c], kResBN ? rs[c] : A(1),
+                                        kResBN ? rb[c] : A(0), kResBN);
           if (kRelu) z = z > A(0) ? z : A(0);
           op[c] = static_cast<T>(z);
         }
@@ -165,176 +177,194 @@ void forward_cpu(const T* __restrict__ x, const T* __restrict__ r, T* __restrict
   }
 }
 
-// One element of the backward: returns g (grad_out after the ReLU mask) and writes grad_x / grad_residual.
-template <typename T, typename A, bool kResBN, bool kRelu>
-inline A backward_elem(T go, T xv, T rv, A sc, A sh, A rsc, A rsh, T* gx, T* gr, A* xa, A* ra) {
-  const A xf = static_cast<A>(xv), rf = static_cast<A>(rv);
-  A g = static_cast<A>(go);
-  if (kRelu) {
-    const A z = xf * sc + sh + (kResBN ? rf * rsc + rsh : rf);
-    g = z > A(0) ? g : A(0);
-  }
-  *gx = static_cast<T>(g * sc);
-  *gr = static_cast<T>(kResBN ? g * rsc : g);
-  *xa = xf;
-  *ra = rf;
+// One element of the backward, at flat index i: returns g (grad_out after the ReLU mask) and writes grad_x and
+// (kHasRes) grad_residual; *rf is the residual as A (0 without one) for the Σ g·residual sum.
+template <typename T, typename A, bool kHasRes, bool kResBN, bool kRelu>
+inline A backward_elem(const T* go, const T* x, const T* r, T* gx, T* gr, int64_t i, A sc, A sh, A rsc, A rsh,
+                       A* xf, A* rf) {
+  *xf = static_cast<A>(x[i]);
+  *rf = kHasRes ? static_cast<A>(r[i]) : A(0);
+  A g = static_cast<A>(go[i]);
+  if (kRelu) g = pre_activation<kHasRes>(*xf, *rf, sc, sh, rsc, rsh, kResBN) > A(0) ? g : A(0);
+  gx[i] = static_cast<T>(g * sc);
+  if (kHasRes) gr[i] = static_cast<T>(kResBN ? g * rsc : g);
   return g;
 }
 
-template <typename T, typename A, bool kResBN, bool kRelu>
+// Sums: Q = 3 (Σg, Σg·x, Σg·r) with a residual, 2 without.
+template <bool kHasRes>
+constexpr int num_sums() { return kHasRes ? 3 : 2; }
+
+template <typename T, typename A, bool kHasRes, bool kResBN, bool kRelu>
 void backward_cpu(const T* __restrict__ go, const T* __restrict__ x, const T* __restrict__ r, T* __restrict__ gx,
                   T* __restrict__ gr, const A* __restrict__ s, const A* __restrict__ b, const A* __restrict__ rs,
                   const A* __restrict__ rb, A* sum_g, A* sum_gx, A* sum_gr, const Layout& L) {
+  static_assert(kHasRes || !kResBN, "a residual affine needs a residual");
+  constexpr int Q = num_sums<kHasRes>();
+  A* const sums[3] = {sum_g, sum_gx, sum_gr};
   const int64_t C = L.c;
   if (!L.channels_last) {
     // NCHW: one partial per (n, c) plane, computed sequentially by one task (lane accumulators), then
     // summed over n in order: the result does not depend on the thread count.
     const int64_t planes = L.n * C, hw = L.hw;
-    std::vector<A> part(3 * planes);
+    std::vector<A> part(Q * planes);
     at::parallel_for(0, planes, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(hw, 1)),
                      [&](int64_t p0, int64_t p1) {
       for (int64_t p = p0; p < p1; ++p) {
         const int64_t c = p % C;
         const A sc = s[c], sh = b[c], rsc = kResBN ? rs[c] : A(1), rsh = kResBN ? rb[c] : A(0);
         const int64_t off = p * hw;
-        A ag[kLanes] = {}, agx[kLanes] = {}, agr[kLanes] = {};
+        A acc[Q][kLanes] = {};
+        const auto step = [&](int64_t i, int l) {
+          A xf, rf;
+          const A g = backward_elem<T, A, kHasRes, kResBN, kRelu>(go, x, r, gx, gr, i, sc, sh, rsc, rsh, &xf, &rf);
+          acc[0][l] += g;
+          acc[1][l] += g * xf;
+          if constexpr (kHasRes) acc[2][l] += g * rf;
+        };
         int64_t j = 0;
         for (; j + kLanes <= hw; j += kLanes) {
-          for (int l = 0; l < kLanes; ++l) {
-            A xf, rf;
-            const A g = backward_elem<T, A, kResBN, kRelu>(go[off + j + l], x[off + j + l], r[off + j + l], sc, sh,
-                                                           rsc, rsh, gx + off + j + l, gr + off + j + l, &xf, &rf);
-            ag[l] += g;
-            agx[l] += g * xf;
-            agr[l] += g * rf;
-          }
+          for (int l = 0; l < kLanes; ++l) step(off + j + l, l);
         }
-        for (int l = 0; j < hw; ++j, ++l) {
-          A xf, rf;
-          const A g = backward_elem<T, A, kResBN, kRelu>(go[off + j], x[off + j], r[off + j], sc, sh, rsc, rsh,
-                                                         gx + off + j, gr + off + j, &xf, &rf);
-          ag[l] += g;
-          agx[l] += g * xf;
-          agr[l] += g * rf;
+        for (int l = 0; j < hw; ++j, ++l) step(off + j, l);
+        for (int q = 0; q < Q; ++q) {
+          A t = 0;
+          for (int l = 0; l < kLanes; ++l) t += acc[q][l];
+          part[q * planes + p] = t;
         }
-        A tg = 0, tgx = 0, tgr = 0;
-        for (int l = 0; l < kLanes; ++l) {
-          tg += ag[l];
-          tgx += agx[l];
-          tgr += agr[l];
-        }
-        part[p] = tg;
-        part[planes + p] = tgx;
-        part[2 * planes + p] = tgr;
       }
     });
-    for (int64_t c = 0; c < C; ++c) {
-      A tg = 0, tgx = 0, tgr = 0;
-      for (int64_t n = 0; n < L.n; ++n) {
-        tg += part[n * C + c];
-        tgx += part[planes + n * C + c];
-        tgr += part[2 * planes + n * C + c];
+    for (int q = 0; q < Q; ++q) {
+      for (int64_t c = 0; c < C; ++c) {
+        A t = 0;
+        for (int64_t n = 0; n < L.n; ++n) t += part[q * planes + n * C + c];
+        sums[q][c] = t;
       }
-      sum_g[c] = tg;
-      sum_gx[c] = tgx;
-      sum_gr[c] = tgr;
     }
   } else {
     // NHWC: rows of C channels split into fixed chunks (size from the shape only); each chunk accumulates a
-    // [3, C] partial over its rows (the inner loop over channels is independent per channel, so it
+    // [Q, C] partial over its rows (the inner loop over channels is independent per channel, so it
     // vectorises), then the chunks are summed in order.
     const int64_t rows = L.n * L.hw;
     const int64_t chunk = std::max<int64_t>(64, 16384 / std::max<int64_t>(C, 1));
     const int64_t nchunks = (rows + chunk - 1) / chunk;
-    std::vector<A> part(3 * nchunks * C, A(0));
+    std::vector<A> part(Q * nchunks * C, A(0));
     at::parallel_for(0, nchunks, 1, [&](int64_t k0, int64_t k1) {
       for (int64_t k = k0; k < k1; ++k) {
-        A* pg = part.data() + (3 * k) * C;
+        A* pg = part.data() + (Q * k) * C;
         A* pgx = pg + C;
-        A* pgr = pg + 2 * C;
+        A* pgr = kHasRes ? pg + 2 * C : nullptr;
         const int64_t m1 = std::min(rows, (k + 1) * chunk);
         for (int64_t m = k * chunk; m < m1; ++m) {
           const int64_t off = m * C;
           for (int64_t c = 0; c < C; ++c) {
             A xf, rf;
-            const A g = backward_elem<T, A, kResBN, kRelu>(go[off + c], x[off + c], r[off + c], s[c], b[c],
-                                                           kResBN ? rs[c] : A(1), kResBN ? rb[c] : A(0),
-                                                           gx + off + c, gr + off + c, &xf, &rf);
+            const A g = backward_elem<T, A, kHasRes, kResBN, kRelu>(go, x, r, gx, gr, off + c, s[c], b[c],
+                                                                    kResBN ? rs[c] : A(1), kResBN ? rb[c] : A(0),
+                                                                    &xf, &rf);
             pg[c] += g;
             pgx[c] += g * xf;
-            pgr[c] += g * rf;
+            if constexpr (kHasRes) pgr[c] += g * rf;
           }
         }
       }
     });
-    for (int64_t c = 0; c < C; ++c) {
-      A tg = 0, tgx = 0, tgr = 0;
-      for (int64_t k = 0; k < nchunks; ++k) {
-        tg += part[(3 * k) * C + c];
-        tgx += part[(3 * k + 1) * C + c];
-        tgr += part[(3 * k + 2) * C + c];
+    for (int q = 0; q < Q; ++q) {
+      for (int64_t c = 0; c < C; ++c) {
+        A t = 0;
+        for (int64_t k = 0; k < nchunks; ++k) t += part[(Q * k + q) * C + c];
+        sums[q][c] = t;
       }
-      sum_g[c] = tg;
-      sum_gx[c] = tgx;
-      sum_gr[c] = tgr;
     }
   }
 }
 
-// Expands the two runtime flags into template parameters so the inner loops carry no branches.
+// Expands the runtime flags into template parameters so the inner loops carry no branches. A residual affine
+// without a residual is never instantiated.
 template <typename F>
-void dispatch_flags(bool res_bn, bool relu, F&& f) {
-  if (res_bn) {
-    if (relu) f(std::true_type{}, std::true_type{});
-    else f(std::true_type{}, std::false_type{});
-  } else {
-    if (relu) f(std::false_type{}, std::true_type{});
-    else f(std::false_type{}, std::false_type{});
-  }
+void dispatch_flags(bool has_res, bool res_bn, bool relu, F&& f) {
+  const auto with_relu = [&](auto kres, auto kbn) {
+    if (relu) f(kres, kbn, std::true_type{});
+    else f(kres, kbn, std::false_type{});
+  };
+  if (!has_res) with_relu(std::false_type{}, std::false_type{});
+  else if (res_bn) with_relu(std::true_type{}, std::true_type{});
+  else with_relu(std::true_type{}, std::false_type{});
+}
+
+// Shared host side of both ops; residual == nullptr is bn_relu.
+at::Tensor forward_cpu_impl(const char* op, const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
+                            const at::Tensor* residual, const std::optional<at::Tensor>& res_scale,
+                            const std::optional<at::Tensor>& res_shift, bool relu) {
+  const Layout L = check_inputs(op, x, scale, shift, residual, res_scale, res_shift, nullptr);
+  at::Tensor out = empty_in_layout(x, L);
+  if (L.numel == 0) return out;
+  const bool has_res = residual != nullptr;
+  const bool res_bn = res_scale.has_value() && res_scale->defined();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_add_relu_cpu", [&] {
+    using A = at::opmath_type<scalar_t>;
+    const scalar_t* rp = has_res ? residual->const_data_ptr<scalar_t>() : nullptr;
+    const A* rs = res_bn ? res_scale->const_data_ptr<A>() : nullptr;
+    const A* rb = res_bn ? res_shift->const_data_ptr<A>() : nullptr;
+    dispatch_flags(has_res, res_bn, relu, [&](auto khas, auto kres, auto krelu) {
+      forward_cpu<scalar_t, A, decltype(khas)::value, decltype(kres)::value, decltype(krelu)::value>(
+          x.const_data_ptr<scalar_t>(), rp, out.data_ptr<scalar_t>(), scale.const_data_ptr<A>(),
+          shift.const_data_ptr<A>(), rs, rb, L);
+    });
+  });
+  return out;
+}
+
+BackwardOutputs backward_cpu_impl(const char* op, const at::Tensor& grad_out, const at::Tensor& x,
+                                  const at::Tensor& scale, const at::Tensor& shift, const at::Tensor* residual,
+                                  const std::optional<at::Tensor>& res_scale,
+                                  const std::optional<at::Tensor>& res_shift, bool relu) {
+  const Layout L = check_inputs(op, x, scale, shift, residual, res_scale, res_shift, &grad_out);
+  const bool has_res = residual != nullptr;
+  at::Tensor grad_x, grad_r, sum_g, sum_gx, sum_gr;  // named (not structured bindings): lambdas capture them
+  std::tie(grad_x, grad_r, sum_g, sum_gx, sum_gr) = empty_backward_outputs(x, scale, L, has_res);
+  if (L.numel == 0) return {grad_x, grad_r, sum_g, sum_gx, sum_gr};
+  const bool res_bn = res_scale.has_value() && res_scale->defined();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_add_relu_backward_cpu", [&] {
+    using A = at::opmath_type<scalar_t>;
+    const scalar_t* rp = has_res ? residual->const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* grp = has_res ? grad_r.data_ptr<scalar_t>() : nullptr;
+    A* sgr = has_res ? sum_gr.data_ptr<A>() : nullptr;
+    const A* rs = res_bn ? res_scale->const_data_ptr<A>() : nullptr;
+    const A* rb = res_bn ? res_shift->const_data_ptr<A>() : nullptr;
+    dispatch_flags(has_res, res_bn, relu, [&](auto khas, auto kres, auto krelu) {
+      backward_cpu<scalar_t, A, decltype(khas)::value, decltype(kres)::value, decltype(krelu)::value>(
+          grad_out.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), rp, grad_x.data_ptr<scalar_t>(), grp,
+          scale.const_data_ptr<A>(), shift.const_data_ptr<A>(), rs, rb, sum_g.data_ptr<A>(), sum_gx.data_ptr<A>(),
+          sgr, L);
+    });
+  });
+  return {grad_x, grad_r, sum_g, sum_gx, sum_gr};
 }
 
 at::Tensor bn_add_relu_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
                            const at::Tensor& residual, const std::optional<at::Tensor>& res_scale,
                            const std::optional<at::Tensor>& res_shift, bool relu) {
-  const Layout L = check_inputs("bn_add_relu", x, scale, shift, residual, res_scale, res_shift, nullptr);
-  at::Tensor out = empty_in_layout(x, L);
-  if (L.numel == 0) return out;
-  const bool res_bn = res_scale.has_value() && res_scale->defined();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_add_relu_cpu", [&] {
-    using A = at::opmath_type<scalar_t>;
-    const A* rs = res_bn ? res_scale->data_ptr<A>() : nullptr;
-    const A* rb = res_bn ? res_shift->data_ptr<A>() : nullptr;
-    dispatch_flags(res_bn, relu, [&](auto kres, auto krelu) {
-      forward_cpu<scalar_t, A, decltype(kres)::value, decltype(krelu)::value>(
-          x.const_data_ptr<scalar_t>(), residual.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
-          scale.const_data_ptr<A>(), shift.const_data_ptr<A>(), rs, rb, L);
-    });
-  });
-  return out;
+  return forward_cpu_impl("bn_add_relu", x, scale, shift, &residual, res_scale, res_shift, relu);
 }
 
 BackwardOutputs bn_add_relu_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
     const at::Tensor& residual, const std::optional<at::Tensor>& res_scale,
     const std::optional<at::Tensor>& res_shift, bool relu) {
-  const Layout L =
-      check_inputs("bn_add_relu_backward", x, scale, shift, residual, res_scale, res_shift, &grad_out);
-  at::Tensor grad_x, grad_r, sum_g, sum_gx, sum_gr;  // named (not structured bindings): lambdas capture them
-  std::tie(grad_x, grad_r, sum_g, sum_gx, sum_gr) = empty_backward_outputs(x, scale, L);
-  if (L.numel == 0) return {grad_x, grad_r, sum_g, sum_gx, sum_gr};
-  const bool res_bn = res_scale.has_value() && res_scale->defined();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_add_relu_backward_cpu", [&] {
-    using A = at::opmath_type<scalar_t>;
-    const A* rs = res_bn ? res_scale->data_ptr<A>() : nullptr;
-    const A* rb = res_bn ? res_shift->data_ptr<A>() : nullptr;
-    dispatch_flags(res_bn, relu, [&](auto kres, auto krelu) {
-      backward_cpu<scalar_t, A, decltype(kres)::value, decltype(krelu)::value>(
-          grad_out.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), residual.const_data_ptr<scalar_t>(),
-          grad_x.data_ptr<scalar_t>(), grad_r.data_ptr<scalar_t>(), scale.const_data_ptr<A>(),
-          shift.const_data_ptr<A>(), rs, rb, sum_g.data_ptr<A>(), sum_gx.data_ptr<A>(), sum_gr.data_ptr<A>(), L);
-    });
-  });
-  return {grad_x, grad_r, sum_g, sum_gx, sum_gr};
+  return backward_cpu_impl("bn_add_relu_backward", grad_out, x, scale, shift, &residual, res_scale, res_shift,
+                           relu);
+}
+
+at::Tensor bn_relu_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift, bool relu) {
+  return forward_cpu_impl("bn_relu", x, scale, shift, nullptr, std::nullopt, std::nullopt, relu);
+}
+
+BackwardOutputsNoRes bn_relu_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& scale,
+                                          const at::Tensor& shift, bool relu) {
+  const BackwardOutputs o =
+      backward_cpu_impl("bn_relu_backward", grad_out, x, scale, shift, nullptr, std::nullopt, std::nullopt, relu);
+  return {std::get<0>(o), std::get<2>(o), std::get<3>(o)};  // grad_residual and sum_gr are undefined
 }
 
 }  // namespace
@@ -348,11 +378,17 @@ TORCH_LIBRARY(resnet_fast, m) {
   m.def("bn_add_relu_backward(Tensor grad_out, Tensor x, Tensor scale, Tensor shift, Tensor residual, "
         "Tensor? res_scale, Tensor? res_shift, bool relu) -> "
         "(Tensor grad_x, Tensor grad_residual, Tensor sum_g, Tensor sum_gx, Tensor sum_gr)");
+  // The residual-free form (the stem's BN affine + ReLU): the same kernels with kHasRes = false.
+  m.def("bn_relu(Tensor x, Tensor scale, Tensor shift, bool relu=True) -> Tensor");
+  m.def("bn_relu_backward(Tensor grad_out, Tensor x, Tensor scale, Tensor shift, bool relu) -> "
+        "(Tensor grad_x, Tensor sum_g, Tensor sum_gx)");
 }
 
 TORCH_LIBRARY_IMPL(resnet_fast, CPU, m) {
   m.impl("bn_add_relu", &bn_add_relu_cpu);
   m.impl("bn_add_relu_backward", &bn_add_relu_backward_cpu);
+  m.impl("bn_relu", &bn_relu_cpu);
+  m.impl("bn_relu_backward", &bn_relu_backward_cpu);
 }
 
 }  // namespace resnet_fast

@@ -1,12 +1,21 @@
 // Residual tail of a ResNet block: out = act(x * scale[c] + shift[c] + r),
-// r = residual * res_scale[c] + res_shift[c] (downsample branch's folded BN) or r = residual.
+// r = residual * res_scale[c] + res_shift[c] (downsample branch's folded BN) or r = residual,
+// and its residual-free form bn_relu: out = act(x * scale[c] + shift[c]).
 //
 // Shared between the CPU kernels (bn_add_relu.cpp) and the CUDA kernels (bn_add_relu_cuda.cu):
-// input validation and the layout description both backends index with.
+// input validation, the layout description both backends index with, and the per-element pre-activation.
+// Both ops run the same kernels; a compile-time kHasRes (template parameter) drops the residual's loads,
+// stores and sums from the bn_relu instantiations.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
+
+#if defined(__CUDACC__)
+#define RESNET_FAST_HD __host__ __device__ __forceinline__
+#else
+#define RESNET_FAST_HD inline
+#endif
 
 namespace resnet_fast {
 
@@ -18,18 +27,33 @@ struct Layout {
   int64_t numel = 0;
 };
 
-// Validates x, residual, scale, shift, res_scale, res_shift (and grad_out when defined) and returns
-// the layout. Errors name the offending argument. `op` prefixes every message.
+// Validates x, residual (nullptr: the op has none, bn_relu), scale, shift, res_scale, res_shift (only with a
+// residual) and grad_out (when not nullptr), and returns the layout. Errors name the offending argument.
+// `op` prefixes every message.
 Layout check_inputs(const char* op, const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
-                    const at::Tensor& residual, const std::optional<at::Tensor>& res_scale,
+                    const at::Tensor* residual, const std::optional<at::Tensor>& res_scale,
                     const std::optional<at::Tensor>& res_shift, const at::Tensor* grad_out);
 
 // Allocates an uninitialised tensor shaped like `like`, in the layout's memory format.
 at::Tensor empty_in_layout(const at::Tensor& like, const Layout& layout);
 
 // The backward's outputs: grad_x and grad_residual (uninitialised, x's layout) and the zeroed [C] sums
-// sum_g, sum_gx, sum_gr in scale's dtype.
+// sum_g, sum_gx, sum_gr in scale's dtype. Without a residual (bn_relu), grad_residual and sum_gr are
+// undefined tensors (not allocated).
 using BackwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-BackwardOutputs empty_backward_outputs(const at::Tensor& x, const at::Tensor& scale, const Layout& layout);
+BackwardOutputs empty_backward_outputs(const at::Tensor& x, const at::Tensor& scale, const Layout& layout,
+                                       bool has_residual);
+
+// bn_relu_backward's outputs: (grad_x, sum_g, sum_gx).
+using BackwardOutputsNoRes = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+// Pre-activation of one element, in the math type A: x*s + b, plus r (kHasRes), or r*rs + rb when res_bn.
+// The one definition both backends use, so bn_relu and bn_add_relu (and CPU and CUDA) round alike.
+template <bool kHasRes, typename A>
+RESNET_FAST_HD A pre_activation(A xf, A rf, A sc, A sh, A rsc, A rsh, bool res_bn) {
+  A z = xf * sc + sh;
+  if constexpr (kHasRes) z = z + (res_bn ? rf * rsc + rsh : rf);
+  return z;
+}
 
 }  // namespace resnet_fast
