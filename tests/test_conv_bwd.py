@@ -1,7 +1,8 @@
 """conv dgrad / wgrad Triton kernels (interpreted on CPU) vs float64 torch.nn.grad references.
 
-Every shape family of ResNet's forward, with and without the training fusions, fp32 and fp16 on the CPU
-(bf16 ``tl.dot`` is wrong in the interpreter: bf16 runs in the GPU-marked tests only). Configs are pinned and
+Every shape family of ResNet's forward, with and without the training fusions and the inference op's options
+(ReLU mask on load, per-channel dy sums), fp32 and fp16 on the CPU (bf16 ``tl.dot`` is wrong in the
+interpreter, where the launchers refuse it: bf16 runs in the GPU-marked tests only). Configs are pinned and
 small so the interpreter covers several tiles per dimension, partial tiles and several stride phases.
 """
 import pytest
@@ -174,6 +175,54 @@ def test_wgrad_prologue_and_bn_backward_on_load(kernel_device, triton_backend, f
     assert _rel(out.cpu(), conv2d_weight(a64, w64.shape, dy_eff, **conv)) < 2 * TOL[dtype]
 
 
+def _relu_mask_case(family, dtype, device, seed):
+    """dz, a post-ReLU output y (a quarter exactly 0, the rest positive) and per-channel c1 with one exact 0,
+    plus the float64 dy = c1*(dz where y > 0) they stand for."""
+    x64, w64, dy64, x, w, dz, conv = _case(family, dtype, device, seed=seed)
+    K = w64.shape[0]
+    gen = torch.Generator().manual_seed(seed + 100)
+    y64 = torch.relu(torch.randn(dy64.shape, generator=gen) + 0.6).to(dtype).double()
+    c1 = torch.rand(K, generator=gen) + 0.5
+    c1[1] = 0.0
+    z = torch.zeros(K)
+    y = y64.to(dtype).to(device).contiguous(memory_format=CL)
+    dy_bn = (y, *(t.to(device) for t in (c1, z, z, z)))
+    dy_eff = c1.double().view(1, -1, 1, 1) * dy64 * (y64 > 0)
+    return x64, w64, dy64, x, w, dz, conv, dy_bn, dy_eff
+
+
+@pytest.mark.parametrize("family,dtype", [("3x3s2", torch.float32), ("groups4cpg", torch.float32),
+                                          ("aligned3x3s2", torch.float16)])
+def test_dy_relu_mask_on_load(kernel_device, triton_backend, family, dtype):
+    # dy_relu: dz masked by dy_bn's y > 0 before the transform, in dgrad and wgrad alike
+    x64, w64, _, x, w, dz, conv, dy_bn, dy_eff = _relu_mask_case(family, dtype, kernel_device, seed=11)
+    dx = conv2d_dgrad_nhwc(dz, w, x64.shape, **conv, dy_bn=dy_bn, dy_relu=True, allow_tf32=False, config=DCFG)
+    assert _rel(dx.cpu(), conv2d_input(x64.shape, w64, dy_eff, **conv)) < 2 * TOL[dtype]
+    dw = conv2d_wgrad_nhwc(dz, x, w64.shape, **conv, dy_bn=dy_bn, dy_relu=True, split=2, allow_tf32=False,
+                           config=WCFG)
+    assert _rel(dw.cpu(), conv2d_weight(x64, w64.shape, dy_eff, **conv)) < 2 * TOL[dtype]
+
+
+@pytest.mark.parametrize("family", ["3x3s1", "groups4cpg_s2"])
+def test_wgrad_dy_sums(kernel_device, triton_backend, family):
+    # Σ_npq of the dy operand per output channel, from the first (tap, channel tile) column of programs: with and
+    # without the transform, any split (fixed-order combine: bit-reproducible), and alone (need_dw=False)
+    x64, w64, dy64, x, w, dz, conv, dy_bn, dy_eff = _relu_mask_case(family, torch.float32, kernel_device, seed=12)
+    cfg = ConvConfig(16, 16, 16, 1, 4, 1)  # several k tiles and chunks
+    for kw, ref in (({}, dy64), ({"dy_bn": dy_bn, "dy_relu": True}, dy_eff)):
+        runs = {}
+        for split in (1, 3):
+            dw, sums = conv2d_wgrad_nhwc(dz, x, w64.shape, **conv, **kw, dy_sums=True, split=split,
+                                         allow_tf32=False, config=cfg)
+            assert sums.shape == (w64.shape[0],) and sums.dtype == torch.float32
+            assert _rel(sums.cpu(), ref.sum((0, 2, 3))) < 1e-6
+            assert _rel(dw.cpu(), conv2d_weight(x64, w64.shape, ref, **conv)) < TOL[torch.float32]
+            runs[split] = sums
+        none, alone = conv2d_wgrad_nhwc(dz, x, w64.shape, **conv, **kw, dy_sums=True, need_dw=False, split=3,
+                                        allow_tf32=False, config=cfg)
+        assert none is None and torch.equal(alone, runs[3])  # same chunks, same fixed order: bit-identical
+
+
 def test_wgrad_split_k_is_deterministic(kernel_device, triton_backend):
     x64, w64, dy64, x, _, dy, conv = _case("3x3s1", torch.float32, kernel_device, seed=9)
     ref = conv2d_weight(x64, w64.shape, dy64, **conv)
@@ -213,6 +262,17 @@ def test_bad_inputs(kernel_device, triton_backend):
                           in_shift=torch.ones(11, device=kernel_device))
     with pytest.raises(ValueError, match="out_dtype"):
         conv2d_wgrad_nhwc(dy, x, w.shape, **conv, out_dtype=torch.int32)
+    with pytest.raises(ValueError, match="dy_relu"):
+        conv2d_dgrad_nhwc(dy, w, x.shape, **conv, dy_relu=True)
+    with pytest.raises(ValueError, match="dy_relu"):
+        conv2d_wgrad_nhwc(dy, x, w.shape, **conv, dy_relu=True)
+    with pytest.raises(ValueError, match="need_dw"):
+        conv2d_wgrad_nhwc(dy, x, w.shape, **conv, need_dw=False)
+    if kernel_device == "cpu":  # bf16 tl.dot is wrong in the interpreter: a clear error, not garbage
+        for fn, args in ((conv2d_dgrad_nhwc, (dy.bfloat16(), w.bfloat16(), x.shape)),
+                         (conv2d_wgrad_nhwc, (dy.bfloat16(), x.bfloat16(), w.shape))):
+            with pytest.raises(RuntimeError, match="bf16"):
+                fn(*args, **conv)
 
 
 # ------------------------------------------------------------------------------------------------ GPU only

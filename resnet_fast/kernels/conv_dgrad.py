@@ -23,6 +23,10 @@ Fusions (constexpr switches, default off):
 * ``dy_bn`` (DY_BN) "BN backward applied on load": ``dy`` is not stored; the kernel reads this conv's raw
   output ``y`` and ``dz`` (the gradient w.r.t. its BN output) and forms ``dy = c1*dz + c2*(y - mean) + c3``
   per element while loading the A operand (coefficients from ``bn_backward_coeffs``).
+* ``dy_relu`` (DY_RELU, with ``dy_bn``): ``dz`` is first masked by ``y > 0`` -- the ReLU backward when ``y`` is
+  the ReLU's output. The inference op's backward (``ops/conv.py``) passes its output as ``y``, its per-channel
+  scale as ``c1`` and ``c2 = c3 = 0``: ``dy = scale[k]*(dz where out > 0)``, never materialised.
+  :func:`dy_on_load` is the one implementation of this transform, shared with ``conv_wgrad``.
 
 Alignment (``ALIGNED``, set by the launcher from the runtime shapes, see :func:`_aligned`): unit channel
 strides (dy, y, dx, y_prev and a channels_last weight), ``Kg % BLOCK_K == 0``, ``Cg % BLOCK_N == 0`` and every
@@ -41,7 +45,7 @@ from .. import _backend
 from .configs import INTERPRETER_CONFIG, ConvConfig, conv_allows_tf32, for_dtype
 from .conv_common import ConvGeometry
 
-__all__ = ["conv2d_dgrad_nhwc", "compile_specs", "DGRAD_CONFIGS"]
+__all__ = ["conv2d_dgrad_nhwc", "compile_specs", "dy_on_load", "DGRAD_CONFIGS"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TL = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -80,6 +84,20 @@ def _pick_config(g: ConvGeometry, dy: torch.Tensor, weight: torch.Tensor, others
 
 
 @triton.jit
+def dy_on_load(dz, y, c1, c2, c3, mu, mask, DY_RELU: tl.constexpr):
+    """The ``dy_bn`` transform of a loaded gradient tile ``dz``: ``c1*dz' + c2*(y - mu) + c3`` in fp32, where
+    ``dz' = dz where y > 0, else 0`` under DY_RELU and ``dz`` otherwise; zero where ``mask`` is False (``c3`` must
+    not leak into padding or tile tails); returned in dz's dtype (the MMA operand). ``y`` is the fp32 tile of
+    the dy_bn tensor; the [K] vectors come broadcast along the tile's channel axis (dgrad's tile is pixels ×
+    channels, wgrad's channels × pixels). Used by both backward kernels, so they agree bit for bit."""
+    d = dz.to(tl.float32)
+    if DY_RELU:
+        d = tl.where(y > 0, d, 0.0)
+    d = c1 * d + c2 * (y - mu) + c3
+    return tl.where(mask, d, 0.0).to(dz.dtype)
+
+
+@triton.jit
 def _conv_dgrad_kernel(
         dy_ptr, w_ptr, dx_ptr, taps_ptr, ntaps_ptr,
         y_ptr, isc_ptr, ish_ptr, imu_ptr, part_ptr, osc_ptr,   # EPI: y_prev, BN scale/shift/mean, partials, out scale
@@ -90,8 +108,9 @@ def _conv_dgrad_kernel(
         sdx_n, sdx_h, sdx_w, sdx_c,
         sy_n, sy_h, sy_w, sy_c,
         SH: tl.constexpr, SW: tl.constexpr, S: tl.constexpr, MAX_TAPS: tl.constexpr,
-        EPI: tl.constexpr, OUT_SCALE: tl.constexpr, DY_BN: tl.constexpr, DOT_IEEE: tl.constexpr,
-        ALIGNED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        EPI: tl.constexpr, OUT_SCALE: tl.constexpr, DY_BN: tl.constexpr, DY_RELU: tl.constexpr,
+        DOT_IEEE: tl.constexpr, ALIGNED: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid0 = tl.program_id(0)
     phase = pid0 // TILES_M
     pid_m = pid0 % TILES_M
@@ -143,15 +162,14 @@ def _conv_dgrad_kernel(
         a_mask = a_row_ok[:, None] & k_ok[None, :]
         a_off = dy_row[:, None] + ((k_base + offs_k) * sdy_c)[None, :]
         a = tl.load(dy_ptr + a_off, mask=a_mask, other=0.0)
-        if DY_BN:  # dy = c1*dz + c2*(y - mean) + c3, zero outside the image (c3 != 0)
+        if DY_BN:  # dy = c1*dz' + c2*(y - mean) + c3 (dz' = dz, or dz where y > 0), zero outside the image
             yv = tl.load(z_ptr + a_off, mask=a_mask, other=0.0).to(tl.float32)
             kk = k_base + offs_k
             c1 = tl.load(c1_ptr + kk, mask=k_ok, other=0.0)
             c2 = tl.load(c2_ptr + kk, mask=k_ok, other=0.0)
             c3 = tl.load(c3_ptr + kk, mask=k_ok, other=0.0)
             mu = tl.load(mu_ptr + kk, mask=k_ok, other=0.0)
-            d = c1[None, :] * a.to(tl.float32) + c2[None, :] * (yv - mu[None, :]) + c3[None, :]
-            a = tl.where(a_mask, d, 0.0).to(dy_ptr.dtype.element_ty)
+            a = dy_on_load(a, yv, c1[None, :], c2[None, :], c3[None, :], mu[None, :], a_mask, DY_RELU)
         r = tap // S
         s = tap % S
         w_row = (k_base + offs_k) * sw_k + r * sw_r + s * sw_s
@@ -229,9 +247,26 @@ def _check_vec(name, t, n, device, who):
         raise ValueError(f"{who}: {name} must be contiguous")
 
 
-def _check_dy_bn(dy_bn, dy, K, who):
-    """The BN-backward-on-load tuple ``(y, c1, c2, c3, mean)`` shared by dgrad and wgrad: y like dy (shape, dtype,
-    strides), the rest fp32 [K] vectors."""
+def _check_dtype(dy, who):
+    """dy (and so every operand) fp32/fp16/bf16; bf16 is refused in the Triton interpreter, whose bf16
+    ``tl.dot`` is wrong (an error, not garbage: the ops fall back to eager for bf16 there, counted)."""
+    if not isinstance(dy, torch.Tensor) or dy.dim() != 4 or dy.dtype not in _DTYPES:
+        raise ValueError(f"{who}: dy must be a 4-D float32/float16/bfloat16 tensor, got "
+                         f"{tuple(dy.shape) if isinstance(dy, torch.Tensor) else type(dy).__name__}")
+    if dy.dtype == torch.bfloat16 and _backend.interpreting():
+        raise RuntimeError(f"{who}: bf16 tl.dot returns wrong results in the Triton interpreter; use fp16/fp32 "
+                           "on CPU")
+
+
+def _check_dy_bn(dy_bn, dy, K, who, dy_relu=False):
+    """The dy-on-load options shared by dgrad and wgrad: ``dy_bn = (y, c1, c2, c3, mean)`` with y like dy
+    (shape, dtype, strides) and the rest fp32 [K] vectors, or None; ``dy_relu`` (a bool) needs dy_bn's y."""
+    if not isinstance(dy_relu, bool):
+        raise ValueError(f"{who}: dy_relu must be a bool, got {dy_relu!r}")
+    if dy_bn is None:
+        if dy_relu:
+            raise ValueError(f"{who}: dy_relu masks dz by dy_bn's y > 0: it needs dy_bn")
+        return
     if not isinstance(dy_bn, (tuple, list)) or len(dy_bn) != 5:
         raise ValueError(f"{who}: dy_bn must be a tuple (y, c1, c2, c3, mean)")
     _check_tensor("dy_bn[0] (y)", dy_bn[0], dy.shape, dy.dtype, dy.device, who)
@@ -243,7 +278,7 @@ def _check_dy_bn(dy_bn, dy, K, who):
 
 def conv2d_dgrad_nhwc(dy: torch.Tensor, weight: torch.Tensor, x_shape, *, stride=1, padding=0, dilation=1,
                       groups: int = 1, y_prev: torch.Tensor | None = None, in_scale=None, in_shift=None,
-                      in_mean=None, out_scale=None, dy_bn: tuple | None = None,
+                      in_mean=None, out_scale=None, dy_bn: tuple | None = None, dy_relu: bool = False,
                       allow_tf32: bool | None = None,
                       config: ConvConfig | None = None):
     """Gradient of a conv w.r.t. its input (``torch.nn.grad.conv2d_input``), optionally fused for training.
@@ -262,6 +297,7 @@ def conv2d_dgrad_nhwc(dy: torch.Tensor, weight: torch.Tensor, x_shape, *, stride
             ``in_scale`` to get the gradient w.r.t. ``y_prev``); the partials are still sums of ``dz``.
         dy_bn: (y, c1, c2, c3, mean): form ``dy = c1*dz + c2*(y - mean) + c3`` while loading; y [N, K, P, Q]
             with dy's dtype and strides (this conv's raw output), the rest [K] fp32.
+        dy_relu: with dy_bn, mask first: ``dy = c1*(dz where y > 0) + c2*(y - mean) + c3`` (y a ReLU's output).
         allow_tf32: fp32 inputs use TF32 MMAs (default :func:`configs.conv_allows_tf32`, PyTorch's rule).
         config: tile config (tests pin one); default picked from the shape.
 
@@ -271,9 +307,7 @@ def conv2d_dgrad_nhwc(dy: torch.Tensor, weight: torch.Tensor, x_shape, *, stride
         per tile, ready for ``bn_backward_coeffs(partials[0], partials[1], ...)``.
     """
     who = "conv2d_dgrad_nhwc"
-    if not isinstance(dy, torch.Tensor) or dy.dim() != 4 or dy.dtype not in _DTYPES:
-        raise ValueError(f"{who}: dy must be a 4-D float32/float16/bfloat16 tensor, got "
-                         f"{tuple(dy.shape) if isinstance(dy, torch.Tensor) else type(dy).__name__}")
+    _check_dtype(dy, who)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
         raise ValueError(f"{who}: weight must be a 4-D [K, C/groups, R, S] tensor")
     if len(tuple(x_shape)) != 4:
@@ -296,8 +330,7 @@ def conv2d_dgrad_nhwc(dy: torch.Tensor, weight: torch.Tensor, x_shape, *, stride
             _check_vec(name, v, g.C, dev, who)
         if out_scale is not None:
             _check_vec("out_scale", out_scale, g.C, dev, who)
-    if dy_bn is not None:
-        _check_dy_bn(dy_bn, dy, g.K, who)
+    _check_dy_bn(dy_bn, dy, g.K, who, dy_relu)
     dx = torch.empty((g.N, g.C, g.H, g.W), dtype=dy.dtype, device=dev, memory_format=torch.channels_last)
     yp = y_prev if epi else dx
     if allow_tf32 is None:
@@ -325,7 +358,7 @@ def conv2d_dgrad_nhwc(dy: torch.Tensor, weight: torch.Tensor, x_shape, *, stride
         dx.stride(0), dx.stride(2), dx.stride(3), dx.stride(1),
         yp.stride(0), yp.stride(2), yp.stride(3), yp.stride(1),
         SH=sh, SW=sw, S=g.S, MAX_TAPS=g.R * g.S, EPI=epi, OUT_SCALE=out_scale is not None,
-        DY_BN=dy_bn is not None,
+        DY_BN=dy_bn is not None, DY_RELU=dy_relu,
         DOT_IEEE=ieee, ALIGNED=_aligned(g, cfg, dy, weight, (dx, yp)),
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -337,12 +370,23 @@ def _ordered(fn, sig: dict) -> dict:
     return {name: sig[name] for name in fn.arg_names}
 
 
+# The constexpr variants the ops launch: plain (no op fuses anything), the training op with a BN+ReLU prologue
+# (dReLU/dBN epilogue, out_scale, BN backward on load), the training op without prologue and the inference op
+# without ReLU (dy_bn only), the inference op with ReLU (dy_bn + dy_relu).
+VARIANTS = {
+    "plain": {},
+    "fused": {"EPI": True, "OUT_SCALE": True, "DY_BN": True},
+    "dy_bn": {"DY_BN": True},
+    "dy_bn_relu": {"DY_BN": True, "DY_RELU": True},
+}
+
+
 def compile_specs() -> list:
     """(jit_fn, signature, constexprs, options, is_gemm, div16) for the sm_90 compile check, at a stride-2 3×3
-    geometry (the strides and the filter width are constexpr): every config × dtype × {plain, fused (EPI +
-    DY_BN)} on the ALIGNED path, with the channel counts and the NHWC / channels_last-weight strides multiples
-    of 16 as Triton's launcher specialises them for ResNet layers; the masked general path at the config the
-    launcher gives it (64×32), without divisibility hints (its worst case: 4-32 channels per group, NCHW)."""
+    geometry (the strides and the filter width are constexpr): every config × dtype × :data:`VARIANTS` on the
+    ALIGNED path, with the channel counts and the NHWC / channels_last-weight strides multiples of 16 as
+    Triton's launcher specialises them for ResNet layers; the masked general path at the config the launcher
+    gives it (64×32), without divisibility hints (its worst case: 4-32 channels per group, NCHW)."""
     ints = ("N", "H", "W", "Cg", "Kg", "P", "Q", "HPH", "WPH", "TILES_M", "T_PART", "C_TOT",
             "sdy_n", "sdy_h", "sdy_w", "sw_k", "sw_r", "sw_s", "sdx_n", "sdx_h", "sdx_w", "sy_n", "sy_h", "sy_w")
     # ResNet layer: channel counts (Cg, Kg, C_TOT = C) and every stride are multiples of 16 (the weight's
@@ -350,7 +394,7 @@ def compile_specs() -> list:
     div16 = ("Cg", "Kg", "C_TOT", "sdy_n", "sdy_h", "sdy_w", "sw_k", "sw_r", "sw_s", "sdx_n", "sdx_h", "sdx_w",
              "sy_n", "sy_h", "sy_w")
 
-    def spec(base, dt, tdt, fused, aligned, ieee=False):
+    def spec(base, dt, tdt, variant, aligned, ieee=False):
         cfg = for_dtype(base, tdt)
         sig = {"dy_ptr": f"*{dt}", "w_ptr": f"*{dt}", "dx_ptr": f"*{dt}", "taps_ptr": "*i32",
                "ntaps_ptr": "*i32", "y_ptr": f"*{dt}", "isc_ptr": "*fp32", "ish_ptr": "*fp32",
@@ -359,17 +403,17 @@ def compile_specs() -> list:
         sig.update({name: "i32" for name in ints})
         # unit channel strides, as specialised
         cx = {"sdy_c": 1, "sw_c": 1, "sdx_c": 1, "sy_c": 1, "SH": 2, "SW": 2, "S": 3, "MAX_TAPS": 9,
-              "EPI": fused, "OUT_SCALE": fused, "DY_BN": fused, "DOT_IEEE": ieee, "ALIGNED": aligned,
+              "EPI": False, "OUT_SCALE": False, "DY_BN": False, "DY_RELU": False, **VARIANTS[variant],
+              "DOT_IEEE": ieee, "ALIGNED": aligned,
               "BLOCK_M": cfg.BLOCK_M, "BLOCK_N": cfg.BLOCK_N, "BLOCK_K": cfg.BLOCK_K}
         sig.update({k: "constexpr" for k in cx})
         return (_conv_dgrad_kernel, _ordered(_conv_dgrad_kernel, sig), cx,
                 {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}, not ieee, div16 if aligned else ())
 
     dtypes = (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32))
-    specs = [spec(base, dt, tdt, fused, True)
-             for base in DGRAD_CONFIGS for dt, tdt in dtypes for fused in (False, True)]
-    specs += [spec(_GENERAL_CONFIG, dt, tdt, fused, False) for dt, tdt in dtypes for fused in (False, True)]
+    specs = [spec(base, dt, tdt, v, True) for base in DGRAD_CONFIGS for dt, tdt in dtypes for v in VARIANTS]
+    specs += [spec(_GENERAL_CONFIG, dt, tdt, v, False) for dt, tdt in dtypes for v in VARIANTS]
     # IEEE fp32 (the default unless TF32 is allowed, configs.conv_allows_tf32): FMA, not wgmma, by design
-    specs += [spec(_GENERAL_CONFIG, "fp32", torch.float32, fused, aligned, ieee=True)
-              for aligned in (True, False) for fused in (False, True)]
+    specs += [spec(_GENERAL_CONFIG, "fp32", torch.float32, v, aligned, ieee=True)
+              for aligned in (True, False) for v in VARIANTS]
     return specs

@@ -14,7 +14,16 @@ Fusions (constexpr switches, default off):
 * ``in_scale/in_shift`` (PROLOGUE): ``x`` is the raw output ``y_prev`` of the previous conv; the operand is
   ``relu(y_prev*in_scale[c] + in_shift[c])`` recomputed in registers, with the padding mask applied after
   the transform (a padded zero must stay zero, not become ``relu(in_shift)``).
-* ``dy_bn`` (DY_BN): as in ``conv_dgrad``: ``dy = c1*dz + c2*(y - mean) + c3`` formed while loading.
+* ``dy_bn`` (DY_BN), ``dy_relu`` (DY_RELU): as in ``conv_dgrad`` (the same :func:`conv_dgrad.dy_on_load`):
+  ``dy = c1*dz' + c2*(y - mean) + c3`` formed while loading, ``dz' = dz where y > 0`` under dy_relu.
+* ``dy_sums`` (SUMS): also the per-output-channel sums ``Σ_npq dy`` of the operand as the GEMM sees it (after
+  the transform, rounded to the storage dtype). The programs of the first (tap, channel-tile) column -- one per
+  (k tile, group, chunk) -- row-sum their chunk of dy in a loop of their own before the GEMM (summing inside the
+  MMA loop cost up to 90 registers on sm_90; this costs 1/(R*S*channel tiles) more dy reads, and warms L2 for
+  the GEMM); chunk partials ``[SPLIT, K]`` go through the same fixed-order combine as dW (deterministic, no
+  atomics). The inference op's backward takes Σg for its bias/shift/scale gradients from here instead of a
+  separate pass over g. ``need_dw=False`` launches only that column when no weight gradient is wanted (its GEMM,
+  1/(R*S*channel tiles) of the full one, runs into a scratch buffer).
 
 Alignment (``ALIGNED``, set by the launcher from the runtime shapes, see :func:`_aligned`): unit channel
 strides, ``Kg % BLOCK_M == 0``, ``Cg % BLOCK_N == 0`` and every pixel stride a multiple of 16 elements -- every
@@ -33,7 +42,8 @@ import triton.language as tl
 from .. import _backend
 from .configs import INTERPRETER_CONFIG, ConvConfig, conv_allows_tf32, for_dtype
 from .conv_common import ConvGeometry, input_coords, rows_to_npq
-from .conv_dgrad import _check_dy_bn, _check_tensor, _check_vec, _ordered, _rows_aligned
+from .conv_dgrad import (_check_dtype, _check_dy_bn, _check_tensor, _check_vec, _ordered, _rows_aligned,
+                         dy_on_load)
 
 __all__ = ["conv2d_wgrad_nhwc", "WGRAD_CONFIGS", "pick_split", "compile_specs"]
 
@@ -74,13 +84,35 @@ def _pick_config(g: ConvGeometry, dy: torch.Tensor, x: torch.Tensor) -> ConvConf
     return cfg if _aligned(g, cfg, dy, x) else _GENERAL_CONFIG
 
 
-def pick_split(g: ConvGeometry, cfg: ConvConfig) -> int:
-    """SPLIT so the grid fills the GPU while each chunk keeps >= _MIN_STEPS_PER_SPLIT BLOCK_K steps."""
-    tiles = triton.cdiv(g.Kg, cfg.BLOCK_M) * triton.cdiv(g.Cg, cfg.BLOCK_N) \
-        * g.R * g.S * g.groups
+def pick_split(g: ConvGeometry, cfg: ConvConfig, first_column_only: bool = False) -> int:
+    """SPLIT so the grid fills the GPU while each chunk keeps >= _MIN_STEPS_PER_SPLIT BLOCK_K steps
+    (``first_column_only``: the grid of a ``need_dw=False`` launch, one (tap, channel tile) column)."""
+    crs_tiles = 1 if first_column_only else triton.cdiv(g.Cg, cfg.BLOCK_N) * g.R * g.S
+    tiles = triton.cdiv(g.Kg, cfg.BLOCK_M) * crs_tiles * g.groups
     steps = triton.cdiv(g.N * g.P * g.Q, cfg.BLOCK_K)
     want = triton.cdiv(_TARGET_PROGRAMS, tiles)
     return max(1, min(want, steps // _MIN_STEPS_PER_SPLIT, _MAX_SPLIT))
+
+
+@triton.jit
+def _dy_tile(dy_ptr, z_ptr, j0, hi, k_glob, k_ok, c1, c2, c3, mu, P, Q, sdy_n, sdy_h, sdy_w, sdy_c,
+             DY_BN: tl.constexpr, DY_RELU: tl.constexpr, ALIGNED: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The A operand ``dy^T [BLOCK_M, BLOCK_K]`` (output channels × the output pixels ``j0 + [0, BLOCK_K)``
+    below ``hi``), formed on load under DY_BN, and those pixels ``(n, p, q)`` with their validity."""
+    offs_j = j0 + tl.arange(0, BLOCK_K)             # output pixels (GEMM reduction)
+    j_ok = offs_j < hi
+    n64, p, q = rows_to_npq(offs_j, P, Q)
+    dy_pix = n64 * sdy_n + p * sdy_h + q * sdy_w
+    if ALIGNED:  # every pixel's channel vector starts 16-element aligned
+        dy_pix = tl.multiple_of(dy_pix, 16)
+    # contiguous along k for NHWC
+    a_off = (k_glob * sdy_c)[:, None] + dy_pix[None, :]
+    a_mask = k_ok[:, None] & j_ok[None, :]
+    a = tl.load(dy_ptr + a_off, mask=a_mask, other=0.0)
+    if DY_BN:
+        yv = tl.load(z_ptr + a_off, mask=a_mask, other=0.0).to(tl.float32)
+        a = dy_on_load(a, yv, c1[:, None], c2[:, None], c3[:, None], mu[:, None], a_mask, DY_RELU)
+    return a, n64, p, q, j_ok
 
 
 @triton.jit
@@ -88,13 +120,15 @@ def _conv_wgrad_kernel(
         dy_ptr, x_ptr, out_ptr,
         isc_ptr, ish_ptr,                                      # PROLOGUE: x = relu(x*isc + ish)
         z_ptr, c1_ptr, c2_ptr, c3_ptr, mu_ptr,                 # DY_BN
-        H, W, Cg, Kg, P, Q, NPQ, CHUNK,
+        sum_ptr,                                               # SUMS: [SPLIT, K] (or [K]) Σ of the dy operand
+        H, W, Cg, Kg, P, Q, NPQ, CHUNK, so_sum,
         pad_h, pad_w, dil_h, dil_w,
         sdy_n, sdy_h, sdy_w, sdy_c,
         sx_n, sx_h, sx_w, sx_c,
         so_split, so_k, so_c, so_r, so_s,
         SH: tl.constexpr, SW: tl.constexpr, S: tl.constexpr, TILES_N: tl.constexpr, SPLIT: tl.constexpr,
-        PROLOGUE: tl.constexpr, DY_BN: tl.constexpr, DOT_IEEE: tl.constexpr, ALIGNED: tl.constexpr,
+        PROLOGUE: tl.constexpr, DY_BN: tl.constexpr, DY_RELU: tl.constexpr, SUMS: tl.constexpr,
+        DOT_IEEE: tl.constexpr, ALIGNED: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid1 = tl.program_id(1)
@@ -121,6 +155,10 @@ def _conv_wgrad_kernel(
     if PROLOGUE:
         isc = tl.load(isc_ptr + c_glob, mask=c_ok, other=0.0)
         ish = tl.load(ish_ptr + c_glob, mask=c_ok, other=0.0)
+    c1 = k_ok  # placeholders, unused without DY_BN
+    c2 = k_ok
+    c3 = k_ok
+    mu = k_ok
     if DY_BN:
         c1 = tl.load(c1_ptr + k_glob, mask=k_ok, other=0.0)
         c2 = tl.load(c2_ptr + k_glob, mask=k_ok, other=0.0)
@@ -129,22 +167,22 @@ def _conv_wgrad_kernel(
 
     lo = split * CHUNK
     hi = tl.minimum(lo + CHUNK, NPQ)
+    if SUMS:
+        # The first (tap, channel tile) column reads its chunk of dy once more, in a loop of its own before the
+        # GEMM (stored at once: the MMA loop gets its registers back, and the chunk is warm in L2 for it), and
+        # sums the operand as the GEMM sees it: every (k, pixel) exactly once.
+        if pid1 == 0:
+            dsum = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for j0 in range(lo, hi, BLOCK_K):
+                a, _, _, _, _ = _dy_tile(dy_ptr, z_ptr, j0, hi, k_glob, k_ok, c1, c2, c3, mu, P, Q,
+                                         sdy_n, sdy_h, sdy_w, sdy_c, DY_BN, DY_RELU, ALIGNED, BLOCK_K)
+                dsum += tl.sum(a.to(tl.float32), axis=1)
+            tl.store(sum_ptr + split * so_sum + k_glob, dsum, mask=k_ok)
+
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for j0 in range(lo, hi, BLOCK_K):
-        offs_j = j0 + tl.arange(0, BLOCK_K)             # output pixels (GEMM reduction)
-        j_ok = offs_j < hi
-        n64, p, q = rows_to_npq(offs_j, P, Q)
-        dy_pix = n64 * sdy_n + p * sdy_h + q * sdy_w
-        if ALIGNED:  # every pixel's channel vector starts 16-element aligned
-            dy_pix = tl.multiple_of(dy_pix, 16)
-        # A = dy^T [BLOCK_M, BLOCK_K], contiguous along k for NHWC
-        a_off = (k_glob * sdy_c)[:, None] + dy_pix[None, :]
-        a_mask = k_ok[:, None] & j_ok[None, :]
-        a = tl.load(dy_ptr + a_off, mask=a_mask, other=0.0)
-        if DY_BN:
-            yv = tl.load(z_ptr + a_off, mask=a_mask, other=0.0).to(tl.float32)
-            d = c1[:, None] * a.to(tl.float32) + c2[:, None] * (yv - mu[:, None]) + c3[:, None]
-            a = tl.where(a_mask, d, 0.0).to(dy_ptr.dtype.element_ty)
+        a, n64, p, q, j_ok = _dy_tile(dy_ptr, z_ptr, j0, hi, k_glob, k_ok, c1, c2, c3, mu, P, Q,
+                                      sdy_n, sdy_h, sdy_w, sdy_c, DY_BN, DY_RELU, ALIGNED, BLOCK_K)
         # B = x [BLOCK_K, BLOCK_N] at the tap's input position, zero padding
         h, w, inside = input_coords(p, q, r, s, SH, SW, pad_h, pad_w, dil_h, dil_w, H, W)
         row_ok = j_ok & inside
@@ -181,8 +219,9 @@ _COMBINE_BLOCK = 1024
 
 def conv2d_wgrad_nhwc(dy: torch.Tensor, x: torch.Tensor, weight_shape, *, stride=1, padding=0, dilation=1,
                       groups: int = 1, in_scale=None, in_shift=None, dy_bn: tuple | None = None,
+                      dy_relu: bool = False, dy_sums: bool = False, need_dw: bool = True,
                       split: int | None = None, out_dtype: torch.dtype = torch.float32,
-                      allow_tf32: bool | None = None, config: ConvConfig | None = None) -> torch.Tensor:
+                      allow_tf32: bool | None = None, config: ConvConfig | None = None):
     """Gradient of a conv w.r.t. its weight (``torch.nn.grad.conv2d_weight``), optionally fused for training.
 
     Args:
@@ -193,19 +232,24 @@ def conv2d_wgrad_nhwc(dy: torch.Tensor, x: torch.Tensor, weight_shape, *, stride
         in_scale, in_shift: [C] fp32, both or neither: the operand is ``relu(x*in_scale + in_shift)``.
         dy_bn: (y, c1, c2, c3, mean): ``dy = c1*dz + c2*(y - mean) + c3`` formed while loading; y with dy's
             shape, dtype and strides, the rest [K] fp32.
+        dy_relu: with dy_bn, mask first: ``dy = c1*(dz where y > 0) + c2*(y - mean) + c3``.
+        dy_sums: also return ``Σ_{n,p,q} dy`` per output channel (fp32 [K]) of the dy operand (after dy_bn /
+            dy_relu), from the kernel, deterministic.
+        need_dw: False (with dy_sums) computes only the sums: dW is not formed and None is returned for it.
         split: SPLIT of the N*P*Q reduction (>= 1; default :func:`pick_split`). Any value gives the same
             result up to fp32 summation order; a given value is bit-reproducible.
         out_dtype: dtype of dW (float32 default: the master-weight gradient under mixed precision).
         allow_tf32: fp32 inputs use TF32 MMAs (default :func:`configs.conv_allows_tf32`, PyTorch's rule).
 
     Returns:
-        dW [K, C/groups, R, S] contiguous, ``out_dtype``.
+        dW [K, C/groups, R, S] contiguous, ``out_dtype``; with ``dy_sums`` the pair ``(dW or None, sums)``.
     """
     who = "conv2d_wgrad_nhwc"
     for name, t in (("dy", dy), ("x", x)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.dtype not in _DTYPES:
             raise ValueError(f"{who}: {name} must be a 4-D float32/float16/bfloat16 tensor, got "
                              f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    _check_dtype(dy, who)
     if len(tuple(weight_shape)) != 4:
         raise ValueError(f"{who}: weight_shape must be (K, C/groups, R, S), got {weight_shape!r}")
     g = ConvGeometry.make(tuple(x.shape), tuple(int(v) for v in weight_shape), stride, padding, dilation,
@@ -222,11 +266,12 @@ def conv2d_wgrad_nhwc(dy: torch.Tensor, x: torch.Tensor, weight_shape, *, stride
     if prologue:
         _check_vec("in_scale", in_scale, g.C, dev, who)
         _check_vec("in_shift", in_shift, g.C, dev, who)
-    if dy_bn is not None:
-        _check_dy_bn(dy_bn, dy, g.K, who)
+    _check_dy_bn(dy_bn, dy, g.K, who, dy_relu)
+    if not isinstance(dy_sums, bool) or not isinstance(need_dw, bool) or not (need_dw or dy_sums):
+        raise ValueError(f"{who}: dy_sums and need_dw must be bools, not both False (got {dy_sums!r}, {need_dw!r})")
     cfg = config or for_dtype(_pick_config(g, dy, x), dy.dtype)  # fp32: half BLOCK_K, same staged bytes
     if split is None:
-        split = pick_split(g, cfg)
+        split = pick_split(g, cfg, first_column_only=not need_dw)
     if not isinstance(split, int) or isinstance(split, bool) or split < 1:
         raise ValueError(f"{who}: split must be an int >= 1, got {split!r}")
     if allow_tf32 is None:
@@ -240,49 +285,75 @@ def conv2d_wgrad_nhwc(dy: torch.Tensor, x: torch.Tensor, weight_shape, *, stride
     out = dw if split == 1 else torch.empty((split, g.K, cg, g.R, g.S), dtype=torch.float32, device=dev)
     so_split = out.stride(0) if split > 1 else 0
     so = out.stride()[-4:]
+    sums = torch.empty((g.K,), dtype=torch.float32, device=dev) if dy_sums else None
+    sum_part = sums if split == 1 or not dy_sums else torch.empty((split, g.K), dtype=torch.float32, device=dev)
     tiles_n = triton.cdiv(cg, cfg.BLOCK_N)
     zb = dy_bn if dy_bn is not None else (dy, dw, dw, dw, dw)  # placeholders, never read
     v = (in_scale, in_shift) if prologue else (dw, dw)
-    grid = (triton.cdiv(kg, cfg.BLOCK_M), g.R * g.S * tiles_n, split * g.groups)
+    # need_dw=False: only the first (tap, channel tile) column, whose programs form the sums
+    grid = (triton.cdiv(kg, cfg.BLOCK_M), g.R * g.S * tiles_n if need_dw else 1, split * g.groups)
     _conv_wgrad_kernel[grid](
-        dy, x, out, *v, *zb,
-        g.H, g.W, cg, kg, g.P, g.Q, npq, chunk,
+        dy, x, out, *v, *zb, dw if sum_part is None else sum_part,
+        g.H, g.W, cg, kg, g.P, g.Q, npq, chunk, g.K if split > 1 else 0,
         g.padding[0], g.padding[1], g.dilation[0], g.dilation[1],
         dy.stride(0), dy.stride(2), dy.stride(3), dy.stride(1),
         x.stride(0), x.stride(2), x.stride(3), x.stride(1),
         so_split, *so,
         SH=g.stride[0], SW=g.stride[1], S=g.S, TILES_N=tiles_n, SPLIT=split,
-        PROLOGUE=prologue, DY_BN=dy_bn is not None,
+        PROLOGUE=prologue, DY_BN=dy_bn is not None, DY_RELU=dy_relu, SUMS=dy_sums,
         DOT_IEEE=dy.dtype == torch.float32 and not allow_tf32, ALIGNED=_aligned(g, cfg, dy, x),
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if split > 1:
-        numel = dw.numel()
-        _wgrad_combine_kernel[(triton.cdiv(numel, _COMBINE_BLOCK),)](out, dw, numel, SPLIT=split,
-                                                                     BLOCK=_COMBINE_BLOCK, num_warps=4)
-    return dw
+        for part, res in ((out, dw if need_dw else None), (sum_part, sums)):
+            if res is not None:
+                _combine(part, res, split)
+    if not need_dw:
+        dw = None
+    return (dw, sums) if dy_sums else dw
+
+
+def _combine(part: torch.Tensor, res: torch.Tensor, split: int) -> None:
+    """res = Σ over the leading SPLIT axis of part, in index order (deterministic)."""
+    numel = res.numel()
+    _wgrad_combine_kernel[(triton.cdiv(numel, _COMBINE_BLOCK),)](part, res, numel, SPLIT=split,
+                                                                 BLOCK=_COMBINE_BLOCK, num_warps=4)
+
+
+# The constexpr variants the ops launch: plain (no op fuses anything), the training op with a BN+ReLU prologue
+# (and BN backward on load), the training op without prologue (dy_bn only), the inference op's backward without
+# and with ReLU (sums; dy_bn + dy_relu + sums).
+VARIANTS = {
+    "plain": {},
+    "fused": {"PROLOGUE": True, "DY_BN": True},
+    "dy_bn": {"DY_BN": True},
+    "sums": {"SUMS": True},
+    "dy_bn_relu_sums": {"DY_BN": True, "DY_RELU": True, "SUMS": True},
+}
 
 
 def compile_specs() -> list:
     """(jit_fn, signature, constexprs, options, is_gemm, div16) for the sm_90 compile check, at a stride-2 3×3
-    geometry with SPLIT=4: every config × dtype × {plain, fused (PROLOGUE + DY_BN)} on the ALIGNED path, with
-    the channel counts and pixel strides multiples of 16 as Triton's launcher specialises them for ResNet
-    layers; the masked general path at the config the launcher gives it (64×32), without divisibility hints
-    (its worst case: the stem's C=3, 4-32 channels per group, NCHW strides); the combine kernel."""
-    ints = ("H", "W", "Cg", "Kg", "P", "Q", "NPQ", "CHUNK", "pad_h", "pad_w", "dil_h", "dil_w",
+    geometry with SPLIT=4: every config × dtype × :data:`VARIANTS` on the ALIGNED path, with the channel counts
+    and pixel strides multiples of 16 as Triton's launcher specialises them for ResNet layers; the masked general
+    path at the config the launcher gives it (64×32), without divisibility hints (its worst case: the stem's
+    C=3, 4-32 channels per group, NCHW strides); the combine kernel."""
+    ints = ("H", "W", "Cg", "Kg", "P", "Q", "NPQ", "CHUNK", "so_sum", "pad_h", "pad_w", "dil_h", "dil_w",
             "sdy_n", "sdy_h", "sdy_w", "sx_n", "sx_h", "sx_w", "so_split", "so_k", "so_c", "so_r", "so_s")
     # ResNet layer: Cg, Kg, N*P*Q and the NHWC strides are multiples of 16; CHUNK always is (whole BLOCK_K
-    # steps); so_c = R*S, so_r = S, H, W, P, Q are not in general.
-    div16 = ("Cg", "Kg", "NPQ", "CHUNK", "sdy_n", "sdy_h", "sdy_w", "sx_n", "sx_h", "sx_w", "so_split", "so_k")
+    # steps); so_sum = K is; so_c = R*S, so_r = S, H, W, P, Q are not in general.
+    div16 = ("Cg", "Kg", "NPQ", "CHUNK", "so_sum", "sdy_n", "sdy_h", "sdy_w", "sx_n", "sx_h", "sx_w", "so_split",
+             "so_k")
 
-    def spec(base, dt, tdt, fused, aligned, ieee=False):
+    def spec(base, dt, tdt, variant, aligned, ieee=False):
         cfg = for_dtype(base, tdt)
         sig = {"dy_ptr": f"*{dt}", "x_ptr": f"*{dt}", "out_ptr": "*fp32", "isc_ptr": "*fp32",
                "ish_ptr": "*fp32", "z_ptr": f"*{dt}", "c1_ptr": "*fp32", "c2_ptr": "*fp32",
-               "c3_ptr": "*fp32", "mu_ptr": "*fp32"}
+               "c3_ptr": "*fp32", "mu_ptr": "*fp32", "sum_ptr": "*fp32"}
         sig.update({name: "i32" for name in ints})
         cx = {"sdy_c": 1, "sx_c": 1, "SH": 2, "SW": 2, "S": 3, "TILES_N": 2, "SPLIT": 4,
-              "PROLOGUE": fused, "DY_BN": fused, "DOT_IEEE": ieee, "ALIGNED": aligned,
+              "PROLOGUE": False, "DY_BN": False, "DY_RELU": False, "SUMS": False, **VARIANTS[variant],
+              "DOT_IEEE": ieee, "ALIGNED": aligned,
               "BLOCK_M": cfg.BLOCK_M, "BLOCK_N": cfg.BLOCK_N, "BLOCK_K": cfg.BLOCK_K}
         sig.update({k: "constexpr" for k in cx})
         return (_conv_wgrad_kernel, _ordered(_conv_wgrad_kernel, sig), cx,
@@ -290,13 +361,12 @@ def compile_specs() -> list:
                 div16 if aligned else ("CHUNK",))
 
     dtypes = (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32))
-    specs = [spec(base, dt, tdt, fused, True)
-             for base in WGRAD_CONFIGS for dt, tdt in dtypes for fused in (False, True)]
-    specs += [spec(_GENERAL_CONFIG, dt, tdt, fused, False) for dt, tdt in dtypes for fused in (False, True)]
+    specs = [spec(base, dt, tdt, v, True) for base in WGRAD_CONFIGS for dt, tdt in dtypes for v in VARIANTS]
+    specs += [spec(_GENERAL_CONFIG, dt, tdt, v, False) for dt, tdt in dtypes for v in VARIANTS]
     # IEEE fp32 (the default unless TF32 is allowed, configs.conv_allows_tf32): FMA, not wgmma, by design
-    specs += [spec(base, "fp32", torch.float32, fused, aligned, ieee=True)
+    specs += [spec(base, "fp32", torch.float32, v, aligned, ieee=True)
               for base, aligned in [(b, True) for b in WGRAD_CONFIGS] + [(_GENERAL_CONFIG, False)]
-              for fused in (False, True)]
+              for v in VARIANTS]
     specs.append((_wgrad_combine_kernel, {"part_ptr": "*fp32", "out_ptr": "*bf16", "NUMEL": "i32",
                                           "SPLIT": "constexpr", "BLOCK": "constexpr"},
                   {"SPLIT": 4, "BLOCK": _COMBINE_BLOCK}, {"num_warps": 4, "num_stages": 1}, False))
