@@ -11,6 +11,7 @@ a parameter-free shortcut, or None)::
 ``residual`` is x (identity), the downsample conv's raw output with its own (scale, shift), or the
 parameter-free shortcut's output. Only raw conv outputs are materialised; every BN application and ReLU is
 recomputed where it is consumed, forward and backward (see :mod:`resnet_fast.ops.conv_bn_train`).
+The stem is ``y, s, t = conv_bn_train(x)`` then ``bn_relu(y, s, t)`` (the tail op's kernels without a residual).
 
 Autocast: activations run in the autocast dtype (the convs in low precision, as eager autocast does);
 statistics, the BN affine, parameters' gradients and running stats stay fp32.
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .bn_add_relu import bn_add_relu
+from .bn_add_relu import bn_add_relu, bn_relu
 from .conv_bn_train import conv_bn_train
 
 __all__ = ["block_forward_train_kernels", "conv_bn_act_train_kernels"]
@@ -67,12 +68,13 @@ def block_forward_train_kernels(block, x: torch.Tensor) -> torch.Tensor:
 
 def conv_bn_act_train_kernels(x: torch.Tensor, conv, bn, relu: bool = True) -> torch.Tensor:
     """Train-mode ``act(bn(conv(x)))`` (the stem), materialised: a module boundary follows, so the folded
-    affine cannot ride on a later prologue. The affine + ReLU is applied by the C++ tail op with a zero
-    residual -- the cheapest honest option without a new elementwise kernel: one extra read (plus the zero fill)
-    in the forward and an unused gradient write in the backward, at the stem only.
+    affine cannot ride on a later prologue. The affine + ReLU is applied by ``bn_relu``, the tail op's kernels
+    instantiated without a residual: one read of y and one write in the forward, and a backward that reads
+    (grad, y) and writes only grad_y plus the per-channel sums -- no zero residual is allocated, read or
+    differentiated.
 
     Returns ``[N, K, P, Q]`` channels_last in the activation dtype (autocast dtype under autocast).
     """
     dt = _act_dtype(x)
     y, scale, shift, _ = conv_bn_train(x.to(dt).contiguous(memory_format=CL), conv, bn)
-    return bn_add_relu(y, scale, shift, torch.zeros_like(y), relu=relu)
+    return bn_relu(y, scale, shift, relu=relu)
