@@ -1,10 +1,25 @@
 """``resnet_fast.ops.conv2d``: fused conv + bias + folded BN + residual + ReLU as one custom op, and ``fold_bn``.
 
 ``torch.ops.resnet_fast.conv2d`` is a ``torch.library.custom_op`` with a fake implementation, so
-``torch.compile`` and CUDA graphs see one opaque op. No autograd is registered here (the training op of
-issue 4 owns the backward). The kernel is :func:`resnet_fast.kernels.conv_fwd.conv2d_nhwc`; the explicit
-eager fallback is :func:`resnet_fast.ops.eager.eager_conv2d`, taken (and counted) when
-:func:`resnet_fast._backend.use_kernels` says no or for a dtype the kernel lacks (float64).
+``torch.compile`` and CUDA graphs see one opaque op. The kernel is
+:func:`resnet_fast.kernels.conv_fwd.conv2d_nhwc`; the explicit eager fallback is
+:func:`resnet_fast.ops.eager.eager_conv2d`, taken (and counted) when :func:`resnet_fast._backend.use_kernels`
+says no, for a dtype the kernel lacks (float64), and for bf16 in the Triton interpreter.
+
+Autograd (``register_autograd``): the backward is the custom op ``resnet_fast::conv2d_backward`` (fake
+registered, so AOTAutograd traces it as one node), on the dgrad/wgrad kernels. With ``g`` the upstream gradient
+masked by ``out > 0`` under ReLU (per output channel k)::
+
+    grad_residual = g                       grad_shift = Σ_npq g        grad_bias = scale·Σg
+    dW_g = wgrad(g, x)                      grad_weight = scale[k]·dW_g[k]
+    grad_scale[k] = Σ_crs W[k]·dW_g[k] + bias[k]·Σg[k]      (= Σ_npq g·(conv + bias): no conv recomputed)
+    grad_x = dgrad(scale[k]·g)
+
+``g`` is never materialised for the kernels: dgrad and wgrad read the upstream gradient and the saved output
+and form ``scale·(grad where out > 0)`` while loading (their ``dy_bn``/``dy_relu`` options, c2 = c3 = 0), and
+wgrad also emits Σg (its ``dy_sums``). Only ``grad_residual`` is an activation-sized torch result, when the
+residual needs a gradient. Only what ``needs_input_grad`` asks for is computed; a channel with scale exactly 0
+is exact (nothing is divided by the scale). Saved: x, weight, bias, scale and, under ReLU, the output.
 
 Layout: NHWC (``channels_last``) is native; other inputs are converted once per call. The output is always a
 ``[N, K, P, Q]`` channels_last tensor in x's dtype, on both paths.
@@ -15,13 +30,19 @@ import torch
 
 from .. import _backend
 from ..kernels.conv_common import ConvGeometry, pair
+from .conv_bn_train import _like
 from .eager import eager_conv2d
 
 __all__ = ["conv2d", "fold_bn"]
 
 _OP = "conv2d"
+_BWD_OP = "conv2d_backward"
 _SCHEMA = ("(Tensor x, Tensor weight, Tensor? bias, int[] stride, int[] padding, int[] dilation, int groups, "
            "Tensor? scale, Tensor? shift, Tensor? residual, bool relu) -> Tensor")
+_BWD_SCHEMA = ("(Tensor grad, Tensor x, Tensor weight, Tensor? scale, Tensor? out, int[] stride, int[] padding, "
+               "int[] dilation, int groups, bool relu, bool need_x, bool need_dw, bool need_sums) "
+               "-> (Tensor, Tensor, Tensor)")
+CL = torch.channels_last
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -57,25 +78,33 @@ def _validate(x, weight, bias, stride, padding, dilation, groups, scale, shift, 
     return g
 
 
+def _use_kernels(op: str, x: torch.Tensor) -> bool:
+    """Whether ``op`` (the forward or the backward) runs the kernels for ``x``; every "no" but the eager
+    backend's is a recorded fallback, and a "yes" is a counted kernel call."""
+    if not _backend.use_kernels(op, x.device):
+        return False
+    from ..kernels import conv_fwd  # defines the Triton kernel: only after the backend set up the interpreter
+    if x.dtype not in conv_fwd.SUPPORTED_DTYPES:
+        _backend.record_fallback(op, f"dtype {x.dtype} has no kernel (fp32/fp16/bf16 only)")
+        return False
+    if x.dtype == torch.bfloat16 and _backend.interpreting():
+        _backend.record_fallback(op, "bf16 tl.dot is wrong in the Triton interpreter")
+        return False
+    _backend.record_kernel_call(op)
+    return True
+
+
 @torch.library.custom_op("resnet_fast::conv2d", mutates_args=(), schema=_SCHEMA)
 def _conv2d_op(x, weight, bias, stride, padding, dilation, groups, scale, shift, residual, relu):
     g = _validate(x, weight, bias, stride, padding, dilation, groups, scale, shift, residual)
     args = (x, weight, bias, stride, padding, dilation, groups)
     kw = dict(scale=scale, shift=shift, residual=residual, relu=relu)
-    if not _backend.use_kernels(_OP, x.device):
+    if not _use_kernels(_OP, x):
         return eager_conv2d(*args, **kw)
-    from ..kernels import conv_fwd  # defines the Triton kernel: only after the backend set up the interpreter
-    if x.dtype not in conv_fwd.SUPPORTED_DTYPES:
-        _backend.record_fallback(_OP, f"dtype {x.dtype} has no kernel (fp32/fp16/bf16 only)")
-        return eager_conv2d(*args, **kw)
-    if x.dtype == torch.bfloat16 and _backend.interpreting():
-        _backend.record_fallback(_OP, "bf16 tl.dot is wrong in the Triton interpreter")
-        return eager_conv2d(*args, **kw)
-    _backend.record_kernel_call(_OP)
-    cl = torch.channels_last
+    from ..kernels import conv_fwd
     w_packed = conv_fwd.pack_weight(weight, groups, x.dtype)
-    res = None if residual is None else residual.contiguous(memory_format=cl)
-    y, _ = conv_fwd.conv2d_nhwc(x.contiguous(memory_format=cl), w_packed, g, bias=bias, scale=scale,
+    res = None if residual is None else residual.contiguous(memory_format=CL)
+    y, _ = conv_fwd.conv2d_nhwc(x.contiguous(memory_format=CL), w_packed, g, bias=bias, scale=scale,
                                 shift=shift, residual=res, relu=relu)
     return y
 
@@ -84,6 +113,118 @@ def _conv2d_op(x, weight, bias, stride, padding, dilation, groups, scale, shift,
 def _conv2d_fake(x, weight, bias, stride, padding, dilation, groups, scale, shift, residual, relu):
     g = _validate(x, weight, bias, stride, padding, dilation, groups, scale, shift, residual)
     return torch.empty((g.N, g.K, g.P, g.Q), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+
+
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    """dtype of the backward's dW_g and Σg: float32, float64 for float64 x (the eager fallback)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("resnet_fast::conv2d_backward", mutates_args=(), schema=_BWD_SCHEMA)
+def _conv2d_backward_op(grad, x, weight, scale, out, stride, padding, dilation, groups, relu, need_x, need_dw,
+                        need_sums):
+    """``(grad_x, dW_g, Σg)`` with ``g = grad where out > 0`` (relu) or ``grad``: ``grad_x = dgrad(scale·g)``
+    ([N, C, H, W] channels_last, x's dtype), ``dW_g = wgrad(g, x)`` and ``Σg`` (per output channel, fp32); each
+    an empty tensor unless asked for (need_x, need_dw, need_sums)."""
+    conv = dict(stride=list(stride), padding=list(padding), dilation=list(dilation), groups=groups)
+    if not _use_kernels(_BWD_OP, x):
+        return _eager_backward(grad, x, weight, scale, out, conv, relu, need_x, need_dw, need_sums)
+    from ..kernels.conv_dgrad import conv2d_dgrad_nhwc
+    from ..kernels.conv_wgrad import conv2d_wgrad_nhwc
+    K = weight.shape[0]
+    # The kernels read g straight from grad: under ReLU the mask comes from the saved output (dy_bn's y, which
+    # must share grad's strides), without it the y of dy_bn is grad itself and unused (c2 = 0).
+    grad = _like(grad, out) if relu else grad.contiguous(memory_format=CL)
+    y = out if relu else grad
+    zeros = torch.zeros(K, dtype=torch.float32, device=x.device)
+    ones = torch.ones(K, dtype=torch.float32, device=x.device)
+    grad_x, dw_g, sums = (x.new_empty((0,), dtype=torch.float32) for _ in range(3))  # distinct: no aliasing
+    if need_x:
+        if scale is None and not relu:
+            grad_x = conv2d_dgrad_nhwc(grad, weight, x.shape, **conv)
+        else:  # dy = scale[k]*(grad where out > 0), formed while loading
+            c1 = ones if scale is None else scale.to(torch.float32).contiguous()
+            grad_x = conv2d_dgrad_nhwc(grad, weight, x.shape, **conv, dy_bn=(y, c1, zeros, zeros, zeros),
+                                       dy_relu=relu)
+    if need_dw or need_sums:  # Σg always comes along: one row sum per A tile in one column of programs
+        x = x.contiguous(memory_format=CL)  # as the forward read it (a no-op for channels_last x)
+        dy_bn = (y, ones, zeros, zeros, zeros) if relu else None
+        dw, sums = conv2d_wgrad_nhwc(grad, x, weight.shape, **conv, dy_bn=dy_bn, dy_relu=relu, dy_sums=True,
+                                     need_dw=need_dw)
+        if dw is not None:
+            dw_g = dw
+        if not need_sums:
+            sums = x.new_empty((0,), dtype=torch.float32)
+    return grad_x, dw_g, sums
+
+
+def _eager_backward(grad, x, weight, scale, out, conv, relu, need_x, need_dw, need_sums):
+    """The backward op's explicit eager fallback (float32 math, float64 for float64 x)."""
+    acc = _acc_dtype(x)
+    g = grad.to(acc)
+    if relu:
+        g = torch.where(out > 0, g, 0)
+    grad_x, dw_g, sums = (x.new_empty((0,), dtype=acc) for _ in range(3))
+    if need_x:
+        dy = g if scale is None else g * scale.to(acc).view(1, -1, 1, 1)
+        grad_x = torch.nn.grad.conv2d_input(x.shape, weight.to(acc), dy, **conv).to(x.dtype)
+        grad_x = grad_x.contiguous(memory_format=CL)
+    if need_dw:
+        dw_g = torch.nn.grad.conv2d_weight(x.to(acc), weight.shape, g, **conv)
+    if need_sums:
+        sums = g.sum((0, 2, 3))
+    return grad_x, dw_g, sums
+
+
+@_conv2d_backward_op.register_fake
+def _conv2d_backward_fake(grad, x, weight, scale, out, stride, padding, dilation, groups, relu, need_x, need_dw,
+                          need_sums):
+    acc = _acc_dtype(x)
+    grad_x = (torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=CL) if need_x
+              else x.new_empty((0,), dtype=acc))
+    dw_g = x.new_empty(weight.shape if need_dw else (0,), dtype=acc)
+    sums = x.new_empty((weight.shape[0] if need_sums else 0,), dtype=acc)
+    return grad_x, dw_g, sums
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, stride, padding, dilation, groups, scale, shift, residual, relu = inputs
+    ctx.save_for_backward(x, weight, bias, scale, output if relu else None)
+    ctx.conv = (stride, padding, dilation, groups, relu)
+    ctx.shift_dtype = None if shift is None else shift.dtype
+
+
+def _backward(ctx, grad):
+    x, weight, bias, scale, out = ctx.saved_tensors
+    stride, padding, dilation, groups, relu = ctx.conv
+    n_x, n_w, n_bias, _, _, _, _, n_scale, n_shift, n_res, _ = ctx.needs_input_grad
+    need_dw = n_w or n_scale
+    need_sums = n_bias or n_shift or (n_scale and bias is not None)
+    grad_x = grad_w = grad_bias = grad_scale = grad_shift = grad_res = None
+    if n_x or need_dw or need_sums:
+        gx, dw_g, sum_g = _conv2d_backward_op(grad, x, weight, scale, out, stride, padding, dilation, groups,
+                                              relu, n_x, need_dw, need_sums)
+        # [K]- and weight-sized epilogue in torch, in dW_g's fp32 (float64 on the float64 fallback)
+        sc = None if scale is None else scale.to(dw_g.dtype)
+        if n_x:
+            grad_x = gx
+        if n_w:
+            grad_w = (dw_g if sc is None else dw_g * sc.view(-1, 1, 1, 1)).to(weight.dtype)
+        if n_scale:
+            gs = (weight.to(dw_g.dtype) * dw_g).sum((1, 2, 3))
+            if bias is not None:
+                gs = gs + bias.to(dw_g.dtype) * sum_g
+            grad_scale = gs.to(scale.dtype)
+        if n_shift:
+            grad_shift = sum_g.to(ctx.shift_dtype)
+        if n_bias:
+            grad_bias = (sum_g if sc is None else sum_g * sc).to(bias.dtype)
+    if n_res:  # the one activation-sized torch result: g itself
+        grad_res = torch.where(out > 0, grad, 0) if relu else grad
+    return grad_x, grad_w, grad_bias, None, None, None, None, grad_scale, grad_shift, grad_res, None
+
+
+_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1, padding=0,
