@@ -9,11 +9,13 @@ Shapes are small (the interpreter is slow); several tiles per dimension come fro
 """
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import resnet_fast
 import resnet_fast.kernels.conv_dgrad as conv_dgrad
 import resnet_fast.kernels.conv_wgrad as conv_wgrad
+from resnet_fast.nn import reference
 from resnet_fast.ops import conv2d
 from resnet_fast.ops.eager import eager_conv_epilogue
 
@@ -186,3 +188,42 @@ def test_opcheck(kernel_device, triton_backend):
     torch.library.opcheck(torch.ops.resnet_fast.conv2d_backward.default,
                           (g, t["x"].detach(), t["weight"].detach(), t["scale"].detach(), out, [1, 1], [1, 1],
                            [1, 1], 1, True, True, True, True), test_utils=("test_schema", "test_faketensor"))
+
+
+def _eval_blocks():
+    down = lambda: nn.Sequential(reference.conv1x1(8, 12, 2), nn.BatchNorm2d(12))  # noqa: E731
+    return [("basic_down", lambda cls: cls(8, 12, 2, down())),
+            ("bottleneck", lambda cls: cls(16, 4))]
+
+
+@pytest.mark.parametrize("name,build", _eval_blocks(), ids=[n for n, _ in _eval_blocks()])
+def test_eval_block_with_autograd_runs_the_kernels(kernel_device, triton_backend, name, build):
+    # An eval block that autograd records (frozen BN statistics, e.g. fine-tuning) runs conv2d + its backward on
+    # the kernels; input and parameter gradients match the plain block's, including a BN with a zero gamma.
+    torch.manual_seed(0)
+    plain_cls = reference.BasicBlock if name.startswith("basic") else reference.Bottleneck
+    fused_cls = resnet_fast.nn.BasicBlock if name.startswith("basic") else resnet_fast.nn.Bottleneck
+    plain = build(plain_cls)
+    for m in plain.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.running_mean.uniform_(-0.2, 0.2), m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.2, 0.2)
+                m.weight[0] = 0.0
+    fused = build(fused_cls)
+    fused.load_state_dict(plain.state_dict())
+    fused.to(kernel_device).eval(), plain.eval()
+    x = torch.randn(2, plain.conv1.in_channels, 6, 6)
+    xf = x.to(kernel_device).contiguous(memory_format=CL).requires_grad_(True)
+    xp = x.clone().requires_grad_(True)
+    yf, yp = fused(xf), plain(xp)
+    go = torch.randn_like(yp)
+    yf.backward(go.to(kernel_device)), yp.backward(go)
+    torch.testing.assert_close(yf.detach().cpu(), yp.detach(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(xf.grad.cpu(), xp.grad, rtol=1e-4, atol=1e-5)
+    for (k, a), b in zip(fused.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(a.grad.cpu(), b.grad, rtol=1e-4, atol=1e-4, msg=k)
+    st = resnet_fast.stats()
+    convs = sum(isinstance(m, nn.Conv2d) for m in fused.modules())
+    assert st["kernel_calls"]["block"] == 1 and not st["fallbacks"], st
+    assert st["kernel_calls"]["conv2d"] == convs and st["kernel_calls"]["conv2d_backward"] == convs

@@ -236,7 +236,7 @@ def test_triton_backend_eval_matches_reference(triton_backend, build, size):
     fused = resnet_fast.convert(plain).eval()
     plain.eval()
     x = torch.randn(2, 3, size, size)
-    with torch.no_grad():  # the eval kernels have no backward yet: under autograd they fall back
+    with torch.no_grad():  # inference (autograd-recording eval forwards: tests/test_conv2d_backward.py)
         torch.testing.assert_close(fused(x), plain(x), rtol=2e-3, atol=2e-3)
     stats = resnet_fast.stats()
     blocks = (resnet_fast.nn.BasicBlock, resnet_fast.nn.Bottleneck)
@@ -244,16 +244,24 @@ def test_triton_backend_eval_matches_reference(triton_backend, build, size):
     assert "block" not in stats["fallbacks"]
 
 
-def test_triton_backend_eval_under_autograd_falls_back_and_backpropagates(triton_backend):
+def test_triton_backend_eval_under_autograd_runs_the_kernels_and_backpropagates(triton_backend):
+    # ops.conv2d has a kernel backward: an eval forward that autograd records stays on the kernels
     reason = _no_conv_kernel_reason()
     if reason:
         pytest.skip(f"eval kernel path needs resnet_fast.ops.conv2d/fold_bn: {reason}")
     torch.manual_seed(0)
     block = resnet_fast.nn.BasicBlock(4, 4).eval()
+    plain = reference.BasicBlock(4, 4).eval()
+    plain.load_state_dict(block.state_dict())
     x = torch.randn(1, 4, 4, 4, requires_grad=True)
+    xp = x.detach().clone().requires_grad_(True)
     block(x).sum().backward()
-    assert x.grad is not None and block.conv1.weight.grad is not None
-    assert resnet_fast.stats()["fallbacks"]["block"] == {F.GRAD_FALLBACK_REASON: 1}
+    plain(xp).sum().backward()
+    torch.testing.assert_close(x.grad, xp.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(block.conv1.weight.grad, plain.conv1.weight.grad, rtol=1e-4, atol=1e-5)
+    st = resnet_fast.stats()
+    assert "block" not in st["fallbacks"] and st["kernel_calls"]["block"] == 1
+    assert st["kernel_calls"]["conv2d_backward"] == 2
 
 
 def test_triton_backend_eval_under_autocast_runs_the_kernels_in_half(triton_backend):

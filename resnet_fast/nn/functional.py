@@ -4,9 +4,12 @@
   the eager computation under the eager backend (or when the backend policy says no kernels).
 * ``*_eval_kernels``: every conv runs ``resnet_fast.ops.conv2d`` with BatchNorm folded per call by
   ``resnet_fast.ops.fold_bn`` (no cached folding, so BN parameters changed between calls are honoured), the
-  residual add and ReLU fused into the last conv's epilogue.
-* :func:`block_forward_train`: the one place the training kernels (fused conv + batch-statistics BN) plug in.
-  They do not exist yet, so today it records a fallback and runs the eager computation.
+  residual add and ReLU fused into the last conv's epilogue. Also under autograd (frozen BN statistics, e.g.
+  fine-tuning in eval mode): ``ops.conv2d``'s backward runs the dgrad/wgrad kernels, and ``fold_bn`` is
+  differentiable, so gradients reach the input, the conv weights and the BN affine parameters.
+* :func:`block_forward_train` / :func:`conv_bn_act_train`: the training path, on the training op
+  (``ops.block_forward_train_kernels`` / ``ops.conv_bn_act_train_kernels``: fused conv + batch-statistics BN);
+  a recorded eager fallback when the ops, the C++ extension, the dtype or the layers are not covered.
 * ``*_eager``: the explicit eager fallback, the blocks' own ``nn`` submodules, so running stats, momentum,
   ``num_batches_tracked`` and friends follow PyTorch exactly.
 """
@@ -22,10 +25,6 @@ from .. import _backend
 # name -> (callable or None, reason it is missing); looked up once per process.
 _OPS: dict = {}
 TRAIN_FALLBACK_REASON = "training kernels not available yet"
-# ops.conv2d registers no autograd (the training ops of issue 4 own the backward): an eval forward that autograd
-# records would fail on backward, so it runs eager. torch.no_grad()/inference_mode() gets the kernels.
-GRAD_FALLBACK_REASON = ("eval forward with autograd recording needs the conv2d backward (not available yet); "
-                        "run under torch.no_grad() or torch.inference_mode() for the kernels")
 
 
 def _op(name: str):
@@ -122,22 +121,11 @@ def conv_bn_eval_kernels(x, conv, bn, *, residual=None, relu=False):
                   groups=conv.groups, scale=scale, shift=shift, residual=residual, relu=relu)
 
 
-def _records_grad(x, pairs) -> bool:
-    if not torch.is_grad_enabled():
-        return False
-    tensors = [x]
-    for conv, bn in pairs:
-        tensors += [conv.weight, getattr(bn, "weight", None), getattr(bn, "bias", None)]
-    return any(t is not None and t.requires_grad for t in tensors)
-
-
-def _eval_blocker(pairs, x) -> str | None:
+def _eval_blocker(pairs) -> str | None:
     for name in ("conv2d", "fold_bn"):
         fn, why = _op(name)
         if fn is None:
             return why
-    if _records_grad(x, pairs):
-        return GRAD_FALLBACK_REASON
     for conv, bn in pairs:
         reason = fold_blocker(conv, bn)
         if reason is not None:
@@ -150,7 +138,7 @@ def block_forward_eval_kernels(block, x):
     pairs = block_pairs(block)
     ds = block.downsample
     ds_pair = downsample_pair(ds)
-    reason = _eval_blocker(pairs + ([ds_pair] if ds_pair is not None else []), x)
+    reason = _eval_blocker(pairs + ([ds_pair] if ds_pair is not None else []))
     if reason is not None:
         _fallback("block", reason)
         return block_forward_eager(block, x)
@@ -245,7 +233,7 @@ def conv_bn_act(x, conv, bn, relu=True, bn_forward=None, who="ConvBNReLU"):
         return conv_bn_act_eager(x, conv, bn, relu, bn_forward)
     if bn.training:
         return conv_bn_act_train(x, conv, bn, relu, bn_forward)
-    reason = _eval_blocker([(conv, bn)], x)
+    reason = _eval_blocker([(conv, bn)])
     if reason is not None:
         _fallback("conv_bn", reason)
         return conv_bn_act_eager(x, conv, bn, relu, bn_forward)
