@@ -24,7 +24,6 @@ from .. import _backend
 
 # name -> (callable or None, reason it is missing); looked up once per process.
 _OPS: dict = {}
-TRAIN_FALLBACK_REASON = "training kernels not available yet"
 
 
 def _op(name: str):
