@@ -50,7 +50,6 @@ def _pair(make_plain, fused_cls, device):
     _randomise_bn(plain)
     fused = copy.deepcopy(plain)
     fused.__class__ = fused_cls  # same children and state: only forward differs (see nn/modules.py)
-    resnet_fast.nn.functional.prime_ops()
     return plain.double().train(), fused.float().to(device).train()
 
 

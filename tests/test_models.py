@@ -7,7 +7,6 @@ import torch.nn as nn
 import resnet_fast
 from resnet_fast import models
 from resnet_fast.nn import reference
-from resnet_fast.nn import functional as F
 
 # torchvision's documented parameter counts.
 IMAGENET = {
@@ -25,11 +24,6 @@ def _count(model):
 
 def _shapes(model):
     return [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
-
-
-def _no_conv_kernel_reason():
-    fn, why = F._op("conv2d")
-    return None if fn is not None else why
 
 
 @pytest.mark.parametrize("name", sorted(IMAGENET))
@@ -222,9 +216,6 @@ def _tiny_resnet18_style():
 
 @pytest.mark.parametrize("build,size", [("tiny_resnet18", 8), ("resnet20", 8), ("grouped_bottleneck", 8)])
 def test_triton_backend_eval_matches_reference(triton_backend, build, size):
-    reason = _no_conv_kernel_reason()
-    if reason:
-        pytest.skip(f"eval kernel path needs resnet_fast.ops.conv2d/fold_bn: {reason}")
     torch.manual_seed(0)
     plain = {"resnet20": lambda: models.resnet20(fused=False), "tiny_resnet18": _tiny_resnet18_style,
              "grouped_bottleneck": _tiny_grouped_bottleneck_net}[build]()
@@ -245,9 +236,6 @@ def test_triton_backend_eval_matches_reference(triton_backend, build, size):
 
 def test_triton_backend_eval_under_autograd_runs_the_kernels_and_backpropagates(triton_backend):
     # ops.conv2d has a kernel backward: an eval forward that autograd records stays on the kernels
-    reason = _no_conv_kernel_reason()
-    if reason:
-        pytest.skip(f"eval kernel path needs resnet_fast.ops.conv2d/fold_bn: {reason}")
     torch.manual_seed(0)
     block = resnet_fast.nn.BasicBlock(4, 4).eval()
     plain = reference.BasicBlock(4, 4).eval()
@@ -264,9 +252,6 @@ def test_triton_backend_eval_under_autograd_runs_the_kernels_and_backpropagates(
 
 
 def test_triton_backend_eval_under_autocast_runs_the_kernels_in_half(triton_backend):
-    reason = _no_conv_kernel_reason()
-    if reason:
-        pytest.skip(f"eval kernel path needs resnet_fast.ops.conv2d/fold_bn: {reason}")
     torch.manual_seed(0)
     block = resnet_fast.nn.BasicBlock(8, 8).eval()
     plain = reference.BasicBlock(8, 8).eval()
@@ -282,8 +267,6 @@ def test_triton_backend_eval_under_autocast_runs_the_kernels_in_half(triton_back
 
 @pytest.mark.parametrize("backend", ["eager", "triton"])
 def test_conv_bn_relu_module(monkeypatch, backend):
-    if backend == "triton" and _no_conv_kernel_reason():
-        pytest.skip(f"eval kernel path needs resnet_fast.ops.conv2d/fold_bn: {_no_conv_kernel_reason()}")
     monkeypatch.setenv("RESNET_FAST_BACKEND", backend)
     resnet_fast.reset_stats()
     torch.manual_seed(0)

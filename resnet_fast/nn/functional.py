@@ -15,37 +15,10 @@
 """
 from __future__ import annotations
 
-import importlib
-
 import torch
 import torch.nn as tnn
 
-from .. import _backend
-
-# name -> (callable or None, reason it is missing); looked up once per process.
-_OPS: dict = {}
-
-
-def _op(name: str):
-    """``resnet_fast.ops.<name>``, or None while that op does not exist (another layer is still writing it)."""
-    if name not in _OPS:
-        fn, why = None, f"resnet_fast.ops.{name} is not available"
-        for modname in ("resnet_fast.ops", "resnet_fast.ops.conv"):
-            try:
-                fn = getattr(importlib.import_module(modname), name, None)
-            except ImportError as exc:  # the op module is absent or broken: say which
-                why = f"resnet_fast.ops.{name} is not available ({type(exc).__name__}: {exc})"
-            if fn is not None:
-                break
-        _OPS[name] = (fn, why)
-    return _OPS[name]
-
-
-def prime_ops() -> None:
-    """Resolve the ops now (module construction calls this) so torch.compile never traces an import."""
-    for name in ("conv2d", "fold_bn", "conv_bn_train", "train_blocker", "block_forward_train_kernels",
-                 "conv_bn_act_train_kernels"):
-        _op(name)
+from .. import _backend, _ext, ops
 
 
 def _kernels(op: str, device: torch.device) -> bool:
@@ -107,24 +80,18 @@ def fold_blocker(conv, bn) -> str | None:
 # ------------------------------------------------------------------------------------------ kernel path
 def conv_bn_eval_kernels(x, conv, bn, *, residual=None, relu=False):
     """One kernel conv: ``relu(bn(conv(x)) + residual)`` with BN folded into a per-channel scale/shift."""
-    fold_bn, _ = _op("fold_bn")
-    conv2d, _ = _op("conv2d")
     # Custom ops are not autocast-aware: cast as autocast would for a conv, and the weight to x's dtype
     # (a preceding unfused layer may have produced half precision).
     if torch.is_autocast_enabled(x.device.type):
         x = x.to(torch.get_autocast_dtype(x.device.type))
     if residual is not None:
         residual = residual.to(x.dtype)
-    scale, shift = fold_bn(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
-    return conv2d(x, conv.weight.to(x.dtype), stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
+    scale, shift = ops.fold_bn(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+    return ops.conv2d(x, conv.weight.to(x.dtype), stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
                   groups=conv.groups, scale=scale, shift=shift, residual=residual, relu=relu)
 
 
 def _eval_blocker(pairs) -> str | None:
-    for name in ("conv2d", "fold_bn"):
-        fn, why = _op(name)
-        if fn is None:
-            return why
     for conv, bn in pairs:
         reason = fold_blocker(conv, bn)
         if reason is not None:
@@ -159,39 +126,33 @@ def block_forward_eval_kernels(block, x):
 # -------------------------------------------------------------------------------------------- train path
 def block_forward_train(block, x):
     """Training forward of a block on the training op (``ops.block_forward_train_kernels``: fused conv +
-    batch-statistics BN units, C++ tail). Falls back to the eager computation (recorded) when the ops, the C++
+    batch-statistics BN units, C++ tail). Falls back to the eager computation (recorded) when the C++
     extension, the dtype or the block's layers are not covered."""
-    fn, why = _op("block_forward_train_kernels")
     pairs = block_pairs(block)
     ds_pair = downsample_pair(block.downsample)
-    reason = why if fn is None else _train_blocker(x, pairs + ([ds_pair] if ds_pair is not None else []))
+    reason = _train_blocker(x, pairs + ([ds_pair] if ds_pair is not None else []))
     if reason is not None:
         _fallback("block_train", reason)
         return block_forward_eager(block, x)
     _kernel_call("block_train")
-    return fn(block, x)
+    return ops.block_forward_train_kernels(block, x)
 
 
 def _train_blocker(x, pairs) -> str | None:
-    from .. import _ext
-    blocker, why = _op("train_blocker")
-    if blocker is None:
-        return why
     if not _ext.available():
         return f"the C++ extension is not available: {_ext.error()}"
-    return blocker(x, pairs)
+    return ops.train_blocker(x, pairs)
 
 
 def conv_bn_act_train(x, conv, bn, relu, bn_forward=None):
     """Training forward of conv + BN (+ ReLU) on the training op (``ops.conv_bn_act_train_kernels``), the same
     plug point as :func:`block_forward_train`."""
-    fn, why = _op("conv_bn_act_train_kernels")
-    reason = why if fn is None else _train_blocker(x, [(conv, bn)])
+    reason = _train_blocker(x, [(conv, bn)])
     if reason is not None:
         _fallback("conv_bn_train", reason)
         return conv_bn_act_eager(x, conv, bn, relu, bn_forward)
     _kernel_call("conv_bn_train")
-    return fn(x, conv, bn, relu)
+    return ops.conv_bn_act_train_kernels(x, conv, bn, relu)
 
 
 # -------------------------------------------------------------------------------------------- eager path

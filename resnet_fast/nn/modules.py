@@ -24,7 +24,6 @@ class ConvBNReLU(tnn.Module):
                                dilation=dilation, groups=groups, bias=False)
         self.bn = (norm_layer or tnn.BatchNorm2d)(out_channels)
         self.relu = bool(relu)
-        F.prime_ops()
 
     def forward(self, x):
         return F.conv_bn_act(x, self.conv, self.bn, relu=self.relu, who="ConvBNReLU")
@@ -34,10 +33,6 @@ class _FusedBlock:
     """Mixin over a plain reference block: its constructor, children and state_dict, with the fused forward."""
 
     _child_order: tuple = ()  # torchvision's registration order (state_dict order)
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        F.prime_ops()
 
     def forward(self, x):
         return F.block_forward(self, x)
@@ -52,7 +47,6 @@ class _FusedBlock:
             setattr(new, name, child)  # registration order = torchvision's, so state_dict order is kept
         new.stride = getattr(block, "stride", new.conv1.stride[0])
         new.training = block.training
-        F.prime_ops()
         return new
 
 
@@ -104,7 +98,6 @@ class FusedStemConv(tnn.Conv2d):
         new.__dict__["_stem_bn"] = folded  # not a submodule: bn1 stays where it was in the state_dict
         new.__dict__["_stem_relu"] = relu  # what revert() puts back, and where
         new.__dict__["_stem_act"] = act_name
-        F.prime_ops()
         return new, folded, tnn.Identity()
 
     def forward(self, x):
