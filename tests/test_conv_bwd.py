@@ -275,6 +275,65 @@ def test_bad_inputs(kernel_device, triton_backend):
                 fn(*args, **conv)
 
 
+# -------------------------------------------------------------------------------------------------- configs
+def _checked(mod) -> set:
+    """(tile, warps, stages, pointer dtype, ALIGNED, DOT_IEEE) of every spec the sm_90 compile check covers."""
+    out = set()
+    for fn, sig, cx, opts, *_ in mod.compile_specs():
+        if "BLOCK_M" in cx:
+            out.add((cx["BLOCK_M"], cx["BLOCK_N"], cx["BLOCK_K"], opts["num_warps"], opts["num_stages"],
+                     sig["dy_ptr"], cx["ALIGNED"], cx["DOT_IEEE"]))
+    return out
+
+
+@pytest.mark.parametrize("layout", ["cl", "nchw"])
+@pytest.mark.parametrize("dtype,ieee", [(torch.bfloat16, False), (torch.float16, False), (torch.float32, False),
+                                        (torch.float32, True)])
+@pytest.mark.parametrize("shape", [(8, 64, 14, 14, 128, 3, 2), (8, 256, 14, 14, 64, 1, 1),
+                                   (8, 128, 7, 7, 128, 3, 1), (8, 24, 14, 14, 48, 3, 1), (8, 3, 32, 32, 64, 7, 2)])
+def test_backward_tuning_candidates_are_compile_checked(shape, dtype, ieee, layout):
+    # Autotuning may pick any candidate on the GPU: each must be a config whose path (ALIGNED or the masked
+    # general one) the sm_90 compile check covers, and the untuned default must be one of them.
+    import resnet_fast.kernels.conv_dgrad as dg
+    import resnet_fast.kernels.conv_wgrad as wg
+    from resnet_fast.kernels.conv_common import ConvGeometry
+    N, C, H, W, K, R, s = shape
+    fmt = CL if layout == "cl" else torch.contiguous_format
+    x = torch.empty(N, C, H, W, dtype=dtype).contiguous(memory_format=fmt)
+    g = ConvGeometry.make(x.shape, (K, C, R, R), s, R // 2)
+    dy = torch.empty(N, K, g.P, g.Q, dtype=dtype).contiguous(memory_format=fmt)
+    w = torch.empty(K, C, R, R, dtype=dtype).contiguous(memory_format=fmt)
+    ptr = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}[dtype]
+    cands, default = dg._candidates(g, dy, w, (x, x), ieee)
+    assert default in cands
+    for c in cands:
+        key = (c.BLOCK_M, c.BLOCK_N, c.BLOCK_K, c.num_warps, c.num_stages, ptr, dg._aligned(g, c, dy, w, (x, x)), ieee)
+        assert key in _checked(dg), f"dgrad candidate {c} not compile-checked as {key}"
+    cands, default = wg._candidates(g, dy, x)
+    assert default in cands
+    for c in cands:
+        for ie in ((False, True) if dtype == torch.float32 else (False,)):
+            key = (c.BLOCK_M, c.BLOCK_N, c.BLOCK_K, c.num_warps, c.num_stages, ptr, wg._aligned(g, c, dy, x), ie)
+            assert key in _checked(wg), f"wgrad candidate {c} not compile-checked as {key}"
+
+
+def test_pinned_backward_configs_reach_the_launchers(kernel_device, triton_backend, monkeypatch):
+    import resnet_fast.kernels.conv_wgrad as wg
+    from resnet_fast.kernels import configs
+    _, w64, _, x, w, dy, conv = _case("3x3s2", torch.float32, kernel_device)
+    sc, sh, mu = (torch.rand(x.shape[1], device=kernel_device) + 0.5 for _ in range(3))
+    seen = []
+    real = wg.pick_split
+    monkeypatch.setattr(wg, "pick_split", lambda g, cfg, **k: seen.append(cfg) or real(g, cfg, **k))
+    with configs.pinned_config("conv_dgrad", DCFG), configs.pinned_config("conv_wgrad", WCFG):
+        _, part = conv2d_dgrad_nhwc(dy, w, x.shape, **conv, y_prev=x, in_scale=sc, in_shift=sh, in_mean=mu,
+                                    allow_tf32=False)
+        conv2d_wgrad_nhwc(dy, x, w64.shape, **conv, allow_tf32=False)
+    n, _, h, wd = x.shape
+    assert part.shape[1] == 4 * -(-n * -(-h // 2) * -(-wd // 2) // DCFG.BLOCK_M)  # 4 stride phases of BLOCK_M rows
+    assert seen == [WCFG]
+
+
 # ------------------------------------------------------------------------------------------------ GPU only
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -308,3 +367,25 @@ def test_gpu_resnet_layer_shapes(dtype):
     assert _rel(part[0].sum(0), ref.sum((0, 2, 3))) < TOL[dtype]
     dw = conv2d_wgrad_nhwc(dy, y_prev, w.shape, **conv, in_scale=sc, in_shift=sh)
     assert _rel(dw, conv2d_weight(a64, w.shape, dy.double(), **conv)) < TOL[dtype]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gpu_every_tuning_candidate_is_correct(dtype):
+    """What autotuning may pick, each checked: every candidate config of a ResNet layer, dgrad and wgrad."""
+    import resnet_fast.kernels.conv_dgrad as dg
+    import resnet_fast.kernels.conv_wgrad as wg
+    from resnet_fast.kernels.conv_common import ConvGeometry
+    torch.manual_seed(0)
+    x64 = torch.randn(4, 128, 14, 14, dtype=torch.float64)
+    w64 = torch.randn(128, 128, 3, 3, dtype=torch.float64) / 34
+    conv = dict(stride=1, padding=1, dilation=1, groups=1)
+    dy64 = torch.randn(4, 128, 14, 14, dtype=torch.float64)
+    x, w, dy = (t.to("cuda", dtype).contiguous(memory_format=CL) for t in (x64, w64, dy64))
+    g = ConvGeometry.make(x.shape, w.shape, 1, 1)
+    ref_dx, ref_dw = conv2d_input(x64.shape, w64, dy64, **conv), conv2d_weight(x64, w64.shape, dy64, **conv)
+    tol = TOL[dtype] if dtype != torch.float32 else 1e-5
+    for cfg in dg._candidates(g, dy, w, (x, x), dtype == torch.float32)[0]:
+        assert _rel(conv2d_dgrad_nhwc(dy, w, x.shape, **conv, allow_tf32=False, config=cfg).cpu(), ref_dx) < tol, cfg
+    for cfg in wg._candidates(g, dy, x)[0]:
+        assert _rel(conv2d_wgrad_nhwc(dy, x, w.shape, **conv, allow_tf32=False, config=cfg).cpu(), ref_dw) < tol, cfg

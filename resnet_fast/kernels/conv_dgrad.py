@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from .. import _backend
-from .configs import INTERPRETER_CONFIG, ConvConfig, conv_allows_tf32, for_dtype
+from .configs import ConvConfig, choose, conv_allows_tf32, for_dtype, prune
 from .conv_common import ConvGeometry
 
 __all__ = ["conv2d_dgrad_nhwc", "compile_specs", "dy_on_load", "DGRAD_CONFIGS"]
@@ -51,14 +51,15 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TL = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
-# Every config the launcher may pick; compile_specs covers each of them (ALIGNED, plain and fused (EPI +
-# DY_BN), each dtype; the masked general path at the 64x32 config only, the one the launcher gives it).
+# Every config the launcher may pick (autotuned among those that fit the shape); compile_specs covers each of
+# them (ALIGNED, every variant and dtype; the masked general path at the last, 64x32 config only).
 # (BLOCK_M rows of dx, BLOCK_N input channels, BLOCK_K output channels per MMA step; GROUP_M unused).
-# 128-row tiles need 8 warps: at 4 warps (or 128x128 at 8) ptxas spills 100-1600 bytes on sm_90. The masked
-# general path of the 128x64 tile reaches 255 registers when fused (one load and one 64-bit address per
-# element), so unaligned shapes take 64x32.
-DGRAD_CONFIGS = (ConvConfig(128, 64, 32, 8, 8, 3), ConvConfig(64, 32, 32, 8, 4, 3))
-_GENERAL_CONFIG = DGRAD_CONFIGS[1]  # the one config whose masked general path is compile-checked
+# The first is the untuned default. 128-row tiles need 8 warps (at 4 ptxas spills on sm_90); the aligned fused
+# 128x128 tile needs ~241 registers, no spills. The masked general path of the wider tiles reaches 255
+# registers when fused (one load and one 64-bit address per element), so unaligned shapes take 64x32.
+DGRAD_CONFIGS = (ConvConfig(128, 64, 32, 8, 8, 3), ConvConfig(128, 128, 32, 8, 8, 3),
+                 ConvConfig(64, 64, 32, 8, 4, 3), ConvConfig(64, 32, 32, 8, 4, 3))
+_GENERAL_CONFIG = DGRAD_CONFIGS[-1]  # the one config whose masked general path is compile-checked
 
 
 def _rows_aligned(t: torch.Tensor) -> bool:
@@ -74,13 +75,18 @@ def _aligned(g: ConvGeometry, cfg: ConvConfig, dy: torch.Tensor, weight: torch.T
             and all(_rows_aligned(t) for t in (dy, weight, *others)))
 
 
-def _pick_config(g: ConvGeometry, dy: torch.Tensor, weight: torch.Tensor, others, ieee: bool) -> ConvConfig:
-    if _backend.interpreting():
-        return INTERPRETER_CONFIG
-    if g.Cg <= 32 or ieee:  # IEEE fp32 is FMA: the 128x64 tile's fused variant spills on sm_90
-        return _GENERAL_CONFIG
-    cfg = DGRAD_CONFIGS[0]
-    return cfg if _aligned(g, for_dtype(cfg, dy.dtype), dy, weight, others) else _GENERAL_CONFIG
+def _candidates(g: ConvGeometry, dy: torch.Tensor, weight: torch.Tensor, others, ieee: bool) -> tuple:
+    """(candidates for ``dy``'s dtype, the untuned default): the configs whose path for this shape (ALIGNED or
+    the masked general one) is compile-checked. IEEE fp32 is FMA, where the larger tiles' fused variants spill
+    on sm_90, and C/groups <= 32 gains nothing from wider channel tiles: both take the general config."""
+    general = for_dtype(_GENERAL_CONFIG, dy.dtype)
+    if g.Cg <= 32 or ieee:
+        return (general,), general
+    cands = [c for c in (for_dtype(b, dy.dtype) for b in DGRAD_CONFIGS)
+             if c == general or _aligned(g, c, dy, weight, others)]
+    # tiles mostly wasted on this shape go (dx rows × input channels × output channels per step)
+    cands = prune(cands, g.N * g.H * g.W // (g.stride[0] * g.stride[1]), g.Cg, g.Kg, dy.dtype)
+    return tuple(cands), cands[0]
 
 
 @triton.jit
@@ -299,7 +305,8 @@ def conv2d_dgrad_nhwc(dy: torch.Tensor, weight: torch.Tensor, x_shape, *, stride
             with dy's dtype and strides (this conv's raw output), the rest [K] fp32.
         dy_relu: with dy_bn, mask first: ``dy = c1*(dz where y > 0) + c2*(y - mean) + c3`` (y a ReLU's output).
         allow_tf32: fp32 inputs use TF32 MMAs (default :func:`configs.conv_allows_tf32`, PyTorch's rule).
-        config: tile config (tests pin one); default picked from the shape.
+        config: tile config; default :func:`configs.choose` ("conv_dgrad": pinned, interpreter, autotuned among
+            the compile-checked candidates for the shape, or the first of them with tuning off).
 
     Returns:
         dx [N, C, H, W] in dy's dtype, channels_last; with the epilogue ``(dz, partials)`` where
@@ -336,32 +343,43 @@ def conv2d_dgrad_nhwc(dy: torch.Tensor, weight: torch.Tensor, x_shape, *, stride
     if allow_tf32 is None:
         allow_tf32 = conv_allows_tf32()
     ieee = dy.dtype == torch.float32 and not allow_tf32
-    # fp32: half BLOCK_K, same staged bytes
-    cfg = config or for_dtype(_pick_config(g, dy, weight, (dx, yp), ieee), dy.dtype)
-
     sh, sw = g.stride
     hph, wph = triton.cdiv(g.H, sh), triton.cdiv(g.W, sw)
-    tiles_m = triton.cdiv(g.N * hph * wph, cfg.BLOCK_M)
     phases = sh * sw
     cg, kg = g.Cg, g.Kg
     taps, ntaps = _tap_tables(g, dev)
-    T = phases * tiles_m
-    part = torch.empty((2, T, g.C), dtype=torch.float32, device=dev) if epi else dx
     zb = dy_bn if dy_bn is not None else (dy, taps, taps, taps, taps)  # placeholders, never read
     v = (in_scale, in_shift, in_mean) if epi else (taps, taps, taps)
-    grid = (T, triton.cdiv(cg, cfg.BLOCK_N), g.groups)
-    _conv_dgrad_kernel[grid](
-        dy, weight, dx, taps, ntaps, yp, *v, part, taps if out_scale is None else out_scale, *zb,
-        g.N, g.H, g.W, cg, kg, g.P, g.Q, hph, wph, tiles_m, T, g.C,
-        dy.stride(0), dy.stride(2), dy.stride(3), dy.stride(1),
-        weight.stride(0), weight.stride(1), weight.stride(2), weight.stride(3),
-        dx.stride(0), dx.stride(2), dx.stride(3), dx.stride(1),
-        yp.stride(0), yp.stride(2), yp.stride(3), yp.stride(1),
-        SH=sh, SW=sw, S=g.S, MAX_TAPS=g.R * g.S, EPI=epi, OUT_SCALE=out_scale is not None,
-        DY_BN=dy_bn is not None, DY_RELU=dy_relu,
-        DOT_IEEE=ieee, ALIGNED=_aligned(g, cfg, dy, weight, (dx, yp)),
-        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    parts: dict = {}  # per tile count, so tuning launches reuse one buffer
+
+    def launch(cfg: ConvConfig):
+        tiles_m = triton.cdiv(g.N * hph * wph, cfg.BLOCK_M)
+        T = phases * tiles_m
+        part = dx
+        if epi:
+            part = parts.get(T)
+            if part is None:
+                part = parts[T] = torch.empty((2, T, g.C), dtype=torch.float32, device=dev)
+        grid = (T, triton.cdiv(cg, cfg.BLOCK_N), g.groups)
+        _conv_dgrad_kernel[grid](
+            dy, weight, dx, taps, ntaps, yp, *v, part, taps if out_scale is None else out_scale, *zb,
+            g.N, g.H, g.W, cg, kg, g.P, g.Q, hph, wph, tiles_m, T, g.C,
+            dy.stride(0), dy.stride(2), dy.stride(3), dy.stride(1),
+            weight.stride(0), weight.stride(1), weight.stride(2), weight.stride(3),
+            dx.stride(0), dx.stride(2), dx.stride(3), dx.stride(1),
+            yp.stride(0), yp.stride(2), yp.stride(3), yp.stride(1),
+            SH=sh, SW=sw, S=g.S, MAX_TAPS=g.R * g.S, EPI=epi, OUT_SCALE=out_scale is not None,
+            DY_BN=dy_bn is not None, DY_RELU=dy_relu,
+            DOT_IEEE=ieee, ALIGNED=_aligned(g, cfg, dy, weight, (dx, yp)),
+            BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        return part
+
+    if config is None:
+        cands, default = _candidates(g, dy, weight, (dx, yp), ieee)
+        flags = (epi, out_scale is not None, dy_bn is not None, bool(dy_relu), ieee)
+        config = choose("conv_dgrad", g, dy.dtype, dev, cands, flags, launch, default)
+    part = launch(config)
     return (dx, part) if epi else dx
 
 

@@ -39,8 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _backend
-from .configs import INTERPRETER_CONFIG, ConvConfig, conv_allows_tf32, for_dtype
+from .configs import ConvConfig, choose, conv_allows_tf32, for_dtype, prune
 from .conv_common import ConvGeometry, input_coords, rows_to_npq
 from .conv_dgrad import (_check_dtype, _check_dy_bn, _check_tensor, _check_vec, _ordered, _rows_aligned,
                          dy_on_load)
@@ -55,16 +54,18 @@ _MIN_STEPS_PER_SPLIT = 8
 _MAX_SPLIT = 64
 
 
-# Every config the launcher may pick; compile_specs covers each of them (16-bit and fp32 via for_dtype, plain
-# and fused (PROLOGUE + DY_BN), ALIGNED; the general path at the 64x32 config only).
+# Every config the launcher may pick; compile_specs covers each of them (16-bit and fp32 via for_dtype, every
+# variant, ALIGNED; the general path at the last, 64x32 config only).
 # (BLOCK_M output channels, BLOCK_N input channels of one tap, BLOCK_K pixels per MMA step; GROUP_M unused)
 # Register use on sm_90 is dominated by the operand loads: aligned (16-byte vectors, cp.async, 3 stages) the
 # fused 128x128 w8 tile needs ~234 registers and 64x64 w4 ~141, no spills; the masked general path of those
 # two tiles issues one load (and one 64-bit address) per element and spills at 255 registers when fused, so
 # unaligned shapes run the 64x32 tile, whose general path fits.
+# Autotuned among those that fit the shape; the default is 128x128 when both channel counts reach 128, else
+# 64x64. (64x128 w4 was tried: its fused bf16 variant spills 4 bytes.)
 WGRAD_CONFIGS = (ConvConfig(64, 64, 64, 8, 4, 3), ConvConfig(128, 128, 64, 8, 8, 3),
-                 ConvConfig(64, 32, 64, 8, 4, 3))
-_GENERAL_CONFIG = WGRAD_CONFIGS[2]  # the one config whose masked general path is compile-checked
+                 ConvConfig(128, 64, 64, 8, 8, 3), ConvConfig(64, 32, 64, 8, 4, 3))
+_GENERAL_CONFIG = WGRAD_CONFIGS[-1]  # the one config whose masked general path is compile-checked
 
 
 def _aligned(g: ConvGeometry, cfg: ConvConfig, dy: torch.Tensor, x: torch.Tensor) -> bool:
@@ -73,15 +74,18 @@ def _aligned(g: ConvGeometry, cfg: ConvConfig, dy: torch.Tensor, x: torch.Tensor
     return g.Kg % cfg.BLOCK_M == 0 and g.Cg % cfg.BLOCK_N == 0 and _rows_aligned(dy) and _rows_aligned(x)
 
 
-def _pick_config(g: ConvGeometry, dy: torch.Tensor, x: torch.Tensor) -> ConvConfig:
-    if _backend.interpreting():
-        return INTERPRETER_CONFIG
-    cg, kg = g.Cg, g.Kg
-    if cg <= 32:
-        return _GENERAL_CONFIG
-    cfg = WGRAD_CONFIGS[1] if min(cg, kg) >= 128 else WGRAD_CONFIGS[0]
-    # BLOCK_K does not enter _aligned, so the 16-bit tile decides for fp32 too
-    return cfg if _aligned(g, cfg, dy, x) else _GENERAL_CONFIG
+def _candidates(g: ConvGeometry, dy: torch.Tensor, x: torch.Tensor) -> tuple:
+    """(candidates for ``dy``'s dtype, the untuned default): the configs whose path for this shape (ALIGNED or
+    the masked general one) is compile-checked; C/groups <= 32 takes the general config. The default is the
+    128x128 tile when both channel counts reach 128, else 64x64, where a candidate; else the first candidate."""
+    general = for_dtype(_GENERAL_CONFIG, dy.dtype)
+    if g.Cg <= 32:
+        return (general,), general
+    cands = [c for c in (for_dtype(b, dy.dtype) for b in WGRAD_CONFIGS) if c == general or _aligned(g, c, dy, x)]
+    # tiles mostly wasted on this shape go (output channels × input channels × pixels per step)
+    cands = prune(cands, g.Kg, g.Cg, g.N * g.P * g.Q, dy.dtype)
+    want = for_dtype(WGRAD_CONFIGS[1] if min(g.Cg, g.Kg) >= 128 else WGRAD_CONFIGS[0], dy.dtype)
+    return tuple(cands), want if want in cands else cands[0]
 
 
 def pick_split(g: ConvGeometry, cfg: ConvConfig, first_column_only: bool = False) -> int:
@@ -240,6 +244,9 @@ def conv2d_wgrad_nhwc(dy: torch.Tensor, x: torch.Tensor, weight_shape, *, stride
             result up to fp32 summation order; a given value is bit-reproducible.
         out_dtype: dtype of dW (float32 default: the master-weight gradient under mixed precision).
         allow_tf32: fp32 inputs use TF32 MMAs (default :func:`configs.conv_allows_tf32`, PyTorch's rule).
+        config: tile config; default :func:`configs.choose` ("conv_wgrad": pinned, interpreter, autotuned among
+            the compile-checked candidates for the shape, each with its :func:`pick_split` unless ``split`` is
+            given, or the heuristic default with tuning off).
 
     Returns:
         dW [K, C/groups, R, S] contiguous, ``out_dtype``; with ``dy_sums`` the pair ``(dW or None, sums)``.
@@ -269,45 +276,51 @@ def conv2d_wgrad_nhwc(dy: torch.Tensor, x: torch.Tensor, weight_shape, *, stride
     _check_dy_bn(dy_bn, dy, g.K, who, dy_relu)
     if not isinstance(dy_sums, bool) or not isinstance(need_dw, bool) or not (need_dw or dy_sums):
         raise ValueError(f"{who}: dy_sums and need_dw must be bools, not both False (got {dy_sums!r}, {need_dw!r})")
-    cfg = config or for_dtype(_pick_config(g, dy, x), dy.dtype)  # fp32: half BLOCK_K, same staged bytes
-    if split is None:
-        split = pick_split(g, cfg, first_column_only=not need_dw)
-    if not isinstance(split, int) or isinstance(split, bool) or split < 1:
+    if split is not None and (not isinstance(split, int) or isinstance(split, bool) or split < 1):
         raise ValueError(f"{who}: split must be an int >= 1, got {split!r}")
     if allow_tf32 is None:
         allow_tf32 = conv_allows_tf32()
-
+    ieee = dy.dtype == torch.float32 and not allow_tf32
     npq = g.N * g.P * g.Q
-    chunk = triton.cdiv(triton.cdiv(npq, split), cfg.BLOCK_K) * cfg.BLOCK_K
-    split = triton.cdiv(npq, chunk)  # no empty chunks
     cg, kg = g.Cg, g.Kg
     dw = torch.empty((g.K, cg, g.R, g.S), dtype=out_dtype, device=dev)
-    out = dw if split == 1 else torch.empty((split, g.K, cg, g.R, g.S), dtype=torch.float32, device=dev)
-    so_split = out.stride(0) if split > 1 else 0
-    so = out.stride()[-4:]
     sums = torch.empty((g.K,), dtype=torch.float32, device=dev) if dy_sums else None
-    sum_part = sums if split == 1 or not dy_sums else torch.empty((split, g.K), dtype=torch.float32, device=dev)
-    tiles_n = triton.cdiv(cg, cfg.BLOCK_N)
     zb = dy_bn if dy_bn is not None else (dy, dw, dw, dw, dw)  # placeholders, never read
     v = (in_scale, in_shift) if prologue else (dw, dw)
-    # need_dw=False: only the first (tap, channel tile) column, whose programs form the sums
-    grid = (triton.cdiv(kg, cfg.BLOCK_M), g.R * g.S * tiles_n if need_dw else 1, split * g.groups)
-    _conv_wgrad_kernel[grid](
-        dy, x, out, *v, *zb, dw if sum_part is None else sum_part,
-        g.H, g.W, cg, kg, g.P, g.Q, npq, chunk, g.K if split > 1 else 0,
-        g.padding[0], g.padding[1], g.dilation[0], g.dilation[1],
-        dy.stride(0), dy.stride(2), dy.stride(3), dy.stride(1),
-        x.stride(0), x.stride(2), x.stride(3), x.stride(1),
-        so_split, *so,
-        SH=g.stride[0], SW=g.stride[1], S=g.S, TILES_N=tiles_n, SPLIT=split,
-        PROLOGUE=prologue, DY_BN=dy_bn is not None, DY_RELU=dy_relu, SUMS=dy_sums,
-        DOT_IEEE=dy.dtype == torch.float32 and not allow_tf32, ALIGNED=_aligned(g, cfg, dy, x),
-        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if split > 1:
-        for part, res in ((out, dw if need_dw else None), (sum_part, sums)):
-            if res is not None:
-                _combine(part, res, split)
+
+    def launch(cfg: ConvConfig):
+        n_split = split if split is not None else pick_split(g, cfg, first_column_only=not need_dw)
+        chunk = triton.cdiv(triton.cdiv(npq, n_split), cfg.BLOCK_K) * cfg.BLOCK_K
+        n_split = triton.cdiv(npq, chunk)  # no empty chunks
+        out = dw if n_split == 1 else torch.empty((n_split, g.K, cg, g.R, g.S), dtype=torch.float32, device=dev)
+        so_split = out.stride(0) if n_split > 1 else 0
+        sum_part = sums if n_split == 1 or not dy_sums else torch.empty((n_split, g.K), dtype=torch.float32,
+                                                                        device=dev)
+        tiles_n = triton.cdiv(cg, cfg.BLOCK_N)
+        # need_dw=False: only the first (tap, channel tile) column, whose programs form the sums
+        grid = (triton.cdiv(kg, cfg.BLOCK_M), g.R * g.S * tiles_n if need_dw else 1, n_split * g.groups)
+        _conv_wgrad_kernel[grid](
+            dy, x, out, *v, *zb, dw if sum_part is None else sum_part,
+            g.H, g.W, cg, kg, g.P, g.Q, npq, chunk, g.K if n_split > 1 else 0,
+            g.padding[0], g.padding[1], g.dilation[0], g.dilation[1],
+            dy.stride(0), dy.stride(2), dy.stride(3), dy.stride(1),
+            x.stride(0), x.stride(2), x.stride(3), x.stride(1),
+            so_split, *out.stride()[-4:],
+            SH=g.stride[0], SW=g.stride[1], S=g.S, TILES_N=tiles_n, SPLIT=n_split,
+            PROLOGUE=prologue, DY_BN=dy_bn is not None, DY_RELU=dy_relu, SUMS=dy_sums,
+            DOT_IEEE=ieee, ALIGNED=_aligned(g, cfg, dy, x),
+            BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        if n_split > 1:
+            for part, res in ((out, dw if need_dw else None), (sum_part, sums)):
+                if res is not None:
+                    _combine(part, res, n_split)
+
+    if config is None:
+        cands, default = _candidates(g, dy, x)
+        flags = (prologue, dy_bn is not None, bool(dy_relu), bool(dy_sums), need_dw, ieee, split)
+        config = choose("conv_wgrad", g, dy.dtype, dev, cands, flags, launch, default)
+    launch(config)
     if not need_dw:
         dw = None
     return (dw, sums) if dy_sums else dw
