@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .checks import FLOAT_DTYPES, check_vector
+
 __all__ = ["bn_finalize", "bn_backward_coeffs", "compile_specs", "FINALIZE_CONFIG"]
 
 # (BLOCK_T, BLOCK_C, num_warps): tiles reduced per step x channels per program. Memory bound and tiny.
@@ -132,14 +134,6 @@ def _check_partials(name_a, a, name_b, b, who):
         raise ValueError(f"{who}: {name_a} must have at least one tile and one channel, got {tuple(a.shape)}")
 
 
-def _check_vector(name, t, C, device, who, dtypes=(torch.float32, torch.float16, torch.bfloat16)):
-    if not isinstance(t, torch.Tensor) or t.shape != (C,) or t.dtype not in dtypes or t.device != device \
-            or (C > 1 and t.stride(0) != 1):
-        got = f"{tuple(t.shape)} {t.dtype} on {t.device}" if isinstance(t, torch.Tensor) else type(t).__name__
-        raise ValueError(f"{who}: {name} must be a contiguous [{C}] tensor of dtype in "
-                         f"{[str(d) for d in dtypes]} on {device}, got {got}")
-
-
 def _ticket(device: torch.device) -> torch.Tensor:
     key = str(device)
     if key not in _TICKETS:
@@ -180,8 +174,8 @@ def bn_finalize(sum_y: torch.Tensor, sum_y2: torch.Tensor, count: int, *,
         raise ValueError(f"{who}: running_mean and running_var must be given together")
     track = running_mean is not None
     if track:
-        _check_vector("running_mean", running_mean, C, device, who)
-        _check_vector("running_var", running_var, C, device, who)
+        check_vector("running_mean", running_mean, C, device, who, FLOAT_DTYPES)
+        check_vector("running_var", running_var, C, device, who, FLOAT_DTYPES)
         if not isinstance(num_batches_tracked, torch.Tensor) or num_batches_tracked.dtype != torch.int64 \
                 or num_batches_tracked.numel() != 1 or num_batches_tracked.device != device:
             raise ValueError(f"{who}: num_batches_tracked must be a one-element int64 tensor on {device} "
@@ -194,8 +188,8 @@ def bn_finalize(sum_y: torch.Tensor, sum_y2: torch.Tensor, count: int, *,
         raise ValueError(f"{who}: weight and bias must be given together (affine) or both be None")
     affine = weight is not None
     if affine:
-        _check_vector("weight", weight, C, device, who)
-        _check_vector("bias", bias, C, device, who)
+        check_vector("weight", weight, C, device, who, FLOAT_DTYPES)
+        check_vector("bias", bias, C, device, who, FLOAT_DTYPES)
     block_t, block_c, warps = config or FINALIZE_CONFIG
     mean, invstd, scale, shift = (torch.empty(C, dtype=torch.float32, device=device) for _ in range(4))
     dummy = mean  # never dereferenced when its constexpr switch is off
@@ -230,9 +224,9 @@ def bn_backward_coeffs(sum_dz: torch.Tensor, sum_dz_yc: torch.Tensor, invstd: to
     device = sum_dz.device
     if not isinstance(count, int) or isinstance(count, bool) or count < 2:
         raise ValueError(f"{who}: count must be an int > 1, got {count!r}")
-    _check_vector("invstd", invstd, C, device, who, dtypes=(torch.float32,))
+    check_vector("invstd", invstd, C, device, who)
     if weight is not None:
-        _check_vector("weight", weight, C, device, who)
+        check_vector("weight", weight, C, device, who, FLOAT_DTYPES)
     block_t, block_c, warps = config or FINALIZE_CONFIG
     outs = [torch.empty(C, dtype=torch.float32, device=device) for _ in range(5)]
     _bn_backward_coeffs_kernel[(triton.cdiv(C, block_c),)](

@@ -43,6 +43,7 @@ import triton.language as tl
 
 from .. import _backend
 from .configs import ConvConfig, choose, conv_allows_tf32, for_dtype, prune
+from .checks import check_tensor, check_vector
 from .conv_common import ConvGeometry
 
 __all__ = ["conv2d_dgrad_nhwc", "compile_specs", "dy_on_load", "DGRAD_CONFIGS"]
@@ -239,20 +240,6 @@ def _tap_tables(g: ConvGeometry, device: torch.device):
     return _TAPS[key]
 
 
-def _check_tensor(name, t, shape, dtype, device, who):
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{who}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if tuple(t.shape) != tuple(shape) or (dtype is not None and t.dtype != dtype) or t.device != device:
-        raise ValueError(f"{who}: {name} must be {tuple(shape)} {dtype or ''} on {device}, "
-                         f"got {tuple(t.shape)} {t.dtype} on {t.device}")
-
-
-def _check_vec(name, t, n, device, who):
-    _check_tensor(name, t, (n,), torch.float32, device, who)
-    if n > 1 and t.stride(0) != 1:
-        raise ValueError(f"{who}: {name} must be contiguous")
-
-
 def _check_dtype(dy, who):
     """dy (and so every operand) fp32/fp16/bf16; bf16 is refused in the Triton interpreter, whose bf16
     ``tl.dot`` is wrong (an error, not garbage: the ops fall back to eager for bf16 there, counted)."""
@@ -275,11 +262,11 @@ def _check_dy_bn(dy_bn, dy, K, who, dy_relu=False):
         return
     if not isinstance(dy_bn, (tuple, list)) or len(dy_bn) != 5:
         raise ValueError(f"{who}: dy_bn must be a tuple (y, c1, c2, c3, mean)")
-    _check_tensor("dy_bn[0] (y)", dy_bn[0], dy.shape, dy.dtype, dy.device, who)
+    check_tensor("dy_bn[0] (y)", dy_bn[0], dy.shape, dy.dtype, dy.device, who)
     if dy_bn[0].stride() != dy.stride():
         raise ValueError(f"{who}: dy_bn[0] (y) must have dy's strides {dy.stride()}, got {dy_bn[0].stride()}")
     for i, name in enumerate(("c1", "c2", "c3", "mean"), 1):
-        _check_vec(f"dy_bn[{i}] ({name})", dy_bn[i], K, dy.device, who)
+        check_vector(f"dy_bn[{i}] ({name})", dy_bn[i], K, dy.device, who)
 
 
 def conv2d_dgrad_nhwc(dy: torch.Tensor, weight: torch.Tensor, x_shape, *, stride=1, padding=0, dilation=1,
@@ -323,8 +310,8 @@ def conv2d_dgrad_nhwc(dy: torch.Tensor, weight: torch.Tensor, x_shape, *, stride
                           groups, who)
     g.check_index_range(who)
     dev = dy.device
-    _check_tensor("dy", dy, (g.N, g.K, g.P, g.Q), None, dev, who)
-    _check_tensor("weight", weight, weight.shape, dy.dtype, dev, who)
+    check_tensor("dy", dy, (g.N, g.K, g.P, g.Q), None, dev, who)
+    check_tensor("weight", weight, weight.shape, dy.dtype, dev, who)
     epi_args = (y_prev, in_scale, in_shift, in_mean)
     epi = y_prev is not None
     if any(a is None for a in epi_args) and any(a is not None for a in epi_args):
@@ -332,11 +319,11 @@ def conv2d_dgrad_nhwc(dy: torch.Tensor, weight: torch.Tensor, x_shape, *, stride
     if out_scale is not None and not epi:
         raise ValueError(f"{who}: out_scale needs the epilogue (y_prev, in_scale, in_shift, in_mean)")
     if epi:
-        _check_tensor("y_prev", y_prev, (g.N, g.C, g.H, g.W), dy.dtype, dev, who)
+        check_tensor("y_prev", y_prev, (g.N, g.C, g.H, g.W), dy.dtype, dev, who)
         for name, v in (("in_scale", in_scale), ("in_shift", in_shift), ("in_mean", in_mean)):
-            _check_vec(name, v, g.C, dev, who)
+            check_vector(name, v, g.C, dev, who)
         if out_scale is not None:
-            _check_vec("out_scale", out_scale, g.C, dev, who)
+            check_vector("out_scale", out_scale, g.C, dev, who)
     _check_dy_bn(dy_bn, dy, g.K, who, dy_relu)
     dx = torch.empty((g.N, g.C, g.H, g.W), dtype=dy.dtype, device=dev, memory_format=torch.channels_last)
     yp = y_prev if epi else dx

@@ -36,6 +36,7 @@ import triton.language as tl
 
 from .. import _backend
 from . import configs as _cfg
+from .checks import FLOAT_DTYPES, check_vector
 from .configs import ConvConfig
 from .conv_common import ConvGeometry, input_coords, rows_to_npq, swizzle_pid
 
@@ -192,15 +193,11 @@ def _check(cond: bool, msg: str) -> None:
         raise ValueError(msg)
 
 
-def _check_vec(name: str, t, length: int, device, who: str):
-    """fp32 contiguous copy-free view of a per-channel vector, or None."""
+def _vector(name: str, t, length: int, device, who: str):
+    """A per-channel vector (any float dtype and stride) as the fp32 contiguous one the kernel reads, or None."""
     if t is None:
         return None
-    _check(isinstance(t, torch.Tensor) and t.dim() == 1 and t.numel() == length,
-           f"{who}: {name} must be a 1-D tensor of length {length}, got "
-           f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
-    _check(t.device == device, f"{who}: {name} is on {t.device}, expected {device}")
-    _check(t.is_floating_point(), f"{who}: {name} must be floating point, got {t.dtype}")
+    check_vector(name, t, length, device, who, dtypes=FLOAT_DTYPES + (torch.float64,), contiguous=False)
     return t.to(torch.float32).contiguous()
 
 
@@ -241,11 +238,11 @@ def conv2d_nhwc(x: torch.Tensor, w_packed: torch.Tensor, geometry: ConvGeometry,
     _check(w_packed.dtype == dtype and w_packed.device == device,
            f"{who}: w_packed is {w_packed.dtype} on {w_packed.device}, expected {dtype} on {device}")
     g.check_index_range(who)
-    bias = _check_vec("bias", bias, g.K, device, who)
-    scale = _check_vec("scale", scale, g.K, device, who)
-    shift = _check_vec("shift", shift, g.K, device, who)
-    in_scale = _check_vec("in_scale", in_scale, g.C, device, who)
-    in_shift = _check_vec("in_shift", in_shift, g.C, device, who)
+    bias = _vector("bias", bias, g.K, device, who)
+    scale = _vector("scale", scale, g.K, device, who)
+    shift = _vector("shift", shift, g.K, device, who)
+    in_scale = _vector("in_scale", in_scale, g.C, device, who)
+    in_shift = _vector("in_shift", in_shift, g.C, device, who)
     _check((in_scale is None) == (in_shift is None), f"{who}: in_scale and in_shift go together")
     _check(not in_relu or in_scale is not None, f"{who}: in_relu needs in_scale/in_shift")
     y_shape = (g.N, g.K, g.P, g.Q)

@@ -41,8 +41,8 @@ import triton.language as tl
 
 from .configs import ConvConfig, choose, conv_allows_tf32, for_dtype, prune
 from .conv_common import ConvGeometry, input_coords, rows_to_npq
-from .conv_dgrad import (_check_dtype, _check_dy_bn, _check_tensor, _check_vec, _ordered, _rows_aligned,
-                         dy_on_load)
+from .checks import check_tensor, check_vector
+from .conv_dgrad import _check_dtype, _check_dy_bn, _ordered, _rows_aligned, dy_on_load
 
 __all__ = ["conv2d_wgrad_nhwc", "WGRAD_CONFIGS", "pick_split", "compile_specs"]
 
@@ -263,16 +263,16 @@ def conv2d_wgrad_nhwc(dy: torch.Tensor, x: torch.Tensor, weight_shape, *, stride
                           groups, who)
     g.check_index_range(who)
     dev = dy.device
-    _check_tensor("dy", dy, (g.N, g.K, g.P, g.Q), None, dev, who)
-    _check_tensor("x", x, x.shape, dy.dtype, dev, who)
+    check_tensor("dy", dy, (g.N, g.K, g.P, g.Q), None, dev, who)
+    check_tensor("x", x, x.shape, dy.dtype, dev, who)
     if out_dtype not in _DTYPES:
         raise ValueError(f"{who}: out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
     if (in_scale is None) != (in_shift is None):
         raise ValueError(f"{who}: in_scale and in_shift go together (both or neither)")
     prologue = in_scale is not None
     if prologue:
-        _check_vec("in_scale", in_scale, g.C, dev, who)
-        _check_vec("in_shift", in_shift, g.C, dev, who)
+        check_vector("in_scale", in_scale, g.C, dev, who)
+        check_vector("in_shift", in_shift, g.C, dev, who)
     _check_dy_bn(dy_bn, dy, g.K, who, dy_relu)
     if not isinstance(dy_sums, bool) or not isinstance(need_dw, bool) or not (need_dw or dy_sums):
         raise ValueError(f"{who}: dy_sums and need_dw must be bools, not both False (got {dy_sums!r}, {need_dw!r})")
