@@ -198,12 +198,12 @@ def test_torch_compile_has_no_graph_breaks(eager_backend, mode):
     torch._dynamo.reset()
 
 
-def test_torch_compile_kernel_path_has_no_graph_breaks(triton_backend):
+def test_torch_compile_kernel_path_has_no_graph_breaks(kernel_device, triton_backend):
     torch._dynamo.reset()
-    model = resnet_fast.convert(TimmLikeNet(bad_blocks=False)).eval()
+    model = resnet_fast.convert(TimmLikeNet(bad_blocks=False)).to(kernel_device).eval()
     resnet_fast.reset_stats()
     with torch.no_grad():
-        explained = torch._dynamo.explain(model)(torch.randn(2, 3, 8, 8))
+        explained = torch._dynamo.explain(model)(torch.randn(2, 3, 8, 8, device=kernel_device))
     assert explained.graph_break_count == 0, explained.break_reasons
     assert resnet_fast.stats()["kernel_calls"].get("conv2d", 0) > 0  # the custom op ran, not eager
     torch._dynamo.reset()

@@ -107,8 +107,10 @@ def _worker(rank, init_file, backend):
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 @pytest.mark.parametrize("backend", ["eager", "triton"])
 def test_sync_bn_and_ddp_match_single_process_on_concatenated_batch(tmp_path, monkeypatch, backend):
-    # The spawned processes inherit RESNET_FAST_BACKEND (and conftest's TRITON_INTERPRET) from os.environ.
+    # The spawned processes inherit os.environ: gloo runs CPU tensors, so the kernels run interpreted there, on a
+    # GPU machine too.
     monkeypatch.setenv("RESNET_FAST_BACKEND", backend)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
     mp.spawn(_worker, args=(str(tmp_path / "init"), backend), nprocs=WORLD, join=True)
 
 
