@@ -204,8 +204,10 @@ def update_running_stats(bn: torch.nn.BatchNorm2d, mean: torch.Tensor, invstd: t
         else:
             factor = bn.momentum
         var = invstd.detach().double().pow(-2) - bn.eps
-        count = torch.as_tensor(count, dtype=torch.float64, device=var.device)
-        unbiased = var * count / (count - 1).clamp_min(1)
+        if isinstance(count, torch.Tensor):  # a synced BN's global count, on the device
+            unbiased = var * count / (count - 1).clamp_min(1)
+        else:  # host math: a host->device copy here would break CUDA-graph capture
+            unbiased = var * (count / max(count - 1, 1))
         rm, rv = bn.running_mean, bn.running_var
         rm.copy_((1 - factor) * rm.double() + factor * mean.detach().double())
         rv.copy_((1 - factor) * rv.double() + factor * unbiased)
