@@ -269,3 +269,22 @@ def test_block_train_saves_no_more_than_eager(name, make_plain, fused_cls, cin, 
     eager = _saved_bytes(plain.float(), x)
     ours = _saved_bytes(fused, x.to(kernel_device))
     assert ours <= eager, f"fused block saves {ours} bytes, torch.nn {eager}"
+
+
+@pytest.mark.gpu
+def test_training_step_has_no_host_sync(triton_backend):
+    # Issue 4: no host synchronisation (no .item(), no host->device copies) in a training step once warm
+    # (the first step autotunes, which synchronises to time the candidates).
+    torch.manual_seed(5)
+    _, fused = _pair(lambda: reference.Bottleneck(32, 16, stride=2, downsample=_ds(32, 64, 2)), rnn.Bottleneck,
+                     "cuda")
+    x = torch.randn(4, 32, 16, 16, device="cuda").contiguous(memory_format=torch.channels_last)
+    for sync_mode in ("default", "error"):
+        torch.cuda.set_sync_debug_mode(sync_mode)
+        try:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = fused(x.requires_grad_(True))
+            out.float().square().mean().backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    _assert_kernels_ran()
