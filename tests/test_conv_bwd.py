@@ -7,6 +7,8 @@ small so the interpreter covers several tiles per dimension, partial tiles and s
 """
 import pytest
 import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 from torch.nn.grad import conv2d_input, conv2d_weight
 
 from resnet_fast.kernels.configs import ConvConfig
@@ -87,6 +89,30 @@ def test_wgrad_matches_conv2d_weight(kernel_device, triton_backend, family, dtyp
     out = conv2d_wgrad_nhwc(dy, x, w64.shape, **conv, split=1, allow_tf32=False, config=WCFG)
     assert out.shape == w64.shape and out.dtype == torch.float32
     assert _rel(out.cpu(), ref) < TOL[dtype]
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(N=st.integers(1, 2), cg=st.integers(1, 5), kg=st.integers(1, 5), groups=st.sampled_from([1, 2]),
+       H=st.integers(1, 9), W=st.integers(1, 9), R=st.sampled_from([1, 2, 3]), S=st.sampled_from([1, 3]),
+       sh=st.integers(1, 3), sw=st.integers(1, 3), ph=st.integers(0, 2), pw=st.integers(0, 2),
+       dilation=st.integers(1, 2), split=st.integers(1, 3), seed=st.integers(0, 99))
+def test_random_shapes_dgrad_and_wgrad(N, cg, kg, groups, H, W, R, S, sh, sw, ph, pw, dilation, split, seed,
+                                       kernel_device, triton_backend):
+    # Odd geometry the families miss: non-square filters and strides, strides above the image size (empty
+    # stride phases), padding beyond the filter's reach, several split-K chunks.
+    C, K = cg * groups, kg * groups
+    assume(H + 2 * ph - dilation * (R - 1) - 1 >= 0 and W + 2 * pw - dilation * (S - 1) - 1 >= 0)
+    conv = dict(stride=(sh, sw), padding=(ph, pw), dilation=dilation, groups=groups)
+    gen = torch.Generator().manual_seed(seed)
+    x64 = torch.randn(N, C, H, W, generator=gen, dtype=torch.float64)
+    w64 = torch.randn(K, cg, R, S, generator=gen, dtype=torch.float64)
+    P, Q = (H + 2 * ph - dilation * (R - 1) - 1) // sh + 1, (W + 2 * pw - dilation * (S - 1) - 1) // sw + 1
+    dy64 = torch.randn(N, K, P, Q, generator=gen, dtype=torch.float64)
+    dev = lambda t: t.float().to(kernel_device).contiguous(memory_format=CL)  # noqa: E731
+    dx = conv2d_dgrad_nhwc(dev(dy64), dev(w64), x64.shape, **conv, allow_tf32=False, config=DCFG)
+    assert _rel(dx.cpu(), conv2d_input(x64.shape, w64, dy64, **conv)) < TOL[torch.float32]
+    dw = conv2d_wgrad_nhwc(dev(dy64), dev(x64), w64.shape, **conv, split=split, allow_tf32=False, config=WCFG)
+    assert _rel(dw.cpu(), conv2d_weight(x64, w64.shape, dy64, **conv)) < TOL[torch.float32]
 
 
 @pytest.mark.parametrize("family", ALIGNED_FAMILIES + ("3x3s1",))
