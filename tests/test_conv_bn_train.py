@@ -16,6 +16,8 @@ relative, gradients ≤ 1e-3, running statistics ≤ 1e-5 -- in fp32 with IEEE M
 """
 import pytest
 import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 
 from resnet_fast.kernels.bn_finalize import bn_backward_coeffs, bn_finalize
 from resnet_fast.kernels.conv_common import ConvGeometry
@@ -144,6 +146,41 @@ def test_conv_bn_stats_op_gradients_vs_float64(prologue, kernel_device, triton_b
     grads = torch.autograd.grad(got, ins, [u.float().to(kernel_device) for u in ups])
     for name, g, r in zip(("x", "weight", "in_scale", "in_shift"), grads, grads64):
         assert _rel(g, r) < 1e-4, f"grad {name}: {_rel(g, r):.2e}"
+
+
+@settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(N=st.integers(1, 3), cg=st.integers(1, 5), kg=st.integers(1, 5), groups=st.sampled_from([1, 2]),
+       H=st.integers(2, 8), W=st.integers(2, 8), R=st.sampled_from([1, 3]), stride=st.integers(1, 2),
+       dilation=st.integers(1, 2), prologue=st.booleans(), seed=st.integers(0, 99))
+def test_conv_bn_stats_random_shapes(N, cg, kg, groups, H, W, R, stride, dilation, prologue, seed, kernel_device,
+                                     triton_backend):
+    # The training op's forward and every gradient on random geometry (partial tiles, several stride phases,
+    # groups, one-pixel outputs), upstream gradients on all three outputs.
+    C, K, pad = cg * groups, kg * groups, dilation * (R // 2)
+    conv = dict(stride=stride, padding=pad, dilation=dilation, groups=groups)
+    P, Q = (H - 1) // stride + 1, (W - 1) // stride + 1
+    assume(N * P * Q > 1)
+    gen = torch.Generator().manual_seed(seed)
+    x64 = torch.randn(N, C, H, W, generator=gen, dtype=torch.float64)
+    w64 = (torch.randn(K, cg, R, R, generator=gen, dtype=torch.float64) * 0.5).requires_grad_(True)
+    sc64 = sh64 = None
+    if prologue:
+        sc64 = (torch.rand(C, generator=gen, dtype=torch.float64) + 0.5).requires_grad_(True)
+        sh64 = (torch.randn(C, generator=gen, dtype=torch.float64) * 0.3).requires_grad_(True)
+        pre = x64 * sc64.detach().view(1, -1, 1, 1) + sh64.detach().view(1, -1, 1, 1)
+        x64 = torch.where(pre.abs() < 0.05, x64 + 0.2 / sc64.detach().view(1, -1, 1, 1), x64)  # off the ReLU kink
+    x64.requires_grad_(True)
+    ins64 = [t for t in (x64, w64, sc64, sh64) if t is not None]
+    ins = [t.detach().float().to(kernel_device).requires_grad_(True) for t in ins64]
+    ref = _eager_unit(x64, w64, sc64, sh64, conv, 1e-5)
+    got = conv_bn_stats(ins[0], ins[1], *(ins[2:] if prologue else (None, None)), eps=1e-5, **conv)
+    for g, r, name in zip(got, ref, ("y", "mean", "invstd")):
+        assert _rel(g, r) < 1e-4, f"{name}: {_rel(g, r):.2e}"
+    ups = [torch.randn(r.shape, generator=gen, dtype=torch.float64) for r in ref]
+    grads64 = torch.autograd.grad(ref, ins64, ups)
+    grads = torch.autograd.grad(got, ins, [u.float().to(kernel_device) for u in ups])
+    for name, g, r in zip(("x", "weight", "in_scale", "in_shift"), grads, grads64):
+        assert _rel(g, r) < 1e-3, f"grad {name}: {_rel(g, r):.2e}"
 
 
 def test_conv_bn_stats_zero_scale_channel_is_exact(kernel_device, triton_backend):

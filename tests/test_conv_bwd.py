@@ -41,7 +41,8 @@ CASES = [(f, torch.float32) for f in FAMILIES] + [(f, torch.float16) for f in FP
 
 
 def _rel(out, ref):
-    return ((out.double() - ref).norm() / ref.norm()).item()
+    """Relative error norm; an all-zero reference (e.g. dx of pixels no output reads) must be matched exactly."""
+    return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-300)).item()
 
 
 def _case(name, dtype, device, seed=0):
@@ -91,7 +92,7 @@ def test_wgrad_matches_conv2d_weight(kernel_device, triton_backend, family, dtyp
     assert _rel(out.cpu(), ref) < TOL[dtype]
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(N=st.integers(1, 2), cg=st.integers(1, 5), kg=st.integers(1, 5), groups=st.sampled_from([1, 2]),
        H=st.integers(1, 9), W=st.integers(1, 9), R=st.sampled_from([1, 2, 3]), S=st.sampled_from([1, 3]),
        sh=st.integers(1, 3), sw=st.integers(1, 3), ph=st.integers(0, 2), pw=st.integers(0, 2),
