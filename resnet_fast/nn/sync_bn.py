@@ -1,13 +1,12 @@
 """Synchronised BatchNorm through torch.distributed, CPU-capable (unlike torch.nn.SyncBatchNorm).
 
-Forward all-reduces each layer's per-channel (sum, sum of squares) and the element count in ONE collective
-(a packed [2C+1] float32 tensor), so batch statistics and running stats are those of the global batch. Backward
-all-reduces the two per-channel gradient sums (sum dy, sum dy*xhat) in one collective, so the input gradient is
-that of the global batch; weight/bias gradients stay local, as in SyncBatchNorm, for DDP to reduce.
-
-The training kernels (``conv_bn_stats``) compute each rank's statistics themselves; :func:`sync_batch_stats`
-merges those per-rank (mean, var, count) into the global batch's in one differentiable all-gather, so the
-kernel path stays fused under ``convert(sync_bn=True)``.
+One mechanism serves both paths: each rank computes its own per-channel (mean, invstd) -- the training kernels
+(``conv_bn_stats``) on the fused path, ``torch.var_mean`` in :class:`SyncBatchNorm2d`'s own forward -- and
+:func:`sync_batch_stats` merges them into the global batch's with ONE all-gather of a packed [2C+1] vector
+(Chan's merge in float64). It is differentiable: the backward all-reduces the gradient of the gathered
+statistics (one collective), so every rank's input gradient is that of the global batch, while weight/bias
+gradients stay local, as in ``torch.nn.SyncBatchNorm``, for DDP to reduce. Running statistics follow
+BatchNorm2d's rule with the global count (``ops.conv_bn_train.update_running_stats``).
 """
 from __future__ import annotations
 
@@ -15,55 +14,14 @@ import torch
 import torch.distributed as dist
 import torch.nn as tnn
 
+from ..ops.conv_bn_train import bn_affine, update_running_stats
+
 
 _DIMS = (0, 2, 3)  # every dim but channels
 
 
 def _bcast(t):
     return t.view(1, -1, 1, 1)
-
-
-class _SyncBatchNormFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, eps, group):
-        c = x.shape[1]
-        xf = x.float()
-        count = torch.full((1,), float(x.numel() // c), dtype=torch.float32, device=x.device)
-        packed = torch.cat([xf.sum(_DIMS), (xf * xf).sum(_DIMS), count])
-        dist.all_reduce(packed, group=group)  # the one forward collective
-        n = packed[-1].clone()
-        mean = packed[:c] / n
-        var = (packed[c:2 * c] / n - mean * mean).clamp_min(0)  # biased, as BN normalises with
-        invstd = torch.rsqrt(var + eps)
-        xhat = (xf - _bcast(mean)) * _bcast(invstd)
-        y = xhat
-        if weight is not None:
-            y = y * _bcast(weight.float()) + _bcast(bias.float())
-        ctx.save_for_backward(xhat, invstd, weight, n)
-        ctx.group = group
-        ctx.mark_non_differentiable(mean, var, n)
-        return y.to(x.dtype), mean, var, n
-
-    @staticmethod
-    def backward(ctx, dy, _dmean, _dvar, _dn):
-        xhat, invstd, weight, n = ctx.saved_tensors
-        c = xhat.shape[1]
-        dyf = dy.float()
-        local = torch.cat([dyf.sum(_DIMS), (dyf * xhat).sum(_DIMS)])
-        grad_weight = local[c:].clone() if weight is not None else None
-        grad_bias = local[:c].clone() if weight is not None else None
-        dist.all_reduce(local, group=ctx.group)  # the one backward collective
-        sum_dy, sum_dy_xhat = local[:c], local[c:]
-        gain = invstd if weight is None else invstd * weight.float()
-        dx = _bcast(gain) * (dyf - _bcast(sum_dy / n) - xhat * _bcast(sum_dy_xhat / n))
-        if weight is not None:
-            grad_weight, grad_bias = grad_weight.to(weight.dtype), grad_bias.to(weight.dtype)
-        return dx.to(dy.dtype), grad_weight, grad_bias, None, None
-
-
-def sync_batch_norm(x, weight, bias, eps, group=None):
-    """Batch-normalise ``x`` with global-batch statistics; returns (y, mean, biased var, global count)."""
-    return _SyncBatchNormFn.apply(x, weight, bias, eps, group)
 
 
 class _AllGather(torch.autograd.Function):
@@ -104,6 +62,26 @@ def sync_batch_stats(mean, invstd, count: int, eps: float, group=None):
     return g_mean.float(), torch.rsqrt(g_var + eps).float(), total.detach()
 
 
+def _global_stats(x, eps: float, group):
+    """(mean, invstd, count) of ``x`` [N, C, H, W] over every rank's batch: this rank's fp32 statistics merged
+    by :func:`sync_batch_stats` (differentiable)."""
+    var, mean = torch.var_mean(x.float(), dim=_DIMS, unbiased=False)
+    return sync_batch_stats(mean, torch.rsqrt(var + eps), x.numel() // x.shape[1], eps, group)
+
+
+def _normalize(x, mean, invstd, weight, bias):
+    scale, shift = bn_affine(mean, invstd, weight, bias)
+    return (x.float() * _bcast(scale) + _bcast(shift)).to(x.dtype)
+
+
+def sync_batch_norm(x, weight, bias, eps, group=None):
+    """Batch-normalise ``x`` with global-batch statistics; returns (y, mean, biased var, global count).
+    Autograd reaches every rank's input through the statistics' all-gather (one collective each way)."""
+    mean, invstd, n = _global_stats(x, eps, group)
+    var = (invstd.double().pow(-2) - eps).float()
+    return _normalize(x, mean, invstd, weight, bias), mean, var, n
+
+
 def _distributed(group) -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
 
@@ -127,16 +105,9 @@ class SyncBatchNorm2d(tnn.BatchNorm2d):
             raise ValueError(f"SyncBatchNorm2d: expected a 4-D input, got shape {tuple(x.shape)}")
         if not self.syncs():
             return super().forward(x)
-        y, mean, var, n = sync_batch_norm(x, self.weight, self.bias, self.eps, self.process_group)
-        if self.training and self.track_running_stats:
-            with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                # momentum=None is a cumulative moving average, as in BatchNorm2d.
-                m = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-                unbiased = var * (n / (n - 1).clamp_min(1))
-                self.running_mean.mul_(1 - m).add_(mean.to(self.running_mean.dtype), alpha=m)
-                self.running_var.mul_(1 - m).add_(unbiased.to(self.running_var.dtype), alpha=m)
-        return y
+        mean, invstd, n = _global_stats(x, self.eps, self.process_group)
+        update_running_stats(self, mean, invstd, n)  # BatchNorm2d's rule, with the global count
+        return _normalize(x, mean, invstd, self.weight, self.bias)
 
 
 def retype(module: tnn.Module, cls: type) -> tnn.Module:

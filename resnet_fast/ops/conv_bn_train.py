@@ -213,14 +213,16 @@ def update_running_stats(bn: torch.nn.BatchNorm2d, mean: torch.Tensor, invstd: t
         rv.copy_((1 - factor) * rv.double() + factor * unbiased)
 
 
-def bn_affine(bn: torch.nn.BatchNorm2d, mean: torch.Tensor, invstd: torch.Tensor):
-    """Train-mode BN as a per-channel affine from batch statistics: ``scale = gamma*invstd``,
-    ``shift = beta - mean*scale`` (gamma=1, beta=0 for affine=False). fp32 [C], differentiable w.r.t. gamma,
-    beta, mean, invstd (so the batch-statistics part of the BN backward reaches :func:`conv_bn_stats`)."""
-    scale = invstd if bn.weight is None else bn.weight.float() * invstd
+def bn_affine(mean: torch.Tensor, invstd: torch.Tensor, weight: torch.Tensor | None = None,
+              bias: torch.Tensor | None = None):
+    """Train-mode BN as a per-channel affine from batch statistics: ``scale = weight*invstd``,
+    ``shift = bias - mean*scale`` (weight=1, bias=0 when None, as for affine=False). fp32 [C], differentiable
+    w.r.t. weight, bias, mean, invstd (so the batch-statistics part of the BN backward reaches
+    :func:`conv_bn_stats`, or the all-gather of :func:`resnet_fast.nn.sync_bn.sync_batch_stats`)."""
+    scale = invstd if weight is None else weight.float() * invstd
     shift = -mean * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias.float()
+    if bias is not None:
+        shift = shift + bias.float()
     return scale.contiguous(), shift.contiguous()
 
 
@@ -257,5 +259,5 @@ def conv_bn_train(x: torch.Tensor, conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm
     if isinstance(bn, SyncBatchNorm2d) and bn.syncs():
         mean, invstd, count = sync_batch_stats(mean, invstd, count, bn.eps, bn.process_group)
     update_running_stats(bn, mean, invstd, count)
-    scale, shift = bn_affine(bn, mean, invstd)
+    scale, shift = bn_affine(mean, invstd, bn.weight, bn.bias)
     return y, scale, shift, mean
