@@ -26,7 +26,7 @@ import torch
 
 from .. import _backend
 
-__all__ = ["ConvConfig", "FWD_CONFIGS", "INTERPRETER_CONFIG", "for_dtype", "fwd_configs", "prune", "heuristic",
+__all__ = ["ConvConfig", "FWD_CONFIGS", "INTERPRETER_CONFIG", "for_dtype", "fwd_configs", "prune", "checked_candidates", "heuristic",
            "conv_allows_tf32", "tuning_key", "cache_path", "Autotuner", "choose", "pinned_config"]
 
 
@@ -98,6 +98,15 @@ def prune(configs, M: int, Kg: int, Cg_pad: int, dtype: torch.dtype) -> list:
            if cfg.BLOCK_N <= _pow2_at_least(Kg) and cfg.BLOCK_K <= _pow2_at_least(Cg_pad)
            and cfg.BLOCK_M <= _pow2_at_least(M, 64)]
     return out or [min(configs, key=lambda c: (c.BLOCK_M * c.BLOCK_N, c.BLOCK_K))]
+
+
+def checked_candidates(configs, general: ConvConfig, dtype: torch.dtype, aligned, M: int, N: int, K: int) -> list:
+    """A backward kernel's tuning candidates: ``configs`` for ``dtype`` whose path for the shape is the one the
+    compile check covers (``aligned(cfg)`` true, or ``cfg`` is the ``general`` config, the only one compiled for the
+    masked path), then :func:`prune`d for an M × N GEMM reducing over K. Never empty when ``general`` (already
+    for ``dtype``) is among them."""
+    cands = [c for c in (for_dtype(b, dtype) for b in configs) if c == general or aligned(c)]
+    return prune(cands, M, N, K, dtype)
 
 
 def heuristic(candidates, M: int, Kg: int, Cg_pad: int) -> ConvConfig:

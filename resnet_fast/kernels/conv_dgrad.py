@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from .. import _backend
-from .configs import ConvConfig, choose, conv_allows_tf32, for_dtype, prune
+from .configs import ConvConfig, checked_candidates, choose, conv_allows_tf32, for_dtype
 from .checks import check_tensor, check_vector
 from .conv_common import ConvGeometry
 
@@ -83,10 +83,9 @@ def _candidates(g: ConvGeometry, dy: torch.Tensor, weight: torch.Tensor, others,
     general = for_dtype(_GENERAL_CONFIG, dy.dtype)
     if g.Cg <= 32 or ieee:
         return (general,), general
-    cands = [c for c in (for_dtype(b, dy.dtype) for b in DGRAD_CONFIGS)
-             if c == general or _aligned(g, c, dy, weight, others)]
-    # tiles mostly wasted on this shape go (dx rows × input channels × output channels per step)
-    cands = prune(cands, g.N * g.H * g.W // (g.stride[0] * g.stride[1]), g.Cg, g.Kg, dy.dtype)
+    # GEMM: dx rows × input channels, reducing over output channels
+    cands = checked_candidates(DGRAD_CONFIGS, general, dy.dtype, lambda c: _aligned(g, c, dy, weight, others),
+                               g.N * g.H * g.W // (g.stride[0] * g.stride[1]), g.Cg, g.Kg)
     return tuple(cands), cands[0]
 
 

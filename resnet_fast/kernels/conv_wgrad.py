@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import ConvConfig, choose, conv_allows_tf32, for_dtype, prune
+from .configs import ConvConfig, checked_candidates, choose, conv_allows_tf32, for_dtype
 from .conv_common import ConvGeometry, input_coords, rows_to_npq
 from .checks import check_tensor, check_vector
 from .conv_dgrad import _check_dtype, _check_dy_bn, _ordered, _rows_aligned, dy_on_load
@@ -81,9 +81,9 @@ def _candidates(g: ConvGeometry, dy: torch.Tensor, x: torch.Tensor) -> tuple:
     general = for_dtype(_GENERAL_CONFIG, dy.dtype)
     if g.Cg <= 32:
         return (general,), general
-    cands = [c for c in (for_dtype(b, dy.dtype) for b in WGRAD_CONFIGS) if c == general or _aligned(g, c, dy, x)]
-    # tiles mostly wasted on this shape go (output channels × input channels × pixels per step)
-    cands = prune(cands, g.Kg, g.Cg, g.N * g.P * g.Q, dy.dtype)
+    # GEMM: output channels × input channels (of one tap), reducing over pixels
+    cands = checked_candidates(WGRAD_CONFIGS, general, dy.dtype, lambda c: _aligned(g, c, dy, x), g.Kg, g.Cg,
+                               g.N * g.P * g.Q)
     want = for_dtype(WGRAD_CONFIGS[1] if min(g.Cg, g.Kg) >= 128 else WGRAD_CONFIGS[0], dy.dtype)
     return tuple(cands), want if want in cands else cands[0]
 
@@ -252,11 +252,10 @@ def conv2d_wgrad_nhwc(dy: torch.Tensor, x: torch.Tensor, weight_shape, *, stride
         dW [K, C/groups, R, S] contiguous, ``out_dtype``; with ``dy_sums`` the pair ``(dW or None, sums)``.
     """
     who = "conv2d_wgrad_nhwc"
-    for name, t in (("dy", dy), ("x", x)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.dtype not in _DTYPES:
-            raise ValueError(f"{who}: {name} must be a 4-D float32/float16/bfloat16 tensor, got "
-                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
     _check_dtype(dy, who)
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.dtype not in _DTYPES:
+        raise ValueError(f"{who}: x must be a 4-D float32/float16/bfloat16 tensor, got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
     if len(tuple(weight_shape)) != 4:
         raise ValueError(f"{who}: weight_shape must be (K, C/groups, R, S), got {weight_shape!r}")
     g = ConvGeometry.make(tuple(x.shape), tuple(int(v) for v in weight_shape), stride, padding, dilation,
