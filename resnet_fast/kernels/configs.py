@@ -26,8 +26,9 @@ import torch
 
 from .. import _backend
 
-__all__ = ["ConvConfig", "FWD_CONFIGS", "INTERPRETER_CONFIG", "for_dtype", "fwd_configs", "prune", "checked_candidates", "heuristic",
-           "conv_allows_tf32", "tuning_key", "cache_path", "Autotuner", "choose", "pinned_config"]
+__all__ = ["ConvConfig", "FWD_CONFIGS", "INTERPRETER_CONFIG", "for_dtype", "fwd_configs", "prune",
+           "checked_candidates", "heuristic", "conv_allows_tf32", "tuning_key", "cache_path", "Autotuner", "choose",
+           "pinned_config"]
 
 
 @dataclass(frozen=True)
