@@ -1,14 +1,25 @@
 // Residual tail op and its residual-free form: schema (TORCH_LIBRARY), input validation and the CPU kernels.
 //
-//   bn_add_relu(x, scale, shift, residual, res_scale=None, res_shift=None, relu=True) -> out
+//   bn_add_relu(x, scale, shift, residual, res_scale=None, res_shift=None, relu=True, x_centre=None,
+//               res_centre=None) -> out
 //     out = act(x * scale[c] + shift[c] + r),  r = residual * res_scale[c] + res_shift[c]  or  residual
-//   bn_add_relu_backward(grad_out, x, scale, shift, residual, res_scale, res_shift, relu)
-//     -> (grad_x, grad_residual, sum_g, sum_gx, sum_gr)
+//     (the centres do not change the output; the forward only validates them, so that autograd can hand
+//     them to the backward)
+//   bn_add_relu_backward(grad_out, x, scale, shift, residual, res_scale, res_shift, relu, x_centre=None,
+//                        res_centre=None) -> (grad_x, grad_residual, sum_g, sum_gx, sum_gr)
 //     g = grad_out masked by (pre-activation > 0) when relu, recomputed from the inputs;
 //     grad_x = g * scale[c], grad_residual = g * res_scale[c] (or g), and the per-channel sums
-//     sum_g = Σg, sum_gx = Σ g·x, sum_gr = Σ g·residual that the BatchNorm backward needs.
-//   bn_relu(x, scale, shift, relu=True) -> out = act(x * scale[c] + shift[c])
-//   bn_relu_backward(grad_out, x, scale, shift, relu) -> (grad_x, sum_g, sum_gx), as above without a residual.
+//     sum_g = Σg, sum_gx = Σ g·(x - x_centre[c]), sum_gr = Σ g·(residual - res_centre[c]) that the BatchNorm
+//     backward needs (a centre that is None counts as 0: Σ g·x, Σ g·residual).
+//   bn_relu(x, scale, shift, relu=True, x_centre=None) -> out = act(x * scale[c] + shift[c])
+//   bn_relu_backward(grad_out, x, scale, shift, relu, x_centre=None) -> (grad_x, sum_g, sum_gx), as above
+//     without a residual.
+//
+// Why centres: in training x is a raw conv output and scale = gamma*invstd, shift = beta - mean*scale, so the
+// BatchNorm backward needs Σg·(x - mean) = Σg·x - mean·Σg. For a channel with |mean| >> std the fp32
+// accumulation error of Σg·x (~eps·Σ|g·x|) dwarfs that difference. With x_centre = mean (detached) every
+// product is formed from the exact difference x - mean and the caller rebuilds Σg·x = sum_gx + mean·sum_g
+// with one rounding (resnet_fast/ops/bn_add_relu.py), as conv_bn_stats does with its in_centre.
 //
 // Both ops run the same kernels (below, and in bn_add_relu_cuda.cu): the template parameter kHasRes is false
 // for bn_relu, which removes the residual's reads, the grad_residual write and the Σ g·residual sum.
@@ -69,7 +80,8 @@ void check_like_x(const char* op, const char* name, const at::Tensor& t, const a
 
 Layout check_inputs(const char* op, const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
                     const at::Tensor* residual, const std::optional<at::Tensor>& res_scale,
-                    const std::optional<at::Tensor>& res_shift, const at::Tensor* grad_out) {
+                    const std::optional<at::Tensor>& res_shift, const at::Tensor* grad_out,
+                    const std::optional<at::Tensor>& x_centre, const std::optional<at::Tensor>& res_centre) {
   TORCH_CHECK_VALUE(x.defined(), op, ": x must be a tensor");
   TORCH_CHECK_VALUE(x.dim() == 4, op, ": x must be a 4-D (N, C, H, W) tensor, got a ", x.dim(),
                     "-D tensor of shape ", shape_str(x));
@@ -94,14 +106,19 @@ Layout check_inputs(const char* op, const at::Tensor& x, const at::Tensor& scale
   const int64_t c = x.size(1);
   check_vector(op, "scale", scale, x, c);
   check_vector(op, "shift", shift, x, c);
-  const bool has_rs = res_scale.has_value() && res_scale->defined();
-  const bool has_rb = res_shift.has_value() && res_shift->defined();
+  const bool has_rs = given(res_scale);
+  const bool has_rb = given(res_shift);
   TORCH_INTERNAL_ASSERT(residual != nullptr || !(has_rs || has_rb), op, ": res_scale/res_shift without a residual");
   TORCH_CHECK_VALUE(has_rs == has_rb, op, ": res_scale and res_shift must be given together (got ",
                     has_rs ? "res_scale" : "res_shift", " only)");
   if (has_rs) {
     check_vector(op, "res_scale", *res_scale, x, c);
     check_vector(op, "res_shift", *res_shift, x, c);
+  }
+  if (given(x_centre)) check_vector(op, "x_centre", *x_centre, x, c);
+  if (given(res_centre)) {
+    TORCH_CHECK_VALUE(residual != nullptr, op, ": res_centre needs a residual");
+    check_vector(op, "res_centre", *res_centre, x, c);
   }
   Layout l;
   l.channels_last = fmt == at::MemoryFormat::ChannelsLast;
@@ -191,18 +208,26 @@ inline A backward_elem(const T* go, const T* x, const T* r, T* gx, T* gr, int64_
   return g;
 }
 
-// Sums: Q = 3 (Σg, Σg·x, Σg·r) with a residual, 2 without.
+// Sums: Q = 3 (Σg, Σg·(x - xc), Σg·(r - rc)) with a residual, 2 without.
 template <bool kHasRes>
 constexpr int num_sums() { return kHasRes ? 3 : 2; }
 
+// xc, rc: the per-channel centres of the Σg·x and Σg·r sums, or nullptr for 0 (then x - 0 == x exactly: the
+// same bits as without the centre).
 template <typename T, typename A, bool kHasRes, bool kResBN, bool kRelu>
 void backward_cpu(const T* __restrict__ go, const T* __restrict__ x, const T* __restrict__ r, T* __restrict__ gx,
                   T* __restrict__ gr, const A* __restrict__ s, const A* __restrict__ b, const A* __restrict__ rs,
-                  const A* __restrict__ rb, A* sum_g, A* sum_gx, A* sum_gr, const Layout& L) {
+                  const A* __restrict__ rb, const A* __restrict__ xc, const A* __restrict__ rc, A* sum_g,
+                  A* sum_gx, A* sum_gr, const Layout& L) {
   static_assert(kHasRes || !kResBN, "a residual affine needs a residual");
   constexpr int Q = num_sums<kHasRes>();
   A* const sums[3] = {sum_g, sum_gx, sum_gr};
   const int64_t C = L.c;
+  // An absent centre reads as a [C] vector of zeros, so the inner loops load it unconditionally (no per-element
+  // branch in the vectorised NHWC loop).
+  std::vector<A> zeros(xc == nullptr || (kHasRes && rc == nullptr) ? C : 0, A(0));
+  xc = xc != nullptr ? xc : zeros.data();
+  rc = !kHasRes || rc != nullptr ? rc : zeros.data();
   if (!L.channels_last) {
     // NCHW: one partial per (n, c) plane, computed sequentially by one task (lane accumulators), then
     // summed over n in order: the result does not depend on the thread count.
@@ -213,14 +238,16 @@ void backward_cpu(const T* __restrict__ go, const T* __restrict__ x, const T* __
       for (int64_t p = p0; p < p1; ++p) {
         const int64_t c = p % C;
         const A sc = s[c], sh = b[c], rsc = kResBN ? rs[c] : A(1), rsh = kResBN ? rb[c] : A(0);
+        const A xcen = xc[c];
+        [[maybe_unused]] const A rcen = kHasRes ? rc[c] : A(0);
         const int64_t off = p * hw;
         A acc[Q][kLanes] = {};
         const auto step = [&](int64_t i, int l) {
           A xf, rf;
           const A g = backward_elem<T, A, kHasRes, kResBN, kRelu>(go, x, r, gx, gr, i, sc, sh, rsc, rsh, &xf, &rf);
           acc[0][l] += g;
-          acc[1][l] += g * xf;
-          if constexpr (kHasRes) acc[2][l] += g * rf;
+          acc[1][l] += g * (xf - xcen);
+          if constexpr (kHasRes) acc[2][l] += g * (rf - rcen);
         };
         int64_t j = 0;
         for (; j + kLanes <= hw; j += kLanes) {
@@ -263,8 +290,8 @@ void backward_cpu(const T* __restrict__ go, const T* __restrict__ x, const T* __
                                                                     kResBN ? rs[c] : A(1), kResBN ? rb[c] : A(0),
                                                                     &xf, &rf);
             pg[c] += g;
-            pgx[c] += g * xf;
-            if constexpr (kHasRes) pgr[c] += g * rf;
+            pgx[c] += g * (xf - xc[c]);
+            if constexpr (kHasRes) pgr[c] += g * (rf - rc[c]);
           }
         }
       }
@@ -295,12 +322,14 @@ void dispatch_flags(bool has_res, bool res_bn, bool relu, F&& f) {
 // Shared host side of both ops; residual == nullptr is bn_relu.
 at::Tensor forward_cpu_impl(const char* op, const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
                             const at::Tensor* residual, const std::optional<at::Tensor>& res_scale,
-                            const std::optional<at::Tensor>& res_shift, bool relu) {
-  const Layout L = check_inputs(op, x, scale, shift, residual, res_scale, res_shift, nullptr);
+                            const std::optional<at::Tensor>& res_shift, bool relu,
+                            const std::optional<at::Tensor>& x_centre, const std::optional<at::Tensor>& res_centre) {
+  // The centres only matter to the backward; checked here so that a bad one fails at the call that passed it.
+  const Layout L = check_inputs(op, x, scale, shift, residual, res_scale, res_shift, nullptr, x_centre, res_centre);
   at::Tensor out = empty_in_layout(x, L);
   if (L.numel == 0) return out;
   const bool has_res = residual != nullptr;
-  const bool res_bn = res_scale.has_value() && res_scale->defined();
+  const bool res_bn = given(res_scale);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_add_relu_cpu", [&] {
     using A = at::opmath_type<scalar_t>;
     const scalar_t* rp = has_res ? residual->const_data_ptr<scalar_t>() : nullptr;
@@ -318,13 +347,16 @@ at::Tensor forward_cpu_impl(const char* op, const at::Tensor& x, const at::Tenso
 BackwardOutputs backward_cpu_impl(const char* op, const at::Tensor& grad_out, const at::Tensor& x,
                                   const at::Tensor& scale, const at::Tensor& shift, const at::Tensor* residual,
                                   const std::optional<at::Tensor>& res_scale,
-                                  const std::optional<at::Tensor>& res_shift, bool relu) {
-  const Layout L = check_inputs(op, x, scale, shift, residual, res_scale, res_shift, &grad_out);
+                                  const std::optional<at::Tensor>& res_shift, bool relu,
+                                  const std::optional<at::Tensor>& x_centre,
+                                  const std::optional<at::Tensor>& res_centre) {
+  const Layout L =
+      check_inputs(op, x, scale, shift, residual, res_scale, res_shift, &grad_out, x_centre, res_centre);
   const bool has_res = residual != nullptr;
   at::Tensor grad_x, grad_r, sum_g, sum_gx, sum_gr;  // named (not structured bindings): lambdas capture them
   std::tie(grad_x, grad_r, sum_g, sum_gx, sum_gr) = empty_backward_outputs(x, scale, L, has_res);
   if (L.numel == 0) return {grad_x, grad_r, sum_g, sum_gx, sum_gr};
-  const bool res_bn = res_scale.has_value() && res_scale->defined();
+  const bool res_bn = given(res_scale);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_add_relu_backward_cpu", [&] {
     using A = at::opmath_type<scalar_t>;
     const scalar_t* rp = has_res ? residual->const_data_ptr<scalar_t>() : nullptr;
@@ -332,11 +364,13 @@ BackwardOutputs backward_cpu_impl(const char* op, const at::Tensor& grad_out, co
     A* sgr = has_res ? sum_gr.data_ptr<A>() : nullptr;
     const A* rs = res_bn ? res_scale->const_data_ptr<A>() : nullptr;
     const A* rb = res_bn ? res_shift->const_data_ptr<A>() : nullptr;
+    const A* xc = given(x_centre) ? x_centre->const_data_ptr<A>() : nullptr;
+    const A* rc = given(res_centre) ? res_centre->const_data_ptr<A>() : nullptr;
     dispatch_flags(has_res, res_bn, relu, [&](auto khas, auto kres, auto krelu) {
       backward_cpu<scalar_t, A, decltype(khas)::value, decltype(kres)::value, decltype(krelu)::value>(
           grad_out.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), rp, grad_x.data_ptr<scalar_t>(), grp,
-          scale.const_data_ptr<A>(), shift.const_data_ptr<A>(), rs, rb, sum_g.data_ptr<A>(), sum_gx.data_ptr<A>(),
-          sgr, L);
+          scale.const_data_ptr<A>(), shift.const_data_ptr<A>(), rs, rb, xc, rc, sum_g.data_ptr<A>(),
+          sum_gx.data_ptr<A>(), sgr, L);
     });
   });
   return {grad_x, grad_r, sum_g, sum_gx, sum_gr};
@@ -344,26 +378,32 @@ BackwardOutputs backward_cpu_impl(const char* op, const at::Tensor& grad_out, co
 
 at::Tensor bn_add_relu_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
                            const at::Tensor& residual, const std::optional<at::Tensor>& res_scale,
-                           const std::optional<at::Tensor>& res_shift, bool relu) {
-  return forward_cpu_impl("bn_add_relu", x, scale, shift, &residual, res_scale, res_shift, relu);
+                           const std::optional<at::Tensor>& res_shift, bool relu,
+                           const std::optional<at::Tensor>& x_centre, const std::optional<at::Tensor>& res_centre) {
+  return forward_cpu_impl("bn_add_relu", x, scale, shift, &residual, res_scale, res_shift, relu, x_centre,
+                          res_centre);
 }
 
 BackwardOutputs bn_add_relu_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
     const at::Tensor& residual, const std::optional<at::Tensor>& res_scale,
-    const std::optional<at::Tensor>& res_shift, bool relu) {
+    const std::optional<at::Tensor>& res_shift, bool relu, const std::optional<at::Tensor>& x_centre,
+    const std::optional<at::Tensor>& res_centre) {
   return backward_cpu_impl("bn_add_relu_backward", grad_out, x, scale, shift, &residual, res_scale, res_shift,
-                           relu);
+                           relu, x_centre, res_centre);
 }
 
-at::Tensor bn_relu_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift, bool relu) {
-  return forward_cpu_impl("bn_relu", x, scale, shift, nullptr, std::nullopt, std::nullopt, relu);
+at::Tensor bn_relu_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift, bool relu,
+                       const std::optional<at::Tensor>& x_centre) {
+  return forward_cpu_impl("bn_relu", x, scale, shift, nullptr, std::nullopt, std::nullopt, relu, x_centre,
+                          std::nullopt);
 }
 
 BackwardOutputsNoRes bn_relu_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& scale,
-                                          const at::Tensor& shift, bool relu) {
-  const BackwardOutputs o =
-      backward_cpu_impl("bn_relu_backward", grad_out, x, scale, shift, nullptr, std::nullopt, std::nullopt, relu);
+                                          const at::Tensor& shift, bool relu,
+                                          const std::optional<at::Tensor>& x_centre) {
+  const BackwardOutputs o = backward_cpu_impl("bn_relu_backward", grad_out, x, scale, shift, nullptr, std::nullopt,
+                                              std::nullopt, relu, x_centre, std::nullopt);
   return {std::get<0>(o), std::get<2>(o), std::get<3>(o)};  // grad_residual and sum_gr are undefined
 }
 
@@ -373,15 +413,16 @@ TORCH_LIBRARY(resnet_fast, m) {
   // Fake (meta) implementations and autograd live in Python; this makes torch import that module when
   // the op is traced before anyone imported it.
   m.set_python_module("resnet_fast.ops.bn_add_relu");
+  // x_centre / res_centre are trailing optional arguments (added later), so every older call stays valid.
   m.def("bn_add_relu(Tensor x, Tensor scale, Tensor shift, Tensor residual, Tensor? res_scale=None, "
-        "Tensor? res_shift=None, bool relu=True) -> Tensor");
+        "Tensor? res_shift=None, bool relu=True, Tensor? x_centre=None, Tensor? res_centre=None) -> Tensor");
   m.def("bn_add_relu_backward(Tensor grad_out, Tensor x, Tensor scale, Tensor shift, Tensor residual, "
-        "Tensor? res_scale, Tensor? res_shift, bool relu) -> "
+        "Tensor? res_scale, Tensor? res_shift, bool relu, Tensor? x_centre=None, Tensor? res_centre=None) -> "
         "(Tensor grad_x, Tensor grad_residual, Tensor sum_g, Tensor sum_gx, Tensor sum_gr)");
   // The residual-free form (the stem's BN affine + ReLU): the same kernels with kHasRes = false.
-  m.def("bn_relu(Tensor x, Tensor scale, Tensor shift, bool relu=True) -> Tensor");
-  m.def("bn_relu_backward(Tensor grad_out, Tensor x, Tensor scale, Tensor shift, bool relu) -> "
-        "(Tensor grad_x, Tensor sum_g, Tensor sum_gx)");
+  m.def("bn_relu(Tensor x, Tensor scale, Tensor shift, bool relu=True, Tensor? x_centre=None) -> Tensor");
+  m.def("bn_relu_backward(Tensor grad_out, Tensor x, Tensor scale, Tensor shift, bool relu, "
+        "Tensor? x_centre=None) -> (Tensor grad_x, Tensor sum_g, Tensor sum_gx)");
 }
 
 TORCH_LIBRARY_IMPL(resnet_fast, CPU, m) {

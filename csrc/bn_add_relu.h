@@ -1,6 +1,9 @@
 // Residual tail of a ResNet block: out = act(x * scale[c] + shift[c] + r),
 // r = residual * res_scale[c] + res_shift[c] (downsample branch's folded BN) or r = residual,
 // and its residual-free form bn_relu: out = act(x * scale[c] + shift[c]).
+// Optional per-channel centres x_centre / res_centre only change what the backward sums: Σg·(x - x_centre[c])
+// and Σg·(residual - res_centre[c]) instead of Σg·x and Σg·residual (accuracy when |mean| >> std; see
+// bn_add_relu.cpp). A null centre pointer in the kernels means 0.
 //
 // Shared between the CPU kernels (bn_add_relu.cpp) and the CUDA kernels (bn_add_relu_cuda.cu):
 // input validation, the layout description both backends index with, and the per-element pre-activation.
@@ -28,11 +31,16 @@ struct Layout {
 };
 
 // Validates x, residual (nullptr: the op has none, bn_relu), scale, shift, res_scale, res_shift (only with a
-// residual) and grad_out (when not nullptr), and returns the layout. Errors name the offending argument.
+// residual), grad_out (when not nullptr) and the optional centres x_centre, res_centre (res_centre only with a
+// residual; same rules as scale), and returns the layout. Errors name the offending argument.
 // `op` prefixes every message.
 Layout check_inputs(const char* op, const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
                     const at::Tensor* residual, const std::optional<at::Tensor>& res_scale,
-                    const std::optional<at::Tensor>& res_shift, const at::Tensor* grad_out);
+                    const std::optional<at::Tensor>& res_shift, const at::Tensor* grad_out,
+                    const std::optional<at::Tensor>& x_centre, const std::optional<at::Tensor>& res_centre);
+
+// Whether an optional tensor argument was given (present and defined).
+inline bool given(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
 // Allocates an uninitialised tensor shaped like `like`, in the layout's memory format.
 at::Tensor empty_in_layout(const at::Tensor& like, const Layout& layout);

@@ -1,6 +1,8 @@
 // CUDA kernels of the residual tail op bn_add_relu and of its residual-free form bn_relu (schemas and semantics:
 // bn_add_relu.cpp). One set of kernels serves both: the template parameter kHasRes is false for bn_relu, which
 // removes the residual's loads, the grad_residual store and the Σ g·residual sum (the vector path included).
+// The backward kernels take the optional per-channel centres xc / rc (nullptr: 0) of the Σ g·(x - xc) and
+// Σ g·(residual - rc) sums, loaded per channel like res_scale.
 //
 // Memory-bound elementwise work, so the kernels aim at full-width memory traffic:
 //  * 16-byte vector loads/stores (V = 16 / sizeof(T) elements) when every pointer is 16-byte aligned and the
@@ -41,7 +43,7 @@ constexpr int kThreads = 256;
 constexpr int64_t kTargetBlocks = 1024;
 constexpr int64_t kMaxGridY = 65535;
 
-// Per-channel sums of the backward: Σg, Σg·x and, with a residual, Σg·residual.
+// Per-channel sums of the backward: Σg, Σg·(x - xc) and, with a residual, Σg·(residual - rc).
 template <bool kHasRes>
 constexpr int num_sums() { return kHasRes ? 3 : 2; }
 
@@ -148,14 +150,14 @@ __device__ __forceinline__ A bwd_elem(T go, A xf, A rf, A sc, A sh, A rsc, A rsh
 // ---------------------------------------------------------------------------------------------------------
 // Backward, NHWC. Block = TX x TY threads; thread (tx, ty) owns channels c0 .. c0+V-1 of its block's channel
 // tile and rows ty, ty + TY, ... of its block's share. Requires C % V == 0.
-// partial: [Q, gridDim.x, C], Q = num_sums<kHasRes>().
+// partial: [Q, gridDim.x, C], Q = num_sums<kHasRes>(). xc, rc: centres of the sums (nullptr: 0).
 // ---------------------------------------------------------------------------------------------------------
 template <typename T, typename A, int V, bool kHasRes>
 __global__ void __launch_bounds__(kThreads)
     bwd_nhwc_kernel(const T* __restrict__ go, const T* __restrict__ x, const T* __restrict__ r, T* __restrict__ gx,
                     T* __restrict__ gr, const A* __restrict__ s, const A* __restrict__ b, const A* __restrict__ rs,
-                    const A* __restrict__ rb, bool res_bn, bool relu, A* __restrict__ partial, int64_t rows,
-                    int64_t C) {
+                    const A* __restrict__ rb, const A* __restrict__ xc, const A* __restrict__ rc, bool res_bn,
+                    bool relu, A* __restrict__ partial, int64_t rows, int64_t C) {
   constexpr int Q = num_sums<kHasRes>();
   extern __shared__ unsigned char smem_raw[];
   A* sm = reinterpret_cast<A*>(smem_raw);  // [Q][TY][TX * V]
@@ -165,13 +167,15 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t tile = blockIdx.y; tile * width < C; tile += gridDim.y) {
     const int64_t c0 = tile * width + static_cast<int64_t>(tx) * V;
     const bool active = c0 < C;
-    A sc[V], sh[V], rsc[V], rsh[V], acc[Q][V];
+    A sc[V], sh[V], rsc[V], rsh[V], xcen[V], rcen[V], acc[Q][V];
 #pragma unroll
     for (int k = 0; k < V; ++k) {
       sc[k] = active ? s[c0 + k] : A(0);
       sh[k] = active ? b[c0 + k] : A(0);
       rsc[k] = active && kHasRes && res_bn ? rs[c0 + k] : A(1);
       rsh[k] = active && kHasRes && res_bn ? rb[c0 + k] : A(0);
+      xcen[k] = active && xc != nullptr ? xc[c0 + k] : A(0);
+      rcen[k] = active && kHasRes && rc != nullptr ? rc[c0 + k] : A(0);
 #pragma unroll
       for (int q = 0; q < Q; ++q) acc[q][k] = A(0);
     }
@@ -187,8 +191,8 @@ __global__ void __launch_bounds__(kThreads)
           const A g = bwd_elem<T, A, kHasRes>(gv.v[k], xf, rf, sc[k], sh[k], rsc[k], rsh[k], res_bn, relu,
                                               &gxv.v[k], &grv.v[k]);
           acc[0][k] += g;
-          acc[1][k] += g * xf;
-          if constexpr (kHasRes) acc[2][k] += g * rf;
+          acc[1][k] += g * (xf - xcen[k]);
+          if constexpr (kHasRes) acc[2][k] += g * (rf - rcen[k]);
         }
         store_vec<T, V>(gx + off, gxv);
         if constexpr (kHasRes) store_vec<T, V>(gr + off, grv);
@@ -228,7 +232,7 @@ __global__ void __launch_bounds__(kThreads)
 
 // ---------------------------------------------------------------------------------------------------------
 // Backward, NCHW. A block owns one channel c (grid-stride over blockIdx.y) and a share of its N * HW elements,
-// which sit in N contiguous planes of HW. Requires HW % V == 0. partial: [Q, gridDim.x, C].
+// which sit in N contiguous planes of HW. Requires HW % V == 0. partial: [Q, gridDim.x, C]. xc, rc: as NHWC.
 // ---------------------------------------------------------------------------------------------------------
 template <typename A>
 __device__ __forceinline__ A warp_sum(A v) {
@@ -241,8 +245,8 @@ template <typename T, typename A, int V, bool k32, bool kHasRes>
 __global__ void __launch_bounds__(kThreads)
     bwd_nchw_kernel(const T* __restrict__ go, const T* __restrict__ x, const T* __restrict__ r, T* __restrict__ gx,
                     T* __restrict__ gr, const A* __restrict__ s, const A* __restrict__ b, const A* __restrict__ rs,
-                    const A* __restrict__ rb, bool res_bn, bool relu, A* __restrict__ partial, int64_t N,
-                    int64_t C, int64_t HW) {
+                    const A* __restrict__ rb, const A* __restrict__ xc, const A* __restrict__ rc, bool res_bn,
+                    bool relu, A* __restrict__ partial, int64_t N, int64_t C, int64_t HW) {
   constexpr int Q = num_sums<kHasRes>();
   __shared__ A sm[Q][kThreads / 32];
   const int64_t hwv = HW / V;
@@ -253,6 +257,8 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t c = blockIdx.y; c < C; c += gridDim.y) {
     const A sc = s[c], sh = b[c];
     const A rsc = kHasRes && res_bn ? rs[c] : A(1), rsh = kHasRes && res_bn ? rb[c] : A(0);
+    const A xcen = xc != nullptr ? xc[c] : A(0);
+    [[maybe_unused]] const A rcen = kHasRes && rc != nullptr ? rc[c] : A(0);
     A acc[Q];
 #pragma unroll
     for (int q = 0; q < Q; ++q) acc[q] = A(0);
@@ -267,8 +273,8 @@ __global__ void __launch_bounds__(kThreads)
         const A xf = static_cast<A>(xv.v[k]), rf = static_cast<A>(rv.v[k]);
         const A g = bwd_elem<T, A, kHasRes>(gv.v[k], xf, rf, sc, sh, rsc, rsh, res_bn, relu, &gxv.v[k], &grv.v[k]);
         acc[0] += g;
-        acc[1] += g * xf;
-        if constexpr (kHasRes) acc[2] += g * rf;
+        acc[1] += g * (xf - xcen);
+        if constexpr (kHasRes) acc[2] += g * (rf - rcen);
       }
       store_vec<T, V>(gx + off, gxv);
       if constexpr (kHasRes) store_vec<T, V>(gr + off, grv);
@@ -335,7 +341,7 @@ void launch_fwd(const T* x, const T* r, T* out, const A* s, const A* b, const A*
 
 template <typename T, typename A, int V, bool kHasRes>
 void launch_bwd(const T* go, const T* x, const T* r, T* gx, T* gr, const A* s, const A* b, const A* rs, const A* rb,
-                bool res_bn, bool relu, A* sum_g, A* sum_gx, A* sum_gr, const Layout& L,
+                const A* xc, const A* rc, bool res_bn, bool relu, A* sum_g, A* sum_gx, A* sum_gr, const Layout& L,
                 const at::TensorOptions& acc_opts, cudaStream_t stream) {
   constexpr int Q = num_sums<kHasRes>();
   at::Tensor partial;
@@ -351,7 +357,7 @@ void launch_bwd(const T* go, const T* x, const T* r, T* gx, T* gr, const A* s, c
     const dim3 grid(static_cast<unsigned>(nb), static_cast<unsigned>(std::min(tiles, kMaxGridY)));
     const size_t smem = Q * sizeof(A) * kThreads * V;
     bwd_nhwc_kernel<T, A, V, kHasRes><<<grid, dim3(tx, ty), smem, stream>>>(
-        go, x, r, gx, gr, s, b, rs, rb, res_bn, relu, partial.data_ptr<A>(), rows, L.c);
+        go, x, r, gx, gr, s, b, rs, rb, xc, rc, res_bn, relu, partial.data_ptr<A>(), rows, L.c);
   } else {
     const int64_t per_c = L.n * (L.hw / V);
     nb = std::max<int64_t>(1, std::min(ceil_div(kTargetBlocks, L.c), ceil_div(per_c, kThreads)));
@@ -359,10 +365,10 @@ void launch_bwd(const T* go, const T* x, const T* r, T* gx, T* gr, const A* s, c
     const dim3 grid(static_cast<unsigned>(nb), static_cast<unsigned>(std::min(L.c, kMaxGridY)));
     if (per_c + nb * kThreads < (int64_t(1) << 31)) {
       bwd_nchw_kernel<T, A, V, true, kHasRes><<<grid, kThreads, 0, stream>>>(
-          go, x, r, gx, gr, s, b, rs, rb, res_bn, relu, partial.data_ptr<A>(), L.n, L.c, L.hw);
+          go, x, r, gx, gr, s, b, rs, rb, xc, rc, res_bn, relu, partial.data_ptr<A>(), L.n, L.c, L.hw);
     } else {
       bwd_nchw_kernel<T, A, V, false, kHasRes><<<grid, kThreads, 0, stream>>>(
-          go, x, r, gx, gr, s, b, rs, rb, res_bn, relu, partial.data_ptr<A>(), L.n, L.c, L.hw);
+          go, x, r, gx, gr, s, b, rs, rb, xc, rc, res_bn, relu, partial.data_ptr<A>(), L.n, L.c, L.hw);
     }
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -381,13 +387,15 @@ void dispatch_has_res(bool has_res, F&& f) {
 // Shared host side of both ops; residual == nullptr is bn_relu.
 at::Tensor forward_cuda_impl(const char* op, const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
                              const at::Tensor* residual, const std::optional<at::Tensor>& res_scale,
-                             const std::optional<at::Tensor>& res_shift, bool relu) {
-  const Layout L = check_inputs(op, x, scale, shift, residual, res_scale, res_shift, nullptr);
+                             const std::optional<at::Tensor>& res_shift, bool relu,
+                             const std::optional<at::Tensor>& x_centre, const std::optional<at::Tensor>& res_centre) {
+  // The centres only matter to the backward; checked here so that a bad one fails at the call that passed it.
+  const Layout L = check_inputs(op, x, scale, shift, residual, res_scale, res_shift, nullptr, x_centre, res_centre);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = empty_in_layout(x, L);
   if (L.numel == 0) return out;
   const bool has_res = residual != nullptr;
-  const bool res_bn = res_scale.has_value() && res_scale->defined();
+  const bool res_bn = given(res_scale);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_add_relu_cuda", [&] {
     using A = at::opmath_type<scalar_t>;
@@ -418,14 +426,17 @@ at::Tensor forward_cuda_impl(const char* op, const at::Tensor& x, const at::Tens
 BackwardOutputs backward_cuda_impl(const char* op, const at::Tensor& grad_out, const at::Tensor& x,
                                    const at::Tensor& scale, const at::Tensor& shift, const at::Tensor* residual,
                                    const std::optional<at::Tensor>& res_scale,
-                                   const std::optional<at::Tensor>& res_shift, bool relu) {
-  const Layout L = check_inputs(op, x, scale, shift, residual, res_scale, res_shift, &grad_out);
+                                   const std::optional<at::Tensor>& res_shift, bool relu,
+                                   const std::optional<at::Tensor>& x_centre,
+                                   const std::optional<at::Tensor>& res_centre) {
+  const Layout L =
+      check_inputs(op, x, scale, shift, residual, res_scale, res_shift, &grad_out, x_centre, res_centre);
   const c10::cuda::CUDAGuard guard(x.device());
   const bool has_res = residual != nullptr;
   at::Tensor grad_x, grad_r, sum_g, sum_gx, sum_gr;  // named (not structured bindings): lambdas capture them
   std::tie(grad_x, grad_r, sum_g, sum_gx, sum_gr) = empty_backward_outputs(x, scale, L, has_res);
   if (L.numel == 0) return {grad_x, grad_r, sum_g, sum_gx, sum_gr};
-  const bool res_bn = res_scale.has_value() && res_scale->defined();
+  const bool res_bn = given(res_scale);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_add_relu_backward_cuda", [&] {
     using A = at::opmath_type<scalar_t>;
@@ -438,6 +449,8 @@ BackwardOutputs backward_cuda_impl(const char* op, const at::Tensor& grad_out, c
     A* sgr = has_res ? sum_gr.data_ptr<A>() : nullptr;
     const A* rs = res_bn ? res_scale->const_data_ptr<A>() : nullptr;
     const A* rb = res_bn ? res_shift->const_data_ptr<A>() : nullptr;
+    const A* xc = given(x_centre) ? x_centre->const_data_ptr<A>() : nullptr;
+    const A* rc = given(res_centre) ? res_centre->const_data_ptr<A>() : nullptr;
     const bool vec = aligned16(gop) && aligned16(xp) && aligned16(gxp) &&
                      (!has_res || (aligned16(rp) && aligned16(grp))) &&
                      (L.channels_last ? L.c % V == 0 : L.hw % V == 0);
@@ -447,11 +460,11 @@ BackwardOutputs backward_cuda_impl(const char* op, const at::Tensor& grad_out, c
     dispatch_has_res(has_res, [&](auto khas) {
       constexpr bool H = decltype(khas)::value;
       if (vec) {
-        launch_bwd<scalar_t, A, V, H>(gop, xp, rp, gxp, grp, s, b, rs, rb, res_bn, relu, sum_g.data_ptr<A>(),
-                                      sum_gx.data_ptr<A>(), sgr, L, acc_opts, stream);
+        launch_bwd<scalar_t, A, V, H>(gop, xp, rp, gxp, grp, s, b, rs, rb, xc, rc, res_bn, relu,
+                                      sum_g.data_ptr<A>(), sum_gx.data_ptr<A>(), sgr, L, acc_opts, stream);
       } else {
-        launch_bwd<scalar_t, A, 1, H>(gop, xp, rp, gxp, grp, s, b, rs, rb, res_bn, relu, sum_g.data_ptr<A>(),
-                                      sum_gx.data_ptr<A>(), sgr, L, acc_opts, stream);
+        launch_bwd<scalar_t, A, 1, H>(gop, xp, rp, gxp, grp, s, b, rs, rb, xc, rc, res_bn, relu,
+                                      sum_g.data_ptr<A>(), sum_gx.data_ptr<A>(), sgr, L, acc_opts, stream);
       }
     });
   });
@@ -460,26 +473,32 @@ BackwardOutputs backward_cuda_impl(const char* op, const at::Tensor& grad_out, c
 
 at::Tensor bn_add_relu_cuda(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
                             const at::Tensor& residual, const std::optional<at::Tensor>& res_scale,
-                            const std::optional<at::Tensor>& res_shift, bool relu) {
-  return forward_cuda_impl("bn_add_relu", x, scale, shift, &residual, res_scale, res_shift, relu);
+                            const std::optional<at::Tensor>& res_shift, bool relu,
+                            const std::optional<at::Tensor>& x_centre, const std::optional<at::Tensor>& res_centre) {
+  return forward_cuda_impl("bn_add_relu", x, scale, shift, &residual, res_scale, res_shift, relu, x_centre,
+                           res_centre);
 }
 
 BackwardOutputs bn_add_relu_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
     const at::Tensor& residual, const std::optional<at::Tensor>& res_scale,
-    const std::optional<at::Tensor>& res_shift, bool relu) {
+    const std::optional<at::Tensor>& res_shift, bool relu, const std::optional<at::Tensor>& x_centre,
+    const std::optional<at::Tensor>& res_centre) {
   return backward_cuda_impl("bn_add_relu_backward", grad_out, x, scale, shift, &residual, res_scale, res_shift,
-                            relu);
+                            relu, x_centre, res_centre);
 }
 
-at::Tensor bn_relu_cuda(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift, bool relu) {
-  return forward_cuda_impl("bn_relu", x, scale, shift, nullptr, std::nullopt, std::nullopt, relu);
+at::Tensor bn_relu_cuda(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift, bool relu,
+                        const std::optional<at::Tensor>& x_centre) {
+  return forward_cuda_impl("bn_relu", x, scale, shift, nullptr, std::nullopt, std::nullopt, relu, x_centre,
+                           std::nullopt);
 }
 
 BackwardOutputsNoRes bn_relu_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& scale,
-                                           const at::Tensor& shift, bool relu) {
-  const BackwardOutputs o =
-      backward_cuda_impl("bn_relu_backward", grad_out, x, scale, shift, nullptr, std::nullopt, std::nullopt, relu);
+                                           const at::Tensor& shift, bool relu,
+                                           const std::optional<at::Tensor>& x_centre) {
+  const BackwardOutputs o = backward_cuda_impl("bn_relu_backward", grad_out, x, scale, shift, nullptr, std::nullopt,
+                                               std::nullopt, relu, x_centre, std::nullopt);
   return {std::get<0>(o), std::get<2>(o), std::get<3>(o)};  // grad_residual and sum_gr are undefined
 }
 

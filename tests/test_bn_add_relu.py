@@ -2,11 +2,14 @@
 float64 reference.
 
 Most tests are parametrized over the residual mode ``res``: "none" (bn_relu: the kernels with kHasRes = false),
-"plain" (bn_add_relu with a residual) and "bn" (bn_add_relu with the residual's own affine).
+"plain" (bn_add_relu with a residual) and "bn" (bn_add_relu with the residual's own affine). The "centres" section
+covers the optional x_centre / res_centre arguments (the backward's Σg·(x - centre) sums).
 Errors are relative norms ||out - ref|| / ||ref|| with per-dtype tolerances. CPU tests run the C++ kernels;
 the same tests run on CUDA where there is a GPU (``gpu`` marker), plus CUDA-only cases (misaligned pointers,
 a tensor over 2^31 bytes).
 """
+import sys
+
 import pytest
 import torch
 
@@ -14,6 +17,8 @@ import resnet_fast
 from resnet_fast import _ext
 from resnet_fast.ops import bn_add_relu, bn_relu
 from resnet_fast.ops.bn_add_relu import bn_add_relu_reference
+
+MOD = sys.modules["resnet_fast.ops.bn_add_relu"]  # the module (resnet_fast.ops.bn_add_relu is the function)
 
 OP = torch.ops.resnet_fast.bn_add_relu if _ext.available() else None
 OP_NO_RES = torch.ops.resnet_fast.bn_relu if _ext.available() else None
@@ -63,19 +68,27 @@ def reference(x, s, b, r, rs, rb, relu):
     return torch.relu(z) if relu else z
 
 
-def tail(x, s, b, r=None, rs=None, rb=None, relu=True, raw=False):
-    """bn_relu when r is None, else bn_add_relu; raw: the torch.ops op instead of the Python wrapper."""
+def tail(x, s, b, r=None, rs=None, rb=None, relu=True, raw=False, xc=None, rc=None):
+    """bn_relu when r is None, else bn_add_relu; raw: the torch.ops op instead of the Python wrapper.
+    xc, rc: the centres (x_centre, res_centre), passed only when given."""
     if r is None:
-        return (OP_NO_RES if raw else bn_relu)(x, s, b, relu)
-    return (OP if raw else bn_add_relu)(x, s, b, r, rs, rb, relu)
+        if raw:
+            return OP_NO_RES(x, s, b, relu, *(() if xc is None else (xc,)))
+        return bn_relu(x, s, b, relu, **({} if xc is None else {"x_centre": xc}))
+    if raw:
+        return OP(x, s, b, r, rs, rb, relu, *(() if xc is None and rc is None else (xc, rc)))
+    return bn_add_relu(x, s, b, r, rs, rb, relu, x_centre=xc, res_centre=rc)
 
 
-def tail_backward(go, x, s, b, r=None, rs=None, rb=None, relu=True):
-    """The raw backward op's outputs by name: grad_x, sum_g, sum_gx (+ grad_residual, sum_gr with a residual)."""
+def tail_backward(go, x, s, b, r=None, rs=None, rb=None, relu=True, xc=None, rc=None):
+    """The raw backward op's outputs by name: grad_x, sum_g, sum_gx (+ grad_residual, sum_gr with a residual).
+    xc, rc: the centres, passed only when given (so the calls without them use the original schema)."""
     if r is None:
-        return dict(zip(("grad_x", "sum_g", "sum_gx"), torch.ops.resnet_fast.bn_relu_backward(go, x, s, b, relu)))
+        return dict(zip(("grad_x", "sum_g", "sum_gx"), torch.ops.resnet_fast.bn_relu_backward(
+            go, x, s, b, relu, *(() if xc is None else (xc,)))))
     return dict(zip(("grad_x", "grad_residual", "sum_g", "sum_gx", "sum_gr"),
-                    torch.ops.resnet_fast.bn_add_relu_backward(go, x, s, b, r, rs, rb, relu)))
+                    torch.ops.resnet_fast.bn_add_relu_backward(
+                        go, x, s, b, r, rs, rb, relu, *(() if xc is None and rc is None else (xc, rc)))))
 
 
 def present(*tensors):
@@ -396,6 +409,232 @@ def test_opcheck(layout, res):
     else:
         torch.library.opcheck(torch.ops.resnet_fast.bn_add_relu.default, (x, s, b, r, rs, rb, True))
         torch.library.opcheck(torch.ops.resnet_fast.bn_add_relu_backward.default, (go, *det, True))
+    # With the centres (no gradient: they only set the rounding of the backward's sums).
+    xc = det[0].mean((0, 2, 3))
+    if res == "none":
+        torch.library.opcheck(torch.ops.resnet_fast.bn_relu.default, (x, s, b, True, xc))
+        torch.library.opcheck(torch.ops.resnet_fast.bn_relu_backward.default, (go, *det[:3], True, xc))
+    else:
+        rc = det[3].mean((0, 2, 3))
+        torch.library.opcheck(torch.ops.resnet_fast.bn_add_relu.default, (x, s, b, r, rs, rb, True, xc, rc))
+        torch.library.opcheck(torch.ops.resnet_fast.bn_add_relu_backward.default, (go, *det, True, xc, rc))
+        torch.library.opcheck(torch.ops.resnet_fast.bn_add_relu.default, (x, s, b, r, rs, rb, True, xc, None))
+
+
+# ----------------------------------------------------------------------------------------------- centres
+
+def _centres(x, r, seed=5):
+    """Per-channel centres near the batch means of x and r (not exactly them: any centre must work)."""
+    g = torch.Generator().manual_seed(seed)
+    pdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dims = (0, 2, 3)
+
+    def near_mean(t):
+        return (t.double().mean(dims).cpu() + 0.1 * torch.randn(t.shape[1], generator=g, dtype=torch.float64)).to(
+            pdt).to(t.device)
+    return near_mean(x), (None if r is None else near_mean(r))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("res", RES)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_backward_op_centred_sums(layout, res, device):
+    """(a) With centres the backward op returns sum_gx = Σg·(x - x_centre[c]) and sum_gr = Σg·(r - res_centre[c]);
+    grad_x, grad_residual and sum_g are the same bits as without them, and a zero centre gives the uncentred
+    sums bit for bit (x - 0 == x)."""
+    x, s, b, r, rs, rb = make_inputs((4, 16, 32, 32), torch.float32, layout, res, device)  # several chunks
+    xc, rc = _centres(x, r)
+    go = torch.randn_like(x)
+    out = tail_backward(go, x, s, b, r, rs, rb, True, xc=xc, rc=rc)
+    plain = tail_backward(go, x, s, b, r, rs, rb, True)
+    g = go.double() * (reference(x, s, b, r, rs, rb, relu=False) > 0)
+    view = (1, -1, 1, 1)
+    assert rel_err(out["sum_gx"], (g * (x.double() - xc.double().view(view))).sum((0, 2, 3))) <= 1e-5
+    if r is not None:
+        assert rel_err(out["sum_gr"], (g * (r.double() - rc.double().view(view))).sum((0, 2, 3))) <= 1e-5
+    for name in ("grad_x", "grad_residual", "sum_g"):
+        if name in out:
+            assert torch.equal(out[name], plain[name]), name
+    zero = tail_backward(go, x, s, b, r, rs, rb, True, xc=torch.zeros_like(xc),
+                         rc=None if r is None else torch.zeros_like(rc))
+    for name in out:
+        assert torch.equal(zero[name], plain[name]), name
+    if r is not None:  # one centre without the other: each sum takes its own
+        only_x = tail_backward(go, x, s, b, r, rs, rb, True, xc=xc)
+        assert torch.equal(only_x["sum_gx"], out["sum_gx"]) and torch.equal(only_x["sum_gr"], plain["sum_gr"])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("res", ["none", "plain"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_centre_removes_cancellation(layout, res, device):
+    """(b) The BatchNorm backward needs Σg·(x - mean). For channels with |mean| >> std (x = 1000 + N(0, 1), fp32)
+    the uncentred route, Σg·x - mean·Σg, keeps the fp32 accumulation error of Σg·x (~eps·Σ|g·x|): 1.7e-4 to
+    8e-4 relative on the CPU kernels here (NHWC sums longer runs sequentially), against 1.5e-7 to 4.4e-7 for the
+    centred sum, which forms every product from the exact x - mean. The uncentred error is asserted too, so the
+    test shows it can fail. (Autograd then rebuilds Σg·x = sum_gx + mean·sum_g in fp32, one rounding: ~2e-5
+    here, eps·|mean|/std-sized, whatever the number of terms.)"""
+    shape = (4, 16, 32, 32)
+    fmt = LAYOUTS[layout]
+    gen = torch.Generator().manual_seed(7)
+    x = (1000 + torch.randn(shape, generator=gen)).to(device).contiguous(memory_format=fmt)
+    r = (-1000 + torch.randn(shape, generator=gen)).to(device).contiguous(memory_format=fmt)
+    r = None if res == "none" else r
+    s = (torch.rand(16, generator=gen) + 0.5).to(device)
+    b = torch.randn(16, generator=gen).to(device)
+    go = torch.randn(shape, generator=gen).to(device).contiguous(memory_format=fmt)
+    mean = lambda t: t.double().mean((0, 2, 3)).float()  # noqa: E731  (the batch mean, in fp32 as in training)
+    xc, rc = mean(x), (None if r is None else mean(r))
+    centred = tail_backward(go, x, s, b, r, None, None, False, xc=xc, rc=rc)  # relu=False: g = grad_out
+    plain = tail_backward(go, x, s, b, r, None, None, False)
+    view = (1, -1, 1, 1)
+    for name, t, c in (("sum_gx", x, xc), ("sum_gr", r, rc)):
+        if t is None:
+            continue
+        want = (go.double() * (t.double() - c.double().view(view))).sum((0, 2, 3))
+        err_centred = rel_err(centred[name], want)
+        err_plain = rel_err(plain[name].double() - c.double() * plain["sum_g"].double(), want)
+        assert err_centred <= 1e-5, f"{name}: centred {err_centred:.2e}"
+        assert err_plain > 20 * err_centred, f"{name}: uncentred {err_plain:.2e}, centred {err_centred:.2e}"
+        if device == "cpu":  # the CPU partition sums long runs sequentially: the uncentred route fails outright
+            assert err_plain > 1e-4, f"{name}: uncentred {err_plain:.2e}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("res", RES)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_centred_autograd_matches(dtype, layout, res, device):
+    """(c) The centres change no value and, through autograd, no gradient beyond fp32 rounding: scale/shift/
+    res_scale/res_shift gradients equal the uncentred ones and float64 autograd of the reference; the input
+    gradients are the same bits."""
+    x, s, b, r, rs, rb = make_inputs((2, 8, 5, 6), dtype, layout, res, device)
+    xc, rc = _centres(x, r)
+    names = ("x", "scale", "shift", "residual", "res_scale", "res_shift")
+    present_names = [n for n, t in zip(names, (x, s, b, r, rs, rb)) if t is not None]
+    go = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(dtype).to(device)
+
+    def grads(**centres):
+        leaves = {n: t.detach().clone().requires_grad_() for n, t in zip(present_names, present(x, s, b, r, rs, rb))}
+        out = tail(*(leaves.get(n) for n in names), **centres)
+        return out, dict(zip(present_names, torch.autograd.grad(out, list(leaves.values()), go)))
+
+    out_c, centred = grads(xc=xc, rc=rc)
+    out_p, plain = grads()
+    assert torch.equal(out_c, out_p)
+    ref_leaves = {n: t.detach().double().requires_grad_() for n, t in zip(present_names, present(x, s, b, r, rs, rb))}
+    ref = reference(*(ref_leaves.get(n) for n in names), True)
+    ref_grads = dict(zip(present_names, torch.autograd.grad(ref, list(ref_leaves.values()), go.double())))
+    for name in present_names:
+        if name in ("x", "residual"):
+            assert torch.equal(centred[name], plain[name]), name
+        else:
+            assert rel_err(centred[name], plain[name]) <= SUM_TOL[dtype], f"{name} vs uncentred"
+            assert rel_err(centred[name], ref_grads[name]) <= SUM_TOL[dtype], f"{name} vs float64"
+
+
+@pytest.mark.parametrize("res", RES)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_gradcheck_float64_with_centres(layout, res):
+    x, s, b, r, rs, rb = make_inputs((2, 3, 3, 4), torch.float64, layout, res, seed=3)
+    xc, rc = _centres(x, r)
+    ins = [t.requires_grad_() for t in present(x, s, b, r, rs, rb)]
+
+    def f(*t):
+        if res == "none":
+            return bn_relu(*t, x_centre=xc)
+        return bn_add_relu(*t[:4], *(t[4:] if res == "bn" else (None, None)), x_centre=xc, res_centre=rc)
+
+    assert torch.autograd.gradcheck(f, ins, eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+_BAD_CENTRES = [  # (case, message, applies to bn_relu too)
+    ("x_centre_len", r"x_centre must have shape \[C\] = \[4\]", True),
+    ("x_centre_dtype", r"x_centre must be Float", True),
+    ("x_centre_strided", r"x_centre must be contiguous", True),
+    ("x_centre_float32_for_float64", r"x_centre must be Double", True),
+    ("res_centre_len", r"res_centre must have shape \[C\] = \[4\]", False),
+    ("res_centre_dtype", r"res_centre must be Float", False),
+]
+
+
+@pytest.mark.parametrize("via", ["wrapper", "op", "backward"])
+@pytest.mark.parametrize("res,case,match", [(res, case, match) for res in ("none", "bn")
+                                            for case, match, both in _BAD_CENTRES if res == "bn" or both])
+def test_bad_centres(res, case, match, via):
+    """(d) Bad centres: ValueError naming the argument, from the C++ checks (forward and backward op)."""
+    x, s, b, r, rs, rb = _good()
+    xc, rc = torch.zeros(4), torch.zeros(4)
+    if case == "x_centre_len":
+        xc = xc[:3]
+    elif case == "x_centre_dtype":
+        xc = xc.half()
+    elif case == "x_centre_strided":
+        xc = torch.zeros(8)[::2]
+    elif case == "x_centre_float32_for_float64":
+        x, s, b, r, rs, rb = (t.double() for t in (x, s, b, r, rs, rb))
+    elif case == "res_centre_len":
+        rc = rc[:2]
+    elif case == "res_centre_dtype":
+        rc = rc.double()
+    if res == "none":
+        r = rs = rb = rc = None
+    if via == "backward":
+        with pytest.raises(ValueError, match=f"^{OP_NAME[res]}_backward: {match}"):
+            tail_backward(x, x, s, b, r, rs, rb, True, xc=xc, rc=rc)
+    else:
+        with pytest.raises(ValueError, match=f"^{OP_NAME[res]}: {match}"):
+            tail(x, s, b, r, rs, rb, raw=via == "op", xc=xc, rc=rc)
+
+
+@pytest.mark.parametrize("res", ["none", "bn"])
+def test_bad_centres_in_the_wrapper(res):
+    x, s, b, r, rs, rb = _good()
+    r, rs, rb = (None, None, None) if res == "none" else (r, rs, rb)
+    with pytest.raises(ValueError, match=rf"^{OP_NAME[res]}: x_centre must be a torch.Tensor, got float"):
+        tail(x, s, b, r, rs, rb, xc=1.0)
+    with pytest.raises(ValueError, match=rf"^{OP_NAME[res]}: x_centre is on meta but x is on cpu"):
+        tail(x, s, b, r, rs, rb, xc=torch.zeros(4, device="meta"))
+    if res == "bn":
+        with pytest.raises(ValueError, match=r"^bn_add_relu: res_centre is on meta but x is on cpu"):
+            tail(x, s, b, r, rs, rb, rc=torch.zeros(4, device="meta"))
+
+
+def test_centres_are_ignored_by_the_eager_backend(eager_backend):
+    x, s, b, r, rs, rb = make_inputs((2, 8, 3, 3), torch.float32, "nchw", "bn")
+    xc, rc = _centres(x, r)
+    assert torch.equal(tail(x, s, b, r, rs, rb, xc=xc, rc=rc), tail(x, s, b, r, rs, rb))
+    assert torch.equal(tail(x, s, b, xc=xc), tail(x, s, b))
+
+
+def test_extension_without_centres(monkeypatch):
+    """An extension built before x_centre/res_centre existed: calls without centres run as before (same
+    argument count for the op and its backward); a call with one raises a RuntimeError asking for a rebuild."""
+    assert MOD._has_centres("bn_add_relu") and MOD._has_centres("bn_relu")
+    x, s, b, r, rs, rb = _good()
+    xc = torch.zeros(4)
+    monkeypatch.setattr(MOD, "_has_centres", lambda op="bn_add_relu": False)
+    for rr in (r, None):
+        with pytest.raises(RuntimeError, match=r"predates the x_centre/res_centre arguments.*rebuild it"):
+            tail(x, s, b, rr, rs if rr is not None else None, rb if rr is not None else None, xc=xc)
+        tail(x, s, b, rr, rs if rr is not None else None, rb if rr is not None else None)
+
+    # The autograd formulas with the old schema's inputs (7 / 4 of them, no centres): as many gradients back.
+    class Ctx:
+        def save_for_backward(self, *t):
+            self.saved_tensors = t
+
+    go = torch.randn_like(x)
+    ctx = Ctx()
+    MOD._setup_context(ctx, (x, s, b, r, rs, rb, True), None)
+    grads = MOD._backward(ctx, go)
+    assert len(grads) == 7 and grads[-1] is None
+    full = tail_backward(go, x, s, b, r, rs, rb, True)
+    assert torch.equal(grads[0], full["grad_x"]) and torch.equal(grads[1], full["sum_gx"])
+    ctx = Ctx()
+    MOD._setup_context_no_res(ctx, (x, s, b, True), None)
+    grads = MOD._backward_no_res(ctx, go)
+    assert len(grads) == 4 and grads[-1] is None
 
 
 # ---------------------------------------------------------------------------------------------- GPU only
