@@ -1,13 +1,21 @@
 #!/usr/bin/env bash
-# The ONE script a GPU session runs in one device call (10-minute limit):
-#   versions -> editable install (builds the CUDA extension) -> GPU-marked tests -> benchmark report
-#   -> whole test suite without the interpreter -> summary.
+# The ONE script a GPU session runs (each device call has a 10-minute limit):
+#   versions -> editable install (builds the CUDA extension) -> GPU-marked tests -> digits training parity
+#   -> benchmark report -> whole test suite without the interpreter -> summary.
 # Every step runs under its own timeout and a failing step never stops the later ones (in particular the
 # benchmark). Everything is tee'd to $OUT/gpu_check.log; results land in $OUT/results/ (JSON, Markdown, PNG)
 # ready to be copied into benchmarks/results/ and committed. Few files on purpose: only 8 come back.
 #
-# Env: OUT (default ./gpu_out), GPU_CHECK_BUDGET_S (whole script, default 570), BENCH_ARGS (extra bench flags,
-# e.g. "--max-autotune" or "--no-compile"), GPU_CHECK_SKIP_INSTALL=1 (local dry runs only).
+# All steps do not fit one 10-minute call: split a session into consecutive calls (the machine stays warm, so
+# the build, Triton's cache and the autotuning cache carry over), e.g.
+#   GPU_CHECK_STEPS=versions,install,gpu_tests,digits    then
+#   GPU_CHECK_STEPS=install,benchmark                     then
+#   GPU_CHECK_STEPS=install,all_tests
+# (install is a no-op rebuild once built). Without GPU_CHECK_STEPS every step runs, the benchmark squeezed.
+#
+# Env: OUT (default ./gpu_out), GPU_CHECK_STEPS (comma list, default all), GPU_CHECK_BUDGET_S (whole script,
+# default 570), BENCH_ARGS (extra bench flags, e.g. "--max-autotune" or "--no-compile"),
+# GPU_CHECK_SKIP_INSTALL=1 (local dry runs only).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -19,6 +27,8 @@ SUMMARY="$OUT/summary.txt"
 START=$(date +%s)
 BUDGET=${GPU_CHECK_BUDGET_S:-570}
 declare -a STEPS=()
+WANT=",${GPU_CHECK_STEPS:-versions,install,gpu_tests,digits,benchmark,all_tests},"
+wants() { [[ "$WANT" == *",$1,"* ]]; }
 
 left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 
@@ -37,27 +47,41 @@ step() {
   echo "### $name: rc=$rc after $(( $(date +%s) - t0 ))s" | tee -a "$LOG"
 }
 
-step versions 30 bash -c 'nvidia-smi; python3 -c "import torch, triton; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__, torch.cuda.get_device_name())"'
-if [[ "${GPU_CHECK_SKIP_INSTALL:-0}" == 1 ]]; then  # local dry runs of this script only
-  step install 0 true
-else
-  step install 240 python3 -m pip install --no-build-isolation --no-deps -e .
+wants versions && step versions 30 bash -c 'nvidia-smi; python3 -c "import torch, triton; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__, torch.cuda.get_device_name())"'
+if wants install; then
+  if [[ "${GPU_CHECK_SKIP_INSTALL:-0}" == 1 ]]; then  # local dry runs of this script only
+    step install 0 true
+  else
+    step install 240 python3 -m pip install --no-build-isolation --no-deps -e .
+  fi
 fi
-step gpu_tests 150 python3 -m pytest -q -m gpu tests -p no:cacheprovider
+wants gpu_tests && step gpu_tests 150 python3 -m pytest -q -m gpu tests -p no:cacheprovider
 
-# The benchmark gets what is left minus a reserve for the whole suite; its own --budget-s skips rows
-# (reported as skipped) so that it ends before the timeout.
-BENCH_BUDGET=$(( $(left) - 150 ))
-(( BENCH_BUDGET > 420 )) && BENCH_BUDGET=420
-step benchmark $(( BENCH_BUDGET + 90 )) python3 -m resnet_fast.bench --output "$OUT/results" \
-  --budget-s "$BENCH_BUDGET" ${BENCH_ARGS:-}
+# Real-training parity (issue: converted resnet20 vs eager, 30 epochs, bf16 autocast): curves.json/.png.
+if wants digits; then
+  step digits 240 python3 scripts/train_digits.py --output "$OUT/results/digits"
+  for f in "$OUT"/results/digits/curves.*; do  # dated, beside the benchmark files it is committed with
+    [[ -f "$f" ]] && mv -f "$f" "$OUT/results/$(date +%F)-digits-${f##*/}"
+  done
+  rmdir "$OUT/results/digits" 2>/dev/null
+fi
+
+# The benchmark gets what is left, minus a reserve when the whole suite still has to run; its own --budget-s
+# skips rows (reported as skipped) so that it ends before the timeout.
+if wants benchmark; then
+  RESERVE=0; wants all_tests && RESERVE=150
+  BENCH_BUDGET=$(( $(left) - RESERVE - 60 ))
+  (( BENCH_BUDGET > 480 )) && BENCH_BUDGET=480
+  step benchmark $(( BENCH_BUDGET + 50 )) python3 -m resnet_fast.bench --output "$OUT/results" \
+    --budget-s "$BENCH_BUDGET" ${BENCH_ARGS:-}
+fi
 for f in "$OUT"/results/*; do  # GPU reports only: a CPU demo's files never go to benchmarks/results
   [[ -f "$f" && "$f" != *cpu-demo* ]] && cp -f "$f" benchmarks/results/
 done
 
 # Whole suite on the GPU, interpreter off (kernels compile for the device).
-step all_tests $(( $(left) - 15 )) env -u TRITON_INTERPRET RESNET_FAST_BACKEND=auto python3 -m pytest -q \
-  -p no:cacheprovider tests
+wants all_tests && step all_tests $(( $(left) - 15 )) env -u TRITON_INTERPRET RESNET_FAST_BACKEND=auto \
+  python3 -m pytest -q -p no:cacheprovider tests
 
 {
   echo "== gpu_check summary ($(( $(date +%s) - START ))s of ${BUDGET}s) =="
@@ -66,7 +90,7 @@ step all_tests $(( $(left) - 15 )) env -u TRITON_INTERPRET RESNET_FAST_BACKEND=a
   echo
   python3 - "$OUT/results" <<'PY' || echo "(no benchmark results to summarize)"
 import collections, glob, json, sys
-files = sorted(glob.glob(sys.argv[1] + "/*.json"))
+files = sorted(f for f in glob.glob(sys.argv[1] + "/*.json") if "-digits-" not in f)
 if not files:
     raise SystemExit("no results JSON written")
 doc = json.load(open(files[-1]))
