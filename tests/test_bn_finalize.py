@@ -12,11 +12,12 @@ def _rel(out, ref):
 
 
 def _tile_partials(y, rows_per_tile):
-    """Σy and Σy² per tile of ``rows_per_tile`` rows of the NHWC-flattened y, like the conv stats epilogue."""
+    """Σy and Σ(y - tile mean)² per tile of ``rows_per_tile`` rows of the NHWC-flattened y, in fp32, like the
+    conv stats epilogue."""
     C = y.shape[1]
     flat = y.permute(0, 2, 3, 1).reshape(-1, C).float()
     s = torch.stack([t.sum(0) for t in flat.split(rows_per_tile)])
-    q = torch.stack([(t * t).sum(0) for t in flat.split(rows_per_tile)])
+    q = torch.stack([((t - t.sum(0) / len(t)) ** 2).sum(0) for t in flat.split(rows_per_tile)])
     return s.contiguous(), q.contiguous()
 
 
@@ -41,7 +42,7 @@ def test_matches_batchnorm_over_steps(kernel_device, triton_backend, momentum, a
         out_ref = bn(y)
         s, q = _tile_partials(y, rows_per_tile=7)
         mean, invstd, scale, shift = bn_finalize(
-            s.to(kernel_device), q.to(kernel_device), N * H * W, running_mean=rm, running_var=rv,
+            s.to(kernel_device), q.to(kernel_device), N * H * W, tile_rows=7, running_mean=rm, running_var=rv,
             num_batches_tracked=nbt, momentum=momentum, eps=bn.eps, weight=w, bias=b, config=CFG)
         y64 = y.double()
         mean64 = y64.mean((0, 2, 3))
@@ -60,10 +61,29 @@ def test_no_running_stats_leaves_nothing_updated(kernel_device, triton_backend):
     y = torch.randn(2, 5, 3, 3)
     bn = torch.nn.BatchNorm2d(5, track_running_stats=False, affine=False).train()
     s, q = _tile_partials(y, rows_per_tile=4)
-    mean, invstd, scale, shift = bn_finalize(s.to(kernel_device), q.to(kernel_device), 18, momentum=None,
-                                             config=CFG)
+    mean, invstd, scale, shift = bn_finalize(s.to(kernel_device), q.to(kernel_device), 18, tile_rows=4,
+                                             momentum=None, config=CFG)
     out = y * scale.cpu().view(1, -1, 1, 1) + shift.cpu().view(1, -1, 1, 1)
     assert _rel(out, bn(y)) < 1e-5
+
+
+@pytest.mark.parametrize("rows_per_tile", [16, 128])
+def test_large_mean_keeps_its_variance(kernel_device, triton_backend, rows_per_tile):
+    """mean/std = 1e3: the Chan merge of tile-centred fp32 partials gives invstd to ~1e-5, where the old
+    Σy/Σy² partials (simulated here, merged in float64 as before) are off by ~1e-2 (eps·(mean/std)² per tile sum)."""
+    torch.manual_seed(3)
+    y = 1e3 + torch.randn(4, 6, 16, 16)  # fp32, like the conv output the epilogue sums
+    s, m2 = _tile_partials(y, rows_per_tile)
+    n = y.numel() // 6
+    mean, invstd, _, _ = bn_finalize(s.to(kernel_device), m2.to(kernel_device), n, tile_rows=rows_per_tile,
+                                     eps=1e-12, config=CFG)
+    var64 = y.double().var((0, 2, 3), unbiased=False)
+    assert _rel(mean.cpu(), y.double().mean((0, 2, 3))) < 1e-7
+    assert _rel(invstd.cpu(), var64.rsqrt()) < 1e-4
+    flat = y.permute(0, 2, 3, 1).reshape(-1, 6)
+    sq = torch.stack([(t * t).sum(0) for t in flat.split(rows_per_tile)]).double().sum(0)  # old partials
+    old_var = sq / n - (s.double().sum(0) / n) ** 2
+    assert _rel(old_var.clamp_min(1e-30).rsqrt(), var64.rsqrt()) > 1e-3  # the failure this guards against
 
 
 def test_ticket_counter_resets_between_launches(kernel_device, triton_backend):
@@ -73,7 +93,7 @@ def test_ticket_counter_resets_between_launches(kernel_device, triton_backend):
     rm, rv = torch.zeros(40, device=kernel_device), torch.ones(40, device=kernel_device)
     nbt = torch.tensor(5, dtype=torch.int64, device=kernel_device)
     for _ in range(4):
-        bn_finalize(s, q, 10, running_mean=rm, running_var=rv, num_batches_tracked=nbt, config=CFG)
+        bn_finalize(s, q, 10, tile_rows=4, running_mean=rm, running_var=rv, num_batches_tracked=nbt, config=CFG)
     assert int(nbt.cpu()) == 9
 
 
@@ -108,18 +128,22 @@ def test_backward_coeffs_match_autograd(kernel_device, triton_backend, affine):
 
 def test_bad_inputs(kernel_device, triton_backend):
     s = torch.rand(3, 4, device=kernel_device)
-    with pytest.raises(ValueError, match="sum_y2"):
-        bn_finalize(s, s.double(), 10)
+    t = dict(tile_rows=4)  # 3 tiles of 10 rows
+    with pytest.raises(ValueError, match="m2_y"):
+        bn_finalize(s, s.double(), 10, **t)
     with pytest.raises(ValueError, match="count"):
-        bn_finalize(s, s, 1)
+        bn_finalize(s, s, 1, **t)
+    with pytest.raises(ValueError, match="tile_rows"):
+        bn_finalize(s, s, 10, tile_rows=3)  # 4 tiles, not 3
     with pytest.raises(ValueError, match="running_var"):
-        bn_finalize(s, s, 10, running_mean=torch.zeros(4, device=kernel_device))
+        bn_finalize(s, s, 10, running_mean=torch.zeros(4, device=kernel_device), **t)
     with pytest.raises(ValueError, match="num_batches_tracked"):
         bn_finalize(s, s, 10, running_mean=torch.zeros(4, device=kernel_device),
-                    running_var=torch.ones(4, device=kernel_device))
+                    running_var=torch.ones(4, device=kernel_device), **t)
     with pytest.raises(ValueError, match="momentum"):
-        bn_finalize(s, s, 10, momentum=1.5)
+        bn_finalize(s, s, 10, momentum=1.5, **t)
     with pytest.raises(ValueError, match="weight"):
-        bn_finalize(s, s, 10, weight=torch.ones(5, device=kernel_device), bias=torch.ones(5, device=kernel_device))
+        bn_finalize(s, s, 10, weight=torch.ones(5, device=kernel_device), bias=torch.ones(5, device=kernel_device),
+                    **t)
     with pytest.raises(ValueError, match="invstd"):
         bn_backward_coeffs(s, s, torch.ones(3, device=kernel_device), 10)

@@ -68,15 +68,15 @@ def test_conv_bn_relu_conv_bn_chain_matches_torch(kernel_device, triton_backend)
         geo1 = ConvGeometry.make(x.shape, w1.shape, **conv1)
         y1, part1 = conv2d_nhwc(x, pack_weight(w1, 1, torch.float32), geo1, stats=True, allow_tf32=False)
         n1 = N * geo1.P * geo1.Q
-        mean1, invstd1, sc1, sh1 = bn_finalize(part1[0], part1[1], n1, running_mean=state[0][0],
-                                               running_var=state[0][1], num_batches_tracked=state[0][2],
+        mean1, invstd1, sc1, sh1 = bn_finalize(part1.sum, part1.m2, n1, tile_rows=part1.tile_rows,
+                                               running_mean=state[0][0], running_var=state[0][1], num_batches_tracked=state[0][2],
                                                momentum=momentum, eps=1e-5, weight=g1, bias=b1)
         geo2 = ConvGeometry.make(y1.shape, w2.shape, **conv2)
         y2, part2 = conv2d_nhwc(y1, pack_weight(w2, 2, torch.float32), geo2, in_scale=sc1, in_shift=sh1,
                                 in_relu=True, stats=True, allow_tf32=False)
         n2 = N * geo2.P * geo2.Q
-        mean2, invstd2, sc2, sh2 = bn_finalize(part2[0], part2[1], n2, running_mean=state[1][0],
-                                               running_var=state[1][1], num_batches_tracked=state[1][2],
+        mean2, invstd2, sc2, sh2 = bn_finalize(part2.sum, part2.m2, n2, tile_rows=part2.tile_rows,
+                                               running_mean=state[1][0], running_var=state[1][1], num_batches_tracked=state[1][2],
                                                momentum=momentum, eps=1e-5, weight=g2, bias=b2)
         out = y2 * sc2.view(1, -1, 1, 1) + sh2.view(1, -1, 1, 1)
         assert _rel(out, out_ref) < 1e-4

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 import resnet_fast
 from resnet_fast.kernels import configs as cfgs
 from resnet_fast.kernels import conv_fwd
+from resnet_fast.kernels.bn_finalize import bn_finalize
 from resnet_fast.kernels.configs import ConvConfig
 from resnet_fast.kernels.conv_common import ConvGeometry
 from resnet_fast.ops import conv2d, fold_bn
@@ -133,14 +134,14 @@ def test_prologue_and_stats(geom, dtype, kernel_device, small_config):
                                    in_shift=in_shift, in_relu=True, stats=True)
     ref = reference(x, w, None, s, p, 1, gr, in_scale=in_scale, in_shift=in_shift, in_relu=True)
     assert rel_err(y, ref) < TOL[dtype]
-    # partials: per tile of SMALL.BLOCK_M GEMM rows, Σy and Σy² of the stored (rounded) output
+    # partials: per tile of SMALL.BLOCK_M GEMM rows, Σy and Σ(y - tile mean)² of the stored (rounded) output
     tiles = -(-geo.M // SMALL.BLOCK_M)
-    assert part.shape == (2, tiles, K) and part.dtype == torch.float32
-    rows = y.permute(0, 2, 3, 1).reshape(geo.M, K).double()
-    pad = torch.zeros(tiles * SMALL.BLOCK_M - geo.M, K, dtype=torch.float64, device=rows.device)
-    per_tile = torch.cat([rows, pad]).view(tiles, SMALL.BLOCK_M, K)
-    assert rel_err(part[0], per_tile.sum(1)) < 1e-5
-    assert rel_err(part[1], (per_tile ** 2).sum(1)) < 1e-5
+    assert part.tile_rows == SMALL.BLOCK_M
+    for t in (part.sum, part.m2):
+        assert t.shape == (tiles, K) and t.dtype == torch.float32
+    per_tile = y.permute(0, 2, 3, 1).reshape(geo.M, K).double().split(SMALL.BLOCK_M)  # last one shorter
+    assert rel_err(part.sum, torch.stack([t.sum(0) for t in per_tile])) < 1e-5
+    assert rel_err(part.m2, torch.stack([((t - t.mean(0)) ** 2).sum(0) for t in per_tile])) < 1e-5
     # and the prologue without ReLU, without stats
     y2, none = conv_fwd.conv2d_nhwc(xc, conv_fwd.pack_weight(w, gr, dtype), geo, in_scale=in_scale,
                                     in_shift=-in_shift)
@@ -150,15 +151,33 @@ def test_prologue_and_stats(geom, dtype, kernel_device, small_config):
 
 def test_stats_partials_feed_bn_finalize(kernel_device, small_config):
     """The partials layout is the one bn_finalize consumes: batch mean/var of the conv output."""
-    bn_finalize = pytest.importorskip("resnet_fast.kernels.bn_finalize").bn_finalize
     x, w, _ = make(2, 8, 5, 5, 12, 1, 1, 1, torch.float32, kernel_device, seed=5)
     geo = ConvGeometry.make(x.shape, w.shape)
     y, part = conv_fwd.conv2d_nhwc(x.contiguous(memory_format=torch.channels_last),
                                    conv_fwd.pack_weight(w, 1, torch.float32), geo, stats=True)
-    mean, invstd, _, _ = bn_finalize(part[0], part[1], geo.M, eps=1e-5)
+    mean, invstd, _, _ = bn_finalize(part.sum, part.m2, geo.M, tile_rows=part.tile_rows, eps=1e-5)
     yd = y.double()
     assert rel_err(mean, yd.mean((0, 2, 3))) < 1e-5
     assert rel_err(invstd, (yd.var((0, 2, 3), unbiased=False) + 1e-5).rsqrt()) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_stats_of_a_large_mean_channel(dtype, kernel_device, small_config):
+    """Channels whose output mean is ~1e3 standard deviations from 0 (a positive input through positive
+    weights): the tile-centred partials keep invstd to ~1e-5, where Σy² partials lose eps·(mean/std)² ~ 1."""
+    torch.manual_seed(0)
+    N, C, H, W, K = 2, 16, 6, 7, 8
+    x = (1.0 + 1e-3 * torch.randn(N, C, H, W)).to(kernel_device, dtype)
+    w = (0.1 + 0.01 * torch.rand(K, C, 3, 3)).to(kernel_device, dtype)
+    geo = ConvGeometry.make(x.shape, w.shape, padding=0)  # no padding: every output sees 144 inputs
+    y, part = conv_fwd.conv2d_nhwc(x.contiguous(memory_format=torch.channels_last),
+                                   conv_fwd.pack_weight(w, 1, dtype), geo, stats=True)
+    yd = y.double()
+    mean64, var64 = yd.mean((0, 2, 3)), yd.var((0, 2, 3), unbiased=False)
+    assert (mean64.abs() / var64.sqrt()).min() > 300  # the regime the test is about
+    mean, invstd, _, _ = bn_finalize(part.sum, part.m2, geo.M, tile_rows=part.tile_rows, eps=1e-12)
+    assert rel_err(mean, mean64) < 1e-6
+    assert rel_err(invstd, (var64 + 1e-12).rsqrt()) < 1e-4
 
 
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -403,8 +422,9 @@ def test_training_variants_gpu(dtype):
                                        in_relu=True, stats=True)
         ref = reference(x, w, None, s, p, 1, gr, in_scale=isc, in_shift=ish, in_relu=True)
         assert rel_err(y, ref) < TOL[dtype]
-        assert rel_err(part[0].sum(0), y.double().sum((0, 2, 3))) < 1e-5
-        assert rel_err(part[1].sum(0), (y.double() ** 2).sum((0, 2, 3))) < 1e-5
+        assert rel_err(part.sum.sum(0), y.double().sum((0, 2, 3))) < 1e-5
+        mean, invstd, _, _ = bn_finalize(part.sum, part.m2, geo.M, tile_rows=part.tile_rows, eps=1e-5)
+        assert rel_err(invstd, (y.double().var((0, 2, 3), unbiased=False) + 1e-5).rsqrt()) < 1e-5
 
 
 @pytest.mark.gpu

@@ -1,10 +1,12 @@
 """BatchNorm finalize kernels of the training path: per-tile partial sums -> per-channel vectors.
 
-Forward (:func:`bn_finalize`): the conv forward's stats epilogue writes, per output tile ``t`` and channel
-``c``, ``sum[t, c] = Σ y`` and ``sumsq[t, c] = Σ y²`` over the tile's valid rows (fp32, shape
-``[T, C]``; rows past the end of the tensor contribute nothing, so tile sizes never need to be known here).
-One launch reduces the tiles in a fixed order in float64 (so the ``E[y²] - E[y]²`` cancellation across
-tiles costs nothing; only the in-tile fp32 sums round), then writes ``mean``, ``invstd`` (biased variance,
+Forward (:func:`bn_finalize`): the conv forward's stats epilogue writes, per output tile ``t`` of ``n_t``
+rows (``tile_rows``, the last tile the remainder) and channel ``c``, ``sum[t, c] = Σ y`` and the tile's
+centred ``m2[t, c] = Σ (y - ȳ_t)²`` (fp32, shape ``[T, C]``). One launch merges the tiles Chan-style in a
+fixed order in float64: ``M2 = Σ m2_t + Σ sum_t²/n_t - (Σ sum_t)²/n``, whose float64 cancellation is harmless
+and whose first-order sensitivity to the fp32 rounding of ``sum_t`` cancels (it is weighted by
+``ȳ_t - ȳ``), so a channel with |mean| ≫ std keeps its variance (``Σy²`` partials would lose
+``eps·(mean/std)²`` of it: 2 % at mean/std = 300). It then writes ``mean``, ``invstd`` (biased variance,
 as BatchNorm normalises), the folded affine ``scale = gamma*invstd``, ``shift = beta - mean*scale``, and
 updates ``running_mean``/``running_var`` (unbiased variance) and ``num_batches_tracked`` in place exactly
 like ``torch.nn.BatchNorm2d`` in train mode -- on the device, without a host sync.
@@ -54,7 +56,7 @@ def _reduce_tiles(a_ptr, b_ptr, stride_a, stride_b, T, C, offs_c, BLOCK_T: tl.co
 
 
 @triton.jit
-def _bn_finalize_kernel(sum_ptr, sumsq_ptr, stride_s, stride_q, T, C, count, eps, momentum,
+def _bn_finalize_kernel(sum_ptr, m2_ptr, stride_s, stride_q, T, C, count, tile_rows, eps, momentum,
                         w_ptr, b_ptr, rm_ptr, rv_ptr, nbt_ptr, ticket_ptr,
                         mean_ptr, invstd_ptr, scale_ptr, shift_ptr,
                         AFFINE: tl.constexpr, TRACK: tl.constexpr, CUMULATIVE: tl.constexpr,
@@ -63,10 +65,20 @@ def _bn_finalize_kernel(sum_ptr, sumsq_ptr, stride_s, stride_q, T, C, count, eps
     mask_c = offs_c < C
     if TRACK:
         nbt_old = tl.load(nbt_ptr)  # read before the ticket below: the increment comes after every read
-    s, q = _reduce_tiles(sum_ptr, sumsq_ptr, stride_s, stride_q, T, C, offs_c, BLOCK_T)
-    n = count.to(tl.float64)  # divide in float64: a float32 1/n would be amplified by the cancellation
+    # Chan merge of (n_t, sum_t, m2_t) in float64, tiles in a fixed order
+    s = tl.zeros([BLOCK_C], dtype=tl.float64)
+    q = tl.zeros([BLOCK_C], dtype=tl.float64)  # Σ m2_t + sum_t²/n_t
+    for t0 in range(0, T, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        m = (offs_t[:, None] < T) & mask_c[None, :]
+        st = tl.load(sum_ptr + offs_t[:, None] * stride_s + offs_c[None, :], mask=m, other=0.0).to(tl.float64)
+        m2 = tl.load(m2_ptr + offs_t[:, None] * stride_q + offs_c[None, :], mask=m, other=0.0).to(tl.float64)
+        n_t = tl.maximum(tl.minimum(count - offs_t.to(tl.int64) * tile_rows, tile_rows), 1).to(tl.float64)
+        s += tl.sum(st, axis=0)
+        q += tl.sum(m2 + st * st / n_t[:, None], axis=0)
+    n = count.to(tl.float64)
     mean64 = s / n
-    var64 = tl.maximum(q / n - mean64 * mean64, 0.0)  # biased: what BatchNorm normalises with
+    var64 = tl.maximum((q - s * mean64) / n, 0.0)  # biased: what BatchNorm normalises with
     mean = mean64.to(tl.float32)
     var = var64.to(tl.float32)
     invstd = 1.0 / tl.sqrt(var + eps)
@@ -141,7 +153,7 @@ def _ticket(device: torch.device) -> torch.Tensor:
     return _TICKETS[key]
 
 
-def bn_finalize(sum_y: torch.Tensor, sum_y2: torch.Tensor, count: int, *,
+def bn_finalize(sum_y: torch.Tensor, m2_y: torch.Tensor, count: int, *, tile_rows: int,
                 running_mean: torch.Tensor | None = None, running_var: torch.Tensor | None = None,
                 num_batches_tracked: torch.Tensor | None = None, momentum: float | None = 0.1,
                 eps: float = 1e-5, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
@@ -149,8 +161,11 @@ def bn_finalize(sum_y: torch.Tensor, sum_y2: torch.Tensor, count: int, *,
     """Batch statistics, folded affine and running-stat update of a train-mode BatchNorm2d, in one launch.
 
     Args:
-        sum_y, sum_y2: [T, C] float32 per-tile partial sums Σy and Σy² (row stride free, channels dense).
+        sum_y, m2_y: [T, C] float32 per-tile Σy and Σ(y - ȳ_tile)² (row stride free, channels dense), e.g.
+            the ``sum``/``m2`` of :class:`resnet_fast.kernels.conv_fwd.TileStats`.
         count: number of values per channel that the partials cover (N*H*W of the BN input), > 1.
+        tile_rows: rows per tile; tile ``t`` covers ``min(tile_rows, count - t*tile_rows)`` of them, so
+            ``T == cdiv(count, tile_rows)``.
         running_mean, running_var: [C] float32/float16/bfloat16, updated in place; pass both or neither
             (neither = ``track_running_stats=False``). ``num_batches_tracked``: int64 scalar tensor,
             incremented in place (required with running stats).
@@ -164,12 +179,16 @@ def bn_finalize(sum_y: torch.Tensor, sum_y2: torch.Tensor, count: int, *,
         beta=0 without affine) so that ``bn(y) = y*scale + shift``.
     """
     who = "bn_finalize"
-    _check_partials("sum_y", sum_y, "sum_y2", sum_y2, who)
+    _check_partials("sum_y", sum_y, "m2_y", m2_y, who)
     T, C = sum_y.shape
     device = sum_y.device
     if not isinstance(count, int) or isinstance(count, bool) or count < 2:
         raise ValueError(f"{who}: count must be an int > 1 (BatchNorm needs more than one value per channel "
                          f"in training), got {count!r}")
+    if not isinstance(tile_rows, int) or isinstance(tile_rows, bool) or tile_rows < 1 \
+            or T != triton.cdiv(count, tile_rows):
+        raise ValueError(f"{who}: tile_rows must be an int >= 1 with cdiv(count, tile_rows) == T = {T} tiles "
+                         f"(count {count}), got {tile_rows!r}")
     if (running_mean is None) != (running_var is None):
         raise ValueError(f"{who}: running_mean and running_var must be given together")
     track = running_mean is not None
@@ -194,7 +213,7 @@ def bn_finalize(sum_y: torch.Tensor, sum_y2: torch.Tensor, count: int, *,
     mean, invstd, scale, shift = (torch.empty(C, dtype=torch.float32, device=device) for _ in range(4))
     dummy = mean  # never dereferenced when its constexpr switch is off
     _bn_finalize_kernel[(triton.cdiv(C, block_c),)](
-        sum_y, sum_y2, sum_y.stride(0), sum_y2.stride(0), T, C, count, float(eps),
+        sum_y, m2_y, sum_y.stride(0), m2_y.stride(0), T, C, count, tile_rows, float(eps),
         float(momentum if momentum is not None else 0.0),
         weight if affine else dummy, bias if affine else dummy,
         running_mean if track else dummy, running_var if track else dummy,
@@ -244,8 +263,8 @@ def compile_specs() -> list:
     for affine in (False, True):
         for track in (False, True):
             for cumulative in (False, True):
-                sig = {"sum_ptr": "*fp32", "sumsq_ptr": "*fp32", "stride_s": "i32", "stride_q": "i32",
-                       "T": "i32", "C": "i32", "count": "i64", "eps": "fp32",
+                sig = {"sum_ptr": "*fp32", "m2_ptr": "*fp32", "stride_s": "i32", "stride_q": "i32",
+                       "T": "i32", "C": "i32", "count": "i64", "tile_rows": "i64", "eps": "fp32",
                        "momentum": "fp32", "w_ptr": "*fp32", "b_ptr": "*fp32", "rm_ptr": "*fp32",
                        "rv_ptr": "*fp32", "nbt_ptr": "*i64", "ticket_ptr": "*i32", "mean_ptr": "*fp32",
                        "invstd_ptr": "*fp32", "scale_ptr": "*fp32", "shift_ptr": "*fp32"}

@@ -17,10 +17,12 @@ Fusions (constexpr switches, all off by default, used by the training path):
 * ``PROLOGUE``: ``a = relu?(x*in_scale[c] + in_shift[c])`` applied to the loaded A tile in fp32, then the load
   mask is re-applied (a masked 0 would otherwise become ``relu(in_shift)``: padding must stay zero), then
   rounded back to the operand dtype.
-* ``STATS``: after the output is rounded to its dtype, per-channel fp32 ``Σy`` and ``Σy²`` over the tile's
-  valid rows go to ``partials[0, pid_m, k]`` and ``partials[1, pid_m, k]`` (shape ``[2, T, K]``,
-  ``T = cdiv(M, BLOCK_M)``): every element is written by exactly one program, no atomics, deterministic.
-  :func:`resnet_fast.kernels.bn_finalize.bn_finalize` takes ``partials[0], partials[1]``.
+* ``STATS``: after the output is rounded to its dtype, per-channel fp32 ``Σy`` and ``M2 = Σ(y - ȳ_tile)²``
+  (centred on the tile's own mean, so a channel with |mean| ≫ std loses nothing to ``E[y²] - E[y]²``
+  cancellation) over the tile's valid rows go to ``partials[0, pid_m, k]`` and ``partials[1, pid_m, k]``
+  (shape ``[2, T, K]``, ``T = cdiv(M, BLOCK_M)``): every element is written by exactly one program, no
+  atomics, deterministic. :func:`resnet_fast.kernels.bn_finalize.bn_finalize` merges the tiles Chan-style
+  (:class:`TileStats` carries the partials and ``BLOCK_M``).
 
 Offsets scaled by the batch index or the GEMM row are int64; offsets within one image are int32
 (:meth:`ConvGeometry.check_index_range`).
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import threading
 import weakref
+from typing import NamedTuple
 
 import torch
 import triton
@@ -40,9 +43,18 @@ from .checks import FLOAT_DTYPES, check_vector
 from .configs import ConvConfig
 from .conv_common import ConvGeometry, input_coords, rows_to_npq, swizzle_pid
 
-__all__ = ["conv2d_nhwc", "pack_weight", "pinned_config", "compile_specs", "SUPPORTED_DTYPES"]
+__all__ = ["conv2d_nhwc", "pack_weight", "pinned_config", "compile_specs", "SUPPORTED_DTYPES", "TileStats"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class TileStats(NamedTuple):
+    """The stats epilogue's output: per tile ``t`` of ``tile_rows`` GEMM rows (the last one possibly shorter)
+    and channel ``k``, ``sum[t, k] = Σy`` and ``m2[t, k] = Σ(y - sum[t, k]/rows_t)²``; fp32 ``[T, K]`` views
+    of one ``[2, T, K]`` buffer. Feed to :func:`resnet_fast.kernels.bn_finalize.bn_finalize`."""
+    sum: torch.Tensor
+    m2: torch.Tensor
+    tile_rows: int
 
 
 @triton.jit
@@ -123,8 +135,11 @@ def _conv_fwd_kernel(
     tl.store(y_ptr + y_off, y, mask=out_mask)
     if STATS:  # statistics of the stored (rounded) values, over valid rows only
         ys = tl.where(out_mask, y.to(tl.float32), 0.0)
-        tl.store(part_ptr + pid_m * K + k_glob, tl.sum(ys, axis=0), mask=n_ok)
-        tl.store(part_ptr + (num_pid_m + pid_m) * K + k_glob, tl.sum(ys * ys, axis=0), mask=n_ok)
+        s = tl.sum(ys, axis=0)
+        rows = tl.minimum(M - pid_m.to(tl.int64) * BLOCK_M, BLOCK_M).to(tl.float32)
+        d = tl.where(out_mask, ys - (s / rows)[None, :], 0.0)  # centred on the tile mean: no cancellation
+        tl.store(part_ptr + pid_m * K + k_glob, s, mask=n_ok)
+        tl.store(part_ptr + (num_pid_m + pid_m) * K + k_glob, tl.sum(d * d, axis=0), mask=n_ok)
 
 
 def _pow2_divisor(v: int, cap: int) -> int:
@@ -216,12 +231,12 @@ def conv2d_nhwc(x: torch.Tensor, w_packed: torch.Tensor, geometry: ConvGeometry,
         relu: ReLU after everything.
         in_scale, in_shift, in_relu: the prologue ``x -> relu?(x*in_scale[c] + in_shift[c])``, ``[C]`` vectors
             (both or neither).
-        stats: also return the ``[2, T, K]`` fp32 partials (Σy, Σy²) of the stored output.
+        stats: also return the per-tile statistics of the stored output (:class:`TileStats`).
         allow_tf32: fp32 only; None follows :func:`configs.conv_allows_tf32`.
         config: a fixed tile config (else pinned / interpreter / autotuned).
         out: optional preallocated ``[N, K, P, Q]`` channels_last output (fully overwritten).
 
-    Returns ``(y, partials or None)``; ``y`` is ``[N, K, P, Q]`` channels_last in ``x.dtype``.
+    Returns ``(y, TileStats or None)``; ``y`` is ``[N, K, P, Q]`` channels_last in ``x.dtype``.
     """
     who = "conv2d_nhwc"
     g = geometry
@@ -301,7 +316,7 @@ def conv2d_nhwc(x: torch.Tensor, w_packed: torch.Tensor, geometry: ConvGeometry,
         config = _cfg.choose("conv_fwd", g, dtype, device, candidates, flags, launch,
                              _cfg.heuristic(candidates, g.M, g.Kg, g.Cg_pad))
     part = launch(config)
-    return out, part
+    return out, None if part is None else TileStats(part[0], part[1], config.BLOCK_M)
 
 
 # --------------------------------------------------------------------------------------- sm_90 compile check

@@ -7,7 +7,7 @@ groups, eps) -> (y, mean, invstd)``::
     y      = conv(a, weight)                      activation dtype, channels_last (never normalised here)
     mean   = E[y], invstd = 1/sqrt(Var[y] + eps)  fp32 [K], biased variance over N*P*Q, as BatchNorm2d
 
-Kernels: ``conv_fwd.conv2d_nhwc(stats=True)`` writes y and per-tile Σy, Σy²; ``bn_finalize`` reduces them
+Kernels: ``conv_fwd.conv2d_nhwc(stats=True)`` writes y and per-tile Σy and centred Σ(y - ȳ_tile)²; ``bn_finalize`` merges them
 (running statistics are NOT touched here: :func:`update_running_stats` does that, so the op is pure). The BN
 affine ``scale = gamma*invstd, shift = beta - mean*scale`` is [C] torch math (:func:`bn_affine`), so autograd
 carries gradients to gamma/beta and back into ``mean``/``invstd``.
@@ -72,10 +72,11 @@ def _vec(v):
 def _conv_bn_stats_op(x, weight, in_scale, in_shift, in_centre, stride, padding, dilation, groups, eps):
     g = _validate(x, weight, in_scale, in_shift, in_centre, stride, padding, dilation, groups)
     from ..kernels import bn_finalize, conv_fwd  # Triton kernels: only after the backend set up the interpreter
-    y, part = conv_fwd.conv2d_nhwc(x.contiguous(memory_format=CL), conv_fwd.pack_weight(weight, groups, x.dtype),
+    y, st = conv_fwd.conv2d_nhwc(x.contiguous(memory_format=CL), conv_fwd.pack_weight(weight, groups, x.dtype),
                                    g, in_scale=_vec(in_scale), in_shift=_vec(in_shift),
                                    in_relu=in_scale is not None, stats=True)
-    mean, invstd, _, _ = bn_finalize.bn_finalize(part[0], part[1], g.N * g.P * g.Q, momentum=0.0, eps=eps)
+    mean, invstd, _, _ = bn_finalize.bn_finalize(st.sum, st.m2, g.N * g.P * g.Q, tile_rows=st.tile_rows,
+                                                momentum=0.0, eps=eps)
     return y, mean, invstd
 
 
