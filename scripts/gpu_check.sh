@@ -9,8 +9,8 @@
 # All steps do not fit one 10-minute call: split a session into consecutive calls (the machine stays warm, so
 # the build, Triton's cache and the autotuning cache carry over), e.g.
 #   GPU_CHECK_STEPS=versions,install,gpu_tests          then
-#   GPU_CHECK_STEPS=install,digits,benchmark              then
-#   GPU_CHECK_STEPS=install,all_tests
+#   GPU_CHECK_STEPS=install,benchmark                     then   (the one-command report, ~9 min)
+#   GPU_CHECK_STEPS=install,digits,all_tests
 # (install is a no-op rebuild once built). Without GPU_CHECK_STEPS every step runs, the benchmark squeezed.
 #
 # Env: OUT (default ./gpu_out), GPU_CHECK_STEPS (comma list, default all), GPU_CHECK_BUDGET_S (whole script,
