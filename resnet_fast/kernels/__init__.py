@@ -5,3 +5,6 @@ defines a ``@triton.jit`` kernel before :mod:`resnet_fast._backend` has decided 
 Shared geometry/index math: :mod:`.conv_common`; tile configs and the autotune cache: :mod:`.configs`;
 the sm_90 compile check over every module's ``compile_specs()``: :mod:`.compile_check`.
 """
+from . import _interpreter_compat
+
+_interpreter_compat.apply()
