@@ -41,7 +41,8 @@ def _act_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def _centre(mean: torch.Tensor) -> torch.Tensor:
-    # The batch mean as the tail op's centre: it only sets the rounding of the backward sums, so no gradient.
+    # The batch mean as a centre (the next conv's in_centre, the tail op's x_centre/res_centre): it only sets the
+    # rounding of the backward sums, so no gradient.
     return mean.detach().contiguous()
 
 
@@ -65,7 +66,7 @@ def block_forward_train_kernels(block, x: torch.Tensor) -> torch.Tensor:
     pairs = _pairs(block)
     y, scale, shift, mean = conv_bn_train(xa, *pairs[0])
     for conv, bn in pairs[1:]:
-        y, scale, shift, mean = conv_bn_train(y, conv, bn, scale, shift, mean.detach())
+        y, scale, shift, mean = conv_bn_train(y, conv, bn, scale, shift, _centre(mean))
     ds = block.downsample
     res_scale = res_shift = res_centre = None
     if ds is None:
