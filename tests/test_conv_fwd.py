@@ -6,6 +6,7 @@ against F.conv2d in float64 composed with the float64 epilogue.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -205,6 +206,87 @@ def test_every_output_element_written(kernel_device, small_config):
     assert not torch.isnan(y).any()
     assert torch.isnan(big[-64:]).all()
     assert rel_err(y, reference(x, w, kw["bias"], 2, 1)) < TOL[torch.float32]
+
+
+SMALL_TMA = ConvConfig(32, 16, 16, 2, 4, 1, tma=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("fused", [False, True], ids=["inference", "training"])
+def test_tma_pointwise_path(dtype, fused, kernel_device):
+    """The TMA variant on a pointwise conv whose M, C and K are not tile multiples (TMA's zero fill must stand
+    in for the load masks), NaN-poisoned output, full inference epilogue or the training prologue + stats."""
+    N, C, H, W, K = 2, 24, 5, 3, 20  # M = 30 rows: a partial 32-row tile; C = 24: a partial 16-channel step
+    x, w, kw = make(N, C, H, W, K, 1, 1, 1, dtype, kernel_device, seed=11, bias=not fused, scale=not fused,
+                    shift=not fused, relu=not fused)
+    xc = x.contiguous(memory_format=torch.channels_last)
+    geo = ConvGeometry.make(x.shape, w.shape)
+    wp = conv_fwd.pack_weight(w, 1, dtype)
+    assert conv_fwd.tma_eligible(xc, wp, geo, dot_ieee=False)
+    out = torch.empty((N, K, H, W), dtype=dtype, device=kernel_device,
+                      memory_format=torch.channels_last).fill_(float("nan"))
+    if fused:
+        isc, ish = (torch.rand(C) + 0.5).to(kernel_device), (torch.rand(C) - 0.3).to(kernel_device)
+        res = torch.randn(N, K, H, W).to(kernel_device, dtype).contiguous(memory_format=torch.channels_last)
+        y, part = conv_fwd.conv2d_nhwc(xc, wp, geo, in_scale=isc, in_shift=ish, in_relu=True, residual=res,
+                                       stats=True, allow_tf32=True, config=SMALL_TMA, out=out)
+        ref = reference(x, w, in_scale=isc, in_shift=ish, in_relu=True, residual=res)
+        rows = y.permute(0, 2, 3, 1).reshape(geo.M, K).double().split(SMALL_TMA.BLOCK_M)
+        assert rel_err(part.sum, torch.stack([t.sum(0) for t in rows])) < 1e-5
+        assert rel_err(part.m2, torch.stack([((t - t.mean(0)) ** 2).sum(0) for t in rows])) < 1e-5
+    else:
+        bias = kw.pop("bias")
+        y, _ = conv_fwd.conv2d_nhwc(xc, wp, geo, bias=bias, allow_tf32=True, config=SMALL_TMA, out=out, **kw)
+        ref = reference(x, w, bias, **kw)
+    assert not torch.isnan(y).any()
+    # tf32 on the GPU (TMA pairs with tensor-core dots only); the interpreter computes fp32 exactly
+    tol = 5e-3 if dtype == torch.float32 and kernel_device == "cuda" else TOL[dtype]
+    assert rel_err(y, ref) < tol
+
+
+def test_tma_eligibility(kernel_device, monkeypatch):
+    """TMA only where its constraints hold; a pinned TMA config elsewhere is a clear error, not garbage."""
+    def case(C=24, R=1, groups=1, dtype=torch.float16, offset=0, dot_ieee=False):
+        x = torch.randn(2 * C * 15 + offset, dtype=dtype, device=kernel_device)[offset:]
+        x = x.view(2, 5, 3, C).permute(0, 3, 1, 2)  # channels_last [2, C, 5, 3]
+        w = torch.randn(16, C // groups, R, R, dtype=dtype, device=kernel_device)
+        geo = ConvGeometry.make(x.shape, w.shape, padding=R // 2, groups=groups)
+        return x, conv_fwd.pack_weight(w, groups, dtype), geo, dot_ieee
+    assert conv_fwd.tma_eligible(*case())
+    assert conv_fwd.tma_eligible(*case(C=20, dtype=torch.float32))  # 80-byte rows
+    assert not conv_fwd.tma_eligible(*case(R=3))  # not pointwise
+    assert not conv_fwd.tma_eligible(*case(groups=2))
+    assert not conv_fwd.tma_eligible(*case(C=12))  # 24-byte rows: TMA strides are multiples of 16 bytes
+    assert not conv_fwd.tma_eligible(*case(offset=4))  # base 8 bytes past an aligned address
+    assert not conv_fwd.tma_eligible(*case(dtype=torch.float32, dot_ieee=True))
+    monkeypatch.setenv("RESNET_FAST_TMA", "0")
+    assert not conv_fwd.tma_eligible(*case())
+    monkeypatch.delenv("RESNET_FAST_TMA")
+    x, wp, geo, _ = case(R=3)
+    with pytest.raises(ValueError, match="uses TMA"):
+        conv_fwd.conv2d_nhwc(x, wp, geo, config=SMALL_TMA)
+
+
+def test_tma_twins_are_tuning_candidates_never_the_default(monkeypatch, kernel_device):
+    """Eligible launches offer the autotuner TMA twins of the large tiles and key them apart; the untuned
+    default stays the pointer path (TMA has to win a measurement); ineligible launches offer none."""
+    seen = []
+
+    def spy(op, geometry, dtype, device, candidates, flags, launch, default):
+        seen.append((candidates, flags, default))
+        return cfgs.INTERPRETER_CONFIG
+    monkeypatch.setattr(cfgs, "choose", spy)
+    for R in (1, 3):
+        x, w, _ = make(2, 32, 6, 6, 64, R, R, 1, torch.float16, kernel_device)
+        geo = ConvGeometry.make(x.shape, w.shape, padding=R // 2)
+        conv_fwd.conv2d_nhwc(x.contiguous(memory_format=torch.channels_last),
+                             conv_fwd.pack_weight(w, 1, torch.float16), geo)
+    (pw, pw_flags, pw_default), (c3, c3_flags, _) = seen
+    twins = [c for c in pw if c.tma]
+    assert twins and all(c.BLOCK_M >= 128 and c.BLOCK_N >= 64 for c in twins)
+    assert all(dataclasses.replace(c, tma=False) in pw for c in twins)
+    assert not pw_default.tma and not any(c.tma for c in c3)
+    assert pw_flags[-1] is True and c3_flags[-1] is False  # TMA-eligible launches tune under their own keys
 
 
 def test_nchw_and_channels_last_inputs_agree(kernel_device, triton_backend):
@@ -440,6 +522,32 @@ def test_every_tuning_config_gpu(dtype):
             y, _ = conv_fwd.conv2d_nhwc(x, conv_fwd.pack_weight(w, 1, dtype), geo, config=cfg, allow_tf32=False,
                                         **kw)
             assert rel_err(y, ref) < TOL[dtype], cfg
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+def test_every_tma_twin_gpu(dtype):
+    """Each TMA candidate, pinned, on two ResNet-50 pointwise layers and one whose M, C, K are off the tiles,
+    with the inference epilogue and with the training prologue + residual + stats (fp32 runs as tf32)."""
+    if not cfgs.tma_allowed(torch.device("cuda")):
+        pytest.skip("this GPU / Triton has no TMA descriptors")
+    tol = 5e-3 if dtype == torch.float32 else TOL[dtype]
+    for N, C, K, h in ((8, 256, 64, 56), (8, 1024, 2048, 7), (3, 40, 72, 9)):
+        x, w, kw = make(N, C, h, h, K, 1, 1, 1, dtype, "cuda", scale=True, shift=True, relu=True)
+        x = x.contiguous(memory_format=torch.channels_last)
+        geo = ConvGeometry.make(x.shape, w.shape)
+        wp = conv_fwd.pack_weight(w, 1, dtype)
+        isc, ish = torch.rand(C, device="cuda") + 0.5, torch.rand(C, device="cuda") - 0.2
+        res = torch.randn(N, K, h, h, device="cuda", dtype=dtype).contiguous(memory_format=torch.channels_last)
+        ref = reference(x, w, None, **kw)
+        ref_train = reference(x, w, in_scale=isc, in_shift=ish, in_relu=True, residual=res)
+        for cfg in conv_fwd._tma_variants(cfgs.fwd_configs(dtype)):
+            y, _ = conv_fwd.conv2d_nhwc(x, wp, geo, config=cfg, allow_tf32=True, **kw)
+            assert rel_err(y, ref) < tol, cfg
+            y, part = conv_fwd.conv2d_nhwc(x, wp, geo, config=cfg, allow_tf32=True, in_scale=isc, in_shift=ish,
+                                           in_relu=True, residual=res, stats=True)
+            assert rel_err(y, ref_train) < tol, cfg
+            assert rel_err(part.sum.sum(0), y.double().sum((0, 2, 3))) < 1e-5, cfg
 
 
 @pytest.mark.gpu

@@ -14,6 +14,7 @@ returning a list of 5-tuples ``(jit_fn, signature, constexprs, options, is_gemm)
 * ``constexprs``: ``{arg_name: value}`` for the constexpr arguments;
 * ``options``: ``{"num_warps": int, "num_stages": int}``;
 * ``is_gemm``: True when the kernel's inner loop is a ``tl.dot`` that must lower to ``wgmma`` on sm_90;
+  a spec with a ``tensordesc<...>`` argument must also load through TMA (``cp.async.bulk.tensor``);
 * ``div16`` (optional): names of integer arguments to treat as multiples of 16, as Triton's launcher
   specialises them at run time for such values (e.g. channel counts).
 
@@ -22,7 +23,8 @@ specialises for every fresh PyTorch allocation; without it the PTX would show th
 (scalar loads, no cp.async pipelining) that real launches never use.
 
 Each spec is compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`` in a pool of
-2 processes, then checked: (1) GEMM kernels contain ``wgmma`` in their PTX; (2) ``ptxas -arch=sm_90a -v``
+2 processes, then checked: (1) GEMM kernels contain ``wgmma`` in their PTX, and kernels given TMA descriptors
+``cp.async.bulk.tensor``; (2) ``ptxas -arch=sm_90a -v``
 reports 0 bytes of spill stores and loads; (3) shared memory fits Hopper's 227 KB per block. ``ptxas`` is
 Triton's bundled one (the toolkit's may reject the newer PTX version Triton emits), else ``$CUDA_HOME/bin``,
 ``/usr/local/cuda/bin`` or ``PATH``.
@@ -106,7 +108,7 @@ def ptxas_usage(ptx: str, ptxas: str) -> dict:
 def _describe(sig: dict, cx: dict, opts: dict) -> str:
     ptr_types = sorted({t for t in sig.values() if t.startswith("*") and t not in ("*fp32", "*i32")})
     blocks = "x".join(str(cx[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if k in cx)
-    flags = ",".join(k for k, v in cx.items() if v is True)
+    flags = ",".join(k for k, v in cx.items() if v is True)  # TMA among them
     return (f"{'/'.join(ptr_types) or 'fp32'} {blocks} w{opts.get('num_warps')} s{opts.get('num_stages')}"
             + (f" [{flags}]" if flags else ""))
 
@@ -131,12 +133,15 @@ def compile_one(job: tuple) -> dict:
                             options=dict(opts))
         ptx = ck.asm["ptx"]
         row["wgmma"] = "wgmma" in ptx
+        row["tma"] = "cp.async.bulk.tensor" in ptx
         row["shared"] = int(getattr(ck.metadata, "shared", 0) or 0)
         row.update(ptxas_usage(ptx, ptxas) if ptxas else {"registers": None, "spill_stores": None,
                                                          "spill_loads": None})
         problems = []
         if is_gemm and not row["wgmma"]:
             problems.append("no wgmma in PTX")
+        if any(t.startswith("tensordesc") for t in sig.values()) and not row["tma"]:
+            problems.append("TMA descriptors given but no cp.async.bulk.tensor in PTX")
         if row["spill_stores"] or row["spill_loads"]:
             problems.append(f"spills {row['spill_stores']}B stores / {row['spill_loads']}B loads")
         if row["shared"] > HOPPER_SMEM:

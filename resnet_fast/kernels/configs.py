@@ -4,6 +4,8 @@
 * :data:`FWD_CONFIGS` — the forward kernel's candidates (sized for Hopper's 227 KB and Ampere's 164 KB of
   shared memory with 16-bit operands; :func:`for_dtype` halves BLOCK_K for fp32 so the staged bytes stay the
   same). :data:`INTERPRETER_CONFIG` — the one small config used in the CPU interpreter (never autotuned).
+* :func:`tma_allowed` — whether a kernel may take its operands by TMA descriptors on a device
+  (``RESNET_FAST_TMA=0`` turns them off, to measure what they buy).
 * :func:`conv_allows_tf32` — fp32 convs use TF32 exactly when PyTorch would use it for a cuDNN conv.
 * :class:`Autotuner` — picks the fastest candidate once per key, remembers it in memory and in a JSON file
   under ``$RESNET_FAST_CACHE_DIR`` (default ``~/.cache/resnet_fast``), so a second process does not retune.
@@ -27,7 +29,7 @@ import torch
 from .. import _backend
 
 __all__ = ["ConvConfig", "FWD_CONFIGS", "INTERPRETER_CONFIG", "for_dtype", "fwd_configs", "prune",
-           "checked_candidates", "heuristic", "conv_allows_tf32", "tuning_key", "cache_path", "Autotuner", "choose",
+           "checked_candidates", "heuristic", "tma_allowed", "conv_allows_tf32", "tuning_key", "cache_path", "Autotuner", "choose",
            "pinned_config"]
 
 
@@ -40,6 +42,7 @@ class ConvConfig:
     GROUP_M: int = 8
     num_warps: int = 4
     num_stages: int = 3
+    tma: bool = False  # operand tiles by TMA descriptors (the forward's pointwise path, sm_90+; see conv_fwd)
 
     def smem_bytes(self, elem_bytes: int) -> int:
         """Shared memory of the pipelined A/B tiles (what num_stages multiplies)."""
@@ -47,7 +50,7 @@ class ConvConfig:
 
     def name(self) -> str:
         return (f"m{self.BLOCK_M}n{self.BLOCK_N}k{self.BLOCK_K}g{self.GROUP_M}"
-                f"w{self.num_warps}s{self.num_stages}")
+                f"w{self.num_warps}s{self.num_stages}" + ("-tma" if self.tma else ""))
 
 
 # Candidates for 16-bit operands. The large tiles feed wgmma on sm_90 (8 warps = 2 warpgroups); the 16-wide
@@ -120,6 +123,22 @@ def heuristic(candidates, M: int, Kg: int, Cg_pad: int) -> ConvConfig:
     def dist(c):
         return sum(abs(math.log2(a) - math.log2(b)) for a, b in zip((c.BLOCK_M, c.BLOCK_N, c.BLOCK_K), want))
     return min(candidates, key=dist)
+
+
+def tma_allowed(device: torch.device) -> bool:
+    """Whether kernels may read operands through TMA descriptors on ``device``: the installed Triton has
+    host-side descriptors (``triton.tools.tensor_descriptor``, triton >= 3.4), the device is sm_90 or newer
+    (or the interpreter runs the kernels, for tests), and ``RESNET_FAST_TMA`` is not ``0`` (the switch that
+    measures what TMA buys: its tuning keys differ, so each setting keeps its own winners)."""
+    if os.environ.get("RESNET_FAST_TMA", "1").strip().lower() in ("0", "false", "off", "no"):
+        return False
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+    except ImportError:
+        return False
+    if _backend.interpreting():
+        return True
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
 
 
 def conv_allows_tf32() -> bool:

@@ -12,6 +12,13 @@ channels ``c >= Cg`` masked to zero; the B tile comes from the packed weight ``[
 zero-padded channels let ``C = 3`` or 4 channels per group run as a 16-wide MMA step. A 1×1 stride-1
 unpadded conv (``POINTWISE``) skips the pixel math: row ``m`` reads ``x`` at ``m*C``.
 
+``TMA`` (a tuning candidate, ``ConvConfig.tma``; pointwise convs with ``groups=1`` on sm_90+): the A and B tiles
+come from host-built TMA descriptors of ``x`` as a ``[M, C]`` matrix and the packed weight as ``[K, Cg_pad]``
+instead of pointer gathers; the hardware zero-fills rows ``>= M`` and channels ``>= C``, so no load masks and
+no address math per element. It needs 16-byte-aligned bases and rows (``C`` a multiple of 8 for 16-bit
+operands, 4 for fp32) and ``M < 2**31`` (TMA coordinates are int32); :func:`tma_eligible` decides, and the
+autotuner only keeps it where it measures faster.
+
 Fusions (constexpr switches, all off by default, used by the training path):
 
 * ``PROLOGUE``: ``a = relu?(x*in_scale[c] + in_shift[c])`` applied to the loaded A tile in fp32, then the load
@@ -31,11 +38,17 @@ from __future__ import annotations
 
 import threading
 import weakref
+from dataclasses import replace
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
+
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # triton < 3.4: no host-side descriptors (configs.tma_allowed is then False)
+    TensorDescriptor = None
 
 from .. import _backend
 from . import configs as _cfg
@@ -43,7 +56,7 @@ from .checks import FLOAT_DTYPES, check_vector
 from .configs import ConvConfig
 from .conv_common import ConvGeometry, input_coords, rows_to_npq, swizzle_pid
 
-__all__ = ["conv2d_nhwc", "pack_weight", "pinned_config", "compile_specs", "SUPPORTED_DTYPES", "TileStats"]
+__all__ = ["conv2d_nhwc", "pack_weight", "pinned_config", "tma_eligible", "compile_specs", "SUPPORTED_DTYPES", "TileStats"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -61,13 +74,13 @@ class TileStats(NamedTuple):
 def _conv_fwd_kernel(
         x_ptr, w_ptr, y_ptr,
         bias_ptr, scale_ptr, shift_ptr, res_ptr,
-        in_scale_ptr, in_shift_ptr, part_ptr,
+        in_scale_ptr, in_shift_ptr, part_ptr, x_desc, w_desc,
         H, W, C, P, Q, K, Cg, Kg, Cg_pad, M,
         stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
         R: tl.constexpr, S: tl.constexpr, POINTWISE: tl.constexpr,
         HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr,
         RELU: tl.constexpr, PROLOGUE: tl.constexpr, IN_RELU: tl.constexpr, STATS: tl.constexpr,
-        DOT_IEEE: tl.constexpr, C_ALIGN: tl.constexpr, EVEN_C: tl.constexpr,
+        DOT_IEEE: tl.constexpr, C_ALIGN: tl.constexpr, EVEN_C: tl.constexpr, TMA: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     grp = tl.program_id(1)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -88,32 +101,39 @@ def _conv_fwd_kernel(
     c_blocks = tl.cdiv(Cg, BLOCK_K)
     for it in range(0, R * S * c_blocks):
         rs = it // c_blocks
-        cc = (it - rs * c_blocks) * BLOCK_K + offs_c
-        if POINTWISE:  # h = p, w = q: the row's pixel is the input pixel
-            a_row = offs_m * C + grp * Cg
-            a_rows_ok = row_ok
+        c0 = (it - rs * c_blocks) * BLOCK_K
+        cc = c0 + offs_c
+        if TMA:  # pointwise, groups 1: boxes of x as [M, C] and w as [K, Cg_pad]; TMA zero-fills past the edges
+            a = x_desc.load([pid_m * BLOCK_M, c0])
+            b = w_desc.load([pid_n * BLOCK_N, c0]).T
         else:
-            h, w, inside = input_coords(p, q, rs // S, rs % S, stride_h, stride_w, pad_h, pad_w,
-                                        dil_h, dil_w, H, W)
-            a_row = x_img + (h * W + w) * C
-            a_rows_ok = row_ok & inside
-        a_row = tl.multiple_of(a_row, C_ALIGN)  # every row starts at a multiple of gcd(Cg, 16) elements
-        b_col = tl.multiple_of(w_col + rs * Cg_pad, 16)  # Cg_pad is a multiple of 16
-        if EVEN_C:  # no channel mask: masks constant along c keep loads vectorised (and cp.async-pipelined)
-            a_mask = a_rows_ok[:, None]
-            b_mask = n_ok[None, :]
-        else:
-            c_ok = cc < Cg
-            a_mask = a_rows_ok[:, None] & c_ok[None, :]
-            b_mask = c_ok[:, None] & n_ok[None, :]
-        a = tl.load(x_ptr + a_row[:, None] + cc[None, :], mask=a_mask, other=0.0)
-        if PROLOGUE:  # in_scale/in_shift are read at c < Cg only: channels past Cg are masked below
+            if POINTWISE:  # h = p, w = q: the row's pixel is the input pixel
+                a_row = offs_m * C + grp * Cg
+                a_rows_ok = row_ok
+            else:
+                h, w, inside = input_coords(p, q, rs // S, rs % S, stride_h, stride_w, pad_h, pad_w,
+                                            dil_h, dil_w, H, W)
+                a_row = x_img + (h * W + w) * C
+                a_rows_ok = row_ok & inside
+            a_row = tl.multiple_of(a_row, C_ALIGN)  # every row starts at a multiple of gcd(Cg, 16) elements
+            b_col = tl.multiple_of(w_col + rs * Cg_pad, 16)  # Cg_pad is a multiple of 16
+            if EVEN_C:  # no channel mask: masks constant along c keep loads vectorised (and cp.async-pipelined)
+                a_mask = a_rows_ok[:, None]
+                b_mask = n_ok[None, :]
+            else:
+                c_ok = cc < Cg
+                a_mask = a_rows_ok[:, None] & c_ok[None, :]
+                b_mask = c_ok[:, None] & n_ok[None, :]
+            a = tl.load(x_ptr + a_row[:, None] + cc[None, :], mask=a_mask, other=0.0)
+            b = tl.load(w_ptr + b_col[None, :] + cc[:, None], mask=b_mask, other=0.0)
+        if PROLOGUE:  # in_scale/in_shift are read at c < Cg only; what channels past Cg become is masked below
             c_in = grp * Cg + tl.minimum(cc, Cg - 1)
             af = a.to(tl.float32) * tl.load(in_scale_ptr + c_in)[None, :] + tl.load(in_shift_ptr + c_in)[None, :]
             if IN_RELU:
                 af = tl.maximum(af, 0.0)
-            a = tl.where(a_mask, af, 0.0).to(x_ptr.dtype.element_ty)  # padding stays zero, not relu(shift)
-        b = tl.load(w_ptr + b_col[None, :] + cc[:, None], mask=b_mask, other=0.0)
+            if not TMA:  # padding stays zero, not relu(shift). TMA needs no mask: it reads no padding, rows
+                af = tl.where(a_mask, af, 0.0)  # past M are never stored, channels past C meet zero weights
+            a = af.to(x_ptr.dtype.element_ty)
         if DOT_IEEE:
             acc = tl.dot(a, b, acc, input_precision="ieee")
         else:
@@ -202,6 +222,22 @@ def pinned_config(cfg: ConvConfig):
     return _cfg.pinned_config("conv_fwd", cfg)
 
 
+def tma_eligible(x: torch.Tensor, w_packed: torch.Tensor, g: ConvGeometry, dot_ieee: bool) -> bool:
+    """Whether the ``TMA`` variant can run this launch: a pointwise conv with ``groups=1`` on a device that
+    allows TMA (:func:`configs.tma_allowed`), 16-byte-aligned ``x``/``w_packed`` bases and ``x`` rows
+    (``C * itemsize % 16 == 0``), ``M < 2**31`` rows, and a tensor-core dot (IEEE fp32 is FMA work, whose
+    operand layout gains nothing from TMA)."""
+    return (g.is_pointwise and g.groups == 1 and not dot_ieee and 0 < g.M < 2**31
+            and (g.C * x.element_size()) % 16 == 0 and x.data_ptr() % 16 == 0 and w_packed.data_ptr() % 16 == 0
+            and _cfg.tma_allowed(x.device))
+
+
+def _tma_variants(candidates) -> list:
+    """TMA twins of the large-tile candidates (the tiles where address math and load masks cost the most
+    registers); the small 16-wide tiles serve narrow channel counts that TMA does not help."""
+    return [replace(c, tma=True) for c in candidates if c.BLOCK_M >= 128 and c.BLOCK_N >= 64 and c.BLOCK_K >= 32]
+
+
 # ------------------------------------------------------------------------------------------------- launcher
 def _check(cond: bool, msg: str) -> None:
     if not cond:
@@ -278,7 +314,8 @@ def conv2d_nhwc(x: torch.Tensor, w_packed: torch.Tensor, geometry: ConvGeometry,
         allow_tf32 = _cfg.conv_allows_tf32()
     dot_ieee = dtype == torch.float32 and not allow_tf32
     prologue = in_scale is not None
-    flags = (bool(prologue), bool(stats), residual is not None, bool(dot_ieee))
+    tma_ok = tma_eligible(x, w_packed, g, dot_ieee)
+    flags = (bool(prologue), bool(stats), residual is not None, bool(dot_ieee), tma_ok)
     partials_for: dict = {}
 
     def launch(cfg: ConvConfig):
@@ -294,27 +331,35 @@ def conv2d_nhwc(x: torch.Tensor, w_packed: torch.Tensor, geometry: ConvGeometry,
                 part.zero_()
             return part
         dummy = out  # never read: its branch is compiled out
+        x_desc, w_desc = x, w_packed  # placeholders when not TMA (never read)
+        if cfg.tma:
+            x_desc = TensorDescriptor(x, [g.M, g.C], [g.C, 1], [cfg.BLOCK_M, cfg.BLOCK_K])
+            w_desc = TensorDescriptor(w_packed, [g.K, g.Cg_pad], [g.Cg_pad, 1], [cfg.BLOCK_N, cfg.BLOCK_K])
         grid = (tiles_m * triton.cdiv(g.Kg, cfg.BLOCK_N), g.groups)
         _conv_fwd_kernel[grid](
             x, w_packed, out,
             dummy if bias is None else bias, dummy if scale is None else scale,
             dummy if shift is None else shift, dummy if residual is None else residual,
             dummy if in_scale is None else in_scale, dummy if in_shift is None else in_shift,
-            dummy if part is None else part,
+            dummy if part is None else part, x_desc, w_desc,
             g.H, g.W, g.C, g.P, g.Q, g.K, g.Cg, g.Kg, g.Cg_pad, g.M,
             g.stride[0], g.stride[1], g.padding[0], g.padding[1], g.dilation[0], g.dilation[1],
             R=g.R, S=g.S, POINTWISE=g.is_pointwise,
             HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
             HAS_RES=residual is not None, RELU=bool(relu), PROLOGUE=prologue, IN_RELU=bool(in_relu),
             STATS=bool(stats), DOT_IEEE=dot_ieee, C_ALIGN=_pow2_divisor(g.Cg, 16), EVEN_C=g.Cg % cfg.BLOCK_K == 0,
-            BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
+            TMA=cfg.tma, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return part
 
     if config is None:
         candidates = _cfg.prune(_cfg.fwd_configs(dtype), g.M, g.Kg, g.Cg_pad, dtype)
-        config = _cfg.choose("conv_fwd", g, dtype, device, candidates, flags, launch,
-                             _cfg.heuristic(candidates, g.M, g.Kg, g.Cg_pad))
+        default = _cfg.heuristic(candidates, g.M, g.Kg, g.Cg_pad)  # never TMA: it has to win a measurement
+        if tma_ok:
+            candidates += _tma_variants(candidates)
+        config = _cfg.choose("conv_fwd", g, dtype, device, candidates, flags, launch, default)
+    _check(not config.tma or tma_ok, f"{who}: config {config.name()} uses TMA, which this launch cannot "
+                                     "(see conv_fwd.tma_eligible)")
     part = launch(config)
     return out, None if part is None else TileStats(part[0], part[1], config.BLOCK_M)
 
@@ -327,10 +372,12 @@ def compile_specs() -> list:
     """(jit_fn, signature, constexprs, options, is_gemm, div16) for :mod:`.compile_check`: every forward
     candidate of bf16 and fp32 (tf32) at a 3×3 stride-1 geometry with the inference epilogue, one fp16, the
     fully fused training variant (prologue + residual + stats), the pointwise path, the stem's unaligned
-    C=3 path, and IEEE fp32 (FMA, not a wgmma GEMM)."""
+    C=3 path, IEEE fp32 (FMA, not a wgmma GEMM), and the TMA twin of every large bf16 tile, of the fp32 (tf32)
+    tile and of the fused training variant on the pointwise path (descriptor arguments: the check also
+    requires TMA loads in their PTX)."""
     fn = _conv_fwd_kernel
     ptrs = ("x_ptr", "w_ptr", "y_ptr", "bias_ptr", "scale_ptr", "shift_ptr", "res_ptr", "in_scale_ptr",
-            "in_shift_ptr", "part_ptr")
+            "in_shift_ptr", "part_ptr", "x_desc", "w_desc")
     fp32_ptrs = ("bias_ptr", "scale_ptr", "shift_ptr", "in_scale_ptr", "in_shift_ptr", "part_ptr")
     ints = ("H", "W", "C", "P", "Q", "K", "Cg", "Kg", "Cg_pad", "M", "stride_h", "stride_w", "pad_h", "pad_w",
             "dil_h", "dil_w")
@@ -338,12 +385,15 @@ def compile_specs() -> list:
     def spec(dtype, cfg, *, pointwise=False, fused=False, ieee=False, stem=False):
         dt = _TL[dtype]
         sig = {p: ("*fp32" if p in fp32_ptrs else f"*{dt}") for p in ptrs}
+        if cfg.tma:
+            sig["x_desc"] = f"tensordesc<{dt}[{cfg.BLOCK_M}, {cfg.BLOCK_K}]>"
+            sig["w_desc"] = f"tensordesc<{dt}[{cfg.BLOCK_N}, {cfg.BLOCK_K}]>"
         sig.update({i: "i32" for i in ints})
         rs = 7 if stem else 1 if pointwise else 3
         cx = dict(R=rs, S=rs, POINTWISE=pointwise, HAS_BIAS=False, HAS_SCALE=True, HAS_SHIFT=True,
                   HAS_RES=fused, RELU=True, PROLOGUE=fused, IN_RELU=fused, STATS=fused, DOT_IEEE=ieee,
-                  C_ALIGN=1 if stem else 16, EVEN_C=not stem, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
-                  BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M)
+                  C_ALIGN=1 if stem else 16, EVEN_C=not stem, TMA=cfg.tma, BLOCK_M=cfg.BLOCK_M,
+                  BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M)
         sig.update({k: "constexpr" for k in cx})
         sig = {name: sig[name] for name in fn.arg_names}
         # channel counts as Triton specialises them for ResNet layers (multiples of 16; the stem's C=3 not)
@@ -355,4 +405,7 @@ def compile_specs() -> list:
     specs += [spec(torch.float16, bf16[0]), spec(torch.bfloat16, bf16[0], fused=True),
               spec(torch.bfloat16, bf16[0], pointwise=True), spec(torch.bfloat16, bf16[-2], stem=True),
               spec(torch.float32, next(c for c in fp32 if c.BLOCK_M == c.BLOCK_N == 64), ieee=True)]
+    specs += [spec(torch.bfloat16, cfg, pointwise=True) for cfg in _tma_variants(bf16)]
+    specs += [spec(torch.float32, _tma_variants(fp32)[0], pointwise=True),
+              spec(torch.bfloat16, _tma_variants(bf16)[0], pointwise=True, fused=True)]
     return specs
