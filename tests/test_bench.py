@@ -154,6 +154,20 @@ def test_unavailable_row_is_valid_and_shown():
     assert "unavailable" in report.to_markdown(doc)
 
 
+def test_markdown_shows_what_the_autotuner_measured():
+    """The report's autotune table: winner, best pointer-path vs best TMA-twin time per key, failures."""
+    doc = _doc()
+    doc["autotune"] = {"conv_fwd|64|256|1|1|(1, 1)|(0, 0)|(1, 1)|1|1048576|bfloat16|H100|(9, 0)|True": {
+        "winner": "m128n128k64g8w8s3-tma",
+        "ms": {"m128n128k64g8w8s3": 0.25, "m128n64k64g8w4s4": 0.3, "m128n128k64g8w8s3-tma": 0.2},
+        "failed": {"m256n128k64g8w8s3-tma": "OutOfResources: shared memory"}}}
+    md = report.to_markdown(doc)
+    row = next(line for line in md.splitlines() if line.startswith("| conv_fwd/64/256/"))
+    assert row.split(" | ")[1:] == ["m128n128k64g8w8s3-tma", "0.2500", "0.2000", "m256n128k64g8w8s3-tma |"]
+    assert "H100" not in row  # the device is in the header, not repeated per key
+    assert "## autotune" not in report.to_markdown(_doc())  # nothing tuned: no section
+
+
 # ---- suites plumbing on CPU -----------------------------------------------------------------------------
 
 def test_suites_run_every_row_on_cpu():

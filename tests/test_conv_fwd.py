@@ -421,8 +421,10 @@ def test_autotuner_persists_winners(tmp_path, monkeypatch):
     best = cands[-1]
     times[best] = 0.1
     calls = []
-    win = cfgs.Autotuner().pick(key, cands, lambda c: calls.append(c) or times[c])
+    tuner = cfgs.Autotuner()
+    win = tuner.pick(key, cands, lambda c: calls.append(c) or times[c])
     assert win == best and len(calls) == len(cands)
+    assert tuner.measured[key] == {"winner": best.name(), "ms": {c.name(): times[c] for c in cands}, "failed": {}}
     saved = json.loads(open(cfgs.cache_path()).read())
     assert ConvConfig(**saved[key]) == best
     fresh = cfgs.Autotuner()  # a "second process": reads the file, never benchmarks
@@ -430,6 +432,24 @@ def test_autotuner_persists_winners(tmp_path, monkeypatch):
     def no_bench(c):
         raise AssertionError("retuned")
     assert fresh.pick(key, cands, no_bench) == best
+
+
+def test_autotuner_reports_failing_candidates(tmp_path, monkeypatch, caplog):
+    """A candidate that cannot run is skipped, but logged and kept in the tuning record (never silent); the
+    report reaches the benchmark through configs.tuning_report()."""
+    monkeypatch.setenv("RESNET_FAST_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cfgs, "_TUNER", cfgs.Autotuner())
+    bad, good = SMALL_TMA, SMALL
+
+    def bench(c):
+        if c.tma:
+            raise RuntimeError("out of resources")
+        return 0.5
+    with caplog.at_level("WARNING", logger="resnet_fast"):
+        assert cfgs._TUNER.pick("k", [bad, good], bench) == good
+    assert "out of resources" in caplog.text and bad.name() in caplog.text
+    assert cfgs.tuning_report() == {"k": {"winner": good.name(), "ms": {good.name(): 0.5},
+                                          "failed": {bad.name(): "RuntimeError: out of resources"}}}
 
 
 def test_fp32_is_ieee_unless_both_torch_switches_allow_tf32(monkeypatch):

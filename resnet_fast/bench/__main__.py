@@ -157,8 +157,9 @@ def run_gpu(args) -> int:
     with _progress(count_jobs(cfg)) as bar:
         rows = run_suites(cfg, doc["peaks"], progress=bar, log=_log)
     add_speedups(rows)
+    from ..kernels.configs import tuning_report
     doc.update(gpu_timings=True, backend=resnet_fast.backend(), reference=reference.SOURCE,
-               stats=resnet_fast.stats(), wall_s=time.perf_counter() - t0,
+               stats=resnet_fast.stats(), autotune=tuning_report(), wall_s=time.perf_counter() - t0,
                config={k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()
                        if k in ("model", "batch", "resolution", "dtype", "modes", "layout", "suites", "impls",
                                 "repeats", "warmup", "max_row_s", "budget_s", "quick")},

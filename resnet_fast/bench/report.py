@@ -7,7 +7,8 @@ Document schema (``benchmarks/results/<date>-<gpu>.json``)::
      "results": [{"suite", "model", "name", "mode", "dtype", "batch", "impl",
                   "ms", "tflops", "gbps", "peak_mem_MB", ...extra: status, spread, warmup_s, speedup, ...}]}
 
-``ms`` is the median; it (and the rates) are null when the row's ``status`` is not ``"ok"``.
+``ms`` is the median; it (and the rates) are null when the row's ``status`` is not ``"ok"``. A GPU run adds
+``"autotune"``: what the kernels' autotuner measured in the run (``configs.tuning_report()``).
 """
 from __future__ import annotations
 
@@ -148,7 +149,23 @@ def to_markdown(doc: dict) -> str:
                 "|" + "---|" * (len(COLUMNS) - 1)]
         for r in rows:
             out.append("| " + " | ".join(c.replace("|", "/") for c in _cells(r)[1:]) + " |")
-    return "\n".join(out) + "\n"
+    return "\n".join(out + autotune_lines(doc.get("autotune") or {})) + "\n"
+
+
+def autotune_lines(measured: dict) -> list[str]:
+    """Markdown table of the autotuner's record (``configs.tuning_report()``): per tuned key the winner, the best
+    pointer-path and best TMA-twin times (what TMA buys where it was offered) and the candidates that failed."""
+    if not measured:
+        return []
+    out = ["", "## autotune (tuned in this run; do_bench medians of each candidate)", "",
+           "| kernel key | winner | best pointer ms | best TMA ms | failed |", "|---|---|---|---|---|"]
+    for key, rec in sorted(measured.items()):
+        ptr = [t for name, t in rec["ms"].items() if not name.endswith("-tma")]
+        tma = [t for name, t in rec["ms"].items() if name.endswith("-tma")]
+        short = "/".join(key.split("|")[:11])  # op and geometry up to the dtype; the device is in the header
+        out.append(f"| {short} | {rec['winner']} | {_f(min(ptr) if ptr else None, '.4f')} | "
+                   f"{_f(min(tma) if tma else None, '.4f')} | {', '.join(rec['failed']) or ''} |")
+    return out
 
 
 def plot_speedups(doc: dict, path: Path) -> Optional[Path]:

@@ -11,6 +11,7 @@
   under ``$RESNET_FAST_CACHE_DIR`` (default ``~/.cache/resnet_fast``), so a second process does not retune.
   Keys come from :func:`tuning_key`, which buckets the GEMM row count coarsely (powers of 4) so a new batch
   size does not retune. ``RESNET_FAST_AUTOTUNE=0`` disables tuning (the shape heuristic decides).
+  :func:`tuning_report` returns what it measured in this process (every candidate's time, failures).
 * :func:`choose` — the one selection policy of every conv launcher (forward, dgrad, wgrad): a config pinned
   with :func:`pinned_config`, else the interpreter's, else the tuned winner, else the heuristic's choice.
 """
@@ -29,8 +30,8 @@ import torch
 from .. import _backend
 
 __all__ = ["ConvConfig", "FWD_CONFIGS", "INTERPRETER_CONFIG", "for_dtype", "fwd_configs", "prune",
-           "checked_candidates", "heuristic", "tma_allowed", "conv_allows_tf32", "tuning_key", "cache_path", "Autotuner", "choose",
-           "pinned_config"]
+           "checked_candidates", "heuristic", "tma_allowed", "conv_allows_tf32", "tuning_key", "cache_path",
+           "Autotuner", "tuning_report", "choose", "pinned_config"]
 
 
 @dataclass(frozen=True)
@@ -200,6 +201,7 @@ class Autotuner:
     def __init__(self):
         self._mem: dict | None = None
         self._lock = threading.Lock()
+        self.measured: dict = {}  # key -> {"winner", "ms": {config: ms}, "failed": {config: error}}, this process
 
     @staticmethod
     def enabled() -> bool:
@@ -231,16 +233,19 @@ class Autotuner:
             return hit
         if len(candidates) == 1:
             return candidates[0]
-        timings = []
+        timings, failed = [], {}
         for cfg in candidates:
             try:
                 timings.append((bench(cfg), cfg))
-            except Exception:  # a config that fails to compile/launch (e.g. out of resources) is skipped
-                continue
-        if not timings:
-            return candidates[0]
-        best = min(timings, key=lambda t: t[0])[1]
-        self._store(key, best)
+            except Exception as exc:  # e.g. out of resources: skipped, but said and kept in the record
+                failed[cfg.name()] = f"{type(exc).__name__}: {str(exc)[:200]}"
+                _backend.log.warning("autotune %s: config %s failed and is skipped (%s)", key, cfg.name(),
+                                     failed[cfg.name()])
+        best = min(timings, key=lambda t: t[0])[1] if timings else candidates[0]
+        with self._lock:
+            self.measured[key] = {"winner": best.name(), "ms": {c.name(): t for t, c in timings}, "failed": failed}
+        if timings:
+            self._store(key, best)
         return best
 
     def _store(self, key: str, cfg: ConvConfig) -> None:
@@ -265,6 +270,14 @@ class Autotuner:
 
 
 _TUNER = Autotuner()
+
+
+def tuning_report() -> dict:
+    """What this process's autotuner measured: ``{key: {"winner", "ms": {config name: ms}, "failed": {config
+    name: error}}}`` for every key it tuned (keys served from the disk cache are not re-measured, so absent).
+    The benchmark stores it, so a report shows e.g. what the TMA twins measured against the pointer path."""
+    with _TUNER._lock:
+        return {k: {**v, "ms": dict(v["ms"]), "failed": dict(v["failed"])} for k, v in _TUNER.measured.items()}
 _PINNED = threading.local()
 
 
