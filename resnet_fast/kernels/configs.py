@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -126,6 +127,15 @@ def heuristic(candidates, M: int, Kg: int, Cg_pad: int) -> ConvConfig:
     return min(candidates, key=dist)
 
 
+@functools.cache
+def _has_tma_descriptors() -> bool:
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def tma_allowed(device: torch.device) -> bool:
     """Whether kernels may read operands through TMA descriptors on ``device``: the installed Triton has
     host-side descriptors (``triton.tools.tensor_descriptor``, triton >= 3.4), the device is sm_90 or newer
@@ -133,9 +143,7 @@ def tma_allowed(device: torch.device) -> bool:
     measures what TMA buys: its tuning keys differ, so each setting keeps its own winners)."""
     if os.environ.get("RESNET_FAST_TMA", "1").strip().lower() in ("0", "false", "off", "no"):
         return False
-    try:
-        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
-    except ImportError:
+    if not _has_tma_descriptors():
         return False
     if _backend.interpreting():
         return True
