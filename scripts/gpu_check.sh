@@ -11,7 +11,6 @@
 #   GPU_CHECK_STEPS=versions,install,gpu_tests          then
 #   GPU_CHECK_STEPS=install,benchmark                     then   (the issue's one-command report, ~9 min)
 #   GPU_CHECK_STEPS=install,digits,all_tests
-# and, when time is left, GPU_CHECK_STEPS=install,tma_ab (what TMA descriptors buy the pointwise convs).
 # (install is a no-op rebuild once built). Without GPU_CHECK_STEPS every step runs, the benchmark squeezed.
 #
 # Env: OUT (default ./gpu_out), GPU_CHECK_STEPS (comma list, default all), GPU_CHECK_BUDGET_S (whole script,
@@ -78,28 +77,6 @@ if wants benchmark; then
   (( BENCH_BUDGET > 480 )) && BENCH_BUDGET=480
   step benchmark $(( BENCH_BUDGET + 50 )) python3 -m resnet_fast.bench --output "$OUT/results" \
     --budget-s "$BENCH_BUDGET" ${BENCH_ARGS:-}
-fi
-# What TMA buys (issue 3: "measure each"): the conv suite in eval, resnet_fast only, with RESNET_FAST_TMA=0 and
-# =1 (separate tuning keys, so each setting tunes its own winners); the 3x3 convs, where TMA never applies,
-# show the run-to-run noise. One merged file: <date>-tma-ab.json.
-if wants tma_ab; then
-  AB=$(mktemp -d)
-  for t in 0 1; do
-    step "tma_ab_$t" 200 env RESNET_FAST_TMA=$t python3 -m resnet_fast.bench --suites conv --mode eval \
-      --impls resnet_fast --output "$AB/tma$t" --budget-s 170
-  done
-  python3 - "$AB" "$OUT/results/$(date +%F)-tma-ab.json" <<'PY' 2>&1 | tee -a "$LOG"
-import glob, json, sys
-runs = {t: json.load(open(glob.glob(f"{sys.argv[1]}/tma{t}/*.json")[0])) for t in (0, 1)}
-ms = {t: {r["name"]: r.get("ms") for r in d["results"] if r["impl"] == "resnet_fast"} for t, d in runs.items()}
-rows = [{"name": n, "ms_tma_off": ms[0][n], "ms_tma_on": ms[1].get(n),
-         "speedup": (ms[0][n] / ms[1][n]) if ms[0][n] and ms[1].get(n) else None} for n in ms[0]]
-doc = {k: runs[1][k] for k in ("device", "date", "commit", "torch", "triton", "cuda")} | {"rows": rows}
-json.dump(doc, open(sys.argv[2], "w"), indent=1)
-for r in rows:
-    print(f"{r['name']:40} off {r['ms_tma_off'] or float('nan'):8.3f} ms  on {r['ms_tma_on'] or float('nan'):8.3f} ms"
-          f"  x{r['speedup'] or float('nan'):.3f}")
-PY
 fi
 for f in "$OUT"/results/*; do  # GPU reports only: a CPU demo's files never go to benchmarks/results
   [[ -f "$f" && "$f" != *cpu-demo* ]] && cp -f "$f" benchmarks/results/

@@ -286,6 +286,8 @@ def tuning_report() -> dict:
     The benchmark stores it, so a report shows e.g. what the TMA twins measured against the pointer path."""
     with _TUNER._lock:
         return {k: {**v, "ms": dict(v["ms"]), "failed": dict(v["failed"])} for k, v in _TUNER.measured.items()}
+
+
 _PINNED = threading.local()
 
 

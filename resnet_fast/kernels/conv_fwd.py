@@ -56,7 +56,8 @@ from .checks import FLOAT_DTYPES, check_vector
 from .configs import ConvConfig
 from .conv_common import ConvGeometry, input_coords, rows_to_npq, swizzle_pid
 
-__all__ = ["conv2d_nhwc", "pack_weight", "pinned_config", "tma_eligible", "compile_specs", "SUPPORTED_DTYPES", "TileStats"]
+__all__ = ["conv2d_nhwc", "pack_weight", "pinned_config", "tma_eligible", "compile_specs", "SUPPORTED_DTYPES",
+           "TileStats"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
