@@ -289,6 +289,18 @@ def test_tma_twins_are_tuning_candidates_never_the_default(monkeypatch, kernel_d
     assert pw_flags[-1] is True and c3_flags[-1] is False  # TMA-eligible launches tune under their own keys
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_every_tma_twin_is_compile_checked(dtype):
+    """Autotuning may pick any TMA twin on the GPU: each must be a spec the sm_90 compile check covers (fp16
+    shares bf16's tiles and code shape)."""
+    checked = {(cx["BLOCK_M"], cx["BLOCK_N"], cx["BLOCK_K"], opts["num_warps"], opts["num_stages"], sig["x_ptr"])
+               for _, sig, cx, opts, *_ in conv_fwd.compile_specs() if cx["TMA"]}
+    ptr = "*bf16" if dtype == torch.bfloat16 else "*fp32"
+    twins = conv_fwd._tma_variants(cfgs.fwd_configs(dtype))
+    assert twins
+    assert {(c.BLOCK_M, c.BLOCK_N, c.BLOCK_K, c.num_warps, c.num_stages, ptr) for c in twins} <= checked
+
+
 def test_nchw_and_channels_last_inputs_agree(kernel_device, triton_backend):
     x, w, _ = make(2, 7, 6, 5, 9, 3, 3, 1, torch.float32, kernel_device, seed=9)
     x_before = x.clone()

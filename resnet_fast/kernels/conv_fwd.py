@@ -373,8 +373,8 @@ def compile_specs() -> list:
     """(jit_fn, signature, constexprs, options, is_gemm, div16) for :mod:`.compile_check`: every forward
     candidate of bf16 and fp32 (tf32) at a 3×3 stride-1 geometry with the inference epilogue, one fp16, the
     fully fused training variant (prologue + residual + stats), the pointwise path, the stem's unaligned
-    C=3 path, IEEE fp32 (FMA, not a wgmma GEMM), and the TMA twin of every large bf16 tile, of the fp32 (tf32)
-    tile and of the fused training variant on the pointwise path (descriptor arguments: the check also
+    C=3 path, IEEE fp32 (FMA, not a wgmma GEMM), and on the pointwise path every TMA twin the launcher may offer
+    (bf16 and fp32/tf32) and the fused training variant's (descriptor arguments: the check also
     requires TMA loads in their PTX)."""
     fn = _conv_fwd_kernel
     ptrs = ("x_ptr", "w_ptr", "y_ptr", "bias_ptr", "scale_ptr", "shift_ptr", "res_ptr", "in_scale_ptr",
@@ -406,7 +406,7 @@ def compile_specs() -> list:
     specs += [spec(torch.float16, bf16[0]), spec(torch.bfloat16, bf16[0], fused=True),
               spec(torch.bfloat16, bf16[0], pointwise=True), spec(torch.bfloat16, bf16[-2], stem=True),
               spec(torch.float32, next(c for c in fp32 if c.BLOCK_M == c.BLOCK_N == 64), ieee=True)]
-    specs += [spec(torch.bfloat16, cfg, pointwise=True) for cfg in _tma_variants(bf16)]
-    specs += [spec(torch.float32, _tma_variants(fp32)[0], pointwise=True),
-              spec(torch.bfloat16, _tma_variants(bf16)[0], pointwise=True, fused=True)]
+    specs += [spec(dt, cfg, pointwise=True) for dt, cands in ((torch.bfloat16, bf16), (torch.float32, fp32))
+              for cfg in _tma_variants(cands)]
+    specs += [spec(torch.bfloat16, _tma_variants(bf16)[0], pointwise=True, fused=True)]
     return specs
