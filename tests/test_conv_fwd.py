@@ -211,23 +211,31 @@ def test_every_output_element_written(kernel_device, small_config):
 SMALL_TMA = ConvConfig(32, 16, 16, 2, 4, 1, tma=True)
 
 
+@pytest.fixture
+def tma_device(kernel_device) -> str:
+    """kernel_device where TMA descriptors are allowed (the interpreter, sm_90+ with triton >= 3.4)."""
+    if not cfgs.tma_allowed(torch.device(kernel_device)):
+        pytest.skip("no TMA descriptors here (GPU older than sm_90, Triton < 3.4, or RESNET_FAST_TMA=0)")
+    return kernel_device
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("fused", [False, True], ids=["inference", "training"])
-def test_tma_pointwise_path(dtype, fused, kernel_device):
+def test_tma_pointwise_path(dtype, fused, tma_device):
     """The TMA variant on a pointwise conv whose M, C and K are not tile multiples (TMA's zero fill must stand
     in for the load masks), NaN-poisoned output, full inference epilogue or the training prologue + stats."""
     N, C, H, W, K = 2, 24, 5, 3, 20  # M = 30 rows: a partial 32-row tile; C = 24: a partial 16-channel step
-    x, w, kw = make(N, C, H, W, K, 1, 1, 1, dtype, kernel_device, seed=11, bias=not fused, scale=not fused,
+    x, w, kw = make(N, C, H, W, K, 1, 1, 1, dtype, tma_device, seed=11, bias=not fused, scale=not fused,
                     shift=not fused, relu=not fused)
     xc = x.contiguous(memory_format=torch.channels_last)
     geo = ConvGeometry.make(x.shape, w.shape)
     wp = conv_fwd.pack_weight(w, 1, dtype)
     assert conv_fwd.tma_eligible(xc, wp, geo, dot_ieee=False)
-    out = torch.empty((N, K, H, W), dtype=dtype, device=kernel_device,
+    out = torch.empty((N, K, H, W), dtype=dtype, device=tma_device,
                       memory_format=torch.channels_last).fill_(float("nan"))
     if fused:
-        isc, ish = (torch.rand(C) + 0.5).to(kernel_device), (torch.rand(C) - 0.3).to(kernel_device)
-        res = torch.randn(N, K, H, W).to(kernel_device, dtype).contiguous(memory_format=torch.channels_last)
+        isc, ish = (torch.rand(C) + 0.5).to(tma_device), (torch.rand(C) - 0.3).to(tma_device)
+        res = torch.randn(N, K, H, W).to(tma_device, dtype).contiguous(memory_format=torch.channels_last)
         y, part = conv_fwd.conv2d_nhwc(xc, wp, geo, in_scale=isc, in_shift=ish, in_relu=True, residual=res,
                                        stats=True, allow_tf32=True, config=SMALL_TMA, out=out)
         ref = reference(x, w, in_scale=isc, in_shift=ish, in_relu=True, residual=res)
@@ -240,16 +248,16 @@ def test_tma_pointwise_path(dtype, fused, kernel_device):
         ref = reference(x, w, bias, **kw)
     assert not torch.isnan(y).any()
     # tf32 on the GPU (TMA pairs with tensor-core dots only); the interpreter computes fp32 exactly
-    tol = 5e-3 if dtype == torch.float32 and kernel_device == "cuda" else TOL[dtype]
+    tol = 5e-3 if dtype == torch.float32 and tma_device == "cuda" else TOL[dtype]
     assert rel_err(y, ref) < tol
 
 
-def test_tma_eligibility(kernel_device, monkeypatch):
+def test_tma_eligibility(tma_device, monkeypatch):
     """TMA only where its constraints hold; a pinned TMA config elsewhere is a clear error, not garbage."""
     def case(C=24, R=1, groups=1, dtype=torch.float16, offset=0, dot_ieee=False):
-        x = torch.randn(2 * C * 15 + offset, dtype=dtype, device=kernel_device)[offset:]
+        x = torch.randn(2 * C * 15 + offset, dtype=dtype, device=tma_device)[offset:]
         x = x.view(2, 5, 3, C).permute(0, 3, 1, 2)  # channels_last [2, C, 5, 3]
-        w = torch.randn(16, C // groups, R, R, dtype=dtype, device=kernel_device)
+        w = torch.randn(16, C // groups, R, R, dtype=dtype, device=tma_device)
         geo = ConvGeometry.make(x.shape, w.shape, padding=R // 2, groups=groups)
         return x, conv_fwd.pack_weight(w, groups, dtype), geo, dot_ieee
     assert conv_fwd.tma_eligible(*case())
@@ -267,7 +275,7 @@ def test_tma_eligibility(kernel_device, monkeypatch):
         conv_fwd.conv2d_nhwc(x, wp, geo, config=SMALL_TMA)
 
 
-def test_tma_twins_are_tuning_candidates_never_the_default(monkeypatch, kernel_device):
+def test_tma_twins_are_tuning_candidates_never_the_default(monkeypatch, tma_device):
     """Eligible launches offer the autotuner TMA twins of the large tiles and key them apart; the untuned
     default stays the pointer path (TMA has to win a measurement); ineligible launches offer none."""
     seen = []
@@ -277,7 +285,7 @@ def test_tma_twins_are_tuning_candidates_never_the_default(monkeypatch, kernel_d
         return cfgs.INTERPRETER_CONFIG
     monkeypatch.setattr(cfgs, "choose", spy)
     for R in (1, 3):
-        x, w, _ = make(2, 32, 6, 6, 64, R, R, 1, torch.float16, kernel_device)
+        x, w, _ = make(2, 32, 6, 6, 64, R, R, 1, torch.float16, tma_device)
         geo = ConvGeometry.make(x.shape, w.shape, padding=R // 2)
         conv_fwd.conv2d_nhwc(x.contiguous(memory_format=torch.channels_last),
                              conv_fwd.pack_weight(w, 1, torch.float16), geo)
