@@ -285,13 +285,13 @@ def test_tma_twins_are_tuning_candidates_never_the_default(monkeypatch, tma_devi
         return cfgs.INTERPRETER_CONFIG
     monkeypatch.setattr(cfgs, "choose", spy)
     for R in (1, 3):
-        x, w, _ = make(2, 32, 6, 6, 64, R, R, 1, torch.float16, tma_device)
+        x, w, _ = make(4, 64, 6, 6, 128, R, R, 1, torch.float16, tma_device)  # wide enough for 128x128 tiles
         geo = ConvGeometry.make(x.shape, w.shape, padding=R // 2)
         conv_fwd.conv2d_nhwc(x.contiguous(memory_format=torch.channels_last),
                              conv_fwd.pack_weight(w, 1, torch.float16), geo)
     (pw, pw_flags, pw_default), (c3, c3_flags, _) = seen
     twins = [c for c in pw if c.tma]
-    assert twins and all(c.BLOCK_M >= 128 and c.BLOCK_N >= 64 for c in twins)
+    assert twins and all(c.BLOCK_M * c.BLOCK_N >= 128 * 128 for c in twins)
     assert all(dataclasses.replace(c, tma=False) in pw for c in twins)
     assert not pw_default.tma and not any(c.tma for c in c3)
     assert pw_flags[-1] is True and c3_flags[-1] is False  # TMA-eligible launches tune under their own keys
