@@ -11,6 +11,8 @@ from torch import nn
 
 from resnet_fast.bench import reference, report, runner, shapes, timing
 from resnet_fast.bench.suites import Config, count_jobs, run_suites
+from resnet_fast.kernels import configs as cfgs
+from resnet_fast.kernels.conv_common import ConvGeometry
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -157,14 +159,17 @@ def test_unavailable_row_is_valid_and_shown():
 def test_markdown_shows_what_the_autotuner_measured():
     """The report's autotune table: winner, best pointer-path vs best TMA-twin time per key, failures."""
     doc = _doc()
-    doc["autotune"] = {"conv_fwd|64|256|1|1|(1, 1)|(0, 0)|(1, 1)|1|1048576|bfloat16|H100|(9, 0)|True": {
+    g = ConvGeometry.make((256, 256, 56, 56), (64, 256, 1, 1))
+    key = cfgs.tuning_key("conv_fwd", g, torch.bfloat16, torch.device("cpu"), False, True)  # the real layout
+    doc["autotune"] = {key: {
         "winner": "m128n128k64g8w8s3-tma",
         "ms": {"m128n128k64g8w8s3": 0.25, "m128n64k64g8w4s4": 0.3, "m128n128k64g8w8s3-tma": 0.2},
         "failed": {"m256n128k64g8w8s3-tma": "OutOfResources: shared memory"}}}
     md = report.to_markdown(doc)
-    row = next(line for line in md.splitlines() if line.startswith("| conv_fwd/64/256/"))
+    row = next(line for line in md.splitlines() if line.startswith("| conv_fwd/256/64/1/1/"))
+    assert row.split(" | ")[0].endswith("/bfloat16")  # op and geometry up to the dtype
     assert row.split(" | ")[1:] == ["m128n128k64g8w8s3-tma", "0.2500", "0.2000", "m256n128k64g8w8s3-tma |"]
-    assert "H100" not in row  # the device is in the header, not repeated per key
+    assert "cpu" not in row and "True" not in row  # device and switches: in the header / not needed
     assert "## autotune" not in report.to_markdown(_doc())  # nothing tuned: no section
 
 

@@ -127,6 +127,11 @@ def heuristic(candidates, M: int, Kg: int, Cg_pad: int) -> ConvConfig:
     return min(candidates, key=dist)
 
 
+def _switched_off(var: str) -> bool:
+    """An on-by-default environment switch (``RESNET_FAST_AUTOTUNE``, ``RESNET_FAST_TMA``) set to 0/false/off/no."""
+    return os.environ.get(var, "1").strip().lower() in ("0", "false", "off", "no")
+
+
 @functools.cache
 def _has_tma_descriptors() -> bool:
     try:
@@ -141,7 +146,7 @@ def tma_allowed(device: torch.device) -> bool:
     host-side descriptors (``triton.tools.tensor_descriptor``, triton >= 3.4), the device is sm_90 or newer
     (or the interpreter runs the kernels, for tests), and ``RESNET_FAST_TMA`` is not ``0`` (the switch that
     measures what TMA buys: its tuning keys differ, so each setting keeps its own winners)."""
-    if os.environ.get("RESNET_FAST_TMA", "1").strip().lower() in ("0", "false", "off", "no"):
+    if _switched_off("RESNET_FAST_TMA"):
         return False
     if not _has_tma_descriptors():
         return False
@@ -213,7 +218,7 @@ class Autotuner:
 
     @staticmethod
     def enabled() -> bool:
-        return os.environ.get("RESNET_FAST_AUTOTUNE", "1").strip().lower() not in ("0", "false", "off", "no")
+        return not _switched_off("RESNET_FAST_AUTOTUNE")
 
     def _load(self) -> dict:
         if self._mem is None:
