@@ -17,7 +17,8 @@ IMAGENET = {
     "resnext101_64x4d": 83_455_272, "wide_resnet50_2": 68_883_240, "wide_resnet101_2": 126_886_696,
 }
 # He et al. 2016, table 6 (millions).
-CIFAR = {"resnet20": 0.27, "resnet32": 0.46, "resnet44": 0.66, "resnet56": 0.85, "resnet110": 1.7}
+CIFAR = {"resnet20": 0.27, "resnet32": 0.46, "resnet44": 0.66, "resnet56": 0.85, "resnet110": 1.7,
+         "resnet1202": 19.4}
 
 
 def _count(model):
@@ -42,14 +43,33 @@ def test_imagenet_param_count_and_keys_match_reference(name):
 
 @pytest.mark.parametrize("name", sorted(CIFAR))
 def test_cifar_param_count_matches_paper_and_depth(name):
-    model = getattr(models, name)()
-    digits = 1 if name == "resnet110" else 2
+    with torch.device("meta"):  # counts and structure only (resnet1202 has 19.4M parameters)
+        model = getattr(models, name)()
+    digits = 1 if name in ("resnet110", "resnet1202") else 2
     assert round(_count(model) / 1e6, digits) == CIFAR[name]
     depth = int(name[len("resnet"):])
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     assert len(convs) + 1 == depth  # 6n+2 = convs + fc; option A shortcuts have no conv
     assert [k for k in model.state_dict()][:2] == ["conv1.weight", "bn1.weight"]
     assert model.fc.in_features == 64 and model.layer3[0].conv1.stride == (2, 2)
+
+
+def test_resnet1202_converted_trains_like_its_reference(eager_backend):
+    # The deepest model of He et al.: 600 blocks converted; a training forward/backward at a tiny batch matches
+    # the plain model (train mode: BN keeps the 600-block residual stream finite at init).
+    fused, plain = _pair(models.resnet1202)
+    assert len(fused.resnet_fast_summary.fused) == 1 + 3 * 200 and not fused.resnet_fast_summary.skipped
+    x = torch.randn(2, 3, 8, 8)
+    xf, xp = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    yf, yp = fused(xf), plain(xp)
+    assert torch.isfinite(yf).all()
+    torch.testing.assert_close(yf, yp, rtol=1e-4, atol=1e-4)
+    yf.square().sum().backward()
+    yp.square().sum().backward()
+    torch.testing.assert_close(xf.grad, xp.grad, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(fused.layer3[199].conv2.weight.grad, plain.layer3[199].conv2.weight.grad,
+                               rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(fused.layer2[100].bn1.running_var, plain.layer2[100].bn1.running_var)
 
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet50"])

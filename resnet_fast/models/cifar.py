@@ -1,9 +1,9 @@
-"""The CIFAR-10 ResNets of He et al. 2016 (sec. 4.2): resnet20/32/44/56/110.
+"""The CIFAR-10 ResNets of He et al. 2016 (sec. 4.2): resnet20/32/44/56/110 and the 1202-layer resnet1202.
 
 Three stages of 16/32/64 channels at 32/16/8 pixels, ``n`` BasicBlocks each, 6n+2 weighted layers. The shortcut
 that changes shape is option A of the paper by default: the strided identity zero-padded with extra channels
 (:class:`ZeroPadShortcut`, no parameters), which is what gives the paper's parameter counts
-(0.27M / 0.46M / 0.66M / 0.85M / 1.7M). ``shortcut="B"`` uses a 1x1 conv + BN projection instead.
+(0.27M / 0.46M / 0.66M / 0.85M / 1.7M / 19.4M). ``shortcut="B"`` uses a 1x1 conv + BN projection instead.
 State_dict keys follow torchvision's naming: conv1, bn1, layer{1,2,3}.i.conv1/bn1/conv2/bn2, fc.
 """
 from __future__ import annotations
@@ -84,4 +84,4 @@ def _cifar(depth):
     return build
 
 
-resnet20, resnet32, resnet44, resnet56, resnet110 = (_cifar(d) for d in (20, 32, 44, 56, 110))
+resnet20, resnet32, resnet44, resnet56, resnet110, resnet1202 = (_cifar(d) for d in (20, 32, 44, 56, 110, 1202))
