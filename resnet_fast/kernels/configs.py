@@ -11,9 +11,19 @@
   under ``$RESNET_FAST_CACHE_DIR`` (default ``~/.cache/resnet_fast``), so a second process does not retune.
   Keys come from :func:`tuning_key`, which buckets the GEMM row count coarsely (powers of 4) so a new batch
   size does not retune. ``RESNET_FAST_AUTOTUNE=0`` disables tuning (the shape heuristic decides).
-  :func:`tuning_report` returns what it measured in this process (every candidate's time, failures).
+  Lookup order per key: this process's memory, the user's cache file, the shipped tuning table of the GPU's
+  architecture (:mod:`.tuning_table`, keyed by :func:`table_key`: the device name replaced by ``sm_XY``), then
+  tuning. ``RESNET_FAST_RETUNE=1`` skips the cache file and the table (and still stores what it measures).
+  :func:`tuning_report` returns what it measured in this process (every candidate's time, failures);
+  :func:`tuning_sources` where each key's answer came from.
 * :func:`choose` — the one selection policy of every conv launcher (forward, dgrad, wgrad): a config pinned
   with :func:`pinned_config`, else the interpreter's, else the tuned winner, else the heuristic's choice.
+* :func:`choose_impl` — per conv, which implementation runs: this project's Triton kernels or the cuDNN
+  composite (``RESNET_FAST_CONV_IMPL`` = ``auto|triton|cudnn``, :func:`conv_impl_setting`); under ``auto``
+  both are timed once per key on the GPU and the faster is kept like a config.
+
+The device identity (:class:`DeviceIdentity`) and the "interpreting / capturing / compiling" predicates can be
+injected into :func:`choose` and :func:`choose_impl`, so CPU tests exercise the GPU lookup and timing paths.
 """
 from __future__ import annotations
 
@@ -22,17 +32,21 @@ import functools
 import json
 import math
 import os
+import re
 import tempfile
 import threading
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Callable, Mapping, NamedTuple, Optional
 
 import torch
 
 from .. import _backend
 
 __all__ = ["ConvConfig", "FWD_CONFIGS", "INTERPRETER_CONFIG", "for_dtype", "fwd_configs", "prune",
-           "checked_candidates", "heuristic", "tma_allowed", "conv_allows_tf32", "tuning_key", "cache_path",
-           "Autotuner", "tuning_report", "choose", "pinned_config"]
+           "checked_candidates", "heuristic", "tma_allowed", "conv_allows_tf32", "DeviceIdentity",
+           "device_identity", "tuning_key", "TableKey", "table_key", "cache_path", "config_from_entry",
+           "Autotuner", "SOURCES", "tuning_report", "tuning_sources", "choose", "pinned_config", "IMPLS",
+           "conv_impl_setting", "impl_heuristic", "choose_impl"]
 
 
 @dataclass(frozen=True)
@@ -184,15 +198,62 @@ def _bucket(M: int) -> int:
     return 4 ** max(0, math.ceil(math.log(max(1, M), 4)))
 
 
-def tuning_key(op: str, geometry, dtype: torch.dtype, device: torch.device, *extra) -> str:
+class DeviceIdentity(NamedTuple):
+    """What a tuning key records of a GPU: its name (``torch.cuda.get_device_name``, e.g. ``"NVIDIA H200"``) and
+    compute capability (``(9, 0)``). Tests pass a made-up one to run the GPU lookup path on a CPU machine."""
+    name: str
+    capability: tuple
+
+    @property
+    def arch(self) -> str:
+        """``"sm_90"`` for capability (9, 0): the name of the shipped tuning table that serves this GPU."""
+        return "sm_%d%d" % tuple(self.capability)
+
+
+def device_identity(device: torch.device) -> Optional[DeviceIdentity]:
+    """The identity of a CUDA ``device``; None for any other device (nothing is tuned off the GPU)."""
+    if device.type != "cuda":
+        return None
+    return DeviceIdentity(torch.cuda.get_device_name(device), tuple(torch.cuda.get_device_capability(device)))
+
+
+_NAME_FIELD = 11  # position of the device name in a tuning key; the capability follows it (see table_key)
+
+
+def tuning_key(op: str, geometry, dtype: torch.dtype, device: torch.device, *extra,
+               identity: Optional[DeviceIdentity] = None) -> str:
     """Autotune key: the op, every geometry field except the batch and spatial size (N·P·Q is bucketed),
-    the dtype, the device's name and compute capability, and any ``extra`` kernel switches."""
+    the dtype, the device's name and compute capability, and any ``extra`` kernel switches, joined by ``|``:
+    ``conv_fwd|C|K|R|S|stride|padding|dilation|groups|bucket|float16|NVIDIA H200|(9, 0)|extra...``.
+    ``identity`` replaces the device's own (tests); off CUDA the name is the device type and the capability ``()``.
+    """
     g = geometry
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    cap = torch.cuda.get_device_capability(device) if device.type == "cuda" else ()
-    fields = (op, g.C, g.K, g.R, g.S, g.stride, g.padding, g.dilation, g.groups, _bucket(g.M),
-              str(dtype).replace("torch.", ""), name, cap) + tuple(extra)
-    return "|".join(str(f) for f in fields)
+    ident = identity if identity is not None else device_identity(device)
+    name, cap = (ident.name.replace("|", "/"), tuple(ident.capability)) if ident is not None else (device.type, ())
+    key_fields = (op, g.C, g.K, g.R, g.S, g.stride, g.padding, g.dilation, g.groups, _bucket(g.M),
+                  str(dtype).replace("torch.", ""), name, cap) + tuple(extra)
+    return "|".join(str(f) for f in key_fields)
+
+
+class TableKey(NamedTuple):
+    arch: str    # "sm_90"
+    key: str     # the key in the shipped table
+    device: str  # the GPU name the tuning key carried (provenance)
+
+
+def table_key(key: str) -> Optional[TableKey]:
+    """A GPU tuning key in the shipped table's form: the device-name and capability fields replaced by the arch,
+    ``conv_fwd|64|64|3|3|(1, 1)|(1, 1)|(1, 1)|1|4096|float16|NVIDIA H200|(9, 0)|False`` ->
+    ``conv_fwd|64|64|3|3|(1, 1)|(1, 1)|(1, 1)|1|4096|float16|sm_90|False``, so one table serves every GPU of an
+    architecture (an H200's winners serve an H100). None for keys without a GPU capability (CPU, other forms)."""
+    f = key.split("|")
+    if len(f) < _NAME_FIELD + 2:
+        return None
+    m = re.fullmatch(r"\((\d+), (\d+)\)", f[_NAME_FIELD + 1])
+    if m is None:
+        return None
+    arch = f"sm_{m[1]}{m[2]}"
+    return TableKey(arch, "|".join(f[:_NAME_FIELD] + [arch] + f[_NAME_FIELD + 2:]), f[_NAME_FIELD])
 
 
 def cache_path() -> str:
@@ -202,49 +263,128 @@ def cache_path() -> str:
     return os.path.join(base, f"autotune-triton{triton.__version__}.json")
 
 
-class Autotuner:
-    """Fastest-candidate picker with a per-process dict and a shared JSON file.
+def _switched_on(var: str) -> bool:
+    """An off-by-default environment switch (``RESNET_FAST_RETUNE``) set to 1/true/on/yes."""
+    return os.environ.get(var, "0").strip().lower() in ("1", "true", "on", "yes")
 
-    ``pick(key, candidates, bench)`` returns the cached winner for ``key`` if it is one of ``candidates``,
-    else times ``bench(cfg)`` (a callable returning milliseconds) for each candidate, stores the winner in
-    memory and on disk, and returns it. The benchmarked kernels must be pure (only write their outputs), so
-    running them several times has no side effects.
+
+_CONFIG_FIELDS = {f.name: f.type for f in fields(ConvConfig)}
+_REQUIRED_FIELDS = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
+
+
+def config_from_entry(entry) -> Optional[ConvConfig]:
+    """The :class:`ConvConfig` a cache or table entry (``asdict(cfg)``) describes, or None when it is not one:
+    unknown or missing tile fields, or values of the wrong type (positive ints; ``tma`` a bool). Entries written
+    before a field existed (no ``tma``) still read, with the field's default."""
+    if not isinstance(entry, dict) or not set(entry) <= set(_CONFIG_FIELDS) \
+            or not all(k in entry for k in _REQUIRED_FIELDS):
+        return None
+    for k, v in entry.items():
+        ok = isinstance(v, bool) if k == "tma" else (isinstance(v, int) and not isinstance(v, bool) and v > 0)
+        if not ok:
+            return None
+    return ConvConfig(**entry)
+
+
+# Where the answer for a key came from, first time this process needed it (later hits are from memory):
+# "cache" the user's cache file, "table" the shipped table, "tuned" measured now, "heuristic" not measured
+# (tuning off, CUDA-graph capture, torch.compile tracing), "single" one candidate only.
+SOURCES = ("cache", "table", "tuned", "heuristic", "single")
+
+
+class Autotuner:
+    """Fastest-candidate picker with a per-process dict, the user's JSON cache file and the shipped table.
+
+    ``pick(key, candidates, bench)`` returns the known winner for ``key`` if it is one of ``candidates``
+    (:meth:`lookup`), else times ``bench(cfg)`` (a callable returning milliseconds) for each candidate, stores
+    the winner in memory and in the cache file, and returns it. The benchmarked kernels must be pure (only
+    write their outputs), so running them several times has no side effects.
+
+    Lookup order: memory, the cache file (:func:`cache_path`), the table ``<table_dir>/<arch>.json`` for the
+    arch in the key (:func:`table_key`; ``table_dir`` defaults to the package's ``kernels/tuned``). With
+    ``RESNET_FAST_RETUNE=1`` only memory is read. Besides config entries (``asdict(cfg)``) the cache and the
+    table hold implementation entries ``{"impl": "cudnn", "ms": {...}}`` under ``impl:<role>`` keys
+    (:func:`choose_impl`).
     """
 
-    def __init__(self):
-        self._mem: dict | None = None
-        self._lock = threading.Lock()
+    def __init__(self, table_dir: Optional[str] = None):
+        self._mem: dict = {}            # key -> entry settled on in this process (tuned, or read from a file)
+        self._file: Optional[dict] = None  # the cache file's entries, read once
+        self._tables: dict = {}         # arch -> tuning_table.TuningTable, or None (absent or unusable)
+        self._table_dir = table_dir
+        self._lock = threading.RLock()
         self.measured: dict = {}  # key -> {"winner", "ms": {config: ms}, "failed": {config: error}}, this process
+        self.sources: dict = {}   # key -> one of SOURCES
 
     @staticmethod
     def enabled() -> bool:
         return not _switched_off("RESNET_FAST_AUTOTUNE")
 
-    def _load(self) -> dict:
-        if self._mem is None:
+    def _cache_entries(self) -> dict:
+        if self._file is None:
             try:
                 with open(cache_path()) as f:
-                    self._mem = {k: v for k, v in json.load(f).items() if isinstance(v, dict)}
+                    data = json.load(f)
             except (OSError, ValueError):
-                self._mem = {}
-        return self._mem
+                data = {}
+            self._file = {k: v for k, v in data.items() if isinstance(v, dict)} if isinstance(data, dict) else {}
+        return self._file
 
-    def lookup(self, key: str, candidates) -> ConvConfig | None:
+    def _table(self, arch: str):
+        if arch not in self._tables:
+            from . import tuning_table  # it imports this module
+            self._tables[arch] = tuning_table.load_arch(arch, self._table_dir)
+        return self._tables[arch]
+
+    def find(self, key: str, accept: Callable):
+        """``accept(entry)`` (the value, or None to refuse) of the first acceptable entry for ``key`` in memory,
+        the cache file, the shipped table; None if none. An entry the table holds but ``accept`` refuses (not
+        among this launch's candidates) is ignored with the table's one warning."""
         with self._lock:
-            hit = self._load().get(key)
-        if hit is None:
-            return None
-        try:
-            cfg = ConvConfig(**hit)
-        except TypeError:
-            return None
-        return cfg if cfg in candidates else None
+            hit = self._mem.get(key)
+            if hit is not None and (value := accept(hit)) is not None:
+                return value
+            if _switched_on("RESNET_FAST_RETUNE"):
+                return None
+            hit = self._cache_entries().get(key)
+            if hit is not None and (value := accept(hit)) is not None:
+                self.remember(key, hit, "cache")
+                return value
+            tk = table_key(key)
+            table = self._table(tk.arch) if tk is not None else None
+            hit = table.entries.get(tk.key) if table is not None else None
+            if hit is None:
+                return None
+            value = accept(hit)
+            if value is None:
+                table.warn_once(f"entry {tk.key!r} = {hit} is not among the candidates of this launch; ignored")
+                return None
+            self.remember(key, hit, "table")
+            return value
+
+    def lookup(self, key: str, candidates) -> Optional[ConvConfig]:
+        def accept(entry):
+            cfg = config_from_entry(entry)
+            return cfg if cfg is not None and cfg in candidates else None
+        return self.find(key, accept)
+
+    def remember(self, key: str, entry: dict, source: str) -> None:
+        """Keep ``entry`` for ``key`` in this process's memory (not in the cache file), served by ``source``."""
+        with self._lock:
+            self._mem[key] = entry
+            self.sources[key] = source
+
+    def note(self, key: str, source: str) -> None:
+        """Record where ``key``'s answer came from when nothing is remembered (a heuristic config)."""
+        with self._lock:
+            self.sources.setdefault(key, source)
 
     def pick(self, key: str, candidates, bench) -> ConvConfig:
         hit = self.lookup(key, candidates)
         if hit is not None:
             return hit
         if len(candidates) == 1:
+            self.note(key, "single")
             return candidates[0]
         timings, failed = [], {}
         for cfg in candidates:
@@ -258,26 +398,31 @@ class Autotuner:
         with self._lock:
             self.measured[key] = {"winner": best.name(), "ms": {c.name(): t for t, c in timings}, "failed": failed}
         if timings:
-            self._store(key, best)
+            self._store(key, asdict(best))
         return best
 
-    def _store(self, key: str, cfg: ConvConfig) -> None:
+    def _store(self, key: str, entry: dict) -> None:
+        """Keep a measured winner in memory and add it to the cache file (merged with what other processes
+        wrote meanwhile; only this key is written, so table entries never turn into cache entries)."""
         with self._lock:
-            self._load()[key] = asdict(cfg)
+            self.remember(key, entry, "tuned")
             path = cache_path()
             try:
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 merged = {}
-                try:  # merge with what other processes wrote meanwhile
+                try:
                     with open(path) as f:
                         merged = json.load(f)
                 except (OSError, ValueError):
                     pass
-                merged.update(self._mem)
+                if not isinstance(merged, dict):
+                    merged = {}
+                merged[key] = entry
                 fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
                 with os.fdopen(fd, "w") as f:
                     json.dump(merged, f, indent=1, sort_keys=True)
                 os.replace(tmp, path)  # atomic: readers never see a half-written file
+                self._file = {k: v for k, v in merged.items() if isinstance(v, dict)}
             except OSError:
                 pass  # an unwritable cache only costs retuning in the next process
 
@@ -291,6 +436,13 @@ def tuning_report() -> dict:
     The benchmark stores it, so a report shows e.g. what the TMA twins measured against the pointer path."""
     with _TUNER._lock:
         return {k: {**v, "ms": dict(v["ms"]), "failed": dict(v["failed"])} for k, v in _TUNER.measured.items()}
+
+
+def tuning_sources() -> dict:
+    """Where this process's autotuner got each key's answer: ``{key: source}``, source one of :data:`SOURCES`
+    (config keys as in :func:`tuning_report`, implementation keys ``impl:<role>|...``)."""
+    with _TUNER._lock:
+        return dict(_TUNER.sources)
 
 
 _PINNED = threading.local()
@@ -308,27 +460,152 @@ def pinned_config(op: str, cfg: ConvConfig):
         setattr(_PINNED, op, prev)
 
 
+def default_timer(fn: Callable[[], object]) -> float:
+    """Milliseconds of one call of ``fn``: ``triton.testing.do_bench``'s median (5 ms warm-up, 25 ms of reps)."""
+    import triton.testing
+    return triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median")
+
+
+def _measuring_allowed(device: torch.device, capturing, compiling) -> bool:
+    """Whether a miss may be timed now: tuning is on, no CUDA graph is being captured on the current stream and
+    torch.compile is not tracing (timing inside either would be recorded or traced, not run)."""
+    if not Autotuner.enabled():
+        return False
+    if capturing is None:
+        capturing = lambda: device.type == "cuda" and torch.cuda.is_current_stream_capturing()  # noqa: E731
+    if compiling is None:
+        compiling = torch.compiler.is_compiling
+    return not capturing() and not compiling()
+
+
 def choose(op: str, geometry, dtype: torch.dtype, device: torch.device, candidates, flags: tuple, launch,
-           default: ConvConfig) -> ConvConfig:
+           default: ConvConfig, *, identity: Optional[DeviceIdentity] = None, interpreting=None, capturing=None,
+           compiling=None, timer=None) -> ConvConfig:
     """The config for one launch of kernel ``op``: pinned, else :data:`INTERPRETER_CONFIG` off the GPU, else the
-    tuned winner among ``candidates`` (benchmarking ``launch(cfg)`` on a miss), else ``default`` when tuning is
-    off or a CUDA graph is being captured (never benchmark inside a capture). ``launch`` must be pure: it only
-    writes the kernel's outputs, so timing runs have no side effects. ``flags``: the kernel switches that
-    enter the tuning key."""
+    known winner among ``candidates`` (memory, cache file, shipped table: :meth:`Autotuner.find`), else the
+    measured winner (timing ``launch(cfg)``), else ``default`` when tuning is off, a CUDA graph is being captured
+    or torch.compile is tracing. ``launch`` must be pure: it only writes the kernel's outputs, so timing runs
+    have no side effects. ``flags``: the kernel switches that enter the tuning key.
+
+    Injectable (tests): ``identity`` (a :class:`DeviceIdentity`; given, the device counts as that GPU),
+    ``interpreting``/``capturing``/``compiling`` (zero-argument predicates; default: ``TRITON_INTERPRET``,
+    ``torch.cuda.is_current_stream_capturing``, ``torch.compiler.is_compiling``), ``timer(fn) -> ms``
+    (default :func:`default_timer`)."""
     pinned = getattr(_PINNED, op, None)
     if pinned is not None:
         return pinned
-    if _backend.interpreting() or device.type != "cuda":
+    if (interpreting or _backend.interpreting)():
         return INTERPRETER_CONFIG
-    key = tuning_key(op, geometry, dtype, device, *flags)
-    hit = _TUNER.lookup(key, candidates)  # this process's or an earlier one's winner
+    ident = identity if identity is not None else device_identity(device)
+    if ident is None:
+        return INTERPRETER_CONFIG
+    key = tuning_key(op, geometry, dtype, device, *flags, identity=ident)
+    hit = _TUNER.lookup(key, candidates)  # this process's, an earlier one's or the shipped table's winner
     if hit is not None:
         return hit
-    if not Autotuner.enabled() or torch.cuda.is_current_stream_capturing():
+    if not _measuring_allowed(device, capturing, compiling):
+        _TUNER.note(key, "heuristic")
         return default
-    import triton.testing
+    timer = timer or default_timer
+    return _TUNER.pick(key, candidates, lambda cfg: timer(lambda: launch(cfg)))
 
-    def bench(cfg):
-        return triton.testing.do_bench(lambda: launch(cfg), warmup=5, rep=25)
 
-    return _TUNER.pick(key, candidates, bench)
+# ------------------------------------------------------------------------------ implementation per conv
+IMPLS = ("triton", "cudnn")  # this project's kernels; the cuDNN composite (ATen conv + the fused kernels)
+_IMPL_VAR = "RESNET_FAST_CONV_IMPL"
+
+
+def conv_impl_setting() -> str:
+    """``RESNET_FAST_CONV_IMPL``: ``auto`` (default; measured per conv on the GPU), ``triton`` or ``cudnn``
+    (forced everywhere). Case and surrounding whitespace are ignored; anything else raises ValueError."""
+    raw = os.environ.get(_IMPL_VAR, "auto")
+    value = raw.strip().lower() or "auto"
+    if value not in ("auto",) + IMPLS:
+        raise ValueError(f"{_IMPL_VAR}={raw!r}: expected one of auto, {', '.join(IMPLS)}")
+    return value
+
+
+def impl_heuristic(runners: Mapping) -> str:
+    """The implementation when nothing was measured for a key: ``"cudnn"`` while cuDNN is enabled
+    (``torch.backends.cudnn.enabled``) and the role has a cuDNN composite — the speed floor until a measurement
+    shows the Triton kernels beat it — else ``"triton"``."""
+    if "cudnn" in runners and torch.backends.cudnn.enabled:
+        return "cudnn"
+    return "triton" if "triton" in runners else next(iter(runners))
+
+
+def _check_impl_args(role, runners) -> None:
+    if not isinstance(role, str) or not role or "|" in role:
+        raise ValueError(f"role={role!r}: expected a non-empty name without '|', e.g. 'conv2d'")
+    if not isinstance(runners, Mapping) or not runners or not set(runners) <= set(IMPLS) \
+            or not all(callable(r) for r in runners.values()):
+        raise ValueError(f"runners={runners!r}: expected a mapping of some of {IMPLS} to zero-argument callables")
+
+
+def choose_impl(role: str, geometry, dtype: torch.dtype, device: torch.device, switches, runners: Mapping,
+                *, timer=None, identity: Optional[DeviceIdentity] = None, interpreting=None, capturing=None,
+                compiling=None) -> str:
+    """Which implementation runs conv role ``role`` for this geometry: ``"triton"`` or ``"cudnn"``.
+
+    Args:
+        role: the op's conv role, e.g. ``"conv2d"`` (inference), ``"conv_bn_stats"`` (training forward),
+            ``"conv_bn_stats_backward"``, ``"conv2d_backward"``; it names the key ``impl:<role>|...``.
+        geometry: the conv's ``ConvGeometry``; dtype, device: the operands'.
+        switches: the fusion switches that change the work (tuple; they enter the key like a kernel's flags).
+        runners: ``{"triton": fn, "cudnn": fn}`` (or one of them): zero-argument callables that run that
+            implementation once on the real operands and only write their own outputs (timing reruns them).
+        timer, identity, interpreting, capturing, compiling: injectable as in :func:`choose`; ``timer(fn)`` is
+            called with the runner itself and returns milliseconds.
+
+    Rule: ``RESNET_FAST_CONV_IMPL`` forces one (ValueError when that role has no such runner); in the Triton
+    interpreter or off CUDA ``auto`` means ``"triton"``; else the known choice for the key (memory, cache file,
+    shipped table); else, when measuring is allowed (:func:`choose` conditions), each runner is called once
+    untimed (the Triton runner tunes its tile config there; cuDNN picks its algorithm), then timed; the faster is
+    kept in memory and the cache file and both times go to :func:`tuning_report`. Otherwise
+    :func:`impl_heuristic`, remembered for the process so eager, captured and compiled calls agree.
+    """
+    _check_impl_args(role, runners)
+    setting = conv_impl_setting()
+    if setting != "auto":
+        if setting not in runners:
+            raise ValueError(f"{_IMPL_VAR}={setting}: role {role!r} has no {setting} implementation "
+                             f"(runners: {', '.join(runners)})")
+        return setting
+    ident = identity if identity is not None else device_identity(device)
+    if (interpreting or _backend.interpreting)() or ident is None:
+        return "triton" if "triton" in runners else next(iter(runners))
+    key = tuning_key("impl:" + role, geometry, dtype, device, *tuple(switches), identity=ident)
+
+    def accept(entry):
+        impl = entry.get("impl") if isinstance(entry, dict) else None
+        return impl if impl in runners else None
+    hit = _TUNER.find(key, accept)
+    if hit is not None:
+        return hit
+    if len(runners) == 1:
+        only = next(iter(runners))
+        _TUNER.remember(key, {"impl": only}, "single")
+        return only
+    if not _measuring_allowed(device, capturing, compiling):
+        choice = impl_heuristic(runners)
+        _TUNER.remember(key, {"impl": choice}, "heuristic")
+        return choice
+    timer = timer or default_timer
+    ms, failed = {}, {}
+    for name in IMPLS:
+        if name not in runners:
+            continue
+        run = runners[name]
+        try:
+            run()  # untimed first call: compiles / tunes what it needs
+            ms[name] = float(timer(run))
+        except Exception as exc:  # one implementation cannot run this conv: the other wins, and it is said
+            failed[name] = f"{type(exc).__name__}: {str(exc)[:200]}"
+            _backend.log.warning("autotune %s: implementation %s failed and is skipped (%s)", key, name,
+                                 failed[name])
+    winner = min(ms, key=ms.get) if ms else impl_heuristic(runners)
+    with _TUNER._lock:
+        _TUNER.measured[key] = {"winner": winner, "ms": dict(ms), "failed": failed}
+    if ms:
+        _TUNER._store(key, {"impl": winner, "ms": dict(ms)})
+    return winner
