@@ -10,7 +10,7 @@ from . import ops
 __version__ = "0.1.0"
 __all__ = ["ops", "backend", "stats", "reset_stats", "__version__"]
 
-# Modules, models, convert()/revert() (issue 5).
+# The module layer and above: fused modules, model constructors, convert()/revert().
 from . import nn, models  # noqa: E402
 from .convert import convert, revert  # noqa: E402
 

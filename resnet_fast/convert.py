@@ -22,12 +22,11 @@ import dataclasses
 
 import torch.nn as tnn
 
-from .nn.functional import downsample_pair
+from .nn.fusion import block_pairs, conv_bn_blocker, downsample_pair
 from .nn.modules import BasicBlock, Bottleneck, FoldedBatchNorm2d, FoldedSyncBatchNorm2d, FusedStemConv
-from .nn.sync_bn import SyncBatchNorm2d, retype, to_sync_batch_norm
 from .nn.reference import plain_classes
+from .nn.sync_bn import SyncBatchNorm2d
 
-_BN_TYPES = (tnn.BatchNorm2d, SyncBatchNorm2d)  # exact types: subclasses may compute something else
 _KNOWN = {"conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "relu", "act1", "act2", "act3", "downsample"}
 
 
@@ -47,35 +46,57 @@ class ConvertSummary:
         return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------------------- module swapping
+def retype(module: tnn.Module, cls: type) -> tnn.Module:
+    """A new module of class ``cls`` that SHARES ``module``'s parameters, buffers, submodules and attributes.
+
+    Parameters are the same objects (an optimiser built before keeps working) and the state_dict is unchanged.
+    """
+    new = cls.__new__(cls)
+    state = dict(module.__dict__)
+    for key in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"):
+        if key in state:
+            state[key] = type(state[key])(state[key])  # own containers, same tensors
+    new.__dict__.update(state)
+    return new
+
+
+def to_sync_batch_norm(bn: tnn.BatchNorm2d, process_group=None) -> SyncBatchNorm2d:
+    """``bn`` as a SyncBatchNorm2d sharing its parameters and buffers."""
+    new = retype(bn, SyncBatchNorm2d)
+    new.process_group = process_group
+    return new
+
+
+def _fuse_stem(conv: tnn.Conv2d, bn: tnn.BatchNorm2d, relu: tnn.Module, act_name: str):
+    """(fused conv, folded bn, identity) to put in place of the stem's (conv1, bn1, ``act_name``)."""
+    folded_cls = FoldedSyncBatchNorm2d if isinstance(bn, SyncBatchNorm2d) else FoldedBatchNorm2d
+    folded = retype(bn, folded_cls)
+    new = retype(conv, FusedStemConv)
+    new.__dict__["_stem_bn"] = folded  # not a submodule: bn1 stays where it was in the state_dict
+    new.__dict__["_stem_relu"] = relu  # what revert() puts back, and where
+    new.__dict__["_stem_act"] = act_name
+    return new, folded, tnn.Identity()
+
+
+def _unfuse_stem(stem: FusedStemConv):
+    """Plain (Conv2d, BatchNorm2d, activation) modules sharing the fused stem's parameters and buffers."""
+    plain_bn = retype(stem._stem_bn, tnn.BatchNorm2d)
+    conv = retype(stem, tnn.Conv2d)
+    for key in ("_stem_bn", "_stem_relu", "_stem_act"):
+        conv.__dict__.pop(key, None)
+    return conv, plain_bn, stem._stem_relu
+
+
 # ------------------------------------------------------------------------------------------ structure checks
-def _conv_problem(name, conv):
-    if type(conv) is not tnn.Conv2d:
-        return f"{name} is {type(conv).__name__}, not Conv2d"
-    if conv.bias is not None:
-        return f"{name} has a bias"
-    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-        return f"{name} uses padding {conv.padding!r} / mode {conv.padding_mode!r}"
-    return None
-
-
-def _bn_problem(name, bn):
-    if type(bn) not in _BN_TYPES:
-        return f"{name} is {type(bn).__name__}, not BatchNorm2d"
-    if not bn.affine or not bn.track_running_stats:
-        return f"{name} has affine=False or track_running_stats=False"
-    return None
-
-
 def _is_block(module) -> bool:
     return all(isinstance(getattr(module, a, None), tnn.Module) for a in ("conv1", "bn1", "conv2", "bn2"))
 
 
 def _block_problem(block) -> str | None:
     """Why ``block`` cannot be fused, or None."""
-    names = ["1", "2"] + (["3"] if isinstance(getattr(block, "conv3", None), tnn.Module) else [])
-    for i in names:
-        problem = _conv_problem(f"conv{i}", getattr(block, f"conv{i}")) or \
-            _bn_problem(f"bn{i}", getattr(block, f"bn{i}", None))
+    for i, (conv, bn) in enumerate(block_pairs(block), 1):
+        problem = conv_bn_blocker(conv, bn, "convert", names=(f"conv{i}", f"bn{i}"))
         if problem:
             return problem
     acts = [a for a in ("relu", "act1", "act2", "act3") if getattr(block, a, None) is not None]
@@ -88,7 +109,7 @@ def _block_problem(block) -> str | None:
     if ds is not None:
         pair = downsample_pair(ds)
         if pair is not None:
-            problem = _conv_problem("downsample.0", pair[0]) or _bn_problem("downsample.1", pair[1])
+            problem = conv_bn_blocker(*pair, "convert", names=("downsample.0", "downsample.1"))
             if problem:
                 return problem
         elif any(True for _ in ds.parameters()) or any(True for _ in ds.buffers()):
@@ -107,7 +128,7 @@ def _stem(module):
     act = next((a for a in ("relu", "act1") if isinstance(getattr(module, a, None), tnn.Module)), None)
     if not isinstance(conv, tnn.Module) or not isinstance(bn, tnn.Module) or act is None:
         return None
-    if _conv_problem("conv1", conv) or _bn_problem("bn1", bn) or type(getattr(module, act)) is not tnn.ReLU:
+    if conv_bn_blocker(conv, bn, "convert", names=("conv1", "bn1")) or type(getattr(module, act)) is not tnn.ReLU:
         return None
     return conv, bn, act
 
@@ -117,7 +138,7 @@ def _convert_children(module, prefix, summary):
     stem = _stem(module)
     if stem is not None:
         conv, bn, act = stem
-        module.conv1, module.bn1, fused_act = FusedStemConv.fuse(conv, bn, getattr(module, act), act)
+        module.conv1, module.bn1, fused_act = _fuse_stem(conv, bn, getattr(module, act), act)
         setattr(module, act, fused_act)
         summary.fused.append(f"{prefix}conv1+bn1+{act}")
     for name, child in list(module.named_children()):
@@ -198,7 +219,7 @@ def _revert_children(module, classes):
     stem = getattr(module, "conv1", None)
     if isinstance(stem, FusedStemConv):
         act = stem._stem_act
-        module.conv1, module.bn1, relu = stem.unfuse()
+        module.conv1, module.bn1, relu = _unfuse_stem(stem)
         setattr(module, act, relu)
     for name, child in list(module.named_children()):
         if isinstance(child, BasicBlock):

@@ -1,7 +1,7 @@
 """Fused BasicBlock / Bottleneck / ConvBNReLU in train mode on the training op vs the same layers in torch.nn.
 
 The reference is the plain block (``resnet_fast.nn.reference``, torchvision-identical) in float64; the fused
-module holds the same weights in float32 and runs ``resnet_fast.ops.block_forward_train_kernels`` (Triton
+module holds the same weights in float32 and runs ``resnet_fast.nn.train_path.block_forward_train_kernels`` (Triton
 interpreter on CPU). Bounds: outputs ≤ 1e-4 relative (norm), every gradient ≤ 1e-3, running statistics
 ≤ 1e-5, weights after SGD steps ≤ 1e-3.
 """
@@ -14,7 +14,7 @@ import resnet_fast
 from resnet_fast import nn as rnn
 from resnet_fast.nn import reference
 
-STEPS = 10  # SGD steps per block, as issue 4 asks (interpreter: ~1 s per fused step at these shapes)
+STEPS = 10  # SGD steps per block (interpreter: ~1 s per fused step at these shapes)
 
 
 def _rel(got, want):
@@ -183,7 +183,7 @@ def test_block_tail_large_mean_bn_grads(triton_backend):
     zero where the float64 pre-activation is within 1e-2 of the final ReLU's kink: at these means fp32 itself
     moves the pre-activation by ~1e-4, and a flipped mask bit is not what this test is about. Shapes:
     N*H*W = 8192 values per channel, 4 channels (the CPU kernel's NHWC chunks are then 4096 rows long)."""
-    import resnet_fast.ops.block_train as bt
+    import resnet_fast.nn.train_path as bt
 
     ratio = 3000.0
     seed = 0  # one seed: ~75 s in the interpreter
@@ -220,7 +220,7 @@ def test_block_tail_large_mean_bn_grads(triton_backend):
 def test_block_and_stem_pass_batch_means_as_centres(monkeypatch, kernel_device, triton_backend):
     """The real training path hands the tail ops the batch means, detached: the last conv's (x_centre) and the
     downsample conv's (res_centre); the stem's bn_relu gets its conv's."""
-    import resnet_fast.ops.block_train as bt
+    import resnet_fast.nn.train_path as bt
 
     calls = []
 
@@ -340,7 +340,7 @@ def _saved_bytes(model, x) -> int:
 
 @pytest.mark.parametrize("name,make_plain,fused_cls,cin", CASES, ids=[c[0] for c in CASES])
 def test_block_train_saves_no_more_than_eager(name, make_plain, fused_cls, cin, kernel_device, triton_backend):
-    # Issue 4: per conv-BN-ReLU only the raw conv output and two fp32 vectors are saved, so the fused block keeps
+    # Per conv-BN-ReLU only the raw conv output and two fp32 vectors are saved, so the fused block keeps
     # no more activation memory for its backward than torch.nn's (which saves BN inputs and ReLU outputs).
     plain, fused = _pair(make_plain, fused_cls, kernel_device)
     x = torch.randn(4, cin, 16, 16).contiguous(memory_format=torch.channels_last).requires_grad_(True)
@@ -351,7 +351,7 @@ def test_block_train_saves_no_more_than_eager(name, make_plain, fused_cls, cin, 
 
 @pytest.mark.gpu
 def test_training_step_has_no_host_sync(triton_backend):
-    # Issue 4: no host synchronisation (no .item(), no host->device copies) in a training step once warm
+    # No host synchronisation (no .item(), no host->device copies) in a training step once warm
     # (the first step autotunes, which synchronises to time the candidates).
     torch.manual_seed(5)
     _, fused = _pair(lambda: reference.Bottleneck(32, 16, stride=2, downsample=_ds(32, 64, 2)), rnn.Bottleneck,

@@ -313,8 +313,8 @@ def test_resnet50_train_step_on_the_kernels_matches_float64(kernel_device, trito
     # The product's main model, whole, on the training kernels (interpreter on CPU, ~3 min): the 7x7 stem,
     # maxpool, 16 Bottlenecks with projections. Narrow mid-widths (width_per_group=8) keep it affordable; 48 px
     # and batch 2 leave 8 values per channel for layer4's BatchNorms (at 32 px they would see 2, where even
-    # PyTorch's own fp32 differs from float64 by ~25 %). Tolerances: the issue's (1e-4 outputs, 1e-3
-    # gradients), or 4x the error of PyTorch's own fp32 model where that is larger. (Measured: the kernels'
+    # PyTorch's own fp32 differs from float64 by ~25 %). Tolerances: 1e-4 for the outputs, 1e-3 for the
+    # gradients, or 4x the error of PyTorch's own fp32 model where that is larger. (Measured: the kernels'
     # gradients are within ~4e-4 everywhere; eager fp32's below layer4.0 are ~1e-2 off float64 here.)
     torch.manual_seed(0)
     plain = models.resnet50(num_classes=5, width_per_group=8, fused=False).train()

@@ -1,19 +1,42 @@
-"""Input checks shared by the kernel launchers: a ValueError that names the argument, never a crash in a kernel.
+"""Input checks shared by the ops and the kernel launchers: a ValueError that names the argument, never a crash
+in a kernel.
 
-The ops above validate what users pass; these guard each launcher's own contract (shapes, dtypes, devices and
-the unit strides the kernels index with), so a launcher called directly fails just as clearly.
+The ops validate what users pass; the launchers guard their own contract (shapes, dtypes, devices and the unit
+strides the kernels index with), so a launcher called directly fails just as clearly. Both use the helpers here:
+the one dtype set the kernels compute in (:data:`FLOAT_DTYPES`), the one rule for when a dtype cannot run them
+(:func:`kernel_dtype_blocker`) and the one ``check(cond, msg)``.
 """
 from __future__ import annotations
 
 import torch
 
-__all__ = ["check_tensor", "check_vector", "FLOAT_DTYPES"]
+from .. import _backend
 
+__all__ = ["FLOAT_DTYPES", "check", "check_tensor", "check_vector", "describe", "kernel_dtype_blocker"]
+
+# The dtypes the Triton kernels compute in (activations and weights); per-channel vectors may be any of them.
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _describe(t) -> str:
+def check(cond: bool, msg: str) -> None:
+    """ValueError(msg) unless ``cond``."""
+    if not cond:
+        raise ValueError(msg)
+
+
+def describe(t) -> str:
+    """A tensor's shape, dtype and device for an error message (or the type name of a non-tensor)."""
     return f"{tuple(t.shape)} {t.dtype} on {t.device}" if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def kernel_dtype_blocker(dtype: torch.dtype) -> str | None:
+    """Why the Triton kernels cannot compute in ``dtype`` here, or None when they can: a dtype outside
+    :data:`FLOAT_DTYPES`, or bfloat16 in the Triton interpreter, whose bf16 ``tl.dot`` returns wrong results."""
+    if dtype not in FLOAT_DTYPES:
+        return f"dtype {dtype} has no kernel (float32/float16/bfloat16 only)"
+    if dtype == torch.bfloat16 and _backend.interpreting():
+        return "bf16 tl.dot is wrong in the Triton interpreter"
+    return None
 
 
 def check_tensor(name: str, t, shape, dtype: torch.dtype | None, device: torch.device, who: str) -> None:
@@ -21,7 +44,7 @@ def check_tensor(name: str, t, shape, dtype: torch.dtype | None, device: torch.d
     if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(shape) or t.device != device \
             or (dtype is not None and t.dtype != dtype):
         raise ValueError(f"{who}: {name} must be a {tuple(shape)} {dtype or ''} tensor on {device}, "
-                         f"got {_describe(t)}")
+                         f"got {describe(t)}")
 
 
 def check_vector(name: str, t, n: int, device: torch.device, who: str, dtypes=(torch.float32,),
@@ -32,4 +55,4 @@ def check_vector(name: str, t, n: int, device: torch.device, who: str, dtypes=(t
             or t.dtype not in dtypes or (contiguous and n > 1 and t.stride(0) != 1):
         raise ValueError(f"{who}: {name} must be a {'contiguous ' if contiguous else ''}[{n}] tensor of dtype "
                          f"{' or '.join(str(d).replace('torch.', '') for d in dtypes)} on {device}, "
-                         f"got {_describe(t)}")
+                         f"got {describe(t)}")

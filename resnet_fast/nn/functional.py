@@ -8,8 +8,9 @@
   fine-tuning in eval mode): ``ops.conv2d``'s backward runs the dgrad/wgrad kernels, and ``fold_bn`` is
   differentiable, so gradients reach the input, the conv weights and the BN affine parameters.
 * :func:`block_forward_train` / :func:`conv_bn_act_train`: the training path, on the training op
-  (``ops.block_forward_train_kernels`` / ``ops.conv_bn_act_train_kernels``: fused conv + batch-statistics BN);
-  a recorded eager fallback when the ops, the C++ extension, the dtype or the layers are not covered.
+  (:mod:`resnet_fast.nn.train_path`: fused conv + batch-statistics BN); a recorded eager fallback when the ops,
+  the C++ extension, the dtype or the layers are not covered.
+* What each path can fuse (and the fallback reasons) is decided by :mod:`resnet_fast.nn.fusion`.
 * ``*_eager``: the explicit eager fallback, the blocks' own ``nn`` submodules, so running stats, momentum,
   ``num_batches_tracked`` and friends follow PyTorch exactly.
 """
@@ -18,7 +19,9 @@ from __future__ import annotations
 import torch
 import torch.nn as tnn
 
-from .. import _backend, _ext, ops
+from .. import _backend, ops
+from . import train_path
+from .fusion import activation_dtype, block_pairs, downsample_pair, pairs_blocker, train_blocker
 
 
 def _kernels(op: str, device: torch.device) -> bool:
@@ -47,56 +50,17 @@ def check_input(x: torch.Tensor, channels: int, who: str) -> None:
         raise ValueError(f"{who}: expected a 4-D input of shape (N, {channels}, H, W), got {got}")
 
 
-# ----------------------------------------------------------------------------------------------- helpers
-def block_pairs(block) -> list:
-    """The block's (conv, bn) pairs in order: two for a BasicBlock, three for a Bottleneck."""
-    pairs = [(block.conv1, block.bn1), (block.conv2, block.bn2)]
-    if getattr(block, "conv3", None) is not None:
-        pairs.append((block.conv3, block.bn3))
-    return pairs
-
-
-def downsample_pair(downsample):
-    """(conv, bn) when ``downsample`` is torchvision's Sequential(Conv2d, BatchNorm2d), else None."""
-    if isinstance(downsample, tnn.Sequential) and len(downsample) == 2 \
-            and isinstance(downsample[0], tnn.Conv2d) and isinstance(downsample[1], tnn.BatchNorm2d):
-        return downsample[0], downsample[1]
-    return None
-
-
-def fold_blocker(conv, bn) -> str | None:
-    """Why (conv, bn) cannot run as one kernel conv with folded BN in eval, or None when it can."""
-    if not isinstance(bn, tnn.BatchNorm2d):
-        return f"norm layer {type(bn).__name__} is not BatchNorm2d"
-    if bn.running_mean is None or bn.running_var is None:
-        return "BatchNorm2d without running stats normalises with batch statistics in eval"
-    if bn.weight is None or bn.bias is None:
-        return "BatchNorm2d with affine=False"
-    if conv.bias is not None or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-        return "Conv2d with bias, non-zero padding mode or string padding"
-    return None
-
-
 # ------------------------------------------------------------------------------------------ kernel path
 def conv_bn_eval_kernels(x, conv, bn, *, residual=None, relu=False):
     """One kernel conv: ``relu(bn(conv(x)) + residual)`` with BN folded into a per-channel scale/shift."""
     # Custom ops are not autocast-aware: cast as autocast would for a conv, and the weight to x's dtype
     # (a preceding unfused layer may have produced half precision).
-    if torch.is_autocast_enabled(x.device.type):
-        x = x.to(torch.get_autocast_dtype(x.device.type))
+    x = x.to(activation_dtype(x))
     if residual is not None:
         residual = residual.to(x.dtype)
     scale, shift = ops.fold_bn(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
     return ops.conv2d(x, conv.weight.to(x.dtype), stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
-                  groups=conv.groups, scale=scale, shift=shift, residual=residual, relu=relu)
-
-
-def _eval_blocker(pairs) -> str | None:
-    for conv, bn in pairs:
-        reason = fold_blocker(conv, bn)
-        if reason is not None:
-            return reason
-    return None
+                      groups=conv.groups, scale=scale, shift=shift, residual=residual, relu=relu)
 
 
 def block_forward_eval_kernels(block, x):
@@ -104,7 +68,7 @@ def block_forward_eval_kernels(block, x):
     pairs = block_pairs(block)
     ds = block.downsample
     ds_pair = downsample_pair(ds)
-    reason = _eval_blocker(pairs + ([ds_pair] if ds_pair is not None else []))
+    reason = pairs_blocker(pairs + ([ds_pair] if ds_pair is not None else []), "eval")
     if reason is not None:
         _fallback("block", reason)
         return block_forward_eager(block, x)
@@ -125,34 +89,29 @@ def block_forward_eval_kernels(block, x):
 
 # -------------------------------------------------------------------------------------------- train path
 def block_forward_train(block, x):
-    """Training forward of a block on the training op (``ops.block_forward_train_kernels``: fused conv +
-    batch-statistics BN units, C++ tail). Falls back to the eager computation (recorded) when the C++
+    """Training forward of a block on the training op (:func:`resnet_fast.nn.train_path.block_forward_train_kernels`:
+    fused conv + batch-statistics BN units, C++ tail). Falls back to the eager computation (recorded) when the C++
     extension, the dtype or the block's layers are not covered."""
     pairs = block_pairs(block)
     ds_pair = downsample_pair(block.downsample)
-    reason = _train_blocker(x, pairs + ([ds_pair] if ds_pair is not None else []))
+    reason = train_blocker(x, pairs + ([ds_pair] if ds_pair is not None else []))
     if reason is not None:
         _fallback("block_train", reason)
         return block_forward_eager(block, x)
     _kernel_call("block_train")
-    return ops.block_forward_train_kernels(block, x)
-
-
-def _train_blocker(x, pairs) -> str | None:
-    if not _ext.available():
-        return f"the C++ extension is not available: {_ext.error()}"
-    return ops.train_blocker(x, pairs)
+    return train_path.block_forward_train_kernels(block, x)
 
 
 def conv_bn_act_train(x, conv, bn, relu, bn_forward=None):
-    """Training forward of conv + BN (+ ReLU) on the training op (``ops.conv_bn_act_train_kernels``), the same
-    plug point as :func:`block_forward_train`."""
-    reason = _train_blocker(x, [(conv, bn)])
+    """Training forward of conv + BN (+ ReLU) on the training op
+    (:func:`resnet_fast.nn.train_path.conv_bn_act_train_kernels`), the same plug point as
+    :func:`block_forward_train`."""
+    reason = train_blocker(x, [(conv, bn)])
     if reason is not None:
         _fallback("conv_bn_train", reason)
         return conv_bn_act_eager(x, conv, bn, relu, bn_forward)
     _kernel_call("conv_bn_train")
-    return ops.conv_bn_act_train_kernels(x, conv, bn, relu)
+    return train_path.conv_bn_act_train_kernels(x, conv, bn, relu)
 
 
 # -------------------------------------------------------------------------------------------- eager path
@@ -193,7 +152,7 @@ def conv_bn_act(x, conv, bn, relu=True, bn_forward=None, who="ConvBNReLU"):
         return conv_bn_act_eager(x, conv, bn, relu, bn_forward)
     if bn.training:
         return conv_bn_act_train(x, conv, bn, relu, bn_forward)
-    reason = _eval_blocker([(conv, bn)])
+    reason = pairs_blocker([(conv, bn)], "eval")
     if reason is not None:
         _fallback("conv_bn", reason)
         return conv_bn_act_eager(x, conv, bn, relu, bn_forward)

@@ -9,7 +9,7 @@ import torch.nn as tnn
 
 from . import functional as F
 from . import reference
-from .sync_bn import SyncBatchNorm2d, retype
+from .sync_bn import SyncBatchNorm2d
 
 
 class ConvBNReLU(tnn.Module):
@@ -85,30 +85,12 @@ class FusedStemConv(tnn.Conv2d):
     """The stem's ``conv1`` computing conv1 + bn1 + ReLU, so a ResNet's own forward and state_dict stay as they
     are: ``bn1`` becomes a :class:`FoldedBatchNorm2d` (pass-through, same state) and ``relu`` an Identity.
 
-    The BN is reached through an unregistered reference to the model's (folded) ``bn1`` module, so ``.to()``,
-    ``.half()`` and ``load_state_dict`` on the model are seen here.
+    Built (and taken apart) by :func:`resnet_fast.convert` / :func:`resnet_fast.revert`, which set three
+    unregistered attributes: ``_stem_bn``, the model's (folded) ``bn1`` module, reached by reference so that
+    ``.to()``, ``.half()`` and ``load_state_dict`` on the model are seen here; ``_stem_relu``, the activation
+    module that revert puts back; ``_stem_act``, its attribute name on the model (``relu`` or ``act1``).
     """
-
-    @classmethod
-    def fuse(cls, conv: tnn.Conv2d, bn: tnn.BatchNorm2d, relu: tnn.Module, act_name: str = "relu"):
-        """Returns (fused conv, folded bn, identity) to put in place of (conv1, bn1, ``act_name``)."""
-        folded_cls = FoldedSyncBatchNorm2d if isinstance(bn, SyncBatchNorm2d) else FoldedBatchNorm2d
-        folded = retype(bn, folded_cls)
-        new = retype(conv, cls)
-        new.__dict__["_stem_bn"] = folded  # not a submodule: bn1 stays where it was in the state_dict
-        new.__dict__["_stem_relu"] = relu  # what revert() puts back, and where
-        new.__dict__["_stem_act"] = act_name
-        return new, folded, tnn.Identity()
 
     def forward(self, x):
         bn = self._stem_bn
         return F.conv_bn_act(x, self, bn, relu=True, bn_forward=bn.normalize, who="ResNet stem")
-
-    def unfuse(self):
-        """Plain (Conv2d, BatchNorm2d, ReLU) modules sharing the same parameters and buffers."""
-        bn = self._stem_bn
-        plain_bn = retype(bn, tnn.BatchNorm2d)
-        conv = retype(self, tnn.Conv2d)
-        for key in ("_stem_bn", "_stem_relu", "_stem_act"):
-            conv.__dict__.pop(key, None)
-        return conv, plain_bn, self._stem_relu

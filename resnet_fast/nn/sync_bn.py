@@ -2,11 +2,11 @@
 
 One mechanism serves both paths: each rank computes its own per-channel (mean, invstd) -- the training kernels
 (``conv_bn_stats``) on the fused path, ``torch.var_mean`` in :class:`SyncBatchNorm2d`'s own forward -- and
-:func:`sync_batch_stats` merges them into the global batch's with ONE all-gather of a packed [2C+1] vector
-(Chan's merge in float64). It is differentiable: the backward all-reduces the gradient of the gathered
-statistics (one collective), so every rank's input gradient is that of the global batch, while weight/bias
-gradients stay local, as in ``torch.nn.SyncBatchNorm``, for DDP to reduce. Running statistics follow
-BatchNorm2d's rule with the global count (``ops.conv_bn_train.update_running_stats``).
+:func:`resnet_fast.ops.sync_batch_stats` merges them into the global batch's with ONE all-gather of a packed
+[2C+1] vector (Chan's merge in float64). It is differentiable: the backward all-reduces the gradient of the
+gathered statistics (one collective), so every rank's input gradient is that of the global batch, while
+weight/bias gradients stay local, as in ``torch.nn.SyncBatchNorm``, for DDP to reduce. Running statistics follow
+BatchNorm2d's rule with the global count (:func:`update_bn_running_stats`).
 """
 from __future__ import annotations
 
@@ -14,52 +14,27 @@ import torch
 import torch.distributed as dist
 import torch.nn as tnn
 
-from ..ops.conv_bn_train import bn_affine, update_running_stats
+from ..ops import bn_affine, sync_batch_stats, update_running_stats
+
+__all__ = ["SyncBatchNorm2d", "sync_batch_norm", "sync_batch_stats", "update_bn_running_stats"]
 
 
 _DIMS = (0, 2, 3)  # every dim but channels
 
 
-def _bcast(t):
+def _per_channel(t):
     return t.view(1, -1, 1, 1)
 
 
-class _AllGather(torch.autograd.Function):
-    """``[world, *t.shape]`` of every rank's ``t``; backward all-reduces the gradient (each rank's loss depends
-    on every rank's ``t``) and keeps this rank's row. Plain all_gather + all_reduce: gloo has no reduce_scatter."""
-
-    @staticmethod
-    def forward(ctx, t, group):
-        ctx.group = group
-        parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, t.contiguous(), group=group)
-        return torch.stack(parts)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad[dist.get_rank(ctx.group)], None
-
-
-def sync_batch_stats(mean, invstd, count: int, eps: float, group=None):
-    """Global-batch BatchNorm statistics from each rank's local ones, differentiably.
-
-    Args: ``mean``, ``invstd`` fp32 ``[C]`` of this rank's batch (biased variance, ``invstd = (var+eps)^-1/2``);
-    ``count`` values per channel on this rank; the BN's ``eps``. One collective (an all-gather of a packed
-    ``[2C+1]`` vector); Chan's merge ``var = Σ n_r (var_r + (mean_r - mean)²) / N`` in float64, free of the
-    ``E[y²] - mean²`` cancellation. Returns ``(mean, invstd, N)``: fp32 ``[C]`` and the global count as a
-    0-d float64 device tensor (no host sync). Gradients reach every rank's ``mean``/``invstd``.
-    """
-    c = mean.shape[0]
-    var = invstd.double().pow(-2) - eps
-    n = torch.full((1,), float(count), dtype=torch.float64, device=mean.device)
-    rows = _AllGather.apply(torch.cat([mean.double(), var, n]), group)  # [world, 2C+1]
-    counts = rows[:, -1:]
-    total = counts.sum()
-    g_mean = (rows[:, :c] * counts).sum(0) / total
-    g_var = ((rows[:, c:2 * c] + (rows[:, :c] - g_mean) ** 2) * counts).sum(0) / total
-    return g_mean.float(), torch.rsqrt(g_var + eps).float(), total.detach()
+def update_bn_running_stats(bn: tnn.BatchNorm2d, mean: torch.Tensor, invstd: torch.Tensor, count) -> None:
+    """``bn``'s train-mode running-statistics update from this batch's ``mean``/``invstd`` (fp32 [C]) over
+    ``count`` values per channel (an int, or a 0-d device tensor: a synced BN's global count), by BatchNorm2d's
+    rule (:func:`resnet_fast.ops.update_running_stats`). Nothing when ``bn`` is in eval mode or does not track
+    running statistics."""
+    if not bn.training or not bn.track_running_stats or bn.running_mean is None:
+        return
+    update_running_stats(bn.running_mean, bn.running_var, bn.num_batches_tracked, mean, invstd, count,
+                         momentum=bn.momentum, eps=bn.eps)
 
 
 def _global_stats(x, eps: float, group):
@@ -71,7 +46,7 @@ def _global_stats(x, eps: float, group):
 
 def _normalize(x, mean, invstd, weight, bias):
     scale, shift = bn_affine(mean, invstd, weight, bias)
-    return (x.float() * _bcast(scale) + _bcast(shift)).to(x.dtype)
+    return (x.float() * _per_channel(scale) + _per_channel(shift)).to(x.dtype)
 
 
 def sync_batch_norm(x, weight, bias, eps, group=None):
@@ -106,26 +81,5 @@ class SyncBatchNorm2d(tnn.BatchNorm2d):
         if not self.syncs():
             return super().forward(x)
         mean, invstd, n = _global_stats(x, self.eps, self.process_group)
-        update_running_stats(self, mean, invstd, n)  # BatchNorm2d's rule, with the global count
+        update_bn_running_stats(self, mean, invstd, n)  # BatchNorm2d's rule, with the global count
         return _normalize(x, mean, invstd, self.weight, self.bias)
-
-
-def retype(module: tnn.Module, cls: type) -> tnn.Module:
-    """A new module of class ``cls`` that SHARES ``module``'s parameters, buffers, submodules and attributes.
-
-    Parameters are the same objects (an optimiser built before keeps working) and the state_dict is unchanged.
-    """
-    new = cls.__new__(cls)
-    state = dict(module.__dict__)
-    for key in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"):
-        if key in state:
-            state[key] = type(state[key])(state[key])  # own containers, same tensors
-    new.__dict__.update(state)
-    return new
-
-
-def to_sync_batch_norm(bn: tnn.BatchNorm2d, process_group=None) -> SyncBatchNorm2d:
-    """``bn`` as a SyncBatchNorm2d sharing its parameters and buffers."""
-    new = retype(bn, SyncBatchNorm2d)
-    new.process_group = process_group
-    return new

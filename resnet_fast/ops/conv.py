@@ -29,8 +29,9 @@ from __future__ import annotations
 import torch
 
 from .. import _backend
-from ..kernels.conv_common import ConvGeometry, pair
-from .conv_bn_train import _like
+from ..kernels.checks import check, kernel_dtype_blocker
+from ..kernels.conv_common import ConvGeometry
+from ._common import conv_arg_lists, with_strides_of
 from .eager import eager_conv2d
 
 __all__ = ["conv2d", "fold_bn"]
@@ -42,40 +43,33 @@ _SCHEMA = ("(Tensor x, Tensor weight, Tensor? bias, int[] stride, int[] padding,
 _BWD_SCHEMA = ("(Tensor grad, Tensor x, Tensor weight, Tensor? scale, Tensor? out, int[] stride, int[] padding, "
                "int[] dilation, int groups, bool relu, bool need_x, bool need_dw, bool need_sums) "
                "-> (Tensor, Tensor, Tensor)")
-CL = torch.channels_last
-
-
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ValueError(msg)
-
 
 def _validate(x, weight, bias, stride, padding, dilation, groups, scale, shift, residual) -> ConvGeometry:
     """The conv's geometry; ValueError naming the argument for any inconsistent input."""
     who = "conv2d"
-    _check(isinstance(x, torch.Tensor), f"{who}: x must be a torch.Tensor, got {type(x).__name__}")
-    _check(isinstance(weight, torch.Tensor), f"{who}: weight must be a torch.Tensor, got {type(weight).__name__}")
-    _check(x.dim() == 4, f"{who}: x must be 4-D [N, C, H, W], got shape {tuple(x.shape)}")
-    _check(x.is_floating_point(), f"{who}: x must be floating point, got {x.dtype}")
-    _check(weight.dtype == x.dtype, f"{who}: weight dtype {weight.dtype} must match x dtype {x.dtype}")
-    _check(weight.device == x.device, f"{who}: weight is on {weight.device} but x is on {x.device}")
-    g = ConvGeometry.make(x.shape, weight.shape, stride, padding, dilation, groups, who)
+    check(isinstance(x, torch.Tensor), f"{who}: x must be a torch.Tensor, got {type(x).__name__}")
+    check(isinstance(weight, torch.Tensor), f"{who}: weight must be a torch.Tensor, got {type(weight).__name__}")
+    check(x.dim() == 4, f"{who}: x must be 4-D [N, C, H, W], got shape {tuple(x.shape)}")
+    check(x.is_floating_point(), f"{who}: x must be floating point, got {x.dtype}")
+    check(weight.dtype == x.dtype, f"{who}: weight dtype {weight.dtype} must match x dtype {x.dtype}")
+    check(weight.device == x.device, f"{who}: weight is on {weight.device} but x is on {x.device}")
+    geom = ConvGeometry.make(x.shape, weight.shape, stride, padding, dilation, groups, who)
     for name, v in (("bias", bias), ("scale", scale), ("shift", shift)):
         if v is None:
             continue
-        _check(isinstance(v, torch.Tensor) and v.dim() == 1 and v.shape[0] == g.K,
-               f"{who}: {name} must be a 1-D tensor of length K={g.K}, got "
+        check(isinstance(v, torch.Tensor) and v.dim() == 1 and v.shape[0] == geom.K,
+              f"{who}: {name} must be a 1-D tensor of length K={geom.K}, got "
                f"{tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__}")
-        _check(v.is_floating_point(), f"{who}: {name} must be floating point, got {v.dtype}")
-        _check(v.device == x.device, f"{who}: {name} is on {v.device} but x is on {x.device}")
+        check(v.is_floating_point(), f"{who}: {name} must be floating point, got {v.dtype}")
+        check(v.device == x.device, f"{who}: {name} is on {v.device} but x is on {x.device}")
     if residual is not None:
-        out_shape = (g.N, g.K, g.P, g.Q)
-        _check(isinstance(residual, torch.Tensor) and tuple(residual.shape) == out_shape,
+        out_shape = (geom.N, geom.K, geom.P, geom.Q)
+        check(isinstance(residual, torch.Tensor) and tuple(residual.shape) == out_shape,
                f"{who}: residual must have the output shape {out_shape}, got "
                f"{tuple(residual.shape) if isinstance(residual, torch.Tensor) else type(residual).__name__}")
-        _check(residual.dtype == x.dtype, f"{who}: residual dtype {residual.dtype} must match x dtype {x.dtype}")
-        _check(residual.device == x.device, f"{who}: residual is on {residual.device} but x is on {x.device}")
-    return g
+        check(residual.dtype == x.dtype, f"{who}: residual dtype {residual.dtype} must match x dtype {x.dtype}")
+        check(residual.device == x.device, f"{who}: residual is on {residual.device} but x is on {x.device}")
+    return geom
 
 
 def _use_kernels(op: str, x: torch.Tensor) -> bool:
@@ -83,12 +77,9 @@ def _use_kernels(op: str, x: torch.Tensor) -> bool:
     backend's is a recorded fallback, and a "yes" is a counted kernel call."""
     if not _backend.use_kernels(op, x.device):
         return False
-    from ..kernels import conv_fwd  # defines the Triton kernel: only after the backend set up the interpreter
-    if x.dtype not in conv_fwd.SUPPORTED_DTYPES:
-        _backend.record_fallback(op, f"dtype {x.dtype} has no kernel (fp32/fp16/bf16 only)")
-        return False
-    if x.dtype == torch.bfloat16 and _backend.interpreting():
-        _backend.record_fallback(op, "bf16 tl.dot is wrong in the Triton interpreter")
+    reason = kernel_dtype_blocker(x.dtype)
+    if reason is not None:
+        _backend.record_fallback(op, reason)
         return False
     _backend.record_kernel_call(op)
     return True
@@ -96,23 +87,24 @@ def _use_kernels(op: str, x: torch.Tensor) -> bool:
 
 @torch.library.custom_op("resnet_fast::conv2d", mutates_args=(), schema=_SCHEMA)
 def _conv2d_op(x, weight, bias, stride, padding, dilation, groups, scale, shift, residual, relu):
-    g = _validate(x, weight, bias, stride, padding, dilation, groups, scale, shift, residual)
+    geom = _validate(x, weight, bias, stride, padding, dilation, groups, scale, shift, residual)
     args = (x, weight, bias, stride, padding, dilation, groups)
     kw = dict(scale=scale, shift=shift, residual=residual, relu=relu)
     if not _use_kernels(_OP, x):
         return eager_conv2d(*args, **kw)
     from ..kernels import conv_fwd
     w_packed = conv_fwd.pack_weight(weight, groups, x.dtype)
-    res = None if residual is None else residual.contiguous(memory_format=CL)
-    y, _ = conv_fwd.conv2d_nhwc(x.contiguous(memory_format=CL), w_packed, g, bias=bias, scale=scale,
-                                shift=shift, residual=res, relu=relu)
+    res = None if residual is None else residual.contiguous(memory_format=torch.channels_last)
+    y, _ = conv_fwd.conv2d_nhwc(x.contiguous(memory_format=torch.channels_last), w_packed, geom, bias=bias,
+                                scale=scale, shift=shift, residual=res, relu=relu)
     return y
 
 
 @_conv2d_op.register_fake
 def _conv2d_fake(x, weight, bias, stride, padding, dilation, groups, scale, shift, residual, relu):
-    g = _validate(x, weight, bias, stride, padding, dilation, groups, scale, shift, residual)
-    return torch.empty((g.N, g.K, g.P, g.Q), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    geom = _validate(x, weight, bias, stride, padding, dilation, groups, scale, shift, residual)
+    return torch.empty((geom.N, geom.K, geom.P, geom.Q), dtype=x.dtype, device=x.device,
+                       memory_format=torch.channels_last)
 
 
 def _acc_dtype(x: torch.Tensor) -> torch.dtype:
@@ -129,12 +121,13 @@ def _conv2d_backward_op(grad, x, weight, scale, out, stride, padding, dilation, 
     conv = dict(stride=list(stride), padding=list(padding), dilation=list(dilation), groups=groups)
     if not _use_kernels(_BWD_OP, x):
         return _eager_backward(grad, x, weight, scale, out, conv, relu, need_x, need_dw, need_sums)
+    from ..kernels.conv_common import DyBN
     from ..kernels.conv_dgrad import conv2d_dgrad_nhwc
     from ..kernels.conv_wgrad import conv2d_wgrad_nhwc
     K = weight.shape[0]
     # The kernels read g straight from grad: under ReLU the mask comes from the saved output (dy_bn's y, which
     # must share grad's strides), without it the y of dy_bn is grad itself and unused (c2 = 0).
-    grad = _like(grad, out) if relu else grad.contiguous(memory_format=CL)
+    grad = with_strides_of(grad, out) if relu else grad.contiguous(memory_format=torch.channels_last)
     y = out if relu else grad
     zeros = torch.zeros(K, dtype=torch.float32, device=x.device)
     ones = torch.ones(K, dtype=torch.float32, device=x.device)
@@ -144,11 +137,11 @@ def _conv2d_backward_op(grad, x, weight, scale, out, stride, padding, dilation, 
             grad_x = conv2d_dgrad_nhwc(grad, weight, x.shape, **conv)
         else:  # dy = scale[k]*(grad where out > 0), formed while loading
             c1 = ones if scale is None else scale.to(torch.float32).contiguous()
-            grad_x = conv2d_dgrad_nhwc(grad, weight, x.shape, **conv, dy_bn=(y, c1, zeros, zeros, zeros),
+            grad_x = conv2d_dgrad_nhwc(grad, weight, x.shape, **conv, dy_bn=DyBN(y, c1, zeros, zeros, zeros),
                                        dy_relu=relu)
     if need_dw or need_sums:  # Σg always comes along: one row sum per A tile in one column of programs
-        x = x.contiguous(memory_format=CL)  # as the forward read it (a no-op for channels_last x)
-        dy_bn = (y, ones, zeros, zeros, zeros) if relu else None
+        x = x.contiguous(memory_format=torch.channels_last)  # as the forward read it (a no-op for channels_last x)
+        dy_bn = DyBN(y, ones, zeros, zeros, zeros) if relu else None
         dw, sums = conv2d_wgrad_nhwc(grad, x, weight.shape, **conv, dy_bn=dy_bn, dy_relu=relu, dy_sums=True,
                                      need_dw=need_dw)
         if dw is not None:
@@ -168,7 +161,7 @@ def _eager_backward(grad, x, weight, scale, out, conv, relu, need_x, need_dw, ne
     if need_x:
         dy = g if scale is None else g * scale.to(acc).view(1, -1, 1, 1)
         grad_x = torch.nn.grad.conv2d_input(x.shape, weight.to(acc), dy, **conv).to(x.dtype)
-        grad_x = grad_x.contiguous(memory_format=CL)
+        grad_x = grad_x.contiguous(memory_format=torch.channels_last)
     if need_dw:
         dw_g = torch.nn.grad.conv2d_weight(x.to(acc), weight.shape, g, **conv)
     if need_sums:
@@ -180,7 +173,7 @@ def _eager_backward(grad, x, weight, scale, out, conv, relu, need_x, need_dw, ne
 def _conv2d_backward_fake(grad, x, weight, scale, out, stride, padding, dilation, groups, relu, need_x, need_dw,
                           need_sums):
     acc = _acc_dtype(x)
-    grad_x = (torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=CL) if need_x
+    grad_x = (torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last) if need_x
               else x.new_empty((0,), dtype=acc))
     dw_g = x.new_empty(weight.shape if need_dw else (0,), dtype=acc)
     sums = x.new_empty((weight.shape[0] if need_sums else 0,), dtype=acc)
@@ -246,10 +239,9 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         ``[N, K, P, Q]`` in x's dtype, channels_last memory format. fp32 uses TF32 exactly when PyTorch would
         for a cuDNN conv (:func:`resnet_fast.kernels.configs.conv_allows_tf32`).
     """
-    _check(relu in (True, False), f"conv2d: relu must be a bool, got {relu!r}")
+    check(relu in (True, False), f"conv2d: relu must be a bool, got {relu!r}")
     _validate(x, weight, bias, stride, padding, dilation, groups, scale, shift, residual)
-    lists = [list(pair(v, n, "conv2d", lo)) for v, n, lo in ((stride, "stride", 1), (padding, "padding", 0),
-                                                              (dilation, "dilation", 1))]
+    lists = conv_arg_lists(stride, padding, dilation, "conv2d")
     return _conv2d_op(x, weight, bias, *lists, groups, scale, shift, residual, bool(relu))
 
 
@@ -263,18 +255,18 @@ def fold_bn(running_mean: torch.Tensor, running_var: torch.Tensor, weight: torch
     """
     who = "fold_bn"
     for name, t in (("running_mean", running_mean), ("running_var", running_var)):
-        _check(isinstance(t, torch.Tensor) and t.dim() == 1 and t.is_floating_point(),
+        check(isinstance(t, torch.Tensor) and t.dim() == 1 and t.is_floating_point(),
                f"{who}: {name} must be a 1-D floating tensor, got "
                f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
     C = running_mean.shape[0]
     for name, t in (("running_var", running_var), ("weight", weight), ("bias", bias)):
         if t is None and name != "running_var":
             continue
-        _check(isinstance(t, torch.Tensor) and t.dim() == 1 and t.shape[0] == C and t.is_floating_point(),
+        check(isinstance(t, torch.Tensor) and t.dim() == 1 and t.shape[0] == C and t.is_floating_point(),
                f"{who}: {name} must be a 1-D floating tensor of length {C} like running_mean")
-        _check(t.device == running_mean.device,
+        check(t.device == running_mean.device,
                f"{who}: {name} is on {t.device} but running_mean is on {running_mean.device}")
-    _check(isinstance(eps, (int, float)) and eps > 0, f"{who}: eps must be a positive number, got {eps!r}")
+    check(isinstance(eps, (int, float)) and eps > 0, f"{who}: eps must be a positive number, got {eps!r}")
     f64 = torch.float64 if running_mean.device.type != "mps" else torch.float32
     scale = torch.rsqrt(running_var.to(f64) + eps)
     if weight is not None:

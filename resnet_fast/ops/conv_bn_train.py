@@ -7,106 +7,99 @@ groups, eps) -> (y, mean, invstd)``::
     y      = conv(a, weight)                      activation dtype, channels_last (never normalised here)
     mean   = E[y], invstd = 1/sqrt(Var[y] + eps)  fp32 [K], biased variance over N*P*Q, as BatchNorm2d
 
-Kernels: ``conv_fwd.conv2d_nhwc(stats=True)`` writes y and per-tile Σy and centred Σ(y - ȳ_tile)²; ``bn_finalize`` merges them
-(running statistics are NOT touched here: :func:`update_running_stats` does that, so the op is pure). The BN
-affine ``scale = gamma*invstd, shift = beta - mean*scale`` is [C] torch math (:func:`bn_affine`), so autograd
-carries gradients to gamma/beta and back into ``mean``/``invstd``.
+Kernels: ``conv_fwd.conv2d_nhwc(stats=True)`` writes y and per-tile Σy and centred Σ(y - ȳ_tile)²;
+``bn_finalize`` merges them (running statistics are NOT touched here: :func:`update_running_stats` does that, so
+the op is pure). The BN affine ``scale = gamma*invstd, shift = beta - mean*scale`` is [C] torch math
+(:func:`bn_affine`), so autograd carries gradients to gamma/beta and back into ``mean``/``invstd``.
 
 Backward (``conv_bn_stats_backward``, a custom op too so torch.compile traces it as one node): the gradient
 w.r.t. y is ``g_y + g_mean/M - g_invstd*invstd³*(y - mean)/M``, i.e. ``dy = c1*g_y + c2*(y - mean) + c3``
 with c1 = 1 -- formed while loading dy in dgrad and wgrad (their ``dy_bn`` option), never written. With a
 prologue, dgrad's dReLU epilogue returns ``dz = dA*[x*in_scale + in_shift > 0]`` and per-tile Σdz,
 Σdz·(x - in_centre), and stores ``grad_x = dz*in_scale[c]`` (its ``out_scale``), so the in_scale/in_shift
-gradients are those sums and grad_x is exact, a channel with in_scale exactly 0 (BN gamma 0) included. wgrad recomputes ``a`` from x in its prologue. Saved: x, weight, in_scale, in_shift, in_centre, y,
+gradients are those sums and grad_x is exact, a channel with in_scale exactly 0 (BN gamma 0) included.
+wgrad recomputes ``a`` from x in its prologue. Saved: x, weight, in_scale, in_shift, in_centre, y,
 mean, invstd -- no normalised activations.
+
+Tensors and numbers only: the module-level training unit (a Conv2d and a BatchNorm2d, running statistics,
+synced BN) is :mod:`resnet_fast.nn.train_path`, built on this op, :func:`bn_affine` and
+:func:`update_running_stats`.
 """
 from __future__ import annotations
 
 import torch
 
 from .. import _backend
-from ..kernels.conv_common import ConvGeometry, pair
+from ..kernels.checks import FLOAT_DTYPES, check, describe, kernel_dtype_blocker
+from ..kernels.conv_common import ConvGeometry
+from ._common import conv_arg_lists, with_strides_of
 
-__all__ = ["conv_bn_stats", "conv_bn_train", "bn_affine", "update_running_stats", "train_blocker"]
+__all__ = ["conv_bn_stats", "bn_affine", "update_running_stats"]
 
 _OP = "conv_bn_stats"
-CL = torch.channels_last
 _FWD_SCHEMA = ("(Tensor x, Tensor weight, Tensor? in_scale, Tensor? in_shift, Tensor? in_centre, int[] stride, "
                "int[] padding, int[] dilation, int groups, float eps) -> (Tensor, Tensor, Tensor)")
 _BWD_SCHEMA = ("(Tensor g_y, Tensor c2, Tensor c3, Tensor x, Tensor weight, Tensor? in_scale, Tensor? in_shift, "
                "Tensor? in_centre, Tensor y, Tensor mean, int[] stride, int[] padding, int[] dilation, "
                "int groups) -> (Tensor, Tensor, Tensor, Tensor)")
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ValueError(msg)
 
 
 def _validate(x, weight, in_scale, in_shift, in_centre, stride, padding, dilation, groups) -> ConvGeometry:
-    who = "conv_bn_stats"
-    _check(isinstance(x, torch.Tensor) and x.dim() == 4, f"{who}: x must be a 4-D [N, C, H, W] tensor, got "
-           f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-    _check(x.dtype in _DTYPES, f"{who}: x dtype {x.dtype} has no kernel (float32/float16/bfloat16)")
-    _check(isinstance(weight, torch.Tensor) and weight.dtype == x.dtype and weight.device == x.device,
-           f"{who}: weight must be a tensor of x's dtype {x.dtype} on {x.device}")
-    g = ConvGeometry.make(tuple(x.shape), tuple(weight.shape), stride, padding, dilation, groups, who)
-    _check((in_scale is None) == (in_shift is None), f"{who}: in_scale and in_shift go together")
-    _check(in_centre is None or in_scale is not None, f"{who}: in_centre needs in_scale/in_shift")
+    who = _OP
+    check(isinstance(x, torch.Tensor) and x.dim() == 4, f"{who}: x must be a 4-D [N, C, H, W] tensor, got "
+          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    check(x.dtype in FLOAT_DTYPES, f"{who}: x dtype {x.dtype} has no kernel (float32/float16/bfloat16)")
+    check(isinstance(weight, torch.Tensor) and weight.dtype == x.dtype and weight.device == x.device,
+          f"{who}: weight must be a tensor of x's dtype {x.dtype} on {x.device}")
+    geom = ConvGeometry.make(tuple(x.shape), tuple(weight.shape), stride, padding, dilation, groups, who)
+    check((in_scale is None) == (in_shift is None), f"{who}: in_scale and in_shift go together")
+    check(in_centre is None or in_scale is not None, f"{who}: in_centre needs in_scale/in_shift")
     for name, v in (("in_scale", in_scale), ("in_shift", in_shift), ("in_centre", in_centre)):
         if v is not None:
-            _check(isinstance(v, torch.Tensor) and v.shape == (g.C,) and v.dtype == torch.float32
-                   and v.device == x.device, f"{who}: {name} must be a float32 [{g.C}] tensor on {x.device}, got "
-                   f"{tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__}")
-    _check(g.N * g.P * g.Q > 1, f"{who}: BatchNorm needs more than 1 value per channel in training, got "
-           f"N*P*Q = {g.N * g.P * g.Q}")
-    return g
+            check(isinstance(v, torch.Tensor) and v.shape == (geom.C,) and v.dtype == torch.float32
+                  and v.device == x.device, f"{who}: {name} must be a float32 [{geom.C}] tensor on {x.device}, "
+                  f"got {tuple(v.shape) if isinstance(v, torch.Tensor) else describe(v)}")
+    check(geom.N * geom.P * geom.Q > 1, f"{who}: BatchNorm needs more than 1 value per channel in training, got "
+          f"N*P*Q = {geom.N * geom.P * geom.Q}")
+    return geom
 
 
-def _vec(v):
+def _contiguous_or_none(v):
     return None if v is None else v.contiguous()
 
 
 @torch.library.custom_op("resnet_fast::conv_bn_stats", mutates_args=(), schema=_FWD_SCHEMA)
 def _conv_bn_stats_op(x, weight, in_scale, in_shift, in_centre, stride, padding, dilation, groups, eps):
-    g = _validate(x, weight, in_scale, in_shift, in_centre, stride, padding, dilation, groups)
+    geom = _validate(x, weight, in_scale, in_shift, in_centre, stride, padding, dilation, groups)
     from ..kernels import bn_finalize, conv_fwd  # Triton kernels: only after the backend set up the interpreter
-    y, st = conv_fwd.conv2d_nhwc(x.contiguous(memory_format=CL), conv_fwd.pack_weight(weight, groups, x.dtype),
-                                   g, in_scale=_vec(in_scale), in_shift=_vec(in_shift),
-                                   in_relu=in_scale is not None, stats=True)
-    mean, invstd, _, _ = bn_finalize.bn_finalize(st.sum, st.m2, g.N * g.P * g.Q, tile_rows=st.tile_rows,
+    y, st = conv_fwd.conv2d_nhwc(x.contiguous(memory_format=torch.channels_last),
+                                 conv_fwd.pack_weight(weight, groups, x.dtype), geom,
+                                 in_scale=_contiguous_or_none(in_scale), in_shift=_contiguous_or_none(in_shift),
+                                 in_relu=in_scale is not None, stats=True)
+    mean, invstd, _, _ = bn_finalize.bn_finalize(st.sum, st.m2, geom.N * geom.P * geom.Q, tile_rows=st.tile_rows,
                                                 momentum=0.0, eps=eps)
     return y, mean, invstd
 
 
 @_conv_bn_stats_op.register_fake
 def _conv_bn_stats_fake(x, weight, in_scale, in_shift, in_centre, stride, padding, dilation, groups, eps):
-    g = _validate(x, weight, in_scale, in_shift, in_centre, stride, padding, dilation, groups)
-    y = torch.empty((g.N, g.K, g.P, g.Q), dtype=x.dtype, device=x.device, memory_format=CL)
-    return y, x.new_empty((g.K,), dtype=torch.float32), x.new_empty((g.K,), dtype=torch.float32)
-
-
-def _like(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """``t`` with ``ref``'s strides (dy_bn needs dy and y to share them). Dense channels_last tensors differ only
-    in the strides of size-1 dims, which index nothing: a view. Anything else is copied once."""
-    if t.stride() == ref.stride():
-        return t
-    if t.is_contiguous(memory_format=CL) and ref.is_contiguous(memory_format=CL):
-        return t.as_strided(ref.shape, ref.stride())
-    return torch.empty_like(ref).copy_(t)
+    geom = _validate(x, weight, in_scale, in_shift, in_centre, stride, padding, dilation, groups)
+    y = torch.empty((geom.N, geom.K, geom.P, geom.Q), dtype=x.dtype, device=x.device,
+                    memory_format=torch.channels_last)
+    return y, x.new_empty((geom.K,), dtype=torch.float32), x.new_empty((geom.K,), dtype=torch.float32)
 
 
 @torch.library.custom_op("resnet_fast::conv_bn_stats_backward", mutates_args=(), schema=_BWD_SCHEMA)
 def _conv_bn_stats_backward_op(g_y, c2, c3, x, weight, in_scale, in_shift, in_centre, y, mean, stride, padding,
                                dilation, groups):
     from ..kernels.bn_finalize import bn_backward_coeffs
+    from ..kernels.conv_common import DyBN
     from ..kernels.conv_dgrad import conv2d_dgrad_nhwc
     from ..kernels.conv_wgrad import conv2d_wgrad_nhwc
     conv = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
-    x = x.contiguous(memory_format=CL)  # as the forward read it (a no-op there: the forward made it so)
-    g_y = _like(g_y, y)
-    dy_bn = (y, torch.ones_like(mean), c2, c3, mean)  # dy = 1*g_y + c2*(y - mean) + c3, formed on load
+    x = x.contiguous(memory_format=torch.channels_last)  # as the forward read it (a no-op: the forward made it so)
+    g_y = with_strides_of(g_y, y)
+    dy_bn = DyBN(y, torch.ones_like(mean), c2, c3, mean)  # dy = 1*g_y + c2*(y - mean) + c3, formed on load
     C = x.shape[1]
     if in_scale is None:
         grad_x = conv2d_dgrad_nhwc(g_y, weight, x.shape, **conv, dy_bn=dy_bn)
@@ -115,7 +108,7 @@ def _conv_bn_stats_backward_op(g_y, c2, c3, x, weight, in_scale, in_shift, in_ce
     else:
         centre = in_centre if in_centre is not None else torch.zeros_like(in_scale)
         grad_x, part = conv2d_dgrad_nhwc(g_y, weight, x.shape, **conv, y_prev=x, in_scale=in_scale,
-                                         in_shift=in_shift, in_mean=centre, out_scale=in_scale, dy_bn=dy_bn)
+                                         in_shift=in_shift, in_centre=centre, out_scale=in_scale, dy_bn=dy_bn)
         # Fixed-order float64 reduction of the per-tile partials (invstd=1: dgamma = Σ·(x - centre), dbeta = Σ);
         # count only scales the unused coefficients.
         n = max(x.shape[0] * x.shape[2] * x.shape[3], 2)
@@ -131,8 +124,8 @@ def _conv_bn_stats_backward_op(g_y, c2, c3, x, weight, in_scale, in_shift, in_ce
 def _conv_bn_stats_backward_fake(g_y, c2, c3, x, weight, in_scale, in_shift, in_centre, y, mean, stride,
                                  padding, dilation, groups):
     n = 0 if in_scale is None else x.shape[1]
-    return (torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=CL), torch.empty_like(weight),
-            x.new_empty((n,), dtype=torch.float32), x.new_empty((n,), dtype=torch.float32))
+    return (torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last),
+            torch.empty_like(weight), x.new_empty((n,), dtype=torch.float32), x.new_empty((n,), dtype=torch.float32))
 
 
 def _setup_context(ctx, inputs, output):
@@ -177,41 +170,40 @@ def conv_bn_stats(x: torch.Tensor, weight: torch.Tensor, in_scale: torch.Tensor 
         ``(y, mean, invstd)``: y ``[N, K, P, Q]`` channels_last in x's dtype; mean, invstd fp32 ``[K]`` (biased
         variance, BatchNorm2d's training normalisation). Differentiable w.r.t. x, weight, in_scale, in_shift.
     """
-    lists = [list(pair(v, n, _OP, lo)) for v, n, lo in ((stride, "stride", 1), (padding, "padding", 0),
-                                                        (dilation, "dilation", 1))]
-    _check(isinstance(eps, (int, float)) and eps > 0, f"{_OP}: eps must be a positive number, got {eps!r}")
+    lists = conv_arg_lists(stride, padding, dilation, _OP)
+    check(isinstance(eps, (int, float)) and eps > 0, f"{_OP}: eps must be a positive number, got {eps!r}")
     if not torch.compiler.is_compiling():
         _validate(x, weight, in_scale, in_shift, in_centre, *lists, groups)
-        if x.dtype == torch.bfloat16 and _backend.interpreting():
-            raise RuntimeError(f"{_OP}: bf16 tl.dot is wrong in the Triton interpreter; use float32 on CPU")
+        reason = kernel_dtype_blocker(x.dtype)  # what _validate leaves: bf16 in the Triton interpreter
+        if reason is not None:
+            raise RuntimeError(f"{_OP}: {reason}; use float32 on CPU")
         _backend.record_kernel_call(_OP)
     return _conv_bn_stats_op(x, weight, in_scale, in_shift, in_centre, *lists, groups, float(eps))
 
 
-def update_running_stats(bn: torch.nn.BatchNorm2d, mean: torch.Tensor, invstd: torch.Tensor, count: int) -> None:
-    """``bn``'s train-mode running-statistics update from this batch's ``mean``/``invstd`` (fp32 [C]) over
-    ``count`` values per channel (an int, or a 0-d device tensor for the global count of a synced BN),
-    exactly as ``nn.BatchNorm2d``: ``num_batches_tracked += 1``; factor =
-    momentum, or 1/num_batches_tracked for momentum=None (a device tensor: no host sync); running_var takes the
-    unbiased variance. Nothing when the module does not track running stats or is in eval mode. [C] math in
-    float64, recovering ``var = invstd^-2 - eps``; not recorded by autograd."""
-    if not bn.training or not bn.track_running_stats or bn.running_mean is None:
-        return
+def update_running_stats(running_mean: torch.Tensor, running_var: torch.Tensor,
+                         num_batches_tracked: torch.Tensor | None, mean: torch.Tensor, invstd: torch.Tensor, count,
+                         momentum: float | None, eps: float) -> None:
+    """BatchNorm2d's train-mode running-statistics update, in place, from this batch's ``mean``/``invstd``
+    (fp32 [C]) over ``count`` values per channel (an int, or a 0-d device tensor for the global count of a
+    synced BN), exactly as ``nn.BatchNorm2d``: ``num_batches_tracked += 1`` (when given); factor = ``momentum``,
+    or ``1/num_batches_tracked`` for ``momentum=None`` (a device tensor: no host sync); ``running_var`` takes the
+    unbiased variance. ``running_mean``/``running_var``: [C] float buffers; ``eps``: the BN's epsilon. [C] math
+    in float64, recovering ``var = invstd^-2 - eps``; not recorded by autograd."""
     with torch.no_grad():
-        if bn.num_batches_tracked is not None:
-            bn.num_batches_tracked.add_(1)
-        if bn.momentum is None:
-            factor = 1.0 / bn.num_batches_tracked.double()
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+        if momentum is None:
+            factor = 1.0 / num_batches_tracked.double()
         else:
-            factor = bn.momentum
-        var = invstd.detach().double().pow(-2) - bn.eps
+            factor = momentum
+        var = invstd.detach().double().pow(-2) - eps
         if isinstance(count, torch.Tensor):  # a synced BN's global count, on the device
             unbiased = var * count / (count - 1).clamp_min(1)
         else:  # host math: a host->device copy here would break CUDA-graph capture
             unbiased = var * (count / max(count - 1, 1))
-        rm, rv = bn.running_mean, bn.running_var
-        rm.copy_((1 - factor) * rm.double() + factor * mean.detach().double())
-        rv.copy_((1 - factor) * rv.double() + factor * unbiased)
+        running_mean.copy_((1 - factor) * running_mean.double() + factor * mean.detach().double())
+        running_var.copy_((1 - factor) * running_var.double() + factor * unbiased)
 
 
 def bn_affine(mean: torch.Tensor, invstd: torch.Tensor, weight: torch.Tensor | None = None,
@@ -219,46 +211,9 @@ def bn_affine(mean: torch.Tensor, invstd: torch.Tensor, weight: torch.Tensor | N
     """Train-mode BN as a per-channel affine from batch statistics: ``scale = weight*invstd``,
     ``shift = bias - mean*scale`` (weight=1, bias=0 when None, as for affine=False). fp32 [C], differentiable
     w.r.t. weight, bias, mean, invstd (so the batch-statistics part of the BN backward reaches
-    :func:`conv_bn_stats`, or the all-gather of :func:`resnet_fast.nn.sync_bn.sync_batch_stats`)."""
+    :func:`conv_bn_stats`, or the all-gather of :func:`resnet_fast.ops.sync_stats.sync_batch_stats`)."""
     scale = invstd if weight is None else weight.float() * invstd
     shift = -mean * scale
     if bias is not None:
         shift = shift + bias.float()
     return scale.contiguous(), shift.contiguous()
-
-
-def train_blocker(x: torch.Tensor, pairs) -> str | None:
-    """Why these (conv, bn) pairs cannot run :func:`conv_bn_train` on ``x``, or None when they can."""
-    dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-    if dt not in _DTYPES:
-        return f"dtype {dt} has no training kernel (float32/float16/bfloat16 only)"
-    if dt == torch.bfloat16 and _backend.interpreting():
-        return "bf16 tl.dot is wrong in the Triton interpreter"
-    for conv, bn in pairs:
-        if not isinstance(bn, torch.nn.BatchNorm2d) or not isinstance(conv, torch.nn.Conv2d):
-            return f"norm layer {type(bn).__name__} / conv {type(conv).__name__} is not BatchNorm2d / Conv2d"
-        if conv.bias is not None or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-            return "Conv2d with bias, non-zero padding mode or string padding"
-        if not bn.training:
-            return "a BatchNorm2d of the block is in eval mode while the block trains"
-    return None
-
-
-def conv_bn_train(x: torch.Tensor, conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d, in_scale=None, in_shift=None,
-                  in_centre=None):
-    """One training unit ``bn(conv(act_in(x)))`` in folded form: returns ``(y_raw, scale, shift, mean)`` with
-    ``bn(conv(...)) == y_raw*scale + shift`` (never materialised; the next conv's prologue or the tail op
-    applies it) and updates ``bn``'s running statistics. ``x`` must already be in the activation dtype.
-
-    A :class:`~resnet_fast.nn.SyncBatchNorm2d` that syncs merges the kernel's per-rank statistics into the
-    global batch's (one all-gather of [2C+1] values, differentiable), so the fused path serves synced BN too."""
-    from ..nn.sync_bn import SyncBatchNorm2d, sync_batch_stats  # lazy: nn imports ops
-    y, mean, invstd = conv_bn_stats(x, conv.weight.to(x.dtype), in_scale, in_shift, in_centre,
-                                    stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
-                                    groups=conv.groups, eps=bn.eps)
-    count = y.shape[0] * y.shape[2] * y.shape[3]
-    if isinstance(bn, SyncBatchNorm2d) and bn.syncs():
-        mean, invstd, count = sync_batch_stats(mean, invstd, count, bn.eps, bn.process_group)
-    update_running_stats(bn, mean, invstd, count)
-    scale, shift = bn_affine(mean, invstd, bn.weight, bn.bias)
-    return y, scale, shift, mean
