@@ -8,8 +8,8 @@ The Triton dgrad and wgrad kernels form their ``dy`` operand while loading it (`
   (the one implementation of that transform, so both paths round ``dy`` identically);
 * inference (``relu``): ``g = grad where out > 0, else 0``, the ReLU backward;
 * ``sums``: per-tile ``Σg`` partials ``[T, K]`` fp32 of the formed (or, with nothing to form, the incoming)
-  gradient, one writer per element, no atomics; ``write=False`` then skips writing ``g`` (nothing to form:
-  ATen reads ``grad`` itself).
+  gradient, one writer per element, no atomics; ``write=False`` then skips writing ``g`` (nothing to form, so
+  ATen reads ``grad`` itself, or no GEMM needs it).
 
 Tensors ``[N, K, P, Q]`` channels_last-contiguous are the row-major matrix ``[M = N*P*Q, K]``; program
 ``(t, j)`` owns rows ``t*BLOCK_M ..`` and channels ``j*BLOCK_K ..``. ``dy`` is written in the gradient's dtype
@@ -87,7 +87,7 @@ def form_dy(dz: torch.Tensor, y: torch.Tensor | None = None, *, c2: torch.Tensor
             (its ReLU mask); needed with ``c2``/``c3``/``mean`` or ``relu``.
         c2, c3, mean: fp32 ``[K]`` contiguous, all three or none: ``dy = dz + c2*(y - mean) + c3``.
         relu: mask ``dz`` by ``y > 0`` first.
-        write: write ``dy`` (False only with ``sums`` and nothing to form: the caller reads ``dz`` itself).
+        write: write ``dy`` (False: only the sums, e.g. when no GEMM needs ``dy`` or there is nothing to form).
         sums: also return per-tile ``Σdy`` partials.
         config: optional ``(BLOCK_M, BLOCK_K, num_warps)``, powers of two; default :data:`BN_DY_CONFIG`.
 
@@ -122,8 +122,6 @@ def form_dy(dz: torch.Tensor, y: torch.Tensor | None = None, *, c2: torch.Tensor
             check_vector(name, v, K, dz.device, who)
     if not write and not sums:
         raise ValueError(f"{who}: nothing to do (write=False and sums=False)")
-    if not write and (has_bn or relu):
-        raise ValueError(f"{who}: write=False would drop the formed gradient (BatchNorm terms or ReLU mask)")
     if dz.dtype == torch.bfloat16 and _backend.interpreting():
         raise RuntimeError(f"{who}: bf16 is not run in the Triton interpreter (like the conv kernels); use "
                            "float16/float32 on CPU")
@@ -148,10 +146,11 @@ def form_dy(dz: torch.Tensor, y: torch.Tensor | None = None, *, c2: torch.Tensor
 
 def compile_specs() -> list:
     """(jit_fn, signature, constexprs, options, is_gemm, div16) for :mod:`.compile_check`, each dtype: the
-    training transform (HAS_BN), the inference ReLU mask with and without Σ, and Σ alone (no write)."""
+    training transform (HAS_BN), the inference ReLU mask with and without Σ, and Σ alone (no write) of the
+    masked or the incoming gradient."""
     block_m, block_k, warps = BN_DY_CONFIG
     variants = ((True, False, True, False), (False, True, True, True), (False, True, True, False),
-                (False, False, False, True))  # (HAS_BN, RELU, WRITE, SUMS)
+                (False, True, False, True), (False, False, False, True))  # (HAS_BN, RELU, WRITE, SUMS)
     specs = []
     for dtype, dt in _TL.items():
         for has_bn, relu, write, sums in variants:
