@@ -309,6 +309,7 @@ class Autotuner:
 
     def __init__(self, table_dir: Optional[str] = None):
         self._mem: dict = {}            # key -> entry settled on in this process (tuned, or read from a file)
+        self._hot: dict = {}            # key -> ConvConfig parsed from _mem[key]
         self._file: Optional[dict] = None  # the cache file's entries, read once
         self._tables: dict = {}         # arch -> tuning_table.TuningTable, or None (absent or unusable)
         self._table_dir = table_dir
@@ -363,15 +364,24 @@ class Autotuner:
             return value
 
     def lookup(self, key: str, candidates) -> Optional[ConvConfig]:
+        """The known winner for ``key`` (:meth:`find`) if it is one of ``candidates``, else None."""
+        cfg = self._hot.get(key)  # the parsed memory entry: every launch's fast path
+        if cfg is not None and cfg in candidates:
+            return cfg
+
         def accept(entry):
             cfg = config_from_entry(entry)
             return cfg if cfg is not None and cfg in candidates else None
-        return self.find(key, accept)
+        cfg = self.find(key, accept)
+        if cfg is not None and self._mem.get(key) is not None:
+            self._hot[key] = cfg
+        return cfg
 
     def remember(self, key: str, entry: dict, source: str) -> None:
         """Keep ``entry`` for ``key`` in this process's memory (not in the cache file), served by ``source``."""
         with self._lock:
             self._mem[key] = entry
+            self._hot.pop(key, None)
             self.sources[key] = source
 
     def note(self, key: str, source: str) -> None:
