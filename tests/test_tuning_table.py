@@ -351,3 +351,32 @@ def test_exporter_command_line(tuner, tmp_path, monkeypatch):
     monkeypatch.setenv("RESNET_FAST_CACHE_DIR", str(tmp_path / "empty"))
     monkeypatch.setenv("RESNET_FAST_AUTOTUNE", "0")
     assert choose(identity=H100) == want
+
+
+@pytest.mark.gpu
+def test_real_gpu_tune_export_and_serve(tuner, tmp_path, monkeypatch):
+    """On the GPU, nothing injected: do_bench times real work, the exporter writes this GPU's arch table, and a
+    fresh process with an empty cache gets every answer from it without timing."""
+    dev = torch.device("cuda")
+    ident = cfgs.device_identity(dev)
+    small = torch.randn(256, 256, device=dev)
+    big = torch.randn(4096, 4096, device=dev)
+    c = cands()
+    slow = {cfg: (big if i % 2 else small) for i, cfg in enumerate(c)}  # every other config does 256x more work
+    cfg = cfgs.choose("conv_fwd", G, DT, dev, c, FLAGS, lambda cfg: slow[cfg] @ slow[cfg], default())
+    assert slow[cfg] is small and cfgs.tuning_sources() == {key(ident): "tuned"}
+    assert all(ms > 0 for ms in cfgs.tuning_report()[key(ident)]["ms"].values())
+    impl = cfgs.choose_impl("conv2d", G, DT, dev, (), {"triton": lambda: small @ small, "cudnn": lambda: big @ big})
+    rec = cfgs.tuning_report()[cfgs.tuning_key("impl:conv2d", G, DT, dev)]
+    assert impl == "triton" and rec["ms"]["cudnn"] > rec["ms"]["triton"] > 0
+    out = tuning_table.table_path(ident.arch, str(tmp_path / "tuned"))
+    assert tuning_table.main(["export", "-o", out]) == 0  # arch and cache file: this machine's
+    assert json.load(open(out))["provenance"]["gpu"] == ident.name
+    monkeypatch.setenv("RESNET_FAST_CACHE_DIR", str(tmp_path / "empty"))
+    monkeypatch.setattr(cfgs, "_TUNER", cfgs.Autotuner(table_dir=str(tmp_path / "tuned")))
+    assert cfgs.choose("conv_fwd", G, DT, dev, c, FLAGS, never_launch, default()) == cfg
+
+    def boom():
+        raise AssertionError("ran: the table should have answered")
+    assert cfgs.choose_impl("conv2d", G, DT, dev, (), {"triton": boom, "cudnn": boom}) == "triton"
+    assert set(cfgs.tuning_sources().values()) == {"table"}
