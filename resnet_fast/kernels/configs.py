@@ -268,7 +268,7 @@ def _switched_on(var: str) -> bool:
     return os.environ.get(var, "0").strip().lower() in ("1", "true", "on", "yes")
 
 
-_CONFIG_FIELDS = {f.name: f.type for f in fields(ConvConfig)}
+_CONFIG_FIELDS = frozenset(f.name for f in fields(ConvConfig))
 _REQUIRED_FIELDS = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
 
 
@@ -276,7 +276,7 @@ def config_from_entry(entry) -> Optional[ConvConfig]:
     """The :class:`ConvConfig` a cache or table entry (``asdict(cfg)``) describes, or None when it is not one:
     unknown or missing tile fields, or values of the wrong type (positive ints; ``tma`` a bool). Entries written
     before a field existed (no ``tma``) still read, with the field's default."""
-    if not isinstance(entry, dict) or not set(entry) <= set(_CONFIG_FIELDS) \
+    if not isinstance(entry, dict) or not set(entry) <= _CONFIG_FIELDS \
             or not all(k in entry for k in _REQUIRED_FIELDS):
         return None
     for k, v in entry.items():
@@ -312,6 +312,7 @@ class Autotuner:
         self._hot: dict = {}            # key -> ConvConfig parsed from _mem[key]
         self._file: Optional[dict] = None  # the cache file's entries, read once
         self._tables: dict = {}         # arch -> tuning_table.TuningTable, or None (absent or unusable)
+        self._absent: set = set()       # keys neither the cache file nor the table answered
         self._table_dir = table_dir
         self._lock = threading.RLock()
         self.measured: dict = {}  # key -> {"winner", "ms": {config: ms}, "failed": {config: error}}, this process
@@ -345,7 +346,7 @@ class Autotuner:
             hit = self._mem.get(key)
             if hit is not None and (value := accept(hit)) is not None:
                 return value
-            if _switched_on("RESNET_FAST_RETUNE"):
+            if _switched_on("RESNET_FAST_RETUNE") or key in self._absent:
                 return None
             hit = self._cache_entries().get(key)
             if hit is not None and (value := accept(hit)) is not None:
@@ -354,11 +355,11 @@ class Autotuner:
             tk = table_key(key)
             table = self._table(tk.arch) if tk is not None else None
             hit = table.entries.get(tk.key) if table is not None else None
-            if hit is None:
-                return None
-            value = accept(hit)
+            value = accept(hit) if hit is not None else None
             if value is None:
-                table.warn_once(f"entry {tk.key!r} = {hit} is not among the candidates of this launch; ignored")
+                if hit is not None:
+                    table.warn_once(f"entry {tk.key!r} = {hit} is not among the candidates of this launch; ignored")
+                self._absent.add(key)  # untuned launches (tuning off, capture) do not re-read files each time
                 return None
             self.remember(key, hit, "table")
             return value
