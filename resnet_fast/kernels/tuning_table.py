@@ -110,7 +110,8 @@ def load(path: str, arch: str) -> Optional[TuningTable]:
     except (OSError, ValueError) as exc:
         _warn(path, f"unreadable, ignored ({type(exc).__name__}: {str(exc)[:200]})")
         return None
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("version") != VERSION:
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT \
+            or type(doc.get("version")) is not int or doc["version"] != VERSION:
         got = (doc.get("format"), doc.get("version")) if isinstance(doc, dict) else type(doc).__name__
         _warn(path, f"ignored: format/version {got}, expected ({FORMAT!r}, {VERSION})")
         return None
