@@ -49,7 +49,7 @@ import tempfile
 import time
 
 HOPPER_SMEM = 232448  # bytes of shared memory one block may use on sm_90 (227 KB)
-_SKIP = {"compile_check", "configs", "conv_common"}
+_SKIP = {"compile_check", "configs", "conv_common", "cost_report"}
 
 
 def kernel_modules(only: str | None = None) -> list:
@@ -102,7 +102,7 @@ def ptxas_usage(ptx: str, ptxas: str) -> dict:
     spills = [tuple(map(int, m)) for m in _SPILL.findall(log)]
     regs = [int(m) for m in _REGS.findall(log)]
     return {"registers": max(regs) if regs else None,
-            "spill_stores": sum(s for s, _ in spills), "spill_loads": sum(l for _, l in spills)}
+            "spill_stores": sum(s for s, _ in spills), "spill_loads": sum(ld for _, ld in spills)}
 
 
 def _describe(sig: dict, cx: dict, opts: dict) -> str:
@@ -113,24 +113,30 @@ def _describe(sig: dict, cx: dict, opts: dict) -> str:
             + (f" [{flags}]" if flags else ""))
 
 
-def compile_one(job: tuple) -> dict:
-    """Compile spec ``index`` of module ``name`` for sm_90 and check it (runs in a pool worker)."""
-    name, index, ptxas = job
+def compile_sm90(fn, sig: dict, cx: dict, opts: dict, div16=()):
+    """``triton.compile`` of one spec for sm_90 with 16-byte-aligned pointers and ``div16`` integer arguments
+    (the launcher's specialisation, see the module docstring); the compiled kernel (``.asm["ptx"]``,
+    ``.asm["cubin"]``, ``.metadata``). Shared with :mod:`.cost_report`, so both compile identical specs
+    identically (and Triton's on-disk cache serves the second)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-
-    mod = importlib.import_module(f"resnet_fast.kernels.{name}")
-    fn, sig, cx, opts, is_gemm, *rest = mod.compile_specs()[index]
-    div16 = set(rest[0]) if rest else set()
+    div16 = set(div16)
     attrs = {(i,): [["tt.divisibility", 16]] for i, (arg, ty) in enumerate(sig.items())
              if ty.startswith("*") or arg in div16}
+    src = ASTSource(fn=fn, signature=sig, constexprs=cx, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(opts))
+
+
+def compile_one(job: tuple) -> dict:
+    """Compile spec ``index`` of module ``name`` for sm_90 and check it (runs in a pool worker)."""
+    name, index, ptxas = job
+    mod = importlib.import_module(f"resnet_fast.kernels.{name}")
+    fn, sig, cx, opts, is_gemm, *rest = mod.compile_specs()[index]
     row = {"module": name, "kernel": fn.__name__, "spec": _describe(sig, cx, opts), "is_gemm": bool(is_gemm)}
     t0 = time.time()
     try:
-        src = ASTSource(fn=fn, signature=sig, constexprs=cx, attrs=attrs)
-        ck = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                            options=dict(opts))
+        ck = compile_sm90(fn, sig, cx, opts, rest[0] if rest else ())
         ptx = ck.asm["ptx"]
         row["wgmma"] = "wgmma" in ptx
         row["tma"] = "cp.async.bulk.tensor" in ptx

@@ -1,0 +1,591 @@
+"""Static cost model of every ResNet-50 conv K-loop, read from the sm_90 SASS (no GPU needed).
+
+Run: ``python -m resnet_fast.kernels.cost_report [--json FILE] [--check-baseline FILE | --write-baseline FILE]
+[--only fwd|dgrad|wgrad] [--workers 2]`` with ``TRITON_INTERPRET`` unset. Prints one row per
+(layer, kernel, variant) and the target summary; exit status 1 when a baseline check fails.
+
+Layers: every conv of ResNet-50 (batch 256, 224², bf16, channels_last activations AND weights, as
+``model.to(memory_format=torch.channels_last)`` makes them) from :mod:`resnet_fast.bench.shapes`; identical
+(shape, role) pairs are one record with a ``count``. Roles and the kernel variants the ops launch for them:
+
+* ``fwd/infer`` -- ``ops.conv2d`` with the folded-BN epilogue (scale, shift; ReLU except the downsample; the
+  residual on a bottleneck's conv3); ``fwd/train`` -- ``conv_bn_stats`` (STATS; the BN+ReLU PROLOGUE on conv2/conv3);
+* ``dgrad/train``, ``wgrad/train`` -- ``conv_bn_stats_backward``: ``dy_bn`` (conv1, downsample, stem) or ``fused``
+  (conv2/conv3: dgrad's dReLU/dBN epilogue, wgrad's prologue). Note the op computes the stem's dgrad too;
+* ``dgrad/infer``, ``wgrad/infer`` -- ``ops.conv2d``'s backward: ``dy_bn_relu`` / ``dy_bn_relu_sums`` (``dy_bn`` /
+  ``sums`` for the downsample, which has no ReLU); none for the stem (the image needs no gradient).
+
+Config: the untuned choice the launchers make on CUDA (``RESNET_FAST_AUTOTUNE=0`` or no tuning table): the
+forward's ``configs.heuristic`` over its pruned candidates (never a TMA twin), dgrad's and wgrad's
+``_candidates`` default, wgrad's ``pick_split``. Each distinct (kernel, constexprs, options) spec is compiled once
+with :func:`compile_check.compile_sm90` (the compile check's pointer alignment; integer ``div16`` hints from the
+module's own compile spec of that path), then disassembled with Triton's bundled ``nvdisasm``/``cuobjdump``.
+
+Model, per spec (from the SASS):
+
+* main loop: the innermost loop containing ``HGMMA`` -- a backward branch ``BRA target`` (target address <=
+  branch address) whose body ``[target, branch]`` holds an HGMMA and no ``EXIT``/``RET`` (that excludes Triton's
+  out-of-line mbarrier-retry stubs, which branch back into the loop from the end of the kernel); the smallest
+  such body. None found -> an error, never a zero.
+* ``instr_per_step``: the static instruction count of that body = instructions each warp issues per K-step
+  (every branch-free straight line; predicated-off instructions still issue).
+* ``mma_cycles``: the HGMMA ``m×n×k`` shapes in the body times the warpgroups (``num_warps/4``) = FMAs per step,
+  ÷ 2048 bf16/fp16 FMA per clock per SM (H100 SXM: 989 TFLOPS dense at 1.83 GHz over 132 SMs; one warpgroup's
+  wgmma drives all 4 sub-partitions' tensor cores, so one CTA alone can reach the SM's rate), tf32 at 1024.
+* ``issue_ratio`` = instr_per_step × num_warps ÷ 4 schedulers (1 instruction/clock each) ÷ mma_cycles: above 1
+  the warps cannot even issue as fast as the tensor cores finish; it is independent of how many CTAs share an SM.
+* ``tiles_in_flight``: K-step tiles resident at the MMA = 1 + the tiles still loading. cp.async: the loop's
+  ``DEPBAR.LE SB0, N`` allows N commit groups outstanding and each step commits G groups (``LDGDEPBAR`` count in
+  the body), so 1 + N/G. TMA (``UTMALDG`` in the body): the mbarrier ring (``mbarrier.init`` count in the PTX)
+  minus the one buffer the async wgmma of the previous step still reads. Register loads (``LDG``) and no
+  ``LDGSTS``: 1 (the loop waits for its own loads).
+* ``loads``: per body, ``utmaldg``, ``ldgsts128`` (16-byte cp.async), ``ldgsts_narrow`` (4/8-byte cp.async),
+  ``ldg_scalar`` (LDG of <= 4 bytes), ``ldg_vector`` (8/16-byte LDG).
+* ``registers``/``local_bytes`` from ``cuobjdump -res-usage``; ``spills``: LDL/STL instructions in the kernel.
+
+Per layer: ``tiles`` (the launch grid), ``steps`` per tile (average over dgrad's stride phases),
+``ctas_per_sm = min(64K registers ÷ (regs rounded to 8 × 32 × warps), 228 KB ÷ (shared + 1 KB), 64 warps ÷ warps,
+32)``, ``waves = tiles ÷ (132 × ctas_per_sm)``, ``tail_efficiency = waves ÷ ceil(waves)``. Times at 1.83 GHz:
+``mma_us`` = tiles × steps × mma_cycles ÷ 132 SMs; ``issue_us`` = mma_us × issue_ratio; ``memory_us`` = compulsory
+bytes (each operand read once, outputs and fp32 split-K partials written once, BN partials ignored) ÷ 3.35 TB/s;
+``est_us = max(mma, issue, memory) ÷ tail_efficiency``. ``est_fraction_of_roofline`` = roofline time ÷ est_us, the
+roofline being max(useful FMAs at 989 TFLOPS, compulsory bytes at 3.35 TB/s): padding waste (the stem's 3
+channels padded to 16, partial tiles) and wave tails count against it.
+
+Ignored: L2 re-reads of operands by neighbouring tiles, the prologue/epilogue (address setup, stores, stats),
+latency (a dependent load chain or a wgmma wait that the pipeline depth does not cover), bank conflicts,
+predicated-off HGMMA/loads, the ``== 1`` integer specialisation of Triton's launcher, the wgrad combine kernel's
+launch, clocks below boost. It ranks specs and catches regressions; it is not a timing.
+
+Baseline: :data:`BASELINE` (committed). ``--write-baseline FILE`` rewrites it on purpose after a deliberate
+change; ``tests/test_cost_report.py`` fails when a record's ``issue_ratio`` grows by more than 5 %, its
+``spills`` grow, its ``tiles_in_flight`` drops, its config changes or a record appears or disappears.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import dataclasses
+import importlib
+import json
+import math
+import multiprocessing as mp
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+BASELINE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cost_baseline.json")
+BATCH, RESOLUTION, MODEL = 256, 224, "resnet50"
+NUM_SMS = 132
+CLOCK_HZ = 1.83e9
+FMA_PER_CLK_SM = {"bf16": 2048, "fp16": 2048, "fp32": 1024}  # dense wgmma; fp32 operands run as tf32
+HBM_BYTES_PER_S = 3.35e12
+REGS_PER_SM, SMEM_PER_SM, WARPS_PER_SM, CTAS_PER_SM = 65536, 233472, 64, 32
+ISSUE_TOLERANCE = 1.05  # the baseline check: issue_ratio may grow by at most 5 %
+
+
+# ----------------------------------------------------------------------------------------------- SASS parsing
+class SassFormatError(ValueError):
+    """The listing does not look like ``nvdisasm`` output, or has no HGMMA loop: never report zeros."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Instr:
+    addr: int
+    opcode: str  # full dotted opcode, e.g. "LDGSTS.E.BYPASS.128"
+    text: str    # the instruction without address and predicate
+
+
+_LINE = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(?:(@!?U?P[T0-9])\s+)?([A-Z][A-Za-z0-9_.]*)(.*?)\s*;?\s*$")
+_LABEL = re.compile(r"^(\.L_x_\d+):\s*$")
+_TARGET = re.compile(r"`\((\.L_x_\d+)\)")
+_HGMMA = re.compile(r"HGMMA\.(\d+)x(\d+)x(\d+)")
+
+
+def parse_sass(text: str) -> tuple:
+    """``nvdisasm -c`` listing -> (instructions in address order, {label: address of the next instruction})."""
+    instrs, labels, pending = [], {}, []
+    for line in text.splitlines():
+        m = _LABEL.match(line)
+        if m:
+            pending.append(m.group(1))
+            continue
+        m = _LINE.match(line)
+        if m:
+            addr = int(m.group(1), 16)
+            for lab in pending:
+                labels[lab] = addr
+            pending = []
+            instrs.append(Instr(addr, m.group(3), (m.group(3) + m.group(4)).strip()))
+    for lab in pending:  # a label after the last instruction (the function's end)
+        labels[lab] = (instrs[-1].addr + 16) if instrs else 0
+    if not instrs:
+        raise SassFormatError("no instructions recognised: is this nvdisasm output (/*addr*/ OPCODE ...;)?")
+    return instrs, labels
+
+
+def find_main_loop(instrs: list, labels: dict) -> tuple:
+    """(first, last) indices of the innermost loop body holding an HGMMA (see the module docstring)."""
+    index = {ins.addr: i for i, ins in enumerate(instrs)}
+    best = None
+    for j, ins in enumerate(instrs):
+        if not ins.opcode.startswith("BRA"):
+            continue
+        m = _TARGET.search(ins.text)
+        if not m:
+            continue
+        if m.group(1) not in labels:
+            raise SassFormatError(f"branch to unknown label {m.group(1)} at {ins.addr:#x}")
+        i = index.get(labels[m.group(1)])
+        if i is None or i > j:
+            continue  # forward branch
+        body = instrs[i:j + 1]
+        if not any(b.opcode.startswith("HGMMA") for b in body):
+            continue
+        if any(b.opcode in ("EXIT", "RET") or b.opcode.startswith("RET.") for b in body):
+            continue
+        if best is None or j - i < best[1] - best[0]:
+            best = (i, j)
+    if best is None:
+        raise SassFormatError("no loop containing HGMMA found (no backward BRA around a wgmma)")
+    return best
+
+
+_DEPBAR = re.compile(r"DEPBAR\.LE\s+SB0\s*,\s*(0x[0-9a-f]+|\d+)")
+
+
+def _ldg_bytes(opcode: str) -> int:
+    parts = opcode.split(".")
+    for p in reversed(parts):
+        if p in ("128", "64", "32", "U16", "S16", "U8", "S8"):
+            return {"128": 16, "64": 8, "32": 4, "U16": 2, "S16": 2, "U8": 1, "S8": 1}[p]
+    return 4
+
+
+def loop_stats(sass: str, num_warps: int, mbarriers: int = 0) -> dict:
+    """Main-loop figures of one kernel's SASS listing (``mbarriers``: ``mbarrier.init`` count of its PTX)."""
+    instrs, labels = parse_sass(sass)
+    i, j = find_main_loop(instrs, labels)
+    body = instrs[i:j + 1]
+    fma = 0
+    for b in body:
+        m = _HGMMA.match(b.opcode)
+        if m:
+            fma += int(m.group(1)) * int(m.group(2)) * int(m.group(3))
+    if not fma:
+        raise SassFormatError("HGMMA found but its MxNxK shape was not recognised")
+    loads = {"utmaldg": 0, "ldgsts128": 0, "ldgsts_narrow": 0, "ldg_scalar": 0, "ldg_vector": 0}
+    groups, waits = 0, []
+    for b in body:
+        op = b.opcode
+        if op.startswith("UTMALDG"):
+            loads["utmaldg"] += 1
+        elif op.startswith("LDGSTS"):
+            loads["ldgsts128" if op.endswith(".128") else "ldgsts_narrow"] += 1
+        elif op == "LDGDEPBAR":
+            groups += 1
+        elif op == "LDG" or op.startswith("LDG."):
+            loads["ldg_vector" if _ldg_bytes(op) > 4 else "ldg_scalar"] += 1
+        m = _DEPBAR.search(b.text) if op.startswith("DEPBAR") else None
+        if m:
+            waits.append(int(m.group(1), 0))
+    if loads["utmaldg"]:
+        in_flight = max(1, mbarriers - 1)
+    elif loads["ldgsts128"] or loads["ldgsts_narrow"]:
+        if not groups or not waits:
+            raise SassFormatError("cp.async loads in the loop without LDGDEPBAR / DEPBAR.LE SB0 waits")
+        in_flight = 1 + min(waits) / groups
+    else:
+        in_flight = 1
+    spills = sum(1 for ins in instrs if ins.opcode.startswith(("LDL", "STL")))
+    warpgroups = max(1, num_warps // 4)
+    return {"instr_per_step": len(body), "hgmma": sum(b.opcode.startswith("HGMMA") for b in body),
+            "mma_fma_per_step": fma * warpgroups, "tiles_in_flight": round(in_flight, 2), "loads": loads,
+            "spills": spills, "loop": [body[0].addr, body[-1].addr]}
+
+
+# -------------------------------------------------------------------------------------------------- compiling
+def _tool(name: str) -> str:
+    import triton
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{name} not found at {path} (Triton's NVIDIA backend ships it)")
+    return path
+
+
+_REG = re.compile(r"REG:(\d+)")
+_LOCAL = re.compile(r"LOCAL:(\d+)")
+
+
+def analyse_spec(job: tuple) -> dict:
+    """Compile one spec for sm_90 and read its SASS (runs in a pool worker). ``job = (key, module, fn name,
+    signature, constexprs, options, div16)``."""
+    key, module, fn_name, sig, cx, opts, div16 = job
+    from .compile_check import compile_sm90
+    fn = getattr(importlib.import_module(f"resnet_fast.kernels.{module}"), fn_name)
+    t0 = time.time()
+    ck = compile_sm90(fn, sig, cx, opts, div16)
+    with tempfile.TemporaryDirectory() as d:
+        cubin = os.path.join(d, "k.cubin")
+        with open(cubin, "wb") as f:
+            f.write(ck.asm["cubin"])
+        sass = subprocess.run([_tool("nvdisasm"), "-c", cubin], capture_output=True, text=True, check=True).stdout
+        res = subprocess.run([_tool("cuobjdump"), "-res-usage", cubin], capture_output=True, text=True,
+                             check=True).stdout
+    ptx = ck.asm["ptx"]
+    dtype = "bf16" if "*bf16" in sig.values() else "fp16" if "*fp16" in sig.values() else "fp32"
+    row = loop_stats(sass, opts["num_warps"], ptx.count("mbarrier.init"))
+    regs, local = _REG.search(res), _LOCAL.search(res)
+    if regs is None:
+        raise SassFormatError(f"cuobjdump -res-usage gave no REG count: {res[:300]}")
+    row.update(key=key, dtype=dtype, registers=int(regs.group(1)), local_bytes=int(local.group(1)) if local else 0,
+               shared=int(getattr(ck.metadata, "shared", 0) or 0), num_warps=opts["num_warps"],
+               num_stages=opts["num_stages"], seconds=round(time.time() - t0, 2))
+    row["mma_cycles"] = row["mma_fma_per_step"] / FMA_PER_CLK_SM[dtype]
+    row["issue_ratio"] = round(row["instr_per_step"] * opts["num_warps"] / 4 / row["mma_cycles"], 3)
+    return row
+
+
+# ------------------------------------------------------------------------------------------------- the layers
+@dataclasses.dataclass
+class Launch:
+    """One (layer, kernel, variant) with its spec and the per-layer figures the model needs."""
+    layer: str
+    count: int
+    role: str          # "infer" or "train"
+    kernel: str        # "fwd", "dgrad", "wgrad"
+    variant: str
+    config: str
+    module: str
+    fn_name: str
+    cx: dict
+    opts: dict
+    div16: tuple
+    aligned: bool
+    tiles: int
+    steps: float
+    useful_fma: int
+    bytes: int
+    sig: dict = dataclasses.field(default_factory=dict)
+
+    def spec_key(self) -> str:
+        return json.dumps([self.module, self.fn_name, sorted(self.cx.items()), sorted(self.opts.items()),
+                           sorted(self.div16)])
+
+
+def _layers():
+    """[(name, ConvShape, position)] of ResNet-50 in order; position in stem/conv1/conv2/conv3/downsample."""
+    from ..bench import shapes
+    out = [("stem", shapes.stem(MODEL, RESOLUTION), "stem")]
+    stage, j, prev = 0, 0, None
+    for b in shapes.all_blocks(MODEL, RESOLUTION):
+        if b.planes != prev:
+            stage, j, prev = stage + 1, 0, b.planes
+        names = ["conv1", "conv2", "conv3", "downsample"] if b.kind == "bottleneck" else ["conv1", "conv2",
+                                                                                            "downsample"]
+        for name, conv in zip(names, b.convs()):
+            out.append((f"layer{stage}.{j}.{name}", conv, name))
+        j += 1
+    return out
+
+
+def _template(module, fn, dtype: str, **match):
+    """(signature, div16) of the module's own compile spec for ``fn`` with ``dtype`` operands whose constexprs
+    contain ``match`` (the path's divisibility hints, as the compile check specialises them)."""
+    for spec in module.compile_specs():
+        f, sig, cx, _opts, _gemm, *rest = spec
+        if f is fn and f"*{dtype}" in sig.values() and all(cx.get(k) == v for k, v in match.items()):
+            return sig, tuple(rest[0]) if rest else ()
+    raise LookupError(f"{module.__name__}.compile_specs() has no {fn.__name__} spec for {dtype} with {match}")
+
+
+def _merge_cx(template_sig: dict, cx: dict, who: str) -> dict:
+    want = {k for k, t in template_sig.items() if t == "constexpr"}
+    if set(cx) != want:
+        raise LookupError(f"{who}: the kernel's constexprs changed (missing {sorted(want - set(cx))}, unknown "
+                          f"{sorted(set(cx) - want)}): update cost_report's spec mapping")
+    return cx
+
+
+def launches(kernels=("fwd", "dgrad", "wgrad")) -> list:
+    """Every (layer, kernel, variant) launch of ResNet-50 at batch 256 in bf16, with its spec."""
+    import torch
+    import triton
+    from . import configs as cfgs
+    from . import conv_dgrad, conv_fwd, conv_wgrad
+    from .conv_common import ConvGeometry
+    dt, tdt, esize = "bf16", torch.bfloat16, 2
+    CL = torch.channels_last
+    seen: dict = {}
+
+    def meta(shape):
+        return torch.empty(shape, dtype=tdt, device="meta", memory_format=CL)
+
+    def add(la: Launch):
+        k = (la.layer.split(".")[-1] if la.layer != "stem" else "stem", la.kernel, la.role, la.variant,
+             la.spec_key(), la.tiles, la.steps, la.bytes)
+        if k in seen:  # an identical launch in another block: one record, counted
+            seen[k].count += 1
+        else:
+            seen[k] = la
+
+    for name, cs, pos in _layers():
+        g = ConvGeometry.make((BATCH, cs.cin, cs.h, cs.w), (cs.cout, cs.cin // cs.groups, cs.k, cs.k), cs.stride,
+                              cs.padding, 1, cs.groups)
+        x, y, w = meta((g.N, g.C, g.H, g.W)), meta((g.N, g.K, g.P, g.Q)), meta((g.K, g.Cg, g.R, g.S))
+        fma = g.M * g.Kg * g.Cg * g.R * g.S * g.groups
+        nx, ny, nw = g.N * g.C * g.H * g.W, g.N * g.K * g.P * g.Q, g.K * g.Cg * g.R * g.S
+        prologue = pos in ("conv2", "conv3")
+        relu = pos != "downsample"
+        if "fwd" in kernels:
+            cands = cfgs.prune(cfgs.fwd_configs(tdt), g.M, g.Kg, g.Cg_pad, tdt)
+            c = cfgs.heuristic(cands, g.M, g.Kg, g.Cg_pad)
+            sig, div16 = _template(conv_fwd, conv_fwd._conv_fwd_kernel, dt, TMA=False,
+                                   EVEN_C=g.Cg % c.BLOCK_K == 0)
+            if g.Cg % 16:
+                div16 = tuple(n for n in div16 if n not in ("C", "Cg"))
+            tiles = triton.cdiv(g.M, c.BLOCK_M) * triton.cdiv(g.Kg, c.BLOCK_N) * g.groups
+            steps = g.R * g.S * triton.cdiv(g.Cg, c.BLOCK_K)
+            residual = pos == "conv3"
+            for role, variant, flags, extra in (
+                    ("infer", "scale_shift" + ("_res" if residual else "") + ("_relu" if relu else ""),
+                     dict(HAS_RES=residual, RELU=relu), ny if residual else 0),
+                    ("train", "prologue_stats" if prologue else "stats",
+                     dict(PROLOGUE=prologue, IN_RELU=prologue, STATS=True), 0)):
+                cx = dict(R=g.R, S=g.S, POINTWISE=g.is_pointwise, HAS_BIAS=False, HAS_SCALE=role == "infer",
+                          HAS_SHIFT=role == "infer", HAS_RES=False, RELU=False, PROLOGUE=False, IN_RELU=False,
+                          STATS=False, DOT_IEEE=False, C_ALIGN=conv_fwd._pow2_divisor(g.Cg, 16),
+                          EVEN_C=g.Cg % c.BLOCK_K == 0, TMA=False, BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N,
+                          BLOCK_K=c.BLOCK_K, GROUP_M=c.GROUP_M)
+                cx.update(flags)
+                add(Launch(name, 1, role, "fwd", variant, c.name(), "conv_fwd", "_conv_fwd_kernel",
+                           _merge_cx(sig, cx, "conv_fwd"), {"num_warps": c.num_warps, "num_stages": c.num_stages},
+                           div16, g.Cg % 16 == 0, tiles, steps, fma, (nx + nw + ny + extra) * esize, sig))
+        bwd = [("train", "fused" if prologue else "dy_bn")]
+        if pos != "stem":  # the inference op computes no input gradient for the image
+            bwd.append(("infer", "dy_bn_relu" if relu else "dy_bn"))
+        if "dgrad" in kernels:
+            for role, variant in bwd:
+                dx, yp = meta((g.N, g.C, g.H, g.W)), x
+                cands, c = conv_dgrad._candidates(g, y, w, (dx, yp), False)
+                aligned = conv_dgrad._aligned(g, c, y, w, (dx, yp))
+                sig, div16 = _template(conv_dgrad, conv_dgrad._conv_dgrad_kernel, dt, ALIGNED=aligned)
+                sh, sw = g.stride
+                hph, wph = triton.cdiv(g.H, sh), triton.cdiv(g.W, sw)
+                tiles_m = triton.cdiv(g.N * hph * wph, c.BLOCK_M)
+                ntaps = sum(len([1 for r in range(g.R) for s in range(g.S)
+                                 if (ph + g.padding[0] - r) % sh == 0 and (pw + g.padding[1] - s) % sw == 0])
+                            for ph in range(sh) for pw in range(sw))
+                tiles = sh * sw * tiles_m * triton.cdiv(g.Cg, c.BLOCK_N) * g.groups
+                steps = ntaps / (sh * sw) * triton.cdiv(g.Kg, c.BLOCK_K)
+                cx = dict(sdy_c=1, sw_c=1, sdx_c=1, sy_c=1, SH=sh, SW=sw, S=g.S, MAX_TAPS=g.R * g.S, EPI=False,
+                          OUT_SCALE=False, DY_BN=False, DY_RELU=False, DOT_IEEE=False, ALIGNED=aligned,
+                          BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, BLOCK_K=c.BLOCK_K)
+                cx.update(conv_dgrad.VARIANTS[variant])
+                nbytes = (ny * (2 if cx["DY_BN"] else 1) + nw + nx * (2 if cx["EPI"] else 1)) * esize
+                add(Launch(name, 1, role, "dgrad", variant, c.name(), "conv_dgrad", "_conv_dgrad_kernel",
+                           _merge_cx(sig, cx, "conv_dgrad"), {"num_warps": c.num_warps, "num_stages": c.num_stages},
+                           div16, aligned, tiles, steps, fma, nbytes, sig))
+        if "wgrad" in kernels:
+            wb = [("train", "fused" if prologue else "dy_bn", True)]
+            if pos != "stem":
+                wb.append(("infer", "dy_bn_relu_sums" if relu else "sums", True))
+            else:
+                wb = [("train", "dy_bn", True)]
+            for role, variant, need_dw in wb:
+                cands, c = conv_wgrad._candidates(g, y, x)
+                aligned = conv_wgrad._aligned(g, c, y, x)
+                sig, div16 = _template(conv_wgrad, conv_wgrad._conv_wgrad_kernel, dt, ALIGNED=aligned)
+                npq = g.N * g.P * g.Q
+                split = conv_wgrad.pick_split(g, c, first_column_only=not need_dw)
+                chunk = triton.cdiv(triton.cdiv(npq, split), c.BLOCK_K) * c.BLOCK_K
+                split = triton.cdiv(npq, chunk)
+                tiles_n = triton.cdiv(g.Cg, c.BLOCK_N)
+                tiles = triton.cdiv(g.Kg, c.BLOCK_M) * g.R * g.S * tiles_n * split * g.groups
+                cx = dict(sdy_c=1, sx_c=1, SH=g.stride[0], SW=g.stride[1], S=g.S, TILES_N=tiles_n, SPLIT=split,
+                          PROLOGUE=False, DY_BN=False, DY_RELU=False, SUMS=False, DOT_IEEE=False, ALIGNED=aligned,
+                          BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, BLOCK_K=c.BLOCK_K)
+                cx.update(conv_wgrad.VARIANTS[variant])
+                parts = nw * 4 * (2 * split if split > 1 else 1)  # fp32 partials written and read back, or dW
+                nbytes = (ny * (2 if cx["DY_BN"] else 1) + nx) * esize + parts
+                add(Launch(name, 1, role, "wgrad", variant, c.name() + f"-split{split}", "conv_wgrad",
+                           "_conv_wgrad_kernel", _merge_cx(sig, cx, "conv_wgrad"),
+                           {"num_warps": c.num_warps, "num_stages": c.num_stages}, div16, aligned, tiles,
+                           chunk / c.BLOCK_K, fma, nbytes, sig))
+    return list(seen.values())
+
+
+def _ctas_per_sm(regs: int, warps: int, shared: int) -> int:
+    by_regs = REGS_PER_SM // (math.ceil(max(regs, 1) / 8) * 8 * 32 * warps)
+    by_smem = SMEM_PER_SM // (shared + 1024)
+    return max(0, min(by_regs, by_smem, WARPS_PER_SM // warps, CTAS_PER_SM))
+
+
+def model(la: Launch, spec: dict) -> dict:
+    """The record of one launch from its spec's SASS figures (see the module docstring)."""
+    ctas = _ctas_per_sm(spec["registers"], spec["num_warps"], spec["shared"])
+    waves = la.tiles / (NUM_SMS * max(ctas, 1))
+    tail = waves / math.ceil(waves)
+    mma_us = la.tiles * la.steps * spec["mma_cycles"] / NUM_SMS / CLOCK_HZ * 1e6
+    issue_us = mma_us * spec["issue_ratio"]
+    memory_us = la.bytes / HBM_BYTES_PER_S * 1e6
+    est_us = max(mma_us, issue_us, memory_us) / tail
+    peak = NUM_SMS * FMA_PER_CLK_SM[spec["dtype"]] * CLOCK_HZ
+    roof_us = max(la.useful_fma / peak * 1e6, memory_us)
+    return {"layer": la.layer, "count": la.count, "role": la.role, "kernel": la.kernel, "variant": la.variant,
+            "config": la.config, "aligned": la.aligned, "registers": spec["registers"], "shared": spec["shared"],
+            "spills": spec["spills"] + spec["local_bytes"], "instr_per_step": spec["instr_per_step"],
+            "mma_cycles": spec["mma_cycles"], "issue_ratio": spec["issue_ratio"],
+            "tiles_in_flight": spec["tiles_in_flight"], "loads": spec["loads"], "tiles": la.tiles,
+            "steps": round(la.steps, 2), "ctas_per_sm": ctas, "waves": round(waves, 3),
+            "tail_efficiency": round(tail, 3), "mma_us": round(mma_us, 2), "issue_us": round(issue_us, 2),
+            "memory_us": round(memory_us, 2), "est_us": round(est_us, 2),
+            "est_fraction_of_roofline": round(roof_us / est_us, 3)}
+
+
+def run(kernels=("fwd", "dgrad", "wgrad"), workers: int = 2) -> list:
+    """Every record (see :func:`model`), compiling each distinct spec once."""
+    if os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes"):
+        raise RuntimeError("cost_report: unset TRITON_INTERPRET (the interpreter does not compile kernels)")
+    las = launches(kernels)
+    jobs = {}
+    for la in las:
+        jobs.setdefault(la.spec_key(), (la.spec_key(), la.module, la.fn_name, la.sig, la.cx, la.opts, la.div16))
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        specs = {r["key"]: r for r in pool.map(analyse_spec, list(jobs.values()))}
+    records = [model(la, specs[la.spec_key()]) for la in las]
+    shape_of = {name: cs for name, cs, _ in _layers()}
+    for r in records:
+        cs = shape_of[r["layer"]]
+        r["shape"], r["shape_k"], r["shape_c"] = cs.name, cs.k, min(cs.cin, cs.cout)
+    return records
+
+
+# ------------------------------------------------------------------------------------------ targets, baseline
+def record_id(r: dict) -> str:
+    return f"{r['layer']}|{r['role']}|{r['kernel']}|{r['variant']}"
+
+
+def compute_bound(r: dict) -> bool:
+    """3×3 convs of at least 128 channels (the target's compute-bound class), from the layer's shape name."""
+    return r.get("shape_k", 0) == 3 and r.get("shape_c", 0) >= 128
+
+
+def target_problems(records: list) -> list:
+    """The targets each record misses (issue ratio ≤ 0.6 compute-bound / 0.8 else, ≥ 2 tiles in flight, 0 spills,
+    no scalar loads in the main loop outside the stem; the stem's training backward ≤ 2× its forward)."""
+    out = []
+    for r in records:
+        lim = 0.6 if compute_bound(r) else 0.8
+        miss = []
+        if r["issue_ratio"] > lim:
+            miss.append(f"issue_ratio {r['issue_ratio']} > {lim}")
+        if r["tiles_in_flight"] < 2:
+            miss.append(f"tiles_in_flight {r['tiles_in_flight']} < 2")
+        if r["spills"]:
+            miss.append(f"spills {r['spills']}")
+        if r["layer"] != "stem" and r["loads"]["ldg_scalar"]:
+            miss.append(f"{r['loads']['ldg_scalar']} scalar LDG in the loop")
+        if miss:
+            out.append((r, miss))
+    return out
+
+
+def stem_backward_ratio(records: list) -> float:
+    stem = [r for r in records if r["layer"] == "stem" and r["role"] == "train"]
+    fwd = sum(r["est_us"] for r in stem if r["kernel"] == "fwd")
+    bwd = sum(r["est_us"] for r in stem if r["kernel"] != "fwd")
+    return bwd / fwd
+
+
+def summary(records: list) -> str:
+    """The targets' state: records missing each target, the stem's backward/forward ratio, the estimated conv
+    time of a training step, and the specs losing the most time against the roofline."""
+    miss = target_problems(records)
+    lines = [f"{len(records)} records, {len(miss)} miss a target:"]
+    for what in ("issue_ratio", "tiles_in_flight", "spills", "scalar LDG"):
+        bad = [r for r, m in miss if any(what in x for x in m)]
+        lines.append(f"  {what}: {len(bad)} records")
+    if any(r["layer"] == "stem" and r["role"] == "train" for r in records):
+        lines.append(f"stem training backward / forward (est) = {stem_backward_ratio(records):.2f} (target <= 2)")
+    for role in ("train", "infer"):
+        tot = {k: sum(r["est_us"] * r["count"] for r in records if r["role"] == role and r["kernel"] == k)
+               for k in ("fwd", "dgrad", "wgrad")}
+        lines.append(f"{role}: est conv time per step " + ", ".join(f"{k} {v / 1e3:.2f} ms" for k, v in tot.items()))
+    lost = sorted(records, key=lambda r: -(1 - r["est_fraction_of_roofline"]) * r["est_us"] * r["count"])
+    lines.append("most time lost against the roofline (est_us × count × (1 - fraction)):")
+    for r in lost[:12]:
+        lines.append(f"  {record_id(r)} {r['config']} x{r['count']}: est {r['est_us']:.0f} us, roofline fraction "
+                     f"{r['est_fraction_of_roofline']}, issue {r['issue_ratio']}, tiles {r['tiles_in_flight']}")
+    return "\n".join(lines)
+
+
+def compare(records: list, baseline: list) -> list:
+    """Regressions of ``records`` against ``baseline`` (both lists of records), as messages."""
+    base = {record_id(r): r for r in baseline}
+    now = {record_id(r): r for r in records}
+    out = [f"{k}: new record (not in the baseline)" for k in now if k not in base]
+    out += [f"{k}: record disappeared" for k in base if k not in now]
+    for k in now.keys() & base.keys():
+        r, b = now[k], base[k]
+        if r["config"] != b["config"]:
+            out.append(f"{k}: config {b['config']} -> {r['config']}")
+        if r["issue_ratio"] > b["issue_ratio"] * ISSUE_TOLERANCE:
+            out.append(f"{k}: issue_ratio {b['issue_ratio']} -> {r['issue_ratio']} (> +5 %)")
+        if r["spills"] > b["spills"]:
+            out.append(f"{k}: spills {b['spills']} -> {r['spills']}")
+        if r["tiles_in_flight"] < b["tiles_in_flight"]:
+            out.append(f"{k}: tiles_in_flight {b['tiles_in_flight']} -> {r['tiles_in_flight']}")
+    return sorted(out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--only", choices=("fwd", "dgrad", "wgrad"), help="one kernel")
+    ap.add_argument("--json", help="write the records to this file")
+    ap.add_argument("--check-baseline", nargs="?", const=BASELINE, help="compare with a baseline (default: the "
+                    "committed one); exit 1 on a regression")
+    ap.add_argument("--write-baseline", nargs="?", const=BASELINE, help="write the records as the new baseline")
+    ap.add_argument("--workers", type=int, default=2)
+    args = ap.parse_args(argv)
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default at launch, without its warning
+    t0 = time.time()
+    records = run((args.only,) if args.only else ("fwd", "dgrad", "wgrad"), args.workers)
+    print(f"{'layer':<22}{'n':>2} {'role':<5} {'kernel':<5} {'variant':<22} {'config':<24} {'regs':>4} "
+          f"{'ipw':>4} {'mma':>5} {'issue':>6} {'tif':>4} {'ld128/nar/tma/ldg':>17} {'spl':>3} {'waves':>6} "
+          f"{'est_us':>8} {'roof':>5}")
+    for r in records:
+        ld = r["loads"]
+        print(f"{r['layer']:<22}{r['count']:>2} {r['role']:<5} {r['kernel']:<5} {r['variant']:<22} "
+              f"{r['config']:<24} {r['registers']:>4} {r['instr_per_step']:>4} {r['mma_cycles']:>5.0f} "
+              f"{r['issue_ratio']:>6.2f} {r['tiles_in_flight']:>4} "
+              f"{ld['ldgsts128']:>5}/{ld['ldgsts_narrow']}/{ld['utmaldg']}/{ld['ldg_scalar'] + ld['ldg_vector']:<4} "
+              f"{r['spills']:>3} {r['waves']:>6.2f} {r['est_us']:>8.1f} {r['est_fraction_of_roofline']:>5.2f}")
+    print("\n" + summary(records))
+    print(f"{time.time() - t0:.0f}s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(records, f, indent=1)
+    rc = 0
+    if args.check_baseline:
+        with open(args.check_baseline) as f:
+            problems = compare(records, json.load(f)["records"])
+        print("\n".join(problems) or "baseline: no regression")
+        rc = 1 if problems else 0
+    if args.write_baseline:
+        keep = ("layer", "count", "role", "kernel", "variant", "config", "registers", "issue_ratio",
+                "tiles_in_flight", "spills", "instr_per_step", "est_fraction_of_roofline")
+        import triton
+        with open(args.write_baseline, "w") as f:
+            json.dump({"triton": triton.__version__, "model": MODEL, "batch": BATCH, "dtype": "bf16",
+                       "records": [{k: r[k] for k in keep} for r in records]}, f, indent=0)
+            f.write("\n")
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

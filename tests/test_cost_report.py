@@ -1,0 +1,158 @@
+"""The static sm_90 cost model (:mod:`resnet_fast.kernels.cost_report`): its SASS parser on hand-written listings
+(a Triton upgrade that changes the listing format must fail loudly, not report zeros), its mapping of ResNet-50
+layers to the launchers' choices, and the committed baseline (issue ratio, spills, tiles in flight per record).
+
+The baseline test compiles every distinct spec (~70) in a subprocess with TRITON_INTERPRET removed; Triton's
+on-disk cache serves specs the compile check already compiled. To update the baseline on purpose:
+``python -m resnet_fast.kernels.cost_report --write-baseline`` (then commit ``cost_baseline.json``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from resnet_fast.kernels import cost_report as cr
+
+DATA = pathlib.Path(__file__).resolve().parent / "data"
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CP_ASYNC = (DATA / "cost_report_cp_async.sass").read_text()
+TMA = (DATA / "cost_report_tma.sass").read_text()
+
+
+# ------------------------------------------------------------------------------------------------ the parser
+def test_cp_async_sample_loop_figures():
+    s = cr.loop_stats(CP_ASYNC, num_warps=8)
+    assert s["loop"] == [0x70, 0x120]
+    assert s["instr_per_step"] == 12
+    assert s["hgmma"] == 2
+    assert s["mma_fma_per_step"] == 2 * 64 * 128 * 16 * 2  # 2 HGMMA per warpgroup, 2 warpgroups
+    assert s["tiles_in_flight"] == 2  # DEPBAR.LE SB0, 2 over 2 commit groups per step: 1 loading + 1 in use
+    assert s["loads"] == {"utmaldg": 0, "ldgsts128": 1, "ldgsts_narrow": 1, "ldg_scalar": 1, "ldg_vector": 0}
+    assert s["spills"] == 1  # the STL after the loop
+
+
+def test_tma_sample_skips_the_retry_stub():
+    s = cr.loop_stats(TMA, num_warps=4, mbarriers=3)
+    assert s["loop"] == [0x30, 0xD0]  # not the stub's back edge into the loop (its body holds the EXIT)
+    assert s["instr_per_step"] == 11
+    assert s["mma_fma_per_step"] == 64 * 64 * 16
+    assert s["tiles_in_flight"] == 2  # a ring of 3 barriers, one buffer held by the async wgmma
+    assert s["loads"]["utmaldg"] == 2 and s["loads"]["ldgsts128"] == 0
+
+
+def test_innermost_loop_is_chosen():
+    # wrap the cp.async loop in an outer loop: the inner body is still the main loop
+    outer = CP_ASYNC.replace("        /*0060*/              @!P5 BRA `(.L_x_1) ;",
+                             ".L_x_9:\n        /*0060*/              @!P5 BRA `(.L_x_1) ;")
+    outer = outer.replace("        /*0130*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;",
+                          "        /*0130*/               @P1 BRA `(.L_x_9) ;")
+    assert cr.loop_stats(outer, num_warps=8)["loop"] == [0x70, 0x120]
+
+
+def test_no_hgmma_loop_is_an_error_not_zero():
+    no_mma = "\n".join(ln for ln in CP_ASYNC.splitlines() if "HGMMA" not in ln)
+    with pytest.raises(cr.SassFormatError, match="no loop containing HGMMA"):
+        cr.loop_stats(no_mma, num_warps=8)
+    straight = CP_ASYNC.replace("@P5 BRA `(.L_x_0)", "@P5 BRA `(.L_x_1)")  # the back edge made a forward one
+    with pytest.raises(cr.SassFormatError, match="no loop containing HGMMA"):
+        cr.loop_stats(straight, num_warps=8)
+
+
+def test_unrecognised_listing_format_fails():
+    # e.g. a listing without the /*addr*/ column, or another tool's syntax
+    bare = "\n".join(ln.split("*/", 1)[-1] for ln in CP_ASYNC.splitlines())
+    with pytest.raises(cr.SassFormatError, match="no instructions recognised"):
+        cr.loop_stats(bare, num_warps=8)
+    with pytest.raises(cr.SassFormatError, match="unknown label"):
+        cr.loop_stats(CP_ASYNC.replace("BRA `(.L_x_0)", "BRA `(.L_x_77)"), num_warps=8)
+    with pytest.raises(cr.SassFormatError, match="shape was not recognised"):
+        cr.loop_stats(CP_ASYNC.replace("HGMMA.64x128x16", "HGMMA.SP"), num_warps=8)
+    with pytest.raises(cr.SassFormatError, match="without LDGDEPBAR"):
+        cr.loop_stats(CP_ASYNC.replace("DEPBAR.LE SB0, 0x2", "NOP"), num_warps=8)
+
+
+# ----------------------------------------------------------------------------------------- the model, baseline
+def _record(**kw):
+    r = {"layer": "layer1.0.conv2", "role": "train", "kernel": "fwd", "variant": "stats", "config": "c",
+         "issue_ratio": 0.5, "spills": 0, "tiles_in_flight": 2, "loads": {"ldg_scalar": 0}}
+    r.update(kw)
+    return r
+
+
+def test_compare_flags_each_regression():
+    base = [_record()]
+    assert cr.compare([_record(issue_ratio=0.52)], base) == []  # +4 %
+    assert "issue_ratio" in cr.compare([_record(issue_ratio=0.53)], base)[0]  # +6 %
+    assert "spills" in cr.compare([_record(spills=1)], base)[0]
+    assert "tiles_in_flight" in cr.compare([_record(tiles_in_flight=1)], base)[0]
+    assert "config" in cr.compare([_record(config="d")], base)[0]
+    assert "disappeared" in cr.compare([], base)[0]
+    assert "new record" in cr.compare([_record(), _record(kernel="dgrad")], base)[0]
+
+
+def test_model_waves_and_roofline():
+    la = cr.Launch("x", 1, "train", "fwd", "v", "c", "conv_fwd", "k", {}, {}, (), True, tiles=132 * 3,
+                   steps=10, useful_fma=132 * 3 * 10 * 128 * 128 * 64, bytes=0)
+    spec = {"registers": 128, "num_warps": 8, "shared": 100_000, "spills": 0, "local_bytes": 0,
+            "instr_per_step": 100, "mma_cycles": 512, "issue_ratio": 0.39, "tiles_in_flight": 2, "loads": {},
+            "dtype": "bf16"}
+    r = cr.model(la, spec)
+    assert r["ctas_per_sm"] == 2  # 64K registers / (128 × 256 threads) = 2, 228 KB / 101 KB = 2
+    assert r["waves"] == pytest.approx(1.5) and r["tail_efficiency"] == pytest.approx(0.75)
+    mma_us = 396 * 10 * 512 / 132 / cr.CLOCK_HZ * 1e6
+    assert r["est_us"] == pytest.approx(mma_us / 0.75, rel=1e-3)
+    assert r["est_fraction_of_roofline"] == pytest.approx(0.75, rel=1e-2)  # full tiles: only the tail is lost
+    r = cr.model(dataclasses.replace(la, bytes=int(1e9)), spec)  # memory-bound: 1 GB at 3.35 TB/s
+    assert r["memory_us"] == pytest.approx(1e9 / cr.HBM_BYTES_PER_S * 1e6, rel=1e-3)
+
+
+def test_every_resnet50_conv_has_its_launches():
+    from resnet_fast.bench import shapes
+    las = cr.launches()
+    fwd = [la for la in las if la.kernel == "fwd" and la.role == "infer"]
+    assert sum(la.count for la in fwd) == len(shapes.all_convs("resnet50"))  # 53 convs, stem included
+    assert [la.layer for la in las if la.layer == "stem" and la.role == "train"] == ["stem"] * 3
+    for kernel in ("fwd", "dgrad", "wgrad"):
+        assert sum(la.count for la in las if la.kernel == kernel and la.role == "train") == 53
+    # every non-stem layer runs the aligned (16-byte, pipelined) path
+    assert all(la.aligned for la in las if la.layer != "stem")
+    assert len({la.spec_key() for la in las}) < len(las)  # specs are shared between layers
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+    try:
+        cr._tool("nvdisasm")
+        cr._tool("cuobjdump")
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    out = tmp_path_factory.mktemp("cost") / "records.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "resnet_fast.kernels.cost_report", "--json", str(out)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=900)
+    if not out.exists():
+        pytest.fail(f"cost_report wrote no records (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                    f"{proc.stderr[-3000:]}")
+    return json.loads(out.read_text())
+
+
+def test_report_matches_the_committed_baseline(records):
+    baseline = json.loads(pathlib.Path(cr.BASELINE).read_text())["records"]
+    problems = cr.compare(records, baseline)
+    assert not problems, ("cost model regressions (if intended: python -m resnet_fast.kernels.cost_report "
+                          "--write-baseline, and commit it):\n" + "\n".join(problems))
+
+
+def test_report_records_are_complete(records):
+    need = {"layer", "kernel", "variant", "config", "issue_ratio", "tiles_in_flight", "spills",
+            "est_fraction_of_roofline", "instr_per_step", "mma_cycles", "loads", "registers", "waves"}
+    assert records and all(need <= set(r) for r in records)
+    assert all(r["instr_per_step"] > 0 and r["mma_cycles"] > 0 for r in records)
+    assert all(0 < r["est_fraction_of_roofline"] <= 1 for r in records)
+    assert {r["layer"] for r in records} >= {"stem", "layer4.0.conv2"}
