@@ -152,7 +152,7 @@ def compile_specs() -> list:
     variants = ((True, False, True, False), (False, True, True, True), (False, True, True, False),
                 (False, True, False, True), (False, False, False, True))  # (HAS_BN, RELU, WRITE, SUMS)
     specs = []
-    for dtype, dt in _TL.items():
+    for dt in _TL.values():
         for has_bn, relu, write, sums in variants:
             sig = {"dz_ptr": f"*{dt}", "y_ptr": f"*{dt}", "c2_ptr": "*fp32", "c3_ptr": "*fp32", "mu_ptr": "*fp32",
                    "dy_ptr": f"*{dt}", "part_ptr": "*fp32", "M": "i32", "K": "i32"}

@@ -107,7 +107,7 @@ def compile_specs() -> list:
     each dtype, and its narrow-channel form (K = 16, as ``_block_k`` picks for few channels)."""
     tile_rows, block_k, warps = TILE_STATS_CONFIG
     specs = []
-    for dtype, dt in _TL.items():
+    for dt in _TL.values():
         for bk in (block_k, 16):
             sig = {"y_ptr": f"*{dt}", "part_ptr": "*fp32", "M": "i32", "K": "i32", "TILE_ROWS": "constexpr",
                    "BLOCK_K": "constexpr"}
