@@ -156,3 +156,14 @@ def test_report_records_are_complete(records):
     assert all(r["instr_per_step"] > 0 and r["mma_cycles"] > 0 for r in records)
     assert all(0 < r["est_fraction_of_roofline"] <= 1 for r in records)
     assert {r["layer"] for r in records} >= {"stem", "layer4.0.conv2"}
+
+
+def test_targets_per_record():
+    ok = _record(shape_k=3, shape_c=256, issue_ratio=0.55)
+    assert cr.target_problems([ok]) == []
+    # compute-bound 3x3 >= 128 channels: <= 0.6; elsewhere (a 1x1) <= 0.8
+    assert "issue_ratio" in cr.target_problems([_record(shape_k=3, shape_c=256, issue_ratio=0.65)])[0][1][0]
+    assert cr.target_problems([_record(shape_k=1, shape_c=256, issue_ratio=0.65)]) == []
+    missed = cr.target_problems([_record(tiles_in_flight=1, spills=8, loads={"ldg_scalar": 0, "ldgsts_narrow": 3})])
+    assert [m.split()[0] for m in missed[0][1]] == ["tiles_in_flight", "spills", "3"]
+    assert cr.target_problems([_record(layer="stem", loads={"ldg_scalar": 24})]) == []  # the stem's C=3 gather
