@@ -512,3 +512,15 @@ def test_composite_input_checks(kernel_device):
         conv_cudnn.conv2d_backward(torch.ones(yshape), x, w, None, None, *conv, True, True, True, True)
     with pytest.raises(ValueError, match="x dtype torch.float64"):
         conv_cudnn.conv2d(x.double(), w.double(), None, *conv, None, None, None, False)
+
+
+def test_autocast_does_not_reach_the_gemm(kernel_device):
+    # the op bodies hold their operands in the activation dtype: ATen's conv must not recast them (CUDA's
+    # autocast casts aten::convolution to 16 bits; CPU's only lists aten::conv2d, so this bites on a GPU)
+    x, w, kw = _conv2d_case("3x3", torch.float32, kernel_device, ("scale", "shift", "relu"), seed=15)
+    with torch.autocast(kernel_device, dtype=torch.bfloat16):
+        y = conv_cudnn.conv2d(x, w, None, *_conv("3x3"), kw["scale"], kw["shift"], None, True)
+        y_stats, _ = conv_cudnn.conv_bn_stats(x, w, None, None, *_conv("3x3"))
+    assert y.dtype == y_stats.dtype == torch.float32
+    assert _rel(y, _conv2d_ref(x, w, "3x3", **kw)) < TOL_FWD[torch.float32]
+    assert _rel(y_stats, _conv64(x, w, "3x3")) < TOL_FWD[torch.float32]
