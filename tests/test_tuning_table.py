@@ -249,7 +249,7 @@ def test_shipped_tables_load_cleanly():
         for name in os.listdir(tuning_table.TABLE_DIR):
             if name.endswith(".json"):
                 t = tuning_table.load(os.path.join(tuning_table.TABLE_DIR, name), name[:-5])
-                assert t is not None and not t._warned and t.entries, name
+                assert t is not None and not t.warned and t.entries, name
     assert tuning_table.load_arch("sm_1") is None
 
 

@@ -45,6 +45,7 @@ from .. import _backend
 __all__ = ["ConvConfig", "FWD_CONFIGS", "INTERPRETER_CONFIG", "for_dtype", "fwd_configs", "prune",
            "checked_candidates", "heuristic", "tma_allowed", "conv_allows_tf32", "DeviceIdentity",
            "device_identity", "tuning_key", "TableKey", "table_key", "cache_path", "config_from_entry",
+           "TABLE_FORMAT", "TABLE_VERSION", "TABLE_DIR", "TuningTable", "table_path", "check_table_entry", "load_table",
            "Autotuner", "SOURCES", "tuning_report", "tuning_sources", "choose", "pinned_config", "IMPLS",
            "conv_impl_setting", "impl_heuristic", "choose_impl"]
 
@@ -263,6 +264,89 @@ def cache_path() -> str:
     return os.path.join(base, f"autotune-triton{triton.__version__}.json")
 
 
+# ---------------------------------------------------------------- the shipped tuning table (format: tuning_table)
+TABLE_FORMAT = "resnet_fast.tuning_table"
+TABLE_VERSION = 1
+TABLE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuned")
+
+
+class TuningTable:
+    """A loaded table (:mod:`.tuning_table` documents the file): ``entries`` ({table key: entry}, malformed
+    ones already dropped), ``provenance``, and the file's one warning (:meth:`warn_once`)."""
+
+    def __init__(self, path: str, arch: str, entries: dict, provenance: dict):
+        self.path, self.arch, self.entries, self.provenance = path, arch, entries, provenance
+        self.warned = False
+
+    def warn_once(self, reason: str) -> None:
+        """Log ``reason`` unless this file already logged a warning (one per file)."""
+        if not self.warned:
+            self.warned = True
+            _table_warning(self.path, reason)
+
+
+def _table_warning(path: str, reason: str) -> None:
+    _backend.log.warning("resnet_fast: tuning table %s: %s (only this warning is logged for the file; "
+                         "python -m resnet_fast.kernels.tuning_table export rewrites it)", path, reason)
+
+
+def table_path(arch: str, table_dir: Optional[str] = None) -> str:
+    """Where the table for ``arch`` (``"sm_90"``) lives: ``<table_dir or TABLE_DIR>/<arch>.json``."""
+    return os.path.join(table_dir or TABLE_DIR, f"{arch}.json")
+
+
+def check_table_entry(key: str, entry) -> Optional[str]:
+    """Why a table entry is malformed (None if it is fine): keys ``impl:<role>|...`` hold
+    ``{"impl": "triton"|"cudnn", "ms": {impl: ms}?}``, all others a valid config (:func:`config_from_entry`)."""
+    if not isinstance(entry, dict):
+        return f"{key!r}: not an object"
+    if key.startswith("impl:"):
+        if entry.get("impl") not in IMPLS or not set(entry) <= {"impl", "ms"} \
+                or not isinstance(entry.get("ms", {}), dict):
+            return f"{key!r} = {entry}: not an implementation entry {{'impl': one of {IMPLS}}}"
+        return None
+    if config_from_entry(entry) is None:
+        return f"{key!r} = {entry}: not a valid ConvConfig"
+    return None
+
+
+def load_table(path: str, arch: str) -> Optional[TuningTable]:
+    """The table at ``path`` for ``arch``, or None: silently when the file does not exist, with one warning when
+    it cannot be used (unreadable, bad JSON, another format/version/arch). Malformed entries, and keys not of
+    ``arch``, are dropped (the rest stays usable) with one warning."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except (OSError, ValueError) as exc:
+        _table_warning(path, f"unreadable, ignored ({type(exc).__name__}: {str(exc)[:200]})")
+        return None
+    if not isinstance(doc, dict) or doc.get("format") != TABLE_FORMAT \
+            or type(doc.get("version")) is not int or doc["version"] != TABLE_VERSION:
+        got = (doc.get("format"), doc.get("version")) if isinstance(doc, dict) else type(doc).__name__
+        _table_warning(path, f"ignored: format/version {got}, expected ({TABLE_FORMAT!r}, {TABLE_VERSION})")
+        return None
+    if doc.get("arch") != arch or not isinstance(doc.get("entries"), dict):
+        _table_warning(path, f"ignored: arch {doc.get('arch')!r} (expected {arch!r}) or no 'entries' object")
+        return None
+    entries, bad = {}, []
+    for key, entry in doc["entries"].items():
+        reason = check_table_entry(key, entry)
+        f = key.split("|")
+        if reason is None and (len(f) <= _NAME_FIELD or f[_NAME_FIELD] != arch):
+            reason = f"{key!r}: not a {arch} table key"
+        if reason is None:
+            entries[key] = entry
+        else:
+            bad.append(reason)
+    prov = doc.get("provenance")
+    table = TuningTable(path, arch, entries, prov if isinstance(prov, dict) else {})
+    if bad:
+        table.warn_once(f"{len(bad)} malformed entr{'y' if len(bad) == 1 else 'ies'} ignored, e.g. {bad[0]}")
+    return table
+
+
 def _switched_on(var: str) -> bool:
     """An off-by-default environment switch (``RESNET_FAST_RETUNE``) set to 1/true/on/yes."""
     return os.environ.get(var, "0").strip().lower() in ("1", "true", "on", "yes")
@@ -311,7 +395,7 @@ class Autotuner:
         self._mem: dict = {}            # key -> entry settled on in this process (tuned, or read from a file)
         self._hot: dict = {}            # key -> ConvConfig parsed from _mem[key]
         self._file: Optional[dict] = None  # the cache file's entries, read once
-        self._tables: dict = {}         # arch -> tuning_table.TuningTable, or None (absent or unusable)
+        self._tables: dict = {}         # arch -> TuningTable, or None (absent or unusable)
         self._absent: set = set()       # keys neither the cache file nor the table answered
         self._table_dir = table_dir
         self._lock = threading.RLock()
@@ -334,8 +418,7 @@ class Autotuner:
 
     def _table(self, arch: str):
         if arch not in self._tables:
-            from . import tuning_table  # it imports this module
-            self._tables[arch] = tuning_table.load_arch(arch, self._table_dir)
+            self._tables[arch] = load_table(table_path(arch, self._table_dir), arch)
         return self._tables[arch]
 
     def find(self, key: str, accept: Callable):

@@ -47,96 +47,15 @@ from typing import Optional
 
 import torch
 
-from .. import _backend
 from . import configs
 
-FORMAT = "resnet_fast.tuning_table"
-VERSION = 1
-TABLE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuned")
+# The loader lives in configs (the autotuner reads tables; this module, the exporter, imports configs).
+FORMAT, VERSION, TABLE_DIR = configs.TABLE_FORMAT, configs.TABLE_VERSION, configs.TABLE_DIR
+TuningTable, table_path, check_entry, load = (configs.TuningTable, configs.table_path, configs.check_table_entry,
+                                              configs.load_table)
 
 __all__ = ["FORMAT", "VERSION", "TABLE_DIR", "TuningTable", "table_path", "check_entry", "load", "load_arch",
            "export", "write", "main"]
-
-
-class TuningTable:
-    """A loaded table: ``entries`` ({table key: entry}, malformed ones already dropped), ``provenance``, and the
-    file's one warning (:meth:`warn_once`)."""
-
-    def __init__(self, path: str, arch: str, entries: dict, provenance: dict):
-        self.path, self.arch, self.entries, self.provenance = path, arch, entries, provenance
-        self._warned = False
-
-    def warn_once(self, reason: str) -> None:
-        """Log ``reason`` unless this file already logged a warning (one per file)."""
-        if not self._warned:
-            self._warned = True
-            _warn(self.path, reason)
-
-
-def _warn(path: str, reason: str) -> None:
-    _backend.log.warning("resnet_fast: tuning table %s: %s (only this warning is logged for the file; "
-                         "python -m resnet_fast.kernels.tuning_table export rewrites it)", path, reason)
-
-
-def table_path(arch: str, table_dir: Optional[str] = None) -> str:
-    """Where the table for ``arch`` (``"sm_90"``) lives: ``<table_dir or TABLE_DIR>/<arch>.json``."""
-    return os.path.join(table_dir or TABLE_DIR, f"{arch}.json")
-
-
-def check_entry(key: str, entry) -> Optional[str]:
-    """Why a table entry is malformed (None if it is fine): keys ``impl:<role>|...`` hold
-    ``{"impl": "triton"|"cudnn", "ms": {impl: ms}?}``, all others a valid config (:func:`configs.config_from_entry`)."""
-    if not isinstance(entry, dict):
-        return f"{key!r}: not an object"
-    if key.startswith("impl:"):
-        if entry.get("impl") not in configs.IMPLS or not set(entry) <= {"impl", "ms"} \
-                or not isinstance(entry.get("ms", {}), dict):
-            return f"{key!r} = {entry}: not an implementation entry {{'impl': one of {configs.IMPLS}}}"
-        return None
-    if configs.config_from_entry(entry) is None:
-        return f"{key!r} = {entry}: not a valid ConvConfig"
-    return None
-
-
-def load(path: str, arch: str) -> Optional[TuningTable]:
-    """The table at ``path`` for ``arch``, or None: silently when the file does not exist, with one warning when
-    it cannot be used (unreadable, bad JSON, another format/version/arch). Malformed entries are dropped (the
-    rest stays usable) with one warning."""
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path) as f:
-            doc = json.load(f)
-    except (OSError, ValueError) as exc:
-        _warn(path, f"unreadable, ignored ({type(exc).__name__}: {str(exc)[:200]})")
-        return None
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT \
-            or type(doc.get("version")) is not int or doc["version"] != VERSION:
-        got = (doc.get("format"), doc.get("version")) if isinstance(doc, dict) else type(doc).__name__
-        _warn(path, f"ignored: format/version {got}, expected ({FORMAT!r}, {VERSION})")
-        return None
-    if doc.get("arch") != arch or not isinstance(doc.get("entries"), dict):
-        _warn(path, f"ignored: arch {doc.get('arch')!r} (expected {arch!r}) or no 'entries' object")
-        return None
-    entries, bad = {}, []
-    for key, entry in doc["entries"].items():
-        reason = check_entry(key, entry)
-        if reason is None and _key_arch(key) != arch:
-            reason = f"{key!r}: not a {arch} table key"
-        if reason is None:
-            entries[key] = entry
-        else:
-            bad.append(reason)
-    table = TuningTable(path, arch, entries, doc.get("provenance") if isinstance(doc.get("provenance"), dict)
-                        else {})
-    if bad:
-        table.warn_once(f"{len(bad)} malformed entr{'y' if len(bad) == 1 else 'ies'} ignored, e.g. {bad[0]}")
-    return table
-
-
-def _key_arch(key: str) -> Optional[str]:
-    f = key.split("|")
-    return f[configs._NAME_FIELD] if len(f) > configs._NAME_FIELD else None
 
 
 def load_arch(arch: str, table_dir: Optional[str] = None) -> Optional[TuningTable]:
@@ -226,8 +145,8 @@ def main(argv=None) -> int:
                 print(f"{args.path}: missing or unusable (see the warning above)", file=sys.stderr)
                 return 1
             print(json.dumps({"arch": table.arch, "provenance": table.provenance, "entries": len(table.entries),
-                              "malformed": table._warned}, indent=1))
-            return 1 if table._warned else 0
+                              "malformed": table.warned}, indent=1))
+            return 1 if table.warned else 0
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
