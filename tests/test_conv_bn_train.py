@@ -89,7 +89,7 @@ def test_conv_bn_relu_conv_bn_chain_matches_torch(kernel_device, triton_backend)
         c1, c2, c3, dg2, db2 = bn_backward_coeffs(s_dz2, s_dzy2, invstd2, n2, weight=g2)
         dy_bn2 = (y2, c1, c2, c3, mean2)
         dz1, dpart1 = conv2d_dgrad_nhwc(dz2, w2, y1.shape, **conv2, y_prev=y1, in_scale=sc1, in_shift=sh1,
-                                        in_mean=mean1, dy_bn=dy_bn2, allow_tf32=False)
+                                        in_centre=mean1, dy_bn=dy_bn2, allow_tf32=False)
         dw2 = conv2d_wgrad_nhwc(dz2, y1, w2.shape, **conv2, in_scale=sc1, in_shift=sh1, dy_bn=dy_bn2,
                                 allow_tf32=False)
         e1, e2, e3, dg1, db1 = bn_backward_coeffs(dpart1[0], dpart1[1], invstd1, n1, weight=g1)

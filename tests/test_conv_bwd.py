@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from torch.nn.grad import conv2d_input, conv2d_weight
 
 from resnet_fast.kernels.configs import ConvConfig
+from resnet_fast.kernels.conv_common import DyBN
 from resnet_fast.kernels.conv_dgrad import conv2d_dgrad_nhwc
 from resnet_fast.kernels.conv_wgrad import conv2d_wgrad_nhwc
 
@@ -150,7 +151,7 @@ def test_dgrad_drelu_dbn_epilogue(kernel_device, triton_backend, family, dtype):
     sc, sh, mu, sc64, sh64, mu64 = _bn_relu_input(C, kernel_device, seed=5)
     y64 = _away_from_kink(x64 * 2 + 0.3, sc64, sh64).to(dtype).double()  # the raw previous-conv output
     y = y64.to(dtype).to(kernel_device).contiguous(memory_format=CL)
-    dz, part = conv2d_dgrad_nhwc(dy, w, x64.shape, **conv, y_prev=y, in_scale=sc, in_shift=sh, in_mean=mu,
+    dz, part = conv2d_dgrad_nhwc(dy, w, x64.shape, **conv, y_prev=y, in_scale=sc, in_shift=sh, in_centre=mu,
                                  allow_tf32=False, config=DCFG)
     v = lambda t: t.view(1, -1, 1, 1)  # noqa: E731
     dz_ref = conv2d_input(x64.shape, w64, dy64, **conv) * (y64 * v(sc64) + v(sh64) > 0)
@@ -158,7 +159,7 @@ def test_dgrad_drelu_dbn_epilogue(kernel_device, triton_backend, family, dtype):
     assert part.shape[0] == 2 and part.shape[2] == C and part.dtype == torch.float32
     assert _rel(part[0].sum(0).cpu(), dz_ref.sum((0, 2, 3))) < TOL[dtype]
     assert _rel(part[1].sum(0).cpu(), (dz_ref * (y64 - v(mu64))).sum((0, 2, 3))) < TOL[dtype]
-    dxs, part_s = conv2d_dgrad_nhwc(dy, w, x64.shape, **conv, y_prev=y, in_scale=sc, in_shift=sh, in_mean=mu,
+    dxs, part_s = conv2d_dgrad_nhwc(dy, w, x64.shape, **conv, y_prev=y, in_scale=sc, in_shift=sh, in_centre=mu,
                                     out_scale=sc, allow_tf32=False, config=DCFG)  # stores dz*scale, sums of dz
     assert _rel(dxs.cpu(), dz_ref * v(sc64)) < TOL[dtype]
     assert torch.equal(part_s, part)
@@ -213,7 +214,7 @@ def _relu_mask_case(family, dtype, device, seed):
     c1[1] = 0.0
     z = torch.zeros(K)
     y = y64.to(dtype).to(device).contiguous(memory_format=CL)
-    dy_bn = (y, *(t.to(device) for t in (c1, z, z, z)))
+    dy_bn = DyBN(y, *(t.to(device) for t in (c1, z, z, z)))
     dy_eff = c1.double().view(1, -1, 1, 1) * dy64 * (y64 > 0)
     return x64, w64, dy64, x, w, dz, conv, dy_bn, dy_eff
 
@@ -265,7 +266,7 @@ def test_wgrad_split_k_is_deterministic(kernel_device, triton_backend):
 
 def test_bad_inputs(kernel_device, triton_backend):
     x64, w64, dy64, x, w, dy, conv = _case("3x3s1", torch.float32, kernel_device)
-    with pytest.raises(ValueError, match="dy"):
+    with pytest.raises(ValueError, match="grad_out"):
         conv2d_dgrad_nhwc(dy[:, :3], w, x.shape, **conv)
     with pytest.raises(ValueError, match="weight"):
         conv2d_dgrad_nhwc(dy, w.half(), x.shape, **conv)
@@ -273,7 +274,7 @@ def test_bad_inputs(kernel_device, triton_backend):
         conv2d_dgrad_nhwc(dy, w, x.shape, **{**conv, "groups": 5})
     with pytest.raises(ValueError, match="stride"):
         conv2d_dgrad_nhwc(dy, w, x.shape, **{**conv, "stride": 0})
-    with pytest.raises(ValueError, match="in_mean"):
+    with pytest.raises(ValueError, match="in_centre"):
         conv2d_dgrad_nhwc(dy, w, x.shape, **conv, y_prev=x, in_scale=torch.ones(12, device=kernel_device),
                           in_shift=torch.ones(12, device=kernel_device))
     with pytest.raises(ValueError, match="dy_bn"):
@@ -306,7 +307,7 @@ def test_bad_inputs(kernel_device, triton_backend):
 def _checked(mod) -> set:
     """(tile, warps, stages, pointer dtype, ALIGNED, DOT_IEEE) of every spec the sm_90 compile check covers."""
     out = set()
-    for fn, sig, cx, opts, *_ in mod.compile_specs():
+    for _fn, sig, cx, opts, *_ in mod.compile_specs():
         if "BLOCK_M" in cx:
             out.add((cx["BLOCK_M"], cx["BLOCK_N"], cx["BLOCK_K"], opts["num_warps"], opts["num_stages"],
                      sig["dy_ptr"], cx["ALIGNED"], cx["DOT_IEEE"]))
@@ -353,7 +354,7 @@ def test_pinned_backward_configs_reach_the_launchers(kernel_device, triton_backe
     real = wg.pick_split
     monkeypatch.setattr(wg, "pick_split", lambda g, cfg, **k: seen.append(cfg) or real(g, cfg, **k))
     with configs.pinned_config("conv_dgrad", DCFG), configs.pinned_config("conv_wgrad", WCFG):
-        _, part = conv2d_dgrad_nhwc(dy, w, x.shape, **conv, y_prev=x, in_scale=sc, in_shift=sh, in_mean=mu,
+        _, part = conv2d_dgrad_nhwc(dy, w, x.shape, **conv, y_prev=x, in_scale=sc, in_shift=sh, in_centre=mu,
                                     allow_tf32=False)
         conv2d_wgrad_nhwc(dy, x, w64.shape, **conv, allow_tf32=False)
     n, _, h, wd = x.shape
@@ -388,7 +389,7 @@ def test_gpu_resnet_layer_shapes(dtype):
     w = (torch.randn(K, C, 3, 3, device="cuda") / 24).to(dtype)
     dy = torch.randn(N, K, H // 2, H // 2, device="cuda").to(dtype).contiguous(memory_format=CL)
     a64 = torch.relu(y_prev.double() * sc.double().view(1, -1, 1, 1) + sh.double().view(1, -1, 1, 1))
-    dz, part = conv2d_dgrad_nhwc(dy, w, y_prev.shape, **conv, y_prev=y_prev, in_scale=sc, in_shift=sh, in_mean=mu)
+    dz, part = conv2d_dgrad_nhwc(dy, w, y_prev.shape, **conv, y_prev=y_prev, in_scale=sc, in_shift=sh, in_centre=mu)
     ref = conv2d_input(y_prev.shape, w.double(), dy.double(), **conv) * (a64 > 0)
     assert _rel(dz, ref) < TOL[dtype]
     assert _rel(part[0].sum(0), ref.sum((0, 2, 3))) < TOL[dtype]

@@ -294,7 +294,7 @@ def test_tma_twins_are_tuning_candidates_never_the_default(monkeypatch, tma_devi
     assert twins and all(c.BLOCK_M * c.BLOCK_N >= 128 * 128 for c in twins)
     assert all(dataclasses.replace(c, tma=False) in pw for c in twins)
     assert not pw_default.tma and not any(c.tma for c in c3)
-    assert pw_flags[-1] is True and c3_flags[-1] is False  # TMA-eligible launches tune under their own keys
+    assert pw_flags.tma is True and c3_flags.tma is False  # TMA-eligible launches tune under their own keys
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])

@@ -12,16 +12,25 @@ Conventions (every conv kernel of this package):
   special case; the activation itself is never padded (loads mask ``c >= Cg``).
 * Offsets that can pass 2**31 elements (anything scaled by the batch index or the GEMM row) are int64;
   offsets inside one image stay int32, which :meth:`ConvGeometry.check_index_range` guarantees.
+
+Also here, for the launchers: :class:`DyBN` (the backward kernels' "BN backward on load" operands) and its
+check, the operand-dtype check every conv launcher makes, and the row-alignment test of the backward kernels'
+``ALIGNED`` switch.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
+import torch
 import triton
 import triton.language as tl
 
-__all__ = ["ConvGeometry", "conv_output_size", "pair", "CHANNEL_PAD", "round_up",
-           "rows_to_npq", "input_coords", "swizzle_pid"]
+from .checks import FLOAT_DTYPES, check_tensor, check_vector, describe, kernel_dtype_blocker
+
+__all__ = ["ConvGeometry", "conv_output_size", "pair", "CHANNEL_PAD", "round_up", "DyBN", "check_dy_bn",
+           "check_operand_dtype", "rows_aligned", "ordered_signature", "rows_to_npq", "input_coords",
+           "swizzle_pid"]
 
 CHANNEL_PAD = 16  # smallest MMA reduction step for 16-bit operands (and 8 for tf32): pad Cg to this
 _INT32_MAX = 2**31 - 1
@@ -134,6 +143,64 @@ class ConvGeometry:
         if self.H * self.W * self.C > _INT32_MAX or self.P * self.Q * self.K > _INT32_MAX:
             raise ValueError(f"{who}: one image of {self.H}x{self.W}x{self.C} (or its output) exceeds 2**31 "
                              f"elements, which the kernels do not index")
+
+
+# --------------------------------------------------------------------------------------- launcher helpers
+class DyBN(NamedTuple):
+    """The backward kernels' "BN backward on load": ``dy = c1·dz + c2·(y − mean) + c3`` per element, formed while
+    loading the gradient operand (then ``dz``, the gradient w.r.t. the BN output) and never stored.
+
+    ``y``: ``[N, K, P, Q]`` the conv's raw output, with the gradient's shape, dtype and strides; ``c1``, ``c2``,
+    ``c3``, ``mean``: fp32 ``[K]`` contiguous (from :func:`resnet_fast.kernels.bn_finalize.bn_backward_coeffs`).
+    A plain 5-tuple in this order is accepted wherever a DyBN is.
+    """
+    y: torch.Tensor
+    c1: torch.Tensor
+    c2: torch.Tensor
+    c3: torch.Tensor
+    mean: torch.Tensor
+
+
+def check_dy_bn(dy_bn, grad_out: torch.Tensor, K: int, who: str, dy_relu=False) -> DyBN | None:
+    """``dy_bn`` (a :class:`DyBN` or 5-tuple, or None) checked against ``grad_out`` and returned as a DyBN;
+    ``dy_relu`` (a bool, masking dz by ``y > 0``) needs it. ValueError naming the bad argument."""
+    if not isinstance(dy_relu, bool):
+        raise ValueError(f"{who}: dy_relu must be a bool, got {dy_relu!r}")
+    if dy_bn is None:
+        if dy_relu:
+            raise ValueError(f"{who}: dy_relu masks dz by dy_bn's y > 0: it needs dy_bn")
+        return None
+    if not isinstance(dy_bn, (tuple, list)) or len(dy_bn) != 5:
+        raise ValueError(f"{who}: dy_bn must be a DyBN or a tuple (y, c1, c2, c3, mean)")
+    d = DyBN(*dy_bn)
+    check_tensor("dy_bn.y", d.y, grad_out.shape, grad_out.dtype, grad_out.device, who)
+    if d.y.stride() != grad_out.stride():
+        raise ValueError(f"{who}: dy_bn.y must have grad_out's strides {grad_out.stride()}, got {d.y.stride()}")
+    for name in ("c1", "c2", "c3", "mean"):
+        check_vector(f"dy_bn.{name}", getattr(d, name), K, grad_out.device, who)
+    return d
+
+
+def check_operand_dtype(name: str, t, who: str) -> None:
+    """``t`` is a 4-D fp32/fp16/bf16 tensor (the operand dtype of a conv kernel), else ValueError naming ``name``;
+    RuntimeError where the kernels cannot run that dtype (:func:`.checks.kernel_dtype_blocker`: bf16 in the Triton
+    interpreter, an error rather than garbage; the ops fall back to eager there)."""
+    if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{who}: {name} must be a 4-D float32/float16/bfloat16 tensor, got {describe(t)}")
+    why = kernel_dtype_blocker(t.dtype)
+    if why is not None:
+        raise RuntimeError(f"{who}: {why}; use fp16/fp32 on CPU")
+
+
+def rows_aligned(t: torch.Tensor) -> bool:
+    """``t`` [A, B, C, D] has unit stride along dim 1 and strides that are multiples of 16 elements along
+    dims 0, 2, 3 (size-1 dims excepted: their index is always 0), so each (a, c, d) row starts 16-aligned."""
+    return t.stride(1) == 1 and all(t.stride(d) % 16 == 0 for d in (0, 2, 3) if t.shape[d] > 1)
+
+
+def ordered_signature(fn, sig: dict) -> dict:
+    """A compile-check signature in the kernel's argument order (what ASTSource expects)."""
+    return {name: sig[name] for name in fn.arg_names}
 
 
 # ----------------------------------------------------------------------------------------- Triton helpers

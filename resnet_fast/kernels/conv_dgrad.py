@@ -11,25 +11,29 @@ per-phase tap lists come from a tiny host-built table (``[phases, R*S, 3]`` int3
 geometry. Stride 1 is the one-phase case.
 
 GEMM view per (phase, group): M = N*ceil(H/sh)*ceil(W/sw) rows of dx, N = C/groups, reduction over
-(valid taps) × K/groups. Accumulation in fp32; storage fp32/fp16/bf16.
+(valid taps) × K/groups. Layouts: ``grad_out [N, K, P, Q]`` and ``weight [K, C/groups, R, S]`` with any strides
+(channels_last is the fast layout), ``dx [N, C, H, W]`` channels_last; all one dtype, fp32/fp16/bf16;
+accumulation in fp32 (fp32 operands as IEEE or TF32, :func:`configs.conv_allows_tf32`).
 
 Fusions (constexpr switches, default off):
 
-* ``epilogue`` (EPI) "dgrad + dReLU + dBN sums": this conv's input was ``relu(y_prev*in_scale + in_shift)``
-  (the previous conv's raw output through its BatchNorm+ReLU). The epilogue recomputes the ReLU mask from
-  ``y_prev`` and writes ``dz = dx * (y_prev*in_scale + in_shift > 0)`` instead of ``dx``, plus per-tile
-  partials ``Σdz`` and ``Σdz·(y_prev - mean)`` (known mean: no cancellation) into ``[2, T, C]`` fp32 for
-  :func:`resnet_fast.kernels.bn_finalize.bn_backward_coeffs`.
-* ``dy_bn`` (DY_BN) "BN backward applied on load": ``dy`` is not stored; the kernel reads this conv's raw
-  output ``y`` and ``dz`` (the gradient w.r.t. its BN output) and forms ``dy = c1*dz + c2*(y - mean) + c3``
-  per element while loading the A operand (coefficients from ``bn_backward_coeffs``).
+* ``y_prev, in_scale, in_shift, in_centre`` (EPI) "dgrad + dReLU + dBN sums": this conv's input was
+  ``relu(y_prev*in_scale + in_shift)`` (the previous conv's raw output through its BatchNorm+ReLU). The epilogue
+  recomputes the ReLU mask from ``y_prev`` and writes ``dz = dx * (y_prev*in_scale + in_shift > 0)`` instead of
+  ``dx``, plus per-tile partials ``Σdz`` and ``Σdz·(y_prev - in_centre)`` (a known centre, the batch mean for
+  BN: no cancellation) into ``[2, T, C]`` fp32 for :func:`resnet_fast.kernels.bn_finalize.bn_backward_coeffs`.
+  ``out_scale`` (OUT_SCALE) stores ``dz*out_scale[c]`` instead; the partials stay sums of ``dz``.
+* ``dy_bn`` (DY_BN) "BN backward applied on load": ``dy`` is not stored; ``grad_out`` is ``dz`` (the gradient
+  w.r.t. this conv's BN output) and the kernel reads this conv's raw output ``y`` too, forming
+  ``dy = c1*dz + c2*(y - mean) + c3`` per element while loading the A operand (a :class:`.conv_common.DyBN`,
+  coefficients from ``bn_backward_coeffs``).
 * ``dy_relu`` (DY_RELU, with ``dy_bn``): ``dz`` is first masked by ``y > 0`` -- the ReLU backward when ``y`` is
   the ReLU's output. The inference op's backward (``ops/conv.py``) passes its output as ``y``, its per-channel
   scale as ``c1`` and ``c2 = c3 = 0``: ``dy = scale[k]*(dz where out > 0)``, never materialised.
   :func:`dy_on_load` is the one implementation of this transform, shared with ``conv_wgrad``.
 
 Alignment (``ALIGNED``, set by the launcher from the runtime shapes, see :func:`_aligned`): unit channel
-strides (dy, y, dx, y_prev and a channels_last weight), ``Kg % BLOCK_K == 0``, ``Cg % BLOCK_N == 0`` and every
+strides (grad_out, y, dx, y_prev and a channels_last weight), ``Kg % BLOCK_K == 0``, ``Cg % BLOCK_N == 0`` and every
 pixel (and weight tap) stride a multiple of 16 elements -- every ResNet layer with channels_last tensors. The
 kernel then drops the channel masks and asserts 16-element alignment of every row start (``tl.multiple_of``):
 the dy, y and weight tiles load as 16-byte vectors through cp.async and the loop is software-pipelined.
@@ -37,18 +41,18 @@ Otherwise the masked general path runs, at the 64×32 config only (see :data:`DG
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
-from .. import _backend
 from .configs import ConvConfig, checked_candidates, choose, conv_allows_tf32, for_dtype
 from .checks import check_tensor, check_vector
-from .conv_common import ConvGeometry
+from .conv_common import ConvGeometry, DyBN, check_dy_bn, check_operand_dtype, ordered_signature, rows_aligned
 
-__all__ = ["conv2d_dgrad_nhwc", "compile_specs", "dy_on_load", "DGRAD_CONFIGS"]
+__all__ = ["conv2d_dgrad_nhwc", "compile_specs", "dy_on_load", "DGRAD_CONFIGS", "DgradSwitches"]
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TL = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
@@ -63,17 +67,11 @@ DGRAD_CONFIGS = (ConvConfig(128, 64, 32, 8, 8, 3), ConvConfig(128, 128, 32, 8, 8
 _GENERAL_CONFIG = DGRAD_CONFIGS[-1]  # the one config whose masked general path is compile-checked
 
 
-def _rows_aligned(t: torch.Tensor) -> bool:
-    """``t`` [A, B, C, D] has unit stride along dim 1 and strides that are multiples of 16 elements along
-    dims 0, 2, 3 (size-1 dims excepted: their index is always 0), so each (a, c, d) row starts 16-aligned."""
-    return t.stride(1) == 1 and all(t.stride(d) % 16 == 0 for d in (0, 2, 3) if t.shape[d] > 1)
-
-
 def _aligned(g: ConvGeometry, cfg: ConvConfig, dy: torch.Tensor, weight: torch.Tensor, others=()) -> bool:
     """The kernel's ALIGNED switch: channel tiles divide the channels (Kg % BLOCK_K, Cg % BLOCK_N), and dy,
     the weight (channels_last) and ``others`` (dx, y_prev) have unit channel strides and 16-aligned rows."""
     return (g.Kg % cfg.BLOCK_K == 0 and g.Cg % cfg.BLOCK_N == 0
-            and all(_rows_aligned(t) for t in (dy, weight, *others)))
+            and all(rows_aligned(t) for t in (dy, weight, *others)))
 
 
 def _candidates(g: ConvGeometry, dy: torch.Tensor, weight: torch.Tensor, others, ieee: bool) -> tuple:
@@ -106,7 +104,7 @@ def dy_on_load(dz, y, c1, c2, c3, mu, mask, DY_RELU: tl.constexpr):
 @triton.jit
 def _conv_dgrad_kernel(
         dy_ptr, w_ptr, dx_ptr, taps_ptr, ntaps_ptr,
-        y_ptr, isc_ptr, ish_ptr, imu_ptr, part_ptr, osc_ptr,   # EPI: y_prev, BN scale/shift/mean, partials, out scale
+        y_ptr, isc_ptr, ish_ptr, imu_ptr, part_ptr, osc_ptr,   # EPI: y_prev, BN scale/shift/centre, partials, out scale
         z_ptr, c1_ptr, c2_ptr, c3_ptr, mu_ptr,                 # DY_BN: this conv's raw output y and coefficients
         N, H, W, Cg, Kg, P, Q, HPH, WPH, TILES_M, T_PART, C_TOT,
         sdy_n, sdy_h, sdy_w, sdy_c,
@@ -239,68 +237,20 @@ def _tap_tables(g: ConvGeometry, device: torch.device):
     return _TAPS[key]
 
 
-def _check_dtype(dy, who):
-    """dy (and so every operand) fp32/fp16/bf16; bf16 is refused in the Triton interpreter, whose bf16
-    ``tl.dot`` is wrong (an error, not garbage: the ops fall back to eager for bf16 there, counted)."""
-    if not isinstance(dy, torch.Tensor) or dy.dim() != 4 or dy.dtype not in _DTYPES:
-        raise ValueError(f"{who}: dy must be a 4-D float32/float16/bfloat16 tensor, got "
-                         f"{tuple(dy.shape) if isinstance(dy, torch.Tensor) else type(dy).__name__}")
-    if dy.dtype == torch.bfloat16 and _backend.interpreting():
-        raise RuntimeError(f"{who}: bf16 tl.dot returns wrong results in the Triton interpreter; use fp16/fp32 "
-                           "on CPU")
+class DgradSwitches(NamedTuple):
+    """dgrad's kernel switches that enter its tuning key: each combination keeps its own tuned winner."""
+    epilogue: bool
+    out_scale: bool
+    dy_bn: bool
+    dy_relu: bool
+    dot_ieee: bool
 
 
-def _check_dy_bn(dy_bn, dy, K, who, dy_relu=False):
-    """The dy-on-load options shared by dgrad and wgrad: ``dy_bn = (y, c1, c2, c3, mean)`` with y like dy
-    (shape, dtype, strides) and the rest fp32 [K] vectors, or None; ``dy_relu`` (a bool) needs dy_bn's y."""
-    if not isinstance(dy_relu, bool):
-        raise ValueError(f"{who}: dy_relu must be a bool, got {dy_relu!r}")
-    if dy_bn is None:
-        if dy_relu:
-            raise ValueError(f"{who}: dy_relu masks dz by dy_bn's y > 0: it needs dy_bn")
-        return
-    if not isinstance(dy_bn, (tuple, list)) or len(dy_bn) != 5:
-        raise ValueError(f"{who}: dy_bn must be a tuple (y, c1, c2, c3, mean)")
-    check_tensor("dy_bn[0] (y)", dy_bn[0], dy.shape, dy.dtype, dy.device, who)
-    if dy_bn[0].stride() != dy.stride():
-        raise ValueError(f"{who}: dy_bn[0] (y) must have dy's strides {dy.stride()}, got {dy_bn[0].stride()}")
-    for i, name in enumerate(("c1", "c2", "c3", "mean"), 1):
-        check_vector(f"dy_bn[{i}] ({name})", dy_bn[i], K, dy.device, who)
-
-
-def conv2d_dgrad_nhwc(dy: torch.Tensor, weight: torch.Tensor, x_shape, *, stride=1, padding=0, dilation=1,
-                      groups: int = 1, y_prev: torch.Tensor | None = None, in_scale=None, in_shift=None,
-                      in_mean=None, out_scale=None, dy_bn: tuple | None = None, dy_relu: bool = False,
-                      allow_tf32: bool | None = None,
-                      config: ConvConfig | None = None):
-    """Gradient of a conv w.r.t. its input (``torch.nn.grad.conv2d_input``), optionally fused for training.
-
-    Args:
-        dy: [N, K, P, Q] gradient w.r.t. the conv output, fp32/fp16/bf16, any strides (channels_last is the
-            fast layout). With ``dy_bn`` it is instead ``dz``, the gradient w.r.t. this conv's BN output.
-        weight: [K, C/groups, R, S] of dy's dtype, any strides (channels_last weights load contiguously).
-        x_shape: (N, C, H, W) of the conv input.
-        stride, padding, dilation, groups: as ``torch.nn.functional.conv2d`` (zero padding).
-        y_prev, in_scale, in_shift, in_mean: the epilogue fusion (all or none): the conv input was
-            ``relu(y_prev*in_scale + in_shift)``; y_prev [N, C, H, W] of dy's dtype, the others [C] fp32
-            (in_mean is the batch mean of y_prev). The output is then ``dz`` = the gradient w.r.t. the BN
-            output before the ReLU, and per-tile partials are returned too.
-        out_scale: with the epilogue, an fp32 [C] vector: the stored output is ``dz*out_scale[c]`` (pass the BN's
-            ``in_scale`` to get the gradient w.r.t. ``y_prev``); the partials are still sums of ``dz``.
-        dy_bn: (y, c1, c2, c3, mean): form ``dy = c1*dz + c2*(y - mean) + c3`` while loading; y [N, K, P, Q]
-            with dy's dtype and strides (this conv's raw output), the rest [K] fp32.
-        dy_relu: with dy_bn, mask first: ``dy = c1*(dz where y > 0) + c2*(y - mean) + c3`` (y a ReLU's output).
-        allow_tf32: fp32 inputs use TF32 MMAs (default :func:`configs.conv_allows_tf32`, PyTorch's rule).
-        config: tile config; default :func:`configs.choose` ("conv_dgrad": pinned, interpreter, autotuned among
-            the compile-checked candidates for the shape, or the first of them with tuning off).
-
-    Returns:
-        dx [N, C, H, W] in dy's dtype, channels_last; with the epilogue ``(dz, partials)`` where
-        ``partials`` is [2, T, C] fp32: ``partials[0]`` = Σdz and ``partials[1]`` = Σdz·(y_prev - in_mean)
-        per tile, ready for ``bn_backward_coeffs(partials[0], partials[1], ...)``.
-    """
-    who = "conv2d_dgrad_nhwc"
-    _check_dtype(dy, who)
+def _validate_dgrad(grad_out, weight, x_shape, stride, padding, dilation, groups, y_prev, in_scale, in_shift,
+                    in_centre, out_scale, dy_bn, dy_relu, who: str) -> tuple:
+    """Check :func:`conv2d_dgrad_nhwc`'s arguments (ValueError naming the bad one); returns the
+    :class:`ConvGeometry` and ``dy_bn`` as a :class:`DyBN` (or None)."""
+    check_operand_dtype("grad_out", grad_out, who)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
         raise ValueError(f"{who}: weight must be a 4-D [K, C/groups, R, S] tensor")
     if len(tuple(x_shape)) != 4:
@@ -308,70 +258,112 @@ def conv2d_dgrad_nhwc(dy: torch.Tensor, weight: torch.Tensor, x_shape, *, stride
     g = ConvGeometry.make(tuple(int(v) for v in x_shape), tuple(weight.shape), stride, padding, dilation,
                           groups, who)
     g.check_index_range(who)
-    dev = dy.device
-    check_tensor("dy", dy, (g.N, g.K, g.P, g.Q), None, dev, who)
-    check_tensor("weight", weight, weight.shape, dy.dtype, dev, who)
-    epi_args = (y_prev, in_scale, in_shift, in_mean)
-    epi = y_prev is not None
+    dev = grad_out.device
+    check_tensor("grad_out", grad_out, (g.N, g.K, g.P, g.Q), None, dev, who)
+    check_tensor("weight", weight, weight.shape, grad_out.dtype, dev, who)
+    epi_args = (y_prev, in_scale, in_shift, in_centre)
     if any(a is None for a in epi_args) and any(a is not None for a in epi_args):
-        raise ValueError(f"{who}: y_prev, in_scale, in_shift and in_mean go together (all or none)")
-    if out_scale is not None and not epi:
-        raise ValueError(f"{who}: out_scale needs the epilogue (y_prev, in_scale, in_shift, in_mean)")
-    if epi:
-        check_tensor("y_prev", y_prev, (g.N, g.C, g.H, g.W), dy.dtype, dev, who)
-        for name, v in (("in_scale", in_scale), ("in_shift", in_shift), ("in_mean", in_mean)):
+        raise ValueError(f"{who}: y_prev, in_scale, in_shift and in_centre go together (all or none)")
+    if out_scale is not None and y_prev is None:
+        raise ValueError(f"{who}: out_scale needs the epilogue (y_prev, in_scale, in_shift, in_centre)")
+    if y_prev is not None:
+        check_tensor("y_prev", y_prev, (g.N, g.C, g.H, g.W), grad_out.dtype, dev, who)
+        for name, v in (("in_scale", in_scale), ("in_shift", in_shift), ("in_centre", in_centre)):
             check_vector(name, v, g.C, dev, who)
         if out_scale is not None:
             check_vector("out_scale", out_scale, g.C, dev, who)
-    _check_dy_bn(dy_bn, dy, g.K, who, dy_relu)
-    dx = torch.empty((g.N, g.C, g.H, g.W), dtype=dy.dtype, device=dev, memory_format=torch.channels_last)
-    yp = y_prev if epi else dx
+    return g, check_dy_bn(dy_bn, grad_out, g.K, who, dy_relu)
+
+
+def _tiles(g: ConvGeometry, cfg: ConvConfig) -> tuple:
+    """(row tiles per stride phase, programs along grid axis 0 = phases × row tiles) of a launch with ``cfg``."""
+    tiles_m = triton.cdiv(g.N * triton.cdiv(g.H, g.stride[0]) * triton.cdiv(g.W, g.stride[1]), cfg.BLOCK_M)
+    return tiles_m, g.stride[0] * g.stride[1] * tiles_m
+
+
+def _launch_dgrad(cfg: ConvConfig, g: ConvGeometry, grad_out, weight, dx, taps, ntaps, epi_ops, part, osc,
+                  bn_ops, sw: DgradSwitches) -> None:
+    """One launch of :func:`_conv_dgrad_kernel`. ``epi_ops`` = (y_prev, in_scale, in_shift, in_centre), ``osc``
+    (out_scale), ``bn_ops`` (the :class:`DyBN` fields) and ``part`` are placeholders where their switch is off."""
+    tiles_m, T = _tiles(g, cfg)
+    yp = epi_ops[0]
+    grid = (T, triton.cdiv(g.Cg, cfg.BLOCK_N), g.groups)
+    _conv_dgrad_kernel[grid](
+        grad_out, weight, dx, taps, ntaps, *epi_ops, part, osc, *bn_ops,
+        g.N, g.H, g.W, g.Cg, g.Kg, g.P, g.Q, triton.cdiv(g.H, g.stride[0]), triton.cdiv(g.W, g.stride[1]),
+        tiles_m, T, g.C,
+        grad_out.stride(0), grad_out.stride(2), grad_out.stride(3), grad_out.stride(1),
+        weight.stride(0), weight.stride(1), weight.stride(2), weight.stride(3),
+        dx.stride(0), dx.stride(2), dx.stride(3), dx.stride(1),
+        yp.stride(0), yp.stride(2), yp.stride(3), yp.stride(1),
+        SH=g.stride[0], SW=g.stride[1], S=g.S, MAX_TAPS=g.R * g.S, EPI=sw.epilogue, OUT_SCALE=sw.out_scale,
+        DY_BN=sw.dy_bn, DY_RELU=sw.dy_relu,
+        DOT_IEEE=sw.dot_ieee, ALIGNED=_aligned(g, cfg, grad_out, weight, (dx, yp)),
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def conv2d_dgrad_nhwc(grad_out: torch.Tensor, weight: torch.Tensor, x_shape, *, stride=1, padding=0, dilation=1,
+                      groups: int = 1, y_prev: torch.Tensor | None = None, in_scale=None, in_shift=None,
+                      in_centre=None, out_scale=None, dy_bn: DyBN | None = None, dy_relu: bool = False,
+                      allow_tf32: bool | None = None, config: ConvConfig | None = None):
+    """Gradient of a conv w.r.t. its input (``torch.nn.grad.conv2d_input``), optionally fused for training.
+
+    Args:
+        grad_out: [N, K, P, Q] fp32/fp16/bf16, any strides (channels_last is the fast layout): ``dy``, the
+            gradient w.r.t. the conv output; with ``dy_bn``, ``dz``, the gradient w.r.t. this conv's BN output.
+        weight: [K, C/groups, R, S] of grad_out's dtype, any strides (channels_last weights load contiguously).
+        x_shape: (N, C, H, W) of the conv input.
+        stride, padding, dilation, groups: as ``torch.nn.functional.conv2d`` (zero padding).
+        y_prev, in_scale, in_shift, in_centre: the epilogue fusion (all or none): the conv input was
+            ``relu(y_prev*in_scale + in_shift)``; y_prev [N, C, H, W] of grad_out's dtype, the others [C] fp32;
+            in_centre (the batch mean of y_prev for BN) centres the second partial sum. The output is then
+            ``dz`` = the gradient w.r.t. the BN output before the ReLU, and per-tile partials are returned too.
+        out_scale: with the epilogue, an fp32 [C] vector: the stored output is ``dz*out_scale[c]`` (pass the BN's
+            ``in_scale`` to get the gradient w.r.t. ``y_prev``); the partials are still sums of ``dz``.
+        dy_bn: a :class:`DyBN` (or 5-tuple): form ``dy = c1*dz + c2*(y - mean) + c3`` while loading grad_out.
+        dy_relu: with dy_bn, mask first: ``dy = c1*(dz where y > 0) + c2*(y - mean) + c3`` (y a ReLU's output).
+        allow_tf32: fp32 inputs use TF32 MMAs (default :func:`configs.conv_allows_tf32`, PyTorch's rule).
+        config: tile config; default :func:`configs.choose` ("conv_dgrad": pinned, interpreter, autotuned among
+            the compile-checked candidates for the shape, or the first of them with tuning off).
+
+    Returns:
+        dx [N, C, H, W] in grad_out's dtype, channels_last; with the epilogue ``(dz, partials)`` where
+        ``partials`` is [2, T, C] fp32: ``partials[0]`` = Σdz and ``partials[1]`` = Σdz·(y_prev - in_centre)
+        per tile, ready for ``bn_backward_coeffs(partials[0], partials[1], ...)``.
+    """
+    who = "conv2d_dgrad_nhwc"
+    g, dy_bn = _validate_dgrad(grad_out, weight, x_shape, stride, padding, dilation, groups, y_prev, in_scale,
+                               in_shift, in_centre, out_scale, dy_bn, dy_relu, who)
+    dev = grad_out.device
+    epi = y_prev is not None
+    dx = torch.empty((g.N, g.C, g.H, g.W), dtype=grad_out.dtype, device=dev, memory_format=torch.channels_last)
     if allow_tf32 is None:
         allow_tf32 = conv_allows_tf32()
-    ieee = dy.dtype == torch.float32 and not allow_tf32
-    sh, sw = g.stride
-    hph, wph = triton.cdiv(g.H, sh), triton.cdiv(g.W, sw)
-    phases = sh * sw
-    cg, kg = g.Cg, g.Kg
+    sw = DgradSwitches(epilogue=epi, out_scale=out_scale is not None, dy_bn=dy_bn is not None, dy_relu=dy_relu,
+                       dot_ieee=grad_out.dtype == torch.float32 and not allow_tf32)
     taps, ntaps = _tap_tables(g, dev)
-    zb = dy_bn if dy_bn is not None else (dy, taps, taps, taps, taps)  # placeholders, never read
-    v = (in_scale, in_shift, in_mean) if epi else (taps, taps, taps)
+    # placeholders (never read) where a switch is off
+    epi_ops = (y_prev, in_scale, in_shift, in_centre) if epi else (dx, taps, taps, taps)
+    bn_ops = dy_bn if dy_bn is not None else (grad_out, taps, taps, taps, taps)
+    osc = taps if out_scale is None else out_scale
     parts: dict = {}  # per tile count, so tuning launches reuse one buffer
 
     def launch(cfg: ConvConfig):
-        tiles_m = triton.cdiv(g.N * hph * wph, cfg.BLOCK_M)
-        T = phases * tiles_m
+        T = _tiles(g, cfg)[1]
         part = dx
         if epi:
             part = parts.get(T)
             if part is None:
                 part = parts[T] = torch.empty((2, T, g.C), dtype=torch.float32, device=dev)
-        grid = (T, triton.cdiv(cg, cfg.BLOCK_N), g.groups)
-        _conv_dgrad_kernel[grid](
-            dy, weight, dx, taps, ntaps, yp, *v, part, taps if out_scale is None else out_scale, *zb,
-            g.N, g.H, g.W, cg, kg, g.P, g.Q, hph, wph, tiles_m, T, g.C,
-            dy.stride(0), dy.stride(2), dy.stride(3), dy.stride(1),
-            weight.stride(0), weight.stride(1), weight.stride(2), weight.stride(3),
-            dx.stride(0), dx.stride(2), dx.stride(3), dx.stride(1),
-            yp.stride(0), yp.stride(2), yp.stride(3), yp.stride(1),
-            SH=sh, SW=sw, S=g.S, MAX_TAPS=g.R * g.S, EPI=epi, OUT_SCALE=out_scale is not None,
-            DY_BN=dy_bn is not None, DY_RELU=dy_relu,
-            DOT_IEEE=ieee, ALIGNED=_aligned(g, cfg, dy, weight, (dx, yp)),
-            BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        _launch_dgrad(cfg, g, grad_out, weight, dx, taps, ntaps, epi_ops, part, osc, bn_ops, sw)
         return part
 
     if config is None:
-        cands, default = _candidates(g, dy, weight, (dx, yp), ieee)
-        flags = (epi, out_scale is not None, dy_bn is not None, bool(dy_relu), ieee)
-        config = choose("conv_dgrad", g, dy.dtype, dev, cands, flags, launch, default)
+        cands, default = _candidates(g, grad_out, weight, (dx, epi_ops[0]), sw.dot_ieee)
+        config = choose("conv_dgrad", g, grad_out.dtype, dev, cands, sw, launch, default)
     part = launch(config)
     return (dx, part) if epi else dx
-
-
-def _ordered(fn, sig: dict) -> dict:
-    """The signature in the kernel's argument order (what ASTSource expects)."""
-    return {name: sig[name] for name in fn.arg_names}
 
 
 # The constexpr variants the ops launch: plain (no op fuses anything), the training op with a BN+ReLU prologue
@@ -411,7 +403,7 @@ def compile_specs() -> list:
               "DOT_IEEE": ieee, "ALIGNED": aligned,
               "BLOCK_M": cfg.BLOCK_M, "BLOCK_N": cfg.BLOCK_N, "BLOCK_K": cfg.BLOCK_K}
         sig.update({k: "constexpr" for k in cx})
-        return (_conv_dgrad_kernel, _ordered(_conv_dgrad_kernel, sig), cx,
+        return (_conv_dgrad_kernel, ordered_signature(_conv_dgrad_kernel, sig), cx,
                 {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}, not ieee, div16 if aligned else ())
 
     dtypes = (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32))

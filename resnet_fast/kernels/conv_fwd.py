@@ -2,6 +2,9 @@
 
 ``y = act((conv(x, W) + bias) * scale[k] + shift[k] + residual)`` with every term optional, optionally with
 an input prologue ``x -> relu(x*in_scale[c] + in_shift[c])`` and a batch-statistics epilogue.
+``x`` (``[N, C, H, W]`` channels_last), the packed weight, ``residual`` and ``y`` (``[N, K, P, Q]``
+channels_last) share one dtype, fp32/fp16/bf16 (fp32 as IEEE or TF32, :func:`configs.conv_allows_tf32`); the
+per-channel vectors are read as fp32 and the accumulation is fp32.
 
 GEMM view (see :mod:`.conv_common`): per group, ``M = N*P*Q`` output pixels × ``Kg`` output channels,
 reduced over ``R*S`` taps × ``Cg`` input channels. One program owns a ``BLOCK_M × BLOCK_N`` output tile
@@ -50,16 +53,16 @@ try:
 except ImportError:  # triton < 3.4: no host-side descriptors (configs.tma_allowed is then False)
     TensorDescriptor = None
 
-from .. import _backend
 from . import configs as _cfg
-from .checks import FLOAT_DTYPES, check_vector
+from .checks import FLOAT_DTYPES, check, check_vector, describe
 from .configs import ConvConfig
-from .conv_common import ConvGeometry, input_coords, rows_to_npq, swizzle_pid
+from .conv_common import (ConvGeometry, check_operand_dtype, input_coords, ordered_signature, rows_to_npq,
+                          swizzle_pid)
 
 __all__ = ["conv2d_nhwc", "pack_weight", "pinned_config", "tma_eligible", "compile_specs", "SUPPORTED_DTYPES",
-           "TileStats"]
+           "TileStats", "FwdSwitches"]
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SUPPORTED_DTYPES = FLOAT_DTYPES  # the operand dtypes the kernel takes (fp32 as IEEE or TF32)
 
 
 class TileStats(NamedTuple):
@@ -241,9 +244,23 @@ def _tma_variants(candidates) -> list:
 
 
 # ------------------------------------------------------------------------------------------------- launcher
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ValueError(msg)
+class FwdSwitches(NamedTuple):
+    """The forward's kernel switches that enter its tuning key: each combination keeps its own tuned winner."""
+    prologue: bool
+    stats: bool
+    residual: bool
+    dot_ieee: bool
+    tma: bool
+
+
+class _FwdOperands(NamedTuple):
+    """What :func:`_validate_fwd` hands the launch: fp32 contiguous per-channel vectors (or None) and the output."""
+    bias: torch.Tensor | None
+    scale: torch.Tensor | None
+    shift: torch.Tensor | None
+    in_scale: torch.Tensor | None
+    in_shift: torch.Tensor | None
+    out: torch.Tensor
 
 
 def _vector(name: str, t, length: int, device, who: str):
@@ -252,6 +269,63 @@ def _vector(name: str, t, length: int, device, who: str):
         return None
     check_vector(name, t, length, device, who, dtypes=FLOAT_DTYPES + (torch.float64,), contiguous=False)
     return t.to(torch.float32).contiguous()
+
+
+def _check_cl(name: str, t, shape: tuple, dtype: torch.dtype, device, who: str) -> None:
+    """``t`` is a channels_last-contiguous ``shape`` tensor of ``dtype`` on ``device``."""
+    check(isinstance(t, torch.Tensor) and tuple(t.shape) == shape and t.dtype == dtype and t.device == device
+          and t.is_contiguous(memory_format=torch.channels_last),
+          f"{who}: {name} must be a channels_last-contiguous {shape} {dtype} tensor on {device}, got {describe(t)}")
+
+
+def _validate_fwd(x, w_packed, g: ConvGeometry, bias, scale, shift, residual, in_scale, in_shift, in_relu, out,
+                  who: str) -> _FwdOperands:
+    """Check :func:`conv2d_nhwc`'s arguments (ValueError naming the bad one) and return what the kernel reads."""
+    check_operand_dtype("x", x, who)
+    dtype, device = x.dtype, x.device
+    check(tuple(x.shape) == (g.N, g.C, g.H, g.W), f"{who}: x shape {tuple(x.shape)} does not match {g}")
+    check(x.is_contiguous(memory_format=torch.channels_last), f"{who}: x must be channels_last-contiguous")
+    check(tuple(w_packed.shape) == (g.K, g.R, g.S, g.Cg_pad) and w_packed.is_contiguous(),
+          f"{who}: w_packed must be a contiguous [K, R, S, Cg_pad] = {(g.K, g.R, g.S, g.Cg_pad)} tensor, got "
+          f"{tuple(w_packed.shape)}")
+    check(w_packed.dtype == dtype and w_packed.device == device,
+          f"{who}: w_packed is {w_packed.dtype} on {w_packed.device}, expected {dtype} on {device}")
+    g.check_index_range(who)
+    ops = {name: _vector(name, t, n, device, who) for name, t, n in (
+        ("bias", bias, g.K), ("scale", scale, g.K), ("shift", shift, g.K), ("in_scale", in_scale, g.C),
+        ("in_shift", in_shift, g.C))}
+    check((in_scale is None) == (in_shift is None), f"{who}: in_scale and in_shift go together")
+    check(not in_relu or in_scale is not None, f"{who}: in_relu needs in_scale/in_shift")
+    y_shape = (g.N, g.K, g.P, g.Q)
+    if residual is not None:
+        _check_cl("residual", residual, y_shape, dtype, device, who)
+    if out is None:
+        out = torch.empty(y_shape, dtype=dtype, device=device, memory_format=torch.channels_last)
+    else:
+        _check_cl("out", out, y_shape, dtype, device, who)
+    return _FwdOperands(out=out, **ops)
+
+
+def _launch_fwd(x, w_packed, g: ConvGeometry, v: _FwdOperands, residual, part, cfg: ConvConfig, *, relu: bool,
+                in_relu: bool, dot_ieee: bool) -> None:
+    """One launch of :func:`_conv_fwd_kernel` with ``cfg`` (``part``: the stats buffer, or None)."""
+    dummy = v.out  # never read: its branch is compiled out
+    x_desc, w_desc = x, w_packed  # placeholders when not TMA (never read)
+    if cfg.tma:
+        x_desc = TensorDescriptor(x, [g.M, g.C], [g.C, 1], [cfg.BLOCK_M, cfg.BLOCK_K])
+        w_desc = TensorDescriptor(w_packed, [g.K, g.Cg_pad], [g.Cg_pad, 1], [cfg.BLOCK_N, cfg.BLOCK_K])
+    grid = (triton.cdiv(g.M, cfg.BLOCK_M) * triton.cdiv(g.Kg, cfg.BLOCK_N), g.groups)
+    opt = [dummy if t is None else t for t in (v.bias, v.scale, v.shift, residual, v.in_scale, v.in_shift, part)]
+    _conv_fwd_kernel[grid](
+        x, w_packed, v.out, *opt, x_desc, w_desc,
+        g.H, g.W, g.C, g.P, g.Q, g.K, g.Cg, g.Kg, g.Cg_pad, g.M,
+        g.stride[0], g.stride[1], g.padding[0], g.padding[1], g.dilation[0], g.dilation[1],
+        R=g.R, S=g.S, POINTWISE=g.is_pointwise,
+        HAS_BIAS=v.bias is not None, HAS_SCALE=v.scale is not None, HAS_SHIFT=v.shift is not None,
+        HAS_RES=residual is not None, RELU=bool(relu), PROLOGUE=v.in_scale is not None, IN_RELU=bool(in_relu),
+        STATS=part is not None, DOT_IEEE=dot_ieee, C_ALIGN=_pow2_divisor(g.Cg, 16), EVEN_C=g.Cg % cfg.BLOCK_K == 0,
+        TMA=cfg.tma, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def conv2d_nhwc(x: torch.Tensor, w_packed: torch.Tensor, geometry: ConvGeometry, *, bias=None, scale=None,
@@ -278,47 +352,14 @@ def conv2d_nhwc(x: torch.Tensor, w_packed: torch.Tensor, geometry: ConvGeometry,
     """
     who = "conv2d_nhwc"
     g = geometry
-    dtype, device = x.dtype, x.device
-    _check(dtype in SUPPORTED_DTYPES, f"{who}: x dtype {dtype} is not one of fp32/fp16/bf16")
-    if dtype == torch.bfloat16 and _backend.interpreting():  # an error, not garbage
-        raise RuntimeError(f"{who}: bf16 tl.dot returns wrong results in the Triton interpreter; use fp16/fp32 "
-                           "on CPU (ops.conv2d falls back to eager for bf16 there)")
-    _check(tuple(x.shape) == (g.N, g.C, g.H, g.W), f"{who}: x shape {tuple(x.shape)} does not match {g}")
-    _check(x.is_contiguous(memory_format=torch.channels_last), f"{who}: x must be channels_last-contiguous")
-    _check(tuple(w_packed.shape) == (g.K, g.R, g.S, g.Cg_pad) and w_packed.is_contiguous(),
-           f"{who}: w_packed must be a contiguous [K, R, S, Cg_pad] = {(g.K, g.R, g.S, g.Cg_pad)} tensor, got "
-           f"{tuple(w_packed.shape)}")
-    _check(w_packed.dtype == dtype and w_packed.device == device,
-           f"{who}: w_packed is {w_packed.dtype} on {w_packed.device}, expected {dtype} on {device}")
-    g.check_index_range(who)
-    bias = _vector("bias", bias, g.K, device, who)
-    scale = _vector("scale", scale, g.K, device, who)
-    shift = _vector("shift", shift, g.K, device, who)
-    in_scale = _vector("in_scale", in_scale, g.C, device, who)
-    in_shift = _vector("in_shift", in_shift, g.C, device, who)
-    _check((in_scale is None) == (in_shift is None), f"{who}: in_scale and in_shift go together")
-    _check(not in_relu or in_scale is not None, f"{who}: in_relu needs in_scale/in_shift")
-    y_shape = (g.N, g.K, g.P, g.Q)
-    if residual is not None:
-        _check(tuple(residual.shape) == y_shape, f"{who}: residual shape {tuple(residual.shape)} != output "
-                                                 f"shape {y_shape}")
-        _check(residual.dtype == dtype and residual.device == device,
-               f"{who}: residual is {residual.dtype} on {residual.device}, expected {dtype} on {device}")
-        _check(residual.is_contiguous(memory_format=torch.channels_last),
-               f"{who}: residual must be channels_last-contiguous")
-    if out is None:
-        out = torch.empty(y_shape, dtype=dtype, device=device, memory_format=torch.channels_last)
-    else:
-        _check(tuple(out.shape) == y_shape and out.dtype == dtype and out.device == device
-               and out.is_contiguous(memory_format=torch.channels_last),
-               f"{who}: out must be a channels_last {y_shape} {dtype} tensor on {device}")
+    v = _validate_fwd(x, w_packed, g, bias, scale, shift, residual, in_scale, in_shift, in_relu, out, who)
     if allow_tf32 is None:
         allow_tf32 = _cfg.conv_allows_tf32()
-    dot_ieee = dtype == torch.float32 and not allow_tf32
-    prologue = in_scale is not None
+    dot_ieee = x.dtype == torch.float32 and not allow_tf32
     tma_ok = tma_eligible(x, w_packed, g, dot_ieee)
-    flags = (bool(prologue), bool(stats), residual is not None, bool(dot_ieee), tma_ok)
-    partials_for: dict = {}
+    switches = FwdSwitches(prologue=v.in_scale is not None, stats=bool(stats), residual=residual is not None,
+                           dot_ieee=bool(dot_ieee), tma=tma_ok)
+    partials_for: dict = {}  # per tile count, so tuning launches reuse one buffer
 
     def launch(cfg: ConvConfig):
         tiles_m = triton.cdiv(g.M, cfg.BLOCK_M)
@@ -327,43 +368,24 @@ def conv2d_nhwc(x: torch.Tensor, w_packed: torch.Tensor, geometry: ConvGeometry,
             part = partials_for.get(tiles_m)
             if part is None:
                 part = partials_for[tiles_m] = torch.empty((2, tiles_m, g.K), dtype=torch.float32,
-                                                           device=device)
+                                                           device=x.device)
         if g.M == 0:
             if part is not None:
                 part.zero_()
             return part
-        dummy = out  # never read: its branch is compiled out
-        x_desc, w_desc = x, w_packed  # placeholders when not TMA (never read)
-        if cfg.tma:
-            x_desc = TensorDescriptor(x, [g.M, g.C], [g.C, 1], [cfg.BLOCK_M, cfg.BLOCK_K])
-            w_desc = TensorDescriptor(w_packed, [g.K, g.Cg_pad], [g.Cg_pad, 1], [cfg.BLOCK_N, cfg.BLOCK_K])
-        grid = (tiles_m * triton.cdiv(g.Kg, cfg.BLOCK_N), g.groups)
-        _conv_fwd_kernel[grid](
-            x, w_packed, out,
-            dummy if bias is None else bias, dummy if scale is None else scale,
-            dummy if shift is None else shift, dummy if residual is None else residual,
-            dummy if in_scale is None else in_scale, dummy if in_shift is None else in_shift,
-            dummy if part is None else part, x_desc, w_desc,
-            g.H, g.W, g.C, g.P, g.Q, g.K, g.Cg, g.Kg, g.Cg_pad, g.M,
-            g.stride[0], g.stride[1], g.padding[0], g.padding[1], g.dilation[0], g.dilation[1],
-            R=g.R, S=g.S, POINTWISE=g.is_pointwise,
-            HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
-            HAS_RES=residual is not None, RELU=bool(relu), PROLOGUE=prologue, IN_RELU=bool(in_relu),
-            STATS=bool(stats), DOT_IEEE=dot_ieee, C_ALIGN=_pow2_divisor(g.Cg, 16), EVEN_C=g.Cg % cfg.BLOCK_K == 0,
-            TMA=cfg.tma, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        _launch_fwd(x, w_packed, g, v, residual, part, cfg, relu=relu, in_relu=in_relu, dot_ieee=dot_ieee)
         return part
 
     if config is None:
-        candidates = _cfg.prune(_cfg.fwd_configs(dtype), g.M, g.Kg, g.Cg_pad, dtype)
+        candidates = _cfg.prune(_cfg.fwd_configs(x.dtype), g.M, g.Kg, g.Cg_pad, x.dtype)
         default = _cfg.heuristic(candidates, g.M, g.Kg, g.Cg_pad)  # never TMA: it has to win a measurement
         if tma_ok:
             candidates += _tma_variants(candidates)
-        config = _cfg.choose("conv_fwd", g, dtype, device, candidates, flags, launch, default)
-    _check(not config.tma or tma_ok, f"{who}: config {config.name()} uses TMA, which this launch cannot "
-                                     "(see conv_fwd.tma_eligible)")
+        config = _cfg.choose("conv_fwd", g, x.dtype, x.device, candidates, switches, launch, default)
+    check(not config.tma or tma_ok, f"{who}: config {config.name()} uses TMA, which this launch cannot "
+                                    "(see conv_fwd.tma_eligible)")
     part = launch(config)
-    return out, None if part is None else TileStats(part[0], part[1], config.BLOCK_M)
+    return v.out, None if part is None else TileStats(part[0], part[1], config.BLOCK_M)
 
 
 # --------------------------------------------------------------------------------------- sm_90 compile check
@@ -397,7 +419,7 @@ def compile_specs() -> list:
                   C_ALIGN=1 if stem else 16, EVEN_C=not stem, TMA=cfg.tma, BLOCK_M=cfg.BLOCK_M,
                   BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M)
         sig.update({k: "constexpr" for k in cx})
-        sig = {name: sig[name] for name in fn.arg_names}
+        sig = ordered_signature(fn, sig)
         # channel counts as Triton specialises them for ResNet layers (multiples of 16; the stem's C=3 not)
         div16 = ("K", "Kg", "Cg_pad") + (() if stem else ("C", "Cg"))
         return (fn, sig, cx, {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}, not ieee, div16)

@@ -9,13 +9,18 @@ program per (tile, chunk): each writes its fp32 partial into ``[SPLIT, K, C/grou
 :func:`_wgrad_combine_kernel` sums the SPLIT partials in index order -- bit-reproducible, no float
 atomics. With SPLIT = 1 the GEMM kernel stores ``dW`` directly.
 
+Layouts: ``grad_out [N, K, P, Q]`` and ``x [N, C, H, W]`` with any strides (channels_last is the fast layout),
+one dtype, fp32/fp16/bf16 (fp32 as IEEE or TF32, :func:`configs.conv_allows_tf32`); fp32 accumulation; ``dW``
+``[K, C/groups, R, S]`` contiguous in ``out_dtype`` (fp32 by default: the master-weight gradient).
+
 Fusions (constexpr switches, default off):
 
 * ``in_scale/in_shift`` (PROLOGUE): ``x`` is the raw output ``y_prev`` of the previous conv; the operand is
   ``relu(y_prev*in_scale[c] + in_shift[c])`` recomputed in registers, with the padding mask applied after
   the transform (a padded zero must stay zero, not become ``relu(in_shift)``).
 * ``dy_bn`` (DY_BN), ``dy_relu`` (DY_RELU): as in ``conv_dgrad`` (the same :func:`conv_dgrad.dy_on_load`):
-  ``dy = c1*dz' + c2*(y - mean) + c3`` formed while loading, ``dz' = dz where y > 0`` under dy_relu.
+  ``grad_out`` is ``dz`` and ``dy = c1*dz' + c2*(y - mean) + c3`` is formed while loading (a
+  :class:`.conv_common.DyBN`), ``dz' = dz where y > 0`` under dy_relu.
 * ``dy_sums`` (SUMS): also the per-output-channel sums ``Σ_npq dy`` of the operand as the GEMM sees it (after
   the transform, rounded to the storage dtype). The programs of the first (tap, channel-tile) column -- one per
   (k tile, group, chunk) -- row-sum their chunk of dy in a loop of their own before the GEMM (summing inside the
@@ -35,18 +40,19 @@ path compiles without spills on sm_90 (see :data:`WGRAD_CONFIGS`).
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
+from .checks import FLOAT_DTYPES, check_tensor, check_vector
 from .configs import ConvConfig, checked_candidates, choose, conv_allows_tf32, for_dtype
-from .conv_common import ConvGeometry, input_coords, rows_to_npq
-from .checks import check_tensor, check_vector
-from .conv_dgrad import _check_dtype, _check_dy_bn, _ordered, _rows_aligned, dy_on_load
+from .conv_common import (ConvGeometry, DyBN, check_dy_bn, check_operand_dtype, input_coords, ordered_signature,
+                          rows_aligned, rows_to_npq)
+from .conv_dgrad import dy_on_load
 
-__all__ = ["conv2d_wgrad_nhwc", "WGRAD_CONFIGS", "pick_split", "compile_specs"]
-
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+__all__ = ["conv2d_wgrad_nhwc", "WGRAD_CONFIGS", "pick_split", "compile_specs", "WgradSwitches"]
 # Programs wanted in flight: 2 waves of an H100's 132 SMs; and at least this many BLOCK_K steps per chunk so
 # the partial round trip stays small next to the GEMM work.
 _TARGET_PROGRAMS = 264
@@ -71,7 +77,7 @@ _GENERAL_CONFIG = WGRAD_CONFIGS[-1]  # the one config whose masked general path 
 def _aligned(g: ConvGeometry, cfg: ConvConfig, dy: torch.Tensor, x: torch.Tensor) -> bool:
     """The kernel's ALIGNED switch: channel tiles divide the channels (Kg % BLOCK_M, Cg % BLOCK_N), and dy
     (and y, which has its strides) and x have unit channel strides and 16-aligned pixel rows."""
-    return g.Kg % cfg.BLOCK_M == 0 and g.Cg % cfg.BLOCK_N == 0 and _rows_aligned(dy) and _rows_aligned(x)
+    return g.Kg % cfg.BLOCK_M == 0 and g.Cg % cfg.BLOCK_N == 0 and rows_aligned(dy) and rows_aligned(x)
 
 
 def _candidates(g: ConvGeometry, dy: torch.Tensor, x: torch.Tensor) -> tuple:
@@ -221,21 +227,97 @@ def _wgrad_combine_kernel(part_ptr, out_ptr, NUMEL, SPLIT: tl.constexpr, BLOCK: 
 _COMBINE_BLOCK = 1024
 
 
-def conv2d_wgrad_nhwc(dy: torch.Tensor, x: torch.Tensor, weight_shape, *, stride=1, padding=0, dilation=1,
-                      groups: int = 1, in_scale=None, in_shift=None, dy_bn: tuple | None = None,
+class WgradSwitches(NamedTuple):
+    """wgrad's launch switches that enter its tuning key: each combination keeps its own tuned winner (``split``:
+    the caller's fixed SPLIT, or None for :func:`pick_split`'s)."""
+    prologue: bool
+    dy_bn: bool
+    dy_relu: bool
+    dy_sums: bool
+    need_dw: bool
+    dot_ieee: bool
+    split: int | None
+
+
+def _validate_wgrad(grad_out, x, weight_shape, stride, padding, dilation, groups, in_scale, in_shift, dy_bn,
+                    dy_relu, dy_sums, need_dw, split, out_dtype, who: str) -> tuple:
+    """Check :func:`conv2d_wgrad_nhwc`'s arguments (ValueError naming the bad one); returns the
+    :class:`ConvGeometry` and ``dy_bn`` as a :class:`DyBN` (or None)."""
+    check_operand_dtype("grad_out", grad_out, who)
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError(f"{who}: x must be a 4-D [N, C, H, W] tensor, got {type(x).__name__}"
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else ''}")
+    if len(tuple(weight_shape)) != 4:
+        raise ValueError(f"{who}: weight_shape must be (K, C/groups, R, S), got {weight_shape!r}")
+    g = ConvGeometry.make(tuple(x.shape), tuple(int(v) for v in weight_shape), stride, padding, dilation,
+                          groups, who)
+    g.check_index_range(who)
+    dev = grad_out.device
+    check_tensor("grad_out", grad_out, (g.N, g.K, g.P, g.Q), None, dev, who)
+    check_tensor("x", x, x.shape, grad_out.dtype, dev, who)
+    if out_dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{who}: out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
+    if (in_scale is None) != (in_shift is None):
+        raise ValueError(f"{who}: in_scale and in_shift go together (both or neither)")
+    if in_scale is not None:
+        check_vector("in_scale", in_scale, g.C, dev, who)
+        check_vector("in_shift", in_shift, g.C, dev, who)
+    dy_bn = check_dy_bn(dy_bn, grad_out, g.K, who, dy_relu)
+    if not isinstance(dy_sums, bool) or not isinstance(need_dw, bool) or not (need_dw or dy_sums):
+        raise ValueError(f"{who}: dy_sums and need_dw must be bools, not both False (got {dy_sums!r}, {need_dw!r})")
+    if split is not None and (not isinstance(split, int) or isinstance(split, bool) or split < 1):
+        raise ValueError(f"{who}: split must be an int >= 1, got {split!r}")
+    return g, dy_bn
+
+
+def _launch_wgrad(cfg: ConvConfig, g: ConvGeometry, grad_out, x, dw, sums, pro_ops, bn_ops,
+                  sw: WgradSwitches) -> None:
+    """One launch of :func:`_conv_wgrad_kernel` (and, when split, the combines) with ``cfg``, writing ``dw``
+    (unless not ``need_dw``) and ``sums`` (when ``dy_sums``). ``pro_ops`` = (in_scale, in_shift) and ``bn_ops``
+    (the :class:`DyBN` fields) are placeholders where their switch is off."""
+    npq = g.N * g.P * g.Q
+    n_split = sw.split if sw.split is not None else pick_split(g, cfg, first_column_only=not sw.need_dw)
+    chunk = triton.cdiv(triton.cdiv(npq, n_split), cfg.BLOCK_K) * cfg.BLOCK_K
+    n_split = triton.cdiv(npq, chunk)  # no empty chunks
+    out = dw if n_split == 1 else torch.empty((n_split, g.K, g.Cg, g.R, g.S), dtype=torch.float32,
+                                              device=dw.device)
+    sum_part = sums if n_split == 1 or not sw.dy_sums else torch.empty((n_split, g.K), dtype=torch.float32,
+                                                                       device=dw.device)
+    tiles_n = triton.cdiv(g.Cg, cfg.BLOCK_N)
+    # need_dw=False: only the first (tap, channel tile) column, whose programs form the sums
+    grid = (triton.cdiv(g.Kg, cfg.BLOCK_M), g.R * g.S * tiles_n if sw.need_dw else 1, n_split * g.groups)
+    _conv_wgrad_kernel[grid](
+        grad_out, x, out, *pro_ops, *bn_ops, dw if sum_part is None else sum_part,
+        g.H, g.W, g.Cg, g.Kg, g.P, g.Q, npq, chunk, g.K if n_split > 1 else 0,
+        g.padding[0], g.padding[1], g.dilation[0], g.dilation[1],
+        grad_out.stride(0), grad_out.stride(2), grad_out.stride(3), grad_out.stride(1),
+        x.stride(0), x.stride(2), x.stride(3), x.stride(1),
+        out.stride(0) if n_split > 1 else 0, *out.stride()[-4:],
+        SH=g.stride[0], SW=g.stride[1], S=g.S, TILES_N=tiles_n, SPLIT=n_split,
+        PROLOGUE=sw.prologue, DY_BN=sw.dy_bn, DY_RELU=sw.dy_relu, SUMS=sw.dy_sums,
+        DOT_IEEE=sw.dot_ieee, ALIGNED=_aligned(g, cfg, grad_out, x),
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if n_split > 1:
+        for part, res in ((out, dw if sw.need_dw else None), (sum_part, sums)):
+            if res is not None:
+                _combine(part, res, n_split)
+
+
+def conv2d_wgrad_nhwc(grad_out: torch.Tensor, x: torch.Tensor, weight_shape, *, stride=1, padding=0, dilation=1,
+                      groups: int = 1, in_scale=None, in_shift=None, dy_bn: DyBN | None = None,
                       dy_relu: bool = False, dy_sums: bool = False, need_dw: bool = True,
                       split: int | None = None, out_dtype: torch.dtype = torch.float32,
                       allow_tf32: bool | None = None, config: ConvConfig | None = None):
     """Gradient of a conv w.r.t. its weight (``torch.nn.grad.conv2d_weight``), optionally fused for training.
 
     Args:
-        dy: [N, K, P, Q] fp32/fp16/bf16, any strides (channels_last is the fast layout). With ``dy_bn`` it is
-            ``dz``, the gradient w.r.t. this conv's BN output.
-        x: [N, C, H, W] conv input of dy's dtype, any strides; with the prologue the raw ``y_prev``.
+        grad_out: [N, K, P, Q] fp32/fp16/bf16, any strides (channels_last is the fast layout): ``dy``, the
+            gradient w.r.t. the conv output; with ``dy_bn``, ``dz``, the gradient w.r.t. this conv's BN output.
+        x: [N, C, H, W] conv input of grad_out's dtype, any strides; with the prologue the raw ``y_prev``.
         weight_shape: (K, C/groups, R, S).
         in_scale, in_shift: [C] fp32, both or neither: the operand is ``relu(x*in_scale + in_shift)``.
-        dy_bn: (y, c1, c2, c3, mean): ``dy = c1*dz + c2*(y - mean) + c3`` formed while loading; y with dy's
-            shape, dtype and strides, the rest [K] fp32.
+        dy_bn: a :class:`DyBN` (or 5-tuple): ``dy = c1*dz + c2*(y - mean) + c3`` formed while loading grad_out.
         dy_relu: with dy_bn, mask first: ``dy = c1*(dz where y > 0) + c2*(y - mean) + c3``.
         dy_sums: also return ``Σ_{n,p,q} dy`` per output channel (fp32 [K]) of the dy operand (after dy_bn /
             dy_relu), from the kernel, deterministic.
@@ -252,77 +334,27 @@ def conv2d_wgrad_nhwc(dy: torch.Tensor, x: torch.Tensor, weight_shape, *, stride
         dW [K, C/groups, R, S] contiguous, ``out_dtype``; with ``dy_sums`` the pair ``(dW or None, sums)``.
     """
     who = "conv2d_wgrad_nhwc"
-    _check_dtype(dy, who)
-    if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.dtype not in _DTYPES:
-        raise ValueError(f"{who}: x must be a 4-D float32/float16/bfloat16 tensor, got "
-                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-    if len(tuple(weight_shape)) != 4:
-        raise ValueError(f"{who}: weight_shape must be (K, C/groups, R, S), got {weight_shape!r}")
-    g = ConvGeometry.make(tuple(x.shape), tuple(int(v) for v in weight_shape), stride, padding, dilation,
-                          groups, who)
-    g.check_index_range(who)
-    dev = dy.device
-    check_tensor("dy", dy, (g.N, g.K, g.P, g.Q), None, dev, who)
-    check_tensor("x", x, x.shape, dy.dtype, dev, who)
-    if out_dtype not in _DTYPES:
-        raise ValueError(f"{who}: out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
-    if (in_scale is None) != (in_shift is None):
-        raise ValueError(f"{who}: in_scale and in_shift go together (both or neither)")
-    prologue = in_scale is not None
-    if prologue:
-        check_vector("in_scale", in_scale, g.C, dev, who)
-        check_vector("in_shift", in_shift, g.C, dev, who)
-    _check_dy_bn(dy_bn, dy, g.K, who, dy_relu)
-    if not isinstance(dy_sums, bool) or not isinstance(need_dw, bool) or not (need_dw or dy_sums):
-        raise ValueError(f"{who}: dy_sums and need_dw must be bools, not both False (got {dy_sums!r}, {need_dw!r})")
-    if split is not None and (not isinstance(split, int) or isinstance(split, bool) or split < 1):
-        raise ValueError(f"{who}: split must be an int >= 1, got {split!r}")
+    g, dy_bn = _validate_wgrad(grad_out, x, weight_shape, stride, padding, dilation, groups, in_scale, in_shift,
+                               dy_bn, dy_relu, dy_sums, need_dw, split, out_dtype, who)
+    dev = grad_out.device
     if allow_tf32 is None:
         allow_tf32 = conv_allows_tf32()
-    ieee = dy.dtype == torch.float32 and not allow_tf32
-    npq = g.N * g.P * g.Q
-    cg, kg = g.Cg, g.Kg
-    dw = torch.empty((g.K, cg, g.R, g.S), dtype=out_dtype, device=dev)
+    sw = WgradSwitches(prologue=in_scale is not None, dy_bn=dy_bn is not None, dy_relu=dy_relu, dy_sums=dy_sums,
+                       need_dw=need_dw, dot_ieee=grad_out.dtype == torch.float32 and not allow_tf32, split=split)
+    dw = torch.empty((g.K, g.Cg, g.R, g.S), dtype=out_dtype, device=dev)
     sums = torch.empty((g.K,), dtype=torch.float32, device=dev) if dy_sums else None
-    zb = dy_bn if dy_bn is not None else (dy, dw, dw, dw, dw)  # placeholders, never read
-    v = (in_scale, in_shift) if prologue else (dw, dw)
+    # placeholders (never read) where a switch is off
+    pro_ops = (in_scale, in_shift) if sw.prologue else (dw, dw)
+    bn_ops = dy_bn if dy_bn is not None else (grad_out, dw, dw, dw, dw)
 
     def launch(cfg: ConvConfig):
-        n_split = split if split is not None else pick_split(g, cfg, first_column_only=not need_dw)
-        chunk = triton.cdiv(triton.cdiv(npq, n_split), cfg.BLOCK_K) * cfg.BLOCK_K
-        n_split = triton.cdiv(npq, chunk)  # no empty chunks
-        out = dw if n_split == 1 else torch.empty((n_split, g.K, cg, g.R, g.S), dtype=torch.float32, device=dev)
-        so_split = out.stride(0) if n_split > 1 else 0
-        sum_part = sums if n_split == 1 or not dy_sums else torch.empty((n_split, g.K), dtype=torch.float32,
-                                                                        device=dev)
-        tiles_n = triton.cdiv(cg, cfg.BLOCK_N)
-        # need_dw=False: only the first (tap, channel tile) column, whose programs form the sums
-        grid = (triton.cdiv(kg, cfg.BLOCK_M), g.R * g.S * tiles_n if need_dw else 1, n_split * g.groups)
-        _conv_wgrad_kernel[grid](
-            dy, x, out, *v, *zb, dw if sum_part is None else sum_part,
-            g.H, g.W, cg, kg, g.P, g.Q, npq, chunk, g.K if n_split > 1 else 0,
-            g.padding[0], g.padding[1], g.dilation[0], g.dilation[1],
-            dy.stride(0), dy.stride(2), dy.stride(3), dy.stride(1),
-            x.stride(0), x.stride(2), x.stride(3), x.stride(1),
-            so_split, *out.stride()[-4:],
-            SH=g.stride[0], SW=g.stride[1], S=g.S, TILES_N=tiles_n, SPLIT=n_split,
-            PROLOGUE=prologue, DY_BN=dy_bn is not None, DY_RELU=dy_relu, SUMS=dy_sums,
-            DOT_IEEE=ieee, ALIGNED=_aligned(g, cfg, dy, x),
-            BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        if n_split > 1:
-            for part, res in ((out, dw if need_dw else None), (sum_part, sums)):
-                if res is not None:
-                    _combine(part, res, n_split)
+        _launch_wgrad(cfg, g, grad_out, x, dw, sums, pro_ops, bn_ops, sw)
 
     if config is None:
-        cands, default = _candidates(g, dy, x)
-        flags = (prologue, dy_bn is not None, bool(dy_relu), bool(dy_sums), need_dw, ieee, split)
-        config = choose("conv_wgrad", g, dy.dtype, dev, cands, flags, launch, default)
+        cands, default = _candidates(g, grad_out, x)
+        config = choose("conv_wgrad", g, grad_out.dtype, dev, cands, sw, launch, default)
     launch(config)
-    if not need_dw:
-        dw = None
-    return (dw, sums) if dy_sums else dw
+    return (dw if need_dw else None, sums) if dy_sums else dw
 
 
 def _combine(part: torch.Tensor, res: torch.Tensor, split: int) -> None:
@@ -368,7 +400,7 @@ def compile_specs() -> list:
               "DOT_IEEE": ieee, "ALIGNED": aligned,
               "BLOCK_M": cfg.BLOCK_M, "BLOCK_N": cfg.BLOCK_N, "BLOCK_K": cfg.BLOCK_K}
         sig.update({k: "constexpr" for k in cx})
-        return (_conv_wgrad_kernel, _ordered(_conv_wgrad_kernel, sig), cx,
+        return (_conv_wgrad_kernel, ordered_signature(_conv_wgrad_kernel, sig), cx,
                 {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}, not ieee,
                 div16 if aligned else ("CHUNK",))
 
