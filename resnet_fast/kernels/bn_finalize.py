@@ -18,7 +18,8 @@ one launch reduces them and returns the per-channel coefficients of the BatchNor
     c1 = gamma*invstd,  c2 = -gamma*invstd³·Σdz(y-μ)/n,  c3 = -gamma*invstd·Σdz/n
 
 plus ``dgamma = invstd·Σdz(y-μ)`` and ``dbeta = Σdz``. The dgrad/wgrad kernels apply ``dy`` while loading
-their ``dy`` operand (``dy_bn=`` option of ``conv_dgrad``/``conv_wgrad``), so ``dy`` is never written.
+their ``dy`` operand (the ``dy_bn=`` option of ``conv_dgrad``/``conv_wgrad``, a
+:class:`resnet_fast.kernels.conv_common.DyBN` of ``(y, c1, c2, c3, mean)``), so ``dy`` is never written.
 
 ``num_batches_tracked`` is incremented by the last program to finish (an integer ticket counter, reset by
 that program), so every program reads the pre-increment value first; the counter is per device, so two
@@ -153,6 +154,40 @@ def _ticket(device: torch.device) -> torch.Tensor:
     return _TICKETS[key]
 
 
+def _validate_finalize(sum_y, m2_y, count, tile_rows, running_mean, running_var, num_batches_tracked, momentum,
+                       eps, weight, bias, who: str) -> tuple:
+    """Check :func:`bn_finalize`'s arguments (ValueError naming the bad one); returns the partials' (T, C)."""
+    _check_partials("sum_y", sum_y, "m2_y", m2_y, who)
+    T, C = sum_y.shape
+    device = sum_y.device
+    if not isinstance(count, int) or isinstance(count, bool) or count < 2:
+        raise ValueError(f"{who}: count must be an int > 1 (BatchNorm needs more than one value per channel "
+                         f"in training), got {count!r}")
+    if not isinstance(tile_rows, int) or isinstance(tile_rows, bool) or tile_rows < 1 \
+            or T != triton.cdiv(count, tile_rows):
+        raise ValueError(f"{who}: tile_rows must be an int >= 1 with cdiv(count, tile_rows) == T = {T} tiles "
+                         f"(count {count}), got {tile_rows!r}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{who}: running_mean and running_var must be given together")
+    if running_mean is not None:
+        check_vector("running_mean", running_mean, C, device, who, FLOAT_DTYPES)
+        check_vector("running_var", running_var, C, device, who, FLOAT_DTYPES)
+        if not isinstance(num_batches_tracked, torch.Tensor) or num_batches_tracked.dtype != torch.int64 \
+                or num_batches_tracked.numel() != 1 or num_batches_tracked.device != device:
+            raise ValueError(f"{who}: num_batches_tracked must be a one-element int64 tensor on {device} "
+                             "when running stats are tracked")
+    if momentum is not None and not (isinstance(momentum, (int, float)) and 0.0 <= momentum <= 1.0):
+        raise ValueError(f"{who}: momentum must be a float in [0, 1] or None, got {momentum!r}")
+    if not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"{who}: eps must be a positive float, got {eps!r}")
+    if (weight is None) != (bias is None):
+        raise ValueError(f"{who}: weight and bias must be given together (affine) or both be None")
+    if weight is not None:
+        check_vector("weight", weight, C, device, who, FLOAT_DTYPES)
+        check_vector("bias", bias, C, device, who, FLOAT_DTYPES)
+    return T, C
+
+
 def bn_finalize(sum_y: torch.Tensor, m2_y: torch.Tensor, count: int, *, tile_rows: int,
                 running_mean: torch.Tensor | None = None, running_var: torch.Tensor | None = None,
                 num_batches_tracked: torch.Tensor | None = None, momentum: float | None = 0.1,
@@ -179,36 +214,10 @@ def bn_finalize(sum_y: torch.Tensor, m2_y: torch.Tensor, count: int, *, tile_row
         beta=0 without affine) so that ``bn(y) = y*scale + shift``.
     """
     who = "bn_finalize"
-    _check_partials("sum_y", sum_y, "m2_y", m2_y, who)
-    T, C = sum_y.shape
+    T, C = _validate_finalize(sum_y, m2_y, count, tile_rows, running_mean, running_var, num_batches_tracked,
+                              momentum, eps, weight, bias, who)
     device = sum_y.device
-    if not isinstance(count, int) or isinstance(count, bool) or count < 2:
-        raise ValueError(f"{who}: count must be an int > 1 (BatchNorm needs more than one value per channel "
-                         f"in training), got {count!r}")
-    if not isinstance(tile_rows, int) or isinstance(tile_rows, bool) or tile_rows < 1 \
-            or T != triton.cdiv(count, tile_rows):
-        raise ValueError(f"{who}: tile_rows must be an int >= 1 with cdiv(count, tile_rows) == T = {T} tiles "
-                         f"(count {count}), got {tile_rows!r}")
-    if (running_mean is None) != (running_var is None):
-        raise ValueError(f"{who}: running_mean and running_var must be given together")
-    track = running_mean is not None
-    if track:
-        check_vector("running_mean", running_mean, C, device, who, FLOAT_DTYPES)
-        check_vector("running_var", running_var, C, device, who, FLOAT_DTYPES)
-        if not isinstance(num_batches_tracked, torch.Tensor) or num_batches_tracked.dtype != torch.int64 \
-                or num_batches_tracked.numel() != 1 or num_batches_tracked.device != device:
-            raise ValueError(f"{who}: num_batches_tracked must be a one-element int64 tensor on {device} "
-                             "when running stats are tracked")
-    if momentum is not None and not (isinstance(momentum, (int, float)) and 0.0 <= momentum <= 1.0):
-        raise ValueError(f"{who}: momentum must be a float in [0, 1] or None, got {momentum!r}")
-    if not isinstance(eps, (int, float)) or not eps > 0:
-        raise ValueError(f"{who}: eps must be a positive float, got {eps!r}")
-    if (weight is None) != (bias is None):
-        raise ValueError(f"{who}: weight and bias must be given together (affine) or both be None")
-    affine = weight is not None
-    if affine:
-        check_vector("weight", weight, C, device, who, FLOAT_DTYPES)
-        check_vector("bias", bias, C, device, who, FLOAT_DTYPES)
+    track, affine = running_mean is not None, weight is not None
     block_t, block_c, warps = config or FINALIZE_CONFIG
     mean, invstd, scale, shift = (torch.empty(C, dtype=torch.float32, device=device) for _ in range(4))
     dummy = mean  # never dereferenced when its constexpr switch is off
