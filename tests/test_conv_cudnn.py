@@ -483,7 +483,7 @@ def test_conv_bn_stats_matches_triton_op(kernel_device, triton_backend):
     ref = _conv_bn_stats_backward_op(c["g_y"], c["c2"], c["c3"], c["x"], c["weight"], c["in_scale"],
                                      c["in_shift"], c["in_centre"], y_t, mean_t, *conv)
     for name, g, r in zip(("grad_x", "grad_w", "grad_scale", "grad_shift"), _train_bwd(c, "3x3s2g2"), ref):
-        assert g.dtype == r.dtype and g.shape == r.shape, name
+        assert g.dtype == r.dtype and g.shape == r.shape and g.stride() == r.stride(), name
         assert _rel(g, r) < 1e-4, f"{name}: {_rel(g, r):.2e}"
 
 
