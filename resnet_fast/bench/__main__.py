@@ -35,8 +35,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mode", choices=["train", "eval", "both"], default="both",
                    help="train = forward+backward (a full step for the model suite), eval = inference")
     p.add_argument("--layout", choices=["channels_last", "nchw"], default="channels_last")
-    p.add_argument("--suites", default="all", help=f"comma list of {','.join(SUITES)} or 'all'")
-    p.add_argument("--impls", default="resnet_fast,eager,eager_fp32_nchw,compile",
+    p.add_argument("--suites", default="all", help=f"comma list of {','.join(SUITES)} or 'all'; run in the order given")
+    p.add_argument("--impls", default="resnet_fast,resnet_fast_triton,resnet_fast_cudnn,eager,eager_fp32_nchw,compile",
                    help=f"comma list of {','.join(IMPLS)}")
     p.add_argument("--no-compile", action="store_true", help="drop the torch.compile implementations")
     p.add_argument("--max-autotune", action="store_true",
@@ -52,6 +52,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="torch.profiler Chrome trace + per-kernel table of the model training step")
     p.add_argument("--cpu-demo", action="store_true", help="run the CPU numerics demo even with a GPU")
     p.add_argument("--demo-budget-s", type=float, default=90.0, help="wall-clock budget of the CPU demo")
+    p.add_argument("--cost-report", default=None,
+                   help="CPU demo: a cost_report JSON whose static per-layer estimates become an 'estimate' column "
+                        "(default $RESNET_FAST_COST_REPORT; optional)")
     args = p.parse_args(argv)
     args.suites = SUITES if args.suites == "all" else tuple(s.strip() for s in args.suites.split(",") if s.strip())
     impls = [i.strip() for i in args.impls.split(",") if i.strip()]
@@ -96,7 +99,7 @@ def _finish(doc: dict, out_dir: Path, stem: str) -> dict:
     from . import report
     paths = report.write_all(doc, out_dir, stem)
     print("\n".join(report.header_lines(doc)))
-    print(report.format_table(doc["results"]))
+    print(report.format_table(doc["results"], cpu_demo=not doc.get("gpu_timings", True)))
     for kind, path in paths.items():
         print(f"wrote {kind}: {path}")
     return paths
@@ -120,19 +123,22 @@ def run_demo(args) -> int:
                reference=reference.SOURCE, stats=resnet_fast.stats(), wall_s=time.perf_counter() - t0,
                config={"demo_width": demo.DEMO_WIDTH, "demo_resolution": demo.DEMO_RES, "batch": demo.DEMO_BATCH,
                        "dtype": "fp32", "quick": args.quick})
-    doc["results"] = rows
-    from .runner import add_speedups
-    add_speedups(rows)
+    estimates = demo.load_estimates(args.cost_report)
+    for r in rows:  # optional static estimates of the full-size layer a tiny conv stands for
+        if r.get("full_size") in estimates:
+            r["estimate_us"] = estimates[r["full_size"]]
+    doc["results"] = rows  # no speedups: interpreter wall-clock against ATen CPU means nothing
+    doc["estimates"] = "cost report (static, sm_90, batch 256)" if estimates else None
     _finish(doc, out_dir, f"{doc['date']}-cpu-demo")
     bad = demo.failures(rows)
     checked = [r for r in rows if r.get("numerics")]
     fell_back = sum(1 for r in checked if r.get("fallbacks"))
-    ours = [r for r in rows if r["impl"] == "resnet_fast"]
+    ours = [r for r in rows if r["impl"].startswith("resnet_fast")]
     n_err = sum(1 for r in ours if r["status"].startswith("error"))
     n_skip = sum(1 for r in ours if r["status"].startswith(("unavailable", "skipped")))
-    print(f"\n{len(checked)} resnet_fast results checked against eager ({len(checked) - fell_back} through the "
-          f"project's kernels, {fell_back} fell back to eager), {len(bad)} mismatched; {n_err} raised an error, "
-          f"{n_skip} unavailable or skipped (see status). These are NOT GPU timings.")
+    print(f"\n{len(checked)} resnet_fast results checked against eager float64 ({len(checked) - fell_back} through "
+          f"the project's kernels, {fell_back} fell back to eager), {len(bad)} outside tolerance; {n_err} raised an "
+          f"error, {n_skip} unavailable or skipped (see status). No timings: this is not a GPU.")
     return 1 if bad else 0
 
 
@@ -144,6 +150,8 @@ def run_gpu(args) -> int:
     from .runner import add_speedups
     from .suites import Config, count_jobs, run_suites
 
+    from . import compiles
+    compiles.install()  # count Triton compiles / disk-cache hits and autotuning time from the start
     torch.backends.cudnn.benchmark = True
     out_dir = args.output or REPO_RESULTS
     cfg = Config(model=args.model, batch=args.batch, resolution=args.resolution, dtype=args.dtype,
@@ -160,6 +168,7 @@ def run_gpu(args) -> int:
     from ..kernels.configs import tuning_report
     doc.update(gpu_timings=True, backend=resnet_fast.backend(), reference=reference.SOURCE,
                stats=resnet_fast.stats(), autotune=tuning_report(), wall_s=time.perf_counter() - t0,
+               **compiles.report(),
                config={k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()
                        if k in ("model", "batch", "resolution", "dtype", "modes", "layout", "suites", "impls",
                                 "repeats", "warmup", "max_row_s", "budget_s", "quick")},

@@ -91,7 +91,7 @@ def tail_eager(x, scale, shift, residual, res_scale=None, res_shift=None, relu=T
 
 
 def tail_fn(impl: str):
-    if impl == "resnet_fast":
+    if impl.startswith("resnet_fast"):
         return rf_attr("ops", "bn_add_relu")
     if impl == "eager":
         return tail_eager
@@ -129,7 +129,7 @@ def conv_eval_fn(impl: str, c: shapes.ConvShape, conv: nn.Conv2d, bn: nn.BatchNo
     """
     fmt = memory_format(impl, layout)
     with torch.no_grad():
-        if impl == "resnet_fast":
+        if impl.startswith("resnet_fast"):
             conv2d = rf_attr("ops", "conv2d")
             scale, shift = fold(bn.to(device))
             w = conv.weight.detach().to(device, dtype).contiguous(memory_format=fmt)
@@ -149,7 +149,7 @@ def conv_eval_fn(impl: str, c: shapes.ConvShape, conv: nn.Conv2d, bn: nn.BatchNo
 
 def conv_train_fn(impl: str, c: shapes.ConvShape):
     """Training conv without epilogue (BN statistics are batch statistics, nothing to fold)."""
-    if impl == "resnet_fast":
+    if impl.startswith("resnet_fast"):
         conv2d = rf_attr("ops", "conv2d")
         return lambda x, w: conv2d(x, w, stride=c.stride, padding=c.padding, groups=c.groups)
     if impl in ("eager", "eager_fp32_nchw"):
@@ -196,7 +196,7 @@ def rf_model(name: str, ref: nn.Module) -> nn.Module:
 
 def module_for(impl: str, ref: nn.Module, device: str, layout: str, make_rf) -> nn.Module:
     """A device copy of ``ref`` (or resnet_fast's version of it) in the impl's memory format; fp32 weights."""
-    m = make_rf() if impl == "resnet_fast" else copy.deepcopy(ref)
+    m = make_rf() if impl.startswith("resnet_fast") else copy.deepcopy(ref)
     return m.to(device=device, memory_format=memory_format(impl, layout))
 
 

@@ -105,18 +105,47 @@ def _cells(r: dict) -> list[str]:
         status = f"numerics {r['numerics']} (err {r.get('max_abs_err', 0):.1e})"
     if r.get("fallbacks"):
         status += "; FELL BACK to eager: " + ", ".join(sorted({k.split(':')[0] for k in r["fallbacks"]}))
-    elif r.get("kernel_calls") == 0 and r.get("impl") == "resnet_fast" and r.get("status") == "ok":
+    elif r.get("kernel_calls") == 0 and str(r.get("impl")).startswith("resnet_fast") and r.get("status") == "ok":
         status += "; no kernel calls counted"
     return [r["suite"], r["name"], r["mode"], r["impl"], _f(r.get("ms"), ".3f"), spread, _f(r.get("tflops"), ".1f"),
             _pct(r.get("tflops_frac")), _f(r.get("gbps"), ".0f"), _pct(r.get("gbps_frac")),
             _f(r.get("peak_mem_MB"), ".0f"), _f(r.get("speedup"), ".2f"), status]
 
 
-def format_table(rows: list[dict]) -> str:
-    """Fixed-width text table of all rows (statuses included)."""
-    cells = [list(COLUMNS)] + [_cells(r) for r in rows]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
-    lines = ["  ".join(c[i].ljust(widths[i]) for i in range(len(COLUMNS))).rstrip() for c in cells]
+DEMO_COLUMNS = ("suite", "name", "mode", "impl", "dtype", "rel err", "tol", "numerics", "ran", "estimate us")
+
+
+def _ran(r: dict) -> str:
+    """Which implementation a resnet_fast row really ran: kernel calls, or the ops that fell back to eager."""
+    if r.get("fallbacks"):
+        return "FELL BACK to eager: " + ", ".join(sorted({k.split(':')[0] for k in r["fallbacks"]}))
+    calls = r.get("kernel_calls")
+    return "" if calls is None else (f"kernels ({calls} calls)" if calls else "no kernel calls counted")
+
+
+def _demo_cells(r: dict) -> list[str]:
+    """A CPU-demo row: agreement with the float64 reference and what ran; never a time."""
+    status = r.get("status", "ok")
+    numerics = r.get("numerics") or ("" if status == "ok" else status)
+    est = r.get("estimate_us") or {}
+    return [r["suite"], r["name"], r["mode"], r["impl"], r.get("dtype", ""), _f(r.get("rel_err"), ".1e"),
+            _f(r.get("tol"), ".0e"), numerics, _ran(r), _f(est.get(r["mode"]) if isinstance(est, dict) else None,
+                                                         ".0f")]
+
+
+def demo_rows(rows: list[dict]) -> list[dict]:
+    """The rows a CPU demo reports: resnet_fast's (each carries its comparison with the reference)."""
+    return [r for r in rows if str(r.get("impl", "")).startswith("resnet_fast")]
+
+
+def format_table(rows: list[dict], cpu_demo: bool = False) -> str:
+    """Fixed-width text table of all rows (statuses included); a CPU demo's numerics table instead of timings."""
+    cols, fn = (DEMO_COLUMNS, _demo_cells) if cpu_demo else (COLUMNS, _cells)
+    if cpu_demo:
+        rows = demo_rows(rows)
+    cells = [list(cols)] + [fn(r) for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(cols))]
+    lines = ["  ".join(c[i].ljust(widths[i]) for i in range(len(cols))).rstrip() for c in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -139,43 +168,120 @@ def to_markdown(doc: dict) -> str:
     if cfg:
         out.append("- config: " + ", ".join(f"{k}={v}" for k, v in cfg.items()))
     out.append("")
-    out.append("`ms` is the median; p20-p80 the spread; %peak / %copy are fractions of the ceilings measured in "
-               "the same run; speedup is vs `eager` on the same case.")
+    demo = not doc.get("gpu_timings", True)
+    if demo:
+        out.append("CPU demo: `rel err` is ||out - ref|| / ||ref|| against the eager computation in float64 (the "
+                   "worst tensor of the case), `tol` the tolerance for the dtype; `ran` says whether the project's "
+                   "kernels ran or the op fell back to eager. `estimate us` (when a cost report was given) is a "
+                   "static estimate for the full-size ResNet-50 layer, not a measurement. No timings are shown: "
+                   "interpreter wall-clock says nothing about a GPU.")
+    else:
+        out.append("`ms` is the median; p20-p80 the spread; %peak / %copy are fractions of the ceilings measured "
+                   "in the same run; speedup is vs `eager` on the same case.")
+    cols, fn = (DEMO_COLUMNS, _demo_cells) if demo else (COLUMNS, _cells)
     for suite in SUITES:
-        rows = [r for r in doc["results"] if r["suite"] == suite]
+        rows = [r for r in (demo_rows(doc["results"]) if demo else doc["results"]) if r["suite"] == suite]
         if not rows:
             continue
-        out += ["", f"## {suite}", "", "| " + " | ".join(COLUMNS[1:]) + " |",
-                "|" + "---|" * (len(COLUMNS) - 1)]
+        out += ["", f"## {suite}", "", "| " + " | ".join(cols[1:]) + " |", "|" + "---|" * (len(cols) - 1)]
         for r in rows:
-            out.append("| " + " | ".join(c.replace("|", "/") for c in _cells(r)[1:]) + " |")
-    return "\n".join(out + autotune_lines(doc.get("autotune") or {})) + "\n"
+            out.append("| " + " | ".join(c.replace("|", "/") for c in fn(r)[1:]) + " |")
+    return "\n".join(out + autotune_lines(doc.get("autotune") or {}) + compile_lines(doc)) + "\n"
 
 
 def autotune_lines(measured: dict) -> list[str]:
-    """Markdown table of the autotuner's record (``configs.tuning_report()``): per tuned key the winner, the best
-    pointer-path and best TMA-twin times (what TMA buys where it was offered) and the candidates that failed."""
+    """Markdown tables of the autotuner's record (``configs.tuning_report()``), rendered defensively (fields may
+    be missing). Implementation keys (``impl:<role>|...``, ``ms`` per implementation): per conv role and layer the
+    Triton and cuDNN times and the winner. Config keys: the winner, the best pointer-path and best TMA-twin
+    times (what TMA buys where it was offered) and the candidates that failed."""
     if not measured:
         return []
-    out = ["", "## autotune (tuned in this run; do_bench medians of each candidate)", "",
-           "| kernel key | winner | best pointer ms | best TMA ms | failed |", "|---|---|---|---|---|"]
-    for key, rec in sorted(measured.items()):
-        ptr = [t for name, t in rec["ms"].items() if not name.endswith("-tma")]
-        tma = [t for name, t in rec["ms"].items() if name.endswith("-tma")]
-        short = "/".join(key.split("|")[:11])  # op and geometry up to the dtype; the device is in the header
-        out.append(f"| {short} | {rec['winner']} | {_f(min(ptr) if ptr else None, '.4f')} | "
-                   f"{_f(min(tma) if tma else None, '.4f')} | {', '.join(rec['failed']) or ''} |")
+    impl_keys = sorted(k for k in measured if str(k).startswith("impl:"))
+    cfg_keys = sorted(k for k in measured if not str(k).startswith("impl:"))
+    out = []
+    if impl_keys:
+        out += ["", "## per-conv implementation (measured in this run: Triton kernels vs the cuDNN composite)", "",
+                "| role / layer | triton ms | cudnn ms | winner | failed |", "|---|---|---|---|---|"]
+        for key in impl_keys:
+            rec = measured[key] if isinstance(measured[key], dict) else {}
+            ms = rec.get("ms") if isinstance(rec.get("ms"), dict) else {}
+            short = "/".join(str(key)[len("impl:"):].split("|")[:11])
+            out.append(f"| {short} | {_f(_num(ms.get('triton')), '.4f')} | {_f(_num(ms.get('cudnn')), '.4f')} | "
+                       f"{rec.get('winner', '')} | {', '.join(rec.get('failed') or {})} |")
+    if cfg_keys:
+        out += ["", "## autotune (tuned in this run; do_bench medians of each candidate)", "",
+                "| kernel key | winner | best pointer ms | best TMA ms | failed |", "|---|---|---|---|---|"]
+        for key in cfg_keys:
+            rec = measured[key] if isinstance(measured[key], dict) else {}
+            ms = rec.get("ms") if isinstance(rec.get("ms"), dict) else {}
+            ptr = [t for name, t in ms.items() if not str(name).endswith("-tma") and _num(t) is not None]
+            tma = [t for name, t in ms.items() if str(name).endswith("-tma") and _num(t) is not None]
+            short = "/".join(str(key).split("|")[:11])  # op and geometry up to the dtype; the device is in the header
+            out.append(f"| {short} | {rec.get('winner', '')} | {_f(min(ptr) if ptr else None, '.4f')} | "
+                       f"{_f(min(tma) if tma else None, '.4f')} | {', '.join(rec.get('failed') or {}) or ''} |")
     return out
 
 
+def _num(v):
+    return v if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def compile_lines(doc: dict) -> list[str]:
+    """The run's Triton compile count and seconds, disk-cache hits and autotuning seconds, when recorded."""
+    comp, tun = doc.get("compile") or {}, doc.get("tuning") or {}
+    if not comp.get("counted") and not tun.get("counted"):
+        return []
+    return ["", "## compilation", "",
+            f"- Triton compiles: {comp.get('count')} taking {comp.get('seconds')} s (Triton's own stage timer); "
+            f"loaded from the on-disk cache: {comp.get('cache_hits')}",
+            f"- autotuning: {tun.get('seconds')} s of wall time in {tun.get('picks')} tuned launches "
+            "(candidates' compiles included)"]
+
+
+def plot_numerics(doc: dict, path: Path) -> Path:
+    """CPU demo chart: per case, relative error against the float64 reference divided by its tolerance (log
+    scale; below 1 passes), green when within tolerance, red otherwise, hatched when the op fell back to eager."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in demo_rows(doc["results"]) if r.get("numerics")]
+    fig, ax = plt.subplots(figsize=(11, max(3.0, 0.28 * len(rows) + 1.5)))
+    names = [f"{r['suite']} {r['name']} [{r['mode']}]" for r in rows]
+    ratio = [max((r.get("rel_err") if r.get("rel_err") is not None else float("inf")) / r["tol"], 1e-6)
+             if r.get("tol") else 1e-6 for r in rows]
+    shown = [min(v, 1e3) for v in ratio]
+    colors = ["tab:green" if r["numerics"] == "ok" else "tab:red" for r in rows]
+    bars = ax.barh(range(len(rows)), shown, color=colors)
+    for bar, r in zip(bars, rows):
+        if r.get("fallbacks"):
+            bar.set_hatch("//")
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_xscale("log")
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels(names, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("relative error vs float64 reference / tolerance  (left of the line = within tolerance)")
+    n_ok = sum(r["numerics"] == "ok" for r in rows)
+    ax.set_title(f"CPU demo ({doc.get('backend')} backend, Triton interpreter, fp32): numerical agreement, "
+                 f"{n_ok}/{len(rows)} cases within tolerance. NOT a performance measurement.", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_speedups(doc: dict, path: Path) -> Optional[Path]:
-    """Bar chart of per-block speedup vs eager (one panel per mode); None when there is nothing to plot."""
+    """Bar chart of per-block speedup vs eager (one panel per mode); a CPU demo (``gpu_timings`` false) gets
+    :func:`plot_numerics` instead: its times are interpreter wall-clock, no speedup is ever drawn from them."""
+    if not doc.get("gpu_timings", True):
+        return plot_numerics(doc, path)
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = [r for r in doc["results"] if r["suite"] == "block" and r.get("speedup") and r["impl"] != "eager"]
-    if not rows:  # the CPU demo has no block speedups of its own; plot what it has
+    if not rows:  # no block rows (e.g. a model-only run): plot what has a speedup
         rows = [r for r in doc["results"] if r.get("speedup") and r["impl"] != "eager"]
     modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
     fig, axes = plt.subplots(max(1, len(modes)), 1, figsize=(11, 3.2 * max(1, len(modes))), squeeze=False)
@@ -195,10 +301,7 @@ def plot_speedups(doc: dict, path: Path) -> Optional[Path]:
         ax.set_title(f"{mode or 'no data'}")
         if impl_names:
             ax.legend(fontsize=7)
-    title = f"{doc['device']} {doc['date']}"
-    if not doc.get("gpu_timings", True):
-        title += " - CPU demo, NOT GPU timings"
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(f"{doc['device']} {doc['date']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -6,15 +6,20 @@ Every (case, implementation) pair becomes one row, whatever happens: a missing A
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
+import os
 import time
 import traceback
 from typing import Callable, Optional
 
 import torch
 
-IMPLS = ("resnet_fast", "eager", "eager_fp32_nchw", "compile", "compile_max_autotune")
+IMPLS = ("resnet_fast", "resnet_fast_triton", "resnet_fast_cudnn", "eager", "eager_fp32_nchw", "compile",
+         "compile_max_autotune")
+# resnet_fast rows with the per-conv implementation forced: RESNET_FAST_CONV_IMPL=<value> during the row.
+CONV_IMPL_ROWS = {"resnet_fast_triton": "triton", "resnet_fast_cudnn": "cudnn"}
 SUITES = ("op", "conv", "block", "model")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -124,8 +129,10 @@ def run_row(case: Case, impl: str, build: Callable[[], Callable[[], dict]], *, p
     if budget is not None and not budget.allows(estimate_s):
         row["status"] = "skipped: time budget"
         return row
-    before = _kernel_stats() if impl == "resnet_fast" else None
+    before = _kernel_stats() if impl.startswith("resnet_fast") else None
+    env = conv_impl_env(impl)
     try:
+        env.__enter__()
         measure = build()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
@@ -142,12 +149,32 @@ def run_row(case: Case, impl: str, build: Callable[[], Callable[[], dict]], *, p
             _logged_errors.add(row["status"])
             log(f"{case.suite}/{case.name}/{case.mode}/{impl}: {row['status']}{tb}")
     finally:
+        env.__exit__(None, None, None)
         if before is not None:
             row.update(kernel_path(before, _kernel_stats()))
         if impl.startswith("compile"):
             reset_compiler()
         free_memory()
     return row
+
+
+@contextlib.contextmanager
+def conv_impl_env(impl: str):
+    """``RESNET_FAST_CONV_IMPL`` set for a ``resnet_fast_<impl>`` row (build, warm-up and timing), restored after;
+    read at call time by the op layer. Other rows run with the environment as it is."""
+    value = CONV_IMPL_ROWS.get(impl)
+    if value is None:
+        yield
+        return
+    prev = os.environ.get("RESNET_FAST_CONV_IMPL")
+    os.environ["RESNET_FAST_CONV_IMPL"] = value
+    try:
+        yield
+    finally:
+        if prev is None:
+            os.environ.pop("RESNET_FAST_CONV_IMPL", None)
+        else:
+            os.environ["RESNET_FAST_CONV_IMPL"] = prev
 
 
 def _kernel_stats() -> dict:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from . import impls, reference, shapes
-from .runner import DTYPES, Budget, Case, run_row
+from .runner import CONV_IMPL_ROWS, DTYPES, Budget, Case, run_row
 from .timing import measure
 
 # Rough guesses of compile time on an H100 host, only used to decide whether a compiled row still fits the
@@ -35,7 +35,7 @@ class Config:
     modes: tuple = ("train", "eval")
     layout: str = "channels_last"
     suites: tuple = ("op", "conv", "block", "model")
-    impls: tuple = ("resnet_fast", "eager", "eager_fp32_nchw", "compile")
+    impls: tuple = ("resnet_fast", "resnet_fast_triton", "resnet_fast_cudnn", "eager", "eager_fp32_nchw", "compile")
     repeats: int = 50
     warmup: int = 3
     max_row_s: float = 2.0  # cap on measuring time per row (repeats shrink for slow rows, never below 5)
@@ -73,8 +73,8 @@ def op_jobs(cfg: Config) -> Iterator:
             case = Case("op", cfg.model, tail.name, mode, cfg.dtype, cfg.batch, flops=None,
                         nbytes=(3 if mode == "fwd" else 5) * n * esize, extra={"count": count})
             for impl in cfg.impls:
-                if impl == "eager_fp32_nchw":
-                    continue  # the op suite compares the fused op with the eager expression and its compile
+                if impl == "eager_fp32_nchw" or impl in CONV_IMPL_ROWS:
+                    continue  # the fused op vs the eager expression and its compile (no conv in the tail)
                 yield case, impl, _op_build(cfg, tail, mode, impl), _estimate("op", impl)
 
 
@@ -121,7 +121,8 @@ def conv_jobs(cfg: Config) -> Iterator:
             train = mode == "train"
             for impl in cfg.impls:
                 if impl not in ("resnet_fast", "eager", "eager_fp32_nchw"):
-                    continue  # conv suite: the Triton conv against cuDNN (compile would call cuDNN too)
+                    continue  # the Triton conv against cuDNN (compile would call cuDNN too; the per-conv
+                    # implementation rows are the block/model suites' and the autotune table's)
                 esize = torch.empty((), dtype=impls.act_dtype(impl, cfg.dtype)).element_size()
                 # fwd reads x, w and writes y; training adds dgrad (dy, w -> dx) and wgrad (x, dy -> dw).
                 mult = 3 if train else 1
@@ -265,10 +266,11 @@ JOBS = {"op": op_jobs, "conv": conv_jobs, "block": block_jobs, "model": model_jo
 
 
 def run_suites(cfg: Config, peaks: dict, progress=None, log: Optional[Callable] = None) -> list[dict]:
-    """Run the selected suites in order; the budget is split across them by :data:`SUITE_WEIGHTS`."""
+    """Run the selected suites in ``cfg.suites`` order (a GPU session puts its priority first); the budget is
+    split across them by :data:`SUITE_WEIGHTS`, and what one leaves passes to the next."""
     budget = Budget(cfg.budget_s, SUITE_WEIGHTS)
     rows = []
-    suites = [s for s in ("op", "conv", "block", "model") if s in cfg.suites]
+    suites = list(dict.fromkeys(s for s in cfg.suites if s in JOBS))
     if cfg.profile_dir is not None and "model" not in suites:
         log and log("--profile traces the model suite's training step; add it to --suites to get a trace")
     for idx, suite in enumerate(suites):
@@ -287,7 +289,7 @@ def count_jobs(cfg: Config) -> int:
     n = 0
     for suite in cfg.suites:
         if suite == "op":
-            per = len([i for i in cfg.impls if i != "eager_fp32_nchw"])
+            per = len([i for i in cfg.impls if i != "eager_fp32_nchw" and i not in CONV_IMPL_ROWS])
             n += len(shapes.tails(cfg.model, cfg.resolution, cfg.width)) * (1 + ("train" in cfg.modes)) * per
         elif suite == "conv":
             per = len([i for i in cfg.impls if i in ("resnet_fast", "eager", "eager_fp32_nchw")])
