@@ -163,11 +163,28 @@ def test_forcing_a_missing_implementation_raises(tuner, monkeypatch):
         cfgs.choose_impl("conv_bn_stats", G, DT, CPU, SWITCHES, {"triton": r["triton"]}, **ON_GPU)
 
 
-@pytest.mark.parametrize("runners,role", [({}, "conv2d"), ({"eager": lambda: None}, "conv2d"),
-                                          ({"triton": 3}, "conv2d"), (None, "conv2d"), ("triton", "conv2d")])
-def test_bad_runners_raise_naming_them(tuner, runners, role):
+@pytest.mark.parametrize("runners", [{}, {"": lambda: None}, {"a|b": lambda: None}, {1: lambda: None},
+                                     {"triton": 3}, None, "triton"])
+def test_bad_runners_raise_naming_them(tuner, runners):
     with pytest.raises(ValueError, match="runners"):
-        cfgs.choose_impl(role, G, DT, CPU, SWITCHES, runners, **ON_GPU)
+        cfgs.choose_impl("conv2d", G, DT, CPU, SWITCHES, runners, **ON_GPU)
+
+
+@pytest.mark.parametrize("extra_ms,want", [(0.5, "cudnn_conv_relu"), (9.0, "cudnn")])
+def test_extra_forms_are_timed_too(tuner, tmp_path, extra_ms, want):
+    """A role may offer more forms (the composite's folded/fused ones): timed after triton and cudnn, kept
+    when fastest, listed in the report and served from the cache like the two named implementations."""
+    r = Runners(triton_ms=2.0, cudnn_ms=1.0)
+    extra = r._runner("cudnn_conv_relu", False)
+    r.calls["cudnn_conv_relu"], r.ms["cudnn_conv_relu"] = 0, extra_ms
+    r["cudnn_conv_relu"] = extra
+    assert choose(r) == want
+    assert [e[1] for e in r.events if e[0] == "time"] == ["triton", "cudnn", "cudnn_conv_relu"]
+    assert cfgs.tuning_report()[key()]["ms"] == {"triton": 2.0, "cudnn": 1.0, "cudnn_conv_relu": extra_ms}
+    fresh = cfgs.Autotuner(table_dir=str(tmp_path / "tuned"))
+    assert fresh.find(key(), lambda e: e["impl"] if e.get("impl") in r else None) == want
+    # off the GPU (interpreter) the Triton kernels still run, whatever else is offered
+    assert choose(r, interpreting=lambda: True, timer=no_timer) == "triton"
 
 
 @pytest.mark.parametrize("role", ["", "a|b", None])

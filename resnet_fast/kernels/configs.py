@@ -297,13 +297,14 @@ def table_path(arch: str, table_dir: Optional[str] = None) -> str:
 
 def check_table_entry(key: str, entry) -> Optional[str]:
     """Why a table entry is malformed (None if it is fine): keys ``impl:<role>|...`` hold
-    ``{"impl": "triton"|"cudnn", "ms": {impl: ms}?}``, all others a valid config (:func:`config_from_entry`)."""
+    ``{"impl": "triton"|"cudnn"|another runner's name, "ms": {impl: ms}?}``, all others a valid config
+    (:func:`config_from_entry`)."""
     if not isinstance(entry, dict):
         return f"{key!r}: not an object"
     if key.startswith("impl:"):
-        if entry.get("impl") not in IMPLS or not set(entry) <= {"impl", "ms"} \
+        if not _impl_name_ok(entry.get("impl")) or not set(entry) <= {"impl", "ms"} \
                 or not isinstance(entry.get("ms", {}), dict):
-            return f"{key!r} = {entry}: not an implementation entry {{'impl': one of {IMPLS}}}"
+            return f"{key!r} = {entry}: not an implementation entry {{'impl': name, 'ms': {{name: ms}}}}"
         return None
     if config_from_entry(entry) is None:
         return f"{key!r} = {entry}: not a valid ConvConfig"
@@ -605,7 +606,9 @@ def choose(op: str, geometry, dtype: torch.dtype, device: torch.device, candidat
 
 
 # ------------------------------------------------------------------------------ implementation per conv
-IMPLS = ("triton", "cudnn")  # this project's kernels; the cuDNN composite (ATen conv + the fused kernels)
+# This project's kernels; the cuDNN composite (ATen conv + the fused kernels). A role may offer more runners
+# under other names (e.g. the cuDNN composite's folded/fused forms): they are timed too but never forced.
+IMPLS = ("triton", "cudnn")
 _IMPL_VAR = "RESNET_FAST_CONV_IMPL"
 
 
@@ -622,40 +625,49 @@ def conv_impl_setting() -> str:
 def impl_heuristic(runners: Mapping) -> str:
     """The implementation when nothing was measured for a key: ``"cudnn"`` while cuDNN is enabled
     (``torch.backends.cudnn.enabled``) and the role has a cuDNN composite — the speed floor until a measurement
-    shows the Triton kernels beat it — else ``"triton"``."""
+    shows the Triton kernels beat it — else ``"triton"`` (else the first runner: never an untimed extra form
+    when one of those two is offered)."""
     if "cudnn" in runners and torch.backends.cudnn.enabled:
         return "cudnn"
     return "triton" if "triton" in runners else next(iter(runners))
 
 
+def _impl_name_ok(name) -> bool:
+    return isinstance(name, str) and bool(name) and "|" not in name
+
+
 def _check_impl_args(role, runners) -> None:
-    if not isinstance(role, str) or not role or "|" in role:
+    if not _impl_name_ok(role):
         raise ValueError(f"role={role!r}: expected a non-empty name without '|', e.g. 'conv2d'")
-    if not isinstance(runners, Mapping) or not runners or not set(runners) <= set(IMPLS) \
+    if not isinstance(runners, Mapping) or not runners or not all(map(_impl_name_ok, runners)) \
             or not all(callable(r) for r in runners.values()):
-        raise ValueError(f"runners={runners!r}: expected a mapping of some of {IMPLS} to zero-argument callables")
+        raise ValueError(f"runners={runners!r}: expected a mapping of implementation names ({', '.join(IMPLS)}, "
+                         "or another name without '|') to zero-argument callables")
 
 
 def choose_impl(role: str, geometry, dtype: torch.dtype, device: torch.device, switches, runners: Mapping,
                 *, timer=None, identity: Optional[DeviceIdentity] = None, interpreting=None, capturing=None,
                 compiling=None) -> str:
-    """Which implementation runs conv role ``role`` for this geometry: ``"triton"`` or ``"cudnn"``.
+    """Which implementation runs conv role ``role`` for this geometry: ``"triton"``, ``"cudnn"`` or the name of
+    another runner offered.
 
     Args:
         role: the op's conv role, e.g. ``"conv2d"`` (inference), ``"conv_bn_stats"`` (training forward),
             ``"conv_bn_stats_backward"``, ``"conv2d_backward"``; it names the key ``impl:<role>|...``.
         geometry: the conv's ``ConvGeometry``; dtype, device: the operands'.
         switches: the fusion switches that change the work (tuple; they enter the key like a kernel's flags).
-        runners: ``{"triton": fn, "cudnn": fn}`` (or one of them): zero-argument callables that run that
-            implementation once on the real operands and only write their own outputs (timing reruns them).
+        runners: ``{"triton": fn, "cudnn": fn}`` (or one of them), optionally more forms under other names
+            (``"cudnn_conv_relu"``...): zero-argument callables that run that implementation once on the real
+            operands and only write their own outputs (timing reruns them).
         timer, identity, interpreting, capturing, compiling: injectable as in :func:`choose`; ``timer(fn)`` is
             called with the runner itself and returns milliseconds.
 
     Rule: ``RESNET_FAST_CONV_IMPL`` forces one (ValueError when that role has no such runner); in the Triton
     interpreter or off CUDA ``auto`` means ``"triton"``; else the known choice for the key (memory, cache file,
-    shipped table); else, when measuring is allowed (:func:`choose` conditions), each runner is called once
-    untimed (the Triton runner tunes its tile config there; cuDNN picks its algorithm), then timed; the faster is
-    kept in memory and the cache file and both times go to :func:`tuning_report`. Otherwise
+    shipped table); else, when measuring is allowed (:func:`choose` conditions), each runner (triton, cudnn, then
+    the others) is called once untimed (the Triton runner tunes its tile config there; cuDNN picks its
+    algorithm), then timed; the fastest is kept in memory and the cache file and every time goes to
+    :func:`tuning_report` (a runner that raises is skipped, logged and listed as failed). Otherwise
     :func:`impl_heuristic`, remembered for the process so eager, captured and compiled calls agree.
     """
     _check_impl_args(role, runners)
@@ -667,7 +679,7 @@ def choose_impl(role: str, geometry, dtype: torch.dtype, device: torch.device, s
         return setting
     ident = identity if identity is not None else device_identity(device)
     if (interpreting or _backend.interpreting)() or ident is None:
-        return "triton" if "triton" in runners else next(iter(runners))
+        return next((n for n in IMPLS if n in runners), next(iter(runners)))
     key = tuning_key("impl:" + role, geometry, dtype, device, *tuple(switches), identity=ident)
 
     def accept(entry):
@@ -686,9 +698,7 @@ def choose_impl(role: str, geometry, dtype: torch.dtype, device: torch.device, s
         return choice
     timer = timer or default_timer
     ms, failed = {}, {}
-    for name in IMPLS:
-        if name not in runners:
-            continue
+    for name in [n for n in IMPLS if n in runners] + [n for n in runners if n not in IMPLS]:
         run = runners[name]
         try:
             run()  # untimed first call: compiles / tunes what it needs
