@@ -380,3 +380,15 @@ def test_real_gpu_tune_export_and_serve(tuner, tmp_path, monkeypatch):
         raise AssertionError("ran: the table should have answered")
     assert cfgs.choose_impl("conv2d", G, DT, dev, (), {"triton": boom, "cudnn": boom}) == "triton"
     assert set(cfgs.tuning_sources().values()) == {"table"}
+
+
+def test_forget_starts_over(tuner, tmp_path, monkeypatch):
+    """Autotuner.forget: memory, sources and measurements dropped, files re-read (a scratch cache dir undone)."""
+    fast = other_than_default()
+    kw, _ = timing(fast)
+    assert choose(**kw) == fast and cfgs.tuning_report() and cfgs.tuning_sources()
+    monkeypatch.setenv("RESNET_FAST_CACHE_DIR", str(tmp_path / "other"))
+    tuner.forget()
+    assert cfgs.tuning_report() == {} and cfgs.tuning_sources() == {}
+    monkeypatch.setenv("RESNET_FAST_AUTOTUNE", "0")
+    assert choose() == default()  # the winner lived only in the scratch cache and in memory

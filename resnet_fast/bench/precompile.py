@@ -204,8 +204,7 @@ def warm(batch: int, smoke_batch: int, workers: int, log=print) -> dict:
         else:
             os.environ["RESNET_FAST_CACHE_DIR"] = prev
         from ..kernels import configs
-        configs._TUNER._mem = None  # forget the scratch winners in this process too
-        configs._TUNER.measured.clear()
+        configs._TUNER.forget()  # forget the scratch winners in this process too
     t_rec = time.perf_counter() - t0
     items = [(mod, name, spec) for spec, (mod, name) in records.items()]
     log(f"precompile: recorded {len(items)} distinct kernels in {t_rec:.1f}s; compiling with {workers} workers "

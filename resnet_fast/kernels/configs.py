@@ -407,6 +407,18 @@ class Autotuner:
     def enabled() -> bool:
         return not _switched_off("RESNET_FAST_AUTOTUNE")
 
+    def forget(self) -> None:
+        """Drop everything this process knows (memory, the files read, sources, measurements), as if new: e.g.
+        after a run whose winners went to a scratch cache directory."""
+        with self._lock:
+            self._mem.clear()
+            self._hot.clear()
+            self._absent.clear()
+            self._tables.clear()
+            self._file = None
+            self.sources.clear()
+            self.measured.clear()
+
     def _cache_entries(self) -> dict:
         if self._file is None:
             try:
@@ -527,7 +539,9 @@ _TUNER = Autotuner()
 
 def tuning_report() -> dict:
     """What this process's autotuner measured: ``{key: {"winner", "ms": {config name: ms}, "failed": {config
-    name: error}}}`` for every key it tuned (keys served from the disk cache are not re-measured, so absent).
+    name: error}}}`` for every key it tuned (keys served from the disk cache or the shipped table are not
+    re-measured, so absent; :func:`tuning_sources` says where each came from). Implementation keys
+    (``impl:<role>|...``, :func:`choose_impl`) name the runners instead of configs: ``{"triton": ms, "cudnn": ms}``.
     The benchmark stores it, so a report shows e.g. what the TMA twins measured against the pointer path."""
     with _TUNER._lock:
         return {k: {**v, "ms": dict(v["ms"]), "failed": dict(v["failed"])} for k, v in _TUNER.measured.items()}
