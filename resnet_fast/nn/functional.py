@@ -21,7 +21,7 @@ import torch.nn as tnn
 
 from .. import _backend, ops
 from . import train_path
-from .fusion import activation_dtype, block_pairs, downsample_pair, pairs_blocker, train_blocker
+from .fusion import activation_dtype, block_pairs, downsample_pair, fused_pairs, pairs_blocker, train_blocker
 
 
 def _kernels(op: str, device: torch.device) -> bool:
@@ -68,7 +68,7 @@ def block_forward_eval_kernels(block, x):
     pairs = block_pairs(block)
     ds = block.downsample
     ds_pair = downsample_pair(ds)
-    reason = pairs_blocker(pairs + ([ds_pair] if ds_pair is not None else []), "eval")
+    reason = pairs_blocker(fused_pairs(block), "eval")
     if reason is not None:
         _fallback("block", reason)
         return block_forward_eager(block, x)
@@ -92,9 +92,7 @@ def block_forward_train(block, x):
     """Training forward of a block on the training op (:func:`resnet_fast.nn.train_path.block_forward_train_kernels`:
     fused conv + batch-statistics BN units, C++ tail). Falls back to the eager computation (recorded) when the C++
     extension, the dtype or the block's layers are not covered."""
-    pairs = block_pairs(block)
-    ds_pair = downsample_pair(block.downsample)
-    reason = train_blocker(x, pairs + ([ds_pair] if ds_pair is not None else []))
+    reason = train_blocker(x, fused_pairs(block))
     if reason is not None:
         _fallback("block_train", reason)
         return block_forward_eager(block, x)

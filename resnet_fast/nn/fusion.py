@@ -14,7 +14,7 @@ from .. import _ext
 from ..kernels.checks import kernel_dtype_blocker
 from .sync_bn import SyncBatchNorm2d
 
-__all__ = ["activation_dtype", "block_pairs", "downsample_pair", "conv_bn_blocker", "pairs_blocker",
+__all__ = ["activation_dtype", "block_pairs", "downsample_pair", "fused_pairs", "conv_bn_blocker", "pairs_blocker",
            "train_blocker", "MODES"]
 
 MODES = ("eval", "train", "convert")
@@ -45,6 +45,13 @@ def downsample_pair(downsample):
             and isinstance(downsample[0], tnn.Conv2d) and isinstance(downsample[1], tnn.BatchNorm2d):
         return downsample[0], downsample[1]
     return None
+
+
+def fused_pairs(block) -> list:
+    """Every (conv, bn) pair the fused forward of ``block`` computes: :func:`block_pairs` then the
+    :func:`downsample_pair` when there is one."""
+    ds_pair = downsample_pair(getattr(block, "downsample", None))
+    return block_pairs(block) + ([ds_pair] if ds_pair is not None else [])
 
 
 def conv_bn_blocker(conv, bn, mode: str, names=("conv", "bn")) -> str | None:
