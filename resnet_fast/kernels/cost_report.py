@@ -37,8 +37,8 @@ Model, per spec (from the SASS):
 * ``tiles_in_flight``: K-step tiles resident at the MMA = 1 + the tiles still loading. cp.async: the loop's
   ``DEPBAR.LE SB0, N`` allows N commit groups outstanding and each step commits G groups (``LDGDEPBAR`` count in
   the body), so 1 + N/G. TMA (``UTMALDG`` in the body): the mbarrier ring (``mbarrier.init`` count in the PTX)
-  minus the one buffer the async wgmma of the previous step still reads. Register loads (``LDG``) and no
-  ``LDGSTS``: 1 (the loop waits for its own loads).
+  minus the one buffer the async wgmma of the previous step still reads. Any register load (``LDG``) in the
+  body: 1, whatever else is pipelined (that operand arrives in the step that uses it).
 * ``loads``: per body, ``utmaldg``, ``ldgsts128`` (16-byte cp.async), ``ldgsts_narrow`` (4/8-byte cp.async),
   ``ldg_scalar`` (LDG of <= 4 bytes), ``ldg_vector`` (8/16-byte LDG).
 * ``registers``/``local_bytes`` from ``cuobjdump -res-usage``; ``spills``: LDL/STL instructions in the kernel.
@@ -192,7 +192,9 @@ def loop_stats(sass: str, num_warps: int, mbarriers: int = 0) -> dict:
         m = _DEPBAR.search(b.text) if op.startswith("DEPBAR") else None
         if m:
             waits.append(int(m.group(1), 0))
-    if loads["utmaldg"]:
+    if loads["ldg_scalar"] or loads["ldg_vector"]:
+        in_flight = 1  # a register load is consumed in the step that issues it: that operand is not pipelined
+    elif loads["utmaldg"]:
         in_flight = max(1, mbarriers - 1)
     elif loads["ldgsts128"] or loads["ldgsts_narrow"]:
         if not groups or not waits:
