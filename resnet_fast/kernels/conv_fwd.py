@@ -58,6 +58,7 @@ from .checks import FLOAT_DTYPES, check, check_vector, describe
 from .configs import ConvConfig
 from .conv_common import (ConvGeometry, check_operand_dtype, input_coords, ordered_signature, rows_to_npq,
                           swizzle_pid)
+from .tile_stats import tile_centred_sums
 
 __all__ = ["conv2d_nhwc", "pack_weight", "pinned_config", "tma_eligible", "compile_specs", "SUPPORTED_DTYPES",
            "TileStats", "FwdSwitches"]
@@ -158,12 +159,10 @@ def _conv_fwd_kernel(
     y = acc.to(y_ptr.dtype.element_ty)
     tl.store(y_ptr + y_off, y, mask=out_mask)
     if STATS:  # statistics of the stored (rounded) values, over valid rows only
-        ys = tl.where(out_mask, y.to(tl.float32), 0.0)
-        s = tl.sum(ys, axis=0)
         rows = tl.minimum(M - pid_m.to(tl.int64) * BLOCK_M, BLOCK_M).to(tl.float32)
-        d = tl.where(out_mask, ys - (s / rows)[None, :], 0.0)  # centred on the tile mean: no cancellation
+        s, m2 = tile_centred_sums(y.to(tl.float32), out_mask, rows)  # the one per-tile formula (tile_stats)
         tl.store(part_ptr + pid_m * K + k_glob, s, mask=n_ok)
-        tl.store(part_ptr + (num_pid_m + pid_m) * K + k_glob, tl.sum(d * d, axis=0), mask=n_ok)
+        tl.store(part_ptr + (num_pid_m + pid_m) * K + k_glob, m2, mask=n_ok)
 
 
 def _pow2_divisor(v: int, cap: int) -> int:
