@@ -192,13 +192,14 @@ def loop_stats(sass: str, num_warps: int, mbarriers: int = 0) -> dict:
         m = _DEPBAR.search(b.text) if op.startswith("DEPBAR") else None
         if m:
             waits.append(int(m.group(1), 0))
+    cp_async = loads["ldgsts128"] + loads["ldgsts_narrow"]
+    if cp_async and (not groups or not waits):
+        raise SassFormatError("cp.async loads in the loop without LDGDEPBAR / DEPBAR.LE SB0 waits")
     if loads["ldg_scalar"] or loads["ldg_vector"]:
         in_flight = 1  # a register load is consumed in the step that issues it: that operand is not pipelined
     elif loads["utmaldg"]:
         in_flight = max(1, mbarriers - 1)
-    elif loads["ldgsts128"] or loads["ldgsts_narrow"]:
-        if not groups or not waits:
-            raise SassFormatError("cp.async loads in the loop without LDGDEPBAR / DEPBAR.LE SB0 waits")
+    elif cp_async:
         in_flight = 1 + min(waits) / groups
     else:
         in_flight = 1
