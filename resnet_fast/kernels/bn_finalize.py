@@ -197,7 +197,7 @@ def bn_finalize(sum_y: torch.Tensor, m2_y: torch.Tensor, count: int, *, tile_row
 
     Args:
         sum_y, m2_y: [T, C] float32 per-tile Σy and Σ(y - ȳ_tile)² (row stride free, channels dense), e.g.
-            the ``sum``/``m2`` of :class:`resnet_fast.kernels.conv_fwd.TileStats`.
+            the ``sum``/``m2`` of :class:`resnet_fast.kernels.tile_stats.TileStats`.
         count: number of values per channel that the partials cover (N*H*W of the BN input), > 1.
         tile_rows: rows per tile; tile ``t`` covers ``min(tile_rows, count - t*tile_rows)`` of them, so
             ``T == cdiv(count, tile_rows)``.

@@ -58,21 +58,12 @@ from .checks import FLOAT_DTYPES, check, check_vector, describe
 from .configs import ConvConfig
 from .conv_common import (ConvGeometry, check_operand_dtype, input_coords, ordered_signature, rows_to_npq,
                           swizzle_pid)
-from .tile_stats import tile_centred_sums
+from .tile_stats import TileStats, tile_centred_sums
 
 __all__ = ["conv2d_nhwc", "pack_weight", "pinned_config", "tma_eligible", "compile_specs", "SUPPORTED_DTYPES",
            "TileStats", "FwdSwitches"]
 
 SUPPORTED_DTYPES = FLOAT_DTYPES  # the operand dtypes the kernel takes (fp32 as IEEE or TF32)
-
-
-class TileStats(NamedTuple):
-    """The stats epilogue's output: per tile ``t`` of ``tile_rows`` GEMM rows (the last one possibly shorter)
-    and channel ``k``, ``sum[t, k] = Σy`` and ``m2[t, k] = Σ(y - sum[t, k]/rows_t)²``; fp32 ``[T, K]`` views
-    of one ``[2, T, K]`` buffer. Feed to :func:`resnet_fast.kernels.bn_finalize.bn_finalize`."""
-    sum: torch.Tensor
-    m2: torch.Tensor
-    tile_rows: int
 
 
 @triton.jit

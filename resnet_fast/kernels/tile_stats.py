@@ -14,6 +14,8 @@ Chan-style in float64.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -21,12 +23,22 @@ import triton.language as tl
 from .. import _backend
 from .checks import FLOAT_DTYPES
 
-__all__ = ["tile_centred_sums", "tile_stats", "compile_specs", "TILE_STATS_CONFIG"]
+__all__ = ["TileStats", "tile_centred_sums", "tile_stats", "compile_specs", "TILE_STATS_CONFIG"]
 
 # (tile_rows, BLOCK_K channels per program, num_warps). Memory bound: one read of y. 128 rows is the conv
 # forward's largest BLOCK_M, so the partial buffer is as small as the epilogue's.
 TILE_STATS_CONFIG = (128, 64, 8)
 _TL = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+class TileStats(NamedTuple):
+    """BatchNorm forward partials, the conv STATS epilogue's and :func:`tile_stats`' output: per tile ``t`` of
+    ``tile_rows`` GEMM rows (the last one possibly shorter) and channel ``k``, ``sum[t, k] = Σy`` and
+    ``m2[t, k] = Σ(y - sum[t, k]/rows_t)²``; fp32 ``[T, K]`` views of one ``[2, T, K]`` buffer. Feed to
+    :func:`resnet_fast.kernels.bn_finalize.bn_finalize`."""
+    sum: torch.Tensor
+    m2: torch.Tensor
+    tile_rows: int
 
 
 @triton.jit
@@ -71,11 +83,10 @@ def tile_stats(y: torch.Tensor, *, config: tuple | None = None):
         config: optional ``(tile_rows, BLOCK_K, num_warps)``, powers of two; default :data:`TILE_STATS_CONFIG`.
 
     Returns:
-        :class:`resnet_fast.kernels.conv_fwd.TileStats` ``(sum, m2, tile_rows)``: fp32 ``[T, K]`` views of one
+        :class:`TileStats` ``(sum, m2, tile_rows)``: fp32 ``[T, K]`` views of one
         ``[2, T, K]`` buffer, ``T = cdiv(N*P*Q, tile_rows)``; feed to
         :func:`resnet_fast.kernels.bn_finalize.bn_finalize`.
     """
-    from .conv_fwd import TileStats  # the one partials type of both paths
     who = "tile_stats"
     if not isinstance(y, torch.Tensor) or y.dim() != 4:
         raise ValueError(f"{who}: y must be a 4-D [N, K, P, Q] tensor, got "

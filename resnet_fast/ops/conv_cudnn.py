@@ -298,7 +298,7 @@ def conv_bn_stats(x: torch.Tensor, weight: torch.Tensor, in_scale: torch.Tensor 
 
     Returns:
         ``(y, TileStats)``: y ``[N, K, P, Q]`` channels_last in x's dtype; the fp32 per-tile Σy and
-        Σ(y - ȳ_tile)² (:class:`resnet_fast.kernels.conv_fwd.TileStats`) for ``bn_finalize``.
+        Σ(y - ȳ_tile)² (:class:`resnet_fast.kernels.tile_stats.TileStats`) for ``bn_finalize``.
     """
     from ..kernels.tile_stats import tile_stats
     who = "conv_bn_stats_cudnn"
