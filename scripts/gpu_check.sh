@@ -42,7 +42,7 @@ wants() { [[ "$WANT" == *",$1,"* ]]; }
 log() { echo "$*" | tee -a "$LOG"; }
 
 # Planned seconds per step (the older steps only when GPU_CHECK_STEPS names them).
-declare -A PLAN=([versions]=20 [install]=120 [precompile]=90 [smoke]=90 [model]=120 [blocks_convs]=90
+declare -A PLAN=([versions]=20 [install]=120 [precompile]=90 [smoke]=90 [model]=120 [blocks_convs]=80
                  [tuning]=10 [gpu_tests]=240 [digits]=240 [all_tests]=300)
 ORDER=(versions install precompile smoke model blocks_convs tuning gpu_tests digits all_tests)
 RESERVE_END=10  # summary

@@ -35,7 +35,15 @@ from pathlib import Path
 import torch
 
 _CHILD = "RESNET_FAST_PRECOMPILE_CHILD"
-KERNEL_MODULES = ("conv_fwd", "conv_dgrad", "conv_wgrad", "bn_finalize")
+_NOT_KERNEL_MODULES = {"compile_check", "configs", "conv_common", "checks", "cost_report", "tuning_table",
+                       "_interpreter_compat"}
+
+
+def kernel_modules() -> list:
+    """Every ``resnet_fast.kernels`` submodule that may define Triton kernels."""
+    import pkgutil
+    import resnet_fast.kernels as pkg
+    return [i.name for i in pkgutil.iter_modules(pkg.__path__) if i.name not in _NOT_KERNEL_MODULES]
 
 
 def exercise(device: torch.device, dtype: torch.dtype, batch: int, smoke_batch: int, log=print,
@@ -92,13 +100,21 @@ def exercise(device: torch.device, dtype: torch.dtype, batch: int, smoke_batch: 
                 y = ops.conv2d(xl, wl, **kw)
                 torch.autograd.grad(y, (xl, wl), torch.randn_like(y))
             guarded(f"conv {c.name}", conv)
-    if "smoke" in parts:
-        s = smoke.Smoke(device, budget_s=1e9, log=lambda *a: None)
-        s.ref_dtype = torch.float32  # references only need to run here
-        name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
-        jobs, tails, model, _, main, other = smoke.plan(torch.device("cuda"), False, smoke_batch)
-        for c, dt in jobs:
-            smoke.conv_checks(s, c, name if dt == main else dt, smoke_batch)
+    if "smoke" in parts:  # as the smoke runs (smoke.smoke_env): Triton kernels untuned, blocks/stem at its batch
+        with smoke.smoke_env():
+            exercise(device, dtype, smoke_batch, smoke_batch, log, parts=("blocks", "stem"))
+            _smoke_convs(device, dtype, smoke_batch)
+
+
+def _smoke_convs(device, dtype, smoke_batch):
+    """The smoke's per-conv roles (its references run too; their results are not looked at)."""
+    from . import smoke
+    s = smoke.Smoke(device, budget_s=1e9, log=lambda *a: None)
+    s.ref_dtype = torch.float32
+    name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+    jobs, _tails, _model, _, main, _other = smoke.plan(torch.device("cuda"), False, smoke_batch)
+    for c, dt in jobs:
+        smoke.conv_checks(s, c, name if dt == main else dt, smoke_batch)
 
 
 # ---- counting without a GPU (interpreter) ----------------------------------------------------------------
@@ -134,11 +150,11 @@ def _arg_spec(a) -> str:
 
 @contextlib.contextmanager
 def counting(seen: dict, tuned: dict):
-    """Every kernel of :data:`KERNEL_MODULES` replaced by a recorder; ``configs.choose`` launches every candidate
+    """Every kernel of :func:`kernel_modules` replaced by a recorder; ``configs.choose`` launches every candidate
     it is offered (as a tuning run would) and returns the untuned default."""
     import importlib
     from ..kernels import configs
-    mods = [importlib.import_module(f"resnet_fast.kernels.{m}") for m in KERNEL_MODULES]
+    mods = [importlib.import_module(f"resnet_fast.kernels.{m}") for m in kernel_modules()]
     saved = []
     for mod in mods:
         for attr, val in list(vars(mod).items()):
@@ -146,7 +162,10 @@ def counting(seen: dict, tuned: dict):
                 saved.append((mod, attr, val))
                 setattr(mod, attr, _Recorder(attr, seen))
 
-    def choose(op, geometry, dtype, device, candidates, flags, launch, default):
+    def choose(op, geometry, dtype, device, candidates, flags, launch, default, **_):
+        if not configs.Autotuner.enabled():  # tuning off: the default is all that runs
+            launch(default)
+            return default
         key = configs.tuning_key(op, geometry, dtype, device, *flags)
         if key not in tuned:
             tuned[key] = len(candidates)
@@ -167,22 +186,31 @@ def counting(seen: dict, tuned: dict):
 
 
 def count(batch: int, smoke_batch: int, log=print) -> dict:
-    seen: dict = {}
-    tuned: dict = {}
-    t0 = time.perf_counter()
-    with counting(seen, tuned):
-        exercise(torch.device("cpu"), torch.float16, batch, smoke_batch, log=log,
-                 parts=("blocks", "stem", "convs"))
-        exercise(torch.device("cpu"), torch.float16, smoke_batch, smoke_batch, log=log, parts=("blocks", "stem"))
-        exercise(torch.device("cpu"), torch.float16, batch, smoke_batch, log=log, parts=("smoke",))
+    """Compiles asked for by the benchmark rows (tuned: every candidate) and by the smoke (untuned), apart and
+    together (a kernel both ask for compiles once)."""
+    out = {"batch": batch, "smoke_batch": smoke_batch}
+    union: dict = {}
+    for part, parts in (("benchmark", ("blocks", "stem", "convs")), ("smoke", ("smoke",))):
+        seen: dict = {}
+        tuned: dict = {}
+        t0 = time.perf_counter()
+        with counting(seen, tuned):
+            exercise(torch.device("cpu"), torch.float16, batch, smoke_batch, log=log, parts=parts)
+        for k, v in seen.items():
+            union.setdefault(k, set()).update(v)
+        out[part] = {**_tally(seen), "tuned_keys": len(tuned), "tuning_candidates": sum(tuned.values()),
+                     "seconds": round(time.perf_counter() - t0, 1)}
+    out["both"] = _tally(union)
+    return out
+
+
+def _tally(seen: dict) -> dict:
     per = collections.Counter(name for name, _ in seen)
     per_spec = collections.Counter()
     for (name, _), specs in seen.items():
         per_spec[name] += len(specs)
     return {"compiles": sum(per.values()), "compiles_with_arg_specialisation": sum(per_spec.values()),
-            "by_kernel": dict(per), "by_kernel_with_arg_specialisation": dict(per_spec),
-            "tuned_keys": len(tuned), "tuning_candidates": sum(tuned.values()), "batch": batch,
-            "smoke_batch": smoke_batch, "seconds": round(time.perf_counter() - t0, 1)}
+            "by_kernel": dict(per), "by_kernel_with_arg_specialisation": dict(per_spec)}
 
 
 # ---- the GPU step ----------------------------------------------------------------------------------------

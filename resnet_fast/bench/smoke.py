@@ -102,6 +102,27 @@ def ieee_reference():
             torch.backends.cudnn.allow_tf32 = prev
 
 
+@contextlib.contextmanager
+def smoke_env(tune: bool = False, conv_impl: str = "triton"):
+    """The smoke's settings for the duration: the Triton kernels for every conv role
+    (``RESNET_FAST_CONV_IMPL``; the cuDNN composite is checked separately on the model) and, unless ``tune``,
+    no autotuning (``RESNET_FAST_AUTOTUNE=0``: the untuned default configs, a fraction of the compiles; every
+    tuning candidate's correctness is the GPU-marked tests' job)."""
+    want = {"RESNET_FAST_CONV_IMPL": conv_impl}
+    if not tune:
+        want["RESNET_FAST_AUTOTUNE"] = "0"
+    prev = {k: os.environ.get(k) for k in want}
+    os.environ.update(want)
+    try:
+        yield
+    finally:
+        for k, v in prev.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 class Smoke:
     """Runs checks, keeps one row per compared tensor (or per failed check), prints failures as they come."""
 
@@ -401,7 +422,7 @@ def plan(device: torch.device, quick: bool, batch: Optional[int]):
 
 
 def run(device: torch.device, budget_s: float, quick: bool = False, batch: Optional[int] = None,
-        log: Callable = print) -> dict:
+        log: Callable = print, tune: bool = False) -> dict:
     from . import compiles, meta
     compiles.install()
     s = Smoke(device, budget_s, log)
@@ -409,13 +430,17 @@ def run(device: torch.device, budget_s: float, quick: bool = False, batch: Optio
     t0 = time.perf_counter()
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device.type == "cuda" else []):
         torch.manual_seed(0)
-        for conv, dtype in jobs:
-            conv_checks(s, conv, dtype, batch)
-        for tail in tails:
-            for dtype in (main,) + other[:1]:
-                tail_checks(s, tail, dtype, batch)
+        with smoke_env(tune):
+            for conv, dtype in jobs:
+                conv_checks(s, conv, dtype, batch)
+            for tail in tails:
+                for dtype in (main,) + other[:1]:
+                    tail_checks(s, tail, dtype, batch)
         name, make, res, classes, mbatch = model
-        model_checks(s, make, name, main, mbatch, res, classes)
+        # The model on the Triton kernels; on a GPU also with every conv on the cuDNN composite.
+        for impl in ("triton",) + (("cudnn",) if device.type == "cuda" else ()):
+            with smoke_env(tune, conv_impl=impl):
+                model_checks(s, make, f"{name} [{impl}]", main, mbatch, res, classes)
     doc = meta.base_doc()
     executed = [r for r in s.rows if r["ok"] is not None]
     failed = [r for r in executed if not r["ok"]]
@@ -467,6 +492,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=None, help="batch of every check (default 8 on a GPU, 2 on CPU)")
     ap.add_argument("--budget-s", type=float, default=150.0, help="checks not started by then are skipped")
     ap.add_argument("--quick", action="store_true", help="one conv of each family instead of all distinct ones")
+    ap.add_argument("--tune", action="store_true", help="autotune as a normal run would (default: untuned configs)")
     args = ap.parse_args(argv)
     if args.batch is not None and args.batch < 1:
         ap.error("--batch must be >= 1")
@@ -478,7 +504,7 @@ def main(argv=None) -> int:
         return subprocess.call([sys.executable, "-m", "resnet_fast.bench.smoke", *(argv if argv is not None
                                                                                   else sys.argv[1:])], env=env)
     device = torch.device("cuda" if cuda else "cpu")
-    doc = run(device, args.budget_s, args.quick, args.batch)
+    doc = run(device, args.budget_s, args.quick, args.batch, tune=args.tune)
     print(format_summary(doc), flush=True)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
