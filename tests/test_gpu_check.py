@@ -5,6 +5,7 @@ import math
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -184,3 +185,77 @@ def test_smoke_check_reports_a_wrong_result_an_error_and_a_fallback():
     assert s.rows[0]["status"] == "MISMATCH" and s.rows[0]["err"] == pytest.approx(0.01)
     assert s.rows[2]["status"].startswith("error: ZeroDivisionError")
     assert s.rows[3]["status"].startswith("fell back: conv2d: a test fallback")
+
+
+# ---- precompile: a kernel compiled by preload in one process is a disk-cache hit on another's launch path --
+
+_PROOF = r'''
+import json, os, sys
+stage, cache, recs = sys.argv[1], sys.argv[2], sys.argv[3]
+cfg_idx = int(sys.argv[4]) if len(sys.argv) > 4 else 0
+os.environ.pop("TRITON_INTERPRET", None)
+os.environ["TRITON_CACHE_DIR"] = cache
+import torch
+from triton.backends.compiler import GPUTarget
+from triton.runtime.driver import driver
+
+class FakeDriver:  # enough of a CUDA driver for the JIT's key computation and compile (no launch)
+    def get_current_target(self): return GPUTarget("cuda", 90, 32)
+    def get_current_device(self): return 0
+    def get_current_stream(self, device=None): return 0
+    def get_active_torch_device(self): return torch.device("cpu")
+driver.set_active(FakeDriver())
+
+from resnet_fast.bench import compiles
+from resnet_fast.kernels import conv_fwd, configs
+from resnet_fast.kernels.conv_common import ConvGeometry
+
+def launch():
+    x = torch.randn(2, 64, 8, 8, dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(64, 64, 3, 3, dtype=torch.float16)
+    g = ConvGeometry.make(x.shape, w.shape, 1, 1, 1, 1, "proof")
+    cfg = configs.fwd_configs(torch.float16)[cfg_idx]
+    conv_fwd.conv2d_nhwc(x, conv_fwd.pack_weight(w, 1, torch.float16), g, scale=torch.ones(64),
+                         shift=torch.zeros(64), relu=True, config=cfg)
+
+if stage == "record":
+    records = {}
+    with compiles.recording(records):
+        launch()
+    print("recorded", compiles.save_records(records, recs))
+elif stage == "preload":
+    c = compiles.CompileCounter().install()
+    out = compiles.preload(compiles.load_records(recs), workers=1)
+    print("preload", out, c.summary())
+else:
+    c = compiles.CompileCounter().install()
+    try:
+        launch()
+    except Exception as exc:
+        print("launch failed after compile (expected, no GPU):", type(exc).__name__)
+    print("launch", json.dumps(c.summary()))
+'''
+
+
+def test_preloaded_kernel_is_a_cache_hit_on_the_launch_path_of_another_process(tmp_path):
+    """Without a GPU: a stand-in driver reports an sm_90 target so Triton's JIT computes its keys and compiles (with
+    its bundled ptxas) as on the GPU machine; launching then fails (no CUDA), after the compile that is counted.
+    Process 1 records the launch (nothing compiles), process 2 preloads the record (one compile), process 3's
+    real launch path finds it on disk (a cache hit, no compile); a config that was not preloaded compiles."""
+    script = tmp_path / "proof.py"
+    script.write_text(_PROOF)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RESNET_FAST", "TRITON_INTERPRET"))}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    cache, recs = str(tmp_path / "cache"), str(tmp_path / "recs.json")
+
+    def stage(*args):
+        proc = subprocess.run([sys.executable, str(script), *args[:1], cache, recs, *args[1:]], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        return proc.stdout
+    assert "recorded 1" in stage("record")
+    assert "'count': 1" in stage("preload")
+    hit = json.loads(stage("launch").split("launch ", 2)[-1].strip().splitlines()[-1])
+    assert (hit["count"], hit["cache_hits"]) == (0, 1)
+    miss = json.loads(stage("launch", "3").split("launch ", 2)[-1].strip().splitlines()[-1])
+    assert (miss["count"], miss["cache_hits"]) == (1, 0)
