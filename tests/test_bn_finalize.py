@@ -2,9 +2,19 @@
 import pytest
 import torch
 
+from resnet_fast.kernels import bn_finalize as bn_finalize_module
 from resnet_fast.kernels.bn_finalize import bn_backward_coeffs, bn_finalize
 
 CFG = (4, 16, 4)  # small BLOCK_T/BLOCK_C so the tests cover several programs and several tile steps
+
+
+@pytest.fixture(params=["one_chunk", "chunks_of_4"])
+def chunking(request, monkeypatch):
+    """The first stage's chunk size: the default (these small tests then have one chunk) or 4 tiles (several
+    chunks, the last one ragged), so the two-stage merge is exercised against the same references."""
+    if request.param == "chunks_of_4":
+        monkeypatch.setattr(bn_finalize_module, "CHUNK_T", 4)
+    return request.param
 
 
 def _rel(out, ref):
@@ -24,7 +34,7 @@ def _tile_partials(y, rows_per_tile):
 @pytest.mark.parametrize("momentum", [0.1, None])
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("shape", [(2, 20, 5, 3), (1, 7, 3, 4)])  # batch of one with spatial > 1 too
-def test_matches_batchnorm_over_steps(kernel_device, triton_backend, momentum, affine, shape):
+def test_matches_batchnorm_over_steps(kernel_device, triton_backend, chunking, momentum, affine, shape):
     torch.manual_seed(0)
     N, C, H, W = shape
     bn = torch.nn.BatchNorm2d(C, momentum=momentum, affine=affine)
@@ -68,7 +78,7 @@ def test_no_running_stats_leaves_nothing_updated(kernel_device, triton_backend):
 
 
 @pytest.mark.parametrize("rows_per_tile", [16, 128])
-def test_large_mean_keeps_its_variance(kernel_device, triton_backend, rows_per_tile):
+def test_large_mean_keeps_its_variance(kernel_device, triton_backend, chunking, rows_per_tile):
     """mean/std = 1e3: the Chan merge of tile-centred fp32 partials gives invstd to ~1e-5, where the old
     Σy/Σy² partials (simulated here, merged in float64 as before) are off by ~1e-2 (eps·(mean/std)² per tile sum)."""
     torch.manual_seed(3)
@@ -98,7 +108,7 @@ def test_ticket_counter_resets_between_launches(kernel_device, triton_backend):
 
 
 @pytest.mark.parametrize("affine", [True, False])
-def test_backward_coeffs_match_autograd(kernel_device, triton_backend, affine):
+def test_backward_coeffs_match_autograd(kernel_device, triton_backend, chunking, affine):
     torch.manual_seed(2)
     N, C, H, W = 2, 6, 4, 3
     y = torch.randn(N, C, H, W, dtype=torch.float64, requires_grad=True)
@@ -124,6 +134,13 @@ def test_backward_coeffs_match_autograd(kernel_device, triton_backend, affine):
     if affine:
         assert _rel(dg.cpu(), gamma.grad) < 1e-5
         assert _rel(db.cpu(), beta.grad) < 1e-5
+
+
+def test_chunk_must_be_whole_block_steps(kernel_device, triton_backend, monkeypatch):
+    monkeypatch.setattr(bn_finalize_module, "CHUNK_T", 6)
+    s = torch.rand(3, 4, device=kernel_device)
+    with pytest.raises(ValueError, match="must divide CHUNK_T"):
+        bn_finalize(s, s + 1, 10, tile_rows=4, config=CFG)
 
 
 def test_bad_inputs(kernel_device, triton_backend):

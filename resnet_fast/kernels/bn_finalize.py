@@ -2,9 +2,12 @@
 
 Forward (:func:`bn_finalize`): the conv forward's stats epilogue writes, per output tile ``t`` of ``n_t``
 rows (``tile_rows``, the last tile the remainder) and channel ``c``, ``sum[t, c] = Σ y`` and the tile's
-centred ``m2[t, c] = Σ (y - ȳ_t)²`` (fp32, shape ``[T, C]``). One launch merges the tiles Chan-style in a
-fixed order in float64: ``M2 = Σ m2_t + Σ sum_t²/n_t - (Σ sum_t)²/n``, whose float64 cancellation is harmless
-and whose first-order sensitivity to the fp32 rounding of ``sum_t`` cancels (it is weighted by
+centred ``m2[t, c] = Σ (y - ȳ_t)²`` (fp32, shape ``[T, C]``). The tiles are merged Chan-style in a fixed
+order in float64, ``M2 = Σ m2_t + Σ sum_t²/n_t - (Σ sum_t)²/n``, in two launches so that the merge is
+parallel (the stem's output has ~25k tiles per channel): ``_chunk_sums_kernel`` reduces chunks of
+:data:`CHUNK_T` tiles per (channel block, chunk) program to float64 partials of ``Σ sum_t`` and
+``Σ m2_t + sum_t²/n_t``, and the finalize kernel adds those in chunk order. The float64 cancellation is harmless
+and the merge's first-order sensitivity to the fp32 rounding of ``sum_t`` cancels (it is weighted by
 ``ȳ_t - ȳ``), so a channel with |mean| ≫ std keeps its variance (``Σy²`` partials would lose
 ``eps·(mean/std)²`` of it: 2 % at mean/std = 300). It then writes ``mean``, ``invstd`` (biased variance,
 as BatchNorm normalises), the folded affine ``scale = gamma*invstd``, ``shift = beta - mean*scale``, and
@@ -12,7 +15,7 @@ updates ``running_mean``/``running_var`` (unbiased variance) and ``num_batches_t
 like ``torch.nn.BatchNorm2d`` in train mode -- on the device, without a host sync.
 
 Backward (:func:`bn_backward_coeffs`): the dgrad epilogue writes ``Σ dz`` and ``Σ dz·(y - mean)`` per tile;
-one launch reduces them and returns the per-channel coefficients of the BatchNorm input gradient::
+the same two stages reduce them and returns the per-channel coefficients of the BatchNorm input gradient::
 
     dy = c1[c]*dz + c2[c]*(y - mean[c]) + c3[c]
     c1 = gamma*invstd,  c2 = -gamma*invstd³·Σdz(y-μ)/n,  c3 = -gamma*invstd·Σdz/n
@@ -33,16 +36,19 @@ import triton.language as tl
 
 from .checks import FLOAT_DTYPES, check_vector
 
-__all__ = ["bn_finalize", "bn_backward_coeffs", "compile_specs", "FINALIZE_CONFIG"]
+__all__ = ["bn_finalize", "bn_backward_coeffs", "compile_specs", "FINALIZE_CONFIG", "CHUNK_T"]
 
 # (BLOCK_T, BLOCK_C, num_warps): tiles reduced per step x channels per program. Memory bound and tiny.
 FINALIZE_CONFIG = (32, 64, 4)
+# Tiles per first-stage program: the stem (~25k tiles x 64 channels) gets ~200 programs, a late layer one chunk.
+# A constant, not a function of the GPU, so the float64 summation order (and the result) is the same everywhere.
+CHUNK_T = 128
 _TICKETS: dict = {}  # device -> int32[1] counter, always back at 0 after a launch
 
 
 @triton.jit
 def _reduce_tiles(a_ptr, b_ptr, stride_a, stride_b, T, C, offs_c, BLOCK_T: tl.constexpr):
-    """Column sums over rows 0..T-1 of two [T, C] fp32 buffers, in float64, in a fixed order."""
+    """Column sums over rows 0..T-1 of two [T, C] buffers (fp32 or float64), in float64, in a fixed order."""
     mask_c = offs_c < C
     acc_a = tl.zeros([offs_c.shape[0]], dtype=tl.float64)
     acc_b = tl.zeros([offs_c.shape[0]], dtype=tl.float64)
@@ -57,7 +63,32 @@ def _reduce_tiles(a_ptr, b_ptr, stride_a, stride_b, T, C, offs_c, BLOCK_T: tl.co
 
 
 @triton.jit
-def _bn_finalize_kernel(sum_ptr, m2_ptr, stride_s, stride_q, T, C, count, tile_rows, eps, momentum,
+def _chunk_sums_kernel(a_ptr, b_ptr, stride_a, stride_b, T, C, count, tile_rows, out_ptr,
+                       CHAN: tl.constexpr, CHUNK_T: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """First stage: program (channel block, chunk k) reduces tiles ``k*CHUNK_T ..`` of two [T, C] fp32 buffers
+    to float64 ``out[0, k, c] = Σ a_t`` and ``out[1, k, c] = Σ b_t`` -- with ``CHAN``, ``Σ (b_t + a_t²/n_t)``,
+    the additive term of the Chan merge (a = Σy, b = m2 per tile of ``n_t`` rows). One writer per element."""
+    pid_k = tl.program_id(1)
+    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    acc_a = tl.zeros([BLOCK_C], dtype=tl.float64)
+    acc_b = tl.zeros([BLOCK_C], dtype=tl.float64)
+    for t0 in range(0, CHUNK_T, BLOCK_T):
+        offs_t = pid_k * CHUNK_T + t0 + tl.arange(0, BLOCK_T)
+        m = (offs_t[:, None] < T) & mask_c[None, :]
+        a = tl.load(a_ptr + offs_t[:, None] * stride_a + offs_c[None, :], mask=m, other=0.0).to(tl.float64)
+        b = tl.load(b_ptr + offs_t[:, None] * stride_b + offs_c[None, :], mask=m, other=0.0).to(tl.float64)
+        if CHAN:
+            n_t = tl.maximum(tl.minimum(count - offs_t.to(tl.int64) * tile_rows, tile_rows), 1).to(tl.float64)
+            b += a * a / n_t[:, None]
+        acc_a += tl.sum(a, axis=0)
+        acc_b += tl.sum(b, axis=0)
+    tl.store(out_ptr + pid_k * C + offs_c, acc_a, mask=mask_c)
+    tl.store(out_ptr + (tl.num_programs(1) + pid_k) * C + offs_c, acc_b, mask=mask_c)
+
+
+@triton.jit
+def _bn_finalize_kernel(part_ptr, n_chunks, C, count, eps, momentum,
                         w_ptr, b_ptr, rm_ptr, rv_ptr, nbt_ptr, ticket_ptr,
                         mean_ptr, invstd_ptr, scale_ptr, shift_ptr,
                         AFFINE: tl.constexpr, TRACK: tl.constexpr, CUMULATIVE: tl.constexpr,
@@ -66,17 +97,8 @@ def _bn_finalize_kernel(sum_ptr, m2_ptr, stride_s, stride_q, T, C, count, tile_r
     mask_c = offs_c < C
     if TRACK:
         nbt_old = tl.load(nbt_ptr)  # read before the ticket below: the increment comes after every read
-    # Chan merge of (n_t, sum_t, m2_t) in float64, tiles in a fixed order
-    s = tl.zeros([BLOCK_C], dtype=tl.float64)
-    q = tl.zeros([BLOCK_C], dtype=tl.float64)  # Σ m2_t + sum_t²/n_t
-    for t0 in range(0, T, BLOCK_T):
-        offs_t = t0 + tl.arange(0, BLOCK_T)
-        m = (offs_t[:, None] < T) & mask_c[None, :]
-        st = tl.load(sum_ptr + offs_t[:, None] * stride_s + offs_c[None, :], mask=m, other=0.0).to(tl.float64)
-        m2 = tl.load(m2_ptr + offs_t[:, None] * stride_q + offs_c[None, :], mask=m, other=0.0).to(tl.float64)
-        n_t = tl.maximum(tl.minimum(count - offs_t.to(tl.int64) * tile_rows, tile_rows), 1).to(tl.float64)
-        s += tl.sum(st, axis=0)
-        q += tl.sum(m2 + st * st / n_t[:, None], axis=0)
+    # s = Σ sum_t, q = Σ m2_t + sum_t²/n_t over the chunks, in chunk order (float64 partials)
+    s, q = _reduce_tiles(part_ptr, part_ptr + n_chunks * C, C, C, n_chunks, C, offs_c, BLOCK_T)
     n = count.to(tl.float64)
     mean64 = s / n
     var64 = tl.maximum((q - s * mean64) / n, 0.0)  # biased: what BatchNorm normalises with
@@ -111,12 +133,12 @@ def _bn_finalize_kernel(sum_ptr, m2_ptr, stride_s, stride_q, T, C, count, tile_r
 
 
 @triton.jit
-def _bn_backward_coeffs_kernel(sdz_ptr, sdzy_ptr, stride_s, stride_q, T, C, inv_count,
+def _bn_backward_coeffs_kernel(part_ptr, n_chunks, C, inv_count,
                                invstd_ptr, w_ptr, c1_ptr, c2_ptr, c3_ptr, dw_ptr, db_ptr,
                                AFFINE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
-    sdz, sdzy = _reduce_tiles(sdz_ptr, sdzy_ptr, stride_s, stride_q, T, C, offs_c, BLOCK_T)
+    sdz, sdzy = _reduce_tiles(part_ptr, part_ptr + n_chunks * C, C, C, n_chunks, C, offs_c, BLOCK_T)
     invstd = tl.load(invstd_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
     if AFFINE:
         gamma = tl.load(w_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
@@ -145,6 +167,20 @@ def _check_partials(name_a, a, name_b, b, who):
                          "shape and device")
     if a.shape[0] < 1 or a.shape[1] < 1:
         raise ValueError(f"{who}: {name_a} must have at least one tile and one channel, got {tuple(a.shape)}")
+
+
+def _chunk_sums(a: torch.Tensor, b: torch.Tensor, chan: bool, count: int, tile_rows: int, block_t: int,
+                block_c: int, warps: int) -> tuple:
+    """First stage of both reductions: ``([2, chunks, C] float64 partials, chunks)``."""
+    T, C = a.shape
+    if CHUNK_T % block_t:  # a chunk is whole BLOCK_T steps, else neighbouring chunks would overlap
+        raise ValueError(f"bn_finalize: config BLOCK_T={block_t} must divide CHUNK_T={CHUNK_T}")
+    chunks = triton.cdiv(T, CHUNK_T)
+    part = torch.empty((2, chunks, C), dtype=torch.float64, device=a.device)
+    _chunk_sums_kernel[(triton.cdiv(C, block_c), chunks)](
+        a, b, a.stride(0), b.stride(0), T, C, count, tile_rows, part,
+        CHAN=chan, CHUNK_T=CHUNK_T, BLOCK_T=block_t, BLOCK_C=block_c, num_warps=warps)
+    return part, chunks
 
 
 def _ticket(device: torch.device) -> torch.Tensor:
@@ -193,7 +229,7 @@ def bn_finalize(sum_y: torch.Tensor, m2_y: torch.Tensor, count: int, *, tile_row
                 num_batches_tracked: torch.Tensor | None = None, momentum: float | None = 0.1,
                 eps: float = 1e-5, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                 config: tuple | None = None):
-    """Batch statistics, folded affine and running-stat update of a train-mode BatchNorm2d, in one launch.
+    """Batch statistics, folded affine and running-stat update of a train-mode BatchNorm2d (two launches).
 
     Args:
         sum_y, m2_y: [T, C] float32 per-tile Σy and Σ(y - ȳ_tile)² (row stride free, channels dense), e.g.
@@ -221,8 +257,9 @@ def bn_finalize(sum_y: torch.Tensor, m2_y: torch.Tensor, count: int, *, tile_row
     block_t, block_c, warps = config or FINALIZE_CONFIG
     mean, invstd, scale, shift = (torch.empty(C, dtype=torch.float32, device=device) for _ in range(4))
     dummy = mean  # never dereferenced when its constexpr switch is off
+    part, chunks = _chunk_sums(sum_y, m2_y, True, count, tile_rows, block_t, block_c, warps)
     _bn_finalize_kernel[(triton.cdiv(C, block_c),)](
-        sum_y, m2_y, sum_y.stride(0), m2_y.stride(0), T, C, count, tile_rows, float(eps),
+        part, chunks, C, count, float(eps),
         float(momentum if momentum is not None else 0.0),
         weight if affine else dummy, bias if affine else dummy,
         running_mean if track else dummy, running_var if track else dummy,
@@ -257,8 +294,9 @@ def bn_backward_coeffs(sum_dz: torch.Tensor, sum_dz_yc: torch.Tensor, invstd: to
         check_vector("weight", weight, C, device, who, FLOAT_DTYPES)
     block_t, block_c, warps = config or FINALIZE_CONFIG
     outs = [torch.empty(C, dtype=torch.float32, device=device) for _ in range(5)]
+    part, chunks = _chunk_sums(sum_dz, sum_dz_yc, False, count, 1, block_t, block_c, warps)
     _bn_backward_coeffs_kernel[(triton.cdiv(C, block_c),)](
-        sum_dz, sum_dz_yc, sum_dz.stride(0), sum_dz_yc.stride(0), T, C, 1.0 / count,
+        part, chunks, C, 1.0 / count,
         invstd, weight if weight is not None else invstd, *outs,
         AFFINE=weight is not None, BLOCK_T=block_t, BLOCK_C=block_c, num_warps=warps)
     return tuple(outs)
@@ -272,17 +310,21 @@ def compile_specs() -> list:
     for affine in (False, True):
         for track in (False, True):
             for cumulative in (False, True):
-                sig = {"sum_ptr": "*fp32", "m2_ptr": "*fp32", "stride_s": "i32", "stride_q": "i32",
-                       "T": "i32", "C": "i32", "count": "i64", "tile_rows": "i64", "eps": "fp32",
+                sig = {"part_ptr": "*fp64", "n_chunks": "i32", "C": "i32", "count": "i64", "eps": "fp32",
                        "momentum": "fp32", "w_ptr": "*fp32", "b_ptr": "*fp32", "rm_ptr": "*fp32",
                        "rv_ptr": "*fp32", "nbt_ptr": "*i64", "ticket_ptr": "*i32", "mean_ptr": "*fp32",
                        "invstd_ptr": "*fp32", "scale_ptr": "*fp32", "shift_ptr": "*fp32"}
                 cx = {"AFFINE": affine, "TRACK": track, "CUMULATIVE": cumulative, "BLOCK_T": block_t,
                       "BLOCK_C": block_c}
                 specs.append((_bn_finalize_kernel, sig, cx, opts, False))
-        sig = {"sdz_ptr": "*fp32", "sdzy_ptr": "*fp32", "stride_s": "i32", "stride_q": "i32", "T": "i32",
-               "C": "i32", "inv_count": "fp32", "invstd_ptr": "*fp32", "w_ptr": "*fp32", "c1_ptr": "*fp32",
-               "c2_ptr": "*fp32", "c3_ptr": "*fp32", "dw_ptr": "*fp32", "db_ptr": "*fp32"}
+        sig = {"part_ptr": "*fp64", "n_chunks": "i32", "C": "i32", "inv_count": "fp32", "invstd_ptr": "*fp32",
+               "w_ptr": "*fp32", "c1_ptr": "*fp32", "c2_ptr": "*fp32", "c3_ptr": "*fp32", "dw_ptr": "*fp32",
+               "db_ptr": "*fp32"}
         specs.append((_bn_backward_coeffs_kernel, sig,
                       {"AFFINE": affine, "BLOCK_T": block_t, "BLOCK_C": block_c}, opts, False))
+    for chan in (False, True):
+        sig = {"a_ptr": "*fp32", "b_ptr": "*fp32", "stride_a": "i32", "stride_b": "i32", "T": "i32", "C": "i32",
+               "count": "i64", "tile_rows": "i64", "out_ptr": "*fp64"}
+        specs.append((_chunk_sums_kernel, sig, {"CHAN": chan, "CHUNK_T": CHUNK_T, "BLOCK_T": block_t,
+                                                "BLOCK_C": block_c}, opts, False))
     return specs
