@@ -515,7 +515,7 @@ def summary(records: list) -> str:
     for what in ("issue_ratio", "tiles_in_flight", "spills", "scalar loads"):
         bad = [r for r, m in miss if any(what in x for x in m)]
         lines.append(f"  {what}: {len(bad)} records")
-    if any(r["layer"] == "stem" and r["role"] == "train" for r in records):
+    if any(r["layer"] == "stem" and r["role"] == "train" and r["kernel"] == "fwd" for r in records):
         lines.append(f"stem training backward / forward (est) = {stem_backward_ratio(records):.2f} (target <= 2)")
     for role in ("train", "infer"):
         tot = {k: sum(r["est_us"] * r["count"] for r in records if r["role"] == role and r["kernel"] == k)
