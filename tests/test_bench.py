@@ -228,6 +228,13 @@ def test_cpu_demo_end_to_end(tmp_path):
     assert doc["device"] == "cpu" and doc["backend"] == "triton"
     ours = [r for r in doc["results"] if r["impl"] == "resnet_fast"]
     assert ours and all(r.get("numerics") in ("ok", None) for r in ours)
-    assert any(r.get("numerics") == "ok" for r in ours)
+    checked = [r for r in ours if r.get("numerics") == "ok"]
+    assert checked and all(0 <= r["rel_err"] <= r["tol"] <= 2e-4 and r["reference"] == "eager float64"
+                           for r in checked)
+    assert all(r["kernel_calls"] > 0 and not r["fallbacks"] for r in checked if r["suite"] in ("conv", "block"))
+    # What a CPU cannot say is never said: no speedup in the rows, the table, the Markdown or the chart's title.
+    assert not any("speedup" in r for r in doc["results"])
+    md = files[1].read_text()
+    assert "NOT GPU timings" in md and "speedup" not in md and "| rel err | tol | numerics | ran |" in md
+    assert "speedup" not in proc.stdout.split("NOT GPU timings")[-1] and "rel err" in proc.stdout
     assert files[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "NOT GPU timings" in files[1].read_text()
