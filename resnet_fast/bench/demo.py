@@ -119,7 +119,7 @@ def _tail_checks(demo: Demo, model: str) -> None:
         for mode in ("fwd", "bwd"):
             case = Case("op", model, tail.name, mode, "fp32", DEMO_BATCH)
 
-            def run(fn, mode=mode, cast=lambda t: t):
+            def run(fn, mode=mode, cast=lambda t: t, args=args, g=g):
                 if mode == "fwd":
                     return fn(*[cast(a) for a in args])
                 leaves = [cast(a).detach().clone().requires_grad_(True) for a in args]

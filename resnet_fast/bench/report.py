@@ -264,7 +264,8 @@ def plot_numerics(doc: dict, path: Path) -> Path:
     ax.set_xlabel("relative error vs float64 reference / tolerance  (left of the line = within tolerance)")
     n_ok = sum(r["numerics"] == "ok" for r in rows)
     ax.set_title(f"CPU demo ({doc.get('backend')} backend, Triton interpreter, fp32): numerical agreement, "
-                 f"{n_ok}/{len(rows)} cases within tolerance.\nNOT a performance measurement: no timings are drawn.", fontsize=9)
+                 f"{n_ok}/{len(rows)} cases within tolerance.\nNOT a performance measurement: no timings are drawn.",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
