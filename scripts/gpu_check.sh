@@ -120,7 +120,8 @@ if wants precompile; then
   if [[ $DRY == 1 ]]; then
     dry precompile python3 -m resnet_fast.bench.precompile --workers 16
   else
-    step precompile "$(limit_for precompile)" python3 -m resnet_fast.bench.precompile --workers "$(nproc)"
+    L=$(limit_for precompile)
+    step precompile "$L" python3 -m resnet_fast.bench.precompile --workers "$(nproc)" --budget-s $(( L - 15 < 100 ? L - 15 : 100 ))
   fi
 fi
 

@@ -259,3 +259,21 @@ def test_preloaded_kernel_is_a_cache_hit_on_the_launch_path_of_another_process(t
     assert (hit["count"], hit["cache_hits"]) == (0, 1)
     miss = json.loads(stage("launch", "3").split("launch ", 2)[-1].strip().splitlines()[-1])
     assert (miss["count"], miss["cache_hits"]) == (1, 0)
+
+
+def test_sigterm_from_the_step_timeout_stops_a_row_instead_of_becoming_its_error():
+    """gpu_check.sh's `timeout` sends SIGTERM first: it must end the run (so it writes what it has), not be
+    swallowed as one more row's error."""
+    import signal
+    prev = signal.getsignal(signal.SIGTERM)
+    try:
+        runner.stop_on_sigterm()
+        case = runner.Case("model", "resnet50", "m", "train", "bf16", 256)
+
+        def build():
+            os.kill(os.getpid(), signal.SIGTERM)
+            return lambda: {"ms": 1.0}
+        with pytest.raises(runner.TimeBoxExpired):
+            runner.run_row(case, "resnet_fast", build, peaks=None)
+    finally:
+        signal.signal(signal.SIGTERM, prev)

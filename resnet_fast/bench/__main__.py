@@ -145,12 +145,9 @@ def run_demo(args) -> int:
 def run_gpu(args) -> int:
     import torch
 
-    import resnet_fast
-    from . import ceilings, meta, reference
-    from .runner import add_speedups
+    from . import ceilings, compiles, meta
     from .suites import Config, count_jobs, run_suites
 
-    from . import compiles
     compiles.install()  # count Triton compiles / disk-cache hits and autotuning time from the start
     torch.backends.cudnn.benchmark = True
     out_dir = args.output or REPO_RESULTS
@@ -161,11 +158,35 @@ def run_gpu(args) -> int:
     doc = meta.base_doc()
     print(f"resnet_fast benchmark on {doc['device']}: measuring ceilings...", flush=True)
     t0 = time.perf_counter()
-    doc["peaks"] = ceilings.measure_peaks(quick=args.quick)
-    with _progress(count_jobs(cfg)) as bar:
-        rows = run_suites(cfg, doc["peaks"], progress=bar, log=_log)
+    from .runner import TimeBoxExpired, stop_on_sigterm
+    stop_on_sigterm()  # a time-boxed run (gpu_check.sh) still writes what it measured
+    rows: list = []
+    stem = meta.file_stem(doc)
+
+    def checkpoint(done):  # the JSON after every row: a killed run leaves its rows behind
+        rows[:] = done
+        _write_doc(doc, args, t0, rows, out_dir, stem, partial=True)
+    try:
+        doc["peaks"] = ceilings.measure_peaks(quick=args.quick)
+        with _progress(count_jobs(cfg)) as bar:
+            rows = run_suites(cfg, doc["peaks"], progress=bar, log=_log, on_row=checkpoint)
+    except TimeBoxExpired as exc:
+        _log(f"stopped: {exc}; writing the {len(rows)} rows measured")
+        doc["stopped"] = str(exc)
+    _write_doc(doc, args, t0, rows, out_dir, stem)
+    return 0
+
+
+def _write_doc(doc: dict, args, t0: float, rows: list, out_dir: Path, stem: str, partial: bool = False) -> None:
+    """Fill ``doc`` with the rows so far and the run's records; ``partial``: the JSON alone (a checkpoint)."""
+    import json
+
+    import resnet_fast
+    from . import compiles, reference, report
+    from .runner import add_speedups
     add_speedups(rows)
     from ..kernels.configs import tuning_report
+    doc.setdefault("peaks", {"copy_GBps": None, "bf16_TFLOPs": None})
     doc.update(gpu_timings=True, backend=resnet_fast.backend(), reference=reference.SOURCE,
                stats=resnet_fast.stats(), autotune=tuning_report(), wall_s=time.perf_counter() - t0,
                **compiles.report(),
@@ -173,10 +194,16 @@ def run_gpu(args) -> int:
                        if k in ("model", "batch", "resolution", "dtype", "modes", "layout", "suites", "impls",
                                 "repeats", "warmup", "max_row_s", "budget_s", "quick")},
                timing="CUDA events around each repeat, median and p20/p80; warm-up (compile/autotune) excluded "
-                      "and reported as warmup_s; inputs cycled across buffers; random data")
-    doc["results"] = rows
-    _finish(doc, out_dir, meta.file_stem(doc))
-    return 0
+                      "and reported as warmup_s; inputs cycled across buffers; random data", partial=partial)
+    doc["results"] = list(rows)
+    if partial:
+        report.validate(doc)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = out_dir / f".{stem}.json.tmp"
+        tmp.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+        tmp.replace(out_dir / f"{stem}.json")
+        return
+    _finish(doc, out_dir, stem)
 
 
 def main(argv=None) -> int:

@@ -167,14 +167,19 @@ def preload_one(item: tuple) -> dict:
                 "error": f"{type(exc).__name__}: {str(exc)[:200]}"}
 
 
-def preload(records: list, workers: int) -> list:
-    """Compile ``records`` ([(module, qualname, specialization_data)]) in ``workers`` spawned processes."""
+def preload(records: list, workers: int, budget_s: Optional[float] = None) -> list:
+    """Compile ``records`` ([(module, qualname, specialization_data)]) in ``workers`` spawned processes; records
+    not started within ``budget_s`` are dropped (they compile when first launched instead)."""
     import concurrent.futures as cf
     import multiprocessing as mp
+    deadline = None if budget_s is None else time.perf_counter() + budget_s
     if workers <= 1:
-        return [preload_one(r) for r in records]
-    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
-        return list(pool.map(preload_one, records, chunksize=1))
+        return [preload_one(r) for r in records if deadline is None or time.perf_counter() < deadline]
+    pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"))
+    futures = [pool.submit(preload_one, r) for r in records]
+    done, _ = cf.wait(futures, timeout=None if deadline is None else max(0.0, deadline - time.perf_counter()))
+    pool.shutdown(wait=False, cancel_futures=True)  # workers finish the compile they are in, then exit
+    return [f.result() for f in futures if f in done]
 
 
 def save_records(records: dict, path: str) -> int:

@@ -27,6 +27,22 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _logged_errors: set = set()
 
 
+class TimeBoxExpired(BaseException):
+    """Raised by :func:`stop_on_sigterm`'s handler: the step's ``timeout`` sent SIGTERM; finish and write now."""
+
+
+def stop_on_sigterm() -> None:
+    """Turn SIGTERM (what ``timeout`` sends first) into :class:`TimeBoxExpired`, so a time-boxed run still writes
+    what it has before the KILL that follows (gpu_check.sh gives 5 s). Main thread only; no-op elsewhere."""
+    import signal
+    import threading
+
+    def handler(signum, frame):
+        raise TimeBoxExpired("SIGTERM: the step's time limit was reached")
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
+
+
 class Unavailable(Exception):
     """An implementation cannot be built here (API missing, unsupported option); the reason is reported."""
 

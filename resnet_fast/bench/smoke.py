@@ -46,6 +46,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from .runner import TimeBoxExpired, stop_on_sigterm
+
 # Relative-error-norm tolerances against the float32 (GPU) / float64 (CPU) reference. bf16 keeps 8 bits of
 # mantissa (2^-9 relative rounding per stored element, compounded through epilogues and BN normalisation);
 # fp16 11 bits; fp32 kernels are IEEE (TF32 stays off unless PyTorch allows it). Gradients pass through one more
@@ -428,6 +430,29 @@ def run(device: torch.device, budget_s: float, quick: bool = False, batch: Optio
     s = Smoke(device, budget_s, log)
     jobs, tails, model, batch, main, other = plan(device, quick, batch)
     t0 = time.perf_counter()
+    stopped = None
+    try:
+        _run_checks(s, device, jobs, tails, model, batch, main, other, tune)
+    except TimeBoxExpired as exc:  # the step's timeout: keep what was checked
+        stopped = str(exc)
+        log(f"smoke stopped: {exc}")
+    doc = meta.base_doc()
+    doc["stopped"] = stopped
+    executed = [r for r in s.rows if r["ok"] is not None]
+    failed = [r for r in executed if not r["ok"]]
+    doc.pop("peaks", None)
+    doc.pop("results", None)
+    doc.update(kind="smoke", backend=_backend_name(), interpreter=os.environ.get("TRITON_INTERPRET", "0"),
+               batch=batch, tolerances=TOL, grad_factor=GRAD_FACTOR, wall_s=round(time.perf_counter() - t0, 2),
+               summary={"checks": len(executed), "failed": len(failed),
+                        "skipped": sum(1 for r in s.rows if r["ok"] is None),
+                        "failed_cases": sorted({f"{r['group']}|{r['case']}|{r['role']}|{r['dtype']}"
+                                                for r in failed})},
+               **compiles.report(), rows=s.rows)
+    return doc
+
+
+def _run_checks(s: Smoke, device, jobs, tails, model, batch, main, other, tune) -> None:
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device.type == "cuda" else []):
         torch.manual_seed(0)
         with smoke_env(tune):
@@ -441,19 +466,6 @@ def run(device: torch.device, budget_s: float, quick: bool = False, batch: Optio
         for impl in ("triton",) + (("cudnn",) if device.type == "cuda" else ()):
             with smoke_env(tune, conv_impl=impl):
                 model_checks(s, make, f"{name} [{impl}]", main, mbatch, res, classes)
-    doc = meta.base_doc()
-    executed = [r for r in s.rows if r["ok"] is not None]
-    failed = [r for r in executed if not r["ok"]]
-    doc.pop("peaks", None)
-    doc.pop("results", None)
-    doc.update(kind="smoke", backend=_backend_name(), interpreter=os.environ.get("TRITON_INTERPRET", "0"),
-               batch=batch, tolerances=TOL, grad_factor=GRAD_FACTOR, wall_s=round(time.perf_counter() - t0, 2),
-               summary={"checks": len(executed), "failed": len(failed),
-                        "skipped": sum(1 for r in s.rows if r["ok"] is None),
-                        "failed_cases": sorted({f"{r['group']}|{r['case']}|{r['role']}|{r['dtype']}"
-                                                for r in failed})},
-               **compiles.report(), rows=s.rows)
-    return doc
 
 
 def _backend_name() -> str:
@@ -504,6 +516,7 @@ def main(argv=None) -> int:
         return subprocess.call([sys.executable, "-m", "resnet_fast.bench.smoke", *(argv if argv is not None
                                                                                   else sys.argv[1:])], env=env)
     device = torch.device("cuda" if cuda else "cpu")
+    stop_on_sigterm()
     doc = run(device, args.budget_s, args.quick, args.batch, tune=args.tune)
     print(format_summary(doc), flush=True)
     if args.json:

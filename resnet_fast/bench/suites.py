@@ -187,16 +187,18 @@ def block_jobs(cfg: Config) -> Iterator:
 
 def model_jobs(cfg: Config) -> Iterator:
     ref = reference.model(cfg.model)
-    for mode in cfg.modes:
-        for impl in cfg.impls:
-            case = Case("model", cfg.model, f"{cfg.model} {cfg.resolution}px", mode, cfg.dtype, cfg.batch,
-                        flops=(3 if mode == "train" else 1) * shapes.model_flops(cfg.model, cfg.batch,
-                                                                                 cfg.resolution),
-                        nbytes=None, extra={})
-            make_rf = (lambda r=ref: impls.rf_model(cfg.model, r))
-            shape_in = (cfg.batch, 3, cfg.resolution, cfg.resolution)
-            yield case, impl, _module_build(cfg, ref, make_rf, mode, impl, shape_in, None, whole_model=True), \
-                _estimate("model", impl)
+    # torch.compile rows last: their compile alone takes minutes, and a budget should not starve the others
+    order = [(mode, impl) for compiled in (False, True) for mode in cfg.modes for impl in cfg.impls
+             if impl.startswith("compile") == compiled]
+    for mode, impl in order:
+        case = Case("model", cfg.model, f"{cfg.model} {cfg.resolution}px", mode, cfg.dtype, cfg.batch,
+                    flops=(3 if mode == "train" else 1) * shapes.model_flops(cfg.model, cfg.batch,
+                                                                             cfg.resolution),
+                    nbytes=None, extra={})
+        make_rf = (lambda r=ref: impls.rf_model(cfg.model, r))
+        shape_in = (cfg.batch, 3, cfg.resolution, cfg.resolution)
+        yield case, impl, _module_build(cfg, ref, make_rf, mode, impl, shape_in, None, whole_model=True), \
+            _estimate("model", impl)
 
 
 def _module_build(cfg: Config, ref, make_rf: Callable, mode: str, impl: str, shape_in, shape_out,
@@ -265,7 +267,8 @@ def _estimate(suite: str, impl: str) -> float:
 JOBS = {"op": op_jobs, "conv": conv_jobs, "block": block_jobs, "model": model_jobs}
 
 
-def run_suites(cfg: Config, peaks: dict, progress=None, log: Optional[Callable] = None) -> list[dict]:
+def run_suites(cfg: Config, peaks: dict, progress=None, log: Optional[Callable] = None,
+               on_row: Optional[Callable[[list], None]] = None) -> list[dict]:
     """Run the selected suites in ``cfg.suites`` order (a GPU session puts its priority first); the budget is
     split across them by :data:`SUITE_WEIGHTS`, and what one leaves passes to the next."""
     budget = Budget(cfg.budget_s, SUITE_WEIGHTS)
@@ -281,6 +284,8 @@ def run_suites(cfg: Config, peaks: dict, progress=None, log: Optional[Callable] 
             rows.append(run_row(case, impl, build, peaks=peaks, budget=budget, estimate_s=est, log=log))
             if progress is not None:
                 progress.update(1)
+            if on_row is not None:
+                on_row(rows)
     return rows
 
 
