@@ -10,13 +10,20 @@
 Every time a call does not run the kernels it would have run under ``auto``/``triton`` (no CUDA, a
 shape the kernels do not cover) it goes through :func:`record_fallback`: logged once per (op, reason),
 counted always, and visible in :func:`stats`. Nothing falls back silently.
+
+Which implementation computed each conv (the Triton kernels, the cuDNN composite or one of its fused forms, see
+:func:`resnet_fast.kernels.configs.choose_impl`) is counted per role in ``stats()["impl_calls"]`` and, for a
+conv called inside :func:`conv_owner` (the fused modules name their ``nn.Conv2d``), recorded per module for
+:func:`resnet_fast.conv_implementations`. Timing runs are not counted (:func:`counting_paused`).
 """
 from __future__ import annotations
 
 import collections
 import logging
 import os
+import contextlib
 import threading
+import weakref
 
 import torch
 
@@ -26,7 +33,10 @@ BACKENDS = ("auto", "triton", "eager")
 _lock = threading.Lock()
 _fallbacks: collections.Counter = collections.Counter()
 _kernel_calls: collections.Counter = collections.Counter()
+_impl_calls: collections.Counter = collections.Counter()  # (role, impl) -> n
 _logged: set = set()
+_local = threading.local()  # .paused (depth of counting_paused), .owner (the conv_owner of this thread)
+_layer_impls: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # owner -> {role: impl}
 
 
 def backend() -> str:
@@ -62,13 +72,70 @@ def use_kernels(op: str, device: torch.device) -> bool:
     return False
 
 
+def _paused() -> bool:
+    return getattr(_local, "paused", 0) > 0
+
+
+@contextlib.contextmanager
+def counting_paused():
+    """Nothing is counted in this thread meanwhile (kernel calls, implementation calls, fallbacks, layer
+    records): the conv chooser's timing runs are not calls of the model."""
+    _local.paused = getattr(_local, "paused", 0) + 1
+    try:
+        yield
+    finally:
+        _local.paused -= 1
+
+
 def record_kernel_call(op: str) -> None:
+    if _paused():
+        return
     with _lock:
         _kernel_calls[op] += 1
 
 
+def record_impl_call(role: str, impl: str) -> None:
+    """Count one call of conv role ``role`` (``conv2d``, ``conv2d_backward``, ``conv_bn_stats``,
+    ``conv_bn_stats_backward``) computed by ``impl`` (``triton``, ``cudnn``, a composite's fused form such as
+    ``cudnn_conv_relu``, or ``eager`` for the op's explicit fallback), and record it for this thread's
+    :func:`conv_owner`."""
+    if _paused():
+        return
+    with _lock:
+        _impl_calls[(role, impl)] += 1
+        owner = getattr(_local, "owner", None)
+        if owner is not None:
+            _layer_impls.setdefault(owner, {})[role] = impl
+
+
+@contextlib.contextmanager
+def conv_owner(owner):
+    """Convs called in this thread meanwhile are recorded as ``owner``'s (any weak-referenceable object, e.g.
+    the ``nn.Conv2d`` whose weight they use; None records nothing). Eager-only: the op layer never looks inside
+    ``owner``, and under torch.compile the callers do not enter it."""
+    prev = getattr(_local, "owner", None)
+    _local.owner = owner
+    try:
+        yield
+    finally:
+        _local.owner = prev
+
+
+def current_conv_owner():
+    """The :func:`conv_owner` of this thread, or None (the autograd backward re-enters the forward's)."""
+    return getattr(_local, "owner", None)
+
+
+def implementations_of(owner) -> dict:
+    """``{role: impl}`` last recorded for ``owner`` (empty when none)."""
+    with _lock:
+        return dict(_layer_impls.get(owner, {}))
+
+
 def record_fallback(op: str, reason: str) -> None:
     """Count a fallback of ``op`` and log it the first time this (op, reason) pair is seen."""
+    if _paused():
+        return
     key = (op, reason)
     with _lock:
         _fallbacks[key] += 1
@@ -82,19 +149,36 @@ def record_fallback(op: str, reason: str) -> None:
 def stats() -> dict:
     """Counters since start (or the last :func:`reset_stats`).
 
-    Returns ``{"backend": str, "kernel_calls": {op: n}, "fallbacks": {op: {reason: n}}}``.
+    Returns ``{"backend": str, "kernel_calls": {op: n}, "impl_calls": {role: {impl: n}},
+    "fallbacks": {op: {reason: n}}}``:
+
+    * ``kernel_calls``: calls of each op or fused path that ran this project's code rather than the eager
+      fallback (``conv2d``, ``conv2d_backward``, ``conv_bn_stats``, ``bn_add_relu``, ``block``, ``block_train``
+      ...), whichever implementation computed the conv.
+    * ``impl_calls``: per conv role (``conv2d``, ``conv2d_backward``, ``conv_bn_stats``,
+      ``conv_bn_stats_backward``), how many calls each implementation computed: ``triton`` (the Triton kernels),
+      ``cudnn`` (the cuDNN composite, :mod:`resnet_fast.ops.conv_cudnn`), a composite's fused form
+      (``conv_folded``, ``cudnn_conv_relu``, ``cudnn_conv_add_relu``) or ``eager`` (the op's fallback, also
+      under ``fallbacks`` when it is one). The chooser's timing runs are not counted.
+    * ``fallbacks``: every call that did not run the kernels it would have, by reason.
     """
     with _lock:
         fallbacks: dict = {}
         for (op, reason), n in _fallbacks.items():
             fallbacks.setdefault(op, {})[reason] = n
-        return {"backend": backend(), "kernel_calls": dict(_kernel_calls), "fallbacks": fallbacks}
+        impls: dict = {}
+        for (role, impl), n in sorted(_impl_calls.items()):
+            impls.setdefault(role, {})[impl] = n
+        return {"backend": backend(), "kernel_calls": dict(_kernel_calls), "impl_calls": impls,
+                "fallbacks": fallbacks}
 
 
 def reset_stats() -> None:
     with _lock:
         _fallbacks.clear()
         _kernel_calls.clear()
+        _impl_calls.clear()
+        _layer_impls.clear()
         _logged.clear()
 
 

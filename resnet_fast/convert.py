@@ -22,6 +22,7 @@ import dataclasses
 
 import torch.nn as tnn
 
+from ._backend import implementations_of
 from .nn.fusion import block_pairs, conv_bn_blocker, downsample_pair
 from .nn.modules import BasicBlock, Bottleneck, FoldedBatchNorm2d, FoldedSyncBatchNorm2d, FusedStemConv
 from .nn.reference import plain_classes
@@ -197,6 +198,29 @@ def convert(model: tnn.Module, *, inplace: bool = False, sync_bn: bool = False, 
     if verbose:
         print(summary)
     return model
+
+
+# ------------------------------------------------------------------------------------------- implementations
+def conv_implementations(model: tnn.Module) -> dict:
+    """Which implementation computed each fused conv of ``model`` in its latest eager calls:
+    ``{conv's qualified name: {role: impl}}``, e.g. ``{"layer1.0.conv1": {"conv_bn_stats": "triton",
+    "conv_bn_stats_backward": "cudnn"}, "layer1.0.downsample.0": {...}, "conv1": {...}}`` (the stem's conv).
+
+    Roles: ``conv2d`` / ``conv2d_backward`` (eval forward, and its backward under autograd), ``conv_bn_stats`` /
+    ``conv_bn_stats_backward`` (training forward and backward); impl: ``triton``, ``cudnn``, a cuDNN composite's
+    fused form (``conv_folded``, ``cudnn_conv_relu``, ``cudnn_conv_add_relu``) or ``eager`` (the op's fallback).
+    Convs not yet run (or run only under torch.compile, which records nothing) are absent; after
+    :func:`resnet_fast.reset_stats` the record starts empty. The counts over all calls are in
+    ``resnet_fast.stats()["impl_calls"]``."""
+    if not isinstance(model, tnn.Module):
+        raise TypeError(f"conv_implementations: expected an nn.Module, got {type(model).__name__}")
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, tnn.Conv2d):
+            impls = implementations_of(module)
+            if impls:
+                out[name] = impls
+    return out
 
 
 # ------------------------------------------------------------------------------------------------- revert

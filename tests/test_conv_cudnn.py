@@ -452,8 +452,8 @@ def test_conv2d_matches_triton_op(kernel_device, triton_backend):
                                 kw["residual"], True)
         assert got.dtype == ref.dtype and got.stride() == ref.stride()
         assert _rel(got, ref) < TOL_FWD[dtype]
-    calls = resnet_fast.stats()["kernel_calls"]
-    assert calls["conv2d"] == 2 and calls["conv2d_cudnn"] == 2
+    st = resnet_fast.stats()  # the op counts its calls; a composite called directly is not a call of an op
+    assert st["kernel_calls"]["conv2d"] == 2 and st["impl_calls"] == {"conv2d": {"triton": 2}}
 
 
 def test_conv2d_backward_matches_triton_op(kernel_device, triton_backend):
@@ -481,18 +481,25 @@ def test_conv_bn_stats_matches_triton_op(kernel_device, triton_backend):
     assert _rel(mean, mean_t) < 1e-5 and _rel(invstd, invstd_t) < 1e-5
     c.update(y=y_t, mean=mean_t)
     ref = _conv_bn_stats_backward_op(c["g_y"], c["c2"], c["c3"], c["x"], c["weight"], c["in_scale"],
-                                     c["in_shift"], c["in_centre"], y_t, mean_t, *conv)
+                                     c["in_shift"], c["in_centre"], y_t, mean_t, *conv, True, True, True)
     for name, g, r in zip(("grad_x", "grad_w", "grad_scale", "grad_shift"), _train_bwd(c, "3x3s2g2"), ref):
         assert g.dtype == r.dtype and g.shape == r.shape and g.stride() == r.stride(), name
         assert _rel(g, r) < 1e-4, f"{name}: {_rel(g, r):.2e}"
 
 
-def test_composites_are_counted(kernel_device, triton_backend):
+def test_ops_count_the_composite_as_cudnn(kernel_device, triton_backend, monkeypatch):
+    # RESNET_FAST_CONV_IMPL=cudnn: the ops run the composite and count it per role; the composites do not count
+    monkeypatch.setenv("RESNET_FAST_CONV_IMPL", "cudnn")
     case = _train_bwd_case("3x3", torch.float32, kernel_device, True, seed=14)
     conv_cudnn.conv_bn_stats(case["x"], case["weight"], case["in_scale"], case["in_shift"], *_conv("3x3"))
-    _train_bwd(case, "3x3")
-    calls = resnet_fast.stats()["kernel_calls"]
-    assert calls["conv_bn_stats_cudnn"] == 1 and calls["conv_bn_stats_backward_cudnn"] == 1
+    assert resnet_fast.stats()["impl_calls"] == {}
+    x = case["x"].requires_grad_(True)
+    y, mean, invstd = resnet_fast.ops.conv_bn_stats(x, case["weight"], case["in_scale"], case["in_shift"],
+                                                    stride=1, padding=1)
+    (y.float().square().sum() + mean.sum() + invstd.sum()).backward()
+    st = resnet_fast.stats()
+    assert st["impl_calls"] == {"conv_bn_stats": {"cudnn": 1}, "conv_bn_stats_backward": {"cudnn": 1}}, st
+    assert st["kernel_calls"]["conv_bn_stats"] == 1
 
 
 def test_composite_input_checks(kernel_device):

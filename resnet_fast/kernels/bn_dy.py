@@ -23,8 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _backend
-from .checks import FLOAT_DTYPES, check_vector
+from .checks import FLOAT_DTYPES, check_vector, describe, kernel_dtype_blocker
 from .conv_dgrad import dy_on_load
 
 __all__ = ["form_dy", "FormedDy", "compile_specs", "BN_DY_CONFIG"]
@@ -97,8 +96,7 @@ def form_dy(dz: torch.Tensor, y: torch.Tensor | None = None, *, c2: torch.Tensor
     """
     who = "form_dy"
     if not isinstance(dz, torch.Tensor) or dz.dim() != 4:
-        raise ValueError(f"{who}: dz must be a 4-D [N, K, P, Q] tensor, got "
-                         f"{tuple(dz.shape) if isinstance(dz, torch.Tensor) else type(dz).__name__}")
+        raise ValueError(f"{who}: dz must be a 4-D [N, K, P, Q] tensor, got {describe(dz)}")
     if dz.dtype not in FLOAT_DTYPES:
         raise ValueError(f"{who}: dz dtype {dz.dtype} is not one of float32/float16/bfloat16")
     if not dz.is_contiguous(memory_format=torch.channels_last):
@@ -122,9 +120,9 @@ def form_dy(dz: torch.Tensor, y: torch.Tensor | None = None, *, c2: torch.Tensor
             check_vector(name, v, K, dz.device, who)
     if not write and not sums:
         raise ValueError(f"{who}: nothing to do (write=False and sums=False)")
-    if dz.dtype == torch.bfloat16 and _backend.interpreting():
-        raise RuntimeError(f"{who}: bf16 is not run in the Triton interpreter (like the conv kernels); use "
-                           "float16/float32 on CPU")
+    why = kernel_dtype_blocker(dz.dtype)  # bf16 in the Triton interpreter: an error rather than garbage
+    if why is not None:
+        raise RuntimeError(f"{who}: {why}; use float16/float32 on CPU")
     block_m, block_k, warps = config or BN_DY_CONFIG
     for name, v in (("BLOCK_M", block_m), ("BLOCK_K", block_k)):
         if not isinstance(v, int) or v < 1 or v & (v - 1):

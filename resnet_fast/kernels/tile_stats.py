@@ -20,8 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _backend
-from .checks import FLOAT_DTYPES
+from .checks import FLOAT_DTYPES, check, describe, kernel_dtype_blocker
 
 __all__ = ["TileStats", "tile_centred_sums", "tile_stats", "compile_specs", "TILE_STATS_CONFIG"]
 
@@ -88,16 +87,14 @@ def tile_stats(y: torch.Tensor, *, config: tuple | None = None):
         :func:`resnet_fast.kernels.bn_finalize.bn_finalize`.
     """
     who = "tile_stats"
-    if not isinstance(y, torch.Tensor) or y.dim() != 4:
-        raise ValueError(f"{who}: y must be a 4-D [N, K, P, Q] tensor, got "
-                         f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}")
-    if y.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"{who}: y dtype {y.dtype} is not one of float32/float16/bfloat16")
+    check(isinstance(y, torch.Tensor) and y.dim() == 4,
+          f"{who}: y must be a 4-D [N, K, P, Q] tensor, got {describe(y)}")
+    check(y.dtype in FLOAT_DTYPES, f"{who}: y dtype {y.dtype} is not one of float32/float16/bfloat16")
     if not y.is_contiguous(memory_format=torch.channels_last):
         raise ValueError(f"{who}: y must be channels_last-contiguous (its [N*P*Q, K] rows are read densely)")
-    if y.dtype == torch.bfloat16 and _backend.interpreting():
-        raise RuntimeError(f"{who}: bf16 is not run in the Triton interpreter (like the conv kernels); use "
-                           "float16/float32 on CPU")
+    why = kernel_dtype_blocker(y.dtype)  # bf16 in the Triton interpreter: an error rather than garbage
+    if why is not None:
+        raise RuntimeError(f"{who}: {why}; use float16/float32 on CPU")
     tile_rows, block_k, warps = config or TILE_STATS_CONFIG
     for name, v in (("tile_rows", tile_rows), ("BLOCK_K", block_k)):
         if not isinstance(v, int) or v < 1 or v & (v - 1):

@@ -21,7 +21,8 @@ import torch.nn as tnn
 
 from .. import _backend, ops
 from . import train_path
-from .fusion import activation_dtype, block_pairs, downsample_pair, fused_pairs, pairs_blocker, train_blocker
+from .fusion import (activation_dtype, block_pairs, conv_scope, downsample_pair, fused_pairs, pairs_blocker,
+                     train_blocker)
 
 
 def _kernels(op: str, device: torch.device) -> bool:
@@ -59,8 +60,10 @@ def conv_bn_eval_kernels(x, conv, bn, *, residual=None, relu=False):
     if residual is not None:
         residual = residual.to(x.dtype)
     scale, shift = ops.fold_bn(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
-    return ops.conv2d(x, conv.weight.to(x.dtype), stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
-                      groups=conv.groups, scale=scale, shift=shift, residual=residual, relu=relu)
+    with conv_scope(conv):
+        return ops.conv2d(x, conv.weight.to(x.dtype), stride=conv.stride, padding=conv.padding,
+                          dilation=conv.dilation, groups=conv.groups, scale=scale, shift=shift, residual=residual,
+                          relu=relu)
 
 
 def block_forward_eval_kernels(block, x):

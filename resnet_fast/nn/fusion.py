@@ -7,15 +7,17 @@ messages.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as tnn
 
-from .. import _ext
+from .. import _backend, _ext
 from ..kernels.checks import kernel_dtype_blocker
 from .sync_bn import SyncBatchNorm2d
 
 __all__ = ["activation_dtype", "block_pairs", "downsample_pair", "fused_pairs", "conv_bn_blocker", "pairs_blocker",
-           "train_blocker", "MODES"]
+           "train_blocker", "conv_scope", "MODES"]
 
 MODES = ("eval", "train", "convert")
 _EXACT_BN_TYPES = (tnn.BatchNorm2d, SyncBatchNorm2d)  # convert: a subclass may compute something else
@@ -107,3 +109,12 @@ def train_blocker(x: torch.Tensor, pairs) -> str | None:
     if reason is not None:
         return reason
     return pairs_blocker(pairs, "train")
+
+
+def conv_scope(conv: tnn.Module):
+    """Context in which the ops' conv calls (forward here, backward through autograd) are recorded as ``conv``'s,
+    for :func:`resnet_fast.conv_implementations`. Eager only: under torch.compile nothing is recorded (a
+    compiled model reports what its eager calls recorded)."""
+    if torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return _backend.conv_owner(conv)

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 
 from ..ops import bn_add_relu, bn_affine, bn_relu, conv_bn_stats, sync_batch_stats
-from .fusion import activation_dtype, block_pairs, downsample_pair
+from .fusion import activation_dtype, block_pairs, conv_scope, downsample_pair
 from .sync_bn import SyncBatchNorm2d, update_bn_running_stats
 
 __all__ = ["conv_bn_train", "block_forward_train_kernels", "conv_bn_act_train_kernels"]
@@ -51,9 +51,10 @@ def conv_bn_train(x: torch.Tensor, conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm
 
     A :class:`~resnet_fast.nn.SyncBatchNorm2d` that syncs merges the kernel's per-rank statistics into the
     global batch's (one all-gather of [2C+1] values, differentiable), so the fused path serves synced BN too."""
-    y, mean, invstd = conv_bn_stats(x, conv.weight.to(x.dtype), in_scale, in_shift, in_centre,
-                                    stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
-                                    groups=conv.groups, eps=bn.eps)
+    with conv_scope(conv):
+        y, mean, invstd = conv_bn_stats(x, conv.weight.to(x.dtype), in_scale, in_shift, in_centre,
+                                        stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
+                                        groups=conv.groups, eps=bn.eps)
     count = y.shape[0] * y.shape[2] * y.shape[3]
     if isinstance(bn, SyncBatchNorm2d) and bn.syncs():
         mean, invstd, count = sync_batch_stats(mean, invstd, count, bn.eps, bn.process_group)

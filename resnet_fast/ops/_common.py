@@ -1,12 +1,17 @@
-"""Helpers shared by the op modules: the conv arguments as the custom ops' ``int[]`` lists, and a gradient laid
-out with the strides the backward kernels require."""
+"""Helpers shared by the op modules: the conv arguments as the custom ops' ``int[]`` lists, a gradient laid
+out with the strides the backward kernels require, and the per-conv choice between implementations
+(:func:`run_chosen`)."""
 from __future__ import annotations
+
+from typing import Callable, Mapping
 
 import torch
 
-from ..kernels.conv_common import pair
+from .. import _backend
+from ..kernels.configs import choose_impl, conv_allows_tf32
+from ..kernels.conv_common import ConvGeometry, pair
 
-__all__ = ["conv_arg_lists", "with_strides_of"]
+__all__ = ["conv_arg_lists", "with_strides_of", "tf32_switch", "run_chosen"]
 
 
 def conv_arg_lists(stride, padding, dilation, who: str) -> tuple:
@@ -26,3 +31,34 @@ def with_strides_of(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     if t.is_contiguous(memory_format=torch.channels_last) and ref.is_contiguous(memory_format=torch.channels_last):
         return t.as_strided(ref.shape, ref.stride())
     return torch.empty_like(ref).copy_(t)
+
+
+def tf32_switch(dtype: torch.dtype) -> bool:
+    """Whether this conv may use TF32 (fp32 and :func:`resnet_fast.kernels.configs.conv_allows_tf32`, which both
+    implementations follow): a switch of every role's choice, since it changes the work of both."""
+    return dtype == torch.float32 and conv_allows_tf32()
+
+
+def run_chosen(role: str, geom: ConvGeometry, x: torch.Tensor, switches: tuple, runners: Mapping[str, Callable]):
+    """Run the implementation of conv role ``role`` that :func:`resnet_fast.kernels.configs.choose_impl` picks
+    for this geometry, x's dtype and device and ``switches`` (what changes the work), and return its result.
+
+    ``runners``: ``{"triton": fn, "cudnn": fn, ...}``, zero-argument closures that only write their own outputs.
+    A miss on the GPU times them (once per key): that happens with counting paused (:func:`_backend.counting_paused`)
+    and the winner's last timed output is returned rather than computed again. The call is counted in
+    ``stats()["impl_calls"][role][impl]`` and recorded for the caller's :func:`_backend.conv_owner`."""
+    last = {}
+
+    def keeping(name, fn):
+        def run():
+            last[name] = out = fn()
+            return out
+        return run
+
+    with _backend.counting_paused():
+        impl = choose_impl(role, geom, x.dtype, x.device, tuple(switches),
+                           {name: keeping(name, fn) for name, fn in runners.items()})
+    out = last.pop(impl) if impl in last else runners[impl]()
+    last.clear()
+    _backend.record_impl_call(role, impl)
+    return out

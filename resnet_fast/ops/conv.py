@@ -21,6 +21,14 @@ wgrad also emits Σg (its ``dy_sums``). Only ``grad_residual`` is an activation-
 residual needs a gradient. Only what ``needs_input_grad`` asks for is computed; a channel with scale exactly 0
 is exact (nothing is divided by the scale). Saved: x, weight, bias, scale and, under ReLU, the output.
 
+Implementation per conv: when the kernels run, the forward body and the backward body each ask
+:func:`resnet_fast.kernels.configs.choose_impl` (roles ``conv2d`` and ``conv2d_backward``; switches: which of
+bias/scale/shift/residual are given, relu, the need flags, the TF32 rule) whether the Triton kernels, the cuDNN
+composite (:mod:`resnet_fast.ops.conv_cudnn`) or, for the forward, one of the composite's folded/fused forms
+runs it (``RESNET_FAST_CONV_IMPL``; measured once per key on the GPU, Triton in the interpreter). Forward and
+backward are chosen separately: both implementations save and read the same tensors, so any pairing is valid
+and choosing each on its own can only be faster. Each call is counted in ``resnet_fast.stats()["impl_calls"]``.
+
 Layout: NHWC (``channels_last``) is native; other inputs are converted once per call. The output is always a
 ``[N, K, P, Q]`` channels_last tensor in x's dtype, on both paths.
 """
@@ -28,10 +36,11 @@ from __future__ import annotations
 
 import torch
 
-from .. import _backend
+from .. import _backend, _ext
 from ..kernels.checks import check, kernel_dtype_blocker
 from ..kernels.conv_common import ConvGeometry
-from ._common import conv_arg_lists, with_strides_of
+from . import conv_cudnn
+from ._common import conv_arg_lists, run_chosen, tf32_switch, with_strides_of
 from .eager import eager_conv2d
 
 __all__ = ["conv2d", "fold_bn"]
@@ -91,13 +100,25 @@ def _conv2d_op(x, weight, bias, stride, padding, dilation, groups, scale, shift,
     args = (x, weight, bias, stride, padding, dilation, groups)
     kw = dict(scale=scale, shift=shift, residual=residual, relu=relu)
     if not _use_kernels(_OP, x):
+        _backend.record_impl_call(_OP, "eager")
         return eager_conv2d(*args, **kw)
     from ..kernels import conv_fwd
-    w_packed = conv_fwd.pack_weight(weight, groups, x.dtype)
+    xc = x.contiguous(memory_format=torch.channels_last)
     res = None if residual is None else residual.contiguous(memory_format=torch.channels_last)
-    y, _ = conv_fwd.conv2d_nhwc(x.contiguous(memory_format=torch.channels_last), w_packed, geom, bias=bias,
-                                scale=scale, shift=shift, residual=res, relu=relu)
-    return y
+
+    def triton():
+        y, _ = conv_fwd.conv2d_nhwc(xc, conv_fwd.pack_weight(weight, groups, x.dtype), geom, bias=bias,
+                                    scale=scale, shift=shift, residual=res, relu=relu)
+        return y
+
+    cudnn_args = (xc, weight, bias, stride, padding, dilation, groups, scale, shift, res, relu)
+    runners = {"triton": triton}
+    if _ext.load():  # the composite's epilogue pass is the C++ bn_relu/bn_add_relu
+        runners["cudnn"] = lambda: conv_cudnn.conv2d(*cudnn_args)
+    runners.update(conv_cudnn.conv2d_fused_candidates(*cudnn_args))
+    switches = (bias is not None, scale is not None, shift is not None, residual is not None, relu,
+                tf32_switch(x.dtype))
+    return run_chosen(_OP, geom, x, switches, runners)
 
 
 @_conv2d_op.register_fake
@@ -120,7 +141,19 @@ def _conv2d_backward_op(grad, x, weight, scale, out, stride, padding, dilation, 
     an empty tensor unless asked for (need_x, need_dw, need_sums)."""
     conv = dict(stride=list(stride), padding=list(padding), dilation=list(dilation), groups=groups)
     if not _use_kernels(_BWD_OP, x):
+        _backend.record_impl_call(_BWD_OP, "eager")
         return _eager_backward(grad, x, weight, scale, out, conv, relu, need_x, need_dw, need_sums)
+    geom = ConvGeometry.make(tuple(x.shape), tuple(weight.shape), stride, padding, dilation, groups, _BWD_OP)
+    args = (grad, x, weight, scale, out, stride, padding, dilation, groups, relu, need_x, need_dw, need_sums)
+    runners = {"triton": lambda: _triton_backward(grad, x, weight, scale, out, conv, relu, need_x, need_dw,
+                                                  need_sums),
+               "cudnn": lambda: conv_cudnn.conv2d_backward(*args)}
+    switches = (scale is not None, relu, need_x, need_dw, need_sums, tf32_switch(x.dtype))
+    return run_chosen(_BWD_OP, geom, x, switches, runners)
+
+
+def _triton_backward(grad, x, weight, scale, out, conv, relu, need_x, need_dw, need_sums):
+    """The backward op on the dgrad/wgrad kernels (results as :func:`_conv2d_backward_op`'s)."""
     from ..kernels.conv_common import DyBN
     from ..kernels.conv_dgrad import conv2d_dgrad_nhwc
     from ..kernels.conv_wgrad import conv2d_wgrad_nhwc
@@ -185,6 +218,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight, bias, scale, output if relu else None)
     ctx.conv = (stride, padding, dilation, groups, relu)
     ctx.shift_dtype = None if shift is None else shift.dtype
+    ctx.owner = _backend.current_conv_owner()  # the backward's choice is recorded for the forward's layer
 
 
 def _backward(ctx, grad):
@@ -195,8 +229,9 @@ def _backward(ctx, grad):
     need_sums = n_bias or n_shift or (n_scale and bias is not None)
     grad_x = grad_w = grad_bias = grad_scale = grad_shift = grad_res = None
     if n_x or need_dw or need_sums:
-        gx, dw_g, sum_g = _conv2d_backward_op(grad, x, weight, scale, out, stride, padding, dilation, groups,
-                                              relu, n_x, need_dw, need_sums)
+        with _backend.conv_owner(ctx.owner):
+            gx, dw_g, sum_g = _conv2d_backward_op(grad, x, weight, scale, out, stride, padding, dilation, groups,
+                                                  relu, n_x, need_dw, need_sums)
         # [K]- and weight-sized epilogue in torch, in dW_g's fp32 (float64 on the float64 fallback)
         sc = None if scale is None else scale.to(dw_g.dtype)
         if n_x:

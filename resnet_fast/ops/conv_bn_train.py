@@ -19,7 +19,18 @@ prologue, dgrad's dReLU epilogue returns ``dz = dA*[x*in_scale + in_shift > 0]``
 Σdz·(x - in_centre), and stores ``grad_x = dz*in_scale[c]`` (its ``out_scale``), so the in_scale/in_shift
 gradients are those sums and grad_x is exact, a channel with in_scale exactly 0 (BN gamma 0) included.
 wgrad recomputes ``a`` from x in its prologue. Saved: x, weight, in_scale, in_shift, in_centre, y,
-mean, invstd -- no normalised activations.
+mean, invstd -- no normalised activations. Only the gradients ``needs_input_grad`` asks for are computed: no
+dgrad when x needs none and there is no prologue whose in_scale/in_shift need one (the network's input
+image), no wgrad when the weight needs none.
+
+Implementation per conv: the forward body and the backward body each ask
+:func:`resnet_fast.kernels.configs.choose_impl` (roles ``conv_bn_stats`` and ``conv_bn_stats_backward``;
+switches: the prologue, the need flags, the TF32 rule) whether the Triton kernels above or the cuDNN composite
+(:mod:`resnet_fast.ops.conv_cudnn`: ATen's conv GEMM and this project's one-pass kernels) runs it
+(``RESNET_FAST_CONV_IMPL``; measured once per key on the GPU, Triton in the interpreter). They are chosen
+separately: both save the same tensors (x, y, the statistics; neither saves the prologue's output), so any
+pairing of forward and backward is valid and choosing each on its own can only be faster. Each call is counted in
+``resnet_fast.stats()["impl_calls"]``.
 
 Tensors and numbers only: the module-level training unit (a Conv2d and a BatchNorm2d, running statistics,
 synced BN) is :mod:`resnet_fast.nn.train_path`, built on this op, :func:`bn_affine` and
@@ -29,19 +40,21 @@ from __future__ import annotations
 
 import torch
 
-from .. import _backend
+from .. import _backend, _ext
 from ..kernels.checks import FLOAT_DTYPES, check, describe, kernel_dtype_blocker
 from ..kernels.conv_common import ConvGeometry
-from ._common import conv_arg_lists, with_strides_of
+from . import conv_cudnn
+from ._common import conv_arg_lists, run_chosen, tf32_switch, with_strides_of
 
 __all__ = ["conv_bn_stats", "bn_affine", "update_running_stats"]
 
 _OP = "conv_bn_stats"
+_BWD_OP = "conv_bn_stats_backward"
 _FWD_SCHEMA = ("(Tensor x, Tensor weight, Tensor? in_scale, Tensor? in_shift, Tensor? in_centre, int[] stride, "
                "int[] padding, int[] dilation, int groups, float eps) -> (Tensor, Tensor, Tensor)")
 _BWD_SCHEMA = ("(Tensor g_y, Tensor c2, Tensor c3, Tensor x, Tensor weight, Tensor? in_scale, Tensor? in_shift, "
                "Tensor? in_centre, Tensor y, Tensor mean, int[] stride, int[] padding, int[] dilation, "
-               "int groups) -> (Tensor, Tensor, Tensor, Tensor)")
+               "int groups, bool need_x, bool need_w, bool need_affine) -> (Tensor, Tensor, Tensor, Tensor)")
 
 
 def _validate(x, weight, in_scale, in_shift, in_centre, stride, padding, dilation, groups) -> ConvGeometry:
@@ -72,10 +85,17 @@ def _contiguous_or_none(v):
 def _conv_bn_stats_op(x, weight, in_scale, in_shift, in_centre, stride, padding, dilation, groups, eps):
     geom = _validate(x, weight, in_scale, in_shift, in_centre, stride, padding, dilation, groups)
     from ..kernels import bn_finalize, conv_fwd  # Triton kernels: only after the backend set up the interpreter
-    y, st = conv_fwd.conv2d_nhwc(x.contiguous(memory_format=torch.channels_last),
-                                 conv_fwd.pack_weight(weight, groups, x.dtype), geom,
-                                 in_scale=_contiguous_or_none(in_scale), in_shift=_contiguous_or_none(in_shift),
-                                 in_relu=in_scale is not None, stats=True)
+    xc = x.contiguous(memory_format=torch.channels_last)
+    sc, sh = _contiguous_or_none(in_scale), _contiguous_or_none(in_shift)
+
+    def triton():
+        return conv_fwd.conv2d_nhwc(xc, conv_fwd.pack_weight(weight, groups, x.dtype), geom, in_scale=sc,
+                                    in_shift=sh, in_relu=sc is not None, stats=True)
+
+    runners = {"triton": triton}
+    if sc is None or _ext.load():  # the composite's prologue is the C++ bn_relu
+        runners["cudnn"] = lambda: conv_cudnn.conv_bn_stats(xc, weight, sc, sh, stride, padding, dilation, groups)
+    y, st = run_chosen(_OP, geom, x, (sc is not None, tf32_switch(x.dtype)), runners)
     mean, invstd, _, _ = bn_finalize.bn_finalize(st.sum, st.m2, geom.N * geom.P * geom.Q, tile_rows=st.tile_rows,
                                                 momentum=0.0, eps=eps)
     return y, mean, invstd
@@ -91,7 +111,23 @@ def _conv_bn_stats_fake(x, weight, in_scale, in_shift, in_centre, stride, paddin
 
 @torch.library.custom_op("resnet_fast::conv_bn_stats_backward", mutates_args=(), schema=_BWD_SCHEMA)
 def _conv_bn_stats_backward_op(g_y, c2, c3, x, weight, in_scale, in_shift, in_centre, y, mean, stride, padding,
-                               dilation, groups):
+                               dilation, groups, need_x, need_w, need_affine):
+    """``(grad_x, grad_w, grad_scale, grad_shift)``; grad_x only with ``need_x``, grad_w only with ``need_w`` and
+    the prologue's grad_scale/grad_shift only with ``need_affine`` (and a prologue), each else an empty tensor."""
+    geom = ConvGeometry.make(tuple(x.shape), tuple(weight.shape), stride, padding, dilation, groups, _BWD_OP)
+    args = (g_y, c2, c3, x, weight, in_scale, in_shift, in_centre, y, mean, stride, padding, dilation, groups)
+    need_affine = need_affine and in_scale is not None
+    runners = {"triton": lambda: _triton_backward(*args, need_x, need_w, need_affine)}
+    if in_scale is None or _ext.load():  # the composite's prologue backward is the C++ bn_relu_backward
+        runners["cudnn"] = lambda: conv_cudnn.conv_bn_stats_backward(*args, need_x=need_x, need_w=need_w,
+                                                                     need_affine=need_affine)
+    switches = (in_scale is not None, need_x, need_w, need_affine, tf32_switch(x.dtype))
+    return run_chosen(_BWD_OP, geom, x, switches, runners)
+
+
+def _triton_backward(g_y, c2, c3, x, weight, in_scale, in_shift, in_centre, y, mean, stride, padding, dilation,
+                     groups, need_x, need_w, need_affine):
+    """The backward op on the dgrad/wgrad kernels (results as :func:`_conv_bn_stats_backward_op`'s)."""
     from ..kernels.bn_finalize import bn_backward_coeffs
     from ..kernels.conv_common import DyBN
     from ..kernels.conv_dgrad import conv2d_dgrad_nhwc
@@ -101,31 +137,38 @@ def _conv_bn_stats_backward_op(g_y, c2, c3, x, weight, in_scale, in_shift, in_ce
     g_y = with_strides_of(g_y, y)
     dy_bn = DyBN(y, torch.ones_like(mean), c2, c3, mean)  # dy = 1*g_y + c2*(y - mean) + c3, formed on load
     C = x.shape[1]
+    grad_x, grad_w = x.new_empty((0,)), weight.new_empty((0,))
+    grad_scale, grad_shift = (x.new_empty((0,), dtype=torch.float32) for _ in range(2))  # distinct: no aliasing
     if in_scale is None:
-        grad_x = conv2d_dgrad_nhwc(g_y, weight, x.shape, **conv, dy_bn=dy_bn)
-        grad_scale, grad_shift = (x.new_empty((0,), dtype=torch.float32) for _ in range(2))  # no aliasing
-        grad_w = conv2d_wgrad_nhwc(g_y, x, weight.shape, **conv, dy_bn=dy_bn)
-    else:
+        if need_x:
+            grad_x = conv2d_dgrad_nhwc(g_y, weight, x.shape, **conv, dy_bn=dy_bn)
+    elif need_x or need_affine:  # one dgrad gives grad_x and the prologue's sums
         centre = in_centre if in_centre is not None else torch.zeros_like(in_scale)
-        grad_x, part = conv2d_dgrad_nhwc(g_y, weight, x.shape, **conv, y_prev=x, in_scale=in_scale,
-                                         in_shift=in_shift, in_centre=centre, out_scale=in_scale, dy_bn=dy_bn)
-        # Fixed-order float64 reduction of the per-tile partials (invstd=1: dgamma = Σ·(x - centre), dbeta = Σ);
-        # count only scales the unused coefficients.
-        n = max(x.shape[0] * x.shape[2] * x.shape[3], 2)
-        _, _, _, s_xc, s = bn_backward_coeffs(part[0], part[1], torch.ones(C, device=x.device), n)
-        grad_shift = s  # Σdz
-        grad_scale = s_xc + centre * grad_shift  # Σdz·x = Σdz·(x - centre) + centre·Σdz
-        grad_w = conv2d_wgrad_nhwc(g_y, x, weight.shape, **conv, in_scale=in_scale, in_shift=in_shift,
-                                   dy_bn=dy_bn)
-    return grad_x, grad_w.to(weight.dtype), grad_scale, grad_shift
+        gx, part = conv2d_dgrad_nhwc(g_y, weight, x.shape, **conv, y_prev=x, in_scale=in_scale,
+                                     in_shift=in_shift, in_centre=centre, out_scale=in_scale, dy_bn=dy_bn)
+        if need_x:
+            grad_x = gx
+        if need_affine:
+            # Fixed-order float64 reduction of the per-tile partials (invstd=1: dgamma = Σ·(x - centre),
+            # dbeta = Σ); count only scales the unused coefficients.
+            n = max(x.shape[0] * x.shape[2] * x.shape[3], 2)
+            _, _, _, s_xc, s = bn_backward_coeffs(part[0], part[1], torch.ones(C, device=x.device), n)
+            grad_shift = s  # Σdz
+            grad_scale = s_xc + centre * grad_shift  # Σdz·x = Σdz·(x - centre) + centre·Σdz
+    if need_w:
+        prologue = {} if in_scale is None else dict(in_scale=in_scale, in_shift=in_shift)
+        grad_w = conv2d_wgrad_nhwc(g_y, x, weight.shape, **conv, **prologue, dy_bn=dy_bn).to(weight.dtype)
+    return grad_x, grad_w, grad_scale, grad_shift
 
 
 @_conv_bn_stats_backward_op.register_fake
 def _conv_bn_stats_backward_fake(g_y, c2, c3, x, weight, in_scale, in_shift, in_centre, y, mean, stride,
-                                 padding, dilation, groups):
-    n = 0 if in_scale is None else x.shape[1]
-    return (torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last),
-            torch.empty_like(weight), x.new_empty((n,), dtype=torch.float32), x.new_empty((n,), dtype=torch.float32))
+                                 padding, dilation, groups, need_x, need_w, need_affine):
+    n = x.shape[1] if in_scale is not None and need_affine else 0
+    grad_x = (torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last) if need_x
+              else x.new_empty((0,)))
+    grad_w = torch.empty_like(weight) if need_w else weight.new_empty((0,))
+    return grad_x, grad_w, x.new_empty((n,), dtype=torch.float32), x.new_empty((n,), dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
@@ -133,20 +176,26 @@ def _setup_context(ctx, inputs, output):
     y, mean, invstd = output
     ctx.save_for_backward(x, weight, in_scale, in_shift, in_centre, y, mean, invstd)
     ctx.conv = (stride, padding, dilation, groups)
+    ctx.owner = _backend.current_conv_owner()  # the backward's choice is recorded for the forward's layer
 
 
 def _backward(ctx, g_y, g_mean, g_invstd):
     x, weight, in_scale, in_shift, in_centre, y, mean, invstd = ctx.saved_tensors
     stride, padding, dilation, groups = ctx.conv
+    n_x, n_w, n_scale, n_shift = ctx.needs_input_grad[:4]
+    need_affine = in_scale is not None and (n_scale or n_shift)
+    if not (n_x or n_w or need_affine):
+        return (None,) * 10
     m = y.shape[0] * y.shape[2] * y.shape[3]
     # d mean/dy = 1/M, d invstd/dy = -invstd³ (y - mean)/M: [K] coefficients applied while loading dy
     c2 = (-g_invstd.float() * invstd.pow(3) / m).contiguous()
     c3 = (g_mean.float() / m).contiguous()
-    grad_x, grad_w, grad_scale, grad_shift = _conv_bn_stats_backward_op(
-        g_y, c2, c3, x, weight, in_scale, in_shift, in_centre, y, mean, stride, padding, dilation, groups)
-    if in_scale is None:
-        grad_scale = grad_shift = None
-    return grad_x, grad_w, grad_scale, grad_shift, None, None, None, None, None, None
+    with _backend.conv_owner(ctx.owner):
+        grad_x, grad_w, grad_scale, grad_shift = _conv_bn_stats_backward_op(
+            g_y, c2, c3, x, weight, in_scale, in_shift, in_centre, y, mean, stride, padding, dilation, groups,
+            n_x, n_w, need_affine)
+    return (grad_x if n_x else None, grad_w if n_w else None, grad_scale if n_scale else None,
+            grad_shift if n_shift else None, None, None, None, None, None, None)
 
 
 _conv_bn_stats_op.register_autograd(_backward, setup_context=_setup_context)

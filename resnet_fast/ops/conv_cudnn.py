@@ -4,9 +4,11 @@ Each conv op has two implementations with the same inputs and outputs: the Trito
 fusions in prologue/epilogue) and this composite, where ``torch.ops.aten.convolution`` /
 ``torch.ops.aten.convolution_backward`` run the GEMM (cuDNN on CUDA, as eager PyTorch would, but TF32 for fp32
 only where the Triton path would use it: :func:`resnet_fast.kernels.configs.conv_allows_tf32`) and this
-project's one-pass kernels do the rest. A chooser times both per conv; the op bodies call these pure functions
-(tensors in, tensors out, no autograd) when it picks the composite. Every call is counted as
-``<op>_cudnn`` in :func:`resnet_fast.stats`. The GEMM runs with autocast off: the op bodies already hold their
+project's one-pass kernels do the rest. A chooser times both per conv
+(:func:`resnet_fast.kernels.configs.choose_impl`, ``RESNET_FAST_CONV_IMPL``); the op bodies call these pure
+functions (tensors in, tensors out, no autograd) when it picks the composite, and count the call as
+``stats()["impl_calls"][role]["cudnn"]`` (or the fused form's name): this is the only place a cuDNN conv runs
+inside the fast path. The GEMM runs with autocast off: the op bodies already hold their
 operands in the activation dtype, and the Triton path ignores autocast too.
 
 Roles, and the passes over activation memory besides the GEMM's own:
@@ -41,27 +43,20 @@ import contextlib
 
 import torch
 
-from .. import _backend, _ext
+from .. import _ext
+from ..kernels.checks import FLOAT_DTYPES, check, describe
 from ..kernels.conv_common import ConvGeometry
+from ._common import with_strides_of
 
 __all__ = ["conv2d", "conv2d_fused_candidates", "conv_bn_stats", "conv_bn_stats_backward", "conv2d_backward"]
 
-CL = torch.channels_last
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ValueError(msg)
-
-
 def _geometry(who, x, weight, stride, padding, dilation, groups) -> ConvGeometry:
     """The conv's validated geometry; ValueError naming the argument for a bad x/weight."""
-    _check(isinstance(x, torch.Tensor) and x.dim() == 4, f"{who}: x must be a 4-D [N, C, H, W] tensor, got "
-           f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-    _check(x.dtype in _DTYPES, f"{who}: x dtype {x.dtype} is not one of float32/float16/bfloat16")
-    _check(isinstance(weight, torch.Tensor) and weight.dtype == x.dtype and weight.device == x.device,
-           f"{who}: weight must be a tensor of x's dtype {x.dtype} on {x.device}")
+    check(isinstance(x, torch.Tensor) and x.dim() == 4,
+          f"{who}: x must be a 4-D [N, C, H, W] tensor, got {describe(x)}")
+    check(x.dtype in FLOAT_DTYPES, f"{who}: x dtype {x.dtype} is not one of float32/float16/bfloat16")
+    check(isinstance(weight, torch.Tensor) and weight.dtype == x.dtype and weight.device == x.device,
+          f"{who}: weight must be a tensor of x's dtype {x.dtype} on {x.device}, got {describe(weight)}")
     return ConvGeometry.make(tuple(x.shape), tuple(weight.shape), stride, padding, dilation, groups, who)
 
 
@@ -69,9 +64,9 @@ def _vector(who, name, v, n, device, acc=torch.float32):
     """A per-channel vector as the fp32 contiguous one the C++ ops read, or None."""
     if v is None:
         return None
-    _check(isinstance(v, torch.Tensor) and v.dim() == 1 and v.shape[0] == n and v.is_floating_point()
-           and v.device == device, f"{who}: {name} must be a 1-D float tensor of length {n} on {device}, got "
-           f"{(tuple(v.shape), v.dtype, v.device) if isinstance(v, torch.Tensor) else type(v).__name__}")
+    check(isinstance(v, torch.Tensor) and v.dim() == 1 and v.shape[0] == n and v.is_floating_point()
+          and v.device == device, f"{who}: {name} must be a 1-D float tensor of length {n} on {device}, got "
+          f"{describe(v)}")
     return v.to(acc).contiguous()
 
 
@@ -115,7 +110,8 @@ def _aten_conv(x, weight, bias, g: ConvGeometry) -> torch.Tensor:
     with _aten_env(x):
         y = torch.ops.aten.convolution(x, weight, bias, list(g.stride), list(g.padding), list(g.dilation), False,
                                        [0, 0], g.groups)
-    return y.contiguous(memory_format=CL)  # a no-op for a channels_last x (cuDNN and oneDNN keep its format)
+    # a no-op for a channels_last x (cuDNN and oneDNN keep its format)
+    return y.contiguous(memory_format=torch.channels_last)
 
 
 def _aten_conv_backward(dy, a, weight, g: ConvGeometry, need_input: bool, need_weight: bool):
@@ -123,11 +119,6 @@ def _aten_conv_backward(dy, a, weight, g: ConvGeometry, need_input: bool, need_w
         return torch.ops.aten.convolution_backward(dy, a, weight, None, list(g.stride), list(g.padding),
                                                    list(g.dilation), False, [0, 0], g.groups,
                                                    [need_input, need_weight, False])
-
-
-def _like(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """``t`` with ``ref``'s strides (the fake implementations promise the weight's layout for its gradient)."""
-    return t if t.stride() == ref.stride() else torch.empty_like(ref).copy_(t)
 
 
 # ------------------------------------------------------------------------------------------------ inference
@@ -155,11 +146,11 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, str
     scale = _vector(who, "scale", scale, g.K, x.device)
     shift = _vector(who, "shift", shift, g.K, x.device)
     if residual is not None:
-        _check(isinstance(residual, torch.Tensor) and tuple(residual.shape) == (g.N, g.K, g.P, g.Q)
-               and residual.dtype == x.dtype and residual.device == x.device,
-               f"{who}: residual must be a {(g.N, g.K, g.P, g.Q)} {x.dtype} tensor on {x.device}")
-    _backend.record_kernel_call(who)
-    x = x.contiguous(memory_format=CL)
+        check(isinstance(residual, torch.Tensor) and tuple(residual.shape) == (g.N, g.K, g.P, g.Q)
+              and residual.dtype == x.dtype and residual.device == x.device,
+              f"{who}: residual must be a {(g.N, g.K, g.P, g.Q)} {x.dtype} tensor on {x.device}, got "
+              f"{describe(residual)}")
+    x = x.contiguous(memory_format=torch.channels_last)
     if scale is None and shift is None and residual is None and not relu and (bias is None
                                                                                  or bias.dtype == x.dtype):
         return _aten_conv(x, weight, bias, g)  # nothing around the GEMM (a bias of another dtype takes a pass)
@@ -171,8 +162,8 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, str
     _ext.require(who)
     if residual is None:
         return torch.ops.resnet_fast.bn_relu(y, sc, sh, bool(relu))
-    return torch.ops.resnet_fast.bn_add_relu(y, sc, sh, residual.contiguous(memory_format=CL), None, None,
-                                             bool(relu))
+    residual = residual.contiguous(memory_format=torch.channels_last)
+    return torch.ops.resnet_fast.bn_add_relu(y, sc, sh, residual, None, None, bool(relu))
 
 
 def conv2d_fused_candidates(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride, padding,
@@ -204,25 +195,23 @@ def conv2d_fused_candidates(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
         b = bias32 if scale is None or bias32 is None else bias32 * scale
         if shift is not None:
             b = shift if b is None else b + shift
-        return x.contiguous(memory_format=CL), w, None if b is None else b.to(x.dtype)
+        return x.contiguous(memory_format=torch.channels_last), w, None if b is None else b.to(x.dtype)
 
     def conv_folded():
-        _backend.record_kernel_call("conv2d_conv_folded")
         xc, w, b = folded()
         return _aten_conv(xc, w, b, g)
 
     def conv_relu():
-        _backend.record_kernel_call("conv2d_cudnn_conv_relu")
         xc, w, b = folded()
         with _aten_env(x):
-            return torch.cudnn_convolution_relu(xc, w, b, *lists).contiguous(memory_format=CL)
+            return torch.cudnn_convolution_relu(xc, w, b, *lists).contiguous(memory_format=torch.channels_last)
 
     def conv_add_relu():
-        _backend.record_kernel_call("conv2d_cudnn_conv_add_relu")
         xc, w, b = folded()
         with _aten_env(x):
-            return torch.cudnn_convolution_add_relu(xc, w, residual.contiguous(memory_format=CL), 1.0, b,
-                                                    *lists).contiguous(memory_format=CL)
+            z = residual.contiguous(memory_format=torch.channels_last)
+            return torch.cudnn_convolution_add_relu(xc, w, z, 1.0, b, *lists).contiguous(
+                memory_format=torch.channels_last)
 
     if not relu:
         return {"conv_folded": conv_folded}
@@ -250,30 +239,29 @@ def conv2d_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, s
     who = "conv2d_backward_cudnn"
     g = _geometry(who, x, weight, stride, padding, dilation, groups)
     y_shape = (g.N, g.K, g.P, g.Q)
-    _check(isinstance(grad, torch.Tensor) and tuple(grad.shape) == y_shape and grad.dtype == x.dtype,
-           f"{who}: grad must be a {y_shape} {x.dtype} tensor")
-    _check(not relu or (isinstance(out, torch.Tensor) and tuple(out.shape) == y_shape and out.dtype == x.dtype),
-           f"{who}: out must be the forward's {y_shape} {x.dtype} output when relu is set")
+    check(isinstance(grad, torch.Tensor) and tuple(grad.shape) == y_shape and grad.dtype == x.dtype,
+          f"{who}: grad must be a {y_shape} {x.dtype} tensor, got {describe(grad)}")
+    check(not relu or (isinstance(out, torch.Tensor) and tuple(out.shape) == y_shape and out.dtype == x.dtype),
+          f"{who}: out must be the forward's {y_shape} {x.dtype} output when relu is set, got {describe(out)}")
     scale = _vector(who, "scale", scale, g.K, x.device)
-    _backend.record_kernel_call(who)
     grad_x, dw_g, sums = (x.new_empty((0,), dtype=torch.float32) for _ in range(3))  # distinct: no aliasing
-    grad = grad.contiguous(memory_format=CL)
+    grad = grad.contiguous(memory_format=torch.channels_last)
     gy = grad
     if relu or need_sums:
         from ..kernels.bn_dy import form_dy
         write = relu and (need_x or need_dw)
         if write or need_sums:
-            formed = form_dy(grad, out.contiguous(memory_format=CL) if relu else None, relu=relu, write=write,
-                             sums=need_sums)
+            mask = out.contiguous(memory_format=torch.channels_last) if relu else None
+            formed = form_dy(grad, mask, relu=relu, write=write, sums=need_sums)
             gy = formed.dy if write else grad
             if need_sums:
                 sums = formed.sums.sum(0, dtype=torch.float64).to(torch.float32)
     if need_x or need_dw:
         w = weight if scale is None or not need_x else \
             (weight.to(torch.float32) * scale.view(-1, 1, 1, 1)).to(weight.dtype)
-        gx, gw, _ = _aten_conv_backward(gy, x.contiguous(memory_format=CL), w, g, need_x, need_dw)
+        gx, gw, _ = _aten_conv_backward(gy, x.contiguous(memory_format=torch.channels_last), w, g, need_x, need_dw)
         if need_x:
-            grad_x = gx.contiguous(memory_format=CL)
+            grad_x = gx.contiguous(memory_format=torch.channels_last)
         if need_dw:
             dw_g = gw.to(torch.float32).contiguous()
     return grad_x, dw_g, sums
@@ -282,7 +270,7 @@ def conv2d_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, s
 # ------------------------------------------------------------------------------------------------- training
 def _prologue(who, x, in_scale, in_shift, C):
     """``(in_scale, in_shift)`` as fp32 contiguous vectors, both or neither."""
-    _check((in_scale is None) == (in_shift is None), f"{who}: in_scale and in_shift go together")
+    check((in_scale is None) == (in_shift is None), f"{who}: in_scale and in_shift go together")
     return _vector(who, "in_scale", in_scale, C, x.device), _vector(who, "in_shift", in_shift, C, x.device)
 
 
@@ -304,8 +292,7 @@ def conv_bn_stats(x: torch.Tensor, weight: torch.Tensor, in_scale: torch.Tensor 
     who = "conv_bn_stats_cudnn"
     g = _geometry(who, x, weight, stride, padding, dilation, groups)
     in_scale, in_shift = _prologue(who, x, in_scale, in_shift, g.C)
-    _backend.record_kernel_call(who)
-    a = x.contiguous(memory_format=CL)
+    a = x.contiguous(memory_format=torch.channels_last)
     if in_scale is not None:
         _ext.require(who)
         a = torch.ops.resnet_fast.bn_relu(a, in_scale, in_shift, True)
@@ -316,7 +303,8 @@ def conv_bn_stats(x: torch.Tensor, weight: torch.Tensor, in_scale: torch.Tensor 
 def conv_bn_stats_backward(g_y: torch.Tensor, c2: torch.Tensor, c3: torch.Tensor, x: torch.Tensor,
                            weight: torch.Tensor, in_scale: torch.Tensor | None, in_shift: torch.Tensor | None,
                            in_centre: torch.Tensor | None, y: torch.Tensor, mean: torch.Tensor, stride, padding,
-                           dilation, groups: int, need_x: bool = True, need_w: bool = True):
+                           dilation, groups: int, need_x: bool = True, need_w: bool = True,
+                           need_affine: bool = True):
     """``(grad_x, grad_w, grad_scale, grad_shift)`` of ``resnet_fast::conv_bn_stats``: the composite of its
     backward op body, ``dy = g_y + c2*(y - mean) + c3`` the gradient w.r.t. the raw conv output.
 
@@ -326,8 +314,8 @@ def conv_bn_stats_backward(g_y: torch.Tensor, c2: torch.Tensor, c3: torch.Tensor
         x, weight, stride, padding, dilation, groups: the forward's. in_scale, in_shift: the forward's
             prologue (fp32 ``[C]``) or None; in_centre: optional fp32 ``[C]``, the centre of Σdz·(x - centre)
             (accuracy only).
-        need_x, need_w: compute grad_x / grad_w (e.g. False for the network's input image). With a prologue the
-            dgrad always runs: grad_scale and grad_shift need it.
+        need_x, need_w: compute grad_x / grad_w (e.g. False for the network's input image). need_affine: with a
+            prologue, compute grad_scale / grad_shift (they need the dgrad, so it runs when need_x or this).
 
     Returns:
         grad_x ``[N, C, H, W]`` channels_last in x's dtype (``dz*in_scale`` with a prologue); grad_w in the
@@ -339,21 +327,22 @@ def conv_bn_stats_backward(g_y: torch.Tensor, c2: torch.Tensor, c3: torch.Tensor
     g = _geometry(who, x, weight, stride, padding, dilation, groups)
     y_shape = (g.N, g.K, g.P, g.Q)
     for name, t in (("g_y", g_y), ("y", y)):
-        _check(isinstance(t, torch.Tensor) and tuple(t.shape) == y_shape and t.dtype == x.dtype,
-               f"{who}: {name} must be a {y_shape} {x.dtype} tensor")
+        check(isinstance(t, torch.Tensor) and tuple(t.shape) == y_shape and t.dtype == x.dtype,
+              f"{who}: {name} must be a {y_shape} {x.dtype} tensor, got {describe(t)}")
     in_scale, in_shift = _prologue(who, x, in_scale, in_shift, g.C)
     centre = _vector(who, "in_centre", in_centre, g.C, x.device)
-    _check(centre is None or in_scale is not None, f"{who}: in_centre needs in_scale/in_shift")
+    check(centre is None or in_scale is not None, f"{who}: in_centre needs in_scale/in_shift")
     prologue = in_scale is not None
-    _backend.record_kernel_call(who)
-    x = x.contiguous(memory_format=CL)
+    x = x.contiguous(memory_format=torch.channels_last)
     grad_x = x.new_empty((0,))
     grad_w = weight.new_empty((0,))
     grad_scale, grad_shift = (x.new_empty((0,), dtype=torch.float32) for _ in range(2))
-    need_a = need_x or prologue
+    need_affine = prologue and need_affine
+    need_a = need_x or need_affine
     if not (need_a or need_w):
         return grad_x, grad_w, grad_scale, grad_shift
-    dy = form_dy(g_y.contiguous(memory_format=CL), y.contiguous(memory_format=CL), c2=c2.contiguous(),
+    cl = torch.channels_last
+    dy = form_dy(g_y.contiguous(memory_format=cl), y.contiguous(memory_format=cl), c2=c2.contiguous(),
                  c3=c3.contiguous(), mean=mean.contiguous()).dy
     if prologue:
         _ext.require(who)
@@ -362,12 +351,14 @@ def conv_bn_stats_backward(g_y: torch.Tensor, c2: torch.Tensor, c3: torch.Tensor
     gx, gw, _ = _aten_conv_backward(dy, a, weight, g, need_a, need_w)
     del dy, a
     if need_w:
-        grad_w = _like(gw.to(weight.dtype), weight)
-    if prologue:
-        gx, s, s_xc = torch.ops.resnet_fast.bn_relu_backward(
-            gx.contiguous(memory_format=CL), x, in_scale, in_shift, True, *(() if centre is None else (centre,)))
-        grad_shift = s  # Σdz
-        grad_scale = s_xc if centre is None else s_xc + centre * s  # Σdz·x = Σdz·(x - centre) + centre·Σdz
+        grad_w = with_strides_of(gw.to(weight.dtype), weight)
+    if prologue and need_a:  # dReLU and the scale for grad_x, with the sums of the prologue's gradients
+        gx, s, s_xc = torch.ops.resnet_fast.bn_relu_backward(gx.contiguous(memory_format=torch.channels_last), x,
+                                                             in_scale, in_shift, True,
+                                                             *(() if centre is None else (centre,)))
+        if need_affine:
+            grad_shift = s  # Σdz
+            grad_scale = s_xc if centre is None else s_xc + centre * s  # Σdz·x = Σdz·(x - centre) + centre·Σdz
     if need_x:
-        grad_x = gx.contiguous(memory_format=CL)
+        grad_x = gx.contiguous(memory_format=torch.channels_last)
     return grad_x, grad_w, grad_scale, grad_shift
