@@ -240,32 +240,46 @@ def compile_lines(doc: dict) -> list[str]:
 
 def plot_numerics(doc: dict, path: Path) -> Path:
     """CPU demo chart: per case, relative error against the float64 reference divided by its tolerance (log
-    scale; below 1 passes), green when within tolerance, red otherwise, hatched when the op fell back to eager."""
+    scale; below 1 passes), green within tolerance, red outside, hatched when the op fell back to eager; a case
+    that raised an error is a grey bar at the right edge marked "error" (skipped ones are only counted)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in demo_rows(doc["results"]) if r.get("numerics")]
-    fig, ax = plt.subplots(figsize=(11, max(3.0, 0.28 * len(rows) + 1.5)))
+    rows = [r for r in demo_rows(doc["results"])
+            if r.get("numerics") or str(r.get("status", "")).startswith("error")]
+    n_skip = sum(1 for r in demo_rows(doc["results"]) if str(r.get("status", "")).startswith(("skipped",
+                                                                                               "unavailable")))
+    fig, ax = plt.subplots(figsize=(11, max(3.0, 0.28 * len(rows) + 1.6)))
     names = [f"{r['suite']} {r['name']} [{r['mode']}]" for r in rows]
-    ratio = [max((r.get("rel_err") if r.get("rel_err") is not None else float("inf")) / r["tol"], 1e-6)
-             if r.get("tol") else 1e-6 for r in rows]
-    shown = [min(v, 1e3) for v in ratio]
-    colors = ["tab:green" if r["numerics"] == "ok" else "tab:red" for r in rows]
-    bars = ax.barh(range(len(rows)), shown, color=colors)
-    for bar, r in zip(bars, rows):
+    cap = 1e3
+    vals, colors = [], []
+    for r in rows:
+        if not r.get("numerics"):
+            vals.append(cap)
+            colors.append("tab:gray")
+            continue
+        err = r.get("rel_err")
+        vals.append(min(cap, max(1e-6, (err if err is not None else float("inf")) / r["tol"])))
+        colors.append("tab:green" if r["numerics"] == "ok" else "tab:red")
+    bars = ax.barh(range(len(rows)), vals, color=colors)
+    for i, (bar, r) in enumerate(zip(bars, rows)):
         if r.get("fallbacks"):
             bar.set_hatch("//")
+        if not r.get("numerics"):
+            ax.text(cap, i, " error", va="center", fontsize=7)
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.set_xscale("log")
     ax.set_yticks(range(len(rows)))
     ax.set_yticklabels(names, fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel("relative error vs float64 reference / tolerance  (left of the line = within tolerance)")
-    n_ok = sum(r["numerics"] == "ok" for r in rows)
-    ax.set_title(f"CPU demo ({doc.get('backend')} backend, Triton interpreter, fp32): numerical agreement, "
-                 f"{n_ok}/{len(rows)} cases within tolerance.\nNOT a performance measurement: no timings are drawn.",
-                 fontsize=9)
+    n_ok = sum(r.get("numerics") == "ok" for r in rows)
+    n_bad = sum(r.get("numerics") == "MISMATCH" for r in rows)
+    n_err = sum(not r.get("numerics") for r in rows)
+    ax.set_title(f"CPU demo ({doc.get('backend')} backend, Triton interpreter, fp32): {n_ok} cases within tolerance, "
+                 f"{n_bad} outside, {n_err} errors, {n_skip} skipped.\nNOT a performance measurement: no timings "
+                 "are drawn.", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
