@@ -238,3 +238,26 @@ def test_cpu_demo_end_to_end(tmp_path):
     assert "NOT GPU timings" in md and "speedup" not in md and "| rel err | tol | numerics | ran |" in md
     assert "speedup" not in proc.stdout.split("NOT GPU timings")[-1] and "rel err" in proc.stdout
     assert files[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_demo_estimates_come_from_a_cost_report_when_one_is_given(tmp_path):
+    """The optional hook: a cost report's per-layer estimates (µs, static) keyed by the full-size conv shape, eval =
+    the inference forward, train = forward + dgrad + wgrad of the training roles; nothing without a report."""
+    from resnet_fast.bench import demo
+    records = [{"layer": "layer1.0.conv2", "role": "fwd/infer", "est_us": 10.0},
+               {"layer": "layer1.0.conv2", "role": "fwd/train", "est_us": 11.0},
+               {"layer": "layer1.0.conv2", "role": "dgrad/train", "est_us": 12.0},
+               {"layer": "layer1.0.conv2", "role": "wgrad/train", "est_us": 13.0},
+               {"layer": "layer1.1.conv2", "role": "fwd/infer", "est_us": 99.0},  # same shape: the first layer's
+               {"layer": "nowhere", "role": "fwd/infer", "est_us": 1.0}]
+    path = tmp_path / "cost.json"
+    path.write_text(json.dumps(records))
+    est = demo.load_estimates(str(path))
+    name = shapes.ConvShape(64, 64, 3, 1, 1, 1, 56, 56).name
+    assert est == {name: {"eval": 10.0, "train": 36.0}}
+    assert demo.load_estimates(str(tmp_path / "missing.json")) == {}
+    row = {"suite": "conv", "name": "c", "mode": "train", "impl": "resnet_fast", "dtype": "fp32", "status": "ok",
+           "numerics": "ok", "rel_err": 1e-7, "tol": 1e-4, "kernel_calls": 2, "fallbacks": {},
+           "estimate_us": est[name]}
+    table = report.format_table([row], cpu_demo=True)
+    assert "estimate us" in table and table.splitlines()[-1].rstrip().endswith("36")
