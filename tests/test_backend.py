@@ -46,3 +46,23 @@ def test_kernel_calls_are_counted():
     _backend.record_kernel_call("conv2d")
     assert resnet_fast.stats()["kernel_calls"] == {"conv2d": 2}
     resnet_fast.reset_stats()
+
+
+def test_impl_calls_counted_per_role_and_recorded_per_owner():
+    resnet_fast.reset_stats()
+    conv = torch.nn.Conv2d(2, 2, 1)
+    with _backend.conv_owner(conv):
+        _backend.record_impl_call("conv2d", "triton")
+        with _backend.counting_paused():  # the chooser's timing runs
+            _backend.record_impl_call("conv2d", "cudnn")
+            _backend.record_kernel_call("conv2d")
+            _backend.record_fallback("conv2d", "timing")
+        _backend.record_impl_call("conv2d_backward", "cudnn")
+    _backend.record_impl_call("conv2d", "cudnn")  # no owner: counted, not recorded for a layer
+    st = resnet_fast.stats()
+    assert st["impl_calls"] == {"conv2d": {"cudnn": 1, "triton": 1}, "conv2d_backward": {"cudnn": 1}}
+    assert st["kernel_calls"] == {} and st["fallbacks"] == {}
+    assert _backend.implementations_of(conv) == {"conv2d": "triton", "conv2d_backward": "cudnn"}
+    assert _backend.current_conv_owner() is None
+    resnet_fast.reset_stats()
+    assert resnet_fast.stats()["impl_calls"] == {} and _backend.implementations_of(conv) == {}
