@@ -41,6 +41,7 @@ Otherwise the masked general path runs, at the 64×32 config only (see :data:`DG
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -49,7 +50,8 @@ import triton.language as tl
 
 from .configs import ConvConfig, checked_candidates, choose, conv_allows_tf32, for_dtype
 from .checks import check_tensor, check_vector
-from .conv_common import ConvGeometry, DyBN, check_dy_bn, check_operand_dtype, ordered_signature, rows_aligned
+from .conv_common import (ConvGeometry, DyBN, check_dy_bn, check_operand_dtype, ordered_signature, rows_aligned,
+                          swizzle_pid)
 
 __all__ = ["conv2d_dgrad_nhwc", "compile_specs", "dy_on_load", "DGRAD_CONFIGS", "DgradSwitches"]
 
@@ -102,23 +104,41 @@ def dy_on_load(dz, y, c1, c2, c3, mu, mask, DY_RELU: tl.constexpr):
 
 
 @triton.jit
+def _phase_taps(ph, PAD, DIL, RSTEP, R, SH: tl.constexpr):
+    """The taps of stride phase ``ph`` along one dimension, in closed form: ``r = r0 + i*RSTEP`` for
+    ``0 <= i < nr`` are the ``r < R`` with ``(ph + PAD - r*DIL) % SH == 0``; tap ``i`` reads output row offset
+    ``dp0 - i*(RSTEP*DIL // SH)``. The solutions repeat with period ``RSTEP = SH / gcd(DIL, SH)``, so the
+    first is among ``r < SH``: scalar work once per program."""
+    r0 = R  # none found -> nr = 0
+    for jj in tl.static_range(SH):  # the last match written is the smallest
+        r0 = tl.where((ph + PAD - (SH - 1 - jj) * DIL) % SH == 0, SH - 1 - jj, r0)
+    nr = tl.where(r0 < R, (R - r0 + RSTEP - 1) // RSTEP, 0)
+    dp0 = (ph + PAD - r0 * DIL) // SH  # exact: the numerator is a multiple of SH when nr > 0
+    return r0, nr, dp0
+
+
+@triton.jit
 def _conv_dgrad_kernel(
-        dy_ptr, w_ptr, dx_ptr, taps_ptr, ntaps_ptr,
+        dy_ptr, w_ptr, dx_ptr,
         y_ptr, isc_ptr, ish_ptr, imu_ptr, part_ptr, osc_ptr,   # EPI: y_prev, BN scale/shift/centre, partials, out scale
         z_ptr, c1_ptr, c2_ptr, c3_ptr, mu_ptr,                 # DY_BN: this conv's raw output y and coefficients
-        N, H, W, Cg, Kg, P, Q, HPH, WPH, TILES_M, T_PART, C_TOT,
+        N, H, W, Cg, Kg, P, Q, HPH, WPH, TILES_M, TILES_N, T_PART, C_TOT,
+        R, S, PAD_H, PAD_W, DIL_H, DIL_W, RSTEP_H, RSTEP_W,
         sdy_n, sdy_h, sdy_w, sdy_c,
         sw_k, sw_c, sw_r, sw_s,
         sdx_n, sdx_h, sdx_w, sdx_c,
         sy_n, sy_h, sy_w, sy_c,
-        SH: tl.constexpr, SW: tl.constexpr, S: tl.constexpr, MAX_TAPS: tl.constexpr,
+        SH: tl.constexpr, SW: tl.constexpr,
         EPI: tl.constexpr, OUT_SCALE: tl.constexpr, DY_BN: tl.constexpr, DY_RELU: tl.constexpr,
         DOT_IEEE: tl.constexpr, ALIGNED: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid0 = tl.program_id(0)
-    phase = pid0 // TILES_M
-    pid_m = pid0 % TILES_M
-    pid_n = tl.program_id(1)
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    # grid axis 0: (phase, row tile, channel tile), grouped so GROUP_M row tiles sweep the channel tiles
+    # together: their dy rows (the A tiles, re-read once per channel tile) stay in L2
+    pid = tl.program_id(0)
+    per_phase = TILES_M * TILES_N
+    phase = pid // per_phase
+    pid_m, pid_n = swizzle_pid(pid % per_phase, TILES_M, TILES_N, GROUP_M)
+    pid0 = phase * TILES_M + pid_m  # the row tile's index over all phases (the partials' row)
     grp = tl.program_id(2)
     ph_h = phase // SW
     ph_w = phase % SW
@@ -144,47 +164,61 @@ def _conv_dgrad_kernel(
         k_base = grp * Kg
         c_glob = grp * Cg + offs_c
 
-    ntaps = tl.load(ntaps_ptr + phase)
+    # this phase's taps in closed form; per step only scalars advance (no table, no division)
+    r0, nr, dp0 = _phase_taps(ph_h, PAD_H, DIL_H, RSTEP_H, R, SH)
+    s0, ns, dq0 = _phase_taps(ph_w, PAD_W, DIL_W, RSTEP_W, S, SW)
+    dp_step = RSTEP_H * DIL_H // SH
+    dq_step = RSTEP_W * DIL_W // SW
+    # int64 row bases once per program; per step the tap and channel offsets are int32 scalars
+    # (ConvGeometry.check_index_range: one image's offsets fit int32)
+    dy_base = n64 * sdy_n + ih * sdy_h + iw * sdy_w
+    w_col = (offs_c * sw_c)[None, :]
     k_iters = tl.cdiv(Kg, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for it in range(0, ntaps * k_iters):
-        t = it // k_iters
-        k0 = (it % k_iters) * BLOCK_K
-        tap_ptr = taps_ptr + (phase * MAX_TAPS + t) * 3
-        tap = tl.load(tap_ptr)
-        p = ih + tl.load(tap_ptr + 1)
-        q = iw + tl.load(tap_ptr + 2)
-        a_row_ok = row_ok & (p >= 0) & (p < P) & (q >= 0) & (q < Q)
-        dy_row = n64 * sdy_n + p * sdy_h + q * sdy_w
+    dp = dp0
+    dq = dq0
+    w_tap = r0 * sw_r + s0 * sw_s
+    j = 0
+    k0 = 0
+    for _ in range(0, nr * ns * k_iters):
+        a_row_ok = row_ok & (ih >= -dp) & (ih < P - dp) & (iw >= -dq) & (iw < Q - dq)
         if ALIGNED:  # every pixel's channel vector starts 16-element aligned; every k of the block exists
-            dy_row = tl.multiple_of(dy_row, 16)
-            offs_k = tl.multiple_of(k0, 16) + offs_kk
+            offs_k = tl.multiple_of(k_base + k0, 16) + offs_kk
             k_ok = tl.full([BLOCK_K], True, tl.int1)
+            a_row = tl.multiple_of(dy_base + (dp * sdy_h + dq * sdy_w), 16)
         else:
-            offs_k = k0 + offs_kk
-            k_ok = offs_k < Kg
+            offs_k = k_base + k0 + offs_kk
+            k_ok = offs_kk < Kg - k0
+            a_row = dy_base + (dp * sdy_h + dq * sdy_w)
         a_mask = a_row_ok[:, None] & k_ok[None, :]
-        a_off = dy_row[:, None] + ((k_base + offs_k) * sdy_c)[None, :]
+        a_off = a_row[:, None] + (offs_k * sdy_c)[None, :]
         a = tl.load(dy_ptr + a_off, mask=a_mask, other=0.0)
         if DY_BN:  # dy = c1*dz' + c2*(y - mean) + c3 (dz' = dz, or dz where y > 0), zero outside the image
             yv = tl.load(z_ptr + a_off, mask=a_mask, other=0.0).to(tl.float32)
-            kk = k_base + offs_k
-            c1 = tl.load(c1_ptr + kk, mask=k_ok, other=0.0)
-            c2 = tl.load(c2_ptr + kk, mask=k_ok, other=0.0)
-            c3 = tl.load(c3_ptr + kk, mask=k_ok, other=0.0)
-            mu = tl.load(mu_ptr + kk, mask=k_ok, other=0.0)
+            c1 = tl.load(c1_ptr + offs_k, mask=k_ok, other=0.0)
+            c2 = tl.load(c2_ptr + offs_k, mask=k_ok, other=0.0)
+            c3 = tl.load(c3_ptr + offs_k, mask=k_ok, other=0.0)
+            mu = tl.load(mu_ptr + offs_k, mask=k_ok, other=0.0)
             a = dy_on_load(a, yv, c1[None, :], c2[None, :], c3[None, :], mu[None, :], a_mask, DY_RELU)
-        r = tap // S
-        s = tap % S
-        w_row = (k_base + offs_k) * sw_k + r * sw_r + s * sw_s
+        w_row = offs_k * sw_k + w_tap
         if ALIGNED:
             w_row = tl.multiple_of(w_row, 16)
-        b_off = w_row[:, None] + (offs_c * sw_c)[None, :]
-        b = tl.load(w_ptr + b_off, mask=k_ok[:, None] & c_ok[None, :], other=0.0)
+        b = tl.load(w_ptr + (w_row[:, None] + w_col), mask=k_ok[:, None] & c_ok[None, :], other=0.0)
         if DOT_IEEE:
             acc = tl.dot(a, b, acc, input_precision="ieee")
         else:
             acc = tl.dot(a, b, acc)
+        # next step: the channel block, then the tap (s fastest, then r)
+        k0 += BLOCK_K
+        k_wrap = k0 >= Kg
+        k0 = tl.where(k_wrap, 0, k0)
+        j = tl.where(k_wrap, j + 1, j)
+        s_wrap = j >= ns
+        j = tl.where(s_wrap, 0, j)
+        dq = tl.where(k_wrap, tl.where(s_wrap, dq0, dq - dq_step), dq)
+        dp = tl.where(s_wrap, dp - dp_step, dp)
+        w_tap = tl.where(k_wrap, tl.where(s_wrap, w_tap + RSTEP_H * sw_r - (ns - 1) * RSTEP_W * sw_s,
+                                          w_tap + RSTEP_W * sw_s), w_tap)
 
     out_mask = row_ok[:, None] & c_ok[None, :]
     if EPI:  # dz = dx * relu'(y_prev*scale + shift); partial Σdz, Σdz·(y_prev - mean) per tile
@@ -210,31 +244,21 @@ def _conv_dgrad_kernel(
     tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=out_mask)
 
 
-_TAPS: dict = {}
+_PLACEHOLDER: dict = {}
 
 
-def _tap_tables(g: ConvGeometry, device: torch.device):
-    """Per stride phase, the contributing taps: ``taps [phases, R*S, 3]`` (r*S+s, dp, dq), ``ntaps [phases]``."""
-    key = (g.R, g.S, g.stride, g.padding, g.dilation, str(device))
-    if key not in _TAPS:
-        sh, sw = g.stride
-        rows, counts = [], []
-        for ph in range(sh):
-            for pw in range(sw):
-                lst = []
-                for r in range(g.R):
-                    th = ph + g.padding[0] - r * g.dilation[0]
-                    if th % sh:
-                        continue
-                    for s in range(g.S):
-                        tw = pw + g.padding[1] - s * g.dilation[1]
-                        if tw % sw == 0:
-                            lst.append((r * g.S + s, th // sh, tw // sw))
-                counts.append(len(lst))
-                rows.append(lst + [(0, 0, 0)] * (g.R * g.S - len(lst)))
-        _TAPS[key] = (torch.tensor(rows, dtype=torch.int32, device=device).contiguous(),
-                      torch.tensor(counts, dtype=torch.int32, device=device))
-    return _TAPS[key]
+def _placeholder(device: torch.device) -> torch.Tensor:
+    """A one-element fp32 tensor passed for the pointer arguments whose switch is off (never read)."""
+    key = str(device)
+    if key not in _PLACEHOLDER:
+        _PLACEHOLDER[key] = torch.zeros(1, dtype=torch.float32, device=device)
+    return _PLACEHOLDER[key]
+
+
+def _tap_steps(g: ConvGeometry) -> tuple:
+    """(RSTEP_H, RSTEP_W): the period of a stride phase's taps along each dimension, ``stride / gcd(dil, stride)``
+    (see :func:`_phase_taps`)."""
+    return tuple(s // math.gcd(d, s) for s, d in zip(g.stride, g.dilation))
 
 
 class DgradSwitches(NamedTuple):
@@ -281,25 +305,25 @@ def _tiles(g: ConvGeometry, cfg: ConvConfig) -> tuple:
     return tiles_m, g.stride[0] * g.stride[1] * tiles_m
 
 
-def _launch_dgrad(cfg: ConvConfig, g: ConvGeometry, grad_out, weight, dx, taps, ntaps, epi_ops, part, osc,
-                  bn_ops, sw: DgradSwitches) -> None:
+def _launch_dgrad(cfg: ConvConfig, g: ConvGeometry, grad_out, weight, dx, epi_ops, part, osc, bn_ops,
+                  sw: DgradSwitches) -> None:
     """One launch of :func:`_conv_dgrad_kernel`. ``epi_ops`` = (y_prev, in_scale, in_shift, in_centre), ``osc``
     (out_scale), ``bn_ops`` (the :class:`DyBN` fields) and ``part`` are placeholders where their switch is off."""
     tiles_m, T = _tiles(g, cfg)
+    tiles_n = triton.cdiv(g.Cg, cfg.BLOCK_N)
     yp = epi_ops[0]
-    grid = (T, triton.cdiv(g.Cg, cfg.BLOCK_N), g.groups)
+    grid = (T * tiles_n, 1, g.groups)
     _conv_dgrad_kernel[grid](
-        grad_out, weight, dx, taps, ntaps, *epi_ops, part, osc, *bn_ops,
+        grad_out, weight, dx, *epi_ops, part, osc, *bn_ops,
         g.N, g.H, g.W, g.Cg, g.Kg, g.P, g.Q, triton.cdiv(g.H, g.stride[0]), triton.cdiv(g.W, g.stride[1]),
-        tiles_m, T, g.C,
+        tiles_m, tiles_n, T, g.C, g.R, g.S, *g.padding, *g.dilation, *_tap_steps(g),
         grad_out.stride(0), grad_out.stride(2), grad_out.stride(3), grad_out.stride(1),
         weight.stride(0), weight.stride(1), weight.stride(2), weight.stride(3),
         dx.stride(0), dx.stride(2), dx.stride(3), dx.stride(1),
         yp.stride(0), yp.stride(2), yp.stride(3), yp.stride(1),
-        SH=g.stride[0], SW=g.stride[1], S=g.S, MAX_TAPS=g.R * g.S, EPI=sw.epilogue, OUT_SCALE=sw.out_scale,
-        DY_BN=sw.dy_bn, DY_RELU=sw.dy_relu,
-        DOT_IEEE=sw.dot_ieee, ALIGNED=_aligned(g, cfg, grad_out, weight, (dx, yp)),
-        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
+        SH=g.stride[0], SW=g.stride[1], EPI=sw.epilogue, OUT_SCALE=sw.out_scale, DY_BN=sw.dy_bn,
+        DY_RELU=sw.dy_relu, DOT_IEEE=sw.dot_ieee, ALIGNED=_aligned(g, cfg, grad_out, weight, (dx, yp)),
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
@@ -342,11 +366,11 @@ def conv2d_dgrad_nhwc(grad_out: torch.Tensor, weight: torch.Tensor, x_shape, *, 
         allow_tf32 = conv_allows_tf32()
     sw = DgradSwitches(epilogue=epi, out_scale=out_scale is not None, dy_bn=dy_bn is not None, dy_relu=dy_relu,
                        dot_ieee=grad_out.dtype == torch.float32 and not allow_tf32)
-    taps, ntaps = _tap_tables(g, dev)
     # placeholders (never read) where a switch is off
-    epi_ops = (y_prev, in_scale, in_shift, in_centre) if epi else (dx, taps, taps, taps)
-    bn_ops = dy_bn if dy_bn is not None else (grad_out, taps, taps, taps, taps)
-    osc = taps if out_scale is None else out_scale
+    ph = _placeholder(dev)
+    epi_ops = (y_prev, in_scale, in_shift, in_centre) if epi else (dx, ph, ph, ph)
+    bn_ops = dy_bn if dy_bn is not None else (grad_out, ph, ph, ph, ph)
+    osc = ph if out_scale is None else out_scale
     parts: dict = {}  # per tile count, so tuning launches reuse one buffer
 
     def launch(cfg: ConvConfig):
@@ -356,7 +380,7 @@ def conv2d_dgrad_nhwc(grad_out: torch.Tensor, weight: torch.Tensor, x_shape, *, 
             part = parts.get(T)
             if part is None:
                 part = parts[T] = torch.empty((2, T, g.C), dtype=torch.float32, device=dev)
-        _launch_dgrad(cfg, g, grad_out, weight, dx, taps, ntaps, epi_ops, part, osc, bn_ops, sw)
+        _launch_dgrad(cfg, g, grad_out, weight, dx, epi_ops, part, osc, bn_ops, sw)
         return part
 
     if config is None:
@@ -383,8 +407,8 @@ def compile_specs() -> list:
     ALIGNED path, with the channel counts and the NHWC / channels_last-weight strides multiples of 16 as
     Triton's launcher specialises them for ResNet layers; the masked general path at the config the launcher
     gives it (64×32), without divisibility hints (its worst case: 4-32 channels per group, NCHW)."""
-    ints = ("N", "H", "W", "Cg", "Kg", "P", "Q", "HPH", "WPH", "TILES_M", "T_PART", "C_TOT",
-            "sdy_n", "sdy_h", "sdy_w", "sw_k", "sw_r", "sw_s", "sdx_n", "sdx_h", "sdx_w", "sy_n", "sy_h", "sy_w")
+    ints = ("N", "H", "W", "Cg", "Kg", "P", "Q", "HPH", "WPH", "TILES_M", "TILES_N", "T_PART", "C_TOT",
+            "R", "S", "PAD_H", "PAD_W", "DIL_H", "DIL_W", "RSTEP_H", "RSTEP_W", "sdy_n", "sdy_h", "sdy_w", "sw_k", "sw_r", "sw_s", "sdx_n", "sdx_h", "sdx_w", "sy_n", "sy_h", "sy_w")
     # ResNet layer: channel counts (Cg, Kg, C_TOT = C) and every stride are multiples of 16 (the weight's
     # sw_s = Cg, sw_r = S*Cg, sw_k = R*S*Cg too); sizes and tile counts are not in general.
     div16 = ("Cg", "Kg", "C_TOT", "sdy_n", "sdy_h", "sdy_w", "sw_k", "sw_r", "sw_s", "sdx_n", "sdx_h", "sdx_w",
@@ -392,16 +416,15 @@ def compile_specs() -> list:
 
     def spec(base, dt, tdt, variant, aligned, ieee=False):
         cfg = for_dtype(base, tdt)
-        sig = {"dy_ptr": f"*{dt}", "w_ptr": f"*{dt}", "dx_ptr": f"*{dt}", "taps_ptr": "*i32",
-               "ntaps_ptr": "*i32", "y_ptr": f"*{dt}", "isc_ptr": "*fp32", "ish_ptr": "*fp32",
+        sig = {"dy_ptr": f"*{dt}", "w_ptr": f"*{dt}", "dx_ptr": f"*{dt}", "y_ptr": f"*{dt}", "isc_ptr": "*fp32", "ish_ptr": "*fp32",
                "imu_ptr": "*fp32", "part_ptr": "*fp32", "osc_ptr": "*fp32", "z_ptr": f"*{dt}", "c1_ptr": "*fp32",
                "c2_ptr": "*fp32", "c3_ptr": "*fp32", "mu_ptr": "*fp32"}
         sig.update({name: "i32" for name in ints})
         # unit channel strides, as specialised
-        cx = {"sdy_c": 1, "sw_c": 1, "sdx_c": 1, "sy_c": 1, "SH": 2, "SW": 2, "S": 3, "MAX_TAPS": 9,
+        cx = {"sdy_c": 1, "sw_c": 1, "sdx_c": 1, "sy_c": 1, "SH": 2, "SW": 2,
               "EPI": False, "OUT_SCALE": False, "DY_BN": False, "DY_RELU": False, **VARIANTS[variant],
               "DOT_IEEE": ieee, "ALIGNED": aligned,
-              "BLOCK_M": cfg.BLOCK_M, "BLOCK_N": cfg.BLOCK_N, "BLOCK_K": cfg.BLOCK_K}
+              "BLOCK_M": cfg.BLOCK_M, "BLOCK_N": cfg.BLOCK_N, "BLOCK_K": cfg.BLOCK_K, "GROUP_M": cfg.GROUP_M}
         sig.update({k: "constexpr" for k in cx})
         return (_conv_dgrad_kernel, ordered_signature(_conv_dgrad_kernel, sig), cx,
                 {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}, not ieee, div16 if aligned else ())

@@ -384,9 +384,9 @@ def launches(kernels=("fwd", "dgrad", "wgrad")) -> list:
                             for ph in range(sh) for pw in range(sw))
                 tiles = sh * sw * tiles_m * triton.cdiv(g.Cg, c.BLOCK_N) * g.groups
                 steps = ntaps / (sh * sw) * triton.cdiv(g.Kg, c.BLOCK_K)
-                cx = dict(sdy_c=1, sw_c=1, sdx_c=1, sy_c=1, SH=sh, SW=sw, S=g.S, MAX_TAPS=g.R * g.S, EPI=False,
+                cx = dict(sdy_c=1, sw_c=1, sdx_c=1, sy_c=1, SH=sh, SW=sw, EPI=False,
                           OUT_SCALE=False, DY_BN=False, DY_RELU=False, DOT_IEEE=False, ALIGNED=aligned,
-                          BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, BLOCK_K=c.BLOCK_K)
+                          BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, BLOCK_K=c.BLOCK_K, GROUP_M=c.GROUP_M)
                 cx.update(conv_dgrad.VARIANTS[variant])
                 nbytes = (ny * (2 if cx["DY_BN"] else 1) + nw + nx * (2 if cx["EPI"] else 1)) * esize
                 add(Launch(name, 1, role, "dgrad", variant, c.name(), "conv_dgrad", "_conv_dgrad_kernel",
@@ -401,16 +401,18 @@ def launches(kernels=("fwd", "dgrad", "wgrad")) -> list:
             for role, variant, need_dw in wb:
                 cands, c = conv_wgrad._candidates(g, y, x)
                 aligned = conv_wgrad._aligned(g, c, y, x)
-                sig, div16 = _template(conv_wgrad, conv_wgrad._conv_wgrad_kernel, dt, ALIGNED=aligned)
+                packed = conv_wgrad._packed(g, c, y, x)
+                sig, div16 = _template(conv_wgrad, conv_wgrad._conv_wgrad_kernel, dt, ALIGNED=aligned,
+                                       PACKED=packed, IDX64=False)
                 npq = g.N * g.P * g.Q
                 split = conv_wgrad.pick_split(g, c, first_column_only=not need_dw)
                 chunk = triton.cdiv(triton.cdiv(npq, split), c.BLOCK_K) * c.BLOCK_K
                 split = triton.cdiv(npq, chunk)
-                tiles_n = triton.cdiv(g.Cg, c.BLOCK_N)
-                tiles = triton.cdiv(g.Kg, c.BLOCK_M) * g.R * g.S * tiles_n * split * g.groups
+                grid, tiles_n = conv_wgrad._grid(g, c, packed, split, need_dw)
+                tiles = math.prod(grid)
                 cx = dict(sdy_c=1, sx_c=1, SH=g.stride[0], SW=g.stride[1], S=g.S, TILES_N=tiles_n, SPLIT=split,
                           PROLOGUE=False, DY_BN=False, DY_RELU=False, SUMS=False, DOT_IEEE=False, ALIGNED=aligned,
-                          BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, BLOCK_K=c.BLOCK_K)
+                          PACKED=packed, IDX64=conv_wgrad._needs_int64(g, y, x), BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, BLOCK_K=c.BLOCK_K)
                 cx.update(conv_wgrad.VARIANTS[variant])
                 parts = nw * 4 * (2 * split if split > 1 else 1)  # fp32 partials written and read back, or dW
                 nbytes = (ny * (2 if cx["DY_BN"] else 1) + nx) * esize + parts
