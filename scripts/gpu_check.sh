@@ -16,7 +16,12 @@
 # $OUT/results/tuning_table_<arch>.json.
 #
 # Env: OUT (default ./gpu_out); GPU_CHECK_BUDGET_S (default 540); GPU_CHECK_STEPS (comma list; later sessions
-# may split, and also pick the older steps gpu_tests, digits, all_tests); BENCH_ARGS (extra benchmark flags);
+# may split, and also pick the older steps gpu_tests, digits, all_tests), e.g. on a warm machine (the build,
+# Triton's cache and the tuning cache carry over between calls):
+#   GPU_CHECK_STEPS=versions,install,precompile,smoke,model,blocks_convs,tuning    (the default, one call)
+#   GPU_CHECK_STEPS=gpu_tests,digits                                               (a second call)
+#   GPU_CHECK_STEPS=all_tests                                                      (a third call)
+# BENCH_ARGS (extra benchmark flags);
 # GPU_CHECK_DRY_RUN=1 (no GPU: the same plumbing with the GPU work replaced by its CPU form, see below);
 # GPU_CHECK_SKIP_INSTALL=1 (local runs).
 #
@@ -152,7 +157,7 @@ else
     L=$(limit_for blocks_convs)
     step blocks_convs "$L" python3 -m resnet_fast.bench --suites block,conv --impls "$IMPLS" \
       --output "$SCRATCH/bench2" --budget-s $(( L - 25 )) ${BENCH_ARGS:-}
-    python3 -m resnet_fast.bench.merge "$OUT/results" "$SCRATCH/bench2" 2>&1 | tee -a "$LOG"
+    timeout 30 python3 -m resnet_fast.bench.merge "$OUT/results" "$SCRATCH/bench2" 2>&1 | tee -a "$LOG"
   fi
 fi
 
@@ -171,14 +176,20 @@ if wants tuning; then
 fi
 
 # The older steps, for sessions that split their work over several calls.
-wants gpu_tests && step gpu_tests "$(limit_for gpu_tests)" python3 -m pytest -q -m gpu tests -p no:cacheprovider \
-  --durations=15
-if wants digits; then
-  step digits "$(limit_for digits)" python3 scripts/train_digits.py --output "$SCRATCH/digits"
-  for f in "$SCRATCH"/digits/curves.*; do [[ -f "$f" ]] && cp -f "$f" "$OUT/results/$(date +%F)-digits-${f##*/}"; done
+if [[ $DRY == 1 ]]; then
+  for s in gpu_tests digits all_tests; do wants $s && dry $s "(the $s step)"; done
+else
+  wants gpu_tests && step gpu_tests "$(limit_for gpu_tests)" python3 -m pytest -q -m gpu tests -p no:cacheprovider \
+    --durations=15
+  if wants digits; then
+    step digits "$(limit_for digits)" python3 scripts/train_digits.py --output "$SCRATCH/digits"
+    for f in "$SCRATCH"/digits/curves.*; do
+      [[ -f "$f" ]] && cp -f "$f" "$OUT/results/$(date +%F)-digits-${f##*/}"
+    done
+  fi
+  wants all_tests && step all_tests "$(limit_for all_tests)" env -u TRITON_INTERPRET RESNET_FAST_BACKEND=auto \
+    python3 -m pytest -q -p no:cacheprovider tests
 fi
-wants all_tests && step all_tests "$(limit_for all_tests)" env -u TRITON_INTERPRET RESNET_FAST_BACKEND=auto \
-  python3 -m pytest -q -p no:cacheprovider tests
 
 if [[ $DRY != 1 ]]; then
   for f in "$OUT"/results/*; do  # GPU reports only: a CPU demo's files never go to benchmarks/results
@@ -191,7 +202,7 @@ fi
   printf '%-13s %-9s %6s %6s\n' step status seconds limit
   printf '%s\n' "${STEPS[@]}"
   echo
-  python3 -m resnet_fast.bench.merge --summary "$OUT/results" || echo "(no results to summarize)"
+  timeout 20 python3 -m resnet_fast.bench.merge --summary "$OUT/results" || echo "(no results to summarize)"
   echo "files in $OUT: $(find "$OUT" -type f | wc -l) (at most 8 come back)"
 } 2>&1 | tee "$SUMMARY" | tee -a "$LOG"
 rm -rf "$SCRATCH"
