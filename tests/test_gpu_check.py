@@ -277,3 +277,18 @@ def test_sigterm_from_the_step_timeout_stops_a_row_instead_of_becoming_its_error
             runner.run_row(case, "resnet_fast", build, peaks=None)
     finally:
         signal.signal(signal.SIGTERM, prev)
+
+
+def test_compile_count_records_every_tuning_candidate_without_running_kernels(triton_backend):
+    """precompile --count's machinery on the conv suite's roles at batch 1: each tuned launch offers its
+    candidates, every candidate is one recorded (kernel, constexprs, warps, stages), nothing runs."""
+    from resnet_fast.bench import precompile
+    seen, tuned = {}, {}
+    with precompile.counting(seen, tuned):
+        precompile.exercise(torch.device("cpu"), torch.float16, 1, 1, log=pytest.fail, parts=("convs",))
+    kernels = {name for name, _ in seen}
+    assert {"_conv_fwd_kernel", "_conv_dgrad_kernel", "_conv_wgrad_kernel"} <= kernels
+    assert len(tuned) > 23 and sum(tuned.values()) >= len(tuned)
+    fwd = [dict(cfg) for name, cfg in seen if name == "_conv_fwd_kernel"]
+    assert any(c.get("TMA") for c in fwd) and any(not c.get("TMA") for c in fwd)  # the TMA twins are offered
+    assert len({(c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]) for c in fwd}) > 3
