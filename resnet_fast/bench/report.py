@@ -107,6 +107,9 @@ def _cells(r: dict) -> list[str]:
         status += "; FELL BACK to eager: " + ", ".join(sorted({k.split(':')[0] for k in r["fallbacks"]}))
     elif r.get("kernel_calls") == 0 and str(r.get("impl")).startswith("resnet_fast") and r.get("status") == "ok":
         status += "; no kernel calls counted"
+    impls = sorted({k.split(": ", 1)[-1] for k in (r.get("impl_calls") or {})})
+    if impls:  # which per-conv implementation the op layer chose during the row
+        status += f"; conv via {'/'.join(impls)}"
     return [r["suite"], r["name"], r["mode"], r["impl"], _f(r.get("ms"), ".3f"), spread, _f(r.get("tflops"), ".1f"),
             _pct(r.get("tflops_frac")), _f(r.get("gbps"), ".0f"), _pct(r.get("gbps_frac")),
             _f(r.get("peak_mem_MB"), ".0f"), _f(r.get("speedup"), ".2f"), status]
@@ -120,7 +123,9 @@ def _ran(r: dict) -> str:
     if r.get("fallbacks"):
         return "FELL BACK to eager: " + ", ".join(sorted({k.split(':')[0] for k in r["fallbacks"]}))
     calls = r.get("kernel_calls")
-    return "" if calls is None else (f"kernels ({calls} calls)" if calls else "no kernel calls counted")
+    impls = sorted({k.split(": ", 1)[-1] for k in (r.get("impl_calls") or {})})
+    via = f", conv: {'/'.join(impls)}" if impls else ""
+    return "" if calls is None else (f"kernels ({calls} calls{via})" if calls else "no kernel calls counted")
 
 
 def _demo_cells(r: dict) -> list[str]:

@@ -202,7 +202,8 @@ def _kernel_stats() -> dict:
 
 
 def kernel_path(before: dict, after: dict) -> dict:
-    """What a resnet_fast row really ran: kernel calls and fallbacks (op: reason -> count) during the row.
+    """What a resnet_fast row really ran: kernel calls, per conv role the implementation chosen (``impl_calls``,
+    ``{"role: impl": n}``, when the backend counts them) and fallbacks (op: reason -> count) during the row.
 
     A row whose ops fell back to eager PyTorch is timing eager code under resnet_fast's name; the table says so.
     """
@@ -213,7 +214,13 @@ def kernel_path(before: dict, after: dict) -> dict:
             d = n - before["fallbacks"].get(op, {}).get(reason, 0)
             if d:
                 fallbacks[f"{op}: {reason}"] = d
-    return {"kernel_calls": calls, "fallbacks": fallbacks}
+    impl_calls = {}
+    for role, per in (after.get("impl_calls") or {}).items():
+        for impl, n in (per or {}).items():
+            d = n - ((before.get("impl_calls") or {}).get(role) or {}).get(impl, 0)
+            if d:
+                impl_calls[f"{role}: {impl}"] = d
+    return {"kernel_calls": calls, "impl_calls": impl_calls, "fallbacks": fallbacks}
 
 
 def add_speedups(rows: list[dict], baseline: str = "eager") -> list[dict]:
