@@ -61,10 +61,12 @@ _TL = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 # Every config the launcher may pick (autotuned among those that fit the shape); compile_specs covers each of
 # them (ALIGNED, every variant and dtype; the masked general path at the last, 64x32 config only).
 # (BLOCK_M rows of dx, BLOCK_N input channels, BLOCK_K output channels per MMA step; GROUP_M unused).
-# The first is the untuned default. 128-row tiles need 8 warps (at 4 ptxas spills on sm_90); the aligned fused
-# 128x128 tile needs ~241 registers, no spills. The masked general path of the wider tiles reaches 255
+# The first that fits the shape is the untuned default: the widest channel tile, because the dy_bn transform
+# of the A tile (per element, every step) is amortised over BLOCK_N (issue ratio 5.0 at 128x64, 2.5 at 128x128).
+# 128-row tiles need 8 warps (at 4 ptxas spills on sm_90); the aligned fused 128x128 tile needs ~243 registers,
+# no spills (a 128x256 one spills in the epilogue). The masked general path of the wider tiles reaches 255
 # registers when fused (one load and one 64-bit address per element), so unaligned shapes take 64x32.
-DGRAD_CONFIGS = (ConvConfig(128, 64, 32, 8, 8, 3), ConvConfig(128, 128, 32, 8, 8, 3),
+DGRAD_CONFIGS = (ConvConfig(128, 128, 32, 8, 8, 3), ConvConfig(128, 64, 32, 8, 8, 3),
                  ConvConfig(64, 64, 32, 8, 4, 3), ConvConfig(64, 32, 32, 8, 4, 3))
 _GENERAL_CONFIG = DGRAD_CONFIGS[-1]  # the one config whose masked general path is compile-checked
 
@@ -91,16 +93,21 @@ def _candidates(g: ConvGeometry, dy: torch.Tensor, weight: torch.Tensor, others,
 
 @triton.jit
 def dy_on_load(dz, y, c1, c2, c3, mu, mask, DY_RELU: tl.constexpr):
-    """The ``dy_bn`` transform of a loaded gradient tile ``dz``: ``c1*dz' + c2*(y - mu) + c3`` in fp32, where
+    """The ``dy_bn`` transform of a loaded gradient tile ``dz``: ``c1*dz' + (c2*(y - mu) + c3)`` in fp32, where
     ``dz' = dz where y > 0, else 0`` under DY_RELU and ``dz`` otherwise; zero where ``mask`` is False (``c3`` must
-    not leak into padding or tile tails); returned in dz's dtype (the MMA operand). ``y`` is the fp32 tile of
-    the dy_bn tensor; the [K] vectors come broadcast along the tile's channel axis (dgrad's tile is pixels ×
-    channels, wgrad's channels × pixels). Used by both backward kernels, so they agree bit for bit."""
+    not leak into padding or tile tails: ``dz`` must be 0 there, as a masked load with ``other=0`` gives it);
+    returned in dz's dtype (the MMA operand). ``y`` is the fp32 tile of the dy_bn tensor; the [K] vectors come
+    broadcast along the tile's channel axis (dgrad's tile is pixels × channels, wgrad's channels × pixels). Used by
+    both backward kernels, so they agree bit for bit.
+
+    Instruction count per element (the K-loop of both GEMMs runs this): the mask selects the fp32 bias term, so
+    the last op is an FFMA whose result is packed straight to 16 bits (masking the packed result instead costs
+    byte permutes per pair), and ``c2*(y - mu) + c3`` is one FADD and one FFMA."""
     d = dz.to(tl.float32)
     if DY_RELU:
         d = tl.where(y > 0, d, 0.0)
-    d = c1 * d + c2 * (y - mu) + c3
-    return tl.where(mask, d, 0.0).to(dz.dtype)
+    t = tl.where(mask, c2 * (y - mu) + c3, 0.0)
+    return (c1 * d + t).to(dz.dtype)
 
 
 @triton.jit
