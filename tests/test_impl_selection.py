@@ -17,6 +17,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import resnet_fast
+from resnet_fast import _backend
 from resnet_fast import nn as rnn
 from resnet_fast.kernels import configs as cfgs
 from resnet_fast.kernels import conv_dgrad, conv_fwd, conv_wgrad
@@ -57,11 +58,30 @@ def conv_impl(request, monkeypatch):
 
 
 def _expected(setting):
-    # off the GPU (the interpreter) auto means the Triton kernels
-    return "cudnn" if setting == "cudnn" else "triton"
+    """The implementation every conv must run, or None when the GPU measures it (auto on CUDA). In the
+    interpreter auto means the Triton kernels."""
+    if setting != "auto":
+        return setting
+    return "triton" if _backend.interpreting() else None
 
 
-def _models(case):
+def _check_impls(model, convs, roles, calls, setting):
+    """``stats()["impl_calls"]`` has ``calls`` calls per role, each conv's record names one implementation per
+    role, and both say ``setting``'s implementation when it is fixed."""
+    want = _expected(setting)
+    st = resnet_fast.stats()
+    assert set(st["impl_calls"]) == set(roles), st
+    for role in roles:
+        assert sum(st["impl_calls"][role].values()) == calls, st
+        if want is not None:
+            assert st["impl_calls"][role] == {want: calls}, st
+    record = resnet_fast.conv_implementations(model)
+    assert sorted(record) == convs and all(set(r) == set(roles) for r in record.values()), record
+    if want is not None:
+        assert all(impl == want for r in record.values() for impl in r.values()), record
+
+
+def _models(case, device):
     """(float64 plain block, float32 converted Sequential holding the fused block) with identical state."""
     make, cin = CASES[case]
     torch.manual_seed(0)
@@ -71,7 +91,7 @@ def _models(case):
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.uniform_(-0.3, 0.3)
-    model = resnet_fast.convert(torch.nn.Sequential(copy.deepcopy(plain))).float()
+    model = resnet_fast.convert(torch.nn.Sequential(copy.deepcopy(plain))).float().to(device)
     assert isinstance(model[0], (rnn.BasicBlock, rnn.Bottleneck)), model.resnet_fast_summary
     return plain.double(), model, cin
 
@@ -80,10 +100,10 @@ def _conv_names(model):
     return sorted(f"0.{n}" for n, m in model[0].named_modules() if isinstance(m, torch.nn.Conv2d))
 
 
-def _input(cin, seed, scale=1.0, shift=0.0):
+def _input(cin, seed, device, scale=1.0, shift=0.0):
     gen = torch.Generator().manual_seed(seed)
     x64 = (torch.randn(N, cin, 6, 6, generator=gen, dtype=torch.float64) * scale + shift).requires_grad_(True)
-    x = x64.detach().float().contiguous(memory_format=CL).requires_grad_(True)
+    x = x64.detach().float().to(device).contiguous(memory_format=CL).requires_grad_(True)
     return x64, x
 
 
@@ -92,7 +112,7 @@ def _compare_step(plain, model, x64, x, out_p, out_f, what):
     assert _rel(out_f, out_p) < 1e-4, f"{what} output {_rel(out_f, out_p):.2e}"
     g = torch.randn(out_p.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     out_p.backward(g)
-    out_f.backward(g.float())
+    out_f.backward(g.float().to(out_f.device))
     assert _rel(x.grad, x64.grad) < 1e-3, f"{what} input grad {_rel(x.grad, x64.grad):.2e}"
     for (name, p), (_, q) in zip(plain.named_parameters(), model[0].named_parameters()):
         assert _rel(q.grad, p.grad) < 1e-3, f"{what} grad {name}: {_rel(q.grad, p.grad):.2e}"
@@ -100,14 +120,13 @@ def _compare_step(plain, model, x64, x, out_p, out_f, what):
 
 @pytest.mark.parametrize("conv_impl", ["triton", "cudnn", "auto"], indirect=True)
 @pytest.mark.parametrize("case", list(CASES))
-def test_block_trains_and_evaluates_like_float64(case, conv_impl):
-    plain, model, cin = _models(case)
+def test_block_trains_and_evaluates_like_float64(case, conv_impl, kernel_device):
+    plain, model, cin = _models(case, kernel_device)
     convs = _conv_names(model)
-    want = _expected(conv_impl)
     opt_p = torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.9)
     opt_f = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     for step in range(STEPS):
-        x64, x = _input(cin, seed=step, scale=1 + step, shift=0.3 * step)
+        x64, x = _input(cin, step, kernel_device, scale=1 + step, shift=0.3 * step)
         opt_p.zero_grad()
         opt_f.zero_grad()
         _compare_step(plain, model, x64, x, plain(x64), model(x), f"train step {step}")
@@ -115,18 +134,15 @@ def test_block_trains_and_evaluates_like_float64(case, conv_impl):
             if b.is_floating_point():
                 assert _rel(c, b) < 1e-5, f"step {step} buffer {name}: {_rel(c, b):.2e}"
             else:
-                assert int(c) == int(b), name
+                assert int(c.cpu()) == int(b), name
         opt_p.step()
         opt_f.step()
     for (name, p), (_, q) in zip(plain.named_parameters(), model[0].named_parameters()):
         assert _rel(q, p) < 1e-4, f"weight {name} after {STEPS} steps: {_rel(q, p):.2e}"
+    _check_impls(model, convs, ("conv_bn_stats", "conv_bn_stats_backward"), STEPS * len(convs), conv_impl)
     st = resnet_fast.stats()
-    assert st["impl_calls"] == {"conv_bn_stats": {want: STEPS * len(convs)},
-                                "conv_bn_stats_backward": {want: STEPS * len(convs)}}, st
     assert st["kernel_calls"]["block_train"] == STEPS and not st["fallbacks"], st
-    assert resnet_fast.conv_implementations(model) == {
-        n: {"conv_bn_stats": want, "conv_bn_stats_backward": want} for n in convs}
-    if conv_impl == "auto":  # decided without a key: nothing measured or remembered off the GPU
+    if conv_impl == "auto" and _backend.interpreting():  # decided without a key: nothing measured or remembered
         assert not any(k.startswith("impl:") for k in cfgs.tuning_sources())
 
     # eval: folded BN on the inference op, its backward under autograd (frozen statistics)
@@ -135,11 +151,9 @@ def test_block_trains_and_evaluates_like_float64(case, conv_impl):
     resnet_fast.reset_stats()
     opt_p.zero_grad()
     opt_f.zero_grad()
-    x64, x = _input(cin, seed=10)
+    x64, x = _input(cin, 10, kernel_device)
     _compare_step(plain, model, x64, x, plain(x64), model(x), "eval")
-    st = resnet_fast.stats()
-    assert st["impl_calls"] == {"conv2d": {want: len(convs)}, "conv2d_backward": {want: len(convs)}}, st
-    assert resnet_fast.conv_implementations(model) == {n: {"conv2d": want, "conv2d_backward": want} for n in convs}
+    _check_impls(model, convs, ("conv2d", "conv2d_backward"), len(convs), conv_impl)
 
 
 # ------------------------------------------------------------------------------------------------ profiler
@@ -162,9 +176,9 @@ def _engine_accumulation(event) -> bool:
                                    or parent.name == "torch::autograd::AccumulateGrad")
 
 
-def _profiled_steps(model, cin):
+def _profiled_steps(model, cin, device):
     """ATen events of one training step and one eval forward + backward (fresh inputs, so no x.grad to add to)."""
-    inputs = [(train, _input(cin, seed)[1]) for train, seed in ((True, 20), (False, 21))]
+    inputs = [(train, _input(cin, seed, device)[1]) for train, seed in ((True, 20), (False, 21))]
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         for train, x in inputs:
             model.train(train)
@@ -175,10 +189,10 @@ def _profiled_steps(model, cin):
 
 @pytest.mark.parametrize("conv_impl", ["triton", "cudnn"], indirect=True)
 @pytest.mark.parametrize("case", ["basic_s1", "bottleneck_s2_ds"])
-def test_profiler_sees_only_the_chosen_implementation(case, conv_impl):
-    _, model, cin = _models(case)
-    model(_input(cin, 19)[1]).sum().backward()  # first calls outside the profile (packing, extension load)
-    events = _profiled_steps(model, cin)
+def test_profiler_sees_only_the_chosen_implementation(case, conv_impl, kernel_device):
+    _, model, cin = _models(case, kernel_device)
+    model(_input(cin, 19, kernel_device)[1]).sum().backward()  # first calls outside the profile (packing...)
+    events = _profiled_steps(model, cin, kernel_device)
     ran = {e.name for e in events}
     if conv_impl == "triton":
         assert not ran & ATEN_CONVS, sorted(ran & ATEN_CONVS)
@@ -221,14 +235,14 @@ class Launches:
         return got
 
 
-def _stats_case(prologue):
+def _stats_case(prologue, device):
     gen = torch.Generator().manual_seed(3)
-    x = torch.randn(N, 8, 6, 6, generator=gen).contiguous(memory_format=CL)
-    w = torch.randn(12, 8, 3, 3, generator=gen) / 8
+    x = torch.randn(N, 8, 6, 6, generator=gen).to(device).contiguous(memory_format=CL)
+    w = (torch.randn(12, 8, 3, 3, generator=gen) / 8).to(device)
     in_scale = in_shift = None
     if prologue:
-        in_scale = torch.rand(8, generator=gen) + 0.5
-        in_shift = torch.randn(8, generator=gen) * 0.3
+        in_scale = (torch.rand(8, generator=gen) + 0.5).to(device)
+        in_shift = (torch.randn(8, generator=gen) * 0.3).to(device)
     return x, w, in_scale, in_shift
 
 
@@ -237,16 +251,17 @@ def _stats_grads(x, w, in_scale, in_shift, needs):
     leaves = [None if t is None else t.detach().clone().requires_grad_(n)
               for t, n in zip((x, w, in_scale, in_shift), needs)]
     y, mean, invstd = resnet_fast.ops.conv_bn_stats(*leaves, stride=1, padding=1)
-    loss = (y.float() * torch.linspace(-1, 1, y.numel()).view(y.shape)).sum() + mean.sum() + invstd.sum()
+    ramp = torch.linspace(-1, 1, y.numel(), device=y.device).view(y.shape)
+    loss = (y.float() * ramp).sum() + mean.sum() + invstd.sum()
     wanted = [t for t in leaves if t is not None and t.requires_grad]
     return torch.autograd.grad(loss, wanted) if wanted else ()
 
 
 @pytest.mark.parametrize("conv_impl", ["triton", "cudnn"], indirect=True)
 @pytest.mark.parametrize("prologue", [False, True])
-def test_training_backward_runs_only_the_gradients_asked_for(conv_impl, prologue, monkeypatch):
+def test_training_backward_runs_only_the_gradients_asked_for(conv_impl, prologue, monkeypatch, kernel_device):
     launches = Launches(monkeypatch)
-    case = _stats_case(prologue)
+    case = _stats_case(prologue, kernel_device)
     full = _stats_grads(*case, (True, True, prologue, prologue))
     assert launches.take() == (1, 1)
     expect = {  # (x, weight, in_scale, in_shift) needs -> (dgrad, wgrad) launches
@@ -263,12 +278,12 @@ def test_training_backward_runs_only_the_gradients_asked_for(conv_impl, prologue
 
 
 @pytest.mark.parametrize("conv_impl", ["triton", "cudnn"], indirect=True)
-def test_block_input_without_grad_runs_no_first_dgrad(conv_impl, monkeypatch):
+def test_block_input_without_grad_runs_no_first_dgrad(conv_impl, monkeypatch, kernel_device):
     # the network's input image: conv1 and the downsample conv read it without a prologue, so no dgrad for them;
     # conv2/conv3 still need theirs (their prologue's BN parameters train)
-    _, model, cin = _models("bottleneck_s2_ds")
+    _, model, cin = _models("bottleneck_s2_ds", kernel_device)
     launches = Launches(monkeypatch)
-    x = _input(cin, 30)[1].detach()
+    x = _input(cin, 30, kernel_device)[1].detach()
     model(x).sum().backward()
     assert launches.take() == (2, 4)
 
@@ -277,7 +292,7 @@ def test_block_input_without_grad_runs_no_first_dgrad(conv_impl, monkeypatch):
 H200 = cfgs.DeviceIdentity("NVIDIA H200", (9, 0))
 
 
-def test_timed_choice_is_not_counted_and_reuses_the_winners_output(monkeypatch, tmp_path):
+def test_timed_choice_is_not_counted_and_reuses_the_winners_output(monkeypatch, tmp_path, kernel_device):
     """As on a GPU (a made-up identity, a fake timer: the composite is the faster): both implementations run
     for the measurement, the call is counted once, the winner is not run again, and later calls run it alone."""
     monkeypatch.setenv("RESNET_FAST_BACKEND", "triton")
@@ -301,7 +316,7 @@ def test_timed_choice_is_not_counted_and_reuses_the_winners_output(monkeypatch, 
             return _real(*a, **k)
         monkeypatch.setattr(mod, attr, tracked)
     resnet_fast.reset_stats()
-    x, w, in_scale, in_shift = _stats_case(True)
+    x, w, in_scale, in_shift = _stats_case(True, kernel_device)
     y, mean, invstd = resnet_fast.ops.conv_bn_stats(x, w, in_scale, in_shift, stride=1, padding=1)
     assert order == ["triton", "triton", "cudnn", "cudnn"]  # untimed + timed each; the winner not run again
     st = resnet_fast.stats()
