@@ -176,10 +176,26 @@ def _conv_dgrad_kernel(
     s0, ns, dq0 = _phase_taps(ph_w, PAD_W, DIL_W, RSTEP_W, S, SW)
     dp_step = RSTEP_H * DIL_H // SH
     dq_step = RSTEP_W * DIL_W // SW
-    # int64 row bases once per program; per step the tap and channel offsets are int32 scalars
-    # (ConvGeometry.check_index_range: one image's offsets fit int32)
+    # ALIGNED: operand pointers once per program (int64 row bases), moved per step by one int32 scalar offset
+    # (ConvGeometry.check_index_range: one image's offsets fit int32). The masked general path holds one
+    # pointer per element rather than per 16-byte vector, too many registers to keep: it recomputes them.
     dy_base = n64 * sdy_n + ih * sdy_h + iw * sdy_w
-    w_col = (offs_c * sw_c)[None, :]
+    if ALIGNED:
+        dy_base = tl.multiple_of(dy_base, 16)
+    a_off0 = dy_base[:, None] + ((k_base + offs_kk) * sdy_c)[None, :]
+    dz_ptrs = dy_ptr + a_off0
+    y_ptrs = z_ptr + a_off0
+    w_ptrs = w_ptr + (((k_base + offs_kk) * sw_k)[:, None] + (offs_c * sw_c)[None, :])
+    c1_ptrs = c1_ptr + k_base + offs_kk
+    c2_ptrs = c2_ptr + k_base + offs_kk
+    c3_ptrs = c3_ptr + k_base + offs_kk
+    mu_ptrs = mu_ptr + k_base + offs_kk
+    # per step a row reads output pixel (ih + dp, iw + dq): valid when both are in [0, P) x [0, Q), one unsigned
+    # compare each; rows past the tile's end get ih = P + 2**20 so that compare fails too (|dp| < 2**20)
+    ih_u = tl.where(row_ok, ih, P + (1 << 20)).to(tl.uint32)
+    iw_u = iw.to(tl.uint32)
+    P_u = P.to(tl.uint32)
+    Q_u = Q.to(tl.uint32)
     k_iters = tl.cdiv(Kg, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     dp = dp0
@@ -188,29 +204,36 @@ def _conv_dgrad_kernel(
     j = 0
     k0 = 0
     for _ in range(0, nr * ns * k_iters):
-        a_row_ok = row_ok & (ih >= -dp) & (ih < P - dp) & (iw >= -dq) & (iw < Q - dq)
+        a_row_ok = (ih_u + dp.to(tl.uint32) < P_u) & (iw_u + dq.to(tl.uint32) < Q_u)
+        a_step = dp * sdy_h + dq * sdy_w + k0 * sdy_c
+        w_step = k0 * sw_k + w_tap
         if ALIGNED:  # every pixel's channel vector starts 16-element aligned; every k of the block exists
+            a_step = tl.multiple_of(a_step, 16)
+            w_step = tl.multiple_of(w_step, 16)
             offs_k = tl.multiple_of(k_base + k0, 16) + offs_kk
             k_ok = tl.full([BLOCK_K], True, tl.int1)
-            a_row = tl.multiple_of(dy_base + (dp * sdy_h + dq * sdy_w), 16)
         else:
             offs_k = k_base + k0 + offs_kk
             k_ok = offs_kk < Kg - k0
-            a_row = dy_base + (dp * sdy_h + dq * sdy_w)
         a_mask = a_row_ok[:, None] & k_ok[None, :]
-        a_off = a_row[:, None] + (offs_k * sdy_c)[None, :]
-        a = tl.load(dy_ptr + a_off, mask=a_mask, other=0.0)
-        if DY_BN:  # dy = c1*dz' + c2*(y - mean) + c3 (dz' = dz, or dz where y > 0), zero outside the image
-            yv = tl.load(z_ptr + a_off, mask=a_mask, other=0.0).to(tl.float32)
-            c1 = tl.load(c1_ptr + offs_k, mask=k_ok, other=0.0)
-            c2 = tl.load(c2_ptr + offs_k, mask=k_ok, other=0.0)
-            c3 = tl.load(c3_ptr + offs_k, mask=k_ok, other=0.0)
-            mu = tl.load(mu_ptr + offs_k, mask=k_ok, other=0.0)
-            a = dy_on_load(a, yv, c1[None, :], c2[None, :], c3[None, :], mu[None, :], a_mask, DY_RELU)
-        w_row = offs_k * sw_k + w_tap
         if ALIGNED:
-            w_row = tl.multiple_of(w_row, 16)
-        b = tl.load(w_ptr + (w_row[:, None] + w_col), mask=k_ok[:, None] & c_ok[None, :], other=0.0)
+            a_p = dz_ptrs + a_step
+            y_p = y_ptrs + a_step
+            w_p = w_ptrs + w_step
+        else:
+            a_off = (dy_base + (dp * sdy_h + dq * sdy_w))[:, None] + (offs_k * sdy_c)[None, :]
+            a_p = dy_ptr + a_off
+            y_p = z_ptr + a_off
+            w_p = w_ptr + ((offs_k * sw_k + w_tap)[:, None] + (offs_c * sw_c)[None, :])
+        a = tl.load(a_p, mask=a_mask, other=0.0)
+        if DY_BN:  # dy = c1*dz' + c2*(y - mean) + c3 (dz' = dz, or dz where y > 0), zero outside the image
+            yv = tl.load(y_p, mask=a_mask, other=0.0).to(tl.float32)
+            c1 = tl.load(c1_ptrs + k0, mask=k_ok, other=0.0)
+            c2 = tl.load(c2_ptrs + k0, mask=k_ok, other=0.0)
+            c3 = tl.load(c3_ptrs + k0, mask=k_ok, other=0.0)
+            mu = tl.load(mu_ptrs + k0, mask=k_ok, other=0.0)
+            a = dy_on_load(a, yv, c1[None, :], c2[None, :], c3[None, :], mu[None, :], a_mask, DY_RELU)
+        b = tl.load(w_p, mask=k_ok[:, None] & c_ok[None, :], other=0.0)
         if DOT_IEEE:
             acc = tl.dot(a, b, acc, input_precision="ieee")
         else:
