@@ -264,6 +264,71 @@ def test_wgrad_split_k_is_deterministic(kernel_device, triton_backend):
     assert _rel(runs[5].cpu(), runs[1].cpu().double()) < 1e-6
 
 
+def _stem_case(dtype, device, x_layout, seed):
+    """A stem-like conv (C = 3, 7×7/2, pad 3) with K = 16 output channels: dy channels_last and 16-aligned, so
+    wgrad takes its PACKED path (every (r, s, c) of the filter along the GEMM's N); x in ``x_layout``."""
+    gen = torch.Generator().manual_seed(seed)
+    x64 = torch.randn(2, 3, 11, 10, generator=gen).to(dtype).double()
+    dy64 = torch.randn(2, 16, 6, 5, generator=gen).to(dtype).double()
+    x = x64.to(dtype).to(device).contiguous(memory_format=x_layout)
+    dy = dy64.to(dtype).to(device).contiguous(memory_format=CL)
+    return x64, dy64, x, dy, (16, 3, 7, 7), dict(stride=2, padding=3, dilation=1, groups=1)
+
+
+@pytest.mark.parametrize("dtype,x_layout,idx64", [(torch.float32, CL, False), (torch.float16, CL, False),
+                                                  (torch.float32, torch.contiguous_format, False),
+                                                  (torch.float32, CL, True)])
+def test_wgrad_packed_stem(kernel_device, triton_backend, monkeypatch, dtype, x_layout, idx64):
+    # C < 16: one program's N packs all 147 (r, s, c) columns (10 N tiles of 16 here); plain, the training
+    # fusions and the sums, split 1 and 3, any x strides; the int64 offsets (IDX64) forced on give the same
+    import resnet_fast.kernels.conv_wgrad as wg
+    taken = []
+    real = wg._packed
+    monkeypatch.setattr(wg, "_packed", lambda *a: taken.append(real(*a)) or taken[-1])
+    if idx64:
+        monkeypatch.setattr(wg, "_needs_int64", lambda *a: True)
+    x64, dy64, x, dz, wshape, conv = _stem_case(dtype, kernel_device, x_layout, seed=21)
+    sc, sh, _, sc64, sh64, _ = _bn_relu_input(3, kernel_device, seed=22)
+    y_prev64 = _away_from_kink(x64, sc64, sh64).to(dtype).double()
+    y_prev = y_prev64.to(dtype).to(kernel_device).contiguous(memory_format=x_layout)
+    a64 = torch.relu(y_prev64 * sc64.view(1, -1, 1, 1) + sh64.view(1, -1, 1, 1))
+    dy_bn, dy_eff = _dy_bn(16, dy64, kernel_device, dtype, seed=23)
+    tol = TOL[dtype]
+    for split in (1, 3):
+        out = conv2d_wgrad_nhwc(dz, x, wshape, **conv, split=split, allow_tf32=False, config=WCFG)
+        assert _rel(out.cpu(), conv2d_weight(x64, wshape, dy64, **conv)) < tol, split
+        out = conv2d_wgrad_nhwc(dz, y_prev, wshape, **conv, in_scale=sc, in_shift=sh, dy_bn=dy_bn, split=split,
+                                allow_tf32=False, config=WCFG)
+        assert _rel(out.cpu(), conv2d_weight(a64, wshape, dy_eff, **conv)) < 2 * tol, split
+        dw, sums = conv2d_wgrad_nhwc(dz, x, wshape, **conv, dy_bn=dy_bn, dy_sums=True, split=split,
+                                     allow_tf32=False, config=WCFG)
+        assert _rel(dw.cpu(), conv2d_weight(x64, wshape, dy_eff, **conv)) < 2 * tol, split
+        assert _rel(sums.cpu(), dy_eff.sum((0, 2, 3))) < tol, split  # the operand in the storage dtype
+    assert taken and all(taken)
+
+
+def test_wgrad_path_switches():
+    # PACKED only where C/groups < 16 and dy is aligned; int64 offsets only where an int32 one could overflow
+    # (every ResNet-50 layer at batch 256 stays int32)
+    import resnet_fast.kernels.conv_wgrad as wg
+    from resnet_fast.kernels.conv_common import ConvGeometry
+    meta = lambda *shape, fmt=CL: torch.empty(shape, dtype=torch.float16, device="meta").contiguous(  # noqa: E731
+        memory_format=fmt)
+    g = ConvGeometry.make((256, 3, 224, 224), (64, 3, 7, 7), 2, 3)
+    x, dy = meta(256, 3, 224, 224), meta(256, 64, 112, 112)
+    cands, default = wg._candidates(g, dy, x)
+    assert cands == (default,) and wg._packed(g, default, dy, x) and not wg._needs_int64(g, dy, x)
+    assert wg._grid(g, default, True, 4, True) == ((1, 2, 4), 2)  # 147 columns in two 128-wide tiles
+    assert not wg._packed(g, default, meta(256, 64, 112, 112, fmt=torch.contiguous_format), x)
+    assert not wg._packed(g, ConvConfig(48, 128, 64, 8, 8, 2), dy, x)  # Kg % BLOCK_M != 0
+    g = ConvGeometry.make((256, 64, 56, 56), (64, 64, 3, 3), 1, 1)
+    x, dy = meta(256, 64, 56, 56), meta(256, 64, 56, 56)
+    assert not wg._packed(g, wg._candidates(g, dy, x)[1], dy, x) and not wg._needs_int64(g, dy, x)
+    g = ConvGeometry.make((4096, 64, 112, 112), (64, 64, 3, 3), 1, 1)  # 3.3e9 elements
+    x = meta(4096, 64, 112, 112)
+    assert wg._needs_int64(g, x, x)
+
+
 def test_bad_inputs(kernel_device, triton_backend):
     x64, w64, dy64, x, w, dy, conv = _case("3x3s1", torch.float32, kernel_device)
     with pytest.raises(ValueError, match="grad_out"):

@@ -40,6 +40,7 @@ path compiles without spills on sm_90 (see :data:`WGRAD_CONFIGS`).
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -48,7 +49,7 @@ import triton.language as tl
 
 from .checks import FLOAT_DTYPES, check_tensor, check_vector
 from .configs import ConvConfig, checked_candidates, choose, conv_allows_tf32, for_dtype
-from .conv_common import (ConvGeometry, DyBN, check_dy_bn, check_operand_dtype, input_coords, ordered_signature,
+from .conv_common import (CHANNEL_PAD, ConvGeometry, DyBN, check_dy_bn, check_operand_dtype, ordered_signature,
                           rows_aligned, rows_to_npq)
 from .conv_dgrad import dy_on_load
 
@@ -72,6 +73,9 @@ _MAX_SPLIT = 64
 WGRAD_CONFIGS = (ConvConfig(64, 64, 64, 8, 4, 3), ConvConfig(128, 128, 64, 8, 8, 3),
                  ConvConfig(128, 64, 64, 8, 8, 3), ConvConfig(64, 32, 64, 8, 4, 3))
 _GENERAL_CONFIG = WGRAD_CONFIGS[-1]  # the one config whose masked general path is compile-checked
+# The PACKED path's config (the stem: 7·7·3 = 147 (r, s, c) columns in one 256-wide N tile, K = 64 in one M tile):
+# one program per chunk reads each dy tile once for every tap.
+_PACKED_CONFIG = ConvConfig(64, 128, 64, 8, 8, 2)
 
 
 def _aligned(g: ConvGeometry, cfg: ConvConfig, dy: torch.Tensor, x: torch.Tensor) -> bool:
@@ -85,6 +89,9 @@ def _candidates(g: ConvGeometry, dy: torch.Tensor, x: torch.Tensor) -> tuple:
     the masked general one) is compile-checked; C/groups <= 32 takes the general config. The default is the
     128x128 tile when both channel counts reach 128, else 64x64, where a candidate; else the first candidate."""
     general = for_dtype(_GENERAL_CONFIG, dy.dtype)
+    packed = for_dtype(_PACKED_CONFIG, dy.dtype)
+    if _packed(g, packed, dy, x):
+        return (packed,), packed
     if g.Cg <= 32:
         return (general,), general
     # GEMM: output channels × input channels (of one tap), reducing over pixels
@@ -94,35 +101,63 @@ def _candidates(g: ConvGeometry, dy: torch.Tensor, x: torch.Tensor) -> tuple:
     return tuple(cands), want if want in cands else cands[0]
 
 
-def pick_split(g: ConvGeometry, cfg: ConvConfig, first_column_only: bool = False) -> int:
+def pick_split(g: ConvGeometry, cfg: ConvConfig, first_column_only: bool = False, packed: bool = False) -> int:
     """SPLIT so the grid fills the GPU while each chunk keeps >= _MIN_STEPS_PER_SPLIT BLOCK_K steps
-    (``first_column_only``: the grid of a ``need_dw=False`` launch, one (tap, channel tile) column)."""
-    crs_tiles = 1 if first_column_only else triton.cdiv(g.Cg, cfg.BLOCK_N) * g.R * g.S
-    tiles = triton.cdiv(g.Kg, cfg.BLOCK_M) * crs_tiles * g.groups
+    (``first_column_only``: the grid of a ``need_dw=False`` launch, one (tap, channel tile) column; ``packed``:
+    the PACKED path's grid)."""
+    tiles = math.prod(_grid(g, cfg, packed, 1, not first_column_only)[0])
     steps = triton.cdiv(g.N * g.P * g.Q, cfg.BLOCK_K)
     want = triton.cdiv(_TARGET_PROGRAMS, tiles)
     return max(1, min(want, steps // _MIN_STEPS_PER_SPLIT, _MAX_SPLIT))
 
 
 @triton.jit
-def _dy_tile(dy_ptr, z_ptr, j0, hi, k_glob, k_ok, c1, c2, c3, mu, P, Q, sdy_n, sdy_h, sdy_w, sdy_c,
-             DY_BN: tl.constexpr, DY_RELU: tl.constexpr, ALIGNED: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The A operand ``dy^T [BLOCK_M, BLOCK_K]`` (output channels × the output pixels ``j0 + [0, BLOCK_K)``
-    below ``hi``), formed on load under DY_BN, and those pixels ``(n, p, q)`` with their validity."""
-    offs_j = j0 + tl.arange(0, BLOCK_K)             # output pixels (GEMM reduction)
-    j_ok = offs_j < hi
-    n64, p, q = rows_to_npq(offs_j, P, Q)
-    dy_pix = n64 * sdy_n + p * sdy_h + q * sdy_w
-    if ALIGNED:  # every pixel's channel vector starts 16-element aligned
+def _dy_tile(dy_ptr, z_ptr, dy_pix, j_ok, k_glob, k_ok, c1, c2, c3, mu, sdy_c,
+             DY_BN: tl.constexpr, DY_RELU: tl.constexpr, A_ALIGNED: tl.constexpr):
+    """``dy [BLOCK_K, BLOCK_M]`` (output pixels at offsets ``dy_pix`` × output channels ``k_glob``, zero where
+    not ``j_ok``/``k_ok``), formed on load under DY_BN. Pixels as rows, like the x tile, so both tiles share the
+    pixel vectors' layout; the MMA takes its transpose."""
+    if A_ALIGNED:  # every pixel's channel vector starts 16-element aligned
         dy_pix = tl.multiple_of(dy_pix, 16)
-    # contiguous along k for NHWC
-    a_off = (k_glob * sdy_c)[:, None] + dy_pix[None, :]
-    a_mask = k_ok[:, None] & j_ok[None, :]
+    a_off = dy_pix[:, None] + (k_glob * sdy_c)[None, :]  # contiguous along k for NHWC
+    a_mask = j_ok[:, None] & k_ok[None, :]
     a = tl.load(dy_ptr + a_off, mask=a_mask, other=0.0)
     if DY_BN:
         yv = tl.load(z_ptr + a_off, mask=a_mask, other=0.0).to(tl.float32)
-        a = dy_on_load(a, yv, c1[:, None], c2[:, None], c3[:, None], mu[:, None], a_mask, DY_RELU)
-    return a, n64, p, q, j_ok
+        a = dy_on_load(a, yv, c1[None, :], c2[None, :], c3[None, :], mu[None, :], a_mask, DY_RELU)
+    return a
+
+
+@triton.jit
+def _pixels_start(lo, P, Q, IDX64: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Output pixels ``lo + [0, BLOCK_K)`` as ``(n, p, q)`` (``n`` int64 under IDX64, else int32) and the
+    per-step advance ``BLOCK_K = dn*P*Q + dp*Q + dq``: the only divisions of the K-loop, once per program."""
+    n, p, q = rows_to_npq(lo + tl.arange(0, BLOCK_K), P, Q)
+    if not IDX64:
+        n = n.to(tl.int32)
+    dq = BLOCK_K % Q
+    dp = (BLOCK_K // Q) % P
+    dn = BLOCK_K // Q // P
+    return n, p, q, dn, dp, dq
+
+
+@triton.jit
+def _pixels_advance(n, p, q, dn, dp, dq, j0, P, Q, CARRY: tl.constexpr, IDX64: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``(n, p, q)`` of the pixels ``BLOCK_K`` further on (``j0``: the step's first pixel). CARRY: by carries
+    (``dq < Q``, ``dp < P``: at most one carry per digit), no division, three vectors live across steps (the
+    ALIGNED path, whose loads need few registers); else recomputed from ``j0`` (where the masked element loads
+    need the registers)."""
+    if not CARRY:
+        n, p, q, _, _, _ = _pixels_start(j0 + BLOCK_K, P, Q, IDX64, BLOCK_K)
+        return n, p, q
+    q = q + dq
+    cq = q >= Q
+    q = tl.where(cq, q - Q, q)
+    p = p + dp + cq.to(tl.int32)
+    cp = p >= P
+    p = tl.where(cp, p - P, p)
+    n = n + dn + cp.to(n.dtype)
+    return n, p, q
 
 
 @triton.jit
@@ -131,37 +166,60 @@ def _conv_wgrad_kernel(
         isc_ptr, ish_ptr,                                      # PROLOGUE: x = relu(x*isc + ish)
         z_ptr, c1_ptr, c2_ptr, c3_ptr, mu_ptr,                 # DY_BN
         sum_ptr,                                               # SUMS: [SPLIT, K] (or [K]) Σ of the dy operand
-        H, W, Cg, Kg, P, Q, NPQ, CHUNK, so_sum,
+        H, W, R, Cg, Kg, P, Q, NPQ, CHUNK, so_sum,
         pad_h, pad_w, dil_h, dil_w,
         sdy_n, sdy_h, sdy_w, sdy_c,
         sx_n, sx_h, sx_w, sx_c,
         so_split, so_k, so_c, so_r, so_s,
         SH: tl.constexpr, SW: tl.constexpr, S: tl.constexpr, TILES_N: tl.constexpr, SPLIT: tl.constexpr,
         PROLOGUE: tl.constexpr, DY_BN: tl.constexpr, DY_RELU: tl.constexpr, SUMS: tl.constexpr,
-        DOT_IEEE: tl.constexpr, ALIGNED: tl.constexpr,
+        DOT_IEEE: tl.constexpr, ALIGNED: tl.constexpr, PACKED: tl.constexpr, IDX64: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid1 = tl.program_id(1)
-    tap = pid1 // TILES_N
+    tap = pid1 // TILES_N  # PACKED: always 0 (every tap is in the GEMM's N)
     pid_n = pid1 % TILES_N
     pid2 = tl.program_id(2)
     grp = pid2 // SPLIT
     split = pid2 % SPLIT
-    r = tap // S
-    s = tap % S
+    if PACKED:
+        r = 0
+        s = 0
+    else:
+        r = tap // S
+        s = tap % S
+    A_ALIGNED: tl.constexpr = ALIGNED or PACKED  # the launcher gives PACKED an aligned dy
+    # pixel coordinates carried across steps where the registers allow (sm_90 compile check: IEEE fp32 and the
+    # PACKED prologue and int64 variants spill with them), else recomputed with divisions each step
+    CARRY: tl.constexpr = not DOT_IEEE and (ALIGNED or (PACKED and not PROLOGUE and not IDX64))
 
     offs_k = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)    # output channels (GEMM M)
-    offs_c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)    # input channels (GEMM N)
-    if ALIGNED:  # Kg % BLOCK_M == Cg % BLOCK_N == 0: every channel of the tile exists, no channel masks
+    offs_c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)    # input channels (GEMM N), PACKED: (r, s, c) triples
+    if A_ALIGNED:  # Kg % BLOCK_M == 0: every output channel of the tile exists
         k_ok = tl.full([BLOCK_M], True, tl.int1)
-        c_ok = tl.full([BLOCK_N], True, tl.int1)
         k_glob = tl.multiple_of(grp * Kg + pid_m * BLOCK_M, 16) + tl.arange(0, BLOCK_M)
-        c_glob = tl.multiple_of(grp * Cg + pid_n * BLOCK_N, 16) + tl.arange(0, BLOCK_N)
     else:
         k_ok = offs_k < Kg
-        c_ok = offs_c < Cg
         k_glob = grp * Kg + offs_k
+    if PACKED:  # column = (r*S + s)*Cg + c: in NHWC a filter row's S taps × Cg channels are contiguous
+        c_ok = offs_c < R * S * Cg
+        r_col = offs_c // (S * Cg)
+        s_col = offs_c // Cg % S
+        c_col = offs_c % Cg
+        c_glob = grp * Cg + c_col
+        h_col = r_col * dil_h                           # input offsets of each column's tap
+        w_col = s_col * dil_w
+        x_col = h_col * sx_h + w_col * sx_w + c_glob * sx_c
+    elif ALIGNED:  # Cg % BLOCK_N == 0
+        c_ok = tl.full([BLOCK_N], True, tl.int1)
+        c_col = offs_c
+        c_glob = tl.multiple_of(grp * Cg + pid_n * BLOCK_N, 16) + tl.arange(0, BLOCK_N)
+        x_col = c_glob * sx_c
+    else:
+        c_ok = offs_c < Cg
+        c_col = offs_c
         c_glob = grp * Cg + offs_c
+        x_col = c_glob * sx_c
     if PROLOGUE:
         isc = tl.load(isc_ptr + c_glob, mask=c_ok, other=0.0)
         ish = tl.load(ish_ptr + c_glob, mask=c_ok, other=0.0)
@@ -182,46 +240,70 @@ def _conv_wgrad_kernel(
         # GEMM (stored at once: the MMA loop gets its registers back, and the chunk is warm in L2 for it), and
         # sums the operand as the GEMM sees it: every (k, pixel) exactly once.
         if pid1 == 0:
+            n, p, q, dn, dp, dq = _pixels_start(lo, P, Q, IDX64, BLOCK_K)
             dsum = tl.zeros([BLOCK_M], dtype=tl.float32)
             for j0 in range(lo, hi, BLOCK_K):
-                a, _, _, _, _ = _dy_tile(dy_ptr, z_ptr, j0, hi, k_glob, k_ok, c1, c2, c3, mu, P, Q,
-                                         sdy_n, sdy_h, sdy_w, sdy_c, DY_BN, DY_RELU, ALIGNED, BLOCK_K)
-                dsum += tl.sum(a.to(tl.float32), axis=1)
+                j_ok = j0 + tl.arange(0, BLOCK_K) < hi
+                a = _dy_tile(dy_ptr, z_ptr, n * sdy_n + p * sdy_h + q * sdy_w, j_ok, k_glob, k_ok, c1, c2, c3, mu,
+                             sdy_c, DY_BN, DY_RELU, A_ALIGNED)
+                dsum += tl.sum(a.to(tl.float32), axis=0)
+                n, p, q = _pixels_advance(n, p, q, dn, dp, dq, j0, P, Q, CARRY, IDX64, BLOCK_K)
             tl.store(sum_ptr + split * so_sum + k_glob, dsum, mask=k_ok)
 
+    # pixel coordinates once per program, advanced by carries each step; the tap's input offset folded in
+    n, p, q, dn, dp, dq = _pixels_start(lo, P, Q, IDX64, BLOCK_K)
+    h0 = r * dil_h - pad_h
+    w0 = s * dil_w - pad_w
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for j0 in range(lo, hi, BLOCK_K):
-        a, n64, p, q, j_ok = _dy_tile(dy_ptr, z_ptr, j0, hi, k_glob, k_ok, c1, c2, c3, mu, P, Q,
-                                      sdy_n, sdy_h, sdy_w, sdy_c, DY_BN, DY_RELU, ALIGNED, BLOCK_K)
+        j_ok = j0 + tl.arange(0, BLOCK_K) < hi
+        a = _dy_tile(dy_ptr, z_ptr, n * sdy_n + p * sdy_h + q * sdy_w, j_ok, k_glob, k_ok, c1, c2, c3, mu,
+                     sdy_c, DY_BN, DY_RELU, A_ALIGNED)
         # B = x [BLOCK_K, BLOCK_N] at the tap's input position, zero padding
-        h, w, inside = input_coords(p, q, r, s, SH, SW, pad_h, pad_w, dil_h, dil_w, H, W)
-        row_ok = j_ok & inside
-        b_mask = row_ok[:, None] & c_ok[None, :]
-        x_pix = n64 * sx_n + h * sx_h + w * sx_w
-        if ALIGNED:
-            x_pix = tl.multiple_of(x_pix, 16)
-        b = tl.load(x_ptr + x_pix[:, None] + (c_glob * sx_c)[None, :], mask=b_mask, other=0.0)
+        h = p * SH + h0
+        w = q * SW + w0
+        x_pix = n * sx_n + h * sx_h + w * sx_w
+        if PACKED:  # each column has its own tap: the bounds per element, unsigned (one compare per side)
+            hc = (h[:, None] + h_col[None, :]).to(tl.uint32, bitcast=True)
+            wc = (w[:, None] + w_col[None, :]).to(tl.uint32, bitcast=True)
+            b_mask = (j_ok[:, None] & c_ok[None, :]) & (hc < H.to(tl.uint32)) & (wc < W.to(tl.uint32))
+        else:
+            row_ok = j_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+            b_mask = row_ok[:, None] & c_ok[None, :]
+            if ALIGNED:
+                x_pix = tl.multiple_of(x_pix, 16)
+        b = tl.load(x_ptr + x_pix[:, None] + x_col[None, :], mask=b_mask, other=0.0)
         if PROLOGUE:  # the mask again after the transform: padding is zero in relu(bn(y)), not relu(shift)
             xb = tl.maximum(b.to(tl.float32) * isc[None, :] + ish[None, :], 0.0)
             b = tl.where(b_mask, xb, 0.0).to(x_ptr.dtype.element_ty)
         if DOT_IEEE:
-            acc = tl.dot(a, b, acc, input_precision="ieee")
+            acc = tl.dot(tl.trans(a), b, acc, input_precision="ieee")
         else:
-            acc = tl.dot(a, b, acc)
+            acc = tl.dot(tl.trans(a), b, acc)
+        n, p, q = _pixels_advance(n, p, q, dn, dp, dq, j0, P, Q, CARRY, IDX64, BLOCK_K)
 
-    o_off = split * so_split + r * so_r + s * so_s + (k_glob * so_k)[:, None] + (offs_c * so_c)[None, :]
+    if PACKED:
+        col_off = c_col * so_c + r_col * so_r + s_col * so_s
+    else:
+        col_off = c_col * so_c + r * so_r + s * so_s
+    o_off = split * so_split + (k_glob * so_k)[:, None] + col_off[None, :]
     tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=k_ok[:, None] & c_ok[None, :])
 
 
 @triton.jit
-def _wgrad_combine_kernel(part_ptr, out_ptr, NUMEL, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
-    """out[i] = Σ_{split=0..SPLIT-1} part[split, i], always in this order (deterministic)."""
+def _wgrad_combine_kernel(part_ptr, out_ptr, NUMEL, RS, CG, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+    """``out[k, c, rs] = Σ_{split=0..SPLIT-1} part[split, k, rs, c]``, always in this order (deterministic):
+    partials in the order the GEMM programs write them (taps outer, channels contiguous), read contiguously;
+    ``out`` in dW's ``[K, Cg, R*S]`` order (RS = CG = 1: a plain sum, the dy sums)."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = offs < NUMEL
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for i in range(SPLIT):
         acc += tl.load(part_ptr + i * NUMEL + offs, mask=m, other=0.0)
-    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=m)
+    k = offs // (RS * CG)
+    rem = offs % (RS * CG)
+    dst = (k * CG + rem % CG) * RS + rem // CG
+    tl.store(out_ptr + dst, acc.to(out_ptr.dtype.element_ty), mask=m)
 
 
 _COMBINE_BLOCK = 1024
@@ -270,38 +352,69 @@ def _validate_wgrad(grad_out, x, weight_shape, stride, padding, dilation, groups
     return g, dy_bn
 
 
+def _packed(g: ConvGeometry, cfg: ConvConfig, dy: torch.Tensor, x: torch.Tensor) -> bool:
+    """The kernel's PACKED switch: fewer than 16 channels per group (the stem's 3), so the GEMM's N packs every
+    (r, s, c) of the filter (in NHWC each filter row's S taps × Cg channels are contiguous: 21 values for 7×7 ×
+    3) instead of one tap's channels padded to a tile per program; dy must be aligned as on the ALIGNED path
+    (Kg % BLOCK_M == 0, unit channel stride, 16-aligned rows); x may have any strides (masked element loads)."""
+    return (g.Cg < CHANNEL_PAD and not _aligned(g, cfg, dy, x) and g.Kg % cfg.BLOCK_M == 0
+            and rows_aligned(dy))
+
+
+def _needs_int64(g: ConvGeometry, dy: torch.Tensor, x: torch.Tensor) -> bool:
+    """The kernel's IDX64 switch: an offset the K-loop forms (one batch index past the end included: the last
+    chunk's masked tail) may pass 2**31 - 1, so the pixel offsets are int64; else int32, fewer instructions."""
+    sy, sx = [abs(v) for v in dy.stride()], [abs(v) for v in x.stride()]
+    dy_max = (g.N + 1) * sy[0] + g.K * sy[1] + g.P * sy[2] + g.Q * sy[3]
+    x_max = ((g.N + 1) * sx[0] + g.C * sx[1] + (g.P * g.stride[0] + g.R * g.dilation[0] + g.padding[0]) * sx[2]
+             + (g.Q * g.stride[1] + g.S * g.dilation[1] + g.padding[1]) * sx[3])
+    return max(dy_max, x_max) > 2**31 - 1
+
+
+def _grid(g: ConvGeometry, cfg: ConvConfig, packed: bool, n_split: int, need_dw: bool) -> tuple:
+    """The GEMM grid (output-channel tiles, taps × N tiles, chunks × groups) and TILES_N. PACKED: the R*S*Cg
+    (tap, channel) columns in N tiles, no tap axis. need_dw=False: only the first column, whose programs form
+    the sums."""
+    tiles_n = triton.cdiv(g.R * g.S * g.Cg if packed else g.Cg, cfg.BLOCK_N)
+    taps = 1 if packed else g.R * g.S
+    return (triton.cdiv(g.Kg, cfg.BLOCK_M), taps * tiles_n if need_dw else 1, n_split * g.groups), tiles_n
+
+
 def _launch_wgrad(cfg: ConvConfig, g: ConvGeometry, grad_out, x, dw, sums, pro_ops, bn_ops,
                   sw: WgradSwitches) -> None:
     """One launch of :func:`_conv_wgrad_kernel` (and, when split, the combines) with ``cfg``, writing ``dw``
     (unless not ``need_dw``) and ``sums`` (when ``dy_sums``). ``pro_ops`` = (in_scale, in_shift) and ``bn_ops``
     (the :class:`DyBN` fields) are placeholders where their switch is off."""
     npq = g.N * g.P * g.Q
-    n_split = sw.split if sw.split is not None else pick_split(g, cfg, first_column_only=not sw.need_dw)
+    packed = _packed(g, cfg, grad_out, x)
+    n_split = sw.split if sw.split is not None else pick_split(g, cfg, first_column_only=not sw.need_dw, packed=packed)
     chunk = triton.cdiv(triton.cdiv(npq, n_split), cfg.BLOCK_K) * cfg.BLOCK_K
     n_split = triton.cdiv(npq, chunk)  # no empty chunks
-    out = dw if n_split == 1 else torch.empty((n_split, g.K, g.Cg, g.R, g.S), dtype=torch.float32,
+    # fp32 partials [SPLIT, K, R, S, Cg]: each program's tile is contiguous along its channels (and, PACKED,
+    # along its (s, c) columns); the combine writes dW's [K, Cg, R, S] order
+    out = dw if n_split == 1 else torch.empty((n_split, g.K, g.R, g.S, g.Cg), dtype=torch.float32,
                                               device=dw.device)
+    so = dw.stride() if n_split == 1 else (out.stride(1), out.stride(4), out.stride(2), out.stride(3))
     sum_part = sums if n_split == 1 or not sw.dy_sums else torch.empty((n_split, g.K), dtype=torch.float32,
                                                                        device=dw.device)
-    tiles_n = triton.cdiv(g.Cg, cfg.BLOCK_N)
-    # need_dw=False: only the first (tap, channel tile) column, whose programs form the sums
-    grid = (triton.cdiv(g.Kg, cfg.BLOCK_M), g.R * g.S * tiles_n if sw.need_dw else 1, n_split * g.groups)
+    grid, tiles_n = _grid(g, cfg, packed, n_split, sw.need_dw)
     _conv_wgrad_kernel[grid](
         grad_out, x, out, *pro_ops, *bn_ops, dw if sum_part is None else sum_part,
-        g.H, g.W, g.Cg, g.Kg, g.P, g.Q, npq, chunk, g.K if n_split > 1 else 0,
+        g.H, g.W, g.R, g.Cg, g.Kg, g.P, g.Q, npq, chunk, g.K if n_split > 1 else 0,
         g.padding[0], g.padding[1], g.dilation[0], g.dilation[1],
         grad_out.stride(0), grad_out.stride(2), grad_out.stride(3), grad_out.stride(1),
         x.stride(0), x.stride(2), x.stride(3), x.stride(1),
-        out.stride(0) if n_split > 1 else 0, *out.stride()[-4:],
+        out.stride(0) if n_split > 1 else 0, *so,
         SH=g.stride[0], SW=g.stride[1], S=g.S, TILES_N=tiles_n, SPLIT=n_split,
         PROLOGUE=sw.prologue, DY_BN=sw.dy_bn, DY_RELU=sw.dy_relu, SUMS=sw.dy_sums,
-        DOT_IEEE=sw.dot_ieee, ALIGNED=_aligned(g, cfg, grad_out, x),
-        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
+        DOT_IEEE=sw.dot_ieee, ALIGNED=_aligned(g, cfg, grad_out, x), PACKED=packed,
+        IDX64=_needs_int64(g, grad_out, x), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if n_split > 1:
-        for part, res in ((out, dw if sw.need_dw else None), (sum_part, sums)):
-            if res is not None:
-                _combine(part, res, n_split)
+        if sw.need_dw:
+            _combine(out, dw, n_split, g.R * g.S, g.Cg)
+        if sw.dy_sums:
+            _combine(sum_part, sums, n_split, 1, 1)
 
 
 def conv2d_wgrad_nhwc(grad_out: torch.Tensor, x: torch.Tensor, weight_shape, *, stride=1, padding=0, dilation=1,
@@ -357,10 +470,11 @@ def conv2d_wgrad_nhwc(grad_out: torch.Tensor, x: torch.Tensor, weight_shape, *, 
     return (dw if need_dw else None, sums) if dy_sums else dw
 
 
-def _combine(part: torch.Tensor, res: torch.Tensor, split: int) -> None:
-    """res = Σ over the leading SPLIT axis of part, in index order (deterministic)."""
+def _combine(part: torch.Tensor, res: torch.Tensor, split: int, rs: int, cg: int) -> None:
+    """res = Σ over the leading SPLIT axis of part, in index order (deterministic); part [SPLIT, K, RS, CG]
+    goes to res [K, CG, RS]."""
     numel = res.numel()
-    _wgrad_combine_kernel[(triton.cdiv(numel, _COMBINE_BLOCK),)](part, res, numel, SPLIT=split,
+    _wgrad_combine_kernel[(triton.cdiv(numel, _COMBINE_BLOCK),)](part, res, numel, rs, cg, SPLIT=split,
                                                                  BLOCK=_COMBINE_BLOCK, num_warps=4)
 
 
@@ -381,37 +495,46 @@ def compile_specs() -> list:
     geometry with SPLIT=4: every config × dtype × :data:`VARIANTS` on the ALIGNED path, with the channel counts
     and pixel strides multiples of 16 as Triton's launcher specialises them for ResNet layers; the masked general
     path at the config the launcher gives it (64×32), without divisibility hints (its worst case: the stem's
-    C=3, 4-32 channels per group, NCHW strides); the combine kernel."""
-    ints = ("H", "W", "Cg", "Kg", "P", "Q", "NPQ", "CHUNK", "so_sum", "pad_h", "pad_w", "dil_h", "dil_w",
+    C=3, 4-32 channels per group, NCHW strides); the PACKED path at its config, with the stem's 7×7/2 and dy's
+    hints (x's NHWC pixel stride is 3); int32 offsets (IDX64 off, every ResNet-50 layer at batch 256) and one
+    IDX64 spec per path; the combine kernel."""
+    ints = ("H", "W", "R", "Cg", "Kg", "P", "Q", "NPQ", "CHUNK", "so_sum", "pad_h", "pad_w", "dil_h", "dil_w",
             "sdy_n", "sdy_h", "sdy_w", "sx_n", "sx_h", "sx_w", "so_split", "so_k", "so_c", "so_r", "so_s")
     # ResNet layer: Cg, Kg, N*P*Q and the NHWC strides are multiples of 16; CHUNK always is (whole BLOCK_K
-    # steps); so_sum = K is; so_c = R*S, so_r = S, H, W, P, Q are not in general.
+    # steps); so_sum = K is; the split partials [SPLIT, K, R, S, Cg] have so_k, so_r, so_s multiples of Cg and
+    # so_c = 1; H, W, P, Q are not in general.
     div16 = ("Cg", "Kg", "NPQ", "CHUNK", "so_sum", "sdy_n", "sdy_h", "sdy_w", "sx_n", "sx_h", "sx_w", "so_split",
-             "so_k")
+             "so_k", "so_r", "so_s")
+    div16_packed = ("Kg", "NPQ", "CHUNK", "so_sum", "sdy_n", "sdy_h", "sdy_w", "so_split")
 
-    def spec(base, dt, tdt, variant, aligned, ieee=False):
+    def spec(base, dt, tdt, variant, aligned, ieee=False, packed=False, idx64=False):
         cfg = for_dtype(base, tdt)
         sig = {"dy_ptr": f"*{dt}", "x_ptr": f"*{dt}", "out_ptr": "*fp32", "isc_ptr": "*fp32",
                "ish_ptr": "*fp32", "z_ptr": f"*{dt}", "c1_ptr": "*fp32", "c2_ptr": "*fp32",
                "c3_ptr": "*fp32", "mu_ptr": "*fp32", "sum_ptr": "*fp32"}
         sig.update({name: "i32" for name in ints})
-        cx = {"sdy_c": 1, "sx_c": 1, "SH": 2, "SW": 2, "S": 3, "TILES_N": 2, "SPLIT": 4,
-              "PROLOGUE": False, "DY_BN": False, "DY_RELU": False, "SUMS": False, **VARIANTS[variant],
-              "DOT_IEEE": ieee, "ALIGNED": aligned,
+        cx = {"sdy_c": 1, "sx_c": 1, "SH": 2, "SW": 2, "S": 7 if packed else 3, "TILES_N": 1 if packed else 2,
+              "SPLIT": 4, "PROLOGUE": False, "DY_BN": False, "DY_RELU": False, "SUMS": False, **VARIANTS[variant],
+              "DOT_IEEE": ieee, "ALIGNED": aligned, "PACKED": packed, "IDX64": idx64,
               "BLOCK_M": cfg.BLOCK_M, "BLOCK_N": cfg.BLOCK_N, "BLOCK_K": cfg.BLOCK_K}
         sig.update({k: "constexpr" for k in cx})
         return (_conv_wgrad_kernel, ordered_signature(_conv_wgrad_kernel, sig), cx,
                 {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}, not ieee,
-                div16 if aligned else ("CHUNK",))
+                div16 if aligned else div16_packed if packed else ("CHUNK",))
 
     dtypes = (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32))
     specs = [spec(base, dt, tdt, v, True) for base in WGRAD_CONFIGS for dt, tdt in dtypes for v in VARIANTS]
     specs += [spec(_GENERAL_CONFIG, dt, tdt, v, False) for dt, tdt in dtypes for v in VARIANTS]
+    specs += [spec(_PACKED_CONFIG, dt, tdt, v, False, packed=True) for dt, tdt in dtypes for v in VARIANTS]
+    specs += [spec(WGRAD_CONFIGS[1], "bf16", torch.bfloat16, "fused", True, idx64=True),
+              spec(_GENERAL_CONFIG, "bf16", torch.bfloat16, "fused", False, idx64=True),
+              spec(_PACKED_CONFIG, "bf16", torch.bfloat16, "dy_bn", False, packed=True, idx64=True)]
     # IEEE fp32 (the default unless TF32 is allowed, configs.conv_allows_tf32): FMA, not wgmma, by design
     specs += [spec(base, "fp32", torch.float32, v, aligned, ieee=True)
               for base, aligned in [(b, True) for b in WGRAD_CONFIGS] + [(_GENERAL_CONFIG, False)]
               for v in VARIANTS]
-    specs.append((_wgrad_combine_kernel, {"part_ptr": "*fp32", "out_ptr": "*bf16", "NUMEL": "i32",
-                                          "SPLIT": "constexpr", "BLOCK": "constexpr"},
+    specs += [spec(_PACKED_CONFIG, "fp32", torch.float32, v, False, ieee=True, packed=True) for v in VARIANTS]
+    specs.append((_wgrad_combine_kernel, {"part_ptr": "*fp32", "out_ptr": "*bf16", "NUMEL": "i32", "RS": "i32",
+                                          "CG": "i32", "SPLIT": "constexpr", "BLOCK": "constexpr"},
                   {"SPLIT": 4, "BLOCK": _COMBINE_BLOCK}, {"num_warps": 4, "num_stages": 1}, False))
     return specs

@@ -405,14 +405,15 @@ def launches(kernels=("fwd", "dgrad", "wgrad")) -> list:
                 sig, div16 = _template(conv_wgrad, conv_wgrad._conv_wgrad_kernel, dt, ALIGNED=aligned,
                                        PACKED=packed, IDX64=False)
                 npq = g.N * g.P * g.Q
-                split = conv_wgrad.pick_split(g, c, first_column_only=not need_dw)
+                split = conv_wgrad.pick_split(g, c, first_column_only=not need_dw, packed=packed)
                 chunk = triton.cdiv(triton.cdiv(npq, split), c.BLOCK_K) * c.BLOCK_K
                 split = triton.cdiv(npq, chunk)
                 grid, tiles_n = conv_wgrad._grid(g, c, packed, split, need_dw)
                 tiles = math.prod(grid)
                 cx = dict(sdy_c=1, sx_c=1, SH=g.stride[0], SW=g.stride[1], S=g.S, TILES_N=tiles_n, SPLIT=split,
                           PROLOGUE=False, DY_BN=False, DY_RELU=False, SUMS=False, DOT_IEEE=False, ALIGNED=aligned,
-                          PACKED=packed, IDX64=conv_wgrad._needs_int64(g, y, x), BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, BLOCK_K=c.BLOCK_K)
+                          PACKED=packed, IDX64=conv_wgrad._needs_int64(g, y, x), BLOCK_M=c.BLOCK_M,
+                          BLOCK_N=c.BLOCK_N, BLOCK_K=c.BLOCK_K)
                 cx.update(conv_wgrad.VARIANTS[variant])
                 parts = nw * 4 * (2 * split if split > 1 else 1)  # fp32 partials written and read back, or dW
                 nbytes = (ny * (2 if cx["DY_BN"] else 1) + nx) * esize + parts
