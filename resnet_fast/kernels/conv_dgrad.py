@@ -62,12 +62,19 @@ _TL = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 # them (ALIGNED, every variant and dtype; the masked general path at the last, 64x32 config only).
 # (BLOCK_M rows of dx, BLOCK_N input channels, BLOCK_K output channels per MMA step; GROUP_M unused).
 # The first that fits the shape is the untuned default: the widest channel tile, because the dy_bn transform
-# of the A tile (per element, every step) is amortised over BLOCK_N (issue ratio 5.0 at 128x64, 2.5 at 128x128).
-# 128-row tiles need 8 warps (at 4 ptxas spills on sm_90); the aligned fused 128x128 tile needs ~243 registers,
-# no spills (a 128x256 one spills in the epilogue). The masked general path of the wider tiles reaches 255
-# registers when fused (one load and one 64-bit address per element), so unaligned shapes take 64x32.
-DGRAD_CONFIGS = (ConvConfig(128, 128, 32, 8, 8, 3), ConvConfig(128, 64, 32, 8, 8, 3),
-                 ConvConfig(64, 64, 32, 8, 4, 3), ConvConfig(64, 32, 32, 8, 4, 3))
+# of the A tile (per element, every step) is amortised over BLOCK_N (sm_90 issue ratio of the dy_bn loop: 4.2 at
+# 128x64, 2.1 at 128x128, 1.07 at 128x256). 128-row tiles need 8 warps (at 4 ptxas spills on sm_90); 128x256
+# needs ~248 registers with 16-bit operands and no dReLU/dBN epilogue, and spills otherwise (:func:`_wide_ok`);
+# the aligned fused 128x128 tile needs ~243. The masked general path of the wider tiles reaches 255 registers when
+# fused (one load and one 64-bit address per element), so unaligned shapes take 64x32.
+DGRAD_CONFIGS = (ConvConfig(128, 256, 32, 8, 8, 3), ConvConfig(128, 128, 32, 8, 8, 3),
+                 ConvConfig(128, 64, 32, 8, 8, 3), ConvConfig(64, 64, 32, 8, 4, 3), ConvConfig(64, 32, 32, 8, 4, 3))
+
+
+def _wide_ok(base: ConvConfig, dtype: torch.dtype, epilogue: bool) -> bool:
+    """Whether config ``base`` may launch (and is compile-checked) for operands of ``dtype`` with or without the
+    epilogue: the 256-wide channel tile only with 16-bit operands and without the epilogue."""
+    return base.BLOCK_N <= 128 or (dtype != torch.float32 and not epilogue)
 _GENERAL_CONFIG = DGRAD_CONFIGS[-1]  # the one config whose masked general path is compile-checked
 
 
@@ -78,15 +85,18 @@ def _aligned(g: ConvGeometry, cfg: ConvConfig, dy: torch.Tensor, weight: torch.T
             and all(rows_aligned(t) for t in (dy, weight, *others)))
 
 
-def _candidates(g: ConvGeometry, dy: torch.Tensor, weight: torch.Tensor, others, ieee: bool) -> tuple:
+def _candidates(g: ConvGeometry, dy: torch.Tensor, weight: torch.Tensor, others, ieee: bool,
+                epilogue: bool = False) -> tuple:
     """(candidates for ``dy``'s dtype, the untuned default): the configs whose path for this shape (ALIGNED or
-    the masked general one) is compile-checked. IEEE fp32 is FMA, where the larger tiles' fused variants spill
-    on sm_90, and C/groups <= 32 gains nothing from wider channel tiles: both take the general config."""
+    the masked general one) is compile-checked (:func:`_wide_ok` with ``epilogue``, the dReLU/dBN fusion). IEEE
+    fp32 is FMA, where the larger tiles' fused variants spill on sm_90, and C/groups <= 32 gains nothing from
+    wider channel tiles: both take the general config."""
     general = for_dtype(_GENERAL_CONFIG, dy.dtype)
     if g.Cg <= 32 or ieee:
         return (general,), general
+    bases = [c for c in DGRAD_CONFIGS if _wide_ok(c, dy.dtype, epilogue)]
     # GEMM: dx rows × input channels, reducing over output channels
-    cands = checked_candidates(DGRAD_CONFIGS, general, dy.dtype, lambda c: _aligned(g, c, dy, weight, others),
+    cands = checked_candidates(bases, general, dy.dtype, lambda c: _aligned(g, c, dy, weight, others),
                                g.N * g.H * g.W // (g.stride[0] * g.stride[1]), g.Cg, g.Kg)
     return tuple(cands), cands[0]
 
@@ -414,7 +424,7 @@ def conv2d_dgrad_nhwc(grad_out: torch.Tensor, weight: torch.Tensor, x_shape, *, 
         return part
 
     if config is None:
-        cands, default = _candidates(g, grad_out, weight, (dx, epi_ops[0]), sw.dot_ieee)
+        cands, default = _candidates(g, grad_out, weight, (dx, epi_ops[0]), sw.dot_ieee, epi)
         config = choose("conv_dgrad", g, grad_out.dtype, dev, cands, sw, launch, default)
     part = launch(config)
     return (dx, part) if epi else dx
@@ -432,13 +442,15 @@ VARIANTS = {
 
 
 def compile_specs() -> list:
-    """(jit_fn, signature, constexprs, options, is_gemm, div16) for the sm_90 compile check, at a stride-2 3×3
-    geometry (the strides and the filter width are constexpr): every config × dtype × :data:`VARIANTS` on the
-    ALIGNED path, with the channel counts and the NHWC / channels_last-weight strides multiples of 16 as
-    Triton's launcher specialises them for ResNet layers; the masked general path at the config the launcher
+    """(jit_fn, signature, constexprs, options, is_gemm, div16) for the sm_90 compile check, at stride 2 (the
+    strides are constexpr; the filter, padding and dilation are runtime): every config × dtype × :data:`VARIANTS`
+    (those :func:`_wide_ok` allows) on the ALIGNED path, with the channel counts
+    and the NHWC / channels_last-weight strides multiples of 16 as Triton's launcher specialises them for ResNet
+    layers; the masked general path at the config the launcher
     gives it (64×32), without divisibility hints (its worst case: 4-32 channels per group, NCHW)."""
     ints = ("N", "H", "W", "Cg", "Kg", "P", "Q", "HPH", "WPH", "TILES_M", "TILES_N", "T_PART", "C_TOT",
-            "R", "S", "PAD_H", "PAD_W", "DIL_H", "DIL_W", "RSTEP_H", "RSTEP_W", "sdy_n", "sdy_h", "sdy_w", "sw_k", "sw_r", "sw_s", "sdx_n", "sdx_h", "sdx_w", "sy_n", "sy_h", "sy_w")
+            "R", "S", "PAD_H", "PAD_W", "DIL_H", "DIL_W", "RSTEP_H", "RSTEP_W",
+            "sdy_n", "sdy_h", "sdy_w", "sw_k", "sw_r", "sw_s", "sdx_n", "sdx_h", "sdx_w", "sy_n", "sy_h", "sy_w")
     # ResNet layer: channel counts (Cg, Kg, C_TOT = C) and every stride are multiples of 16 (the weight's
     # sw_s = Cg, sw_r = S*Cg, sw_k = R*S*Cg too); sizes and tile counts are not in general.
     div16 = ("Cg", "Kg", "C_TOT", "sdy_n", "sdy_h", "sdy_w", "sw_k", "sw_r", "sw_s", "sdx_n", "sdx_h", "sdx_w",
@@ -446,9 +458,9 @@ def compile_specs() -> list:
 
     def spec(base, dt, tdt, variant, aligned, ieee=False):
         cfg = for_dtype(base, tdt)
-        sig = {"dy_ptr": f"*{dt}", "w_ptr": f"*{dt}", "dx_ptr": f"*{dt}", "y_ptr": f"*{dt}", "isc_ptr": "*fp32", "ish_ptr": "*fp32",
-               "imu_ptr": "*fp32", "part_ptr": "*fp32", "osc_ptr": "*fp32", "z_ptr": f"*{dt}", "c1_ptr": "*fp32",
-               "c2_ptr": "*fp32", "c3_ptr": "*fp32", "mu_ptr": "*fp32"}
+        sig = {"dy_ptr": f"*{dt}", "w_ptr": f"*{dt}", "dx_ptr": f"*{dt}", "y_ptr": f"*{dt}", "isc_ptr": "*fp32",
+               "ish_ptr": "*fp32", "imu_ptr": "*fp32", "part_ptr": "*fp32", "osc_ptr": "*fp32", "z_ptr": f"*{dt}",
+               "c1_ptr": "*fp32", "c2_ptr": "*fp32", "c3_ptr": "*fp32", "mu_ptr": "*fp32"}
         sig.update({name: "i32" for name in ints})
         # unit channel strides, as specialised
         cx = {"sdy_c": 1, "sw_c": 1, "sdx_c": 1, "sy_c": 1, "SH": 2, "SW": 2,
@@ -460,7 +472,8 @@ def compile_specs() -> list:
                 {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}, not ieee, div16 if aligned else ())
 
     dtypes = (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32))
-    specs = [spec(base, dt, tdt, v, True) for base in DGRAD_CONFIGS for dt, tdt in dtypes for v in VARIANTS]
+    specs = [spec(base, dt, tdt, v, True) for base in DGRAD_CONFIGS for dt, tdt in dtypes for v in VARIANTS
+             if _wide_ok(base, tdt, VARIANTS[v].get("EPI", False))]
     specs += [spec(_GENERAL_CONFIG, dt, tdt, v, False) for dt, tdt in dtypes for v in VARIANTS]
     # IEEE fp32 (the default unless TF32 is allowed, configs.conv_allows_tf32): FMA, not wgmma, by design
     specs += [spec(_GENERAL_CONFIG, "fp32", torch.float32, v, aligned, ieee=True)

@@ -373,7 +373,8 @@ def launches(kernels=("fwd", "dgrad", "wgrad")) -> list:
         if "dgrad" in kernels:
             for role, variant in bwd:
                 dx, yp = meta((g.N, g.C, g.H, g.W)), x
-                cands, c = conv_dgrad._candidates(g, y, w, (dx, yp), False)
+                cands, c = conv_dgrad._candidates(g, y, w, (dx, yp), False,
+                                                  conv_dgrad.VARIANTS[variant].get("EPI", False))
                 aligned = conv_dgrad._aligned(g, c, y, w, (dx, yp))
                 sig, div16 = _template(conv_dgrad, conv_dgrad._conv_dgrad_kernel, dt, ALIGNED=aligned)
                 sh, sw = g.stride
@@ -405,7 +406,8 @@ def launches(kernels=("fwd", "dgrad", "wgrad")) -> list:
                 sig, div16 = _template(conv_wgrad, conv_wgrad._conv_wgrad_kernel, dt, ALIGNED=aligned,
                                        PACKED=packed, IDX64=False)
                 npq = g.N * g.P * g.Q
-                split = conv_wgrad.pick_split(g, c, first_column_only=not need_dw, packed=packed)
+                heavy = any(conv_wgrad.VARIANTS[variant].get(k, False) for k in ("DY_BN", "PROLOGUE"))
+                split = conv_wgrad.pick_split(g, c, first_column_only=not need_dw, packed=packed, heavy=heavy)
                 chunk = triton.cdiv(triton.cdiv(npq, split), c.BLOCK_K) * c.BLOCK_K
                 split = triton.cdiv(npq, chunk)
                 grid, tiles_n = conv_wgrad._grid(g, c, packed, split, need_dw)
