@@ -54,11 +54,17 @@ from .conv_common import (CHANNEL_PAD, ConvGeometry, DyBN, check_dy_bn, check_op
 from .conv_dgrad import dy_on_load
 
 __all__ = ["conv2d_wgrad_nhwc", "WGRAD_CONFIGS", "pick_split", "compile_specs", "WgradSwitches"]
-# Programs wanted in flight: 2 waves of an H100's 132 SMs; and at least this many BLOCK_K steps per chunk so
-# the partial round trip stays small next to the GEMM work.
-_TARGET_PROGRAMS = 264
+# Split-K (pick_split): at least this many BLOCK_K steps per chunk, at most _MAX_SPLIT chunks; the time model
+# is an H100 SXM (132 SMs, 1.83 GHz, 2048 16-bit FMA per clock per SM, 3.35 TB/s) with the K-loop issuing about
+# _ISSUE_RATIO instructions per MMA cycle (the cost report's ratio on the aligned path).
 _MIN_STEPS_PER_SPLIT = 8
-_MAX_SPLIT = 64
+_MAX_SPLIT = 256
+_NUM_SMS, _CLOCK_HZ, _FMA_PER_CLK, _HBM_BYTES_PER_S, _ISSUE_RATIO = 132, 1.83e9, 2048, 3.35e12, 3.0
+# CTAs per SM of each tile (BLOCK_M, BLOCK_N, num_warps): (without, with the dy/x transforms DY_BN/PROLOGUE),
+# from the sm_90 compile's registers and shared memory (cost_report: e.g. 128x128 w8 fused 254 registers and
+# 128 KB, 1 CTA; its sums variant 119 registers and 96 KB, 2); a tile not listed counts 1.
+_CTAS_PER_SM = {(128, 128, 8): (2, 1), (128, 64, 8): (2, 1), (64, 64, 4): (3, 2), (64, 32, 4): (4, 2),
+                (64, 128, 8): (1, 1)}
 
 
 # Every config the launcher may pick; compile_specs covers each of them (16-bit and fp32 via for_dtype, every
@@ -101,14 +107,29 @@ def _candidates(g: ConvGeometry, dy: torch.Tensor, x: torch.Tensor) -> tuple:
     return tuple(cands), want if want in cands else cands[0]
 
 
-def pick_split(g: ConvGeometry, cfg: ConvConfig, first_column_only: bool = False, packed: bool = False) -> int:
-    """SPLIT so the grid fills the GPU while each chunk keeps >= _MIN_STEPS_PER_SPLIT BLOCK_K steps
-    (``first_column_only``: the grid of a ``need_dw=False`` launch, one (tap, channel tile) column; ``packed``:
-    the PACKED path's grid)."""
+def pick_split(g: ConvGeometry, cfg: ConvConfig, first_column_only: bool = False, packed: bool = False,
+               heavy: bool = True) -> int:
+    """SPLIT minimising an estimated time from occupancy: ``waves × steps per chunk × step time`` (waves of
+    132 SMs × the tile's CTAs per SM, :data:`_CTAS_PER_SM`; the step time of a CTA sharing its SM with the
+    others) plus the fp32 partials' round trip through HBM, each chunk keeping >= _MIN_STEPS_PER_SPLIT
+    BLOCK_K steps. A split that ends in a near-full last wave wins over one that leaves a tail.
+    ``first_column_only``: the grid of a ``need_dw=False`` launch, one (tap, channel tile) column; ``packed``:
+    the PACKED path's grid; ``heavy``: the launch transforms an operand (DY_BN or PROLOGUE: more registers)."""
     tiles = math.prod(_grid(g, cfg, packed, 1, not first_column_only)[0])
     steps = triton.cdiv(g.N * g.P * g.Q, cfg.BLOCK_K)
-    want = triton.cdiv(_TARGET_PROGRAMS, tiles)
-    return max(1, min(want, steps // _MIN_STEPS_PER_SPLIT, _MAX_SPLIT))
+    ctas = _CTAS_PER_SM.get((cfg.BLOCK_M, cfg.BLOCK_N, cfg.num_warps), (1, 1))[1 if heavy else 0]
+    slots = _NUM_SMS * ctas
+    step_s = ctas * cfg.BLOCK_M * cfg.BLOCK_N * cfg.BLOCK_K / _FMA_PER_CLK * _ISSUE_RATIO / _CLOCK_HZ
+    part_bytes = 2 * 4 * (g.K if first_column_only else g.K * g.Cg * g.R * g.S)  # written, read back: fp32
+
+    def cost(split):
+        chunk_steps = triton.cdiv(steps, split)
+        split = triton.cdiv(steps, chunk_steps)  # the launcher's: no empty chunk
+        return triton.cdiv(tiles * split, slots) * chunk_steps * step_s + (split > 1) * split * part_bytes \
+            / _HBM_BYTES_PER_S
+
+    hi = max(1, min(steps // _MIN_STEPS_PER_SPLIT, _MAX_SPLIT))
+    return min(range(1, hi + 1), key=lambda s: (cost(s), s))
 
 
 @triton.jit
@@ -387,7 +408,8 @@ def _launch_wgrad(cfg: ConvConfig, g: ConvGeometry, grad_out, x, dw, sums, pro_o
     (the :class:`DyBN` fields) are placeholders where their switch is off."""
     npq = g.N * g.P * g.Q
     packed = _packed(g, cfg, grad_out, x)
-    n_split = sw.split if sw.split is not None else pick_split(g, cfg, first_column_only=not sw.need_dw, packed=packed)
+    n_split = sw.split if sw.split is not None else pick_split(g, cfg, first_column_only=not sw.need_dw,
+                                                               packed=packed, heavy=sw.dy_bn or sw.prologue)
     chunk = triton.cdiv(triton.cdiv(npq, n_split), cfg.BLOCK_K) * cfg.BLOCK_K
     n_split = triton.cdiv(npq, chunk)  # no empty chunks
     # fp32 partials [SPLIT, K, R, S, Cg]: each program's tile is contiguous along its channels (and, PACKED,
