@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from torch.nn.grad import conv2d_input, conv2d_weight
 
 from resnet_fast.kernels.configs import ConvConfig
-from resnet_fast.kernels.conv_common import DyBN
+from resnet_fast.kernels.conv_common import ConvGeometry, DyBN
 from resnet_fast.kernels.conv_dgrad import conv2d_dgrad_nhwc
 from resnet_fast.kernels.conv_wgrad import conv2d_wgrad_nhwc
 
@@ -183,6 +183,60 @@ def test_dgrad_bn_backward_on_load(kernel_device, triton_backend, dtype):
     out = conv2d_dgrad_nhwc(dz, w, x64.shape, **conv, dy_bn=dy_bn, allow_tf32=False, config=DCFG)
     # fp16 rounds the formed dy once more than the float64 reference: twice the storage tolerance
     assert _rel(out.cpu(), conv2d_input(x64.shape, w64, dy_eff, **conv)) < 2 * TOL[dtype]
+
+
+# (H, W, R, S, stride, padding, dilation): the stride phases' taps in closed form, where the stride and the
+# dilation share a factor (phases with every tap or none), taps step by stride/gcd, the padding reaches past the
+# filter, or a phase has no tap at all (its dx rows are zero)
+PHASE_GEOMETRIES = [
+    (9, 8, 3, 2, (2, 3), (1, 0), (2, 1)),
+    (9, 9, 3, 3, 2, 2, 2),
+    (10, 7, 2, 3, 3, (1, 2), 3),
+    (11, 9, 4, 4, 4, 3, 2),
+    (8, 9, 3, 3, 2, 0, 3),
+    (7, 8, 1, 1, 3, 0, 1),
+    (6, 7, 1, 2, 2, 2, (1, 2)),
+]
+
+
+@pytest.mark.parametrize("H,W,R,S,stride,padding,dilation", PHASE_GEOMETRIES)
+@pytest.mark.parametrize("cg,kg", [(5, 6), (16, 32)])  # the masked path; the ALIGNED one at DCFG's tiles
+def test_dgrad_stride_phase_taps(kernel_device, triton_backend, H, W, R, S, stride, padding, dilation, cg, kg):
+    conv = dict(stride=stride, padding=padding, dilation=dilation)
+    gen = torch.Generator().manual_seed(H * 100 + W)
+    x64 = torch.randn(2, cg, H, W, generator=gen, dtype=torch.float64)
+    w64 = torch.randn(kg, cg, R, S, generator=gen, dtype=torch.float64)
+    g = ConvGeometry.make(x64.shape, w64.shape, stride, padding, dilation)
+    P, Q = g.P, g.Q
+    dy64 = torch.randn(2, kg, P, Q, generator=gen, dtype=torch.float64)
+    dev = lambda t: t.float().to(kernel_device).contiguous(memory_format=CL)  # noqa: E731
+    dx = conv2d_dgrad_nhwc(dev(dy64), dev(w64), x64.shape, **conv, allow_tf32=False, config=DCFG)
+    assert _rel(dx.cpu(), conv2d_input(x64.shape, w64, dy64, **conv)) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("family,dtype", [("aligned3x3s2", torch.float16), ("aligned1x1s1", torch.float32),
+                                          ("3x3s1", torch.float32)])
+def test_dgrad_bn_on_load_with_epilogue_grouped_tiles(kernel_device, triton_backend, family, dtype):
+    # The training op's fused variant (dy_bn on load + dReLU/dBN epilogue + out_scale) with c3 and the mean
+    # non-zero (they must not leak into padded taps), several K blocks and taps, and a tile order grouping 3 row
+    # tiles (not a divisor of the row tiles) across 2 channel tiles: every tile's dz and partials land in place.
+    x64, w64, dy64, _, w, dz, conv = _case(family, dtype, kernel_device, seed=3)
+    C = x64.shape[1]
+    dy_bn, dy_eff = _dy_bn(w64.shape[0], dy64, kernel_device, dtype, seed=9)
+    cfg = ConvConfig(16, 16, 16, 3, 4, 1)
+    ref = conv2d_input(x64.shape, w64, dy_eff, **conv)
+    out = conv2d_dgrad_nhwc(dz, w, x64.shape, **conv, dy_bn=dy_bn, allow_tf32=False, config=cfg)
+    assert _rel(out.cpu(), ref) < 2 * TOL[dtype]
+    sc, sh, mu, sc64, sh64, mu64 = _bn_relu_input(C, kernel_device, seed=10)
+    y64 = _away_from_kink(x64 * 2 + 0.3, sc64, sh64).to(dtype).double()
+    y = y64.to(dtype).to(kernel_device).contiguous(memory_format=CL)
+    dxs, part = conv2d_dgrad_nhwc(dz, w, x64.shape, **conv, y_prev=y, in_scale=sc, in_shift=sh, in_centre=mu,
+                                  out_scale=sc, dy_bn=dy_bn, allow_tf32=False, config=cfg)
+    v = lambda t: t.view(1, -1, 1, 1)  # noqa: E731
+    dz_ref = ref * (y64 * v(sc64) + v(sh64) > 0)
+    assert _rel(dxs.cpu(), dz_ref * v(sc64)) < 2 * TOL[dtype]
+    assert _rel(part[0].sum(0).cpu(), dz_ref.sum((0, 2, 3))) < 2 * TOL[dtype]
+    assert _rel(part[1].sum(0).cpu(), (dz_ref * (y64 - v(mu64))).sum((0, 2, 3))) < 2 * TOL[dtype]
 
 
 @pytest.mark.parametrize("family,dtype", [("3x3s2", torch.float32), ("3x3s2", torch.float16),
