@@ -383,6 +383,33 @@ def test_wgrad_path_switches():
     assert wg._needs_int64(g, x, x)
 
 
+@pytest.mark.parametrize("shape", [(256, 512, 7, 7, 512, 3, 1), (256, 128, 28, 28, 128, 3, 1),
+                                   (256, 256, 14, 14, 1024, 1, 1), (256, 64, 56, 56, 64, 1, 1)])
+def test_wgrad_split_from_occupancy(shape):
+    # ResNet layers: the split leaves the last wave of 132 SMs × the tile's CTAs per SM at least 85 % full and
+    # the critical path near the even spread (or takes all the chunks the reduction allows), keeping >= 8
+    # BLOCK_K steps a chunk
+    import math
+
+    import resnet_fast.kernels.conv_wgrad as wg
+    from resnet_fast.kernels.conv_common import ConvGeometry
+    N, C, H, W, K, R, s = shape
+    g = ConvGeometry.make((N, C, H, W), (K, C, R, R), s, R // 2)
+    meta = lambda *sh: torch.empty(sh, dtype=torch.bfloat16, device="meta").contiguous(memory_format=CL)  # noqa
+    cfg = wg._candidates(g, meta(N, K, g.P, g.Q), meta(N, C, H, W))[1]
+    for heavy in (False, True):
+        split = wg.pick_split(g, cfg, heavy=heavy)
+        steps = -(-g.N * g.P * g.Q // cfg.BLOCK_K)
+        tiles = math.prod(wg._grid(g, cfg, False, 1, True)[0])
+        slots = 132 * wg._CTAS_PER_SM[(cfg.BLOCK_M, cfg.BLOCK_N, cfg.num_warps)][heavy]
+        waves = tiles * split / slots
+        assert split == 1 or steps // split >= 8, (split, steps)
+        assert waves / math.ceil(waves) >= 0.85 or split == min(steps // 8, 256), (split, waves)
+        # the critical path (waves × steps per chunk) within 20 % of the work spread evenly over every slot
+        ideal = max(1.0, tiles * steps / slots)
+        assert math.ceil(waves) * -(-steps // split) <= 1.2 * ideal or split == min(steps // 8, 256), split
+
+
 def test_bad_inputs(kernel_device, triton_backend):
     x64, w64, dy64, x, w, dy, conv = _case("3x3s1", torch.float32, kernel_device)
     with pytest.raises(ValueError, match="grad_out"):

@@ -5,9 +5,18 @@
 GEMM view per group: M = K/groups output channels, N = R*S*C/groups (one tap per program, a tile of input
 channels), reduction over the N*P*Q output pixels. That reduction is long and M×N is small for late ResNet
 layers (K=512, 3×3 → few tiles), so it is split into SPLIT contiguous chunks of whole BLOCK_K steps, one
-program per (tile, chunk): each writes its fp32 partial into ``[SPLIT, K, C/groups, R, S]`` and
-:func:`_wgrad_combine_kernel` sums the SPLIT partials in index order -- bit-reproducible, no float
-atomics. With SPLIT = 1 the GEMM kernel stores ``dW`` directly.
+program per (tile, chunk): each writes its fp32 partial into ``[SPLIT, K, R, S, C/groups]`` (its tile
+contiguous along the channels) and :func:`_wgrad_combine_kernel` sums the SPLIT partials in index order into
+dW's ``[K, C/groups, R, S]`` -- bit-reproducible, no float atomics. With SPLIT = 1 the GEMM kernel stores
+``dW`` directly. :func:`pick_split` sizes SPLIT from occupancy (CTAs per SM of the tile, waves of 132 SMs, the
+partials' round trip), so the last wave is nearly full.
+
+K-loop index math: each program decomposes its first BLOCK_K pixels into ``(n, p, q)`` once and advances them
+by carries each step (``BLOCK_K = dn*P*Q + dp*Q + dq``, no division), where the registers allow (the CARRY
+constexpr: not IEEE fp32, not the PACKED prologue or int64 variants; those recompute with divisions). Pixel
+offsets are int32 unless an offset could pass 2**31 - 1 (``IDX64``, :func:`_needs_int64`: never for
+ResNet-50 at batch 256). dy is loaded pixels × channels, like x, so both tiles share the pixel vectors; the
+MMA takes its transpose (the same M-major shared-memory operand as before).
 
 Layouts: ``grad_out [N, K, P, Q]`` and ``x [N, C, H, W]`` with any strides (channels_last is the fast layout),
 one dtype, fp32/fp16/bf16 (fp32 as IEEE or TF32, :func:`configs.conv_allows_tf32`); fp32 accumulation; ``dW``
@@ -37,6 +46,12 @@ and asserts 16-element alignment of every row start (``tl.multiple_of``), so the
 16-byte vectors through cp.async and the loop is software-pipelined; otherwise the masked general path
 (scalar loads, not pipelined) runs, and the launcher gives it only the 64×32 config, the one whose general
 path compiles without spills on sm_90 (see :data:`WGRAD_CONFIGS`).
+
+Few channels (``PACKED``, :func:`_packed`: C/groups < 16 with an aligned dy -- the stem's C = 3 in
+channels_last): the GEMM's N is every ``(r, s, c)`` of the filter (147 columns for 7×7×3, two 128-wide tiles),
+not one tap's channels padded to a tile, so the stem runs 2 programs per chunk instead of 49, each reading its
+dy tile (16-byte cp.async, formed under DY_BN) once for all taps; x is gathered per element (an NHWC pixel is
+6 bytes: no vector loads) with per-column tap offsets and bounds. Its config is :data:`_PACKED_CONFIG`.
 """
 from __future__ import annotations
 
