@@ -118,7 +118,8 @@ def _candidates(g: ConvGeometry, dy: torch.Tensor, x: torch.Tensor) -> tuple:
     # GEMM: output channels × input channels (of one tap), reducing over pixels
     cands = checked_candidates(WGRAD_CONFIGS, general, dy.dtype, lambda c: _aligned(g, c, dy, x), g.Kg, g.Cg,
                                g.N * g.P * g.Q)
-    want = for_dtype(WGRAD_CONFIGS[1] if min(g.Cg, g.Kg) >= 128 else WGRAD_CONFIGS[0], dy.dtype)
+    want = for_dtype(WGRAD_CONFIGS[1] if min(g.Cg, g.Kg) >= 128 else WGRAD_CONFIGS[2] if g.Kg >= 128
+                     else WGRAD_CONFIGS[0], dy.dtype)
     return tuple(cands), want if want in cands else cands[0]
 
 
