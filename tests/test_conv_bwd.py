@@ -239,6 +239,38 @@ def test_dgrad_bn_on_load_with_epilogue_grouped_tiles(kernel_device, triton_back
     assert _rel(part[1].sum(0).cpu(), (dz_ref * (y64 - v(mu64))).sum((0, 2, 3))) < 2 * TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_dgrad_narrow_channel_path(kernel_device, triton_backend, dtype):
+    # The stem's shape (C = 3 < 16, K a multiple of BLOCK_K): the K-loop runs ALIGNED on the zero-padded
+    # repacked weight, the epilogue masks the 3 channels; plain, dy_bn, and dy_bn with the dReLU/dBN epilogue.
+    import resnet_fast.kernels.conv_dgrad as dg
+    from resnet_fast.kernels.configs import for_dtype
+    cfg = for_dtype(dg.NARROW_CONFIG, dtype)
+    K = 2 * cfg.BLOCK_K
+    conv = dict(stride=2, padding=3)
+    gen = torch.Generator().manual_seed(21)
+    x64 = torch.randn(2, 3, 11, 10, generator=gen).to(dtype).double()
+    w64 = (torch.randn(K, 3, 7, 7, generator=gen) / 12).to(dtype).double()
+    g = ConvGeometry.make(x64.shape, w64.shape, 2, 3)
+    dy64 = torch.randn(2, K, g.P, g.Q, generator=gen).to(dtype).double()
+    dev = lambda t: t.to(dtype).to(kernel_device).contiguous(memory_format=CL)  # noqa: E731
+    dy, w = dev(dy64), dev(w64)
+    assert dg._aligned(g, cfg, dy, w, ()) and not dg._epi_aligned(g, cfg, dy, w, ())
+    out = conv2d_dgrad_nhwc(dy, w, x64.shape, **conv, allow_tf32=False, config=cfg)
+    assert _rel(out.cpu(), conv2d_input(x64.shape, w64, dy64, **conv)) < TOL[dtype]
+    dy_bn, dy_eff = _dy_bn(K, dy64, kernel_device, dtype, seed=22)
+    ref = conv2d_input(x64.shape, w64, dy_eff, **conv)
+    out = conv2d_dgrad_nhwc(dy, w, x64.shape, **conv, dy_bn=dy_bn, allow_tf32=False, config=cfg)
+    assert _rel(out.cpu(), ref) < 2 * TOL[dtype]
+    sc, sh, mu, sc64, sh64, mu64 = _bn_relu_input(3, kernel_device, seed=23)
+    y64 = _away_from_kink(x64 * 2 + 0.3, sc64, sh64).to(dtype).double()
+    dz, part = conv2d_dgrad_nhwc(dy, w, x64.shape, **conv, y_prev=dev(y64), in_scale=sc, in_shift=sh,
+                                 in_centre=mu, dy_bn=dy_bn, allow_tf32=False, config=cfg)
+    dz_ref = ref * (y64 * sc64.view(1, -1, 1, 1) + sh64.view(1, -1, 1, 1) > 0)
+    assert _rel(dz.cpu(), dz_ref) < 2 * TOL[dtype]
+    assert _rel(part[1].sum(0).cpu(), (dz_ref * (y64 - mu64.view(1, -1, 1, 1))).sum((0, 2, 3))) < 2 * TOL[dtype]
+
+
 @pytest.mark.parametrize("family,dtype", [("3x3s2", torch.float32), ("3x3s2", torch.float16),
                                           ("groups4cpg", torch.float32), ("aligned3x3s2", torch.float16)])
 def test_wgrad_prologue_and_bn_backward_on_load(kernel_device, triton_backend, family, dtype):
@@ -397,11 +429,11 @@ def test_wgrad_split_from_occupancy(shape):
     g = ConvGeometry.make((N, C, H, W), (K, C, R, R), s, R // 2)
     meta = lambda *sh: torch.empty(sh, dtype=torch.bfloat16, device="meta").contiguous(memory_format=CL)  # noqa
     cfg = wg._candidates(g, meta(N, K, g.P, g.Q), meta(N, C, H, W))[1]
-    for heavy in (False, True):
-        split = wg.pick_split(g, cfg, heavy=heavy)
+    for transforms in (0, 1, 2):
+        split = wg.pick_split(g, cfg, transforms=transforms)
         steps = -(-g.N * g.P * g.Q // cfg.BLOCK_K)
         tiles = math.prod(wg._grid(g, cfg, False, 1, True)[0])
-        slots = 132 * wg._CTAS_PER_SM[(cfg.BLOCK_M, cfg.BLOCK_N, cfg.num_warps)][heavy]
+        slots = 132 * wg._CTAS_PER_SM[(cfg.BLOCK_M, cfg.BLOCK_N, cfg.num_warps)][transforms]
         waves = tiles * split / slots
         assert split == 1 or steps // split >= 8, (split, steps)
         assert waves / math.ceil(waves) >= 0.85 or split == min(steps // 8, 256), (split, waves)

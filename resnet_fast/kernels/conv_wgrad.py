@@ -75,11 +75,12 @@ __all__ = ["conv2d_wgrad_nhwc", "WGRAD_CONFIGS", "pick_split", "compile_specs", 
 _MIN_STEPS_PER_SPLIT = 8
 _MAX_SPLIT = 256
 _NUM_SMS, _CLOCK_HZ, _FMA_PER_CLK, _HBM_BYTES_PER_S, _ISSUE_RATIO = 132, 1.83e9, 2048, 3.35e12, 3.0
-# CTAs per SM of each tile (BLOCK_M, BLOCK_N, num_warps): (without, with the dy/x transforms DY_BN/PROLOGUE),
-# from the sm_90 compile's registers and shared memory (cost_report: e.g. 128x128 w8 fused 254 registers and
-# 128 KB, 1 CTA; its sums variant 119 registers and 96 KB, 2); a tile not listed counts 1.
-_CTAS_PER_SM = {(128, 128, 8): (2, 1), (128, 64, 8): (2, 1), (64, 64, 4): (3, 2), (64, 32, 4): (4, 2),
-                (64, 128, 8): (1, 1)}
+# CTAs per SM of each tile (BLOCK_M, BLOCK_N, num_warps) by the operand transforms it runs (none, DY_BN only,
+# DY_BN and PROLOGUE), from the sm_90 compile's registers and shared memory (cost_report: e.g. 128x128 w8 fused
+# 254 registers and 128 KB, 1 CTA; its sums variant 119 registers and 96 KB, 2; 64x64 w4 plain 78, dy_bn
+# 136-146, fused 178 registers); a tile not listed counts 1.
+_CTAS_PER_SM = {(128, 128, 8): (2, 1, 1), (128, 64, 8): (2, 1, 1), (64, 64, 4): (4, 3, 2), (64, 32, 4): (4, 2, 2),
+                (64, 128, 8): (1, 1, 1)}
 
 
 # Every config the launcher may pick; compile_specs covers each of them (16-bit and fp32 via for_dtype, every
@@ -124,16 +125,17 @@ def _candidates(g: ConvGeometry, dy: torch.Tensor, x: torch.Tensor) -> tuple:
 
 
 def pick_split(g: ConvGeometry, cfg: ConvConfig, first_column_only: bool = False, packed: bool = False,
-               heavy: bool = True) -> int:
+               transforms: int = 2) -> int:
     """SPLIT minimising an estimated time from occupancy: ``waves × steps per chunk × step time`` (waves of
     132 SMs × the tile's CTAs per SM, :data:`_CTAS_PER_SM`; the step time of a CTA sharing its SM with the
     others) plus the fp32 partials' round trip through HBM, each chunk keeping >= _MIN_STEPS_PER_SPLIT
     BLOCK_K steps. A split that ends in a near-full last wave wins over one that leaves a tail.
     ``first_column_only``: the grid of a ``need_dw=False`` launch, one (tap, channel tile) column; ``packed``:
-    the PACKED path's grid; ``heavy``: the launch transforms an operand (DY_BN or PROLOGUE: more registers)."""
+    the PACKED path's grid; ``transforms``: the operand transforms the launch runs (0 none, 1 DY_BN only, 2
+    DY_BN and PROLOGUE; more registers, fewer CTAs per SM)."""
     tiles = math.prod(_grid(g, cfg, packed, 1, not first_column_only)[0])
     steps = triton.cdiv(g.N * g.P * g.Q, cfg.BLOCK_K)
-    ctas = _CTAS_PER_SM.get((cfg.BLOCK_M, cfg.BLOCK_N, cfg.num_warps), (1, 1))[1 if heavy else 0]
+    ctas = _CTAS_PER_SM.get((cfg.BLOCK_M, cfg.BLOCK_N, cfg.num_warps), (1, 1, 1))[min(transforms, 2)]
     slots = _NUM_SMS * ctas
     step_s = ctas * cfg.BLOCK_M * cfg.BLOCK_N * cfg.BLOCK_K / _FMA_PER_CLK * _ISSUE_RATIO / _CLOCK_HZ
     part_bytes = 2 * 4 * (g.K if first_column_only else g.K * g.Cg * g.R * g.S)  # written, read back: fp32
@@ -425,7 +427,7 @@ def _launch_wgrad(cfg: ConvConfig, g: ConvGeometry, grad_out, x, dw, sums, pro_o
     npq = g.N * g.P * g.Q
     packed = _packed(g, cfg, grad_out, x)
     n_split = sw.split if sw.split is not None else pick_split(g, cfg, first_column_only=not sw.need_dw,
-                                                               packed=packed, heavy=sw.dy_bn or sw.prologue)
+                                                               packed=packed, transforms=sw.dy_bn + sw.prologue)
     chunk = triton.cdiv(triton.cdiv(npq, n_split), cfg.BLOCK_K) * cfg.BLOCK_K
     n_split = triton.cdiv(npq, chunk)  # no empty chunks
     # fp32 partials [SPLIT, K, R, S, Cg]: each program's tile is contiguous along its channels (and, PACKED,

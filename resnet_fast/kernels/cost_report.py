@@ -376,7 +376,9 @@ def launches(kernels=("fwd", "dgrad", "wgrad")) -> list:
                 cands, c = conv_dgrad._candidates(g, y, w, (dx, yp), False,
                                                   conv_dgrad.VARIANTS[variant].get("EPI", False))
                 aligned = conv_dgrad._aligned(g, c, y, w, (dx, yp))
-                sig, div16 = _template(conv_dgrad, conv_dgrad._conv_dgrad_kernel, dt, ALIGNED=aligned)
+                epi_aligned = conv_dgrad._epi_aligned(g, c, y, w, (dx, yp))
+                sig, div16 = _template(conv_dgrad, conv_dgrad._conv_dgrad_kernel, dt, ALIGNED=aligned,
+                                       EPI_ALIGNED=epi_aligned)
                 sh, sw = g.stride
                 hph, wph = triton.cdiv(g.H, sh), triton.cdiv(g.W, sw)
                 tiles_m = triton.cdiv(g.N * hph * wph, c.BLOCK_M)
@@ -387,7 +389,8 @@ def launches(kernels=("fwd", "dgrad", "wgrad")) -> list:
                 steps = ntaps / (sh * sw) * triton.cdiv(g.Kg, c.BLOCK_K)
                 cx = dict(sdy_c=1, sw_c=1, sdx_c=1, sy_c=1, SH=sh, SW=sw, EPI=False,
                           OUT_SCALE=False, DY_BN=False, DY_RELU=False, DOT_IEEE=False, ALIGNED=aligned,
-                          BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, BLOCK_K=c.BLOCK_K, GROUP_M=c.GROUP_M)
+                          EPI_ALIGNED=epi_aligned, BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, BLOCK_K=c.BLOCK_K,
+                          GROUP_M=c.GROUP_M)
                 cx.update(conv_dgrad.VARIANTS[variant])
                 nbytes = (ny * (2 if cx["DY_BN"] else 1) + nw + nx * (2 if cx["EPI"] else 1)) * esize
                 add(Launch(name, 1, role, "dgrad", variant, c.name(), "conv_dgrad", "_conv_dgrad_kernel",
@@ -406,8 +409,9 @@ def launches(kernels=("fwd", "dgrad", "wgrad")) -> list:
                 sig, div16 = _template(conv_wgrad, conv_wgrad._conv_wgrad_kernel, dt, ALIGNED=aligned,
                                        PACKED=packed, IDX64=False)
                 npq = g.N * g.P * g.Q
-                heavy = any(conv_wgrad.VARIANTS[variant].get(k, False) for k in ("DY_BN", "PROLOGUE"))
-                split = conv_wgrad.pick_split(g, c, first_column_only=not need_dw, packed=packed, heavy=heavy)
+                transforms = sum(conv_wgrad.VARIANTS[variant].get(k, False) for k in ("DY_BN", "PROLOGUE"))
+                split = conv_wgrad.pick_split(g, c, first_column_only=not need_dw, packed=packed,
+                                              transforms=transforms)
                 chunk = triton.cdiv(triton.cdiv(npq, split), c.BLOCK_K) * c.BLOCK_K
                 split = triton.cdiv(npq, chunk)
                 grid, tiles_n = conv_wgrad._grid(g, c, packed, split, need_dw)
