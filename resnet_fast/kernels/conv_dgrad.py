@@ -6,9 +6,14 @@ Stride-phase decomposition: the rows of ``dx`` are split into ``stride_h*stride_
 ``(h % stride_h, w % stride_w)``. Within a phase only the taps ``(r, s)`` with
 ``(phase + pad - r*dil) % stride == 0`` contribute, each with a constant output offset
 ``p = h // stride + dp``, so every phase is a dense stride-1 conv with a sub-kernel: no MMA work is spent on
-masked-out taps (a stride-2 3×3 conv runs 9 taps over 4 phases instead of 9 taps over every row). The
-per-phase tap lists come from a tiny host-built table (``[phases, R*S, 3]`` int32: tap, dp, dq), cached per
-geometry. Stride 1 is the one-phase case.
+masked-out taps (a stride-2 3×3 conv runs 9 taps over 4 phases instead of 9 taps over every row). A phase's
+taps are in closed form (:func:`_phase_taps`: ``r = r0 + i*stride/gcd(dil, stride)``), found once per program;
+the K-loop runs over (tap, K block) with the K block fastest and advances the tap, its output offset and its
+weight offset incrementally (scalars only: no table, no division per step). Stride 1 is the one-phase case.
+
+Tile order: grid axis 0 enumerates (phase, row tile, channel tile), grouped (:func:`.conv_common.swizzle_pid`,
+``GROUP_M``) so a group of row tiles sweeps the channel tiles together and their ``dy`` rows, re-read once per
+channel tile, are still in L2.
 
 GEMM view per (phase, group): M = N*ceil(H/sh)*ceil(W/sw) rows of dx, N = C/groups, reduction over
 (valid taps) × K/groups. Layouts: ``grad_out [N, K, P, Q]`` and ``weight [K, C/groups, R, S]`` with any strides
@@ -36,8 +41,14 @@ Alignment (``ALIGNED``, set by the launcher from the runtime shapes, see :func:`
 strides (grad_out, y, dx, y_prev and a channels_last weight), ``Kg % BLOCK_K == 0``, ``Cg % BLOCK_N == 0`` and every
 pixel (and weight tap) stride a multiple of 16 elements -- every ResNet layer with channels_last tensors. The
 kernel then drops the channel masks and asserts 16-element alignment of every row start (``tl.multiple_of``):
-the dy, y and weight tiles load as 16-byte vectors through cp.async and the loop is software-pipelined.
+the dy, y and weight tiles load as 16-byte vectors through cp.async and the loop is software-pipelined
+(2 tiles in flight at ``num_stages=3``), with the operand pointers built once and moved by one scalar per step.
 Otherwise the masked general path runs, at the 64×32 config only (see :data:`DGRAD_CONFIGS`).
+
+Known costs (sm_90 SASS, :mod:`.cost_report`): with ``dy_bn`` every step transforms its A tile element by element
+(about 6 instructions per element, then a shared-memory round trip into the register-A wgmma layout), so the
+issue-to-MMA ratio falls with BLOCK_N only (1.07 at 128×256, 2.1 at 128×128, 4.2 at 128×64); the four [BLOCK_K]
+coefficient vectors load as 4-byte cp.async each step (fewer elements than threads).
 """
 from __future__ import annotations
 
@@ -69,20 +80,47 @@ _TL = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 # fused (one load and one 64-bit address per element), so unaligned shapes take 64x32.
 DGRAD_CONFIGS = (ConvConfig(128, 256, 32, 8, 8, 3), ConvConfig(128, 128, 32, 8, 8, 3),
                  ConvConfig(128, 64, 32, 8, 8, 3), ConvConfig(64, 64, 32, 8, 4, 3), ConvConfig(64, 32, 32, 8, 4, 3))
+_GENERAL_CONFIG = DGRAD_CONFIGS[-1]  # the one config whose masked general path is compile-checked
+# The narrow-channel path (C/groups < 16, the stem's C = 3) when dy is aligned: the weight is repacked once per
+# call into [K, R, S, 16] zero-padded channels (:func:`_pack_narrow_weight`, as the forward packs its weights),
+# so the K-loop is the ALIGNED one (16-byte cp.async for dy, y and the weight, pipelined) and only the epilogue
+# masks the channels (EPI_ALIGNED off). BLOCK_K 64: the stem's K = 64 output channels are one step per tap.
+NARROW_CONFIG = ConvConfig(128, 16, 64, 8, 4, 3)
 
 
 def _wide_ok(base: ConvConfig, dtype: torch.dtype, epilogue: bool) -> bool:
     """Whether config ``base`` may launch (and is compile-checked) for operands of ``dtype`` with or without the
     epilogue: the 256-wide channel tile only with 16-bit operands and without the epilogue."""
     return base.BLOCK_N <= 128 or (dtype != torch.float32 and not epilogue)
-_GENERAL_CONFIG = DGRAD_CONFIGS[-1]  # the one config whose masked general path is compile-checked
+
+
+def _narrow(g: ConvGeometry, cfg: ConvConfig, dy: torch.Tensor) -> bool:
+    """``cfg`` is :data:`NARROW_CONFIG` and the shape takes its path: C/groups < 16, K/groups a multiple of
+    BLOCK_K and dy (so the dy_bn y, of dy's strides) with unit channel stride and 16-aligned rows."""
+    return (cfg == for_dtype(NARROW_CONFIG, dy.dtype) and g.Cg < NARROW_CONFIG.BLOCK_N
+            and g.Kg % cfg.BLOCK_K == 0 and rows_aligned(dy))
 
 
 def _aligned(g: ConvGeometry, cfg: ConvConfig, dy: torch.Tensor, weight: torch.Tensor, others=()) -> bool:
-    """The kernel's ALIGNED switch: channel tiles divide the channels (Kg % BLOCK_K, Cg % BLOCK_N), and dy,
-    the weight (channels_last) and ``others`` (dx, y_prev) have unit channel strides and 16-aligned rows."""
-    return (g.Kg % cfg.BLOCK_K == 0 and g.Cg % cfg.BLOCK_N == 0
-            and all(rows_aligned(t) for t in (dy, weight, *others)))
+    """The kernel's ALIGNED switch (the K-loop's): channel tiles divide the channels (Kg % BLOCK_K,
+    Cg % BLOCK_N), and dy, the weight (channels_last) and ``others`` (dx, y_prev) have unit channel strides and
+    16-aligned rows; or the narrow path (:func:`_narrow`, whose repacked weight is aligned)."""
+    return _narrow(g, cfg, dy) or (g.Kg % cfg.BLOCK_K == 0 and g.Cg % cfg.BLOCK_N == 0
+                                   and all(rows_aligned(t) for t in (dy, weight, *others)))
+
+
+def _epi_aligned(g: ConvGeometry, cfg: ConvConfig, dy: torch.Tensor, weight: torch.Tensor, others=()) -> bool:
+    """The kernel's EPI_ALIGNED switch (unmasked, 16-aligned channels in the epilogue): ALIGNED, and not the
+    narrow path; so the two differ only there."""
+    return _aligned(g, cfg, dy, weight, others) and not _narrow(g, cfg, dy)
+
+
+def _pack_narrow_weight(weight: torch.Tensor, g: ConvGeometry) -> torch.Tensor:
+    """[K, Cg, R, S] -> a [K, 16, R, S] view of a zero-padded [K, R, S, 16] tensor (the narrow path's B operand:
+    every tap's row of channels 16 elements, 16-aligned)."""
+    wp = weight.new_zeros((g.K, g.R, g.S, NARROW_CONFIG.BLOCK_N))
+    wp[..., :g.Cg] = weight.permute(0, 2, 3, 1)
+    return wp.permute(0, 3, 1, 2)
 
 
 def _candidates(g: ConvGeometry, dy: torch.Tensor, weight: torch.Tensor, others, ieee: bool,
@@ -92,6 +130,9 @@ def _candidates(g: ConvGeometry, dy: torch.Tensor, weight: torch.Tensor, others,
     fp32 is FMA, where the larger tiles' fused variants spill on sm_90, and C/groups <= 32 gains nothing from
     wider channel tiles: both take the general config."""
     general = for_dtype(_GENERAL_CONFIG, dy.dtype)
+    narrow = for_dtype(NARROW_CONFIG, dy.dtype)
+    if not ieee and _narrow(g, narrow, dy):
+        return (narrow, general), narrow
     if g.Cg <= 32 or ieee:
         return (general,), general
     bases = [c for c in DGRAD_CONFIGS if _wide_ok(c, dy.dtype, epilogue)]
@@ -147,7 +188,7 @@ def _conv_dgrad_kernel(
         sy_n, sy_h, sy_w, sy_c,
         SH: tl.constexpr, SW: tl.constexpr,
         EPI: tl.constexpr, OUT_SCALE: tl.constexpr, DY_BN: tl.constexpr, DY_RELU: tl.constexpr,
-        DOT_IEEE: tl.constexpr, ALIGNED: tl.constexpr,
+        DOT_IEEE: tl.constexpr, ALIGNED: tl.constexpr, EPI_ALIGNED: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     # grid axis 0: (phase, row tile, channel tile), grouped so GROUP_M row tiles sweep the channel tiles
     # together: their dy rows (the A tiles, re-read once per channel tile) stay in L2
@@ -172,13 +213,15 @@ def _conv_dgrad_kernel(
 
     offs_c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_kk = tl.arange(0, BLOCK_K)
-    if ALIGNED:  # Kg % BLOCK_K == Cg % BLOCK_N == 0: no channel masks, 16-aligned channel bases
-        c_ok = tl.full([BLOCK_N], True, tl.int1)
+    if ALIGNED:  # Kg % BLOCK_K == 0 and the weight's channel rows fill BLOCK_N: 16-aligned k base, no k mask
         k_base = tl.multiple_of(grp * Kg, 16)
+    else:
+        k_base = grp * Kg
+    if EPI_ALIGNED:  # Cg % BLOCK_N == 0: no channel masks, 16-aligned channel bases in the epilogue
+        c_ok = tl.full([BLOCK_N], True, tl.int1)
         c_glob = tl.multiple_of(grp * Cg + pid_n * BLOCK_N, 16) + tl.arange(0, BLOCK_N)
     else:
         c_ok = offs_c < Cg
-        k_base = grp * Kg
         c_glob = grp * Cg + offs_c
 
     # this phase's taps in closed form; per step only scalars advance (no table, no division)
@@ -243,7 +286,10 @@ def _conv_dgrad_kernel(
             c3 = tl.load(c3_ptrs + k0, mask=k_ok, other=0.0)
             mu = tl.load(mu_ptrs + k0, mask=k_ok, other=0.0)
             a = dy_on_load(a, yv, c1[None, :], c2[None, :], c3[None, :], mu[None, :], a_mask, DY_RELU)
-        b = tl.load(w_p, mask=k_ok[:, None] & c_ok[None, :], other=0.0)
+        if ALIGNED:  # every weight row holds BLOCK_N channels (zero-padded where Cg is narrower)
+            b = tl.load(w_p)
+        else:
+            b = tl.load(w_p, mask=k_ok[:, None] & c_ok[None, :], other=0.0)
         if DOT_IEEE:
             acc = tl.dot(a, b, acc, input_precision="ieee")
         else:
@@ -263,7 +309,7 @@ def _conv_dgrad_kernel(
     out_mask = row_ok[:, None] & c_ok[None, :]
     if EPI:  # dz = dx * relu'(y_prev*scale + shift); partial Σdz, Σdz·(y_prev - mean) per tile
         y_row = n64 * sy_n + h * sy_h + w * sy_w
-        if ALIGNED:
+        if EPI_ALIGNED:
             y_row = tl.multiple_of(y_row, 16)
         y_off = y_row[:, None] + (c_glob * sy_c)[None, :]
         yp = tl.load(y_ptr + y_off, mask=out_mask, other=0.0).to(tl.float32)
@@ -278,7 +324,7 @@ def _conv_dgrad_kernel(
         if OUT_SCALE:  # store dz*out_scale[c] (the BN's input gradient); the partials stay sums of dz
             acc = acc * tl.load(osc_ptr + c_glob, mask=c_ok, other=0.0)[None, :]
     dx_row = n64 * sdx_n + h * sdx_h + w * sdx_w
-    if ALIGNED:
+    if EPI_ALIGNED:
         dx_row = tl.multiple_of(dx_row, 16)
     dx_off = dx_row[:, None] + (c_glob * sdx_c)[None, :]
     tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=out_mask)
@@ -346,12 +392,17 @@ def _tiles(g: ConvGeometry, cfg: ConvConfig) -> tuple:
 
 
 def _launch_dgrad(cfg: ConvConfig, g: ConvGeometry, grad_out, weight, dx, epi_ops, part, osc, bn_ops,
-                  sw: DgradSwitches) -> None:
+                  sw: DgradSwitches, packed=None) -> None:
     """One launch of :func:`_conv_dgrad_kernel`. ``epi_ops`` = (y_prev, in_scale, in_shift, in_centre), ``osc``
-    (out_scale), ``bn_ops`` (the :class:`DyBN` fields) and ``part`` are placeholders where their switch is off."""
+    (out_scale), ``bn_ops`` (the :class:`DyBN` fields) and ``part`` are placeholders where their switch is off.
+    ``packed``: the narrow path's repacked weight (:func:`_pack_narrow_weight`), used when ``cfg`` takes it."""
     tiles_m, T = _tiles(g, cfg)
     tiles_n = triton.cdiv(g.Cg, cfg.BLOCK_N)
     yp = epi_ops[0]
+    aligned = _aligned(g, cfg, grad_out, weight, (dx, yp))
+    epi_aligned = _epi_aligned(g, cfg, grad_out, weight, (dx, yp))
+    if _narrow(g, cfg, grad_out):
+        weight = packed if packed is not None else _pack_narrow_weight(weight, g)
     grid = (T * tiles_n, 1, g.groups)
     _conv_dgrad_kernel[grid](
         grad_out, weight, dx, *epi_ops, part, osc, *bn_ops,
@@ -362,7 +413,7 @@ def _launch_dgrad(cfg: ConvConfig, g: ConvGeometry, grad_out, weight, dx, epi_op
         dx.stride(0), dx.stride(2), dx.stride(3), dx.stride(1),
         yp.stride(0), yp.stride(2), yp.stride(3), yp.stride(1),
         SH=g.stride[0], SW=g.stride[1], EPI=sw.epilogue, OUT_SCALE=sw.out_scale, DY_BN=sw.dy_bn,
-        DY_RELU=sw.dy_relu, DOT_IEEE=sw.dot_ieee, ALIGNED=_aligned(g, cfg, grad_out, weight, (dx, yp)),
+        DY_RELU=sw.dy_relu, DOT_IEEE=sw.dot_ieee, ALIGNED=aligned, EPI_ALIGNED=epi_aligned,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
@@ -412,6 +463,7 @@ def conv2d_dgrad_nhwc(grad_out: torch.Tensor, weight: torch.Tensor, x_shape, *, 
     bn_ops = dy_bn if dy_bn is not None else (grad_out, ph, ph, ph, ph)
     osc = ph if out_scale is None else out_scale
     parts: dict = {}  # per tile count, so tuning launches reuse one buffer
+    packed: list = []  # the narrow path's repacked weight, built once per call
 
     def launch(cfg: ConvConfig):
         T = _tiles(g, cfg)[1]
@@ -420,7 +472,9 @@ def conv2d_dgrad_nhwc(grad_out: torch.Tensor, weight: torch.Tensor, x_shape, *, 
             part = parts.get(T)
             if part is None:
                 part = parts[T] = torch.empty((2, T, g.C), dtype=torch.float32, device=dev)
-        _launch_dgrad(cfg, g, grad_out, weight, dx, epi_ops, part, osc, bn_ops, sw)
+        if _narrow(g, cfg, grad_out) and not packed:
+            packed.append(_pack_narrow_weight(weight, g))
+        _launch_dgrad(cfg, g, grad_out, weight, dx, epi_ops, part, osc, bn_ops, sw, packed[0] if packed else None)
         return part
 
     if config is None:
@@ -456,7 +510,10 @@ def compile_specs() -> list:
     div16 = ("Cg", "Kg", "C_TOT", "sdy_n", "sdy_h", "sdy_w", "sw_k", "sw_r", "sw_s", "sdx_n", "sdx_h", "sdx_w",
              "sy_n", "sy_h", "sy_w")
 
-    def spec(base, dt, tdt, variant, aligned, ieee=False):
+    # the narrow path (the stem): dx and y_prev have C < 16 channels; the weight is the repacked one
+    narrow_div16 = ("Kg", "sdy_n", "sdy_h", "sdy_w", "sw_k", "sw_r", "sw_s")
+
+    def spec(base, dt, tdt, variant, aligned, ieee=False, narrow=False):
         cfg = for_dtype(base, tdt)
         sig = {"dy_ptr": f"*{dt}", "w_ptr": f"*{dt}", "dx_ptr": f"*{dt}", "y_ptr": f"*{dt}", "isc_ptr": "*fp32",
                "ish_ptr": "*fp32", "imu_ptr": "*fp32", "part_ptr": "*fp32", "osc_ptr": "*fp32", "z_ptr": f"*{dt}",
@@ -465,16 +522,18 @@ def compile_specs() -> list:
         # unit channel strides, as specialised
         cx = {"sdy_c": 1, "sw_c": 1, "sdx_c": 1, "sy_c": 1, "SH": 2, "SW": 2,
               "EPI": False, "OUT_SCALE": False, "DY_BN": False, "DY_RELU": False, **VARIANTS[variant],
-              "DOT_IEEE": ieee, "ALIGNED": aligned,
+              "DOT_IEEE": ieee, "ALIGNED": aligned, "EPI_ALIGNED": aligned and not narrow,
               "BLOCK_M": cfg.BLOCK_M, "BLOCK_N": cfg.BLOCK_N, "BLOCK_K": cfg.BLOCK_K, "GROUP_M": cfg.GROUP_M}
         sig.update({k: "constexpr" for k in cx})
         return (_conv_dgrad_kernel, ordered_signature(_conv_dgrad_kernel, sig), cx,
-                {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}, not ieee, div16 if aligned else ())
+                {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}, not ieee,
+                narrow_div16 if narrow else div16 if aligned else ())
 
     dtypes = (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32))
     specs = [spec(base, dt, tdt, v, True) for base in DGRAD_CONFIGS for dt, tdt in dtypes for v in VARIANTS
              if _wide_ok(base, tdt, VARIANTS[v].get("EPI", False))]
     specs += [spec(_GENERAL_CONFIG, dt, tdt, v, False) for dt, tdt in dtypes for v in VARIANTS]
+    specs += [spec(NARROW_CONFIG, dt, tdt, v, True, narrow=True) for dt, tdt in dtypes for v in VARIANTS]
     # IEEE fp32 (the default unless TF32 is allowed, configs.conv_allows_tf32): FMA, not wgmma, by design
     specs += [spec(_GENERAL_CONFIG, "fp32", torch.float32, v, aligned, ieee=True)
               for aligned in (True, False) for v in VARIANTS]
