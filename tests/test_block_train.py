@@ -13,13 +13,9 @@ import torch
 import resnet_fast
 from resnet_fast import nn as rnn
 from resnet_fast.nn import reference
+from helpers import rel_err
 
 STEPS = 10  # SGD steps per block (interpreter: ~1 s per fused step at these shapes)
-
-
-def _rel(got, want):
-    want = want.detach().double().cpu()
-    return ((got.detach().double().cpu() - want).norm() / want.norm().clamp_min(1e-30)).item()
 
 
 def _ds(cin, cout, stride):
@@ -59,12 +55,12 @@ def _compare_state(fused, plain, *, grads=True, fp32_twin=None):
     (an eager fp32 copy trained alongside) a buffer may also be within 4x of that twin's own error."""
     for (name, p), (_, q) in zip(plain.named_parameters(), fused.named_parameters()):
         if grads:
-            assert _rel(q.grad, p.grad) < 1e-3, f"grad {name}: {_rel(q.grad, p.grad):.2e}"
+            assert rel_err(q.grad, p.grad) < 1e-3, f"grad {name}: {rel_err(q.grad, p.grad):.2e}"
     twin = dict(fp32_twin.named_buffers()) if fp32_twin is not None else {}
     for (name, b), (_, c) in zip(plain.named_buffers(), fused.named_buffers()):
         if b.is_floating_point():
-            tol = max(1e-5, 4 * _rel(twin[name], b)) if name in twin else 1e-5
-            assert _rel(c, b) < tol, f"buffer {name}: {_rel(c, b):.2e} (tolerance {tol:.1e})"
+            tol = max(1e-5, 4 * rel_err(twin[name], b)) if name in twin else 1e-5
+            assert rel_err(c, b) < tol, f"buffer {name}: {rel_err(c, b):.2e} (tolerance {tol:.1e})"
         else:
             assert int(c.cpu()) == int(b), name
 
@@ -88,7 +84,7 @@ def test_block_train_steps_match_torch(name, make_plain, fused_cls, cin, kernel_
         x = x64.detach().float().to(kernel_device).contiguous(memory_format=torch.channels_last).requires_grad_(True)
         out_p, out_f, out_t = plain(x64), fused(x), twin(x64.detach().float())
         assert out_f.dtype == torch.float32 and out_f.shape == out_p.shape
-        assert _rel(out_f, out_p) < 1e-4, f"step {step} output {_rel(out_f, out_p):.2e}"
+        assert rel_err(out_f, out_p) < 1e-4, f"step {step} output {rel_err(out_f, out_p):.2e}"
         g = torch.randn_like(out_p)
         opt_p.zero_grad()
         opt_f.zero_grad()
@@ -96,13 +92,13 @@ def test_block_train_steps_match_torch(name, make_plain, fused_cls, cin, kernel_
         out_p.backward(g)
         out_f.backward(g.float().to(kernel_device))
         out_t.backward(g.float())
-        assert _rel(x.grad, x64.grad) < 1e-3, f"step {step} input grad {_rel(x.grad, x64.grad):.2e}"
+        assert rel_err(x.grad, x64.grad) < 1e-3, f"step {step} input grad {rel_err(x.grad, x64.grad):.2e}"
         _compare_state(fused, plain, fp32_twin=twin)
         opt_p.step()
         opt_f.step()
         opt_t.step()
     for (pname, p), (_, q) in zip(plain.named_parameters(), fused.named_parameters()):
-        assert _rel(q, p) < 1e-3, f"weight {pname} after {STEPS} steps"
+        assert rel_err(q, p) < 1e-3, f"weight {pname} after {STEPS} steps"
     _assert_kernels_ran()
 
 
@@ -138,8 +134,8 @@ def test_block_train_bn_variants(variant, kernel_device, triton_backend):
             fused.zero_grad()
             out_p.backward(g)
             out_f.backward(g.float().to(kernel_device))
-            assert _rel(x.grad, x64.grad) < 1e-3
-        assert _rel(out_f, out_p) < 1e-4
+            assert rel_err(x.grad, x64.grad) < 1e-3
+        assert rel_err(out_f, out_p) < 1e-4
         _compare_state(fused, plain, grads=variant != "no_grad")
     if variant in ("momentum_none", "no_grad"):
         assert int(fused.bn1.num_batches_tracked) == 2
@@ -159,15 +155,15 @@ def test_conv_bn_relu_module_train_matches_torch(kernel_device, triton_backend):
         out_p = plain(x64)
         out_p = torch.relu(out_p) if relu else out_p
         out_f = fused(x)
-        assert _rel(out_f, out_p) < 1e-4
+        assert rel_err(out_f, out_p) < 1e-4
         g = torch.randn_like(out_p)
         out_p.backward(g)
         out_f.backward(g.float().to(kernel_device))
-        assert _rel(x.grad, x64.grad) < 1e-3
+        assert rel_err(x.grad, x64.grad) < 1e-3
         for (name, p), (_, q) in zip(plain.named_parameters(), fused.named_parameters()):
-            assert _rel(q.grad, p.grad) < 1e-3, name
+            assert rel_err(q.grad, p.grad) < 1e-3, name
         for (name, b), (_, c) in zip(plain.named_buffers(), fused.named_buffers()):
-            assert _rel(c, b) < 1e-5 if b.is_floating_point() else int(c) == int(b), name
+            assert rel_err(c, b) < 1e-5 if b.is_floating_point() else int(c) == int(b), name
     _assert_kernels_ran("conv_bn_train")
 
 
@@ -212,7 +208,7 @@ def test_block_tail_large_mean_bn_grads(triton_backend):
     grads = dict(fused.named_parameters())
     for name, p in plain.named_parameters():
         if name.startswith(("bn3.", "downsample.1.")):
-            err = _rel(grads[name].grad, p.grad)
+            err = rel_err(grads[name].grad, p.grad)
             assert err < 1e-3, f"seed {seed} grad {name}: {err:.2e}"
     _assert_kernels_ran("bn_add_relu")
 
@@ -242,10 +238,10 @@ def test_block_and_stem_pass_batch_means_as_centres(monkeypatch, kernel_device, 
     (y, _, _, residual, *_), kwargs = calls[0]
     for t, c in ((y, kwargs["x_centre"]), (residual, kwargs["res_centre"])):
         assert c is not None and not c.requires_grad and c.dtype == torch.float32
-        assert _rel(c, t.double().mean((0, 2, 3))) < 1e-6
+        assert rel_err(c, t.double().mean((0, 2, 3))) < 1e-6
     (y, *_), kwargs = calls[1]
     c = kwargs["x_centre"]
-    assert c is not None and not c.requires_grad and _rel(c, y.double().mean((0, 2, 3))) < 1e-6
+    assert c is not None and not c.requires_grad and rel_err(c, y.double().mean((0, 2, 3))) < 1e-6
     _assert_kernels_ran()
 
 
@@ -265,8 +261,8 @@ def test_sync_batchnorm_outside_a_process_group_runs_the_kernels(kernel_device, 
         getattr(synced, name).load_state_dict(getattr(plain, name).state_dict())
     x = torch.randn(2, 4, 6, 6, device=kernel_device)
     with torch.no_grad():
-        assert _rel(synced(x), plain(x)) < 1e-6
-        assert _rel(synced.bn2.running_var, plain.bn2.running_var) < 1e-6
+        assert rel_err(synced(x), plain(x)) < 1e-6
+        assert rel_err(synced.bn2.running_var, plain.bn2.running_var) < 1e-6
     assert "block_train" not in resnet_fast.stats()["fallbacks"]
     assert resnet_fast.stats()["kernel_calls"]["block_train"] == 2
 
@@ -290,11 +286,11 @@ def test_train_step_compiles_fullgraph(kernel_device, triton_backend):
     l_c.backward()
     out_e, l_e = loss(ref, x)
     l_e.backward()
-    assert _rel(out_c, out_e) < 1e-5
+    assert rel_err(out_c, out_e) < 1e-5
     for (name, p), (_, q) in zip(ref.named_parameters(), fused.named_parameters()):
-        assert _rel(q.grad, p.grad) < 1e-5, name
+        assert rel_err(q.grad, p.grad) < 1e-5, name
     for (name, b), (_, c) in zip(ref.named_buffers(), fused.named_buffers()):
-        assert _rel(c.float(), b.float()) < 1e-6, name
+        assert rel_err(c.float(), b.float()) < 1e-6, name
 
 
 @pytest.mark.gpu
@@ -309,16 +305,16 @@ def test_block_train_autocast_gpu(dtype, triton_backend):
     with torch.autocast("cuda", dtype=dtype):
         out_p, out_f = plain(xs[0]), fused(xs[1])
     assert out_f.dtype == out_p.dtype == dtype
-    assert _rel(out_f, out_p) < 2e-2
+    assert rel_err(out_f, out_p) < 2e-2
     g = torch.randn_like(out_p)
     out_p.backward(g)
     out_f.backward(g)
-    assert _rel(xs[1].grad, xs[0].grad) < 5e-2
+    assert rel_err(xs[1].grad, xs[0].grad) < 5e-2
     for (name, p), (_, q) in zip(plain.named_parameters(), fused.named_parameters()):
-        assert q.grad.dtype == torch.float32 and _rel(q.grad, p.grad) < 5e-2, name
+        assert q.grad.dtype == torch.float32 and rel_err(q.grad, p.grad) < 5e-2, name
     for (name, b), (_, c) in zip(plain.named_buffers(), fused.named_buffers()):
         if b.is_floating_point():
-            assert c.dtype == torch.float32 and _rel(c, b) < 1e-2, name
+            assert c.dtype == torch.float32 and rel_err(c, b) < 1e-2, name
     _assert_kernels_ran()
 
 

@@ -16,7 +16,7 @@ import torch
 import resnet_fast
 from resnet_fast import _ext
 from resnet_fast.ops import bn_add_relu, bn_relu
-from resnet_fast.ops.bn_add_relu import bn_add_relu_reference
+from helpers import rel_err
 
 MOD = sys.modules["resnet_fast.ops.bn_add_relu"]  # the module (resnet_fast.ops.bn_add_relu is the function)
 
@@ -33,11 +33,6 @@ LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 # HW = 30 (not a multiple of the vector width) with C % 8 == 0, and an odd C with HW % 8 == 0.
 SHAPES = [(2, 8, 5, 6), (3, 5, 4, 4)]
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 def make_inputs(shape, dtype, layout, res_bn, device="cpu", seed=0):

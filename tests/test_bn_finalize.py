@@ -4,6 +4,7 @@ import torch
 
 from resnet_fast.kernels import bn_finalize as bn_finalize_module
 from resnet_fast.kernels.bn_finalize import bn_backward_coeffs, bn_finalize
+from helpers import rel_err
 
 CFG = (4, 16, 4)  # small BLOCK_T/BLOCK_C so the tests cover several programs and several tile steps
 
@@ -15,10 +16,6 @@ def chunking(request, monkeypatch):
     if request.param == "chunks_of_4":
         monkeypatch.setattr(bn_finalize_module, "CHUNK_T", 4)
     return request.param
-
-
-def _rel(out, ref):
-    return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
 
 
 def _tile_partials(y, rows_per_tile):
@@ -57,12 +54,12 @@ def test_matches_batchnorm_over_steps(kernel_device, triton_backend, chunking, m
         y64 = y.double()
         mean64 = y64.mean((0, 2, 3))
         var64 = y64.var((0, 2, 3), unbiased=False)
-        assert _rel(mean.cpu(), mean64) < 1e-6
-        assert _rel(invstd.cpu(), (var64 + bn.eps).rsqrt()) < 1e-5
+        assert rel_err(mean.cpu(), mean64) < 1e-6
+        assert rel_err(invstd.cpu(), (var64 + bn.eps).rsqrt()) < 1e-5
         out = y * scale.cpu().view(1, -1, 1, 1) + shift.cpu().view(1, -1, 1, 1)
-        assert _rel(out, out_ref.detach()) < 1e-5
-        assert _rel(rm.cpu(), bn.running_mean) < 1e-5
-        assert _rel(rv.cpu(), bn.running_var) < 1e-5
+        assert rel_err(out, out_ref.detach()) < 1e-5
+        assert rel_err(rm.cpu(), bn.running_mean) < 1e-5
+        assert rel_err(rv.cpu(), bn.running_var) < 1e-5
         assert int(nbt.cpu()) == int(bn.num_batches_tracked) == step + 1
 
 
@@ -74,7 +71,7 @@ def test_no_running_stats_leaves_nothing_updated(kernel_device, triton_backend):
     mean, invstd, scale, shift = bn_finalize(s.to(kernel_device), q.to(kernel_device), 18, tile_rows=4,
                                              momentum=None, config=CFG)
     out = y * scale.cpu().view(1, -1, 1, 1) + shift.cpu().view(1, -1, 1, 1)
-    assert _rel(out, bn(y)) < 1e-5
+    assert rel_err(out, bn(y)) < 1e-5
 
 
 @pytest.mark.parametrize("rows_per_tile", [16, 128])
@@ -88,12 +85,12 @@ def test_large_mean_keeps_its_variance(kernel_device, triton_backend, chunking, 
     mean, invstd, _, _ = bn_finalize(s.to(kernel_device), m2.to(kernel_device), n, tile_rows=rows_per_tile,
                                      eps=1e-12, config=CFG)
     var64 = y.double().var((0, 2, 3), unbiased=False)
-    assert _rel(mean.cpu(), y.double().mean((0, 2, 3))) < 1e-7
-    assert _rel(invstd.cpu(), var64.rsqrt()) < 1e-4
+    assert rel_err(mean.cpu(), y.double().mean((0, 2, 3))) < 1e-7
+    assert rel_err(invstd.cpu(), var64.rsqrt()) < 1e-4
     flat = y.permute(0, 2, 3, 1).reshape(-1, 6)
     sq = torch.stack([(t * t).sum(0) for t in flat.split(rows_per_tile)]).double().sum(0)  # old partials
     old_var = sq / n - (s.double().sum(0) / n) ** 2
-    assert _rel(old_var.clamp_min(1e-30).rsqrt(), var64.rsqrt()) > 1e-3  # the failure this guards against
+    assert rel_err(old_var.clamp_min(1e-30).rsqrt(), var64.rsqrt()) > 1e-3  # the failure this guards against
 
 
 def test_ticket_counter_resets_between_launches(kernel_device, triton_backend):
@@ -130,10 +127,10 @@ def test_backward_coeffs_match_autograd(kernel_device, triton_backend, chunking,
         weight=gamma.detach().float().to(kernel_device) if affine else None, config=CFG)
     v = lambda t: t.cpu().double().view(1, -1, 1, 1)  # noqa: E731
     dy = v(c1) * dz + v(c2) * yc + v(c3)
-    assert _rel(dy, y.grad) < 1e-5
+    assert rel_err(dy, y.grad) < 1e-5
     if affine:
-        assert _rel(dg.cpu(), gamma.grad) < 1e-5
-        assert _rel(db.cpu(), beta.grad) < 1e-5
+        assert rel_err(dg.cpu(), gamma.grad) < 1e-5
+        assert rel_err(db.cpu(), beta.grad) < 1e-5
 
 
 def test_chunk_must_be_whole_block_steps(kernel_device, triton_backend, monkeypatch):

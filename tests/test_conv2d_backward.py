@@ -18,6 +18,7 @@ import resnet_fast.kernels.conv_wgrad as conv_wgrad
 from resnet_fast.nn import reference
 from resnet_fast.ops import conv2d
 from resnet_fast.ops.eager import eager_conv_epilogue
+from helpers import rel_err
 
 CL = torch.channels_last
 TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2, torch.float64: 1e-10}
@@ -34,10 +35,6 @@ GEOMS = {
     "groups4": (2, 16, 6, 6, 16, 3, 1, 1, 1, 4),
     "dil2": (2, 8, 9, 9, 8, 3, 1, 2, 2, 1),
 }
-
-
-def _rel(out, ref):
-    return ((out.detach().double().cpu() - ref.cpu()).norm() / ref.cpu().norm()).item()
 
 
 def _conv_kw(geom):
@@ -90,7 +87,7 @@ def _check(t, geom, dtype, relu, grads, tol=None):
     got, ref, out, t = _run(t, geom, relu, grads)
     for k in grads:
         assert got[k].shape == t[k].shape and got[k].dtype == t[k].dtype, k
-        assert _rel(got[k], ref[k]) < (tol or TOL[dtype]), (k, _rel(got[k], ref[k]))
+        assert rel_err(got[k], ref[k]) < (tol or TOL[dtype]), (k, rel_err(got[k], ref[k]))
     return got, ref, out
 
 

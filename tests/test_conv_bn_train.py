@@ -25,12 +25,9 @@ from resnet_fast.kernels.conv_dgrad import conv2d_dgrad_nhwc
 from resnet_fast.kernels.conv_fwd import conv2d_nhwc, pack_weight
 from resnet_fast.kernels.conv_wgrad import conv2d_wgrad_nhwc
 from resnet_fast.ops import conv_bn_stats
+from helpers import rel_err
 
 CL = torch.channels_last
-
-
-def _rel(out, ref):
-    return ((out.detach().cpu().double() - ref.detach().double()).norm() / ref.detach().double().norm()).item()
 
 
 def test_conv_bn_relu_conv_bn_chain_matches_torch(kernel_device, triton_backend):
@@ -69,17 +66,19 @@ def test_conv_bn_relu_conv_bn_chain_matches_torch(kernel_device, triton_backend)
         y1, part1 = conv2d_nhwc(x, pack_weight(w1, 1, torch.float32), geo1, stats=True, allow_tf32=False)
         n1 = N * geo1.P * geo1.Q
         mean1, invstd1, sc1, sh1 = bn_finalize(part1.sum, part1.m2, n1, tile_rows=part1.tile_rows,
-                                               running_mean=state[0][0], running_var=state[0][1], num_batches_tracked=state[0][2],
+                                               running_mean=state[0][0], running_var=state[0][1],
+                                               num_batches_tracked=state[0][2],
                                                momentum=momentum, eps=1e-5, weight=g1, bias=b1)
         geo2 = ConvGeometry.make(y1.shape, w2.shape, **conv2)
         y2, part2 = conv2d_nhwc(y1, pack_weight(w2, 2, torch.float32), geo2, in_scale=sc1, in_shift=sh1,
                                 in_relu=True, stats=True, allow_tf32=False)
         n2 = N * geo2.P * geo2.Q
         mean2, invstd2, sc2, sh2 = bn_finalize(part2.sum, part2.m2, n2, tile_rows=part2.tile_rows,
-                                               running_mean=state[1][0], running_var=state[1][1], num_batches_tracked=state[1][2],
+                                               running_mean=state[1][0], running_var=state[1][1],
+                                               num_batches_tracked=state[1][2],
                                                momentum=momentum, eps=1e-5, weight=g2, bias=b2)
         out = y2 * sc2.view(1, -1, 1, 1) + sh2.view(1, -1, 1, 1)
-        assert _rel(out, out_ref) < 1e-4
+        assert rel_err(out, out_ref) < 1e-4
 
         # ---- backward
         dz2 = dev(grad).contiguous(memory_format=CL)
@@ -101,10 +100,10 @@ def test_conv_bn_relu_conv_bn_chain_matches_torch(kernel_device, triton_backend)
                                 ("dW2", dw2, ref[3].weight.grad), ("dgamma1", dg1, ref[1].weight.grad),
                                 ("dbeta1", db1, ref[1].bias.grad), ("dgamma2", dg2, ref[4].weight.grad),
                                 ("dbeta2", db2, ref[4].bias.grad)):
-            assert _rel(got, want) < 1e-3, name
+            assert rel_err(got, want) < 1e-3, name
         for (rm, rv, nbt), bn in zip(state, (ref[1], ref[4])):
-            assert _rel(rm, bn.running_mean) < 1e-5
-            assert _rel(rv, bn.running_var) < 1e-5
+            assert rel_err(rm, bn.running_mean) < 1e-5
+            assert rel_err(rv, bn.running_var) < 1e-5
             assert int(nbt.cpu()) == int(bn.num_batches_tracked)
 
 
@@ -138,14 +137,14 @@ def test_conv_bn_stats_op_gradients_vs_float64(prologue, kernel_device, triton_b
     got = conv_bn_stats(ins[0].contiguous(memory_format=CL), ins[1], *(ins[2:] if prologue else (None, None)),
                         cen, eps=eps, **conv)
     for g, r in zip(got, ref):
-        assert _rel(g, r) < 1e-5
+        assert rel_err(g, r) < 1e-5
     assert got[0].is_contiguous(memory_format=CL) and got[1].dtype == got[2].dtype == torch.float32
     ups = [torch.randn_like(r) for r in ref]
     ups[2] = ups[2] * 0.3
     grads64 = torch.autograd.grad(ref, ins64, ups)
     grads = torch.autograd.grad(got, ins, [u.float().to(kernel_device) for u in ups])
     for name, g, r in zip(("x", "weight", "in_scale", "in_shift"), grads, grads64):
-        assert _rel(g, r) < 1e-4, f"grad {name}: {_rel(g, r):.2e}"
+        assert rel_err(g, r) < 1e-4, f"grad {name}: {rel_err(g, r):.2e}"
 
 
 @settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -175,12 +174,12 @@ def test_conv_bn_stats_random_shapes(N, cg, kg, groups, H, W, R, stride, dilatio
     ref = _eager_unit(x64, w64, sc64, sh64, conv, 1e-5)
     got = conv_bn_stats(ins[0], ins[1], *(ins[2:] if prologue else (None, None)), eps=1e-5, **conv)
     for g, r, name in zip(got, ref, ("y", "mean", "invstd")):
-        assert _rel(g, r) < 1e-4, f"{name}: {_rel(g, r):.2e}"
+        assert rel_err(g, r) < 1e-4, f"{name}: {rel_err(g, r):.2e}"
     ups = [torch.randn(r.shape, generator=gen, dtype=torch.float64) for r in ref]
     grads64 = torch.autograd.grad(ref, ins64, ups)
     grads = torch.autograd.grad(got, ins, [u.float().to(kernel_device) for u in ups])
     for name, g, r in zip(("x", "weight", "in_scale", "in_shift"), grads, grads64):
-        assert _rel(g, r) < 1e-3, f"grad {name}: {_rel(g, r):.2e}"
+        assert rel_err(g, r) < 1e-3, f"grad {name}: {rel_err(g, r):.2e}"
 
 
 def test_conv_bn_stats_zero_scale_channel_is_exact(kernel_device, triton_backend):
@@ -198,8 +197,8 @@ def test_conv_bn_stats_zero_scale_channel_is_exact(kernel_device, triton_backend
     up = torch.randn_like(ref)
     gx64, gsc64, gsh64 = torch.autograd.grad(ref, (x64, sc64, sh64), up)
     gx, gsc, gsh = torch.autograd.grad(got, (ins[0], ins[2], ins[3]), up.float().to(kernel_device))
-    assert _rel(gx, gx64) < 1e-4 and float(gx[:, 1].abs().max()) == 0.0
-    assert _rel(gsc, gsc64) < 1e-4 and _rel(gsh, gsh64) < 1e-4
+    assert rel_err(gx, gx64) < 1e-4 and float(gx[:, 1].abs().max()) == 0.0
+    assert rel_err(gsc, gsc64) < 1e-4 and rel_err(gsh, gsh64) < 1e-4
     assert float(gsh64[1]) != 0.0  # the zero-scale channel's gradients are really exercised
 
 

@@ -13,6 +13,7 @@ import resnet_fast
 from resnet_fast import _backend
 from resnet_fast.kernels.bn_finalize import bn_finalize
 from resnet_fast.ops import conv_cudnn
+from helpers import rel_err
 
 CL = torch.channels_last
 TOL_FWD = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
@@ -34,11 +35,6 @@ GEOMS = {
 def _ieee_fp32(monkeypatch):
     # fp32 compared at fp32 tolerances: IEEE on both paths on a GPU too (conv_allows_tf32 is then False)
     monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "highest")
-
-
-def _rel(out, ref):
-    ref = ref.detach().double().cpu()
-    return ((out.detach().double().cpu() - ref).norm() / ref.norm()).item()
 
 
 def _conv(geom):
@@ -87,8 +83,8 @@ def test_tile_stats_per_tile_vs_float64(kernel_device, dtype, config):
     st = tile_stats(y, config=config)
     rows = y.double().cpu().permute(0, 2, 3, 1).reshape(-1, 40).split(st.tile_rows)
     assert st.sum.shape == st.m2.shape == (len(rows), 40) and st.sum.dtype == torch.float32
-    assert _rel(st.sum, torch.stack([t.sum(0) for t in rows])) < 1e-5
-    assert _rel(st.m2, torch.stack([((t - t.mean(0)) ** 2).sum(0) for t in rows])) < 1e-5
+    assert rel_err(st.sum, torch.stack([t.sum(0) for t in rows])) < 1e-5
+    assert rel_err(st.m2, torch.stack([((t - t.mean(0)) ** 2).sum(0) for t in rows])) < 1e-5
 
 
 def test_tile_stats_large_mean_through_bn_finalize(kernel_device):
@@ -99,11 +95,11 @@ def test_tile_stats_large_mean_through_bn_finalize(kernel_device):
     mean, invstd, _, _ = bn_finalize(st.sum, st.m2, 4 * 81, tile_rows=st.tile_rows, momentum=0.0, eps=1e-12)
     y64 = y.double().cpu()
     var64 = y64.var((0, 2, 3), unbiased=False)
-    assert _rel(mean, y64.mean((0, 2, 3))) < 1e-6
-    assert _rel(invstd, (var64 + 1e-12).rsqrt()) < 1e-4
+    assert rel_err(mean, y64.mean((0, 2, 3))) < 1e-6
+    assert rel_err(invstd, (var64 + 1e-12).rsqrt()) < 1e-4
     y32 = y.float().cpu()
     naive = (y32 * y32).mean((0, 2, 3)) - y32.mean((0, 2, 3)) ** 2
-    assert _rel(naive, var64) > 1e-2  # the case really needs the centring
+    assert rel_err(naive, var64) > 1e-2  # the case really needs the centring
 
 
 def tile_stats_of(y, config=None):
@@ -122,7 +118,7 @@ def test_form_dy_bn_transform_vs_float64(kernel_device, dtype):
     got = form_dy(dz, y, c2=c2, c3=c3, mean=mean)
     ref = dz.double().cpu() + _v(c2) * (y.double().cpu() - _v(mean)) + _v(c3)
     assert got.dy.dtype == dtype and got.dy.is_contiguous(memory_format=CL) and got.sums is None
-    assert _rel(got.dy, ref) < TOL_FWD[dtype] / 3
+    assert rel_err(got.dy, ref) < TOL_FWD[dtype] / 3
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -135,9 +131,9 @@ def test_form_dy_relu_mask_and_sums(kernel_device, dtype):
     g64 = grad.double().cpu() * (out.cpu() > 0)
     assert torch.equal(masked.dy.cpu(), g64.to(dtype))  # masking is exact
     assert masked.sums.shape == (5, 20)  # cdiv(144, 32) tiles
-    assert _rel(masked.sums.sum(0), g64.sum((0, 2, 3))) < 1e-6
+    assert rel_err(masked.sums.sum(0), g64.sum((0, 2, 3))) < 1e-6
     only = form_dy(grad, write=False, sums=True)
-    assert only.dy is None and _rel(only.sums.sum(0), grad.double().cpu().sum((0, 2, 3))) < 1e-6
+    assert only.dy is None and rel_err(only.sums.sum(0), grad.double().cpu().sum((0, 2, 3))) < 1e-6
 
 
 def test_kernel_input_checks(kernel_device):
@@ -210,7 +206,7 @@ def test_conv2d_variants_vs_float64(kernel_device, dtype, variant):
     y = conv_cudnn.conv2d(x, w, kw["bias"], *_conv("3x3s2g2"), kw["scale"], kw["shift"], kw["residual"],
                           kw["relu"])
     assert y.dtype == dtype and y.is_contiguous(memory_format=CL) and y.shape == (2, 12, 5, 4)
-    assert _rel(y, _conv2d_ref(x, w, "3x3s2g2", **kw)) < TOL_FWD[dtype]
+    assert rel_err(y, _conv2d_ref(x, w, "3x3s2g2", **kw)) < TOL_FWD[dtype]
     if kw["scale"] is not None and kw["residual"] is None:  # the zero-scale channel is its shift, exactly
         c1 = 0.0 if kw["shift"] is None else float(kw["shift"][1])
         assert torch.equal(y[:, 1].cpu(), torch.full_like(y[:, 1].cpu(), max(c1, 0.0) if kw["relu"] else c1))
@@ -223,7 +219,7 @@ def test_conv2d_geometries_vs_float64(kernel_device, dtype, geom):
     y = conv_cudnn.conv2d(x.contiguous(), w, kw["bias"], *_conv(geom), kw["scale"], kw["shift"], kw["residual"],
                           True)  # an NCHW x is converted
     assert y.is_contiguous(memory_format=CL)
-    assert _rel(y, _conv2d_ref(x, w, geom, **kw)) < TOL_FWD[dtype]
+    assert rel_err(y, _conv2d_ref(x, w, geom, **kw)) < TOL_FWD[dtype]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -235,7 +231,7 @@ def test_conv2d_folded_candidate(kernel_device, dtype):
     assert set(cands) == {"conv_folded"}
     y = cands["conv_folded"]()
     assert y.dtype == dtype and y.is_contiguous(memory_format=CL)
-    assert _rel(y, _conv2d_ref(x, w, "3x3", **kw)) < TOL_FWD[dtype] * (1 if dtype == torch.float32 else 2)
+    assert rel_err(y, _conv2d_ref(x, w, "3x3", **kw)) < TOL_FWD[dtype] * (1 if dtype == torch.float32 else 2)
     relu_cands = conv_cudnn.conv2d_fused_candidates(x, w, kw["bias"], *_conv("3x3"), kw["scale"], kw["shift"],
                                                     None, True)
     assert set(relu_cands) == ({"cudnn_conv_relu"} if x.is_cuda else set())
@@ -253,7 +249,7 @@ def test_cudnn_fused_candidates_cuda(dtype, residual):
     assert name == ("cudnn_conv_add_relu" if residual else "cudnn_conv_relu")
     y = fn()
     assert y.dtype == dtype and y.is_contiguous(memory_format=CL)
-    assert _rel(y, _conv2d_ref(x, w, "3x3", **kw)) < TOL_FWD[dtype] * (1 if dtype == torch.float32 else 2)
+    assert rel_err(y, _conv2d_ref(x, w, "3x3", **kw)) < TOL_FWD[dtype] * (1 if dtype == torch.float32 else 2)
 
 
 # -------------------------------------------------------------------------------------- inference backward
@@ -279,9 +275,9 @@ def test_conv2d_backward_vs_float64(kernel_device, dtype, geom, relu, with_scale
     dw64 = torch.nn.grad.conv2d_weight(x.double().cpu(), w.shape, g64, **conv)
     assert gx.dtype == dtype and gx.is_contiguous(memory_format=CL) and gx.shape == x.shape
     assert dw.dtype == sg.dtype == torch.float32 and dw.is_contiguous() and dw.shape == w.shape
-    assert _rel(gx, gx64) < TOL_BWD[dtype]
-    assert _rel(dw, dw64) < TOL_BWD[dtype]
-    assert _rel(sg, g64.sum((0, 2, 3))) < 1e-5
+    assert rel_err(gx, gx64) < TOL_BWD[dtype]
+    assert rel_err(dw, dw64) < TOL_BWD[dtype]
+    assert rel_err(sg, g64.sum((0, 2, 3))) < 1e-5
     if with_scale:
         # zero-scale channel: nothing reaches x through it (grad_x bit-identical whatever its gradient), its
         # dW_g and Σg are still the full ones (nothing is divided by the scale)
@@ -290,7 +286,7 @@ def test_conv2d_backward_vs_float64(kernel_device, dtype, geom, relu, with_scale
         gx_other = conv_cudnn.conv2d_backward(other, x, w, scale, out if relu else None, *_conv(geom), relu, True,
                                               False, False)[0]
         assert torch.equal(gx_other, gx)
-        assert _rel(dw[1], dw64[1]) < TOL_BWD[dtype] and float(dw64[1].abs().max()) > 0
+        assert rel_err(dw[1], dw64[1]) < TOL_BWD[dtype] and float(dw64[1].abs().max()) > 0
 
 
 @pytest.mark.parametrize("need", [(True, False, False), (False, True, False), (False, False, True),
@@ -324,12 +320,12 @@ def test_conv_bn_stats_vs_float64(kernel_device, dtype, geom, prologue):
         a64 = _prologue64(x, in_scale, in_shift)
     y, st = conv_cudnn.conv_bn_stats(x, w, in_scale, in_shift, *_conv(geom))
     assert y.dtype == dtype and y.is_contiguous(memory_format=CL) and y.shape == yshape
-    assert _rel(y, _conv64(a64, w, geom)) < TOL_FWD[dtype] * (2 if prologue and dtype != torch.float32 else 1)
+    assert rel_err(y, _conv64(a64, w, geom)) < TOL_FWD[dtype] * (2 if prologue and dtype != torch.float32 else 1)
     M = yshape[0] * yshape[2] * yshape[3]
     mean, invstd, _, _ = bn_finalize(st.sum, st.m2, M, tile_rows=st.tile_rows, momentum=0.0, eps=1e-5)
     ys = y.double().cpu()  # the statistics are those of the stored y
-    assert _rel(mean, ys.mean((0, 2, 3))) < 1e-5
-    assert _rel(invstd, (ys.var((0, 2, 3), unbiased=False) + 1e-5).rsqrt()) < 1e-5
+    assert rel_err(mean, ys.mean((0, 2, 3))) < 1e-5
+    assert rel_err(invstd, (ys.var((0, 2, 3), unbiased=False) + 1e-5).rsqrt()) < 1e-5
 
 
 def test_conv_bn_stats_large_mean(kernel_device):
@@ -343,8 +339,8 @@ def test_conv_bn_stats_large_mean(kernel_device):
     ratio = (ys.mean((0, 2, 3)) / ys.std((0, 2, 3))).min()
     assert ratio > 300
     mean, invstd, _, _ = bn_finalize(st.sum, st.m2, 4 * 64, tile_rows=st.tile_rows, momentum=0.0, eps=1e-12)
-    assert _rel(mean, ys.mean((0, 2, 3))) < 1e-6
-    assert _rel(invstd, (ys.var((0, 2, 3), unbiased=False) + 1e-12).rsqrt()) < 1e-4
+    assert rel_err(mean, ys.mean((0, 2, 3))) < 1e-6
+    assert rel_err(invstd, (ys.var((0, 2, 3), unbiased=False) + 1e-12).rsqrt()) < 1e-4
 
 
 # --------------------------------------------------------------------------------------- training backward
@@ -407,7 +403,7 @@ def test_conv_bn_stats_backward_vs_float64(kernel_device, dtype, geom, prologue)
     names = ("grad_x", "grad_w", "grad_scale", "grad_shift")
     tol = {torch.float32: 1e-4, torch.float16: 4e-3}[dtype]
     for name, g, r in zip(names, got, ref):
-        assert _rel(g, r) < tol, f"{name}: {_rel(g, r):.2e}"
+        assert rel_err(g, r) < tol, f"{name}: {rel_err(g, r):.2e}"
     if not prologue:
         assert got[2].numel() == got[3].numel() == 0
 
@@ -419,10 +415,10 @@ def test_conv_bn_stats_backward_zero_scale_and_large_mean(kernel_device):
     case = _train_bwd_case("3x3wide", torch.float32, kernel_device, True, seed=9, zero_scale=True, x_mean=1000.0)
     got = _train_bwd(case, "3x3wide")
     ref = _train_bwd_ref(case, "3x3wide")
-    assert float(got[0][:, 1].abs().max()) == 0.0 and _rel(got[0], ref[0]) < 1e-4
-    assert float(ref[3][1].abs()) > 1e-3 and _rel(got[3], ref[3]) < 1e-4
+    assert float(got[0][:, 1].abs().max()) == 0.0 and rel_err(got[0], ref[0]) < 1e-4
+    assert float(ref[3][1].abs()) > 1e-3 and rel_err(got[3], ref[3]) < 1e-4
     c = case["in_centre"].double().cpu()
-    assert _rel(got[2].double() - c * got[3].double(), ref[2] - c * ref[3]) < 1e-4
+    assert rel_err(got[2].double() - c * got[3].double(), ref[2] - c * ref[3]) < 1e-4
 
 
 @pytest.mark.parametrize("prologue", [False, True])
@@ -451,7 +447,7 @@ def test_conv2d_matches_triton_op(kernel_device, triton_backend):
         got = conv_cudnn.conv2d(x, w, kw["bias"], stride, padding, dilation, groups, kw["scale"], kw["shift"],
                                 kw["residual"], True)
         assert got.dtype == ref.dtype and got.stride() == ref.stride()
-        assert _rel(got, ref) < TOL_FWD[dtype]
+        assert rel_err(got, ref) < TOL_FWD[dtype]
     st = resnet_fast.stats()  # the op counts its calls; a composite called directly is not a call of an op
     assert st["kernel_calls"]["conv2d"] == 2 and st["impl_calls"] == {"conv2d": {"triton": 2}}
 
@@ -465,7 +461,7 @@ def test_conv2d_backward_matches_triton_op(kernel_device, triton_backend):
     args = (grad, x, w, scale, out, *_conv("3x3s2g2"), True, True, True, True)
     for name, r, g in zip(("grad_x", "dW_g", "sum_g"), _conv2d_backward_op(*args), conv_cudnn.conv2d_backward(*args)):
         assert g.dtype == r.dtype and g.shape == r.shape and g.stride() == r.stride(), name
-        assert _rel(g, r) < TOL_BWD[torch.float32], name
+        assert rel_err(g, r) < TOL_BWD[torch.float32], name
 
 
 def test_conv_bn_stats_matches_triton_op(kernel_device, triton_backend):
@@ -477,14 +473,14 @@ def test_conv_bn_stats_matches_triton_op(kernel_device, triton_backend):
     y, st = conv_cudnn.conv_bn_stats(c["x"], c["weight"], c["in_scale"], c["in_shift"], *conv)
     M = y.shape[0] * y.shape[2] * y.shape[3]
     mean, invstd, _, _ = bn_finalize(st.sum, st.m2, M, tile_rows=st.tile_rows, momentum=0.0, eps=1e-5)
-    assert y.stride() == y_t.stride() and _rel(y, y_t) < TOL_FWD[torch.float32]
-    assert _rel(mean, mean_t) < 1e-5 and _rel(invstd, invstd_t) < 1e-5
+    assert y.stride() == y_t.stride() and rel_err(y, y_t) < TOL_FWD[torch.float32]
+    assert rel_err(mean, mean_t) < 1e-5 and rel_err(invstd, invstd_t) < 1e-5
     c.update(y=y_t, mean=mean_t)
     ref = _conv_bn_stats_backward_op(c["g_y"], c["c2"], c["c3"], c["x"], c["weight"], c["in_scale"],
                                      c["in_shift"], c["in_centre"], y_t, mean_t, *conv, True, True, True)
     for name, g, r in zip(("grad_x", "grad_w", "grad_scale", "grad_shift"), _train_bwd(c, "3x3s2g2"), ref):
         assert g.dtype == r.dtype and g.shape == r.shape and g.stride() == r.stride(), name
-        assert _rel(g, r) < 1e-4, f"{name}: {_rel(g, r):.2e}"
+        assert rel_err(g, r) < 1e-4, f"{name}: {rel_err(g, r):.2e}"
 
 
 def test_ops_count_the_composite_as_cudnn(kernel_device, triton_backend, monkeypatch):
@@ -529,5 +525,5 @@ def test_autocast_does_not_reach_the_gemm(kernel_device):
         y = conv_cudnn.conv2d(x, w, None, *_conv("3x3"), kw["scale"], kw["shift"], None, True)
         y_stats, _ = conv_cudnn.conv_bn_stats(x, w, None, None, *_conv("3x3"))
     assert y.dtype == y_stats.dtype == torch.float32
-    assert _rel(y, _conv2d_ref(x, w, "3x3", **kw)) < TOL_FWD[torch.float32]
-    assert _rel(y_stats, _conv64(x, w, "3x3")) < TOL_FWD[torch.float32]
+    assert rel_err(y, _conv2d_ref(x, w, "3x3", **kw)) < TOL_FWD[torch.float32]
+    assert rel_err(y_stats, _conv64(x, w, "3x3")) < TOL_FWD[torch.float32]

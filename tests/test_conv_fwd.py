@@ -22,14 +22,11 @@ from resnet_fast.kernels.bn_finalize import bn_finalize
 from resnet_fast.kernels.configs import ConvConfig
 from resnet_fast.kernels.conv_common import ConvGeometry
 from resnet_fast.ops import conv2d, fold_bn
+from helpers import rel_err
 
 TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 # Pinned in the interpreter: several row and column tiles even on tiny shapes, GROUP_M swizzle of 2.
 SMALL = ConvConfig(32, 16, 16, 2, 4, 1)
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 def reference(x, w, bias=None, stride=1, padding=0, dilation=1, groups=1, scale=None, shift=None,

@@ -23,15 +23,11 @@ from resnet_fast.kernels import configs as cfgs
 from resnet_fast.kernels import conv_dgrad, conv_fwd, conv_wgrad
 from resnet_fast.nn import reference
 from resnet_fast.ops import _common, conv_cudnn
+from helpers import rel_err
 
 CL = torch.channels_last
 N = 3  # the batch: no channel count is 3, so a 4-D shape [3, ...] is an activation, never a weight
 STEPS = 2
-
-
-def _rel(got, want):
-    want = want.detach().double().cpu()
-    return ((got.detach().double().cpu() - want).norm() / want.norm().clamp_min(1e-30)).item()
 
 
 def _ds(cin, cout, stride):
@@ -109,13 +105,13 @@ def _input(cin, seed, device, scale=1.0, shift=0.0):
 
 def _compare_step(plain, model, x64, x, out_p, out_f, what):
     assert out_f.dtype == torch.float32 and out_f.shape == out_p.shape
-    assert _rel(out_f, out_p) < 1e-4, f"{what} output {_rel(out_f, out_p):.2e}"
+    assert rel_err(out_f, out_p) < 1e-4, f"{what} output {rel_err(out_f, out_p):.2e}"
     g = torch.randn(out_p.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     out_p.backward(g)
     out_f.backward(g.float().to(out_f.device))
-    assert _rel(x.grad, x64.grad) < 1e-3, f"{what} input grad {_rel(x.grad, x64.grad):.2e}"
+    assert rel_err(x.grad, x64.grad) < 1e-3, f"{what} input grad {rel_err(x.grad, x64.grad):.2e}"
     for (name, p), (_, q) in zip(plain.named_parameters(), model[0].named_parameters()):
-        assert _rel(q.grad, p.grad) < 1e-3, f"{what} grad {name}: {_rel(q.grad, p.grad):.2e}"
+        assert rel_err(q.grad, p.grad) < 1e-3, f"{what} grad {name}: {rel_err(q.grad, p.grad):.2e}"
 
 
 @pytest.mark.parametrize("conv_impl", ["triton", "cudnn", "auto"], indirect=True)
@@ -132,13 +128,13 @@ def test_block_trains_and_evaluates_like_float64(case, conv_impl, kernel_device)
         _compare_step(plain, model, x64, x, plain(x64), model(x), f"train step {step}")
         for (name, b), (_, c) in zip(plain.named_buffers(), model[0].named_buffers()):
             if b.is_floating_point():
-                assert _rel(c, b) < 1e-5, f"step {step} buffer {name}: {_rel(c, b):.2e}"
+                assert rel_err(c, b) < 1e-5, f"step {step} buffer {name}: {rel_err(c, b):.2e}"
             else:
                 assert int(c.cpu()) == int(b), name
         opt_p.step()
         opt_f.step()
     for (name, p), (_, q) in zip(plain.named_parameters(), model[0].named_parameters()):
-        assert _rel(q, p) < 1e-4, f"weight {name} after {STEPS} steps: {_rel(q, p):.2e}"
+        assert rel_err(q, p) < 1e-4, f"weight {name} after {STEPS} steps: {rel_err(q, p):.2e}"
     _check_impls(model, convs, ("conv_bn_stats", "conv_bn_stats_backward"), STEPS * len(convs), conv_impl)
     st = resnet_fast.stats()
     assert st["kernel_calls"]["block_train"] == STEPS and not st["fallbacks"], st
@@ -328,7 +324,7 @@ def test_timed_choice_is_not_counted_and_reuses_the_winners_output(monkeypatch, 
     assert order == ["cudnn"] and torch.equal(y2, y)
     monkeypatch.setenv("RESNET_FAST_CONV_IMPL", "triton")
     y_t, mean_t, invstd_t = resnet_fast.ops.conv_bn_stats(x, w, in_scale, in_shift, stride=1, padding=1)
-    assert _rel(y, y_t) < 2e-5 and _rel(mean, mean_t) < 1e-5 and _rel(invstd, invstd_t) < 1e-5
+    assert rel_err(y, y_t) < 2e-5 and rel_err(mean, mean_t) < 1e-5 and rel_err(invstd, invstd_t) < 1e-5
     assert resnet_fast.stats()["impl_calls"]["conv_bn_stats"] == {"cudnn": 2, "triton": 1}
 
 
