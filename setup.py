@@ -29,7 +29,8 @@ if cuda:
     ext = CUDAExtension(**kwargs, extra_compile_args={"cxx": cfg.cxx_flags(), "nvcc": cfg.nvcc_flags()})
 else:
     ext = CppExtension(**kwargs, extra_compile_args={"cxx": cfg.cxx_flags()})
-print(f"resnet_fast: building {cfg.EXT_NAME} ({'CUDA + CPU' if cuda else 'CPU only'}) from {', '.join(cfg.sources(cuda))}")
+print(f"resnet_fast: building {cfg.EXT_NAME} ({'CUDA + CPU' if cuda else 'CPU only'}) "
+      f"from {', '.join(cfg.sources(cuda))}")
 
 # Two compile jobs by default keep a 2-core machine responsive; MAX_JOBS overrides (torch reads it).
 os.environ.setdefault("MAX_JOBS", str(max(1, min(4, os.cpu_count() or 1))))

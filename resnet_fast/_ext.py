@@ -42,7 +42,7 @@ def ops_registered() -> bool:
     import torch
 
     try:
-        torch.ops.resnet_fast.bn_add_relu.default
+        _ = torch.ops.resnet_fast.bn_add_relu.default  # raises when the op is not registered
     except (AttributeError, RuntimeError):
         return False
     return True

@@ -1,5 +1,4 @@
 """Build configuration and the extension loader (resnet_fast._build_config, resnet_fast._ext, setup.py)."""
-import importlib.util
 import os
 import subprocess
 import sys

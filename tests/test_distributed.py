@@ -8,7 +8,6 @@
 
 One spawn runs both (process start-up dominates the cost).
 """
-import os
 
 import pytest
 import torch
@@ -70,7 +69,7 @@ def _check_ddp(rank):
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
     gen = torch.Generator().manual_seed(2)
-    for step in range(2):
+    for _ in range(2):
         x = torch.randn(2 * WORLD, 3, 8, 8, generator=gen)
         target = torch.randint(0, 5, (2 * WORLD,), generator=gen)
         opt.zero_grad()

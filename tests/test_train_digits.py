@@ -8,7 +8,6 @@ import sys
 
 import pytest
 
-import resnet_fast
 
 SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "train_digits.py"
 

@@ -16,7 +16,6 @@ def copy_gbps(nbytes: int = 1 << 30, repeats: int = 20) -> float:
     src = torch.randn(n, device="cuda", dtype=torch.bfloat16)
     dst = torch.empty_like(src)
     t = measure(lambda i: dst.copy_(src), warmup=3, repeats=repeats)
-    del src, dst
     return 2 * nbytes / (t.median * 1e-3) / 1e9
 
 
@@ -26,7 +25,6 @@ def bf16_tflops(n: int = 8192, repeats: int = 20) -> float:
     b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     c = torch.empty(n, n, device="cuda", dtype=torch.bfloat16)
     t = measure(lambda i: torch.mm(a, b, out=c), warmup=3, repeats=repeats)
-    del a, b, c
     return 2 * n ** 3 / (t.median * 1e-3) / 1e12
 
 

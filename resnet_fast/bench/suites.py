@@ -7,6 +7,7 @@ buffers are cycled so L2 does not serve the next repeat, and every row of a case
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -178,7 +179,7 @@ def block_jobs(cfg: Config) -> Iterator:
                             flops=(3 if mode == "train" else 1) * shape.flops(cfg.batch),
                             nbytes=None if mode == "train" else (x_el + y_el + w_el) * esize,
                             extra={"count": count})
-                make_rf = (lambda s=shape, r=ref: impls.rf_block(s, r))
+                make_rf = functools.partial(impls.rf_block, shape, ref)
                 shape_in = (cfg.batch, shape.inplanes, shape.h, shape.w)
                 shape_out = (cfg.batch, shape.out_channels, ho, wo)
                 yield case, impl, _module_build(cfg, ref, make_rf, mode, impl, shape_in, shape_out), \
@@ -195,7 +196,7 @@ def model_jobs(cfg: Config) -> Iterator:
                     flops=(3 if mode == "train" else 1) * shapes.model_flops(cfg.model, cfg.batch,
                                                                              cfg.resolution),
                     nbytes=None, extra={})
-        make_rf = (lambda r=ref: impls.rf_model(cfg.model, r))
+        make_rf = functools.partial(impls.rf_model, cfg.model, ref)
         shape_in = (cfg.batch, 3, cfg.resolution, cfg.resolution)
         yield case, impl, _module_build(cfg, ref, make_rf, mode, impl, shape_in, None, whole_model=True), \
             _estimate("model", impl)
