@@ -39,7 +39,7 @@ def test_a_few_steps_on_cpu(tmp_path, eager_backend):
 
 
 def test_a_few_steps_on_the_kernels(tmp_path, triton_backend):
-    """The issue's CPU check: the converted resnet20 trains on the fused kernels (interpreter, fp32) and its
+    """On the CPU: the converted resnet20 trains on the fused kernels (interpreter, fp32) and its
     losses follow the eager reference's. Tiny (batch 2, 2 steps): ~1 min per step in the interpreter."""
     saved = _run(tmp_path, "--steps", "2", "--batch-size", "2", "--test-limit", "2")
     assert len(saved["curves"]["fused"]["train_loss"]) == 2

@@ -7,8 +7,10 @@ Document schema (``benchmarks/results/<date>-<gpu>.json``)::
      "results": [{"suite", "model", "name", "mode", "dtype", "batch", "impl",
                   "ms", "tflops", "gbps", "peak_mem_MB", ...extra: status, spread, warmup_s, speedup, ...}]}
 
-``ms`` is the median; it (and the rates) are null when the row's ``status`` is not ``"ok"``. A GPU run adds
-``"autotune"``: what the kernels' autotuner measured in the run (``configs.tuning_report()``).
+``ms`` is the median; it (and the rates) are null when the row's ``status`` is not ``"ok"``. GB/s uses compulsory
+traffic only (op fwd 3N, bwd 5N elements; conv x+w+y, x3 in training; block eval x+y+weights; none for block
+training and models). A GPU run adds ``"autotune"``: what the kernels' autotuner measured in the run
+(``tuning_report()``: per key every candidate's time, the winner, failures; per conv the Triton and cuDNN times).
 """
 from __future__ import annotations
 
