@@ -305,7 +305,7 @@ def _conv_wgrad_kernel(
         if PACKED:  # each column has its own tap: the bounds per element, unsigned (one compare per side)
             hc = (h[:, None] + h_col[None, :]).to(tl.uint32, bitcast=True)
             wc = (w[:, None] + w_col[None, :]).to(tl.uint32, bitcast=True)
-            b_mask = (j_ok[:, None] & c_ok[None, :]) & (hc < H.to(tl.uint32)) & (wc < W.to(tl.uint32))
+            b_mask = (j_ok[:, None] & c_ok[None, :]) & (hc < H) & (wc < W)  # unsigned compares (uint32 wins)
         else:
             row_ok = j_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
             b_mask = row_ok[:, None] & c_ok[None, :]
