@@ -43,7 +43,10 @@ pixel (and weight tap) stride a multiple of 16 elements -- every ResNet layer wi
 kernel then drops the channel masks and asserts 16-element alignment of every row start (``tl.multiple_of``):
 the dy, y and weight tiles load as 16-byte vectors through cp.async and the loop is software-pipelined
 (2 tiles in flight at ``num_stages=3``), with the operand pointers built once and moved by one scalar per step.
-Otherwise the masked general path runs, at the 64×32 config only (see :data:`DGRAD_CONFIGS`).
+``EPI_ALIGNED`` is the same for the epilogue (dx, y_prev, the [C] vectors): equal to ALIGNED except on the
+narrow-channel path (C/groups < 16, the stem; :data:`NARROW_CONFIG`), where the weight is repacked into 16
+zero-padded channels so the K-loop is ALIGNED while the epilogue masks the channels. Otherwise the masked
+general path runs, at the 64×32 config only (see :data:`DGRAD_CONFIGS`).
 
 Known costs (sm_90 SASS, :mod:`.cost_report`): with ``dy_bn`` every step transforms its A tile element by element
 (about 6 instructions per element, then a shared-memory round trip into the register-A wgmma layout), so the
