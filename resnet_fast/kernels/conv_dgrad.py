@@ -62,7 +62,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import ConvConfig, checked_candidates, choose, conv_allows_tf32, for_dtype
+from .autotune import choose
+from .configs import ConvConfig, checked_candidates, conv_allows_tf32, for_dtype
 from .checks import check_tensor, check_vector
 from .conv_common import (ConvGeometry, DyBN, check_dy_bn, check_operand_dtype, ordered_signature, rows_aligned,
                           swizzle_pid)
@@ -75,14 +76,17 @@ _TL = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 # Every config the launcher may pick (autotuned among those that fit the shape); compile_specs covers each of
 # them (ALIGNED, every variant and dtype; the masked general path at the last, 64x32 config only).
 # (BLOCK_M rows of dx, BLOCK_N input channels, BLOCK_K output channels per MMA step; GROUP_M unused).
-# The first that fits the shape is the untuned default: the widest channel tile, because the dy_bn transform
-# of the A tile (per element, every step) is amortised over BLOCK_N (sm_90 issue ratio of the dy_bn loop: 4.2 at
-# 128x64, 2.1 at 128x128, 1.07 at 128x256). 128-row tiles need 8 warps (at 4 ptxas spills on sm_90); 128x256
-# needs ~248 registers with 16-bit operands and no dReLU/dBN epilogue, and spills otherwise (:func:`_wide_ok`);
-# the aligned fused 128x128 tile needs ~243. The masked general path of the wider tiles reaches 255 registers when
-# fused (one load and one 64-bit address per element), so unaligned shapes take 64x32.
-DGRAD_CONFIGS = (ConvConfig(128, 256, 32, 8, 8, 3), ConvConfig(128, 128, 32, 8, 8, 3),
-                 ConvConfig(128, 64, 32, 8, 8, 3), ConvConfig(64, 64, 32, 8, 4, 3), ConvConfig(64, 32, 32, 8, 4, 3))
+# The first allowed one that fits the shape is the untuned default. With dy_bn every step transforms its A tile
+# element by element, so the sm_90 issue-to-MMA ratio falls with BLOCK_N (the transform is amortised over it)
+# and with the MMA per step (the rest of the loop): dy_bn 1.07 at 128x256x32 w8, 1.79 at 64x128x64 w4, 3.56 at
+# 64x64x64 w4 (2.10 at 128x128x32, 4.17 at 128x64x32); with the dReLU/dBN epilogue 1.20 at 64x256x64 w8 (128x256
+# spills there). 128-row tiles need 8 warps (at 4 ptxas spills on sm_90). The 256-wide tiles need 223-250
+# registers with 16-bit operands and spill with tf32 (:func:`_wide_ok`). The masked general path of the wider
+# tiles reaches 255 registers when fused (one load and one 64-bit address per element), so unaligned shapes
+# take 64x32.
+DGRAD_CONFIGS = (ConvConfig(128, 256, 32, 8, 8, 3), ConvConfig(64, 256, 64, 8, 8, 3),
+                 ConvConfig(64, 128, 64, 8, 4, 3), ConvConfig(128, 128, 32, 8, 8, 3),
+                 ConvConfig(64, 64, 64, 8, 4, 3), ConvConfig(128, 64, 32, 8, 8, 3), ConvConfig(64, 32, 32, 8, 4, 3))
 _GENERAL_CONFIG = DGRAD_CONFIGS[-1]  # the one config whose masked general path is compile-checked
 # The narrow-channel path (C/groups < 16, the stem's C = 3) when dy is aligned: the weight is repacked once per
 # call into [K, R, S, 16] zero-padded channels (:func:`_pack_narrow_weight`, as the forward packs its weights),
@@ -93,8 +97,8 @@ NARROW_CONFIG = ConvConfig(128, 16, 64, 8, 4, 3)
 
 def _wide_ok(base: ConvConfig, dtype: torch.dtype, epilogue: bool) -> bool:
     """Whether config ``base`` may launch (and is compile-checked) for operands of ``dtype`` with or without the
-    epilogue: the 256-wide channel tile only with 16-bit operands and without the epilogue."""
-    return base.BLOCK_N <= 128 or (dtype != torch.float32 and not epilogue)
+    epilogue: the 256-wide channel tiles only with 16-bit operands, and with the epilogue only 64 rows wide."""
+    return base.BLOCK_N <= 128 or (dtype != torch.float32 and (not epilogue or base.BLOCK_M <= 64))
 
 
 def _narrow(g: ConvGeometry, cfg: ConvConfig, dy: torch.Tensor) -> bool:
@@ -248,10 +252,10 @@ def _conv_dgrad_kernel(
     mu_ptrs = mu_ptr + k_base + offs_kk
     # per step a row reads output pixel (ih + dp, iw + dq): valid when both are in [0, P) x [0, Q), one unsigned
     # compare each; rows past the tile's end get ih = P + 2**20 so that compare fails too (|dp| < 2**20)
+    # (P and Q stay plain scalars: the launcher may specialise a size of 1 to a constexpr, which has no .to; a
+    # uint32 tensor compared with an int32 scalar compares unsigned)
     ih_u = tl.where(row_ok, ih, P + (1 << 20)).to(tl.uint32)
     iw_u = iw.to(tl.uint32)
-    P_u = P.to(tl.uint32)
-    Q_u = Q.to(tl.uint32)
     k_iters = tl.cdiv(Kg, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     dp = dp0
@@ -260,7 +264,7 @@ def _conv_dgrad_kernel(
     j = 0
     k0 = 0
     for _ in range(0, nr * ns * k_iters):
-        a_row_ok = (ih_u + dp.to(tl.uint32) < P_u) & (iw_u + dq.to(tl.uint32) < Q_u)
+        a_row_ok = (ih_u + dp.to(tl.uint32) < P) & (iw_u + dq.to(tl.uint32) < Q)
         a_step = dp * sdy_h + dq * sdy_w + k0 * sdy_c
         w_step = k0 * sw_k + w_tap
         if ALIGNED:  # every pixel's channel vector starts 16-element aligned; every k of the block exists
@@ -442,7 +446,7 @@ def conv2d_dgrad_nhwc(grad_out: torch.Tensor, weight: torch.Tensor, x_shape, *, 
         dy_bn: a :class:`DyBN` (or 5-tuple): form ``dy = c1*dz + c2*(y - mean) + c3`` while loading grad_out.
         dy_relu: with dy_bn, mask first: ``dy = c1*(dz where y > 0) + c2*(y - mean) + c3`` (y a ReLU's output).
         allow_tf32: fp32 inputs use TF32 MMAs (default :func:`configs.conv_allows_tf32`, PyTorch's rule).
-        config: tile config; default :func:`configs.choose` ("conv_dgrad": pinned, interpreter, autotuned among
+        config: tile config; default :func:`autotune.choose` ("conv_dgrad": pinned, interpreter, autotuned among
             the compile-checked candidates for the shape, or the first of them with tuning off).
 
     Returns:
