@@ -63,7 +63,8 @@ import triton
 import triton.language as tl
 
 from .checks import FLOAT_DTYPES, check_tensor, check_vector
-from .configs import ConvConfig, checked_candidates, choose, conv_allows_tf32, for_dtype
+from .autotune import choose
+from .configs import ConvConfig, checked_candidates, conv_allows_tf32, for_dtype
 from .conv_common import (CHANNEL_PAD, ConvGeometry, DyBN, check_dy_bn, check_operand_dtype, ordered_signature,
                           rows_aligned, rows_to_npq)
 from .conv_dgrad import dy_on_load
@@ -80,20 +81,21 @@ _NUM_SMS, _CLOCK_HZ, _FMA_PER_CLK, _HBM_BYTES_PER_S, _ISSUE_RATIO = 132, 1.83e9,
 # 254 registers and 128 KB, 1 CTA; its sums variant 119 registers and 96 KB, 2; 64x64 w4 plain 78, dy_bn
 # 136-146, fused 178 registers); a tile not listed counts 1.
 _CTAS_PER_SM = {(128, 128, 8): (2, 1, 1), (128, 64, 8): (2, 1, 1), (64, 64, 4): (4, 3, 2), (64, 32, 4): (4, 2, 2),
-                (64, 128, 8): (1, 1, 1)}
+                (64, 128, 4): (3, 2, 2), (64, 128, 8): (1, 1, 1)}
 
 
 # Every config the launcher may pick; compile_specs covers each of them (16-bit and fp32 via for_dtype, every
 # variant, ALIGNED; the general path at the last, 64x32 config only).
 # (BLOCK_M output channels, BLOCK_N input channels of one tap, BLOCK_K pixels per MMA step; GROUP_M unused)
 # Register use on sm_90 is dominated by the operand loads: aligned (16-byte vectors, cp.async, 3 stages) the
-# fused 128x128 w8 tile needs ~234 registers and 64x64 w4 ~141, no spills; the masked general path of those
-# two tiles issues one load (and one 64-bit address) per element and spills at 255 registers when fused, so
-# unaligned shapes run the 64x32 tile, whose general path fits.
-# Autotuned among those that fit the shape; the default is 128x128 when both channel counts reach 128, else
-# 64x64. (64x128 w4 was tried: its fused bf16 variant spills 4 bytes.)
+# fused 128x128 w8 tile needs ~235 registers, 64x64 w4 ~175 and 64x128 w4 255 (no spills); the masked general
+# path of the large tiles issues one load (and one 64-bit address) per element and spills at 255 registers when
+# fused, so unaligned shapes run the 64x32 tile, whose general path fits.
+# Autotuned among those that fit the shape; the default is 128x128 when both channel counts reach 128, 128x64
+# when only K/groups does, 64x128 when only C/groups does (the wider side halves the other operand's transform
+# work per MMA cycle), else 64x64.
 WGRAD_CONFIGS = (ConvConfig(64, 64, 64, 8, 4, 3), ConvConfig(128, 128, 64, 8, 8, 3),
-                 ConvConfig(128, 64, 64, 8, 8, 3), ConvConfig(64, 32, 64, 8, 4, 3))
+                 ConvConfig(128, 64, 64, 8, 8, 3), ConvConfig(64, 128, 64, 8, 4, 3), ConvConfig(64, 32, 64, 8, 4, 3))
 _GENERAL_CONFIG = WGRAD_CONFIGS[-1]  # the one config whose masked general path is compile-checked
 # The PACKED path's config (the stem: 7·7·3 = 147 (r, s, c) columns in one 256-wide N tile, K = 64 in one M tile):
 # one program per chunk reads each dy tile once for every tap.
@@ -107,9 +109,10 @@ def _aligned(g: ConvGeometry, cfg: ConvConfig, dy: torch.Tensor, x: torch.Tensor
 
 
 def _candidates(g: ConvGeometry, dy: torch.Tensor, x: torch.Tensor) -> tuple:
-    """(candidates for ``dy``'s dtype, the untuned default): the configs whose path for this shape (ALIGNED or
-    the masked general one) is compile-checked; C/groups <= 32 takes the general config. The default is the
-    128x128 tile when both channel counts reach 128, else 64x64, where a candidate; else the first candidate."""
+    """(candidates for ``dy``'s dtype, the untuned default): the PACKED config alone where :func:`_packed`;
+    else the configs whose path for this shape (ALIGNED or the masked general one) is compile-checked; C/groups
+    <= 32 takes the general config. The default is the 128x128 tile when both channel counts reach 128, 128x64 or
+    64x128 when one does, else 64x64, where a candidate; else the first candidate."""
     general = for_dtype(_GENERAL_CONFIG, dy.dtype)
     packed = for_dtype(_PACKED_CONFIG, dy.dtype)
     if _packed(g, packed, dy, x):
@@ -120,7 +123,7 @@ def _candidates(g: ConvGeometry, dy: torch.Tensor, x: torch.Tensor) -> tuple:
     cands = checked_candidates(WGRAD_CONFIGS, general, dy.dtype, lambda c: _aligned(g, c, dy, x), g.Kg, g.Cg,
                                g.N * g.P * g.Q)
     want = for_dtype(WGRAD_CONFIGS[1] if min(g.Cg, g.Kg) >= 128 else WGRAD_CONFIGS[2] if g.Kg >= 128
-                     else WGRAD_CONFIGS[0], dy.dtype)
+                     else WGRAD_CONFIGS[3] if g.Cg >= 128 else WGRAD_CONFIGS[0], dy.dtype)
     return tuple(cands), want if want in cands else cands[0]
 
 
@@ -479,7 +482,7 @@ def conv2d_wgrad_nhwc(grad_out: torch.Tensor, x: torch.Tensor, weight_shape, *, 
             result up to fp32 summation order; a given value is bit-reproducible.
         out_dtype: dtype of dW (float32 default: the master-weight gradient under mixed precision).
         allow_tf32: fp32 inputs use TF32 MMAs (default :func:`configs.conv_allows_tf32`, PyTorch's rule).
-        config: tile config; default :func:`configs.choose` ("conv_wgrad": pinned, interpreter, autotuned among
+        config: tile config; default :func:`autotune.choose` ("conv_wgrad": pinned, interpreter, autotuned among
             the compile-checked candidates for the shape, each with its :func:`pick_split` unless ``split`` is
             given, or the heuristic default with tuning off).
 
