@@ -393,6 +393,30 @@ def test_wgrad_packed_stem(kernel_device, triton_backend, monkeypatch, dtype, x_
     assert taken and all(taken)
 
 
+@pytest.mark.parametrize("family,dtype,tf32", [("aligned3x3s2", torch.float16, False),
+                                               ("aligned1x1s1", torch.float16, False),
+                                               ("aligned3x3s2", torch.float32, True)])
+@pytest.mark.parametrize("idx64", [False, True])
+def test_wgrad_carried_pixels(kernel_device, triton_backend, monkeypatch, family, dtype, tf32, idx64):
+    # the ALIGNED path advances (n, p, q) by carries (not under IEEE fp32): BLOCK_K = 32 pixels over images of 6
+    # to 12 pixels carries into n several times a step; split 1 and 3 (chunks start mid-image); int32 and int64
+    import resnet_fast.kernels.conv_wgrad as wg
+    if idx64:
+        monkeypatch.setattr(wg, "_needs_int64", lambda *a: True)
+    x64, w64, dy64, x, _, dy, conv = _case(family, dtype, kernel_device, seed=31)
+    assert wg._aligned(ConvGeometry_of(x, w64.shape, conv), WCFG, dy, x)
+    ref = conv2d_weight(x64, w64.shape, dy64, **conv)
+    tol = 5e-3 if tf32 else TOL[dtype]
+    for split in (1, 3):
+        out = conv2d_wgrad_nhwc(dy, x, w64.shape, **conv, split=split, allow_tf32=tf32, config=WCFG)
+        assert _rel(out.cpu(), ref) < tol, split
+
+
+def ConvGeometry_of(x, w_shape, conv):  # noqa: N802
+    from resnet_fast.kernels.conv_common import ConvGeometry
+    return ConvGeometry.make(x.shape, w_shape, conv["stride"], conv["padding"], conv["dilation"], conv["groups"])
+
+
 def test_wgrad_path_switches():
     # PACKED only where C/groups < 16 and dy is aligned; int64 offsets only where an int32 one could overflow
     # (every ResNet-50 layer at batch 256 stays int32)
@@ -523,15 +547,40 @@ def test_backward_tuning_candidates_are_compile_checked(shape, dtype, ieee, layo
             assert key in _checked(wg), f"wgrad candidate {c} not compile-checked as {key}"
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("cin", [3, 64, 128, 256, 512])
+def test_dgrad_candidates_are_compile_checked_per_variant(cin, dtype):
+    # Each dgrad candidate, for the variant it launches (with or without the dReLU/dBN epilogue, which the
+    # 128x256 tile cannot hold), is a compile-checked spec of that variant and path.
+    import resnet_fast.kernels.conv_dgrad as dg
+    from resnet_fast.kernels.conv_common import ConvGeometry
+    ptr = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}[dtype]
+    g = ConvGeometry.make((8, cin, 14, 14), (64, cin, 3, 3), 1, 1)
+    x = torch.empty(8, cin, 14, 14, dtype=dtype).contiguous(memory_format=CL)
+    dy = torch.empty(8, 64, 14, 14, dtype=dtype).contiguous(memory_format=CL)
+    w = torch.empty(64, cin, 3, 3, dtype=dtype).contiguous(memory_format=CL)
+    checked = {(cx["BLOCK_M"], cx["BLOCK_N"], cx["BLOCK_K"], opts["num_warps"], sig["dy_ptr"], cx["ALIGNED"],
+                cx["EPI_ALIGNED"], cx["EPI"]) for _fn, sig, cx, opts, *_ in dg.compile_specs() if not cx["DOT_IEEE"]}
+    for epilogue in (False, True):
+        cands, default = dg._candidates(g, dy, w, (x, x), False, epilogue)
+        assert default == cands[0]
+        for c in cands:
+            key = (c.BLOCK_M, c.BLOCK_N, c.BLOCK_K, c.num_warps, ptr, dg._aligned(g, c, dy, w, (x, x)),
+                   dg._epi_aligned(g, c, dy, w, (x, x)), epilogue)
+            assert key in checked, f"dgrad candidate {c} (epilogue={epilogue}) not compile-checked as {key}"
+        if epilogue:
+            assert all(c.BLOCK_M * c.BLOCK_N <= 64 * 256 for c in cands)
+
+
 def test_pinned_backward_configs_reach_the_launchers(kernel_device, triton_backend, monkeypatch):
     import resnet_fast.kernels.conv_wgrad as wg
-    from resnet_fast.kernels import configs
+    from resnet_fast.kernels import autotune
     _, w64, _, x, w, dy, conv = _case("3x3s2", torch.float32, kernel_device)
     sc, sh, mu = (torch.rand(x.shape[1], device=kernel_device) + 0.5 for _ in range(3))
     seen = []
     real = wg.pick_split
     monkeypatch.setattr(wg, "pick_split", lambda g, cfg, **k: seen.append(cfg) or real(g, cfg, **k))
-    with configs.pinned_config("conv_dgrad", DCFG), configs.pinned_config("conv_wgrad", WCFG):
+    with autotune.pinned_config("conv_dgrad", DCFG), autotune.pinned_config("conv_wgrad", WCFG):
         _, part = conv2d_dgrad_nhwc(dy, w, x.shape, **conv, y_prev=x, in_scale=sc, in_shift=sh, in_centre=mu,
                                     allow_tf32=False)
         conv2d_wgrad_nhwc(dy, x, w64.shape, **conv, allow_tf32=False)
