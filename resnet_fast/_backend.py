@@ -12,7 +12,7 @@ shape the kernels do not cover) it goes through :func:`record_fallback`: logged 
 counted always, and visible in :func:`stats`. Nothing falls back silently.
 
 Which implementation computed each conv (the Triton kernels, the cuDNN composite or one of its fused forms, see
-:func:`resnet_fast.kernels.configs.choose_impl`) is counted per role in ``stats()["impl_calls"]`` and, for a
+:func:`resnet_fast.kernels.autotune.choose_impl`) is counted per role in ``stats()["impl_calls"]`` and, for a
 conv called inside :func:`conv_owner` (the fused modules name their ``nn.Conv2d``), recorded per module for
 :func:`resnet_fast.conv_implementations`. Timing runs are not counted (:func:`counting_paused`).
 """

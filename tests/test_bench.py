@@ -11,7 +11,7 @@ from torch import nn
 
 from resnet_fast.bench import reference, report, runner, shapes, timing
 from resnet_fast.bench.suites import Config, count_jobs, run_suites
-from resnet_fast.kernels import configs as cfgs
+from resnet_fast.kernels import tuning_table
 from resnet_fast.kernels.conv_common import ConvGeometry
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -160,7 +160,7 @@ def test_markdown_shows_what_the_autotuner_measured():
     """The report's autotune table: winner, best pointer-path vs best TMA-twin time per key, failures."""
     doc = _doc()
     g = ConvGeometry.make((256, 256, 56, 56), (64, 256, 1, 1))
-    key = cfgs.tuning_key("conv_fwd", g, torch.bfloat16, torch.device("cpu"), False, True)  # the real layout
+    key = tuning_table.tuning_key("conv_fwd", g, torch.bfloat16, torch.device("cpu"), False, True)  # the real layout
     doc["autotune"] = {key: {
         "winner": "m128n128k64g8w8s3-tma",
         "ms": {"m128n128k64g8w8s3": 0.25, "m128n64k64g8w4s4": 0.3, "m128n128k64g8w8s3-tma": 0.2},

@@ -574,13 +574,13 @@ def test_dgrad_candidates_are_compile_checked_per_variant(cin, dtype):
 
 def test_pinned_backward_configs_reach_the_launchers(kernel_device, triton_backend, monkeypatch):
     import resnet_fast.kernels.conv_wgrad as wg
-    from resnet_fast.kernels import configs
+    from resnet_fast.kernels import autotune
     _, w64, _, x, w, dy, conv = _case("3x3s2", torch.float32, kernel_device)
     sc, sh, mu = (torch.rand(x.shape[1], device=kernel_device) + 0.5 for _ in range(3))
     seen = []
     real = wg.pick_split
     monkeypatch.setattr(wg, "pick_split", lambda g, cfg, **k: seen.append(cfg) or real(g, cfg, **k))
-    with configs.pinned_config("conv_dgrad", DCFG), configs.pinned_config("conv_wgrad", WCFG):
+    with autotune.pinned_config("conv_dgrad", DCFG), autotune.pinned_config("conv_wgrad", WCFG):
         _, part = conv2d_dgrad_nhwc(dy, w, x.shape, **conv, y_prev=x, in_scale=sc, in_shift=sh, in_centre=mu,
                                     allow_tf32=False)
         conv2d_wgrad_nhwc(dy, x, w64.shape, **conv, allow_tf32=False)

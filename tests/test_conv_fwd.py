@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import resnet_fast
+from resnet_fast.kernels import autotune, conv_fwd, tuning_table
 from resnet_fast.kernels import configs as cfgs
-from resnet_fast.kernels import conv_fwd
 from resnet_fast.kernels.bn_finalize import bn_finalize
 from resnet_fast.kernels.configs import ConvConfig
 from resnet_fast.kernels.conv_common import ConvGeometry
@@ -280,7 +280,7 @@ def test_tma_twins_are_tuning_candidates_never_the_default(monkeypatch, tma_devi
     def spy(op, geometry, dtype, device, candidates, flags, launch, default):
         seen.append((candidates, flags, default))
         return cfgs.INTERPRETER_CONFIG
-    monkeypatch.setattr(cfgs, "choose", spy)
+    monkeypatch.setattr(autotune, "choose", spy)
     for R in (1, 3):
         x, w, _ = make(4, 64, 6, 6, 128, R, R, 1, torch.float16, tma_device)  # wide enough for 128x128 tiles
         geo = ConvGeometry.make(x.shape, w.shape, padding=R // 2)
@@ -418,33 +418,33 @@ def test_choose_honours_a_pin_for_its_op_only():
     def never(cfg):
         raise AssertionError("launched")
     args = (g, torch.float32, cpu, [SMALL], (), never, SMALL)
-    with cfgs.pinned_config("conv_dgrad", SMALL):
-        assert cfgs.choose("conv_dgrad", *args) == SMALL
-        assert cfgs.choose("conv_fwd", *args) == cfgs.INTERPRETER_CONFIG  # off the GPU: never tuned
-    assert cfgs.choose("conv_dgrad", *args) == cfgs.INTERPRETER_CONFIG  # the pin ended with its block
+    with autotune.pinned_config("conv_dgrad", SMALL):
+        assert autotune.choose("conv_dgrad", *args) == SMALL
+        assert autotune.choose("conv_fwd", *args) == cfgs.INTERPRETER_CONFIG  # off the GPU: never tuned
+    assert autotune.choose("conv_dgrad", *args) == cfgs.INTERPRETER_CONFIG  # the pin ended with its block
 
 
 def test_autotuner_persists_winners(tmp_path, monkeypatch):
     monkeypatch.setenv("RESNET_FAST_CACHE_DIR", str(tmp_path))
     g32 = ConvGeometry.make((32, 64, 56, 56), (64, 64, 3, 3), 1, 1)
     g48 = ConvGeometry.make((48, 64, 56, 56), (64, 64, 3, 3), 1, 1)
-    key = cfgs.tuning_key("conv_fwd", g32, torch.float16, torch.device("cpu"))
-    assert key == cfgs.tuning_key("conv_fwd", g48, torch.float16, torch.device("cpu"))  # same bucket
+    key = tuning_table.tuning_key("conv_fwd", g32, torch.float16, torch.device("cpu"))
+    assert key == tuning_table.tuning_key("conv_fwd", g48, torch.float16, torch.device("cpu"))  # same bucket
     g_other = ConvGeometry.make((32, 128, 56, 56), (64, 128, 3, 3), 1, 1)
-    assert key != cfgs.tuning_key("conv_fwd", g_other, torch.float16, torch.device("cpu"))
+    assert key != tuning_table.tuning_key("conv_fwd", g_other, torch.float16, torch.device("cpu"))
     cands = cfgs.prune(cfgs.fwd_configs(torch.float16), g32.M, g32.Kg, g32.Cg_pad, torch.float16)
     assert len(cands) > 1
     times = {c: 1.0 + i for i, c in enumerate(cands)}
     best = cands[-1]
     times[best] = 0.1
     calls = []
-    tuner = cfgs.Autotuner()
+    tuner = autotune.Autotuner()
     win = tuner.pick(key, cands, lambda c: calls.append(c) or times[c])
     assert win == best and len(calls) == len(cands)
     assert tuner.measured[key] == {"winner": best.name(), "ms": {c.name(): times[c] for c in cands}, "failed": {}}
-    saved = json.loads(open(cfgs.cache_path()).read())
+    saved = json.loads(open(tuning_table.cache_path()).read())
     assert ConvConfig(**saved[key]) == best
-    fresh = cfgs.Autotuner()  # a "second process": reads the file, never benchmarks
+    fresh = autotune.Autotuner()  # a "second process": reads the file, never benchmarks
 
     def no_bench(c):
         raise AssertionError("retuned")
@@ -453,9 +453,9 @@ def test_autotuner_persists_winners(tmp_path, monkeypatch):
 
 def test_autotuner_reports_failing_candidates(tmp_path, monkeypatch, caplog):
     """A candidate that cannot run is skipped, but logged and kept in the tuning record (never silent); the
-    report reaches the benchmark through configs.tuning_report()."""
+    report reaches the benchmark through autotune.tuning_report()."""
     monkeypatch.setenv("RESNET_FAST_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(cfgs, "_TUNER", cfgs.Autotuner())
+    monkeypatch.setattr(autotune, "_TUNER", autotune.Autotuner())
     bad, good = SMALL_TMA, SMALL
 
     def bench(c):
@@ -463,10 +463,10 @@ def test_autotuner_reports_failing_candidates(tmp_path, monkeypatch, caplog):
             raise RuntimeError("out of resources")
         return 0.5
     with caplog.at_level("WARNING", logger="resnet_fast"):
-        assert cfgs._TUNER.pick("k", [bad, good], bench) == good
+        assert autotune._TUNER.pick("k", [bad, good], bench) == good
     assert "out of resources" in caplog.text and bad.name() in caplog.text
-    assert cfgs.tuning_report() == {"k": {"winner": good.name(), "ms": {good.name(): 0.5},
-                                          "failed": {bad.name(): "RuntimeError: out of resources"}}}
+    assert autotune.tuning_report() == {"k": {"winner": good.name(), "ms": {good.name(): 0.5},
+                                              "failed": {bad.name(): "RuntimeError: out of resources"}}}
 
 
 def test_fp32_is_ieee_unless_both_torch_switches_allow_tf32(monkeypatch):
@@ -590,14 +590,14 @@ def test_every_tma_twin_gpu(dtype):
 @pytest.mark.gpu
 def test_autotune_then_cache_hit_gpu(tmp_path, monkeypatch, triton_backend):
     monkeypatch.setenv("RESNET_FAST_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(cfgs, "_TUNER", cfgs.Autotuner())
+    monkeypatch.setattr(autotune, "_TUNER", autotune.Autotuner())
     x, w, _ = make(8, 64, 28, 28, 64, 3, 3, 1, torch.float16, "cuda")
     y = conv2d(x, w, padding=1)
     assert rel_err(y, reference(x, w, padding=1)) < TOL[torch.float16]
-    saved = json.loads(open(cfgs.cache_path()).read())
+    saved = json.loads(open(tuning_table.cache_path()).read())
     assert len(saved) == 1
-    monkeypatch.setattr(cfgs, "_TUNER", cfgs.Autotuner())  # a fresh process's view: reads the file
-    monkeypatch.setattr(cfgs.Autotuner, "pick", lambda *a: pytest.fail("retuned despite the disk cache"),
+    monkeypatch.setattr(autotune, "_TUNER", autotune.Autotuner())  # a fresh process's view: reads the file
+    monkeypatch.setattr(autotune.Autotuner, "pick", lambda *a: pytest.fail("retuned despite the disk cache"),
                         raising=True)
     x2 = torch.randn(12, 64, 28, 28, device="cuda", dtype=torch.float16)  # another batch, same bucket
     assert rel_err(conv2d(x2, w, padding=1), reference(x2, w, padding=1)) < TOL[torch.float16]

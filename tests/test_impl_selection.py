@@ -19,8 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 import resnet_fast
 from resnet_fast import _backend
 from resnet_fast import nn as rnn
-from resnet_fast.kernels import configs as cfgs
-from resnet_fast.kernels import conv_dgrad, conv_fwd, conv_wgrad
+from resnet_fast.kernels import autotune, conv_dgrad, conv_fwd, conv_wgrad, tuning_table
 from resnet_fast.nn import reference
 from resnet_fast.ops import _common, conv_cudnn
 from helpers import rel_err
@@ -139,7 +138,7 @@ def test_block_trains_and_evaluates_like_float64(case, conv_impl, kernel_device)
     st = resnet_fast.stats()
     assert st["kernel_calls"]["block_train"] == STEPS and not st["fallbacks"], st
     if conv_impl == "auto" and _backend.interpreting():  # decided without a key: nothing measured or remembered
-        assert not any(k.startswith("impl:") for k in cfgs.tuning_sources())
+        assert not any(k.startswith("impl:") for k in autotune.tuning_sources())
 
     # eval: folded BN on the inference op, its backward under autograd (frozen statistics)
     plain.eval()
@@ -285,7 +284,7 @@ def test_block_input_without_grad_runs_no_first_dgrad(conv_impl, monkeypatch, ke
 
 
 # ------------------------------------------------------------------------------------- the timed choice
-H200 = cfgs.DeviceIdentity("NVIDIA H200", (9, 0))
+H200 = tuning_table.DeviceIdentity("NVIDIA H200", (9, 0))
 
 
 def test_timed_choice_is_not_counted_and_reuses_the_winners_output(monkeypatch, tmp_path, kernel_device):
@@ -294,7 +293,7 @@ def test_timed_choice_is_not_counted_and_reuses_the_winners_output(monkeypatch, 
     monkeypatch.setenv("RESNET_FAST_BACKEND", "triton")
     monkeypatch.setenv("RESNET_FAST_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("RESNET_FAST_CONV_IMPL", raising=False)
-    monkeypatch.setattr(cfgs, "_TUNER", cfgs.Autotuner(table_dir=str(tmp_path / "tuned")))
+    monkeypatch.setattr(autotune, "_TUNER", autotune.Autotuner(table_dir=str(tmp_path / "tuned")))
     ms = {"triton": 2.0, "cudnn": 1.0}
     order = []
 
@@ -302,7 +301,7 @@ def test_timed_choice_is_not_counted_and_reuses_the_winners_output(monkeypatch, 
         fn()
         return ms[order[-1]]
     monkeypatch.setattr(_common, "choose_impl", functools.partial(
-        cfgs.choose_impl, identity=H200, interpreting=lambda: False, capturing=lambda: False,
+        autotune.choose_impl, identity=H200, interpreting=lambda: False, capturing=lambda: False,
         compiling=lambda: False, timer=timer))
     for name, mod, attr in (("cudnn", conv_cudnn, "conv_bn_stats"), ("triton", conv_fwd, "conv2d_nhwc")):
         real = getattr(mod, attr)
@@ -317,8 +316,8 @@ def test_timed_choice_is_not_counted_and_reuses_the_winners_output(monkeypatch, 
     assert order == ["triton", "triton", "cudnn", "cudnn"]  # untimed + timed each; the winner not run again
     st = resnet_fast.stats()
     assert st["impl_calls"] == {"conv_bn_stats": {"cudnn": 1}} and st["kernel_calls"] == {"conv_bn_stats": 1}
-    (key,) = [k for k in cfgs.tuning_report() if k.startswith("impl:conv_bn_stats|")]
-    assert cfgs.tuning_report()[key]["winner"] == "cudnn" and cfgs.tuning_sources()[key] == "tuned"
+    (key,) = [k for k in autotune.tuning_report() if k.startswith("impl:conv_bn_stats|")]
+    assert autotune.tuning_report()[key]["winner"] == "cudnn" and autotune.tuning_sources()[key] == "tuned"
     order.clear()
     y2, _, _ = resnet_fast.ops.conv_bn_stats(x, w, in_scale, in_shift, stride=1, padding=1)
     assert order == ["cudnn"] and torch.equal(y2, y)

@@ -1,6 +1,6 @@
 """The shipped tuning table (resnet_fast/kernels/tuning_table.py) and the autotuner's lookup order.
 
-No GPU here: the lookup runs with a made-up device identity (configs.DeviceIdentity) and injected
+No GPU here: the lookup runs with a made-up device identity (tuning_table.DeviceIdentity) and injected
 interpreting/capturing/compiling predicates and timer, never by mocking CUDA. Tables live in a temporary
 directory handed to a fresh Autotuner(table_dir=...), the cache file under RESNET_FAST_CACHE_DIR.
 """
@@ -15,9 +15,10 @@ import sys
 import pytest
 import torch
 
+from resnet_fast.kernels import autotune, tuning_table
 from resnet_fast.kernels import configs as cfgs
-from resnet_fast.kernels import tuning_table
-from resnet_fast.kernels.configs import ConvConfig, DeviceIdentity
+from resnet_fast.kernels.configs import ConvConfig
+from resnet_fast.kernels.tuning_table import DeviceIdentity
 from resnet_fast.kernels.conv_common import ConvGeometry
 
 H200 = DeviceIdentity("NVIDIA H200", (9, 0))
@@ -36,8 +37,8 @@ def tuner(tmp_path, monkeypatch):
     monkeypatch.setenv("RESNET_FAST_CACHE_DIR", str(tmp_path / "cache"))
     for var in ("RESNET_FAST_RETUNE", "RESNET_FAST_AUTOTUNE", "RESNET_FAST_CONV_IMPL"):
         monkeypatch.delenv(var, raising=False)
-    t = cfgs.Autotuner(table_dir=str(tmp_path / "tuned"))
-    monkeypatch.setattr(cfgs, "_TUNER", t)
+    t = autotune.Autotuner(table_dir=str(tmp_path / "tuned"))
+    monkeypatch.setattr(autotune, "_TUNER", t)
     return t
 
 
@@ -65,10 +66,10 @@ def never_time(fn):
 
 
 def choose(identity=H100, g=G, timer=never_time, launch=never_launch, **kw):
-    """configs.choose for a conv_fwd launch on a made-up GPU (by default nothing may launch or be timed)."""
+    """autotune.choose for a conv_fwd launch on a made-up GPU (by default nothing may launch or be timed)."""
     kw = {"interpreting": lambda: False, "capturing": lambda: False, "compiling": lambda: False, **kw}
-    return cfgs.choose("conv_fwd", g, DT, CPU, cands(g), FLAGS, launch, default(g), identity=identity,
-                       timer=timer, **kw)
+    return autotune.choose("conv_fwd", g, DT, CPU, cands(g), FLAGS, launch, default(g), identity=identity,
+                           timer=timer, **kw)
 
 
 def timing(fast):
@@ -82,14 +83,14 @@ def timing(fast):
 
 
 def key(identity=H200, g=G, op="conv_fwd", extra=FLAGS):
-    return cfgs.tuning_key(op, g, DT, CPU, *extra, identity=identity)
+    return tuning_table.tuning_key(op, g, DT, CPU, *extra, identity=identity)
 
 
 def write_table(tmp_path, entries: dict, arch="sm_90", **over) -> str:
     """A table file in the shipped format, from {tuning key: entry} (keys converted by table_key)."""
     doc = {"format": tuning_table.FORMAT, "version": tuning_table.VERSION, "arch": arch,
            "provenance": {"gpu": "NVIDIA H200"},
-           "entries": {cfgs.table_key(k).key: v for k, v in entries.items()}}
+           "entries": {tuning_table.table_key(k).key: v for k, v in entries.items()}}
     doc.update(over)
     path = tuning_table.table_path(arch, str(tmp_path / "tuned"))
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -99,7 +100,7 @@ def write_table(tmp_path, entries: dict, arch="sm_90", **over) -> str:
 
 
 def write_cache(entries: dict) -> None:
-    path = cfgs.cache_path()
+    path = tuning_table.cache_path()
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         json.dump(entries, f)
@@ -112,16 +113,16 @@ def table_warnings(caplog) -> list:
 def test_table_key_replaces_the_device_by_its_arch():
     k200, k100, ka = key(H200), key(H100), key(A100)
     assert k200 != k100  # the user cache keeps each GPU's own winners
-    t200, t100 = cfgs.table_key(k200), cfgs.table_key(k100)
-    assert t200.key == t100.key and t200.arch == "sm_90" and cfgs.table_key(ka).arch == "sm_80"
+    t200, t100 = tuning_table.table_key(k200), tuning_table.table_key(k100)
+    assert t200.key == t100.key and t200.arch == "sm_90" and tuning_table.table_key(ka).arch == "sm_80"
     assert (t200.device, t100.device) == (H200.name, H100.name)
     assert "H200" not in t200.key and "(9, 0)" not in t200.key
     f_key, f_tab = k200.split("|"), t200.key.split("|")
     assert f_tab == f_key[:11] + ["sm_90"] + f_key[13:]  # geometry, dtype and the switches stay
     assert f_tab[-2:] == [str(x) for x in FLAGS]
-    assert cfgs.table_key(key(None)) is None  # a CPU key: no table
-    assert cfgs.table_key("k") is None
-    assert cfgs.DeviceIdentity("x", (10, 0)).arch == "sm_100"
+    assert tuning_table.table_key(key(None)) is None  # a CPU key: no table
+    assert tuning_table.table_key("k") is None
+    assert tuning_table.DeviceIdentity("x", (10, 0)).arch == "sm_100"
 
 
 def test_table_beats_the_heuristic_and_tuning(tuner, tmp_path, monkeypatch):
@@ -129,24 +130,24 @@ def test_table_beats_the_heuristic_and_tuning(tuner, tmp_path, monkeypatch):
     write_table(tmp_path, {key(H200): vars(want)})
     monkeypatch.setenv("RESNET_FAST_AUTOTUNE", "0")
     assert choose() == want  # an H100 served by the H200's sm_90 table
-    assert cfgs.tuning_sources() == {key(H100): "table"}
+    assert autotune.tuning_sources() == {key(H100): "table"}
     monkeypatch.delenv("RESNET_FAST_AUTOTUNE")
-    fresh = cfgs.Autotuner(table_dir=str(tmp_path / "tuned"))
-    monkeypatch.setattr(cfgs, "_TUNER", fresh)
+    fresh = autotune.Autotuner(table_dir=str(tmp_path / "tuned"))
+    monkeypatch.setattr(autotune, "_TUNER", fresh)
     assert choose() == want  # tuning on: the table still answers before any timing (never_time)
-    assert not os.path.exists(cfgs.cache_path())  # a table hit is not copied into the user cache
+    assert not os.path.exists(tuning_table.cache_path())  # a table hit is not copied into the user cache
 
 
 def test_without_table_the_heuristic_or_tuning_decides(tuner, monkeypatch):
     monkeypatch.setenv("RESNET_FAST_AUTOTUNE", "0")
     assert choose() == default()
-    assert cfgs.tuning_sources() == {key(H100): "heuristic"}
+    assert autotune.tuning_sources() == {key(H100): "heuristic"}
     monkeypatch.delenv("RESNET_FAST_AUTOTUNE")
     fast = other_than_default()
     kw, launched = timing(fast)
     assert choose(**kw) == fast and sorted(map(str, launched)) == sorted(map(str, cands()))
-    assert cfgs.tuning_sources() == {key(H100): "tuned"}
-    assert set(cfgs.tuning_report()[key(H100)]["ms"]) == {c.name() for c in cands()}
+    assert autotune.tuning_sources() == {key(H100): "tuned"}
+    assert set(autotune.tuning_report()[key(H100)]["ms"]) == {c.name() for c in cands()}
 
 
 def test_user_cache_beats_the_table(tuner, tmp_path):
@@ -156,9 +157,9 @@ def test_user_cache_beats_the_table(tuner, tmp_path):
     write_table(tmp_path, {key(H200): vars(in_table)})
     write_cache({key(H100): vars(in_cache)})
     assert choose() == in_cache
-    assert cfgs.tuning_sources() == {key(H100): "cache"}
+    assert autotune.tuning_sources() == {key(H100): "cache"}
     # a cache entry that is no longer a candidate falls through to the table
-    tuner2 = cfgs.Autotuner(table_dir=str(tmp_path / "tuned"))
+    tuner2 = autotune.Autotuner(table_dir=str(tmp_path / "tuned"))
     write_cache({key(H100): vars(ConvConfig(16, 16, 16, 1, 1, 1))})
     assert tuner2.lookup(key(H100), c) == in_table and tuner2.sources == {key(H100): "table"}
 
@@ -171,11 +172,11 @@ def test_retune_ignores_cache_and_table_but_stores(tuner, tmp_path, monkeypatch)
     fast = c[-1]
     kw, launched = timing(fast)
     assert choose(**kw) == fast and len(launched) == len(c)
-    assert cfgs.tuning_sources() == {key(H100): "tuned"}
-    assert ConvConfig(**json.load(open(cfgs.cache_path()))[key(H100)]) == fast  # stored over the old entry
+    assert autotune.tuning_sources() == {key(H100): "tuned"}
+    assert ConvConfig(**json.load(open(tuning_table.cache_path()))[key(H100)]) == fast  # stored over the old entry
     assert choose() == fast  # later calls: this process's memory, no retiming (never_time)
     monkeypatch.delenv("RESNET_FAST_RETUNE")
-    fresh = cfgs.Autotuner(table_dir=str(tmp_path / "tuned"))
+    fresh = autotune.Autotuner(table_dir=str(tmp_path / "tuned"))
     assert fresh.lookup(key(H100), c) == fast and fresh.sources == {key(H100): "cache"}
 
 
@@ -220,8 +221,8 @@ def test_bad_entries_are_ignored_one_by_one_with_one_warning(tuner, tmp_path, mo
         assert choose(g=g4) == default(g4)
     warns = table_warnings(caplog)
     assert len(warns) == 1 and path in warns[0].getMessage() and "2 malformed entries" in warns[0].getMessage()
-    assert cfgs.tuning_sources() == {key(H100): "table", key(H100, G2): "heuristic", key(H100, g3): "heuristic",
-                                     key(H100, g4): "heuristic"}
+    assert autotune.tuning_sources() == {key(H100): "table", key(H100, G2): "heuristic", key(H100, g3): "heuristic",
+                                         key(H100, g4): "heuristic"}
 
 
 def test_candidate_miss_alone_warns_once(tuner, tmp_path, monkeypatch, caplog):
@@ -256,15 +257,15 @@ def test_shipped_tables_load_cleanly():
 def test_interpreter_and_cpu_never_read_the_table(tuner, tmp_path):
     write_table(tmp_path, {key(H200): vars(other_than_default())})
     assert choose(interpreting=lambda: True) == cfgs.INTERPRETER_CONFIG
-    assert cfgs.choose("conv_fwd", G, DT, CPU, cands(), FLAGS, never_launch, default(),
-                       interpreting=lambda: False) == cfgs.INTERPRETER_CONFIG  # real identity of a CPU: none
-    assert cfgs.tuning_sources() == {}
+    assert autotune.choose("conv_fwd", G, DT, CPU, cands(), FLAGS, never_launch, default(),
+                           interpreting=lambda: False) == cfgs.INTERPRETER_CONFIG  # real identity of a CPU: none
+    assert autotune.tuning_sources() == {}
 
 
 def test_no_tuning_while_capturing_or_compiling(tuner):
     assert choose(capturing=lambda: True) == default()
     assert choose(compiling=lambda: True) == default()
-    assert cfgs.tuning_sources() == {key(H100): "heuristic"} and cfgs.tuning_report() == {}
+    assert autotune.tuning_sources() == {key(H100): "heuristic"} and autotune.tuning_report() == {}
 
 
 def _tuned_cache(tmp_path, monkeypatch):
@@ -275,42 +276,42 @@ def _tuned_cache(tmp_path, monkeypatch):
         win[g] = choose(identity=H200, g=g, **timing(fast)[0])
         assert win[g] == fast
     runners = {"triton": lambda: None, "cudnn": lambda: None}
-    impl = cfgs.choose_impl("conv2d", G, DT, CPU, (), runners, identity=H200, interpreting=lambda: False,
-                            capturing=lambda: False, compiling=lambda: False,
-                            timer=lambda fn: 0.5 if fn is runners["cudnn"] else 0.7)
+    impl = autotune.choose_impl("conv2d", G, DT, CPU, (), runners, identity=H200, interpreting=lambda: False,
+                                capturing=lambda: False, compiling=lambda: False,
+                                timer=lambda fn: 0.5 if fn is runners["cudnn"] else 0.7)
     assert impl == "cudnn"
     return win
 
 
 def test_exporter_round_trip(tuner, tmp_path, monkeypatch):
     win = _tuned_cache(tmp_path, monkeypatch)
-    cache = json.load(open(cfgs.cache_path()))
+    cache = json.load(open(tuning_table.cache_path()))
     cache[key(A100)] = vars(cands()[0])  # another arch: not exported
     cache[key(None)] = vars(cands()[0])  # a CPU key: not exported
     cache[key(H200, G, extra=(True, True))] = {"BLOCK_M": 7}  # malformed: skipped
     cache["junk"] = {"x": 1}
     write_cache(cache)
     out = tuning_table.table_path("sm_90", str(tmp_path / "tuned"))
-    assert tuning_table.main(["export", "--from", cfgs.cache_path(), "--arch", "sm_90", "-o", out]) == 0
+    assert tuning_table.main(["export", "--from", tuning_table.cache_path(), "--arch", "sm_90", "-o", out]) == 0
     doc = json.load(open(out))
     assert doc["format"] == tuning_table.FORMAT and doc["version"] == tuning_table.VERSION
     assert doc["arch"] == "sm_90" and len(doc["entries"]) == 3
     prov = doc["provenance"]
     import triton
     assert prov["gpu"] == H200.name and prov["torch"] == torch.__version__ and prov["triton"] == triton.__version__
-    assert prov["source"] == os.path.basename(cfgs.cache_path()) and prov["date"].endswith("Z")
+    assert prov["source"] == os.path.basename(tuning_table.cache_path()) and prov["date"].endswith("Z")
     assert all("H200" not in k for k in doc["entries"])
     # a fresh process on an H100 with an empty user cache: every answer from the table, nothing timed
     monkeypatch.setenv("RESNET_FAST_CACHE_DIR", str(tmp_path / "empty"))
-    monkeypatch.setattr(cfgs, "_TUNER", cfgs.Autotuner(table_dir=str(tmp_path / "tuned")))
+    monkeypatch.setattr(autotune, "_TUNER", autotune.Autotuner(table_dir=str(tmp_path / "tuned")))
     for g in (G, G2):
         assert choose(identity=H100, g=g) == win[g]
 
     def boom():
         raise AssertionError("ran: the table should have answered")
-    assert cfgs.choose_impl("conv2d", G, DT, CPU, (), {"triton": boom, "cudnn": boom}, identity=H100,
-                            interpreting=lambda: False, timer=never_time) == "cudnn"
-    assert set(cfgs.tuning_sources().values()) == {"table"} and len(cfgs.tuning_sources()) == 3
+    assert autotune.choose_impl("conv2d", G, DT, CPU, (), {"triton": boom, "cudnn": boom}, identity=H100,
+                                interpreting=lambda: False, timer=never_time) == "cudnn"
+    assert set(autotune.tuning_sources().values()) == {"table"} and len(autotune.tuning_sources()) == 3
     assert tuning_table.main(["show", out]) == 0
 
 
@@ -320,7 +321,7 @@ def test_exporter_needs_one_gpu_per_arch(tuner, tmp_path, capsys):
     with pytest.raises(ValueError, match="gpu"):
         tuning_table.export(cache, "sm_90")
     doc = tuning_table.export(cache, "sm_90", gpu=H100.name)
-    assert doc["provenance"]["gpu"] == H100.name and list(doc["entries"]) == [cfgs.table_key(key(H100, G2)).key]
+    assert doc["provenance"]["gpu"] == H100.name and list(doc["entries"]) == [tuning_table.table_key(key(H100, G2)).key]
     with pytest.raises(ValueError, match="arch"):
         tuning_table.export(cache, "sm_80")
     write_cache(cache)
@@ -330,11 +331,11 @@ def test_exporter_needs_one_gpu_per_arch(tuner, tmp_path, capsys):
 
 def test_exporter_default_takes_this_process_tuning(tuner, tmp_path, monkeypatch):
     win = _tuned_cache(tmp_path, monkeypatch)
-    os.remove(cfgs.cache_path())
+    os.remove(tuning_table.cache_path())
     write_cache({})
-    doc = tuning_table.export(arch="sm_90")  # the (now empty) cache file plus what this process tuned
-    assert {cfgs.table_key(key(H200, g)).key: ConvConfig(**doc["entries"][cfgs.table_key(key(H200, g)).key])
-            for g in win} == {cfgs.table_key(key(H200, g)).key: w for g, w in win.items()}
+    doc = autotune.export_table(arch="sm_90")  # the (now empty) cache file plus what this process tuned
+    tkey = {g: tuning_table.table_key(key(H200, g)).key for g in win}
+    assert {tkey[g]: ConvConfig(**doc["entries"][tkey[g]]) for g in win} == {tkey[g]: w for g, w in win.items()}
     assert len(doc["entries"]) == 3
 
 
@@ -358,37 +359,37 @@ def test_real_gpu_tune_export_and_serve(tuner, tmp_path, monkeypatch):
     """On the GPU, nothing injected: do_bench times real work, the exporter writes this GPU's arch table, and a
     fresh process with an empty cache gets every answer from it without timing."""
     dev = torch.device("cuda")
-    ident = cfgs.device_identity(dev)
+    ident = tuning_table.device_identity(dev)
     small = torch.randn(256, 256, device=dev)
     big = torch.randn(4096, 4096, device=dev)
     c = cands()
     slow = {cfg: (big if i % 2 else small) for i, cfg in enumerate(c)}  # every other config does 256x more work
-    cfg = cfgs.choose("conv_fwd", G, DT, dev, c, FLAGS, lambda cfg: slow[cfg] @ slow[cfg], default())
-    assert slow[cfg] is small and cfgs.tuning_sources() == {key(ident): "tuned"}
-    assert all(ms > 0 for ms in cfgs.tuning_report()[key(ident)]["ms"].values())
-    impl = cfgs.choose_impl("conv2d", G, DT, dev, (), {"triton": lambda: small @ small, "cudnn": lambda: big @ big})
-    rec = cfgs.tuning_report()[cfgs.tuning_key("impl:conv2d", G, DT, dev)]
+    cfg = autotune.choose("conv_fwd", G, DT, dev, c, FLAGS, lambda cfg: slow[cfg] @ slow[cfg], default())
+    assert slow[cfg] is small and autotune.tuning_sources() == {key(ident): "tuned"}
+    assert all(ms > 0 for ms in autotune.tuning_report()[key(ident)]["ms"].values())
+    impl = autotune.choose_impl("conv2d", G, DT, dev, (), {"triton": lambda: small @ small, "cudnn": lambda: big @ big})
+    rec = autotune.tuning_report()[tuning_table.tuning_key("impl:conv2d", G, DT, dev)]
     assert impl == "triton" and rec["ms"]["cudnn"] > rec["ms"]["triton"] > 0
     out = tuning_table.table_path(ident.arch, str(tmp_path / "tuned"))
     assert tuning_table.main(["export", "-o", out]) == 0  # arch and cache file: this machine's
     assert json.load(open(out))["provenance"]["gpu"] == ident.name
     monkeypatch.setenv("RESNET_FAST_CACHE_DIR", str(tmp_path / "empty"))
-    monkeypatch.setattr(cfgs, "_TUNER", cfgs.Autotuner(table_dir=str(tmp_path / "tuned")))
-    assert cfgs.choose("conv_fwd", G, DT, dev, c, FLAGS, never_launch, default()) == cfg
+    monkeypatch.setattr(autotune, "_TUNER", autotune.Autotuner(table_dir=str(tmp_path / "tuned")))
+    assert autotune.choose("conv_fwd", G, DT, dev, c, FLAGS, never_launch, default()) == cfg
 
     def boom():
         raise AssertionError("ran: the table should have answered")
-    assert cfgs.choose_impl("conv2d", G, DT, dev, (), {"triton": boom, "cudnn": boom}) == "triton"
-    assert set(cfgs.tuning_sources().values()) == {"table"}
+    assert autotune.choose_impl("conv2d", G, DT, dev, (), {"triton": boom, "cudnn": boom}) == "triton"
+    assert set(autotune.tuning_sources().values()) == {"table"}
 
 
 def test_forget_starts_over(tuner, tmp_path, monkeypatch):
     """Autotuner.forget: memory, sources and measurements dropped, files re-read (a scratch cache dir undone)."""
     fast = other_than_default()
     kw, _ = timing(fast)
-    assert choose(**kw) == fast and cfgs.tuning_report() and cfgs.tuning_sources()
+    assert choose(**kw) == fast and autotune.tuning_report() and autotune.tuning_sources()
     monkeypatch.setenv("RESNET_FAST_CACHE_DIR", str(tmp_path / "other"))
     tuner.forget()
-    assert cfgs.tuning_report() == {} and cfgs.tuning_sources() == {}
+    assert autotune.tuning_report() == {} and autotune.tuning_sources() == {}
     monkeypatch.setenv("RESNET_FAST_AUTOTUNE", "0")
     assert choose() == default()  # the winner lived only in the scratch cache and in memory

@@ -185,7 +185,7 @@ def _write_doc(doc: dict, args, t0: float, rows: list, out_dir: Path, stem: str,
     from . import compiles, reference, report
     from .runner import add_speedups
     add_speedups(rows)
-    from ..kernels.configs import tuning_report
+    from ..kernels.autotune import tuning_report
     doc.setdefault("peaks", {"copy_GBps": None, "bf16_TFLOPs": None})
     doc.update(gpu_timings=True, backend=resnet_fast.backend(), reference=reference.SOURCE,
                stats=resnet_fast.stats(), autotune=tuning_report(), wall_s=time.perf_counter() - t0,

@@ -5,7 +5,7 @@
   (``count``, ``seconds`` from Triton's own stage timer) and on-disk cache hits (``cache_hits``). In-memory JIT
   hits never reach ``triton.compile`` and are not counted. The Triton interpreter compiles nothing (all zero).
 * :class:`TuningTimer` — wall seconds spent in the autotuner's ``pick`` (compiles of the candidates included)
-  and the number of keys it tuned, by wrapping the one tuner instance (no change to ``configs``).
+  and the number of keys it tuned, by wrapping the one tuner instance (no change to ``autotune``).
 * :func:`recording` / :func:`preload` — warm ``TRITON_CACHE_DIR`` in parallel: a recording run executes a
   workload with ``knobs.runtime.jit_cache_hook`` returning True (Triton then neither compiles nor launches; the
   hook receives Triton's own ``specialization_data``), and worker processes feed each record to
@@ -68,7 +68,7 @@ class CompileCounter:
 
 
 class TuningTimer:
-    """Wall time inside ``configs._TUNER.pick`` (a tuned key's candidates: compile + do_bench) and keys tuned."""
+    """Wall time inside ``autotune._TUNER.pick`` (a tuned key's candidates: compile + do_bench) and keys tuned."""
 
     def __init__(self):
         self.seconds = 0.0
@@ -77,10 +77,10 @@ class TuningTimer:
 
     def install(self) -> "TuningTimer":
         try:
-            from ..kernels import configs
+            from ..kernels import autotune
         except Exception:  # noqa: BLE001
             return self
-        tuner = configs._TUNER
+        tuner = autotune._TUNER
         inner = tuner.pick
 
         def pick(key, candidates, bench):

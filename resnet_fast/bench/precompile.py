@@ -35,7 +35,7 @@ from typing import Optional
 import torch
 
 _CHILD = "RESNET_FAST_PRECOMPILE_CHILD"
-_NOT_KERNEL_MODULES = {"compile_check", "configs", "conv_common", "checks", "cost_report", "tuning_table",
+_NOT_KERNEL_MODULES = {"autotune", "compile_check", "configs", "conv_common", "checks", "cost_report", "tuning_table",
                        "_interpreter_compat"}
 
 
@@ -150,10 +150,10 @@ def _arg_spec(a) -> str:
 
 @contextlib.contextmanager
 def counting(seen: dict, tuned: dict):
-    """Every kernel of :func:`kernel_modules` replaced by a recorder; ``configs.choose`` launches every candidate
+    """Every kernel of :func:`kernel_modules` replaced by a recorder; ``autotune.choose`` launches every candidate
     it is offered (as a tuning run would) and returns the untuned default."""
     import importlib
-    from ..kernels import configs
+    from ..kernels import autotune, tuning_table
     mods = [importlib.import_module(f"resnet_fast.kernels.{m}") for m in kernel_modules()]
     saved = []
     for mod in mods:
@@ -163,16 +163,16 @@ def counting(seen: dict, tuned: dict):
                 setattr(mod, attr, _Recorder(attr, seen))
 
     def choose(op, geometry, dtype, device, candidates, flags, launch, default, **_):
-        if not configs.Autotuner.enabled():  # tuning off: the default is all that runs
+        if not autotune.Autotuner.enabled():  # tuning off: the default is all that runs
             launch(default)
             return default
-        key = configs.tuning_key(op, geometry, dtype, device, *flags)
+        key = tuning_table.tuning_key(op, geometry, dtype, device, *flags)
         if key not in tuned:
             tuned[key] = len(candidates)
             for cfg in candidates:
                 launch(cfg)
         return default
-    targets = [configs] + [m for m in mods if hasattr(m, "choose")]
+    targets = [autotune] + [m for m in mods if hasattr(m, "choose")]
     prev = [(m, m.choose) for m in targets]
     for m in targets:
         m.choose = choose
@@ -231,8 +231,8 @@ def warm(batch: int, smoke_batch: int, workers: int, log=print, budget_s: Option
             os.environ.pop("RESNET_FAST_CACHE_DIR", None)
         else:
             os.environ["RESNET_FAST_CACHE_DIR"] = prev
-        from ..kernels import configs
-        configs._TUNER.forget()  # forget the scratch winners in this process too
+        from ..kernels import autotune
+        autotune._TUNER.forget()  # forget the scratch winners in this process too
     t_rec = time.perf_counter() - t0
     items = [(mod, name, spec) for spec, (mod, name) in records.items()]
     log(f"precompile: recorded {len(items)} distinct kernels in {t_rec:.1f}s; compiling with {workers} workers "

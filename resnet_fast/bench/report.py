@@ -197,7 +197,7 @@ def to_markdown(doc: dict) -> str:
 
 
 def autotune_lines(measured: dict) -> list[str]:
-    """Markdown tables of the autotuner's record (``configs.tuning_report()``), rendered defensively (fields may
+    """Markdown tables of the autotuner's record (``autotune.tuning_report()``), rendered defensively (fields may
     be missing). Implementation keys (``impl:<role>|...``, ``ms`` per implementation): per conv role and layer the
     Triton and cuDNN times and the winner. Config keys: the winner, the best pointer-path and best TMA-twin
     times (what TMA buys where it was offered) and the candidates that failed."""

@@ -53,6 +53,7 @@ try:
 except ImportError:  # triton < 3.4: no host-side descriptors (configs.tma_allowed is then False)
     TensorDescriptor = None
 
+from . import autotune as _tune
 from . import configs as _cfg
 from .checks import FLOAT_DTYPES, check, check_vector, describe
 from .configs import ConvConfig
@@ -213,7 +214,7 @@ def _forget(key, ref) -> None:
 # -------------------------------------------------------------------------------------------------- configs
 def pinned_config(cfg: ConvConfig):
     """Run every conv forward in this thread with ``cfg`` (tests; reproducing a tuning result)."""
-    return _cfg.pinned_config("conv_fwd", cfg)
+    return _tune.pinned_config("conv_fwd", cfg)
 
 
 def tma_eligible(x: torch.Tensor, w_packed: torch.Tensor, g: ConvGeometry, dot_ieee: bool) -> bool:
@@ -371,7 +372,7 @@ def conv2d_nhwc(x: torch.Tensor, w_packed: torch.Tensor, geometry: ConvGeometry,
         default = _cfg.heuristic(candidates, g.M, g.Kg, g.Cg_pad)  # never TMA: it has to win a measurement
         if tma_ok:
             candidates += _tma_variants(candidates)
-        config = _cfg.choose("conv_fwd", g, x.dtype, x.device, candidates, switches, launch, default)
+        config = _tune.choose("conv_fwd", g, x.dtype, x.device, candidates, switches, launch, default)
     check(not config.tma or tma_ok, f"{who}: config {config.name()} uses TMA, which this launch cannot "
                                     "(see conv_fwd.tma_eligible)")
     part = launch(config)

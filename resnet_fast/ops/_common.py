@@ -8,7 +8,8 @@ from typing import Callable, Mapping
 import torch
 
 from .. import _backend
-from ..kernels.configs import choose_impl, conv_allows_tf32
+from ..kernels.autotune import choose_impl
+from ..kernels.configs import conv_allows_tf32
 from ..kernels.conv_common import ConvGeometry, pair
 
 __all__ = ["conv_arg_lists", "with_strides_of", "tf32_switch", "run_chosen"]
@@ -40,7 +41,7 @@ def tf32_switch(dtype: torch.dtype) -> bool:
 
 
 def run_chosen(role: str, geom: ConvGeometry, x: torch.Tensor, switches: tuple, runners: Mapping[str, Callable]):
-    """Run the implementation of conv role ``role`` that :func:`resnet_fast.kernels.configs.choose_impl` picks
+    """Run the implementation of conv role ``role`` that :func:`resnet_fast.kernels.autotune.choose_impl` picks
     for this geometry, x's dtype and device and ``switches`` (what changes the work), and return its result.
 
     ``runners``: ``{"triton": fn, "cudnn": fn, ...}``, zero-argument closures that only write their own outputs.

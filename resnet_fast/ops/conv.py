@@ -22,7 +22,7 @@ residual needs a gradient. Only what ``needs_input_grad`` asks for is computed; 
 is exact (nothing is divided by the scale). Saved: x, weight, bias, scale and, under ReLU, the output.
 
 Implementation per conv: when the kernels run, the forward body and the backward body each ask
-:func:`resnet_fast.kernels.configs.choose_impl` (roles ``conv2d`` and ``conv2d_backward``; switches: which of
+:func:`resnet_fast.kernels.autotune.choose_impl` (roles ``conv2d`` and ``conv2d_backward``; switches: which of
 bias/scale/shift/residual are given, relu, the need flags, the TF32 rule) whether the Triton kernels, the cuDNN
 composite (:mod:`resnet_fast.ops.conv_cudnn`) or, for the forward, one of the composite's folded/fused forms
 runs it (``RESNET_FAST_CONV_IMPL``; measured once per key on the GPU, Triton in the interpreter). Forward and

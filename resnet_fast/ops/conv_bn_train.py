@@ -24,7 +24,7 @@ dgrad when x needs none and there is no prologue whose in_scale/in_shift need on
 image), no wgrad when the weight needs none.
 
 Implementation per conv: the forward body and the backward body each ask
-:func:`resnet_fast.kernels.configs.choose_impl` (roles ``conv_bn_stats`` and ``conv_bn_stats_backward``;
+:func:`resnet_fast.kernels.autotune.choose_impl` (roles ``conv_bn_stats`` and ``conv_bn_stats_backward``;
 switches: the prologue, the need flags, the TF32 rule) whether the Triton kernels above or the cuDNN composite
 (:mod:`resnet_fast.ops.conv_cudnn`: ATen's conv GEMM and this project's one-pass kernels) runs it
 (``RESNET_FAST_CONV_IMPL``; measured once per key on the GPU, Triton in the interpreter). They are chosen

@@ -5,7 +5,7 @@ fusions in prologue/epilogue) and this composite, where ``torch.ops.aten.convolu
 ``torch.ops.aten.convolution_backward`` run the GEMM (cuDNN on CUDA, as eager PyTorch would, but TF32 for fp32
 only where the Triton path would use it: :func:`resnet_fast.kernels.configs.conv_allows_tf32`) and this
 project's one-pass kernels do the rest. A chooser times both per conv
-(:func:`resnet_fast.kernels.configs.choose_impl`, ``RESNET_FAST_CONV_IMPL``); the op bodies call these pure
+(:func:`resnet_fast.kernels.autotune.choose_impl`, ``RESNET_FAST_CONV_IMPL``); the op bodies call these pure
 functions (tensors in, tensors out, no autograd) when it picks the composite, and count the call as
 ``stats()["impl_calls"][role]["cudnn"]`` (or the fused form's name): this is the only place a cuDNN conv runs
 inside the fast path. The GEMM runs with autocast off: the op bodies already hold their
