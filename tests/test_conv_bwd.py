@@ -393,28 +393,31 @@ def test_wgrad_packed_stem(kernel_device, triton_backend, monkeypatch, dtype, x_
     assert taken and all(taken)
 
 
-@pytest.mark.parametrize("family,dtype,tf32", [("aligned3x3s2", torch.float16, False),
-                                               ("aligned1x1s1", torch.float16, False),
-                                               ("aligned3x3s2", torch.float32, True)])
+@pytest.mark.parametrize("shape,dtype,tf32", [((5, 32, 7, 5, 16, 3, 2), torch.float16, False),
+                                              ((3, 16, 5, 4, 32, 1, 1), torch.float16, False),
+                                              ((5, 32, 7, 5, 16, 3, 2), torch.float32, True)])
 @pytest.mark.parametrize("idx64", [False, True])
-def test_wgrad_carried_pixels(kernel_device, triton_backend, monkeypatch, family, dtype, tf32, idx64):
-    # the ALIGNED path advances (n, p, q) by carries (not under IEEE fp32): BLOCK_K = 32 pixels over images of 6
-    # to 12 pixels carries into n several times a step; split 1 and 3 (chunks start mid-image); int32 and int64
+def test_wgrad_carried_pixels(kernel_device, triton_backend, monkeypatch, shape, dtype, tf32, idx64):
+    # the ALIGNED path advances (n, p, q) by carries (not under IEEE fp32): 16-pixel steps over images of 12 or
+    # 20 pixels carry q into p and p into n; split 1 and 3 (chunks start mid-image); int32 and int64 offsets
     import resnet_fast.kernels.conv_wgrad as wg
+    from resnet_fast.kernels.conv_common import ConvGeometry
     if idx64:
         monkeypatch.setattr(wg, "_needs_int64", lambda *a: True)
-    x64, w64, dy64, x, _, dy, conv = _case(family, dtype, kernel_device, seed=31)
-    assert wg._aligned(ConvGeometry_of(x, w64.shape, conv), WCFG, dy, x)
-    ref = conv2d_weight(x64, w64.shape, dy64, **conv)
+    N, C, H, W, K, R, st = shape
+    conv = dict(stride=st, padding=R // 2, dilation=1, groups=1)
+    g = ConvGeometry.make((N, C, H, W), (K, C, R, R), st, R // 2)
+    gen = torch.Generator().manual_seed(31)
+    x64 = torch.randn(N, C, H, W, generator=gen).to(dtype).double()
+    dy64 = torch.randn(N, K, g.P, g.Q, generator=gen).to(dtype).double()
+    x, dy = (t.to(dtype).to(kernel_device).contiguous(memory_format=CL) for t in (x64, dy64))
+    cfg = ConvConfig(16, 16, 16, 1, 4, 1)
+    assert wg._aligned(g, cfg, dy, x) and g.N * g.P * g.Q > 3 * cfg.BLOCK_K
+    ref = conv2d_weight(x64, (K, C, R, R), dy64, **conv)
     tol = 5e-3 if tf32 else TOL[dtype]
     for split in (1, 3):
-        out = conv2d_wgrad_nhwc(dy, x, w64.shape, **conv, split=split, allow_tf32=tf32, config=WCFG)
+        out = conv2d_wgrad_nhwc(dy, x, (K, C, R, R), **conv, split=split, allow_tf32=tf32, config=cfg)
         assert _rel(out.cpu(), ref) < tol, split
-
-
-def ConvGeometry_of(x, w_shape, conv):  # noqa: N802
-    from resnet_fast.kernels.conv_common import ConvGeometry
-    return ConvGeometry.make(x.shape, w_shape, conv["stride"], conv["padding"], conv["dilation"], conv["groups"])
 
 
 def test_wgrad_path_switches():
