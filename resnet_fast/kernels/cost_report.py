@@ -11,7 +11,8 @@ Layers: every conv of ResNet-50 (batch 256, 224², bf16, channels_last activatio
 * ``fwd/infer`` -- ``ops.conv2d`` with the folded-BN epilogue (scale, shift; ReLU except the downsample; the
   residual on a bottleneck's conv3); ``fwd/train`` -- ``conv_bn_stats`` (STATS; the BN+ReLU PROLOGUE on conv2/conv3);
 * ``dgrad/train``, ``wgrad/train`` -- ``conv_bn_stats_backward``: ``dy_bn`` (conv1, downsample, stem) or ``fused``
-  (conv2/conv3: dgrad's dReLU/dBN epilogue, wgrad's prologue). Note the op computes the stem's dgrad too;
+  (conv2/conv3: dgrad's dReLU/dBN epilogue, wgrad's prologue); no dgrad for the stem (the op runs only the
+  gradients autograd asks for, and the image needs none);
 * ``dgrad/infer``, ``wgrad/infer`` -- ``ops.conv2d``'s backward: ``dy_bn_relu`` / ``dy_bn_relu_sums`` (``dy_bn`` /
   ``sums`` for the downsample, which has no ReLU); none for the stem (the image needs no gradient).
 
@@ -371,7 +372,7 @@ def launches(kernels=("fwd", "dgrad", "wgrad")) -> list:
         if pos != "stem":  # the inference op computes no input gradient for the image
             bwd.append(("infer", "dy_bn_relu" if relu else "dy_bn"))
         if "dgrad" in kernels:
-            for role, variant in bwd:
+            for role, variant in (bwd if pos != "stem" else []):  # the image needs no gradient
                 dx, yp = meta((g.N, g.C, g.H, g.W)), x
                 cands, c = conv_dgrad._candidates(g, y, w, (dx, yp), False,
                                                   conv_dgrad.VARIANTS[variant].get("EPI", False))
