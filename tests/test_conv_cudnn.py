@@ -143,7 +143,7 @@ def test_kernel_input_checks(kernel_device):
     v = torch.zeros(8, device=kernel_device)
     with pytest.raises(ValueError, match="tile_stats: y must be channels_last"):
         tile_stats(y.contiguous())
-    with pytest.raises(ValueError, match="tile_stats: y dtype"):
+    with pytest.raises(ValueError, match="tile_stats: y must be a 4-D float32/float16/bfloat16 tensor"):
         tile_stats(y.double().contiguous(memory_format=CL))
     with pytest.raises(ValueError, match="tile_rows must be a power of two"):
         tile_stats(y, config=(48, 16, 4))

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .checks import FLOAT_DTYPES, check_vector, describe, kernel_dtype_blocker
+from .checks import check_operand_dtype, check_pow2, check_vector
 from .conv_dgrad import dy_on_load
 
 __all__ = ["form_dy", "FormedDy", "compile_specs", "BN_DY_CONFIG"]
@@ -95,10 +95,7 @@ def form_dy(dz: torch.Tensor, y: torch.Tensor | None = None, *, c2: torch.Tensor
         reduces the ``[T, K]`` partials in a fixed order).
     """
     who = "form_dy"
-    if not isinstance(dz, torch.Tensor) or dz.dim() != 4:
-        raise ValueError(f"{who}: dz must be a 4-D [N, K, P, Q] tensor, got {describe(dz)}")
-    if dz.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"{who}: dz dtype {dz.dtype} is not one of float32/float16/bfloat16")
+    check_operand_dtype("dz", dz, who)
     if not dz.is_contiguous(memory_format=torch.channels_last):
         raise ValueError(f"{who}: dz must be channels_last-contiguous")
     bn = [v is not None for v in (c2, c3, mean)]
@@ -120,13 +117,8 @@ def form_dy(dz: torch.Tensor, y: torch.Tensor | None = None, *, c2: torch.Tensor
             check_vector(name, v, K, dz.device, who)
     if not write and not sums:
         raise ValueError(f"{who}: nothing to do (write=False and sums=False)")
-    why = kernel_dtype_blocker(dz.dtype)  # bf16 in the Triton interpreter: an error rather than garbage
-    if why is not None:
-        raise RuntimeError(f"{who}: {why}; use float16/float32 on CPU")
     block_m, block_k, warps = config or BN_DY_CONFIG
-    for name, v in (("BLOCK_M", block_m), ("BLOCK_K", block_k)):
-        if not isinstance(v, int) or v < 1 or v & (v - 1):
-            raise ValueError(f"{who}: config {name} must be a power of two, got {v!r}")
+    check_pow2(who, BLOCK_M=block_m, BLOCK_K=block_k)
     M = N * P * Q
     T = triton.cdiv(M, block_m)
     dy = torch.empty_like(dz, memory_format=torch.channels_last) if write else None

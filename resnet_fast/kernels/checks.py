@@ -12,7 +12,8 @@ import torch
 
 from .. import _backend
 
-__all__ = ["FLOAT_DTYPES", "check", "check_tensor", "check_vector", "describe", "kernel_dtype_blocker"]
+__all__ = ["FLOAT_DTYPES", "check", "check_tensor", "check_vector", "describe", "kernel_dtype_blocker",
+           "check_operand_dtype", "check_pow2"]
 
 # The dtypes the Triton kernels compute in (activations and weights); per-channel vectors may be any of them.
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -56,3 +57,21 @@ def check_vector(name: str, t, n: int, device: torch.device, who: str, dtypes=(t
         raise ValueError(f"{who}: {name} must be a {'contiguous ' if contiguous else ''}[{n}] tensor of dtype "
                          f"{' or '.join(str(d).replace('torch.', '') for d in dtypes)} on {device}, "
                          f"got {describe(t)}")
+
+
+def check_operand_dtype(name: str, t, who: str) -> None:
+    """``t`` is a 4-D fp32/fp16/bf16 tensor (the operand dtype of a conv kernel), else ValueError naming ``name``;
+    RuntimeError where the kernels cannot run that dtype (:func:`kernel_dtype_blocker`: bf16 in the Triton
+    interpreter, an error rather than garbage; the ops fall back to eager there)."""
+    if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{who}: {name} must be a 4-D float32/float16/bfloat16 tensor, got {describe(t)}")
+    why = kernel_dtype_blocker(t.dtype)
+    if why is not None:
+        raise RuntimeError(f"{who}: {why}; use fp16/fp32 on CPU")
+
+
+def check_pow2(who: str, **sizes) -> None:
+    """Each of ``sizes`` (config block sizes, by name) is a power-of-two int, else ValueError naming it."""
+    for name, v in sizes.items():
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1 or v & (v - 1):
+            raise ValueError(f"{who}: config {name} must be a power of two, got {v!r}")

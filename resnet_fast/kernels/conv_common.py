@@ -26,10 +26,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .checks import FLOAT_DTYPES, check_tensor, check_vector, describe, kernel_dtype_blocker
+from .checks import check_tensor, check_vector
 
 __all__ = ["ConvGeometry", "conv_output_size", "pair", "CHANNEL_PAD", "round_up", "DyBN", "check_dy_bn",
-           "check_operand_dtype", "rows_aligned", "ordered_signature", "rows_to_npq", "input_coords",
+           "rows_aligned", "ordered_signature", "rows_to_npq", "input_coords",
            "swizzle_pid"]
 
 CHANNEL_PAD = 16  # smallest MMA reduction step for 16-bit operands (and 8 for tf32): pad Cg to this
@@ -179,17 +179,6 @@ def check_dy_bn(dy_bn, grad_out: torch.Tensor, K: int, who: str, dy_relu=False) 
     for name in ("c1", "c2", "c3", "mean"):
         check_vector(f"dy_bn.{name}", getattr(d, name), K, grad_out.device, who)
     return d
-
-
-def check_operand_dtype(name: str, t, who: str) -> None:
-    """``t`` is a 4-D fp32/fp16/bf16 tensor (the operand dtype of a conv kernel), else ValueError naming ``name``;
-    RuntimeError where the kernels cannot run that dtype (:func:`.checks.kernel_dtype_blocker`: bf16 in the Triton
-    interpreter, an error rather than garbage; the ops fall back to eager there)."""
-    if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"{who}: {name} must be a 4-D float32/float16/bfloat16 tensor, got {describe(t)}")
-    why = kernel_dtype_blocker(t.dtype)
-    if why is not None:
-        raise RuntimeError(f"{who}: {why}; use fp16/fp32 on CPU")
 
 
 def rows_aligned(t: torch.Tensor) -> bool:

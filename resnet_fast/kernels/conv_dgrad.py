@@ -64,8 +64,8 @@ import triton.language as tl
 
 from .autotune import choose
 from .configs import ConvConfig, checked_candidates, conv_allows_tf32, for_dtype
-from .checks import check_tensor, check_vector
-from .conv_common import (ConvGeometry, DyBN, check_dy_bn, check_operand_dtype, ordered_signature, rows_aligned,
+from .checks import check_operand_dtype, check_tensor, check_vector
+from .conv_common import (ConvGeometry, DyBN, check_dy_bn, ordered_signature, rows_aligned,
                           swizzle_pid)
 
 __all__ = ["conv2d_dgrad_nhwc", "compile_specs", "dy_on_load", "DGRAD_CONFIGS", "DgradSwitches"]

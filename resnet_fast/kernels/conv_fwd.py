@@ -55,9 +55,9 @@ except ImportError:  # triton < 3.4: no host-side descriptors (configs.tma_allow
 
 from . import autotune as _tune
 from . import configs as _cfg
-from .checks import FLOAT_DTYPES, check, check_vector, describe
+from .checks import FLOAT_DTYPES, check, check_operand_dtype, check_vector, describe
 from .configs import ConvConfig
-from .conv_common import (ConvGeometry, check_operand_dtype, input_coords, ordered_signature, rows_to_npq,
+from .conv_common import (ConvGeometry, input_coords, ordered_signature, rows_to_npq,
                           swizzle_pid)
 from .tile_stats import TileStats, tile_centred_sums
 

@@ -62,10 +62,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .checks import FLOAT_DTYPES, check_tensor, check_vector
+from .checks import FLOAT_DTYPES, check_operand_dtype, check_tensor, check_vector
 from .autotune import choose
 from .configs import ConvConfig, checked_candidates, conv_allows_tf32, for_dtype
-from .conv_common import (CHANNEL_PAD, ConvGeometry, DyBN, check_dy_bn, check_operand_dtype, ordered_signature,
+from .conv_common import (CHANNEL_PAD, ConvGeometry, DyBN, check_dy_bn, ordered_signature,
                           rows_aligned, rows_to_npq)
 from .conv_dgrad import dy_on_load
 

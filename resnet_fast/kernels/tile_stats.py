@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .checks import FLOAT_DTYPES, check, describe, kernel_dtype_blocker
+from .checks import check_operand_dtype, check_pow2
 
 __all__ = ["TileStats", "tile_centred_sums", "tile_stats", "compile_specs", "TILE_STATS_CONFIG"]
 
@@ -87,18 +87,11 @@ def tile_stats(y: torch.Tensor, *, config: tuple | None = None):
         :func:`resnet_fast.kernels.bn_finalize.bn_finalize`.
     """
     who = "tile_stats"
-    check(isinstance(y, torch.Tensor) and y.dim() == 4,
-          f"{who}: y must be a 4-D [N, K, P, Q] tensor, got {describe(y)}")
-    check(y.dtype in FLOAT_DTYPES, f"{who}: y dtype {y.dtype} is not one of float32/float16/bfloat16")
+    check_operand_dtype("y", y, who)
     if not y.is_contiguous(memory_format=torch.channels_last):
         raise ValueError(f"{who}: y must be channels_last-contiguous (its [N*P*Q, K] rows are read densely)")
-    why = kernel_dtype_blocker(y.dtype)  # bf16 in the Triton interpreter: an error rather than garbage
-    if why is not None:
-        raise RuntimeError(f"{who}: {why}; use float16/float32 on CPU")
     tile_rows, block_k, warps = config or TILE_STATS_CONFIG
-    for name, v in (("tile_rows", tile_rows), ("BLOCK_K", block_k)):
-        if not isinstance(v, int) or v < 1 or v & (v - 1):
-            raise ValueError(f"{who}: config {name} must be a power of two, got {v!r}")
+    check_pow2(who, tile_rows=tile_rows, BLOCK_K=block_k)
     N, K, P, Q = y.shape
     M = N * P * Q
     if M < 1 or K < 1:
