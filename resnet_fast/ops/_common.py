@@ -9,10 +9,11 @@ import torch
 
 from .. import _backend
 from ..kernels.autotune import choose_impl
+from ..kernels.checks import FLOAT_DTYPES, check, describe
 from ..kernels.configs import conv_allows_tf32
 from ..kernels.conv_common import ConvGeometry, pair
 
-__all__ = ["conv_arg_lists", "with_strides_of", "tf32_switch", "run_chosen"]
+__all__ = ["conv_arg_lists", "conv_geometry", "with_strides_of", "tf32_switch", "run_chosen"]
 
 
 def conv_arg_lists(stride, padding, dilation, who: str) -> tuple:
@@ -21,6 +22,17 @@ def conv_arg_lists(stride, padding, dilation, who: str) -> tuple:
     >= 0)."""
     return tuple(list(pair(v, name, who, lo))
                  for v, name, lo in ((stride, "stride", 1), (padding, "padding", 0), (dilation, "dilation", 1)))
+
+
+def conv_geometry(who: str, x, weight, stride, padding, dilation, groups) -> ConvGeometry:
+    """The geometry of a conv of ``x`` [N, C, H, W] (float32/float16/bfloat16) with ``weight`` of x's dtype and
+    device; ValueError naming the bad argument."""
+    check(isinstance(x, torch.Tensor) and x.dim() == 4,
+          f"{who}: x must be a 4-D [N, C, H, W] tensor, got {describe(x)}")
+    check(x.dtype in FLOAT_DTYPES, f"{who}: x dtype {x.dtype} has no kernel (float32/float16/bfloat16)")
+    check(isinstance(weight, torch.Tensor) and weight.dtype == x.dtype and weight.device == x.device,
+          f"{who}: weight must be a tensor of x's dtype {x.dtype} on {x.device}, got {describe(weight)}")
+    return ConvGeometry.make(tuple(x.shape), tuple(weight.shape), stride, padding, dilation, groups, who)
 
 
 def with_strides_of(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:

@@ -41,10 +41,10 @@ from __future__ import annotations
 import torch
 
 from .. import _backend, _ext
-from ..kernels.checks import FLOAT_DTYPES, check, describe, kernel_dtype_blocker
+from ..kernels.checks import check, describe, kernel_dtype_blocker
 from ..kernels.conv_common import ConvGeometry
 from . import conv_cudnn
-from ._common import conv_arg_lists, run_chosen, tf32_switch, with_strides_of
+from ._common import conv_arg_lists, conv_geometry, run_chosen, tf32_switch, with_strides_of
 
 __all__ = ["conv_bn_stats", "bn_affine", "update_running_stats"]
 
@@ -59,12 +59,7 @@ _BWD_SCHEMA = ("(Tensor g_y, Tensor c2, Tensor c3, Tensor x, Tensor weight, Tens
 
 def _validate(x, weight, in_scale, in_shift, in_centre, stride, padding, dilation, groups) -> ConvGeometry:
     who = _OP
-    check(isinstance(x, torch.Tensor) and x.dim() == 4, f"{who}: x must be a 4-D [N, C, H, W] tensor, got "
-          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-    check(x.dtype in FLOAT_DTYPES, f"{who}: x dtype {x.dtype} has no kernel (float32/float16/bfloat16)")
-    check(isinstance(weight, torch.Tensor) and weight.dtype == x.dtype and weight.device == x.device,
-          f"{who}: weight must be a tensor of x's dtype {x.dtype} on {x.device}")
-    geom = ConvGeometry.make(tuple(x.shape), tuple(weight.shape), stride, padding, dilation, groups, who)
+    geom = conv_geometry(who, x, weight, stride, padding, dilation, groups)
     check((in_scale is None) == (in_shift is None), f"{who}: in_scale and in_shift go together")
     check(in_centre is None or in_scale is not None, f"{who}: in_centre needs in_scale/in_shift")
     for name, v in (("in_scale", in_scale), ("in_shift", in_shift), ("in_centre", in_centre)):

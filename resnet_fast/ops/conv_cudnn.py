@@ -44,21 +44,11 @@ import contextlib
 import torch
 
 from .. import _ext
-from ..kernels.checks import FLOAT_DTYPES, check, describe
+from ..kernels.checks import check, describe
 from ..kernels.conv_common import ConvGeometry
-from ._common import with_strides_of
+from ._common import conv_geometry, with_strides_of
 
 __all__ = ["conv2d", "conv2d_fused_candidates", "conv_bn_stats", "conv_bn_stats_backward", "conv2d_backward"]
-
-def _geometry(who, x, weight, stride, padding, dilation, groups) -> ConvGeometry:
-    """The conv's validated geometry; ValueError naming the argument for a bad x/weight."""
-    check(isinstance(x, torch.Tensor) and x.dim() == 4,
-          f"{who}: x must be a 4-D [N, C, H, W] tensor, got {describe(x)}")
-    check(x.dtype in FLOAT_DTYPES, f"{who}: x dtype {x.dtype} is not one of float32/float16/bfloat16")
-    check(isinstance(weight, torch.Tensor) and weight.dtype == x.dtype and weight.device == x.device,
-          f"{who}: weight must be a tensor of x's dtype {x.dtype} on {x.device}, got {describe(weight)}")
-    return ConvGeometry.make(tuple(x.shape), tuple(weight.shape), stride, padding, dilation, groups, who)
-
 
 def _vector(who, name, v, n, device, acc=torch.float32):
     """A per-channel vector as the fp32 contiguous one the C++ ops read, or None."""
@@ -141,7 +131,7 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, str
         fp32 affine (as eager conv + BatchNorm), the Triton path applies the affine before its one rounding.
     """
     who = "conv2d_cudnn"
-    g = _geometry(who, x, weight, stride, padding, dilation, groups)
+    g = conv_geometry(who, x, weight, stride, padding, dilation, groups)
     bias32 = _vector(who, "bias", bias, g.K, x.device)
     scale = _vector(who, "scale", scale, g.K, x.device)
     shift = _vector(who, "shift", shift, g.K, x.device)
@@ -179,7 +169,7 @@ def conv2d_fused_candidates(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
     * ``"cudnn_conv_add_relu"`` (ReLU and residual; CUDA): ``torch.cudnn_convolution_add_relu`` (alpha 1).
     """
     who = "conv2d_fused"
-    g = _geometry(who, x, weight, stride, padding, dilation, groups)
+    g = conv_geometry(who, x, weight, stride, padding, dilation, groups)
     scale = _vector(who, "scale", scale, g.K, x.device)
     shift = _vector(who, "shift", shift, g.K, x.device)
     bias32 = _vector(who, "bias", bias, g.K, x.device)
@@ -237,7 +227,7 @@ def conv2d_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, s
         empty fp32 tensor unless asked for.
     """
     who = "conv2d_backward_cudnn"
-    g = _geometry(who, x, weight, stride, padding, dilation, groups)
+    g = conv_geometry(who, x, weight, stride, padding, dilation, groups)
     y_shape = (g.N, g.K, g.P, g.Q)
     check(isinstance(grad, torch.Tensor) and tuple(grad.shape) == y_shape and grad.dtype == x.dtype,
           f"{who}: grad must be a {y_shape} {x.dtype} tensor, got {describe(grad)}")
@@ -290,7 +280,7 @@ def conv_bn_stats(x: torch.Tensor, weight: torch.Tensor, in_scale: torch.Tensor 
     """
     from ..kernels.tile_stats import tile_stats
     who = "conv_bn_stats_cudnn"
-    g = _geometry(who, x, weight, stride, padding, dilation, groups)
+    g = conv_geometry(who, x, weight, stride, padding, dilation, groups)
     in_scale, in_shift = _prologue(who, x, in_scale, in_shift, g.C)
     a = x.contiguous(memory_format=torch.channels_last)
     if in_scale is not None:
@@ -324,7 +314,7 @@ def conv_bn_stats_backward(g_y: torch.Tensor, c2: torch.Tensor, c3: torch.Tensor
     """
     from ..kernels.bn_dy import form_dy
     who = "conv_bn_stats_backward_cudnn"
-    g = _geometry(who, x, weight, stride, padding, dilation, groups)
+    g = conv_geometry(who, x, weight, stride, padding, dilation, groups)
     y_shape = (g.N, g.K, g.P, g.Q)
     for name, t in (("g_y", g_y), ("y", y)):
         check(isinstance(t, torch.Tensor) and tuple(t.shape) == y_shape and t.dtype == x.dtype,
