@@ -2,8 +2,9 @@
 
 The reference is the plain block (``resnet_fast.nn.reference``, torchvision-identical) in float64; the fused
 module holds the same weights in float32 and runs ``resnet_fast.nn.train_path.block_forward_train_kernels`` (Triton
-interpreter on CPU). Bounds: outputs ≤ 1e-4 relative (norm), every gradient ≤ 1e-3, running statistics
-≤ 1e-5, weights after SGD steps ≤ 1e-3.
+interpreter on CPU). Bounds: outputs ≤ 1e-4 relative (norm) or 4× the drift of the same block in fp32 PyTorch
+after the same SGD steps, every gradient ≤ 1e-3, running statistics ≤ 1e-5 (or 4× that drift), weights after
+SGD steps ≤ 1e-3.
 """
 import copy
 
@@ -84,7 +85,9 @@ def test_block_train_steps_match_torch(name, make_plain, fused_cls, cin, kernel_
         x = x64.detach().float().to(kernel_device).contiguous(memory_format=torch.channels_last).requires_grad_(True)
         out_p, out_f, out_t = plain(x64), fused(x), twin(x64.detach().float())
         assert out_f.dtype == torch.float32 and out_f.shape == out_p.shape
-        assert rel_err(out_f, out_p) < 1e-4, f"step {step} output {rel_err(out_f, out_p):.2e}"
+        # fp32 drift compounds over SGD steps: bounded like the running statistics, by PyTorch's own fp32 twin
+        tol = max(1e-4, 4 * rel_err(out_t, out_p))
+        assert rel_err(out_f, out_p) < tol, f"step {step} output {rel_err(out_f, out_p):.2e} (tolerance {tol:.1e})"
         g = torch.randn_like(out_p)
         opt_p.zero_grad()
         opt_f.zero_grad()

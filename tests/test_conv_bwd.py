@@ -350,31 +350,35 @@ def test_wgrad_split_k_is_deterministic(kernel_device, triton_backend):
     assert _rel(runs[5].cpu(), runs[1].cpu().double()) < 1e-6
 
 
-def _stem_case(dtype, device, x_layout, seed):
+def _stem_case(dtype, device, x_layout, seed, c=3):
     """A stem-like conv (C = 3, 7×7/2, pad 3) with K = 16 output channels: dy channels_last and 16-aligned, so
-    wgrad takes its PACKED path (every (r, s, c) of the filter along the GEMM's N); x in ``x_layout``."""
+    wgrad takes its PACKED path (every (r, s, c) of the filter along the GEMM's N); x in ``x_layout``. C = 3 takes
+    it over x padded to 4 channels (PACK_C); C = 12, too many for that, over x as given."""
     gen = torch.Generator().manual_seed(seed)
-    x64 = torch.randn(2, 3, 11, 10, generator=gen).to(dtype).double()
+    x64 = torch.randn(2, c, 11, 10, generator=gen).to(dtype).double()
     dy64 = torch.randn(2, 16, 6, 5, generator=gen).to(dtype).double()
     x = x64.to(dtype).to(device).contiguous(memory_format=x_layout)
     dy = dy64.to(dtype).to(device).contiguous(memory_format=CL)
-    return x64, dy64, x, dy, (16, 3, 7, 7), dict(stride=2, padding=3, dilation=1, groups=1)
+    return x64, dy64, x, dy, (16, c, 7, 7), dict(stride=2, padding=3, dilation=1, groups=1)
 
 
-@pytest.mark.parametrize("dtype,x_layout,idx64", [(torch.float32, CL, False), (torch.float16, CL, False),
-                                                  (torch.float32, torch.contiguous_format, False),
-                                                  (torch.float32, CL, True)])
-def test_wgrad_packed_stem(kernel_device, triton_backend, monkeypatch, dtype, x_layout, idx64):
-    # C < 16: one program's N packs all 147 (r, s, c) columns (10 N tiles of 16 here); plain, the training
-    # fusions and the sums, split 1 and 3, any x strides; the int64 offsets (IDX64) forced on give the same
+@pytest.mark.parametrize("dtype,x_layout,idx64,c", [(torch.float32, CL, False, 3), (torch.float16, CL, False, 3),
+                                                    (torch.float32, torch.contiguous_format, False, 3),
+                                                    (torch.float32, CL, True, 3), (torch.float32, CL, False, 12),
+                                                    (torch.float16, torch.contiguous_format, True, 12)])
+def test_wgrad_packed_stem(kernel_device, triton_backend, monkeypatch, dtype, x_layout, idx64, c):
+    # C < 16: one program's N packs all R*S*C (r, s, c) columns (C = 3: padded to 4, 196 columns in 13 N tiles of
+    # 16 here); plain, the training fusions and the sums, split 1 and 3, any x strides; the int64 offsets (IDX64)
+    # forced on give the same
     import resnet_fast.kernels.conv_wgrad as wg
     taken = []
     real = wg._packed
     monkeypatch.setattr(wg, "_packed", lambda *a: taken.append(real(*a)) or taken[-1])
     if idx64:
         monkeypatch.setattr(wg, "_needs_int64", lambda *a: True)
-    x64, dy64, x, dz, wshape, conv = _stem_case(dtype, kernel_device, x_layout, seed=21)
-    sc, sh, _, sc64, sh64, _ = _bn_relu_input(3, kernel_device, seed=22)
+    x64, dy64, x, dz, wshape, conv = _stem_case(dtype, kernel_device, x_layout, seed=21, c=c)
+    assert bool(ConvGeometry.make(x.shape, wshape, 2, 3).pack_c) == (c == 3)
+    sc, sh, _, sc64, sh64, _ = _bn_relu_input(c, kernel_device, seed=22)
     y_prev64 = _away_from_kink(x64, sc64, sh64).to(dtype).double()
     y_prev = y_prev64.to(dtype).to(kernel_device).contiguous(memory_format=x_layout)
     a64 = torch.relu(y_prev64 * sc64.view(1, -1, 1, 1) + sh64.view(1, -1, 1, 1))
@@ -431,7 +435,7 @@ def test_wgrad_path_switches():
     x, dy = meta(256, 3, 224, 224), meta(256, 64, 112, 112)
     cands, default = wg._candidates(g, dy, x)
     assert cands == (default,) and wg._packed(g, default, dy, x) and not wg._needs_int64(g, dy, x)
-    assert wg._grid(g, default, True, 4, True) == ((1, 2, 4), 2)  # 147 columns in two 128-wide tiles
+    assert wg._grid(g, default, True, 4, True) == ((1, 1, 4), 1)  # 7*7*4 = 196 columns in one 256-wide tile
     assert not wg._packed(g, default, meta(256, 64, 112, 112, fmt=torch.contiguous_format), x)
     assert not wg._packed(g, ConvConfig(48, 128, 64, 8, 8, 2), dy, x)  # Kg % BLOCK_M != 0
     g = ConvGeometry.make((256, 64, 56, 56), (64, 64, 3, 3), 1, 1)

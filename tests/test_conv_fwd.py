@@ -361,17 +361,30 @@ def test_fallbacks_are_counted_and_correct(kernel_device, triton_backend, monkey
 
 
 def test_weight_pack_cache_never_stale(kernel_device, triton_backend):
-    x, w, _ = make(1, 4, 4, 4, 5, 3, 3, 1, torch.float32, kernel_device)
+    x, w, _ = make(1, 20, 4, 4, 5, 3, 3, 1, torch.float32, kernel_device)
     p1 = conv_fwd.pack_weight(w, 1, torch.float32)
     assert conv_fwd.pack_weight(w, 1, torch.float32) is p1  # cached
-    assert p1.shape == (5, 3, 3, 16) and torch.all(p1[..., 4:] == 0)
-    assert torch.equal(p1[..., :4], w.permute(0, 2, 3, 1))
+    assert p1.shape == (5, 3, 3, 32) and torch.all(p1[..., 20:] == 0)
+    assert torch.equal(p1[..., :20], w.permute(0, 2, 3, 1))
     conv2d(x, w, padding=1)
     with torch.no_grad():
         w.mul_(-2.0)  # in place: bumps _version
     assert conv_fwd.pack_weight(w, 1, torch.float32) is not p1
     y = conv2d(x, w, padding=1)
     assert rel_err(y, reference(x, w, padding=1)) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("C,S", [(3, 7), (1, 5), (8, 3)])
+def test_dense_taps_weight_layout(C, S):
+    """Few channels, groups 1: ``[K, R, taps_k]``, column ``s*pack_c + c``, zeros past C and past S taps."""
+    w = torch.randn(6, C, 2, S)
+    g = ConvGeometry.make((1, C, 9, 9), w.shape)
+    p = conv_fwd.pack_weight(w, 1, torch.float32)
+    assert g.pack_c and p.shape == g.packed_weight_shape == (6, 2, g.taps_k)
+    want = torch.zeros(6, 2, g.taps_k)
+    for s in range(S):
+        want[:, :, s * g.pack_c:s * g.pack_c + C] = w[:, :, :, s].permute(0, 2, 1)
+    assert torch.equal(p, want)
 
 
 def test_custom_op_fake_and_compile(kernel_device, triton_backend):

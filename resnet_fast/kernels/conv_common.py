@@ -7,9 +7,11 @@ Conventions (every conv kernel of this package):
   ``Kg = K/groups`` columns per group, and reduces over ``R*S*Cg`` (filter taps × input channels per group).
 * An output pixel ``(p, q)`` and a tap ``(r, s)`` read input pixel
   ``h = p*stride_h - pad_h + r*dil_h``, ``w = q*stride_w - pad_w + s*dil_w`` (zero outside the image).
-* Packed forward weights are ``[K, R, S, Cg_pad]`` (KRSC) with ``Cg_pad = round_up(Cg, CHANNEL_PAD)``: the
-  stem's ``C = 3`` and ResNeXt's 4 channels per group become one 16-wide MMA step of zeros instead of a
-  special case; the activation itself is never padded (loads mask ``c >= Cg``).
+* Packed forward weights are ``[K, R, S, Cg_pad]`` (KRSC) with ``Cg_pad = round_up(Cg, CHANNEL_PAD)``: ResNeXt's
+  4 channels per group become one 16-wide MMA step of zeros instead of a special case, and the activation is
+  not padded (loads mask ``c >= Cg``). A conv with few channels and ``groups == 1`` (the stem's ``C = 3``)
+  instead takes the dense-taps path (:attr:`ConvGeometry.pack_c`): weights ``[K, R, taps_k]``, one K-step per
+  filter row, the activation zero-padded to 4 channels.
 * Offsets that can pass 2**31 elements (anything scaled by the batch index or the GEMM row) are int64;
   offsets inside one image stay int32, which :meth:`ConvGeometry.check_index_range` guarantees.
 
@@ -28,11 +30,14 @@ import triton.language as tl
 
 from .checks import check_tensor, check_vector
 
-__all__ = ["ConvGeometry", "conv_output_size", "pair", "CHANNEL_PAD", "round_up", "DyBN", "check_dy_bn",
+__all__ = ["ConvGeometry", "conv_output_size", "pair", "CHANNEL_PAD", "DENSE_MAX_C", "DENSE_MAX_K", "round_up",
+           "DyBN", "check_dy_bn", "dense_input",
            "rows_aligned", "ordered_signature", "rows_to_npq", "input_coords",
            "swizzle_pid"]
 
 CHANNEL_PAD = 16  # smallest MMA reduction step for 16-bit operands (and 8 for tf32): pad Cg to this
+DENSE_MAX_C = 8   # the forward's dense-taps path (ConvGeometry.pack_c): at most this many input channels ...
+DENSE_MAX_K = 64  # ... and a filter row of S taps × pack_c channels of at most this many
 _INT32_MAX = 2**31 - 1
 
 
@@ -99,6 +104,31 @@ class ConvGeometry:
         return round_up(self.Cg, CHANNEL_PAD)
 
     @property
+    def pack_c(self) -> int:
+        """Channels per pixel of the forward's dense-taps path, 0 where it does not apply. It applies to
+        ``groups == 1`` convs with at most :data:`DENSE_MAX_C` channels and ``S > 1`` whose filter row fits one
+        MMA step of at most :data:`DENSE_MAX_K`: one K-step per filter row ``r`` reduces over its ``S`` taps ×
+        ``pack_c`` channels, which NHWC keeps contiguous. ``pack_c`` is ``C`` rounded up to a power of two >= 4 (the
+        launcher zero-pads ``x`` to it), so each pixel is an 8- or 16-byte vector: pipelined cp.async instead of
+        2-byte loads. The stem: 7 taps × 4 = 28 of a 32-wide step, 7 steps instead of 49 of 16."""
+        pc = max(4, 1 << max(0, (self.C - 1).bit_length()))
+        if self.groups != 1 or self.C > DENSE_MAX_C or self.S == 1 or self.S * pc > DENSE_MAX_K:
+            return 0
+        return pc
+
+    @property
+    def taps_k(self) -> int:
+        """The dense-taps path's reduction per step (its BLOCK_K): ``S * pack_c`` rounded up to a power of two
+        >= :data:`CHANNEL_PAD`."""
+        return max(CHANNEL_PAD, 1 << (self.S * self.pack_c - 1).bit_length())
+
+    @property
+    def packed_weight_shape(self) -> tuple:
+        """The forward's packed weight: ``[K, R, S, Cg_pad]``, or ``[K, R, taps_k]`` on the dense-taps path (column
+        ``s*pack_c + c``, zeros past ``c >= C`` and ``s >= S``)."""
+        return (self.K, self.R, self.taps_k) if self.pack_c else (self.K, self.R, self.S, self.Cg_pad)
+
+    @property
     def M(self) -> int:
         """GEMM rows: output pixels ``N*P*Q``."""
         return self.N * self.P * self.Q
@@ -146,6 +176,19 @@ class ConvGeometry:
 
 
 # --------------------------------------------------------------------------------------- launcher helpers
+def dense_input(x: torch.Tensor, g: ConvGeometry) -> torch.Tensor:
+    """``x [N, C, H, W]`` as the dense-taps paths read it (:attr:`ConvGeometry.pack_c`): a channels_last-contiguous
+    ``[N, pack_c, H, W]`` copy whose channels ``>= C`` are zero (they meet zero weights in the forward; wgrad never
+    stores their columns). One pass over the image (the stem's 3 channels -> 4); ``x`` itself where it already is
+    that tensor."""
+    if g.C == g.pack_c and x.is_contiguous(memory_format=torch.channels_last):
+        return x
+    xp = torch.empty((g.N, g.pack_c, g.H, g.W), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    xp[:, g.C:].zero_()
+    xp[:, :g.C].copy_(x)
+    return xp
+
+
 class DyBN(NamedTuple):
     """The backward kernels' "BN backward on load": ``dy = c1·dz + c2·(y − mean) + c3`` per element, formed while
     loading the gradient operand (then ``dz``, the gradient w.r.t. the BN output) and never stored.

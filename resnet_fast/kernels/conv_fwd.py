@@ -12,8 +12,16 @@ reduced over ``R*S`` taps × ``Cg`` input channels. One program owns a ``BLOCK_M
 (tap, channel block), so Triton software-pipelines the loads across taps; ``tl.dot`` accumulates in fp32
 (wgmma on sm_90, mma on sm_80). The A tile is gathered from ``x`` with the padding/out-of-range rows and
 channels ``c >= Cg`` masked to zero; the B tile comes from the packed weight ``[K, R, S, Cg_pad]`` whose
-zero-padded channels let ``C = 3`` or 4 channels per group run as a 16-wide MMA step. A 1×1 stride-1
+zero-padded channels let 4 channels per group run as a 16-wide MMA step. A 1×1 stride-1
 unpadded conv (``POINTWISE``) skips the pixel math: row ``m`` reads ``x`` at ``m*C``.
+
+Dense taps (``PACK_C``, :attr:`ConvGeometry.pack_c`: ``groups == 1``, at most 8 channels, ``S > 1`` -- the
+stem): padding 3 channels to a 16-wide step per tap would spend 49 steps of 16 on 147 real terms. Instead the
+launcher zero-pads ``x`` to ``PACK_C`` channels (4 for the stem: each pixel an 8-byte vector, so cp.async and
+pipelining), and one K-step covers a whole filter row ``r``: its ``S`` taps × ``PACK_C`` channels are contiguous
+in NHWC, columns ``s*PACK_C + c`` of a ``taps_k``-wide step (28 of 32 for the stem; 7 steps). The weight is
+packed to match (``[K, R, taps_k]``). Column positions and bounds are computed once per program; a step adds
+only the row's ``h``. The prologue's per-channel vectors are loaded once, before the loop.
 
 ``TMA`` (a tuning candidate, ``ConvConfig.tma``; pointwise convs with ``groups=1`` on sm_90+): the A and B tiles
 come from host-built TMA descriptors of ``x`` as a ``[M, C]`` matrix and the packed weight as ``[K, Cg_pad]``
@@ -57,7 +65,7 @@ from . import autotune as _tune
 from . import configs as _cfg
 from .checks import FLOAT_DTYPES, check, check_operand_dtype, check_vector, describe
 from .configs import ConvConfig
-from .conv_common import (ConvGeometry, input_coords, ordered_signature, rows_to_npq,
+from .conv_common import (ConvGeometry, dense_input, input_coords, ordered_signature, rows_to_npq,
                           swizzle_pid)
 from .tile_stats import TileStats, tile_centred_sums
 
@@ -78,6 +86,7 @@ def _conv_fwd_kernel(
         HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr,
         RELU: tl.constexpr, PROLOGUE: tl.constexpr, IN_RELU: tl.constexpr, STATS: tl.constexpr,
         DOT_IEEE: tl.constexpr, C_ALIGN: tl.constexpr, EVEN_C: tl.constexpr, TMA: tl.constexpr,
+        PACK_C: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     grp = tl.program_id(1)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -95,8 +104,35 @@ def _conv_fwd_kernel(
     offs_c = tl.arange(0, BLOCK_K)
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if PACK_C:  # few channels: one step per filter row, its S taps × PACK_C channels dense (see the docstring)
+        s_j = offs_c // PACK_C
+        c_j = offs_c % PACK_C
+        w_j = q[:, None] * stride_w - pad_w + (s_j * dil_w)[None, :]  # [BLOCK_M, BLOCK_K], the same every row r
+        col_ok = (s_j < S)[None, :] & (w_j >= 0) & (w_j < W)
+        x_pix = (n * H * W * PACK_C)[:, None] + (w_j * PACK_C + c_j[None, :])  # groups 1: no group offset
+        w_row = tl.multiple_of(k_glob * (R * BLOCK_K), 16)
+        if PROLOGUE:  # per column, once: the loop reads no per-channel vector
+            p_scale = tl.load(in_scale_ptr + tl.minimum(c_j, C - 1))[None, :]
+            p_shift = tl.load(in_shift_ptr + tl.minimum(c_j, C - 1))[None, :]
+        for r in range(0, R):
+            h = p * stride_h - pad_h + r * dil_h
+            a_mask = (row_ok & (h >= 0) & (h < H))[:, None] & col_ok
+            a = tl.load(x_ptr + x_pix + (h * (W * PACK_C))[:, None], mask=a_mask, other=0.0)
+            b = tl.load(w_ptr + (w_row + r * BLOCK_K)[None, :] + offs_c[:, None], mask=n_ok[None, :], other=0.0)
+            if PROLOGUE:
+                af = a.to(tl.float32) * p_scale + p_shift
+                if IN_RELU:
+                    af = tl.maximum(af, 0.0)
+                a = tl.where(a_mask, af, 0.0).to(x_ptr.dtype.element_ty)
+            if DOT_IEEE:
+                acc = tl.dot(a, b, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, b, acc)
     c_blocks = tl.cdiv(Cg, BLOCK_K)
-    for it in range(0, R * S * c_blocks):
+    steps = R * S * c_blocks
+    if PACK_C:
+        steps = 0
+    for it in range(0, steps):
         rs = it // c_blocks
         c0 = (it - rs * c_blocks) * BLOCK_K
         cc = c0 + offs_c
@@ -174,14 +210,20 @@ _PACK_CACHE_MAX = 256
 def _pack_eager(weight: torch.Tensor, groups: int, dtype: torch.dtype) -> torch.Tensor:
     K, Cg, R, S = weight.shape
     g = ConvGeometry.make((1, Cg * groups, R, S), weight.shape, groups=groups, who="pack_weight")
+    krsc = weight.detach().permute(0, 2, 3, 1)
+    if g.pack_c:  # dense taps: row r's column s*pack_c + c
+        out = torch.zeros((K, R, S, g.pack_c), dtype=dtype, device=weight.device)
+        out[..., :Cg] = krsc
+        return torch.nn.functional.pad(out.reshape(K, R, S * g.pack_c), (0, g.taps_k - S * g.pack_c))
     out = torch.zeros((K, R, S, g.Cg_pad), dtype=dtype, device=weight.device)
-    out[..., :Cg] = weight.detach().permute(0, 2, 3, 1)
+    out[..., :Cg] = krsc
     return out
 
 
 def pack_weight(weight: torch.Tensor, groups: int, dtype: torch.dtype) -> torch.Tensor:
     """OIHW ``weight [K, C/groups, R, S]`` -> ``[K, R, S, Cg_pad]`` in ``dtype`` (channels zero-padded to a
-    multiple of 16), cached.
+    multiple of 16), or ``[K, R, taps_k]`` where the dense-taps path applies (:attr:`ConvGeometry.pack_c`;
+    :attr:`ConvGeometry.packed_weight_shape` says which), cached.
 
     The cache key is (data_ptr, shape, strides, dtype, target dtype, device, groups); an entry is used only
     while the very tensor it was packed from is alive and its ``_version`` is unchanged, so an in-place
@@ -222,7 +264,7 @@ def tma_eligible(x: torch.Tensor, w_packed: torch.Tensor, g: ConvGeometry, dot_i
     allows TMA (:func:`configs.tma_allowed`), 16-byte-aligned ``x``/``w_packed`` bases and ``x`` rows
     (``C * itemsize % 16 == 0``), ``M < 2**31`` rows, and a tensor-core dot (IEEE fp32 is FMA work, whose
     operand layout gains nothing from TMA)."""
-    return (g.is_pointwise and g.groups == 1 and not dot_ieee and 0 < g.M < 2**31
+    return (g.is_pointwise and g.groups == 1 and not g.pack_c and not dot_ieee and 0 < g.M < 2**31
             and (g.C * x.element_size()) % 16 == 0 and x.data_ptr() % 16 == 0 and w_packed.data_ptr() % 16 == 0
             and _cfg.tma_allowed(x.device))
 
@@ -276,8 +318,8 @@ def _validate_fwd(x, w_packed, g: ConvGeometry, bias, scale, shift, residual, in
     dtype, device = x.dtype, x.device
     check(tuple(x.shape) == (g.N, g.C, g.H, g.W), f"{who}: x shape {tuple(x.shape)} does not match {g}")
     check(x.is_contiguous(memory_format=torch.channels_last), f"{who}: x must be channels_last-contiguous")
-    check(tuple(w_packed.shape) == (g.K, g.R, g.S, g.Cg_pad) and w_packed.is_contiguous(),
-          f"{who}: w_packed must be a contiguous [K, R, S, Cg_pad] = {(g.K, g.R, g.S, g.Cg_pad)} tensor, got "
+    check(tuple(w_packed.shape) == g.packed_weight_shape and w_packed.is_contiguous(),
+          f"{who}: w_packed must be a contiguous {g.packed_weight_shape} tensor from pack_weight, got "
           f"{tuple(w_packed.shape)}")
     check(w_packed.dtype == dtype and w_packed.device == device,
           f"{who}: w_packed is {w_packed.dtype} on {w_packed.device}, expected {dtype} on {device}")
@@ -315,7 +357,8 @@ def _launch_fwd(x, w_packed, g: ConvGeometry, v: _FwdOperands, residual, part, c
         HAS_BIAS=v.bias is not None, HAS_SCALE=v.scale is not None, HAS_SHIFT=v.shift is not None,
         HAS_RES=residual is not None, RELU=bool(relu), PROLOGUE=v.in_scale is not None, IN_RELU=bool(in_relu),
         STATS=part is not None, DOT_IEEE=dot_ieee, C_ALIGN=_pow2_divisor(g.Cg, 16), EVEN_C=g.Cg % cfg.BLOCK_K == 0,
-        TMA=cfg.tma, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
+        TMA=cfg.tma, PACK_C=g.pack_c, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
+        GROUP_M=cfg.GROUP_M,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
@@ -351,6 +394,7 @@ def conv2d_nhwc(x: torch.Tensor, w_packed: torch.Tensor, geometry: ConvGeometry,
     switches = FwdSwitches(prologue=v.in_scale is not None, stats=bool(stats), residual=residual is not None,
                            dot_ieee=bool(dot_ieee), tma=tma_ok)
     partials_for: dict = {}  # per tile count, so tuning launches reuse one buffer
+    xk = dense_input(x, g) if g.pack_c else x
 
     def launch(cfg: ConvConfig):
         tiles_m = triton.cdiv(g.M, cfg.BLOCK_M)
@@ -364,15 +408,21 @@ def conv2d_nhwc(x: torch.Tensor, w_packed: torch.Tensor, geometry: ConvGeometry,
             if part is not None:
                 part.zero_()
             return part
-        _launch_fwd(x, w_packed, g, v, residual, part, cfg, relu=relu, in_relu=in_relu, dot_ieee=dot_ieee)
+        _launch_fwd(xk, w_packed, g, v, residual, part, cfg, relu=relu, in_relu=in_relu, dot_ieee=dot_ieee)
         return part
 
     if config is None:
-        candidates = _cfg.prune(_cfg.fwd_configs(x.dtype), g.M, g.Kg, g.Cg_pad, x.dtype)
-        default = _cfg.heuristic(candidates, g.M, g.Kg, g.Cg_pad)  # never TMA: it has to win a measurement
+        if g.pack_c:  # dense taps: BLOCK_K is the filter row's width
+            candidates = [replace(c, BLOCK_K=g.taps_k) for c in _cfg.DENSE_CONFIGS]
+            default = candidates[0]
+        else:
+            candidates = _cfg.prune(_cfg.fwd_configs(x.dtype), g.M, g.Kg, g.Cg_pad, x.dtype)
+            default = _cfg.heuristic(candidates, g.M, g.Kg, g.Cg_pad)  # never TMA: it has to win a measurement
         if tma_ok:
             candidates += _tma_variants(candidates)
         config = _tune.choose("conv_fwd", g, x.dtype, x.device, candidates, switches, launch, default)
+    if g.pack_c:  # a pinned, interpreter or tuned config runs its tile with the row's width
+        config = replace(config, BLOCK_K=g.taps_k)
     check(not config.tma or tma_ok, f"{who}: config {config.name()} uses TMA, which this launch cannot "
                                     "(see conv_fwd.tma_eligible)")
     part = launch(config)
@@ -386,8 +436,10 @@ _TL = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 def compile_specs() -> list:
     """(jit_fn, signature, constexprs, options, is_gemm, div16) for :mod:`.compile_check`: every forward
     candidate of bf16 and fp32 (tf32) at a 3×3 stride-1 geometry with the inference epilogue, one fp16, the
-    fully fused training variant (prologue + residual + stats), the pointwise path, the stem's unaligned
-    C=3 path, IEEE fp32 (FMA, not a wgmma GEMM), and on the pointwise path every TMA twin the launcher may offer
+    fully fused training variant (prologue + residual + stats), the pointwise path, the unaligned C=3 path
+    (grouped convs with few channels per group take it), the dense-taps path (the stem) in every
+    :data:`configs.DENSE_CONFIGS` tile, plain and fused, bf16 and fp32, IEEE fp32 (FMA, not a wgmma GEMM), and
+    on the pointwise path every TMA twin the launcher may offer
     (bf16 and fp32/tf32) and the fused training variant's (descriptor arguments: the check also
     requires TMA loads in their PTX)."""
     fn = _conv_fwd_kernel
@@ -397,22 +449,23 @@ def compile_specs() -> list:
     ints = ("H", "W", "C", "P", "Q", "K", "Cg", "Kg", "Cg_pad", "M", "stride_h", "stride_w", "pad_h", "pad_w",
             "dil_h", "dil_w")
 
-    def spec(dtype, cfg, *, pointwise=False, fused=False, ieee=False, stem=False):
+    def spec(dtype, cfg, *, pointwise=False, fused=False, ieee=False, stem=False, dense=False):
         dt = _TL[dtype]
         sig = {p: ("*fp32" if p in fp32_ptrs else f"*{dt}") for p in ptrs}
         if cfg.tma:
             sig["x_desc"] = f"tensordesc<{dt}[{cfg.BLOCK_M}, {cfg.BLOCK_K}]>"
             sig["w_desc"] = f"tensordesc<{dt}[{cfg.BLOCK_N}, {cfg.BLOCK_K}]>"
         sig.update({i: "i32" for i in ints})
-        rs = 7 if stem else 1 if pointwise else 3
+        rs = 7 if stem or dense else 1 if pointwise else 3
         cx = dict(R=rs, S=rs, POINTWISE=pointwise, HAS_BIAS=False, HAS_SCALE=True, HAS_SHIFT=True,
                   HAS_RES=fused, RELU=True, PROLOGUE=fused, IN_RELU=fused, STATS=fused, DOT_IEEE=ieee,
-                  C_ALIGN=1 if stem else 16, EVEN_C=not stem, TMA=cfg.tma, BLOCK_M=cfg.BLOCK_M,
+                  C_ALIGN=1 if stem or dense else 16, EVEN_C=not (stem or dense), TMA=cfg.tma,
+                  PACK_C=4 if dense else 0, BLOCK_M=cfg.BLOCK_M,
                   BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M)
         sig.update({k: "constexpr" for k in cx})
         sig = ordered_signature(fn, sig)
         # channel counts as Triton specialises them for ResNet layers (multiples of 16; the stem's C=3 not)
-        div16 = ("K", "Kg", "Cg_pad") + (() if stem else ("C", "Cg"))
+        div16 = ("K", "Kg", "Cg_pad") + (() if stem or dense else ("C", "Cg"))
         return (fn, sig, cx, {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}, not ieee, div16)
 
     bf16, fp32 = _cfg.fwd_configs(torch.bfloat16), _cfg.fwd_configs(torch.float32)
@@ -420,6 +473,8 @@ def compile_specs() -> list:
     specs += [spec(torch.float16, bf16[0]), spec(torch.bfloat16, bf16[0], fused=True),
               spec(torch.bfloat16, bf16[0], pointwise=True), spec(torch.bfloat16, bf16[-2], stem=True),
               spec(torch.float32, next(c for c in fp32 if c.BLOCK_M == c.BLOCK_N == 64), ieee=True)]
+    specs += [spec(dt, cfg, dense=True, fused=fused) for dt in (torch.bfloat16, torch.float32)
+              for cfg in _cfg.DENSE_CONFIGS for fused in (False, True)]
     specs += [spec(dt, cfg, pointwise=True) for dt, cands in ((torch.bfloat16, bf16), (torch.float32, fp32))
               for cfg in _tma_variants(cands)]
     specs += [spec(torch.bfloat16, _tma_variants(bf16)[0], pointwise=True, fused=True)]

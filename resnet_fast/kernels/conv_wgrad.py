@@ -50,8 +50,12 @@ path compiles without spills on sm_90 (see :data:`WGRAD_CONFIGS`).
 Few channels (``PACKED``, :func:`_packed`: C/groups < 16 with an aligned dy -- the stem's C = 3 in
 channels_last): the GEMM's N is every ``(r, s, c)`` of the filter (147 columns for 7×7×3, two 128-wide tiles),
 not one tap's channels padded to a tile, so the stem runs 2 programs per chunk instead of 49, each reading its
-dy tile (16-byte cp.async, formed under DY_BN) once for all taps; x is gathered per element (an NHWC pixel is
-6 bytes: no vector loads) with per-column tap offsets and bounds. Its config is :data:`_PACKED_CONFIG`.
+dy tile (16-byte cp.async, formed under DY_BN) once for all taps. Where the forward's dense-taps path applies
+(``PACK_C``, :attr:`ConvGeometry.pack_c`: groups 1, at most 8 channels -- the stem), the launcher pads x to
+``PACK_C`` channels as the forward does (one pass over the image), columns are ``(r*S + s)*PACK_C + c`` (196 for
+the stem) and each pixel arrives as one 8-byte vector: cp.async, pipelined, :data:`_DENSE_CONFIG`; the padded
+channels' columns are computed and never stored. Otherwise x is gathered per element with any strides (an NHWC
+pixel of 3 channels is 6 bytes: no vector loads), :data:`_PACKED_CONFIG`.
 """
 from __future__ import annotations
 
@@ -65,7 +69,7 @@ import triton.language as tl
 from .checks import FLOAT_DTYPES, check_operand_dtype, check_tensor, check_vector
 from .autotune import choose
 from .configs import ConvConfig, checked_candidates, conv_allows_tf32, for_dtype
-from .conv_common import (CHANNEL_PAD, ConvGeometry, DyBN, check_dy_bn, ordered_signature,
+from .conv_common import (CHANNEL_PAD, ConvGeometry, DyBN, check_dy_bn, dense_input, ordered_signature,
                           rows_aligned, rows_to_npq)
 from .conv_dgrad import dy_on_load
 
@@ -100,6 +104,11 @@ _GENERAL_CONFIG = WGRAD_CONFIGS[-1]  # the one config whose masked general path 
 # The PACKED path's config (the stem: 7·7·3 = 147 (r, s, c) columns in one 256-wide N tile, K = 64 in one M tile):
 # one program per chunk reads each dy tile once for every tap.
 _PACKED_CONFIG = ConvConfig(64, 128, 64, 8, 8, 2)
+# The PACKED path over x padded to PACK_C channels (ConvGeometry.pack_c, the stem: 7·7·4 = 196 columns): x arrives
+# as 8-byte vectors, so registers allow one 256-wide N tile (the dy transform once for all 196 columns) and a
+# 3-stage pipeline. sm_90 bf16 dy_bn: 417 instructions per warp per step (the per-element path: 1,285), 2 tiles
+# in flight, 186 registers.
+_DENSE_CONFIG = ConvConfig(64, 256, 32, 8, 8, 3)
 
 
 def _aligned(g: ConvGeometry, cfg: ConvConfig, dy: torch.Tensor, x: torch.Tensor) -> bool:
@@ -114,7 +123,7 @@ def _candidates(g: ConvGeometry, dy: torch.Tensor, x: torch.Tensor) -> tuple:
     <= 32 takes the general config. The default is the 128x128 tile when both channel counts reach 128, 128x64 or
     64x128 when one does, else 64x64, where a candidate; else the first candidate."""
     general = for_dtype(_GENERAL_CONFIG, dy.dtype)
-    packed = for_dtype(_PACKED_CONFIG, dy.dtype)
+    packed = for_dtype(_DENSE_CONFIG if g.pack_c else _PACKED_CONFIG, dy.dtype)
     if _packed(g, packed, dy, x):
         return (packed,), packed
     if g.Cg <= 32:
@@ -216,7 +225,7 @@ def _conv_wgrad_kernel(
         SH: tl.constexpr, SW: tl.constexpr, S: tl.constexpr, TILES_N: tl.constexpr, SPLIT: tl.constexpr,
         PROLOGUE: tl.constexpr, DY_BN: tl.constexpr, DY_RELU: tl.constexpr, SUMS: tl.constexpr,
         DOT_IEEE: tl.constexpr, ALIGNED: tl.constexpr, PACKED: tl.constexpr, IDX64: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        PACK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid1 = tl.program_id(1)
     tap = pid1 // TILES_N  # PACKED: always 0 (every tap is in the GEMM's N)
@@ -243,8 +252,19 @@ def _conv_wgrad_kernel(
     else:
         k_ok = offs_k < Kg
         k_glob = grp * Kg + offs_k
-    if PACKED:  # column = (r*S + s)*Cg + c: in NHWC a filter row's S taps × Cg channels are contiguous
+    if PACK_C:  # PACKED over x padded to PACK_C channels: column = (r*S + s)*PACK_C + c, vectors of PACK_C
+        r_col = offs_c // (S * PACK_C)
+        s_col = offs_c // PACK_C % S
+        c_col = offs_c % PACK_C
+        c_ok = r_col < R
+        st_ok = c_ok & (c_col < Cg)  # dW has no column for a padded channel
+        c_glob = tl.minimum(c_col, Cg - 1)  # the prologue's vectors; a padded channel's column is never stored
+        h_col = r_col * dil_h
+        w_col = s_col * dil_w
+        x_col = (h_col * W + w_col) * PACK_C + c_col
+    elif PACKED:  # column = (r*S + s)*Cg + c: in NHWC a filter row's S taps × Cg channels are contiguous
         c_ok = offs_c < R * S * Cg
+        st_ok = c_ok
         r_col = offs_c // (S * Cg)
         s_col = offs_c // Cg % S
         c_col = offs_c % Cg
@@ -254,11 +274,13 @@ def _conv_wgrad_kernel(
         x_col = h_col * sx_h + w_col * sx_w + c_glob * sx_c
     elif ALIGNED:  # Cg % BLOCK_N == 0
         c_ok = tl.full([BLOCK_N], True, tl.int1)
+        st_ok = c_ok
         c_col = offs_c
         c_glob = tl.multiple_of(grp * Cg + pid_n * BLOCK_N, 16) + tl.arange(0, BLOCK_N)
         x_col = c_glob * sx_c
     else:
         c_ok = offs_c < Cg
+        st_ok = c_ok
         c_col = offs_c
         c_glob = grp * Cg + offs_c
         x_col = c_glob * sx_c
@@ -304,7 +326,10 @@ def _conv_wgrad_kernel(
         # B = x [BLOCK_K, BLOCK_N] at the tap's input position, zero padding
         h = p * SH + h0
         w = q * SW + w0
-        x_pix = n * sx_n + h * sx_h + w * sx_w
+        if PACK_C:  # x is the padded [N, PACK_C, H, W] channels_last copy: every pixel a PACK_C vector
+            x_pix = ((n * H + h) * W + w) * PACK_C
+        else:
+            x_pix = n * sx_n + h * sx_h + w * sx_w
         if PACKED:  # each column has its own tap: the bounds per element, unsigned (one compare per side)
             hc = (h[:, None] + h_col[None, :]).to(tl.uint32, bitcast=True)
             wc = (w[:, None] + w_col[None, :]).to(tl.uint32, bitcast=True)
@@ -329,7 +354,7 @@ def _conv_wgrad_kernel(
     else:
         col_off = c_col * so_c + r * so_r + s * so_s
     o_off = split * so_split + (k_glob * so_k)[:, None] + col_off[None, :]
-    tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=k_ok[:, None] & c_ok[None, :])
+    tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=k_ok[:, None] & st_ok[None, :])
 
 
 @triton.jit
@@ -417,7 +442,7 @@ def _grid(g: ConvGeometry, cfg: ConvConfig, packed: bool, n_split: int, need_dw:
     """The GEMM grid (output-channel tiles, taps × N tiles, chunks × groups) and TILES_N. PACKED: the R*S*Cg
     (tap, channel) columns in N tiles, no tap axis. need_dw=False: only the first column, whose programs form
     the sums."""
-    tiles_n = triton.cdiv(g.R * g.S * g.Cg if packed else g.Cg, cfg.BLOCK_N)
+    tiles_n = triton.cdiv(g.R * g.S * (g.pack_c or g.Cg) if packed else g.Cg, cfg.BLOCK_N)
     taps = 1 if packed else g.R * g.S
     return (triton.cdiv(g.Kg, cfg.BLOCK_M), taps * tiles_n if need_dw else 1, n_split * g.groups), tiles_n
 
@@ -429,6 +454,9 @@ def _launch_wgrad(cfg: ConvConfig, g: ConvGeometry, grad_out, x, dw, sums, pro_o
     (the :class:`DyBN` fields) are placeholders where their switch is off."""
     npq = g.N * g.P * g.Q
     packed = _packed(g, cfg, grad_out, x)
+    pack_c = g.pack_c if packed else 0
+    if pack_c:  # x as the forward's dense-taps path reads it: PACK_C-wide pixel vectors
+        x = dense_input(x, g)
     n_split = sw.split if sw.split is not None else pick_split(g, cfg, first_column_only=not sw.need_dw,
                                                                packed=packed, transforms=sw.dy_bn + sw.prologue)
     chunk = triton.cdiv(triton.cdiv(npq, n_split), cfg.BLOCK_K) * cfg.BLOCK_K
@@ -451,8 +479,8 @@ def _launch_wgrad(cfg: ConvConfig, g: ConvGeometry, grad_out, x, dw, sums, pro_o
         SH=g.stride[0], SW=g.stride[1], S=g.S, TILES_N=tiles_n, SPLIT=n_split,
         PROLOGUE=sw.prologue, DY_BN=sw.dy_bn, DY_RELU=sw.dy_relu, SUMS=sw.dy_sums,
         DOT_IEEE=sw.dot_ieee, ALIGNED=_aligned(g, cfg, grad_out, x), PACKED=packed,
-        IDX64=_needs_int64(g, grad_out, x), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        IDX64=_needs_int64(g, grad_out, x), PACK_C=pack_c, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
+        BLOCK_K=cfg.BLOCK_K, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if n_split > 1:
         if sw.need_dw:
             _combine(out, dw, n_split, g.R * g.S, g.Cg)
@@ -539,7 +567,8 @@ def compile_specs() -> list:
     and pixel strides multiples of 16 as Triton's launcher specialises them for ResNet layers; the masked general
     path at the config the launcher gives it (64×32), without divisibility hints (its worst case: the stem's
     C=3, 4-32 channels per group, NCHW strides); the PACKED path at its config, with the stem's 7×7/2 and dy's
-    hints (x's NHWC pixel stride is 3); int32 offsets (IDX64 off, every ResNet-50 layer at batch 256) and one
+    hints, over x padded to 4 channels (PACK_C, the stem) and over x as given (PACK_C=0: x's NHWC pixel stride
+    may be 3); int32 offsets (IDX64 off, every ResNet-50 layer at batch 256) and one
     IDX64 spec per path; the combine kernel."""
     ints = ("H", "W", "R", "Cg", "Kg", "P", "Q", "NPQ", "CHUNK", "so_sum", "pad_h", "pad_w", "dil_h", "dil_w",
             "sdy_n", "sdy_h", "sdy_w", "sx_n", "sx_h", "sx_w", "so_split", "so_k", "so_c", "so_r", "so_s")
@@ -550,7 +579,7 @@ def compile_specs() -> list:
              "so_k", "so_r", "so_s")
     div16_packed = ("Kg", "NPQ", "CHUNK", "so_sum", "sdy_n", "sdy_h", "sdy_w", "so_split")
 
-    def spec(base, dt, tdt, variant, aligned, ieee=False, packed=False, idx64=False):
+    def spec(base, dt, tdt, variant, aligned, ieee=False, packed=False, idx64=False, pack_c=0):
         cfg = for_dtype(base, tdt)
         sig = {"dy_ptr": f"*{dt}", "x_ptr": f"*{dt}", "out_ptr": "*fp32", "isc_ptr": "*fp32",
                "ish_ptr": "*fp32", "z_ptr": f"*{dt}", "c1_ptr": "*fp32", "c2_ptr": "*fp32",
@@ -558,7 +587,7 @@ def compile_specs() -> list:
         sig.update({name: "i32" for name in ints})
         cx = {"sdy_c": 1, "sx_c": 1, "SH": 2, "SW": 2, "S": 7 if packed else 3, "TILES_N": 1 if packed else 2,
               "SPLIT": 4, "PROLOGUE": False, "DY_BN": False, "DY_RELU": False, "SUMS": False, **VARIANTS[variant],
-              "DOT_IEEE": ieee, "ALIGNED": aligned, "PACKED": packed, "IDX64": idx64,
+              "DOT_IEEE": ieee, "ALIGNED": aligned, "PACKED": packed, "IDX64": idx64, "PACK_C": pack_c,
               "BLOCK_M": cfg.BLOCK_M, "BLOCK_N": cfg.BLOCK_N, "BLOCK_K": cfg.BLOCK_K}
         sig.update({k: "constexpr" for k in cx})
         return (_conv_wgrad_kernel, ordered_signature(_conv_wgrad_kernel, sig), cx,
@@ -568,15 +597,18 @@ def compile_specs() -> list:
     dtypes = (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32))
     specs = [spec(base, dt, tdt, v, True) for base in WGRAD_CONFIGS for dt, tdt in dtypes for v in VARIANTS]
     specs += [spec(_GENERAL_CONFIG, dt, tdt, v, False) for dt, tdt in dtypes for v in VARIANTS]
-    specs += [spec(_PACKED_CONFIG, dt, tdt, v, False, packed=True) for dt, tdt in dtypes for v in VARIANTS]
+    specs += [spec(_DENSE_CONFIG if pc else _PACKED_CONFIG, dt, tdt, v, False, packed=True, pack_c=pc)
+              for dt, tdt in dtypes for v in VARIANTS for pc in (0, 4)]
     specs += [spec(WGRAD_CONFIGS[1], "bf16", torch.bfloat16, "fused", True, idx64=True),
-              spec(_GENERAL_CONFIG, "bf16", torch.bfloat16, "fused", False, idx64=True),
-              spec(_PACKED_CONFIG, "bf16", torch.bfloat16, "dy_bn", False, packed=True, idx64=True)]
+              spec(_GENERAL_CONFIG, "bf16", torch.bfloat16, "fused", False, idx64=True)]
+    specs += [spec(_DENSE_CONFIG if pc else _PACKED_CONFIG, "bf16", torch.bfloat16, "dy_bn", False, packed=True,
+                   idx64=True, pack_c=pc) for pc in (0, 4)]
     # IEEE fp32 (the default unless TF32 is allowed, configs.conv_allows_tf32): FMA, not wgmma, by design
     specs += [spec(base, "fp32", torch.float32, v, aligned, ieee=True)
               for base, aligned in [(b, True) for b in WGRAD_CONFIGS] + [(_GENERAL_CONFIG, False)]
               for v in VARIANTS]
-    specs += [spec(_PACKED_CONFIG, "fp32", torch.float32, v, False, ieee=True, packed=True) for v in VARIANTS]
+    specs += [spec(_DENSE_CONFIG if pc else _PACKED_CONFIG, "fp32", torch.float32, v, False, ieee=True,
+                   packed=True, pack_c=pc) for v in VARIANTS for pc in (0, 4)]
     specs.append((_wgrad_combine_kernel, {"part_ptr": "*fp32", "out_ptr": "*bf16", "NUMEL": "i32", "RS": "i32",
                                           "CG": "i32", "SPLIT": "constexpr", "BLOCK": "constexpr"},
                   {"SPLIT": 4, "BLOCK": _COMBINE_BLOCK}, {"num_warps": 4, "num_stages": 1}, False))

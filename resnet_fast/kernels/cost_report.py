@@ -11,7 +11,7 @@ Layers: every conv of ResNet-50 (batch 256, 224², bf16, channels_last activatio
 * ``fwd/infer`` -- ``ops.conv2d`` with the folded-BN epilogue (scale, shift; ReLU except the downsample; the
   residual on a bottleneck's conv3); ``fwd/train`` -- ``conv_bn_stats`` (STATS; the BN+ReLU PROLOGUE on conv2/conv3);
 * ``dgrad/train``, ``wgrad/train`` -- ``conv_bn_stats_backward``: ``dy_bn`` (conv1, downsample, stem) or ``fused``
-  (conv2/conv3: dgrad's dReLU/dBN epilogue, wgrad's prologue); no dgrad for the stem (the op runs only the
+  (conv2/conv3: dgrad's dReLU/dBN epilogue, wgrad's prologue);; no dgrad for the stem (the op runs only the
   gradients autograd asks for, and the image needs none);
 * ``dgrad/infer``, ``wgrad/infer`` -- ``ops.conv2d``'s backward: ``dy_bn_relu`` / ``dy_bn_relu_sums`` (``dy_bn`` /
   ``sums`` for the downsample, which has no ReLU); none for the stem (the image needs no gradient).
@@ -48,10 +48,12 @@ Per layer: ``tiles`` (the launch grid), ``steps`` per tile (average over dgrad's
 ``ctas_per_sm = min(64K registers ÷ (regs rounded to 8 × 32 × warps), 228 KB ÷ (shared + 1 KB), 64 warps ÷ warps,
 32)``, ``waves = tiles ÷ (132 × ctas_per_sm)``, ``tail_efficiency = waves ÷ ceil(waves)``. Times at 1.83 GHz:
 ``mma_us`` = tiles × steps × mma_cycles ÷ 132 SMs; ``issue_us`` = mma_us × issue_ratio; ``memory_us`` = compulsory
-bytes (each operand read once, outputs and fp32 split-K partials written once, BN partials ignored) ÷ 3.35 TB/s;
+bytes (each operand read once, outputs and fp32 split-K partials written once, BN partials ignored) plus the
+dense-taps pad pass (the stem's image written as 4 channels and read back, in the forward and again in wgrad; not
+in the roofline) ÷ 3.35 TB/s;
 ``est_us = max(mma, issue, memory) ÷ tail_efficiency``. ``est_fraction_of_roofline`` = roofline time ÷ est_us, the
 roofline being max(useful FMAs at 989 TFLOPS, compulsory bytes at 3.35 TB/s): padding waste (the stem's 3
-channels padded to 16, partial tiles) and wave tails count against it.
+channels padded to 4 and its 28-wide filter rows to 32, partial tiles) and wave tails count against it.
 
 Ignored: L2 re-reads of operands by neighbouring tiles, the prologue/epilogue (address setup, stores, stats),
 latency (a dependent load chain or a wgmma wait that the pipeline depth does not cover), bank conflicts,
@@ -274,6 +276,7 @@ class Launch:
     useful_fma: int
     bytes: int
     sig: dict = dataclasses.field(default_factory=dict)
+    extra_bytes: int = 0  # traffic beyond the compulsory bytes (the dense-taps path's pad pass): time, not roofline
 
     def spec_key(self) -> str:
         return json.dumps([self.module, self.fn_name, sorted(self.cx.items()), sorted(self.opts.items()),
@@ -345,14 +348,21 @@ def launches(kernels=("fwd", "dgrad", "wgrad")) -> list:
         prologue = pos in ("conv2", "conv3")
         relu = pos != "downsample"
         if "fwd" in kernels:
-            cands = cfgs.prune(cfgs.fwd_configs(tdt), g.M, g.Kg, g.Cg_pad, tdt)
-            c = cfgs.heuristic(cands, g.M, g.Kg, g.Cg_pad)
-            sig, div16 = _template(conv_fwd, conv_fwd._conv_fwd_kernel, dt, TMA=False,
-                                   EVEN_C=g.Cg % c.BLOCK_K == 0)
-            if g.Cg % 16:
-                div16 = tuple(n for n in div16 if n not in ("C", "Cg"))
+            if g.pack_c:  # dense taps: the launcher's default, one step per filter row; x padded to pack_c first
+                c = dataclasses.replace(cfgs.DENSE_CONFIGS[0], BLOCK_K=g.taps_k)
+                sig, div16 = _template(conv_fwd, conv_fwd._conv_fwd_kernel, dt, PACK_C=g.pack_c)
+                steps = g.R
+                pad = 2 * g.N * g.pack_c * g.H * g.W if g.C != g.pack_c else 0  # the pad pass: written, read
+            else:
+                cands = cfgs.prune(cfgs.fwd_configs(tdt), g.M, g.Kg, g.Cg_pad, tdt)
+                c = cfgs.heuristic(cands, g.M, g.Kg, g.Cg_pad)
+                sig, div16 = _template(conv_fwd, conv_fwd._conv_fwd_kernel, dt, TMA=False, PACK_C=0,
+                                       EVEN_C=g.Cg % c.BLOCK_K == 0)
+                if g.Cg % 16:
+                    div16 = tuple(n for n in div16 if n not in ("C", "Cg"))
+                steps = g.R * g.S * triton.cdiv(g.Cg, c.BLOCK_K)
+                pad = 0
             tiles = triton.cdiv(g.M, c.BLOCK_M) * triton.cdiv(g.Kg, c.BLOCK_N) * g.groups
-            steps = g.R * g.S * triton.cdiv(g.Cg, c.BLOCK_K)
             residual = pos == "conv3"
             for role, variant, flags, extra in (
                     ("infer", "scale_shift" + ("_res" if residual else "") + ("_relu" if relu else ""),
@@ -362,12 +372,14 @@ def launches(kernels=("fwd", "dgrad", "wgrad")) -> list:
                 cx = dict(R=g.R, S=g.S, POINTWISE=g.is_pointwise, HAS_BIAS=False, HAS_SCALE=role == "infer",
                           HAS_SHIFT=role == "infer", HAS_RES=False, RELU=False, PROLOGUE=False, IN_RELU=False,
                           STATS=False, DOT_IEEE=False, C_ALIGN=conv_fwd._pow2_divisor(g.Cg, 16),
-                          EVEN_C=g.Cg % c.BLOCK_K == 0, TMA=False, BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N,
-                          BLOCK_K=c.BLOCK_K, GROUP_M=c.GROUP_M)
+                          EVEN_C=g.Cg % c.BLOCK_K == 0, TMA=False, PACK_C=g.pack_c, BLOCK_M=c.BLOCK_M,
+                          BLOCK_N=c.BLOCK_N, BLOCK_K=c.BLOCK_K, GROUP_M=c.GROUP_M)
                 cx.update(flags)
+                passes = 0
                 add(Launch(name, 1, role, "fwd", variant, c.name(), "conv_fwd", "_conv_fwd_kernel",
                            _merge_cx(sig, cx, "conv_fwd"), {"num_warps": c.num_warps, "num_stages": c.num_stages},
-                           div16, g.Cg % 16 == 0, tiles, steps, fma, (nx + nw + ny + extra) * esize, sig))
+                           div16, g.Cg % 16 == 0, tiles, steps, fma, (nx + nw + ny + extra) * esize, sig,
+                           (pad + passes) * esize))
         bwd = [("train", "fused" if prologue else "dy_bn")]
         if pos != "stem":  # the inference op computes no input gradient for the image
             bwd.append(("infer", "dy_bn_relu" if relu else "dy_bn"))
@@ -407,10 +419,13 @@ def launches(kernels=("fwd", "dgrad", "wgrad")) -> list:
                 cands, c = conv_wgrad._candidates(g, y, x)
                 aligned = conv_wgrad._aligned(g, c, y, x)
                 packed = conv_wgrad._packed(g, c, y, x)
+                pack_c = g.pack_c if packed else 0
                 sig, div16 = _template(conv_wgrad, conv_wgrad._conv_wgrad_kernel, dt, ALIGNED=aligned,
-                                       PACKED=packed, IDX64=False)
+                                       PACKED=packed, IDX64=False, PACK_C=pack_c)
                 npq = g.N * g.P * g.Q
-                transforms = sum(conv_wgrad.VARIANTS[variant].get(k, False) for k in ("DY_BN", "PROLOGUE"))
+                vflags = dict(conv_wgrad.VARIANTS[variant])
+                passes = 0
+                transforms = sum(vflags.get(k, False) for k in ("DY_BN", "PROLOGUE"))
                 split = conv_wgrad.pick_split(g, c, first_column_only=not need_dw, packed=packed,
                                               transforms=transforms)
                 chunk = triton.cdiv(triton.cdiv(npq, split), c.BLOCK_K) * c.BLOCK_K
@@ -419,15 +434,17 @@ def launches(kernels=("fwd", "dgrad", "wgrad")) -> list:
                 tiles = math.prod(grid)
                 cx = dict(sdy_c=1, sx_c=1, SH=g.stride[0], SW=g.stride[1], S=g.S, TILES_N=tiles_n, SPLIT=split,
                           PROLOGUE=False, DY_BN=False, DY_RELU=False, SUMS=False, DOT_IEEE=False, ALIGNED=aligned,
-                          PACKED=packed, IDX64=conv_wgrad._needs_int64(g, y, x), BLOCK_M=c.BLOCK_M,
+                          PACKED=packed, IDX64=conv_wgrad._needs_int64(g, y, x), PACK_C=pack_c, BLOCK_M=c.BLOCK_M,
                           BLOCK_N=c.BLOCK_N, BLOCK_K=c.BLOCK_K)
-                cx.update(conv_wgrad.VARIANTS[variant])
+                cx.update(vflags)
                 parts = nw * 4 * (2 * split if split > 1 else 1)  # fp32 partials written and read back, or dW
                 nbytes = (ny * (2 if cx["DY_BN"] else 1) + nx) * esize + parts
                 add(Launch(name, 1, role, "wgrad", variant, c.name() + f"-split{split}", "conv_wgrad",
                            "_conv_wgrad_kernel", _merge_cx(sig, cx, "conv_wgrad"),
                            {"num_warps": c.num_warps, "num_stages": c.num_stages}, div16, aligned, tiles,
-                           chunk / c.BLOCK_K, fma, nbytes, sig))
+                           chunk / c.BLOCK_K, fma, nbytes, sig,
+                           (2 * g.N * pack_c * g.H * g.W if pack_c and g.C != pack_c else 0) * esize
+                           + passes * esize))
     return list(seen.values())
 
 
@@ -444,10 +461,10 @@ def model(la: Launch, spec: dict) -> dict:
     tail = waves / math.ceil(waves)
     mma_us = la.tiles * la.steps * spec["mma_cycles"] / NUM_SMS / CLOCK_HZ * 1e6
     issue_us = mma_us * spec["issue_ratio"]
-    memory_us = la.bytes / HBM_BYTES_PER_S * 1e6
+    memory_us = (la.bytes + la.extra_bytes) / HBM_BYTES_PER_S * 1e6
     est_us = max(mma_us, issue_us, memory_us) / tail
     peak = NUM_SMS * FMA_PER_CLK_SM[spec["dtype"]] * CLOCK_HZ
-    roof_us = max(la.useful_fma / peak * 1e6, memory_us)
+    roof_us = max(la.useful_fma / peak * 1e6, la.bytes / HBM_BYTES_PER_S * 1e6)
     return {"layer": la.layer, "count": la.count, "role": la.role, "kernel": la.kernel, "variant": la.variant,
             "config": la.config, "aligned": la.aligned, "registers": spec["registers"], "shared": spec["shared"],
             "spills": spec["spills"] + spec["local_bytes"], "instr_per_step": spec["instr_per_step"],
