@@ -5,6 +5,8 @@ Every shape family of ResNet's forward, with and without the training fusions an
 interpreter, where the launchers refuse it: bf16 runs in the GPU-marked tests only). Configs are pinned and
 small so the interpreter covers several tiles per dimension, partial tiles and several stride phases.
 """
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings
@@ -271,9 +273,17 @@ def test_dgrad_narrow_channel_path(kernel_device, triton_backend, dtype):
     assert _rel(part[1].sum(0).cpu(), (dz_ref * (y64 - mu64.view(1, -1, 1, 1))).sum((0, 2, 3))) < 2 * TOL[dtype]
 
 
-@pytest.mark.parametrize("family,dtype", [("3x3s2", torch.float32), ("3x3s2", torch.float16),
-                                          ("groups4cpg", torch.float32), ("aligned3x3s2", torch.float16)])
-def test_wgrad_prologue_and_bn_backward_on_load(kernel_device, triton_backend, family, dtype):
+@pytest.mark.parametrize("family,dtype,pp", [("3x3s2", torch.float32, False), ("3x3s2", torch.float16, False),
+                                             ("groups4cpg", torch.float32, False),
+                                             ("aligned3x3s2", torch.float16, False), ("3x3s1", torch.float32, True),
+                                             ("dil2", torch.float16, True)])
+def test_wgrad_prologue_and_bn_backward_on_load(kernel_device, triton_backend, monkeypatch, family, dtype, pp):
+    # pp: the prologue as its own pass (the C++ bn_relu, once per call) and the GEMM without it
+    import resnet_fast.kernels.conv_wgrad as wg
+    passes = []
+    real_apply = wg._pass.apply
+    monkeypatch.setattr(wg._pass, "apply", lambda *a: passes.append(1) or real_apply(*a))
+    cfg = dataclasses.replace(WCFG, prologue_pass=pp)
     x64, w64, dy64, _, _, dz, conv = _case(family, dtype, kernel_device, seed=4)
     C = x64.shape[1]
     sc, sh, _, sc64, sh64, _ = _bn_relu_input(C, kernel_device, seed=7)
@@ -281,12 +291,13 @@ def test_wgrad_prologue_and_bn_backward_on_load(kernel_device, triton_backend, f
     y_prev = y_prev64.to(dtype).to(kernel_device).contiguous(memory_format=CL)
     a64 = torch.relu(y_prev64 * sc64.view(1, -1, 1, 1) + sh64.view(1, -1, 1, 1))
     out = conv2d_wgrad_nhwc(dz, y_prev, w64.shape, **conv, in_scale=sc, in_shift=sh, split=1,
-                            allow_tf32=False, config=WCFG)
+                            allow_tf32=False, config=cfg)
     assert _rel(out.cpu(), conv2d_weight(a64, w64.shape, dy64, **conv)) < 2 * TOL[dtype]
     dy_bn, dy_eff = _dy_bn(w64.shape[0], dy64, kernel_device, dtype, seed=8)
     out = conv2d_wgrad_nhwc(dz, y_prev, w64.shape, **conv, in_scale=sc, in_shift=sh, dy_bn=dy_bn, split=2,
-                            allow_tf32=False, config=WCFG)
+                            allow_tf32=False, config=cfg)
     assert _rel(out.cpu(), conv2d_weight(a64, w64.shape, dy_eff, **conv)) < 2 * TOL[dtype]
+    assert len(passes) == 2 * pp
 
 
 def _relu_mask_case(family, dtype, device, seed):

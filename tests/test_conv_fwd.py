@@ -119,17 +119,24 @@ def test_each_epilogue_term_alone(term, kernel_device, triton_backend):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("geom", [(2, 12, 6, 6, 20, 3, 1, 1, 1), (1, 3, 7, 7, 8, 7, 2, 3, 1)],
-                         ids=["3x3_padded", "stem"])
-def test_prologue_and_stats(geom, dtype, kernel_device, small_config):
+@pytest.mark.parametrize("geom,pp", [((2, 12, 6, 6, 20, 3, 1, 1, 1), False), ((2, 12, 6, 6, 20, 3, 1, 1, 1), True),
+                                     ((1, 3, 7, 7, 8, 7, 2, 3, 1), False), ((1, 3, 7, 7, 8, 7, 2, 3, 1), True)],
+                         ids=["3x3_padded", "3x3_padded_prologue_pass", "stem", "stem_prologue_pass"])
+def test_prologue_and_stats(geom, pp, dtype, kernel_device, small_config, monkeypatch):
+    # pp: the prologue as its own pass (the C++ bn_relu) before the GEMM, which then runs without it
     N, C, H, W, K, R, s, p, gr = geom
     x, w, _ = make(N, C, H, W, K, R, R, gr, dtype, kernel_device, seed=3)
     in_scale = (torch.rand(C) + 0.5).to(kernel_device)
     in_shift = (torch.rand(C) + 0.5).to(kernel_device)  # > 0: relu(shift) would leak into the zero padding
     geo = ConvGeometry.make(x.shape, w.shape, s, p, 1, gr)
     xc = x.contiguous(memory_format=torch.channels_last)
+    passes = []
+    real_apply = conv_fwd._pass.apply
+    monkeypatch.setattr(conv_fwd._pass, "apply", lambda *a: passes.append(1) or real_apply(*a))
+    cfg = dataclasses.replace(SMALL, prologue_pass=pp)
     y, part = conv_fwd.conv2d_nhwc(xc, conv_fwd.pack_weight(w, gr, dtype), geo, in_scale=in_scale,
-                                   in_shift=in_shift, in_relu=True, stats=True)
+                                   in_shift=in_shift, in_relu=True, stats=True, config=cfg)
+    assert len(passes) == pp
     ref = reference(x, w, None, s, p, 1, gr, in_scale=in_scale, in_shift=in_shift, in_relu=True)
     assert rel_err(y, ref) < TOL[dtype]
     # partials: per tile of SMALL.BLOCK_M GEMM rows, Σy and Σ(y - tile mean)² of the stored (rounded) output
@@ -142,9 +149,39 @@ def test_prologue_and_stats(geom, dtype, kernel_device, small_config):
     assert rel_err(part.m2, torch.stack([((t - t.mean(0)) ** 2).sum(0) for t in per_tile])) < 1e-5
     # and the prologue without ReLU, without stats
     y2, none = conv_fwd.conv2d_nhwc(xc, conv_fwd.pack_weight(w, gr, dtype), geo, in_scale=in_scale,
-                                    in_shift=-in_shift)
+                                    in_shift=-in_shift, config=cfg)
     assert none is None
     assert rel_err(y2, reference(x, w, None, s, p, 1, gr, in_scale=in_scale, in_shift=-in_shift)) < TOL[dtype]
+
+
+def test_prologue_pass_offered_where_it_may_pay(monkeypatch):
+    """A prologue on a 3×3 stride-1 conv: every large tile gets a prologue-pass twin and the untuned default is one
+    (the cost report's estimate); stride 2, a 1×1 conv or no prologue: none; a pass config where it is not
+    offered is a ValueError."""
+    seen = {}
+
+    def choose(op, g, dtype, device, candidates, switches, launch, default):
+        seen.update(cands=list(candidates), default=default)
+        return default
+    monkeypatch.setattr(conv_fwd._tune, "choose", choose)
+    monkeypatch.setattr(conv_fwd, "_launch_fwd", lambda *a, **k: None)  # the choice only
+    monkeypatch.setattr(conv_fwd._pass, "apply", lambda x, *a: x)
+    sc = torch.ones(16)
+    for (R, stride, prologue), offered in (((3, 1, True), True), ((3, 2, True), False), ((1, 1, True), False),
+                                           ((3, 1, False), False)):
+        x = torch.randn(2, 16, 8, 8).contiguous(memory_format=torch.channels_last)
+        w = torch.randn(32, 16, R, R)
+        geo = ConvGeometry.make(x.shape, w.shape, stride, R // 2)
+        kw = dict(in_scale=sc, in_shift=sc) if prologue else {}
+        conv_fwd.conv2d_nhwc(x, conv_fwd.pack_weight(w, 1, torch.float32), geo, **kw)
+        assert seen["default"].prologue_pass == offered
+        twins = [c for c in seen["cands"] if c.prologue_pass]
+        assert bool(twins) == offered and all(dataclasses.replace(c, prologue_pass=False) in seen["cands"]
+                                              for c in twins)
+        if not offered:
+            with pytest.raises(ValueError, match="prologue as a pass"):
+                conv_fwd.conv2d_nhwc(x, conv_fwd.pack_weight(w, 1, torch.float32), geo, **kw,
+                                     config=dataclasses.replace(SMALL, prologue_pass=True))
 
 
 def test_stats_partials_feed_bn_finalize(kernel_device, small_config):

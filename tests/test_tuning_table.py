@@ -393,3 +393,12 @@ def test_forget_starts_over(tuner, tmp_path, monkeypatch):
     assert autotune.tuning_report() == {} and autotune.tuning_sources() == {}
     monkeypatch.setenv("RESNET_FAST_AUTOTUNE", "0")
     assert choose() == default()  # the winner lived only in the scratch cache and in memory
+
+
+def test_entry_switch_fields_are_bools():
+    """``tma`` and ``prologue_pass`` round-trip as bools; any other type makes the entry malformed."""
+    from resnet_fast.kernels.tuning_table import config_from_entry
+    cfg = ConvConfig(128, 128, 64, 8, 8, 3, prologue_pass=True)
+    assert config_from_entry(vars(cfg)) == cfg and cfg.name().endswith("-pp")
+    for field in ("tma", "prologue_pass"):
+        assert config_from_entry(dict(vars(cfg), **{field: 1})) is None

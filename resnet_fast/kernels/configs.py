@@ -38,6 +38,7 @@ class ConvConfig:
     num_warps: int = 4
     num_stages: int = 3
     tma: bool = False  # operand tiles by TMA descriptors (the forward's pointwise path, sm_90+; see conv_fwd)
+    prologue_pass: bool = False  # the BN+ReLU prologue as its own pass before the GEMM (see prologue_pass.py)
 
     def smem_bytes(self, elem_bytes: int) -> int:
         """Shared memory of the pipelined A/B tiles (what num_stages multiplies)."""
@@ -45,7 +46,8 @@ class ConvConfig:
 
     def name(self) -> str:
         return (f"m{self.BLOCK_M}n{self.BLOCK_N}k{self.BLOCK_K}g{self.GROUP_M}"
-                f"w{self.num_warps}s{self.num_stages}" + ("-tma" if self.tma else ""))
+                f"w{self.num_warps}s{self.num_stages}" + ("-tma" if self.tma else "")
+                + ("-pp" if self.prologue_pass else ""))
 
 
 # Candidates for 16-bit operands. The large tiles feed wgmma on sm_90 (8 warps = 2 warpgroups); the 16-wide

@@ -63,6 +63,7 @@ except ImportError:  # triton < 3.4: no host-side descriptors (configs.tma_allow
 
 from . import autotune as _tune
 from . import configs as _cfg
+from . import prologue_pass as _pass
 from .checks import FLOAT_DTYPES, check, check_operand_dtype, check_vector, describe
 from .configs import ConvConfig
 from .conv_common import (ConvGeometry, dense_input, input_coords, ordered_signature, rows_to_npq,
@@ -391,6 +392,7 @@ def conv2d_nhwc(x: torch.Tensor, w_packed: torch.Tensor, geometry: ConvGeometry,
         allow_tf32 = _cfg.conv_allows_tf32()
     dot_ieee = x.dtype == torch.float32 and not allow_tf32
     tma_ok = tma_eligible(x, w_packed, g, dot_ieee)
+    pass_ok = _pass.worth_offering(g, v.in_scale is not None)
     switches = FwdSwitches(prologue=v.in_scale is not None, stats=bool(stats), residual=residual is not None,
                            dot_ieee=bool(dot_ieee), tma=tma_ok)
     partials_for: dict = {}  # per tile count, so tuning launches reuse one buffer
@@ -408,7 +410,13 @@ def conv2d_nhwc(x: torch.Tensor, w_packed: torch.Tensor, geometry: ConvGeometry,
             if part is not None:
                 part.zero_()
             return part
-        _launch_fwd(xk, w_packed, g, v, residual, part, cfg, relu=relu, in_relu=in_relu, dot_ieee=dot_ieee)
+        if cfg.prologue_pass:  # the prologue once per element, then the GEMM without it
+            a = _pass.apply(x, v.in_scale, v.in_shift, in_relu)
+            a = dense_input(a, g) if g.pack_c else a
+            _launch_fwd(a, w_packed, g, v._replace(in_scale=None, in_shift=None), residual, part, cfg, relu=relu,
+                        in_relu=False, dot_ieee=dot_ieee)
+        else:
+            _launch_fwd(xk, w_packed, g, v, residual, part, cfg, relu=relu, in_relu=in_relu, dot_ieee=dot_ieee)
         return part
 
     if config is None:
@@ -420,11 +428,18 @@ def conv2d_nhwc(x: torch.Tensor, w_packed: torch.Tensor, geometry: ConvGeometry,
             default = _cfg.heuristic(candidates, g.M, g.Kg, g.Cg_pad)  # never TMA: it has to win a measurement
         if tma_ok:
             candidates += _tma_variants(candidates)
+        if pass_ok:  # the prologue as its own pass: twins of the large tiles, and the untuned default
+            candidates += [replace(c, prologue_pass=True) for c in candidates if c.BLOCK_M * c.BLOCK_N >= 128 * 64]
+            default = replace(default, prologue_pass=True)
+            if default not in candidates:
+                candidates.append(default)
         config = _tune.choose("conv_fwd", g, x.dtype, x.device, candidates, switches, launch, default)
     if g.pack_c:  # a pinned, interpreter or tuned config runs its tile with the row's width
         config = replace(config, BLOCK_K=g.taps_k)
     check(not config.tma or tma_ok, f"{who}: config {config.name()} uses TMA, which this launch cannot "
                                     "(see conv_fwd.tma_eligible)")
+    check(not config.prologue_pass or pass_ok, f"{who}: config {config.name()} runs the prologue as a pass, "
+          "which needs a prologue, a filter of more than one tap and the C++ extension (prologue_pass.worth_offering)")
     part = launch(config)
     return v.out, None if part is None else TileStats(part[0], part[1], config.BLOCK_M)
 

@@ -60,13 +60,15 @@ pixel of 3 channels is 6 bytes: no vector loads), :data:`_PACKED_CONFIG`.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from .checks import FLOAT_DTYPES, check_operand_dtype, check_tensor, check_vector
+from . import prologue_pass as _pass
+from .checks import FLOAT_DTYPES, check, check_operand_dtype, check_tensor, check_vector
 from .autotune import choose
 from .configs import ConvConfig, checked_candidates, conv_allows_tf32, for_dtype
 from .conv_common import (CHANNEL_PAD, ConvGeometry, DyBN, check_dy_bn, dense_input, ordered_signature,
@@ -531,12 +533,25 @@ def conv2d_wgrad_nhwc(grad_out: torch.Tensor, x: torch.Tensor, weight_shape, *, 
     pro_ops = (in_scale, in_shift) if sw.prologue else (dw, dw)
     bn_ops = dy_bn if dy_bn is not None else (grad_out, dw, dw, dw, dw)
 
+    pass_ok = _pass.worth_offering(g, sw.prologue)
+    applied = {}  # the prologue pass's output, formed once for every timed launch
+
     def launch(cfg: ConvConfig):
-        _launch_wgrad(cfg, g, grad_out, x, dw, sums, pro_ops, bn_ops, sw)
+        if cfg.prologue_pass:  # the prologue once per element, then the GEMM without it
+            if "a" not in applied:
+                applied["a"] = _pass.apply(x, in_scale, in_shift, True)
+            _launch_wgrad(cfg, g, grad_out, applied["a"], dw, sums, (dw, dw), bn_ops, sw._replace(prologue=False))
+        else:
+            _launch_wgrad(cfg, g, grad_out, x, dw, sums, pro_ops, bn_ops, sw)
 
     if config is None:
         cands, default = _candidates(g, grad_out, x)
+        if pass_ok:  # twins of every candidate, and the untuned default (see prologue_pass)
+            cands = tuple(cands) + tuple(replace(c, prologue_pass=True) for c in cands)
+            default = replace(default, prologue_pass=True)
         config = choose("conv_wgrad", g, grad_out.dtype, dev, cands, sw, launch, default)
+    check(not config.prologue_pass or pass_ok, f"{who}: config {config.name()} runs the prologue as a pass, "
+          "which needs a prologue, a filter of more than one tap and the C++ extension (prologue_pass.worth_offering)")
     launch(config)
     return (dw if need_dw else None, sums) if dy_sums else dw
 

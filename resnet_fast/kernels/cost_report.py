@@ -11,7 +11,10 @@ Layers: every conv of ResNet-50 (batch 256, 224², bf16, channels_last activatio
 * ``fwd/infer`` -- ``ops.conv2d`` with the folded-BN epilogue (scale, shift; ReLU except the downsample; the
   residual on a bottleneck's conv3); ``fwd/train`` -- ``conv_bn_stats`` (STATS; the BN+ReLU PROLOGUE on conv2/conv3);
 * ``dgrad/train``, ``wgrad/train`` -- ``conv_bn_stats_backward``: ``dy_bn`` (conv1, downsample, stem) or ``fused``
-  (conv2/conv3: dgrad's dReLU/dBN epilogue, wgrad's prologue);; no dgrad for the stem (the op runs only the
+  (conv2/conv3: dgrad's dReLU/dBN epilogue, wgrad's prologue); on a filter of more than one tap (conv2) the
+  forward's and wgrad's prologue runs as its own pass (:mod:`.prologue_pass`, the launchers' untuned default
+  there with the C++ extension; config suffix ``-pp``): the record is the GEMM without it, and the pass's two
+  activation passes count as extra bytes; no dgrad for the stem (the op runs only the
   gradients autograd asks for, and the image needs none);
 * ``dgrad/infer``, ``wgrad/infer`` -- ``ops.conv2d``'s backward: ``dy_bn_relu`` / ``dy_bn_relu_sums`` (``dy_bn`` /
   ``sums`` for the downsample, which has no ReLU); none for the stem (the image needs no gradient).
@@ -322,7 +325,7 @@ def launches(kernels=("fwd", "dgrad", "wgrad")) -> list:
     import torch
     import triton
     from . import configs as cfgs
-    from . import conv_dgrad, conv_fwd, conv_wgrad
+    from . import conv_dgrad, conv_fwd, conv_wgrad, prologue_pass
     from .conv_common import ConvGeometry
     dt, tdt, esize = "bf16", torch.bfloat16, 2
     CL = torch.channels_last
@@ -375,8 +378,12 @@ def launches(kernels=("fwd", "dgrad", "wgrad")) -> list:
                           EVEN_C=g.Cg % c.BLOCK_K == 0, TMA=False, PACK_C=g.pack_c, BLOCK_M=c.BLOCK_M,
                           BLOCK_N=c.BLOCK_N, BLOCK_K=c.BLOCK_K, GROUP_M=c.GROUP_M)
                 cx.update(flags)
+                cr = c
                 passes = 0
-                add(Launch(name, 1, role, "fwd", variant, c.name(), "conv_fwd", "_conv_fwd_kernel",
+                if prologue_pass.may_pay(g, cx["PROLOGUE"]):  # the launcher's default there: the pass, then no
+                    cx.update(PROLOGUE=False, IN_RELU=False)   # prologue in the loop
+                    cr, passes = dataclasses.replace(c, prologue_pass=True), 2 * nx
+                add(Launch(name, 1, role, "fwd", variant, cr.name(), "conv_fwd", "_conv_fwd_kernel",
                            _merge_cx(sig, cx, "conv_fwd"), {"num_warps": c.num_warps, "num_stages": c.num_stages},
                            div16, g.Cg % 16 == 0, tiles, steps, fma, (nx + nw + ny + extra) * esize, sig,
                            (pad + passes) * esize))
@@ -425,6 +432,9 @@ def launches(kernels=("fwd", "dgrad", "wgrad")) -> list:
                 npq = g.N * g.P * g.Q
                 vflags = dict(conv_wgrad.VARIANTS[variant])
                 passes = 0
+                if prologue_pass.may_pay(g, vflags.get("PROLOGUE", False)):  # the launcher's default: the pass
+                    vflags["PROLOGUE"], passes = False, 2 * nx
+                    c = dataclasses.replace(c, prologue_pass=True)
                 transforms = sum(vflags.get(k, False) for k in ("DY_BN", "PROLOGUE"))
                 split = conv_wgrad.pick_split(g, c, first_column_only=not need_dw, packed=packed,
                                               transforms=transforms)

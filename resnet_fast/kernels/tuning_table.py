@@ -231,17 +231,18 @@ def _impl_name_ok(name) -> bool:
 
 _CONFIG_FIELDS = frozenset(f.name for f in fields(ConvConfig))
 _REQUIRED_FIELDS = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
+_BOOL_FIELDS = ("tma", "prologue_pass")
 
 
 def config_from_entry(entry) -> Optional[ConvConfig]:
     """The :class:`ConvConfig` a cache or table entry (``asdict(cfg)``) describes, or None when it is not one:
-    unknown or missing tile fields, or values of the wrong type (positive ints; ``tma`` a bool). Entries written
-    before a field existed (no ``tma``) still read, with the field's default."""
+    unknown or missing tile fields, or values of the wrong type (positive ints; ``tma``, ``prologue_pass`` bools).
+    Entries written before a field existed (no ``tma``) still read, with the field's default."""
     if not isinstance(entry, dict) or not set(entry) <= _CONFIG_FIELDS \
             or not all(k in entry for k in _REQUIRED_FIELDS):
         return None
     for k, v in entry.items():
-        ok = isinstance(v, bool) if k == "tma" else (isinstance(v, int) and not isinstance(v, bool) and v > 0)
+        ok = isinstance(v, bool) if k in _BOOL_FIELDS else (isinstance(v, int) and not isinstance(v, bool) and v > 0)
         if not ok:
             return None
     return ConvConfig(**entry)

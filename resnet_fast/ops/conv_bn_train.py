@@ -18,10 +18,11 @@ with c1 = 1 -- formed while loading dy in dgrad and wgrad (their ``dy_bn`` optio
 prologue, dgrad's dReLU epilogue returns ``dz = dA*[x*in_scale + in_shift > 0]`` and per-tile Σdz,
 Σdz·(x - in_centre), and stores ``grad_x = dz*in_scale[c]`` (its ``out_scale``), so the in_scale/in_shift
 gradients are those sums and grad_x is exact, a channel with in_scale exactly 0 (BN gamma 0) included.
-wgrad recomputes ``a`` from x in its prologue. Saved: x, weight, in_scale, in_shift, in_centre, y,
-mean, invstd -- no normalised activations. Only the gradients ``needs_input_grad`` asks for are computed: no
-dgrad when x needs none and there is no prologue whose in_scale/in_shift need one (the network's input
-image), no wgrad when the weight needs none.
+wgrad recomputes ``a`` from x in its prologue (for a 3×3 stride-1 conv by default in a pass before the GEMM:
+:mod:`resnet_fast.kernels.prologue_pass`, a tuning choice of the launchers, as in the forward). Saved: x, weight,
+in_scale, in_shift, in_centre, y, mean, invstd -- no normalised activations. Only the gradients ``needs_input_grad``
+asks for are computed: no dgrad when x needs none and there is no prologue whose in_scale/in_shift need one (the
+network's input image), no wgrad when the weight needs none.
 
 Implementation per conv: the forward body and the backward body each ask
 :func:`resnet_fast.kernels.autotune.choose_impl` (roles ``conv_bn_stats`` and ``conv_bn_stats_backward``;
