@@ -401,8 +401,8 @@ def test_weight_pack_cache_never_stale(kernel_device, triton_backend):
     x, w, _ = make(1, 20, 4, 4, 5, 3, 3, 1, torch.float32, kernel_device)
     p1 = conv_fwd.pack_weight(w, 1, torch.float32)
     assert conv_fwd.pack_weight(w, 1, torch.float32) is p1  # cached
-    assert p1.shape == (5, 3, 3, 32) and torch.all(p1[..., 20:] == 0)
-    assert torch.equal(p1[..., :20], w.permute(0, 2, 3, 1))
+    assert p1.shape == (256, 3, 3, 32) and torch.all(p1[..., 20:] == 0) and torch.all(p1[5:] == 0)  # K_pad rows
+    assert torch.equal(p1[:5, ..., :20], w.permute(0, 2, 3, 1))
     conv2d(x, w, padding=1)
     with torch.no_grad():
         w.mul_(-2.0)  # in place: bumps _version
@@ -417,10 +417,10 @@ def test_dense_taps_weight_layout(C, S):
     w = torch.randn(6, C, 2, S)
     g = ConvGeometry.make((1, C, 9, 9), w.shape)
     p = conv_fwd.pack_weight(w, 1, torch.float32)
-    assert g.pack_c and p.shape == g.packed_weight_shape == (6, 2, g.taps_k)
-    want = torch.zeros(6, 2, g.taps_k)
+    assert g.pack_c and p.shape == g.packed_weight_shape == (256, 2, g.taps_k)
+    want = torch.zeros(256, 2, g.taps_k)
     for s in range(S):
-        want[:, :, s * g.pack_c:s * g.pack_c + C] = w[:, :, :, s].permute(0, 2, 1)
+        want[:6, :, s * g.pack_c:s * g.pack_c + C] = w[:, :, :, s].permute(0, 2, 1)
     assert torch.equal(p, want)
 
 

@@ -7,11 +7,11 @@ Conventions (every conv kernel of this package):
   ``Kg = K/groups`` columns per group, and reduces over ``R*S*Cg`` (filter taps × input channels per group).
 * An output pixel ``(p, q)`` and a tap ``(r, s)`` read input pixel
   ``h = p*stride_h - pad_h + r*dil_h``, ``w = q*stride_w - pad_w + s*dil_w`` (zero outside the image).
-* Packed forward weights are ``[K, R, S, Cg_pad]`` (KRSC) with ``Cg_pad = round_up(Cg, CHANNEL_PAD)``: ResNeXt's
-  4 channels per group become one 16-wide MMA step of zeros instead of a special case, and the activation is
-  not padded (loads mask ``c >= Cg``). A conv with few channels and ``groups == 1`` (the stem's ``C = 3``)
-  instead takes the dense-taps path (:attr:`ConvGeometry.pack_c`): weights ``[K, R, taps_k]``, one K-step per
-  filter row, the activation zero-padded to 4 channels.
+* Packed forward weights are ``[K_pad, R, S, Cg_pad]`` (KRSC, rows zero-padded to a multiple of 256) with ``Cg_pad =
+  round_up(Cg, CHANNEL_PAD)``: ResNeXt's 4 channels per group become one 16-wide MMA step of zeros instead of a
+  special case, and the activation is not padded (loads mask ``c >= Cg``). A conv with few channels and ``groups ==
+  1`` (the stem's ``C = 3``) instead takes the dense-taps path (:attr:`ConvGeometry.pack_c`): weights ``[K_pad, R,
+  taps_k]``, one K-step per filter row, the activation zero-padded to 4 channels.
 * Offsets that can pass 2**31 elements (anything scaled by the batch index or the GEMM row) are int64;
   offsets inside one image stay int32, which :meth:`ConvGeometry.check_index_range` guarantees.
 
@@ -30,12 +30,14 @@ import triton.language as tl
 
 from .checks import check_tensor, check_vector
 
-__all__ = ["ConvGeometry", "conv_output_size", "pair", "CHANNEL_PAD", "DENSE_MAX_C", "DENSE_MAX_K", "round_up",
+__all__ = ["ConvGeometry", "conv_output_size", "pair", "CHANNEL_PAD", "W_ROW_PAD", "DENSE_MAX_C", "DENSE_MAX_K",
+           "round_up",
            "DyBN", "check_dy_bn", "dense_input",
            "rows_aligned", "ordered_signature", "rows_to_npq", "input_coords",
            "swizzle_pid"]
 
 CHANNEL_PAD = 16  # smallest MMA reduction step for 16-bit operands (and 8 for tf32): pad Cg to this
+W_ROW_PAD = 256   # packed forward weights have round_up(K, this) rows (zeros): weight tiles load unmasked
 DENSE_MAX_C = 8   # the forward's dense-taps path (ConvGeometry.pack_c): at most this many input channels ...
 DENSE_MAX_K = 64  # ... and a filter row of S taps × pack_c channels of at most this many
 _INT32_MAX = 2**31 - 1
@@ -123,10 +125,17 @@ class ConvGeometry:
         return max(CHANNEL_PAD, 1 << (self.S * self.pack_c - 1).bit_length())
 
     @property
+    def K_pad(self) -> int:
+        """Rows of the forward's packed weight: ``K`` rounded up to :data:`W_ROW_PAD` (the widest BLOCK_N), so no
+        weight tile reads past the end and none needs a row mask (rows past ``Kg`` in a tile are another group's
+        or zeros; their columns are never stored)."""
+        return round_up(self.K, W_ROW_PAD)
+
+    @property
     def packed_weight_shape(self) -> tuple:
-        """The forward's packed weight: ``[K, R, S, Cg_pad]``, or ``[K, R, taps_k]`` on the dense-taps path (column
-        ``s*pack_c + c``, zeros past ``c >= C`` and ``s >= S``)."""
-        return (self.K, self.R, self.taps_k) if self.pack_c else (self.K, self.R, self.S, self.Cg_pad)
+        """The forward's packed weight: ``[K_pad, R, S, Cg_pad]``, or ``[K_pad, R, taps_k]`` on the dense-taps path
+        (column ``s*pack_c + c``, zeros past ``c >= C`` and ``s >= S``)."""
+        return (self.K_pad, self.R, self.taps_k) if self.pack_c else (self.K_pad, self.R, self.S, self.Cg_pad)
 
     @property
     def M(self) -> int:

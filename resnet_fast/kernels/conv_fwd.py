@@ -66,7 +66,7 @@ from . import configs as _cfg
 from . import prologue_pass as _pass
 from .checks import FLOAT_DTYPES, check, check_operand_dtype, check_vector, describe
 from .configs import ConvConfig
-from .conv_common import (ConvGeometry, dense_input, input_coords, ordered_signature, rows_to_npq,
+from .conv_common import (ConvGeometry, dense_input, ordered_signature, rows_to_npq,
                           swizzle_pid)
 from .tile_stats import TileStats, tile_centred_sums
 
@@ -119,7 +119,7 @@ def _conv_fwd_kernel(
             h = p * stride_h - pad_h + r * dil_h
             a_mask = (row_ok & (h >= 0) & (h < H))[:, None] & col_ok
             a = tl.load(x_ptr + x_pix + (h * (W * PACK_C))[:, None], mask=a_mask, other=0.0)
-            b = tl.load(w_ptr + (w_row + r * BLOCK_K)[None, :] + offs_c[:, None], mask=n_ok[None, :], other=0.0)
+            b = tl.load(w_ptr + (w_row + r * BLOCK_K)[None, :] + offs_c[:, None])  # K_pad rows: no mask
             if PROLOGUE:
                 af = a.to(tl.float32) * p_scale + p_shift
                 if IN_RELU:
@@ -133,45 +133,63 @@ def _conv_fwd_kernel(
     steps = R * S * c_blocks
     if PACK_C:
         steps = 0
-    for it in range(0, steps):
-        rs = it // c_blocks
-        c0 = (it - rs * c_blocks) * BLOCK_K
+    # per row once: the input pixel of tap (0, 0) and its offset; a step adds the tap's uniform offset to it
+    h_base = p * stride_h - pad_h
+    w_base = q * stride_w - pad_w
+    row_base = x_img + (h_base * W + w_base) * C
+    w_ptrs = w_ptr + w_col[None, :] + offs_c[:, None]  # tap (0, 0), channels [0, BLOCK_K); K_pad rows: no row mask
+    r = 0  # the step's tap (r, s) and channel block c0, carried (no division in the loop)
+    s = 0
+    c0 = 0
+    for _ in range(0, steps):
+        rs = r * S + s
         cc = c0 + offs_c
-        if TMA:  # pointwise, groups 1: boxes of x as [M, C] and w as [K, Cg_pad]; TMA zero-fills past the edges
+        if TMA:  # groups 1: the weight as [K, R*S*Cg_pad] boxes; TMA zero-fills rows past K
+            b = w_desc.load([pid_n * BLOCK_N, rs * Cg_pad + c0]).T
+        if TMA and POINTWISE:  # and x as [M, C] boxes: zero fill past M and C
             a = x_desc.load([pid_m * BLOCK_M, c0])
-            b = w_desc.load([pid_n * BLOCK_N, c0]).T
         else:
             if POINTWISE:  # h = p, w = q: the row's pixel is the input pixel
                 a_row = offs_m * C + grp * Cg
                 a_rows_ok = row_ok
-            else:
-                h, w, inside = input_coords(p, q, rs // S, rs % S, stride_h, stride_w, pad_h, pad_w,
-                                            dil_h, dil_w, H, W)
-                a_row = x_img + (h * W + w) * C
+            else:  # inside the image: one unsigned compare per side (a negative coordinate wraps past H, W)
+                dh = r * dil_h
+                dw = s * dil_w
+                inside = ((h_base + dh).to(tl.uint32, bitcast=True) < H) & \
+                    ((w_base + dw).to(tl.uint32, bitcast=True) < W)
+                a_row = row_base + (dh * W + dw) * C
                 a_rows_ok = row_ok & inside
             a_row = tl.multiple_of(a_row, C_ALIGN)  # every row starts at a multiple of gcd(Cg, 16) elements
-            b_col = tl.multiple_of(w_col + rs * Cg_pad, 16)  # Cg_pad is a multiple of 16
+            w_step = tl.multiple_of(rs * Cg_pad + c0, 16)  # Cg_pad and BLOCK_K are multiples of 16
             if EVEN_C:  # no channel mask: masks constant along c keep loads vectorised (and cp.async-pipelined)
                 a_mask = a_rows_ok[:, None]
-                b_mask = n_ok[None, :]
             else:
                 c_ok = cc < Cg
                 a_mask = a_rows_ok[:, None] & c_ok[None, :]
-                b_mask = c_ok[:, None] & n_ok[None, :]
             a = tl.load(x_ptr + a_row[:, None] + cc[None, :], mask=a_mask, other=0.0)
-            b = tl.load(w_ptr + b_col[None, :] + cc[:, None], mask=b_mask, other=0.0)
+            if not TMA and EVEN_C:
+                b = tl.load(w_ptrs + w_step)
+            elif not TMA:  # a channel block past Cg_pad would read the next tap's (or past the last) row
+                b = tl.load(w_ptrs + w_step, mask=(cc < Cg)[:, None], other=0.0)
         if PROLOGUE:  # in_scale/in_shift are read at c < Cg only; what channels past Cg become is masked below
             c_in = grp * Cg + tl.minimum(cc, Cg - 1)
             af = a.to(tl.float32) * tl.load(in_scale_ptr + c_in)[None, :] + tl.load(in_shift_ptr + c_in)[None, :]
             if IN_RELU:
                 af = tl.maximum(af, 0.0)
-            if not TMA:  # padding stays zero, not relu(shift). TMA needs no mask: it reads no padding, rows
-                af = tl.where(a_mask, af, 0.0)  # past M are never stored, channels past C meet zero weights
+            if not (TMA and POINTWISE):  # padding stays zero, not relu(shift). x by TMA needs no mask: it reads
+                af = tl.where(a_mask, af, 0.0)  # no padding, rows past M are never stored, channels past C meet 0s
             a = af.to(x_ptr.dtype.element_ty)
         if DOT_IEEE:
             acc = tl.dot(a, b, acc, input_precision="ieee")
         else:
             acc = tl.dot(a, b, acc)
+        c0 += BLOCK_K  # the next channel block, else the next tap
+        c_wrap = c0 >= Cg
+        c0 = tl.where(c_wrap, 0, c0)
+        s += c_wrap.to(tl.int32)
+        s_wrap = s >= S
+        s = tl.where(s_wrap, 0, s)
+        r += s_wrap.to(tl.int32)
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + k_glob, mask=n_ok, other=0.0)[None, :]
@@ -213,11 +231,11 @@ def _pack_eager(weight: torch.Tensor, groups: int, dtype: torch.dtype) -> torch.
     g = ConvGeometry.make((1, Cg * groups, R, S), weight.shape, groups=groups, who="pack_weight")
     krsc = weight.detach().permute(0, 2, 3, 1)
     if g.pack_c:  # dense taps: row r's column s*pack_c + c
-        out = torch.zeros((K, R, S, g.pack_c), dtype=dtype, device=weight.device)
-        out[..., :Cg] = krsc
-        return torch.nn.functional.pad(out.reshape(K, R, S * g.pack_c), (0, g.taps_k - S * g.pack_c))
-    out = torch.zeros((K, R, S, g.Cg_pad), dtype=dtype, device=weight.device)
-    out[..., :Cg] = krsc
+        out = torch.zeros((g.K_pad, R, S, g.pack_c), dtype=dtype, device=weight.device)
+        out[:K, ..., :Cg] = krsc
+        return torch.nn.functional.pad(out.reshape(g.K_pad, R, S * g.pack_c), (0, g.taps_k - S * g.pack_c))
+    out = torch.zeros(g.packed_weight_shape, dtype=dtype, device=weight.device)
+    out[:K, ..., :Cg] = krsc
     return out
 
 
@@ -347,7 +365,7 @@ def _launch_fwd(x, w_packed, g: ConvGeometry, v: _FwdOperands, residual, part, c
     x_desc, w_desc = x, w_packed  # placeholders when not TMA (never read)
     if cfg.tma:
         x_desc = TensorDescriptor(x, [g.M, g.C], [g.C, 1], [cfg.BLOCK_M, cfg.BLOCK_K])
-        w_desc = TensorDescriptor(w_packed, [g.K, g.Cg_pad], [g.Cg_pad, 1], [cfg.BLOCK_N, cfg.BLOCK_K])
+        w_desc = TensorDescriptor(w_packed, [g.K_pad, g.Cg_pad], [g.Cg_pad, 1], [cfg.BLOCK_N, cfg.BLOCK_K])
     grid = (triton.cdiv(g.M, cfg.BLOCK_M) * triton.cdiv(g.Kg, cfg.BLOCK_N), g.groups)
     opt = [dummy if t is None else t for t in (v.bias, v.scale, v.shift, residual, v.in_scale, v.in_shift, part)]
     _conv_fwd_kernel[grid](
