@@ -122,7 +122,12 @@ def test_every_resnet50_conv_has_its_launches():
     # the stem trains with forward and wgrad only: the image needs no gradient, so no dgrad runs
     assert sorted(la.kernel for la in las if la.layer == "stem" and la.role == "train") == ["fwd", "wgrad"]
     for kernel, n in (("fwd", 53), ("dgrad", 52), ("wgrad", 53)):
-        assert sum(la.count for la in las if la.kernel == kernel and la.role == "train") == n
+        assert sum(la.count for la in las if la.kernel == kernel and la.role == "train" and not la.alt) == n
+    # the backward's triton_dy_pass alternative: on every 3×3 conv (16 conv2), for dgrad and wgrad, never the stem
+    alts = [la for la in las if la.alt]
+    assert {la.kernel for la in alts} == {"dgrad", "wgrad"} and all(la.variant.endswith("+dy_pass") for la in alts)
+    assert all(sum(la.count for la in alts if la.kernel == k) == 16 for k in ("dgrad", "wgrad"))
+    assert all(la.extra_bytes > 0 for la in alts if la.kernel == "dgrad")  # the pass itself is counted
     # every non-stem layer runs the aligned (16-byte, pipelined) path
     assert all(la.aligned for la in las if la.layer != "stem")
     assert len({la.spec_key() for la in las}) < len(las)  # specs are shared between layers

@@ -19,7 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 import resnet_fast
 from resnet_fast import _backend
 from resnet_fast import nn as rnn
-from resnet_fast.kernels import autotune, conv_dgrad, conv_fwd, conv_wgrad, tuning_table
+from resnet_fast.kernels import autotune, bn_dy, conv_dgrad, conv_fwd, conv_wgrad, tuning_table
 from resnet_fast.nn import reference
 from resnet_fast.ops import _common, conv_cudnn
 from helpers import rel_err
@@ -281,6 +281,27 @@ def test_block_input_without_grad_runs_no_first_dgrad(conv_impl, monkeypatch, ke
     x = _input(cin, 30, kernel_device)[1].detach()
     model(x).sum().backward()
     assert launches.take() == (2, 4)
+
+
+@pytest.mark.parametrize("case", ["bottleneck_s2_ds", "basic_s1"])
+def test_dy_pass_backward_trains_like_float64(case, monkeypatch, kernel_device):
+    """``triton_dy_pass`` (dy formed once by form_dy, then plain dgrad/wgrad), offered for every conv with at least
+    4 taps and picked here wherever offered: the same gradients as the float64 block, the other convs on triton."""
+    monkeypatch.setenv("RESNET_FAST_BACKEND", "triton")
+    monkeypatch.delenv("RESNET_FAST_CONV_IMPL", raising=False)
+    monkeypatch.setattr(_common, "choose_impl", lambda role, geom, dtype, device, switches, runners:
+                        "triton_dy_pass" if "triton_dy_pass" in runners else "triton")
+    formed = []
+    real_form_dy = bn_dy.form_dy
+    monkeypatch.setattr(bn_dy, "form_dy", lambda *a, **k: formed.append(1) or real_form_dy(*a, **k))
+    resnet_fast.reset_stats()
+    plain, model, cin = _models(case, kernel_device)
+    x64, x = _input(cin, 3, kernel_device, scale=2.0, shift=0.3)
+    _compare_step(plain, model, x64, x, plain(x64), model(x), "dy pass step")
+    taps = [m for m in model[0].modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size[0] * m.kernel_size[1] > 3]
+    calls = resnet_fast.stats()["impl_calls"]["conv_bn_stats_backward"]
+    assert calls.get("triton_dy_pass") == len(taps) == len(formed) > 0, calls
+    assert calls.get("triton", 0) == len(_conv_names(model)) - len(taps), calls
 
 
 # ------------------------------------------------------------------------------------- the timed choice

@@ -24,9 +24,10 @@ import triton
 import triton.language as tl
 
 from .checks import check_operand_dtype, check_pow2, check_vector
+from .conv_common import ConvGeometry
 from .conv_dgrad import dy_on_load
 
-__all__ = ["form_dy", "FormedDy", "compile_specs", "BN_DY_CONFIG"]
+__all__ = ["form_dy", "FormedDy", "compile_specs", "BN_DY_CONFIG", "dy_pass_may_pay"]
 
 # (BLOCK_M rows = rows per Σ partial, BLOCK_K channels, num_warps). Memory bound.
 BN_DY_CONFIG = (128, 64, 8)
@@ -151,3 +152,12 @@ def compile_specs() -> list:
             sig.update({k: "constexpr" for k in cx})
             specs.append((_bn_dy_kernel, sig, cx, {"num_warps": warps, "num_stages": 1}, False, ("K",)))
     return specs
+
+
+def dy_pass_may_pay(geom: ConvGeometry, need_x: bool) -> bool:
+    """Whether the training backward op (``ops.conv_bn_train``) offers ``triton_dy_pass``: dgrad and wgrad each read
+    every element of dy ``R*S`` times (once per tap), so forming dy on load repeats the BN backward transform up to
+    ``2*R*S`` times per element; forming it once costs three activation passes (read g_y and y, write dy). Offered
+    where ``R*S >= 4`` (every 3×3) unless only wgrad runs on its dense-taps path, which reads dy once for all taps
+    (the stem)."""
+    return geom.R * geom.S >= 4 and (need_x or not geom.pack_c)

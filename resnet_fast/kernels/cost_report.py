@@ -280,6 +280,7 @@ class Launch:
     bytes: int
     sig: dict = dataclasses.field(default_factory=dict)
     extra_bytes: int = 0  # traffic beyond the compulsory bytes (the dense-taps path's pad pass): time, not roofline
+    alt: bool = False     # an alternative the chooser measures (triton_dy_pass), not in the per-step totals
 
     def spec_key(self) -> str:
         return json.dumps([self.module, self.fn_name, sorted(self.cx.items()), sorted(self.opts.items()),
@@ -325,6 +326,7 @@ def launches(kernels=("fwd", "dgrad", "wgrad")) -> list:
     import torch
     import triton
     from . import configs as cfgs
+    from .bn_dy import dy_pass_may_pay
     from . import conv_dgrad, conv_fwd, conv_wgrad, prologue_pass
     from .conv_common import ConvGeometry
     dt, tdt, esize = "bf16", torch.bfloat16, 2
@@ -350,6 +352,7 @@ def launches(kernels=("fwd", "dgrad", "wgrad")) -> list:
         nx, ny, nw = g.N * g.C * g.H * g.W, g.N * g.K * g.P * g.Q, g.K * g.Cg * g.R * g.S
         prologue = pos in ("conv2", "conv3")
         relu = pos != "downsample"
+        dy_pass = dy_pass_may_pay(g, pos != "stem")
         if "fwd" in kernels:
             if g.pack_c:  # dense taps: the launcher's default, one step per filter row; x padded to pack_c first
                 c = dataclasses.replace(cfgs.DENSE_CONFIGS[0], BLOCK_K=g.taps_k)
@@ -412,12 +415,19 @@ def launches(kernels=("fwd", "dgrad", "wgrad")) -> list:
                           EPI_ALIGNED=epi_aligned, BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, BLOCK_K=c.BLOCK_K,
                           GROUP_M=c.GROUP_M)
                 cx.update(conv_dgrad.VARIANTS[variant])
-                nbytes = (ny * (2 if cx["DY_BN"] else 1) + nw + nx * (2 if cx["EPI"] else 1)) * esize
-                add(Launch(name, 1, role, "dgrad", variant, c.name(), "conv_dgrad", "_conv_dgrad_kernel",
-                           _merge_cx(sig, cx, "conv_dgrad"), {"num_warps": c.num_warps, "num_stages": c.num_stages},
-                           div16, aligned, tiles, steps, fma, nbytes, sig))
+                for alt in (False, True) if role == "train" and dy_pass else (False,):
+                    # alt: the backward's triton_dy_pass runner: dy formed once (the pass's 3 activation passes
+                    # counted here), the GEMM without DY_BN
+                    cxa = dict(cx, DY_BN=False, DY_RELU=False) if alt else cx
+                    nbytes = (ny * (2 if cxa["DY_BN"] else 1) + nw + nx * (2 if cxa["EPI"] else 1)) * esize
+                    add(Launch(name, 1, role, "dgrad", variant + ("+dy_pass" if alt else ""), c.name(),
+                               "conv_dgrad", "_conv_dgrad_kernel", _merge_cx(sig, cxa, "conv_dgrad"),
+                               {"num_warps": c.num_warps, "num_stages": c.num_stages}, div16, aligned, tiles, steps,
+                               fma, nbytes, sig, 3 * ny * esize if alt else 0, alt))
         if "wgrad" in kernels:
             wb = [("train", "fused" if prologue else "dy_bn", True)]
+            if dy_pass:
+                wb.append(("train", wb[0][1] + "+dy_pass", True))
             if pos != "stem":
                 wb.append(("infer", "dy_bn_relu_sums" if relu else "sums", True))
             else:
@@ -430,7 +440,10 @@ def launches(kernels=("fwd", "dgrad", "wgrad")) -> list:
                 sig, div16 = _template(conv_wgrad, conv_wgrad._conv_wgrad_kernel, dt, ALIGNED=aligned,
                                        PACKED=packed, IDX64=False, PACK_C=pack_c)
                 npq = g.N * g.P * g.Q
-                vflags = dict(conv_wgrad.VARIANTS[variant])
+                alt = variant.endswith("+dy_pass")  # triton_dy_pass: dy formed (and counted) before dgrad
+                vflags = dict(conv_wgrad.VARIANTS[variant.split("+")[0]])
+                if alt:
+                    vflags.update(DY_BN=False, DY_RELU=False)
                 passes = 0
                 if prologue_pass.may_pay(g, vflags.get("PROLOGUE", False)):  # the launcher's default: the pass
                     vflags["PROLOGUE"], passes = False, 2 * nx
@@ -454,7 +467,7 @@ def launches(kernels=("fwd", "dgrad", "wgrad")) -> list:
                            {"num_warps": c.num_warps, "num_stages": c.num_stages}, div16, aligned, tiles,
                            chunk / c.BLOCK_K, fma, nbytes, sig,
                            (2 * g.N * pack_c * g.H * g.W if pack_c and g.C != pack_c else 0) * esize
-                           + passes * esize))
+                           + passes * esize, alt))
     return list(seen.values())
 
 
@@ -483,7 +496,7 @@ def model(la: Launch, spec: dict) -> dict:
             "steps": round(la.steps, 2), "ctas_per_sm": ctas, "waves": round(waves, 3),
             "tail_efficiency": round(tail, 3), "mma_us": round(mma_us, 2), "issue_us": round(issue_us, 2),
             "memory_us": round(memory_us, 2), "est_us": round(est_us, 2),
-            "est_fraction_of_roofline": round(roof_us / est_us, 3)}
+            "est_fraction_of_roofline": round(roof_us / est_us, 3), "alt": la.alt}
 
 
 def run(kernels=("fwd", "dgrad", "wgrad"), workers: int = 2) -> list:
@@ -555,9 +568,16 @@ def summary(records: list) -> str:
     if any(r["layer"] == "stem" and r["role"] == "train" and r["kernel"] == "fwd" for r in records):
         lines.append(f"stem training backward / forward (est) = {stem_backward_ratio(records):.2f} (target <= 2)")
     for role in ("train", "infer"):
-        tot = {k: sum(r["est_us"] * r["count"] for r in records if r["role"] == role and r["kernel"] == k)
-               for k in ("fwd", "dgrad", "wgrad")}
+        tot = {k: sum(r["est_us"] * r["count"] for r in records if r["role"] == role and r["kernel"] == k
+                      and not r.get("alt")) for k in ("fwd", "dgrad", "wgrad")}
         lines.append(f"{role}: est conv time per step " + ", ".join(f"{k} {v / 1e3:.2f} ms" for k, v in tot.items()))
+    alts = [r for r in records if r.get("alt")]
+    if alts:  # each alternative against the record it replaces, where the chooser would measure both
+        base = {record_id(r): r for r in records if not r.get("alt")}
+        saved = sum((base[record_id(r).split("+")[0]]["est_us"] - r["est_us"]) * r["count"] for r in alts
+                    if record_id(r).split("+")[0] in base)
+        lines.append(f"train with triton_dy_pass where offered (est, dy pass included): {-saved / 1e3:+.2f} ms per "
+                     f"step over {len(alts)} records")
     lost = sorted(records, key=lambda r: -(1 - r["est_fraction_of_roofline"]) * r["est_us"] * r["count"])
     lines.append("most time lost against the roofline (est_us × count × (1 - fraction)):")
     for r in lost[:12]:

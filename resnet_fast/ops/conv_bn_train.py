@@ -42,6 +42,7 @@ from __future__ import annotations
 import torch
 
 from .. import _backend, _ext
+from ..kernels.bn_dy import dy_pass_may_pay
 from ..kernels.checks import check, describe, kernel_dtype_blocker
 from ..kernels.conv_common import ConvGeometry
 from . import conv_cudnn
@@ -114,6 +115,8 @@ def _conv_bn_stats_backward_op(g_y, c2, c3, x, weight, in_scale, in_shift, in_ce
     args = (g_y, c2, c3, x, weight, in_scale, in_shift, in_centre, y, mean, stride, padding, dilation, groups)
     need_affine = need_affine and in_scale is not None
     runners = {"triton": lambda: _triton_backward(*args, need_x, need_w, need_affine)}
+    if dy_pass_may_pay(geom, need_x or need_affine):
+        runners["triton_dy_pass"] = lambda: _triton_backward(*args, need_x, need_w, need_affine, dy_pass=True)
     if in_scale is None or _ext.load():  # the composite's prologue backward is the C++ bn_relu_backward
         runners["cudnn"] = lambda: conv_cudnn.conv_bn_stats_backward(*args, need_x=need_x, need_w=need_w,
                                                                      need_affine=need_affine)
@@ -122,8 +125,11 @@ def _conv_bn_stats_backward_op(g_y, c2, c3, x, weight, in_scale, in_shift, in_ce
 
 
 def _triton_backward(g_y, c2, c3, x, weight, in_scale, in_shift, in_centre, y, mean, stride, padding, dilation,
-                     groups, need_x, need_w, need_affine):
-    """The backward op on the dgrad/wgrad kernels (results as :func:`_conv_bn_stats_backward_op`'s)."""
+                     groups, need_x, need_w, need_affine, dy_pass: bool = False):
+    """The backward op on the dgrad/wgrad kernels (results as :func:`_conv_bn_stats_backward_op`'s). ``dy_pass``:
+    dy formed once by :func:`..kernels.bn_dy.form_dy` and fed to both GEMMs as is (see :func:`dy_pass_may_pay`),
+    instead of on every load."""
+    from ..kernels.bn_dy import form_dy
     from ..kernels.bn_finalize import bn_backward_coeffs
     from ..kernels.conv_common import DyBN
     from ..kernels.conv_dgrad import conv2d_dgrad_nhwc
@@ -131,7 +137,13 @@ def _triton_backward(g_y, c2, c3, x, weight, in_scale, in_shift, in_centre, y, m
     conv = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
     x = x.contiguous(memory_format=torch.channels_last)  # as the forward read it (a no-op: the forward made it so)
     g_y = with_strides_of(g_y, y)
-    dy_bn = DyBN(y, torch.ones_like(mean), c2, c3, mean)  # dy = 1*g_y + c2*(y - mean) + c3, formed on load
+    if dy_pass:  # dy = g_y + c2*(y - mean) + c3, once
+        cl = torch.channels_last
+        g_y = form_dy(g_y.contiguous(memory_format=cl), y.contiguous(memory_format=cl), c2=c2.contiguous(),
+                      c3=c3.contiguous(), mean=mean.contiguous()).dy
+        dy_bn = None
+    else:
+        dy_bn = DyBN(y, torch.ones_like(mean), c2, c3, mean)  # dy = 1*g_y + c2*(y - mean) + c3, formed on load
     C = x.shape[1]
     grad_x, grad_w = x.new_empty((0,)), weight.new_empty((0,))
     grad_scale, grad_shift = (x.new_empty((0,), dtype=torch.float32) for _ in range(2))  # distinct: no aliasing
