@@ -52,6 +52,7 @@ def test_dry_run_plans_one_540s_call_and_returns_few_files(tmp_path):
     assert doc["device"] == "cpu" and doc["interpreter"] == "1"
     assert doc["summary"]["checks"] > 50 and doc["summary"]["failed"] == 0
     assert {r["group"] for r in doc["rows"]} == {"conv", "tail", "model"}
+    assert "train_dy_pass" in {r["role"] for r in doc["rows"]}  # the backward's third implementation too
     assert doc["compile"]["count"] == 0  # the interpreter compiles nothing
     # The CPU demo stands in for the benchmark: numerics, no speedups anywhere.
     demo = json.loads(next((out / "results").glob("*cpu-demo.json")).read_text())

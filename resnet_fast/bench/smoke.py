@@ -125,6 +125,22 @@ def smoke_env(tune: bool = False, conv_impl: str = "triton"):
                 os.environ[k] = v
 
 
+@contextlib.contextmanager
+def offered_impl(name: str):
+    """Every op that offers implementation ``name`` (e.g. ``triton_dy_pass``, which the variable cannot force) runs
+    it for the duration; the others run ``RESNET_FAST_CONV_IMPL``'s."""
+    from ..ops import _common
+    real = _common.choose_impl
+
+    def choose(role, geometry, dtype, device, switches, runners, **kw):
+        return name if name in runners else real(role, geometry, dtype, device, switches, runners, **kw)
+    _common.choose_impl = choose
+    try:
+        yield
+    finally:
+        _common.choose_impl = real
+
+
 class Smoke:
     """Runs checks, keeps one row per compared tensor (or per failed check), prints failures as they come."""
 
@@ -275,9 +291,14 @@ def conv_checks(s: Smoke, conv, dtype: str, batch: int) -> None:
                                        r)
         names = ("grad_x", "grad_w", "grad_in_scale", "grad_in_shift")
         return {"y": (y, yr), "mean": (mean, mr), "invstd": (invstd, ir), **dict(zip(names, zip(got, want)))}
+    tols = {"y": tol, "mean": tol, "invstd": tol, "grad_x": gtol, "grad_w": gtol, "grad_in_scale": gtol,
+            "grad_in_shift": gtol}
     s.check("conv", name, "train", "conv_fwd(prologue,stats)+bn_finalize+conv_dgrad(epilogue)+conv_wgrad(prologue)",
-            dtype, train, {"y": tol, "mean": tol, "invstd": tol, "grad_x": gtol, "grad_w": gtol,
-                           "grad_in_scale": gtol, "grad_in_shift": gtol}, expect_ops=("conv_bn_stats",))
+            dtype, train, tols, expect_ops=("conv_bn_stats",))
+    if conv.k > 1 and prologue:  # the backward's third implementation (the chooser's, not forceable by variable)
+        with offered_impl("triton_dy_pass"):
+            s.check("conv", name, "train_dy_pass", "conv_fwd+bn_finalize+form_dy+conv_dgrad(epilogue)+conv_wgrad",
+                    dtype, train, tols, expect_ops=("conv_bn_stats",))
 
 
 # ---- the C++/CUDA residual tail -------------------------------------------------------------------------
