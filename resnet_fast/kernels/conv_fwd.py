@@ -10,9 +10,12 @@ GEMM view (see :mod:`.conv_common`): per group, ``M = N*P*Q`` output pixels × `
 reduced over ``R*S`` taps × ``Cg`` input channels. One program owns a ``BLOCK_M × BLOCK_N`` output tile
 (grouped pid order for L2 reuse of weight tiles; groups on grid axis 1) and walks one flattened loop over
 (tap, channel block), so Triton software-pipelines the loads across taps; ``tl.dot`` accumulates in fp32
-(wgmma on sm_90, mma on sm_80). The A tile is gathered from ``x`` with the padding/out-of-range rows and
-channels ``c >= Cg`` masked to zero; the B tile comes from the packed weight ``[K, R, S, Cg_pad]`` whose
-zero-padded channels let 4 channels per group run as a 16-wide MMA step. A 1×1 stride-1
+(wgmma on sm_90, mma on sm_80). The tap and channel block are carried from step to step (no division in the
+loop); each row's input pixel for tap (0, 0) and its offset are computed once, and a step adds the tap's
+uniform offset and checks the bounds with one unsigned compare per side. The A tile is gathered from ``x`` with
+the padding/out-of-range rows and channels ``c >= Cg`` masked to zero; the B tile comes from the packed weight
+``[K_pad, R, S, Cg_pad]``, whose zero-padded channels let 4 channels per group run as a 16-wide MMA step and
+whose rows, padded to a multiple of 256, let every weight tile load without a row mask. A 1×1 stride-1
 unpadded conv (``POINTWISE``) skips the pixel math: row ``m`` reads ``x`` at ``m*C``.
 
 Dense taps (``PACK_C``, :attr:`ConvGeometry.pack_c`: ``groups == 1``, at most 8 channels, ``S > 1`` -- the
@@ -240,9 +243,9 @@ def _pack_eager(weight: torch.Tensor, groups: int, dtype: torch.dtype) -> torch.
 
 
 def pack_weight(weight: torch.Tensor, groups: int, dtype: torch.dtype) -> torch.Tensor:
-    """OIHW ``weight [K, C/groups, R, S]`` -> ``[K, R, S, Cg_pad]`` in ``dtype`` (channels zero-padded to a
-    multiple of 16), or ``[K, R, taps_k]`` where the dense-taps path applies (:attr:`ConvGeometry.pack_c`;
-    :attr:`ConvGeometry.packed_weight_shape` says which), cached.
+    """OIHW ``weight [K, C/groups, R, S]`` -> ``[K_pad, R, S, Cg_pad]`` in ``dtype`` (rows zero-padded to a multiple
+    of 256, channels to a multiple of 16), or ``[K_pad, R, taps_k]`` where the dense-taps path applies
+    (:attr:`ConvGeometry.pack_c`; :attr:`ConvGeometry.packed_weight_shape` says which), cached.
 
     The cache key is (data_ptr, shape, strides, dtype, target dtype, device, groups); an entry is used only
     while the very tensor it was packed from is alive and its ``_version`` is unchanged, so an in-place
@@ -389,7 +392,7 @@ def conv2d_nhwc(x: torch.Tensor, w_packed: torch.Tensor, geometry: ConvGeometry,
 
     Args:
         x: ``[N, C, H, W]`` channels_last-contiguous, fp32/fp16/bf16 (the operand and output dtype).
-        w_packed: ``[K, R, S, Cg_pad]`` from :func:`pack_weight` in ``x.dtype``.
+        w_packed: :attr:`ConvGeometry.packed_weight_shape` from :func:`pack_weight` in ``x.dtype``.
         geometry: the validated :class:`ConvGeometry` of ``x`` and the unpacked weight.
         bias, scale, shift: optional ``[K]`` float vectors (read as fp32).
         residual: optional ``[N, K, P, Q]`` channels_last-contiguous tensor in ``x.dtype``.
