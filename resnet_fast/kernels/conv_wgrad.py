@@ -11,7 +11,9 @@ dW's ``[K, C/groups, R, S]`` -- bit-reproducible, no float atomics. With SPLIT =
 ``dW`` directly. :func:`pick_split` sizes SPLIT from occupancy (CTAs per SM of the tile, waves of 132 SMs, the
 partials' round trip), so the last wave is nearly full.
 
-K-loop index math: each program decomposes its first BLOCK_K pixels into ``(n, p, q)`` once and advances them
+K-loop index math: where dy's pixels are dense (channels_last: ``DY_FLAT``) pixel ``j`` of dy is at ``j*K``, and
+for a 1×1 stride-1 conv over dense x (``X_FLAT``) pixel ``j`` of x too, with no padding to check: no coordinates
+at all. Otherwise each program decomposes its first BLOCK_K pixels into ``(n, p, q)`` once and advances them
 by carries each step (``BLOCK_K = dn*P*Q + dp*Q + dq``, no division), where the registers allow (the CARRY
 constexpr: not IEEE fp32, not the PACKED prologue or int64 variants; those recompute with divisions). Pixel
 offsets are int32 unless an offset could pass 2**31 - 1 (``IDX64``, :func:`_needs_int64`: never for
@@ -182,6 +184,26 @@ def _dy_tile(dy_ptr, z_ptr, dy_pix, j_ok, k_glob, k_ok, c1, c2, c3, mu, sdy_c,
 
 
 @triton.jit
+def _flat_pixels(j0, stride, IDX64: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``j*stride`` for the step's pixels ``j = j0 + [0, BLOCK_K)`` of a tensor whose pixels are dense (int64
+    under IDX64)."""
+    j = j0 + tl.arange(0, BLOCK_K)
+    if IDX64:
+        j = j.to(tl.int64)
+    return j * stride
+
+
+@triton.jit
+def _dy_pixels(j0, n, p, q, sdy_n, sdy_h, sdy_w, DY_FLAT: tl.constexpr, IDX64: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Offsets of the step's dy pixels: where dy's pixels are dense (DY_FLAT: ``sdy_h = Q*sdy_w``,
+    ``sdy_n = P*Q*sdy_w``, as channels_last makes them) ``j*sdy_w``, no coordinates needed; else from the carried
+    ``(n, p, q)``."""
+    if DY_FLAT:
+        return _flat_pixels(j0, sdy_w, IDX64, BLOCK_K)
+    return n * sdy_n + p * sdy_h + q * sdy_w
+
+
+@triton.jit
 def _pixels_start(lo, P, Q, IDX64: tl.constexpr, BLOCK_K: tl.constexpr):
     """Output pixels ``lo + [0, BLOCK_K)`` as ``(n, p, q)`` (``n`` int64 under IDX64, else int32) and the
     per-step advance ``BLOCK_K = dn*P*Q + dp*Q + dq``: the only divisions of the K-loop, once per program."""
@@ -227,7 +249,8 @@ def _conv_wgrad_kernel(
         SH: tl.constexpr, SW: tl.constexpr, S: tl.constexpr, TILES_N: tl.constexpr, SPLIT: tl.constexpr,
         PROLOGUE: tl.constexpr, DY_BN: tl.constexpr, DY_RELU: tl.constexpr, SUMS: tl.constexpr,
         DOT_IEEE: tl.constexpr, ALIGNED: tl.constexpr, PACKED: tl.constexpr, IDX64: tl.constexpr,
-        PACK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        PACK_C: tl.constexpr, DY_FLAT: tl.constexpr, X_FLAT: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid1 = tl.program_id(1)
     tap = pid1 // TILES_N  # PACKED: always 0 (every tap is in the GEMM's N)
@@ -310,10 +333,11 @@ def _conv_wgrad_kernel(
             dsum = tl.zeros([BLOCK_M], dtype=tl.float32)
             for j0 in range(lo, hi, BLOCK_K):
                 j_ok = j0 + tl.arange(0, BLOCK_K) < hi
-                a = _dy_tile(dy_ptr, z_ptr, n * sdy_n + p * sdy_h + q * sdy_w, j_ok, k_glob, k_ok, c1, c2, c3, mu,
-                             sdy_c, DY_BN, DY_RELU, A_ALIGNED)
+                a = _dy_tile(dy_ptr, z_ptr, _dy_pixels(j0, n, p, q, sdy_n, sdy_h, sdy_w, DY_FLAT, IDX64, BLOCK_K), j_ok,
+                             k_glob, k_ok, c1, c2, c3, mu, sdy_c, DY_BN, DY_RELU, A_ALIGNED)
                 dsum += tl.sum(a.to(tl.float32), axis=0)
-                n, p, q = _pixels_advance(n, p, q, dn, dp, dq, j0, P, Q, CARRY, IDX64, BLOCK_K)
+                if not DY_FLAT:
+                    n, p, q = _pixels_advance(n, p, q, dn, dp, dq, j0, P, Q, CARRY, IDX64, BLOCK_K)
             tl.store(sum_ptr + split * so_sum + k_glob, dsum, mask=k_ok)
 
     # pixel coordinates once per program, advanced by carries each step; the tap's input offset folded in
@@ -323,16 +347,22 @@ def _conv_wgrad_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for j0 in range(lo, hi, BLOCK_K):
         j_ok = j0 + tl.arange(0, BLOCK_K) < hi
-        a = _dy_tile(dy_ptr, z_ptr, n * sdy_n + p * sdy_h + q * sdy_w, j_ok, k_glob, k_ok, c1, c2, c3, mu,
-                     sdy_c, DY_BN, DY_RELU, A_ALIGNED)
+        a = _dy_tile(dy_ptr, z_ptr, _dy_pixels(j0, n, p, q, sdy_n, sdy_h, sdy_w, DY_FLAT, IDX64, BLOCK_K), j_ok, k_glob,
+                     k_ok, c1, c2, c3, mu, sdy_c, DY_BN, DY_RELU, A_ALIGNED)
         # B = x [BLOCK_K, BLOCK_N] at the tap's input position, zero padding
         h = p * SH + h0
         w = q * SW + w0
-        if PACK_C:  # x is the padded [N, PACK_C, H, W] channels_last copy: every pixel a PACK_C vector
+        if X_FLAT:  # 1×1, stride 1, no padding, dense pixels: pixel j of dy is pixel j of x, always inside
+            x_pix = _flat_pixels(j0, sx_w, IDX64, BLOCK_K)
+        elif PACK_C:  # x is the padded [N, PACK_C, H, W] channels_last copy: every pixel a PACK_C vector
             x_pix = ((n * H + h) * W + w) * PACK_C
         else:
             x_pix = n * sx_n + h * sx_h + w * sx_w
-        if PACKED:  # each column has its own tap: the bounds per element, unsigned (one compare per side)
+        if X_FLAT:
+            b_mask = j_ok[:, None] & c_ok[None, :]
+            if ALIGNED:
+                x_pix = tl.multiple_of(x_pix, 16)
+        elif PACKED:  # each column has its own tap: the bounds per element, unsigned (one compare per side)
             hc = (h[:, None] + h_col[None, :]).to(tl.uint32, bitcast=True)
             wc = (w[:, None] + w_col[None, :]).to(tl.uint32, bitcast=True)
             b_mask = (j_ok[:, None] & c_ok[None, :]) & (hc < H) & (wc < W)  # unsigned compares (uint32 wins)
@@ -349,7 +379,8 @@ def _conv_wgrad_kernel(
             acc = tl.dot(tl.trans(a), b, acc, input_precision="ieee")
         else:
             acc = tl.dot(tl.trans(a), b, acc)
-        n, p, q = _pixels_advance(n, p, q, dn, dp, dq, j0, P, Q, CARRY, IDX64, BLOCK_K)
+        if not (DY_FLAT and X_FLAT):  # nothing reads the coordinates otherwise
+            n, p, q = _pixels_advance(n, p, q, dn, dp, dq, j0, P, Q, CARRY, IDX64, BLOCK_K)
 
     if PACKED:
         col_off = c_col * so_c + r_col * so_r + s_col * so_s
@@ -430,6 +461,20 @@ def _packed(g: ConvGeometry, cfg: ConvConfig, dy: torch.Tensor, x: torch.Tensor)
             and rows_aligned(dy))
 
 
+def _dense_pixels(t: torch.Tensor) -> bool:
+    """Whether pixel ``j`` of ``t [N, C, H, W]`` (row-major over n, h, w) sits at ``j*t.stride(3)``: channels_last
+    and any layout whose pixels are equally spaced (size-1 dimensions' strides do not matter)."""
+    n, _, h, w = t.shape
+    sn, _, sh, sw = t.stride()
+    return (h == 1 or sh == w * sw) and (n == 1 or sn == h * w * sw)
+
+
+def _flat_switches(g: ConvGeometry, dy: torch.Tensor, x: torch.Tensor, packed: bool) -> tuple:
+    """The kernel's (DY_FLAT, X_FLAT): dy's pixel offsets without coordinates where its pixels are dense; x's
+    too where the conv is pointwise (pixel j of dy reads pixel j of x, never padding) and not PACKED."""
+    return _dense_pixels(dy), g.is_pointwise and not packed and _dense_pixels(x)
+
+
 def _needs_int64(g: ConvGeometry, dy: torch.Tensor, x: torch.Tensor) -> bool:
     """The kernel's IDX64 switch: an offset the K-loop forms (one batch index past the end included: the last
     chunk's masked tail) may pass 2**31 - 1, so the pixel offsets are int64; else int32, fewer instructions."""
@@ -459,6 +504,7 @@ def _launch_wgrad(cfg: ConvConfig, g: ConvGeometry, grad_out, x, dw, sums, pro_o
     pack_c = g.pack_c if packed else 0
     if pack_c:  # x as the forward's dense-taps path reads it: PACK_C-wide pixel vectors
         x = dense_input(x, g)
+    dy_flat, x_flat = _flat_switches(g, grad_out, x, packed)
     n_split = sw.split if sw.split is not None else pick_split(g, cfg, first_column_only=not sw.need_dw,
                                                                packed=packed, transforms=sw.dy_bn + sw.prologue)
     chunk = triton.cdiv(triton.cdiv(npq, n_split), cfg.BLOCK_K) * cfg.BLOCK_K
@@ -481,8 +527,8 @@ def _launch_wgrad(cfg: ConvConfig, g: ConvGeometry, grad_out, x, dw, sums, pro_o
         SH=g.stride[0], SW=g.stride[1], S=g.S, TILES_N=tiles_n, SPLIT=n_split,
         PROLOGUE=sw.prologue, DY_BN=sw.dy_bn, DY_RELU=sw.dy_relu, SUMS=sw.dy_sums,
         DOT_IEEE=sw.dot_ieee, ALIGNED=_aligned(g, cfg, grad_out, x), PACKED=packed,
-        IDX64=_needs_int64(g, grad_out, x), PACK_C=pack_c, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
-        BLOCK_K=cfg.BLOCK_K, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        IDX64=_needs_int64(g, grad_out, x), PACK_C=pack_c, DY_FLAT=dy_flat, X_FLAT=x_flat, BLOCK_M=cfg.BLOCK_M,
+        BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if n_split > 1:
         if sw.need_dw:
             _combine(out, dw, n_split, g.R * g.S, g.Cg)
@@ -583,8 +629,8 @@ def compile_specs() -> list:
     path at the config the launcher gives it (64×32), without divisibility hints (its worst case: the stem's
     C=3, 4-32 channels per group, NCHW strides); the PACKED path at its config, with the stem's 7×7/2 and dy's
     hints, over x padded to 4 channels (PACK_C, the stem) and over x as given (PACK_C=0: x's NHWC pixel stride
-    may be 3); int32 offsets (IDX64 off, every ResNet-50 layer at batch 256) and one
-    IDX64 spec per path; the combine kernel."""
+    may be 3); the ALIGNED path of a 1×1 stride-1 conv (X_FLAT: dy and x by pixel index) for bf16; int32
+    offsets (IDX64 off, every ResNet-50 layer at batch 256) and one IDX64 spec per path; the combine kernel."""
     ints = ("H", "W", "R", "Cg", "Kg", "P", "Q", "NPQ", "CHUNK", "so_sum", "pad_h", "pad_w", "dil_h", "dil_w",
             "sdy_n", "sdy_h", "sdy_w", "sx_n", "sx_h", "sx_w", "so_split", "so_k", "so_c", "so_r", "so_s")
     # ResNet layer: Cg, Kg, N*P*Q and the NHWC strides are multiples of 16; CHUNK always is (whole BLOCK_K
@@ -594,15 +640,17 @@ def compile_specs() -> list:
              "so_k", "so_r", "so_s")
     div16_packed = ("Kg", "NPQ", "CHUNK", "so_sum", "sdy_n", "sdy_h", "sdy_w", "so_split")
 
-    def spec(base, dt, tdt, variant, aligned, ieee=False, packed=False, idx64=False, pack_c=0):
+    def spec(base, dt, tdt, variant, aligned, ieee=False, packed=False, idx64=False, pack_c=0, pointwise=False):
         cfg = for_dtype(base, tdt)
         sig = {"dy_ptr": f"*{dt}", "x_ptr": f"*{dt}", "out_ptr": "*fp32", "isc_ptr": "*fp32",
                "ish_ptr": "*fp32", "z_ptr": f"*{dt}", "c1_ptr": "*fp32", "c2_ptr": "*fp32",
                "c3_ptr": "*fp32", "mu_ptr": "*fp32", "sum_ptr": "*fp32"}
         sig.update({name: "i32" for name in ints})
-        cx = {"sdy_c": 1, "sx_c": 1, "SH": 2, "SW": 2, "S": 7 if packed else 3, "TILES_N": 1 if packed else 2,
+        cx = {"sdy_c": 1, "sx_c": 1, "SH": 1 if pointwise else 2, "SW": 1 if pointwise else 2,
+              "S": 7 if packed else 1 if pointwise else 3, "TILES_N": 1 if packed else 2,
               "SPLIT": 4, "PROLOGUE": False, "DY_BN": False, "DY_RELU": False, "SUMS": False, **VARIANTS[variant],
               "DOT_IEEE": ieee, "ALIGNED": aligned, "PACKED": packed, "IDX64": idx64, "PACK_C": pack_c,
+              "DY_FLAT": aligned or packed, "X_FLAT": pointwise,
               "BLOCK_M": cfg.BLOCK_M, "BLOCK_N": cfg.BLOCK_N, "BLOCK_K": cfg.BLOCK_K}
         sig.update({k: "constexpr" for k in cx})
         return (_conv_wgrad_kernel, ordered_signature(_conv_wgrad_kernel, sig), cx,
@@ -611,10 +659,13 @@ def compile_specs() -> list:
 
     dtypes = (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32))
     specs = [spec(base, dt, tdt, v, True) for base in WGRAD_CONFIGS for dt, tdt in dtypes for v in VARIANTS]
+    specs += [spec(base, "bf16", torch.bfloat16, v, True, pointwise=True) for base in WGRAD_CONFIGS
+              for v in VARIANTS]  # 1×1 stride 1: dy and x by pixel index (X_FLAT)
     specs += [spec(_GENERAL_CONFIG, dt, tdt, v, False) for dt, tdt in dtypes for v in VARIANTS]
     specs += [spec(_DENSE_CONFIG if pc else _PACKED_CONFIG, dt, tdt, v, False, packed=True, pack_c=pc)
               for dt, tdt in dtypes for v in VARIANTS for pc in (0, 4)]
     specs += [spec(WGRAD_CONFIGS[1], "bf16", torch.bfloat16, "fused", True, idx64=True),
+              spec(WGRAD_CONFIGS[1], "bf16", torch.bfloat16, "dy_bn", True, idx64=True, pointwise=True),
               spec(_GENERAL_CONFIG, "bf16", torch.bfloat16, "fused", False, idx64=True)]
     specs += [spec(_DENSE_CONFIG if pc else _PACKED_CONFIG, "bf16", torch.bfloat16, "dy_bn", False, packed=True,
                    idx64=True, pack_c=pc) for pc in (0, 4)]

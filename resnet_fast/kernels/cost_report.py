@@ -438,7 +438,7 @@ def launches(kernels=("fwd", "dgrad", "wgrad")) -> list:
                 packed = conv_wgrad._packed(g, c, y, x)
                 pack_c = g.pack_c if packed else 0
                 sig, div16 = _template(conv_wgrad, conv_wgrad._conv_wgrad_kernel, dt, ALIGNED=aligned,
-                                       PACKED=packed, IDX64=False, PACK_C=pack_c)
+                                       PACKED=packed, IDX64=False, PACK_C=pack_c)  # the path's hints
                 npq = g.N * g.P * g.Q
                 alt = variant.endswith("+dy_pass")  # triton_dy_pass: dy formed (and counted) before dgrad
                 vflags = dict(conv_wgrad.VARIANTS[variant.split("+")[0]])
@@ -457,7 +457,9 @@ def launches(kernels=("fwd", "dgrad", "wgrad")) -> list:
                 tiles = math.prod(grid)
                 cx = dict(sdy_c=1, sx_c=1, SH=g.stride[0], SW=g.stride[1], S=g.S, TILES_N=tiles_n, SPLIT=split,
                           PROLOGUE=False, DY_BN=False, DY_RELU=False, SUMS=False, DOT_IEEE=False, ALIGNED=aligned,
-                          PACKED=packed, IDX64=conv_wgrad._needs_int64(g, y, x), PACK_C=pack_c, BLOCK_M=c.BLOCK_M,
+                          PACKED=packed, IDX64=conv_wgrad._needs_int64(g, y, x), PACK_C=pack_c,
+                          DY_FLAT=conv_wgrad._flat_switches(g, y, x, packed)[0],
+                          X_FLAT=conv_wgrad._flat_switches(g, y, x, packed)[1], BLOCK_M=c.BLOCK_M,
                           BLOCK_N=c.BLOCK_N, BLOCK_K=c.BLOCK_K)
                 cx.update(vflags)
                 parts = nw * 4 * (2 * split if split > 1 else 1)  # fp32 partials written and read back, or dW
