@@ -33,7 +33,7 @@ from .checks import check_tensor, check_vector
 __all__ = ["ConvGeometry", "conv_output_size", "pair", "CHANNEL_PAD", "W_ROW_PAD", "DENSE_MAX_C", "DENSE_MAX_K",
            "round_up",
            "DyBN", "check_dy_bn", "dense_input",
-           "rows_aligned", "ordered_signature", "rows_to_npq", "input_coords",
+           "rows_aligned", "ordered_signature", "rows_to_npq",
            "swizzle_pid"]
 
 CHANNEL_PAD = 16  # smallest MMA reduction step for 16-bit operands (and 8 for tf32): pad Cg to this
@@ -267,13 +267,3 @@ def rows_to_npq(offs_m, P, Q):
     p = (pq % P).to(tl.int32)
     n = (pq // P).to(tl.int64)
     return n, p, q
-
-
-@triton.jit
-def input_coords(p, q, r, s, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, H, W):
-    """Input pixel ``(h, w)`` read by output pixel ``(p, q)`` at tap ``(r, s)``, and whether it is inside the
-    image (False means the zero padding)."""
-    h = p * stride_h - pad_h + r * dil_h
-    w = q * stride_w - pad_w + s * dil_w
-    inside = (h >= 0) & (h < H) & (w >= 0) & (w < W)
-    return h, w, inside
