@@ -580,13 +580,11 @@ def conv2d_wgrad_nhwc(grad_out: torch.Tensor, x: torch.Tensor, weight_shape, *, 
     bn_ops = dy_bn if dy_bn is not None else (grad_out, dw, dw, dw, dw)
 
     pass_ok = _pass.worth_offering(g, sw.prologue)
-    applied = {}  # the prologue pass's output, formed once for every timed launch
 
     def launch(cfg: ConvConfig):
-        if cfg.prologue_pass:  # the prologue once per element, then the GEMM without it
-            if "a" not in applied:
-                applied["a"] = _pass.apply(x, in_scale, in_shift, True)
-            _launch_wgrad(cfg, g, grad_out, applied["a"], dw, sums, (dw, dw), bn_ops, sw._replace(prologue=False))
+        if cfg.prologue_pass:  # the prologue once per element, then the GEMM without it (timed with the pass)
+            a = _pass.apply(x, in_scale, in_shift, True)
+            _launch_wgrad(cfg, g, grad_out, a, dw, sums, (dw, dw), bn_ops, sw._replace(prologue=False))
         else:
             _launch_wgrad(cfg, g, grad_out, x, dw, sums, pro_ops, bn_ops, sw)
 
