@@ -23,11 +23,11 @@ stem): padding 3 channels to a 16-wide step per tap would spend 49 steps of 16 o
 launcher zero-pads ``x`` to ``PACK_C`` channels (4 for the stem: each pixel an 8-byte vector, so cp.async and
 pipelining), and one K-step covers a whole filter row ``r``: its ``S`` taps × ``PACK_C`` channels are contiguous
 in NHWC, columns ``s*PACK_C + c`` of a ``taps_k``-wide step (28 of 32 for the stem; 7 steps). The weight is
-packed to match (``[K, R, taps_k]``). Column positions and bounds are computed once per program; a step adds
+packed to match (``[K_pad, R, taps_k]``). Column positions and bounds are computed once per program; a step adds
 only the row's ``h``. The prologue's per-channel vectors are loaded once, before the loop.
 
 ``TMA`` (a tuning candidate, ``ConvConfig.tma``; pointwise convs with ``groups=1`` on sm_90+): the A and B tiles
-come from host-built TMA descriptors of ``x`` as a ``[M, C]`` matrix and the packed weight as ``[K, Cg_pad]``
+come from host-built TMA descriptors of ``x`` as a ``[M, C]`` matrix and the packed weight as ``[K_pad, Cg_pad]``
 instead of pointer gathers; the hardware zero-fills rows ``>= M`` and channels ``>= C``, so no load masks and
 no address math per element. It needs 16-byte-aligned bases and rows (``C`` a multiple of 8 for 16-bit
 operands, 4 for fp32) and ``M < 2**31`` (TMA coordinates are int32); :func:`tma_eligible` decides, and the
@@ -147,10 +147,9 @@ def _conv_fwd_kernel(
     for _ in range(0, steps):
         rs = r * S + s
         cc = c0 + offs_c
-        if TMA:  # groups 1: the weight as [K, R*S*Cg_pad] boxes; TMA zero-fills rows past K
-            b = w_desc.load([pid_n * BLOCK_N, rs * Cg_pad + c0]).T
-        if TMA and POINTWISE:  # and x as [M, C] boxes: zero fill past M and C
+        if TMA:  # pointwise, groups 1: boxes of x as [M, C] and w as [K_pad, Cg_pad]; TMA zero-fills past the edges
             a = x_desc.load([pid_m * BLOCK_M, c0])
+            b = w_desc.load([pid_n * BLOCK_N, c0]).T
         else:
             if POINTWISE:  # h = p, w = q: the row's pixel is the input pixel
                 a_row = offs_m * C + grp * Cg
@@ -170,17 +169,17 @@ def _conv_fwd_kernel(
                 c_ok = cc < Cg
                 a_mask = a_rows_ok[:, None] & c_ok[None, :]
             a = tl.load(x_ptr + a_row[:, None] + cc[None, :], mask=a_mask, other=0.0)
-            if not TMA and EVEN_C:
+            if EVEN_C:
                 b = tl.load(w_ptrs + w_step)
-            elif not TMA:  # a channel block past Cg_pad would read the next tap's (or past the last) row
-                b = tl.load(w_ptrs + w_step, mask=(cc < Cg)[:, None], other=0.0)
+            else:  # a channel block past Cg_pad would read the next tap's (or past the last) row
+                b = tl.load(w_ptrs + w_step, mask=c_ok[:, None], other=0.0)
         if PROLOGUE:  # in_scale/in_shift are read at c < Cg only; what channels past Cg become is masked below
             c_in = grp * Cg + tl.minimum(cc, Cg - 1)
             af = a.to(tl.float32) * tl.load(in_scale_ptr + c_in)[None, :] + tl.load(in_shift_ptr + c_in)[None, :]
             if IN_RELU:
                 af = tl.maximum(af, 0.0)
-            if not (TMA and POINTWISE):  # padding stays zero, not relu(shift). x by TMA needs no mask: it reads
-                af = tl.where(a_mask, af, 0.0)  # no padding, rows past M are never stored, channels past C meet 0s
+            if not TMA:  # padding stays zero, not relu(shift). TMA needs no mask: it reads no padding, rows
+                af = tl.where(a_mask, af, 0.0)  # past M are never stored, channels past C meet zero weights
             a = af.to(x_ptr.dtype.element_ty)
         if DOT_IEEE:
             acc = tl.dot(a, b, acc, input_precision="ieee")
