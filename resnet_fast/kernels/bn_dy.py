@@ -27,7 +27,7 @@ from .checks import check_operand_dtype, check_pow2, check_vector
 from .conv_common import ConvGeometry
 from .conv_dgrad import dy_on_load
 
-__all__ = ["form_dy", "FormedDy", "compile_specs", "BN_DY_CONFIG", "dy_pass_may_pay"]
+__all__ = ["form_dy", "form_train_dy", "FormedDy", "compile_specs", "BN_DY_CONFIG", "dy_pass_may_pay"]
 
 # (BLOCK_M rows = rows per Σ partial, BLOCK_K channels, num_warps). Memory bound.
 BN_DY_CONFIG = (128, 64, 8)
@@ -152,6 +152,15 @@ def compile_specs() -> list:
             sig.update({k: "constexpr" for k in cx})
             specs.append((_bn_dy_kernel, sig, cx, {"num_warps": warps, "num_stages": 1}, False, ("K",)))
     return specs
+
+
+def form_train_dy(g_y: torch.Tensor, y: torch.Tensor, c2: torch.Tensor, c3: torch.Tensor,
+                  mean: torch.Tensor) -> torch.Tensor:
+    """The training backward's ``dy = g_y + c2*(y - mean) + c3`` written once (``[N, K, P, Q]`` channels_last, g_y's
+    dtype; inputs of any strides): what the cuDNN composite and ``triton_dy_pass`` feed their GEMMs."""
+    cl = torch.channels_last
+    return form_dy(g_y.contiguous(memory_format=cl), y.contiguous(memory_format=cl), c2=c2.contiguous(),
+                   c3=c3.contiguous(), mean=mean.contiguous()).dy
 
 
 def dy_pass_may_pay(geom: ConvGeometry, need_x: bool) -> bool:

@@ -127,9 +127,9 @@ def _conv_bn_stats_backward_op(g_y, c2, c3, x, weight, in_scale, in_shift, in_ce
 def _triton_backward(g_y, c2, c3, x, weight, in_scale, in_shift, in_centre, y, mean, stride, padding, dilation,
                      groups, need_x, need_w, need_affine, dy_pass: bool = False):
     """The backward op on the dgrad/wgrad kernels (results as :func:`_conv_bn_stats_backward_op`'s). ``dy_pass``:
-    dy formed once by :func:`..kernels.bn_dy.form_dy` and fed to both GEMMs as is (see :func:`dy_pass_may_pay`),
+    dy formed once by :func:`..kernels.bn_dy.form_train_dy` and fed to both GEMMs as is (see :func:`dy_pass_may_pay`),
     instead of on every load."""
-    from ..kernels.bn_dy import form_dy
+    from ..kernels.bn_dy import form_train_dy
     from ..kernels.bn_finalize import bn_backward_coeffs
     from ..kernels.conv_common import DyBN
     from ..kernels.conv_dgrad import conv2d_dgrad_nhwc
@@ -138,9 +138,7 @@ def _triton_backward(g_y, c2, c3, x, weight, in_scale, in_shift, in_centre, y, m
     x = x.contiguous(memory_format=torch.channels_last)  # as the forward read it (a no-op: the forward made it so)
     g_y = with_strides_of(g_y, y)
     if dy_pass:  # dy = g_y + c2*(y - mean) + c3, once
-        cl = torch.channels_last
-        g_y = form_dy(g_y.contiguous(memory_format=cl), y.contiguous(memory_format=cl), c2=c2.contiguous(),
-                      c3=c3.contiguous(), mean=mean.contiguous()).dy
+        g_y = form_train_dy(g_y, y, c2, c3, mean)
         dy_bn = None
     else:
         dy_bn = DyBN(y, torch.ones_like(mean), c2, c3, mean)  # dy = 1*g_y + c2*(y - mean) + c3, formed on load

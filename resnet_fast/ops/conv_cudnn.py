@@ -312,7 +312,7 @@ def conv_bn_stats_backward(g_y: torch.Tensor, c2: torch.Tensor, c3: torch.Tensor
         weight's dtype and strides; grad_scale = Σdz·x, grad_shift = Σdz (fp32 ``[C]``, empty without a
         prologue), ``dz = d a * [x*in_scale + in_shift > 0]``. A result not asked for is an empty tensor.
     """
-    from ..kernels.bn_dy import form_dy
+    from ..kernels.bn_dy import form_train_dy
     who = "conv_bn_stats_backward_cudnn"
     g = conv_geometry(who, x, weight, stride, padding, dilation, groups)
     y_shape = (g.N, g.K, g.P, g.Q)
@@ -331,9 +331,7 @@ def conv_bn_stats_backward(g_y: torch.Tensor, c2: torch.Tensor, c3: torch.Tensor
     need_a = need_x or need_affine
     if not (need_a or need_w):
         return grad_x, grad_w, grad_scale, grad_shift
-    cl = torch.channels_last
-    dy = form_dy(g_y.contiguous(memory_format=cl), y.contiguous(memory_format=cl), c2=c2.contiguous(),
-                 c3=c3.contiguous(), mean=mean.contiguous()).dy
+    dy = form_train_dy(g_y, y, c2, c3, mean)
     if prologue:
         _ext.require(who)
     # the conv's input, recomputed (not saved) and only for the wgrad: dgrad reads nothing but its shape
