@@ -437,6 +437,7 @@ def launches(kernels=("fwd", "dgrad", "wgrad")) -> list:
                 aligned = conv_wgrad._aligned(g, c, y, x)
                 packed = conv_wgrad._packed(g, c, y, x)
                 pack_c = g.pack_c if packed else 0
+                dy_flat, x_flat = conv_wgrad._flat_switches(g, y, x, packed)
                 sig, div16 = _template(conv_wgrad, conv_wgrad._conv_wgrad_kernel, dt, ALIGNED=aligned,
                                        PACKED=packed, IDX64=False, PACK_C=pack_c)  # the path's hints
                 npq = g.N * g.P * g.Q
@@ -458,8 +459,7 @@ def launches(kernels=("fwd", "dgrad", "wgrad")) -> list:
                 cx = dict(sdy_c=1, sx_c=1, SH=g.stride[0], SW=g.stride[1], S=g.S, TILES_N=tiles_n, SPLIT=split,
                           PROLOGUE=False, DY_BN=False, DY_RELU=False, SUMS=False, DOT_IEEE=False, ALIGNED=aligned,
                           PACKED=packed, IDX64=conv_wgrad._needs_int64(g, y, x), PACK_C=pack_c,
-                          DY_FLAT=conv_wgrad._flat_switches(g, y, x, packed)[0],
-                          X_FLAT=conv_wgrad._flat_switches(g, y, x, packed)[1], BLOCK_M=c.BLOCK_M,
+                          DY_FLAT=dy_flat, X_FLAT=x_flat, BLOCK_M=c.BLOCK_M,
                           BLOCK_N=c.BLOCK_N, BLOCK_K=c.BLOCK_K)
                 cx.update(vflags)
                 parts = nw * 4 * (2 * split if split > 1 else 1)  # fp32 partials written and read back, or dW
