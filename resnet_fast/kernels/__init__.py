@@ -9,3 +9,4 @@ and the shipped tables: :mod:`.tuning_table`; the autotuner and the per-conv imp
 from . import _interpreter_compat
 
 _interpreter_compat.apply()
+_interpreter_compat.skip_discarded_overflow_checks()
