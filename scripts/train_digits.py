@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Real-training parity: a converted (fused) resnet20 and its plain nn reference, trained side by side.
+"""Real-training parity: a converted (fused) CIFAR ResNet (resnet20 unless ``--depth``) and its plain nn
+reference, trained side by side.
 
 Both start from the same weights and see the same batches: scikit-learn's digits (1,797 8x8 images, upsampled to
 32x32, 3 channels), a held-out 20% split. On CUDA the steps run under bf16 autocast, on CPU in fp32 (use
@@ -69,7 +70,7 @@ def evaluate(model, x, y, autocast):
     return F.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
 
 
-def plot(curves, path):
+def plot(curves, path, depth=20):
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -81,7 +82,7 @@ def plot(curves, path):
     for name, c in curves.items():
         ax1.plot(c["train_loss"], label=name, alpha=0.8)
         ax2.plot(range(1, len(c["test_acc"]) + 1), c["test_acc"], marker="o", label=name)
-    ax1.set(xlabel="step", ylabel="train loss", yscale="log", title="resnet20 on digits: train loss")
+    ax1.set(xlabel="step", ylabel="train loss", yscale="log", title=f"resnet{depth} on digits: train loss")
     ax2.set(xlabel="epoch", ylabel="held-out accuracy", title="held-out accuracy")
     ax1.legend(), ax2.legend()
     fig.tight_layout()
@@ -97,6 +98,7 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--test-limit", type=int, default=None, help="evaluate on at most this many held-out images")
+    p.add_argument("--depth", type=int, default=20, help="CIFAR ResNet depth, 6n+2 (the tests take 8)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--output", required=True, help="folder for curves.json and curves.png")
@@ -113,7 +115,7 @@ def main(argv=None):
     x_train, y_train, x_test, y_test = load_digits_32(args.seed, device)
     x_test, y_test = x_test[:args.test_limit], y_test[:args.test_limit]
     torch.manual_seed(args.seed)
-    reference = models.resnet20(num_classes=10, fused=False).to(device)
+    reference = models.CifarResNet(args.depth, num_classes=10, fused=False).to(device)
     fused = resnet_fast.convert(reference)  # a deep copy: same starting weights, own parameters
     runs = {"fused": fused, "reference": reference}
     steps_per_epoch = math.ceil(len(x_train) / args.batch_size)
@@ -160,7 +162,7 @@ def main(argv=None):
     os.makedirs(args.output, exist_ok=True)
     with open(os.path.join(args.output, "curves.json"), "w") as f:
         json.dump(result, f, indent=1)
-    result["plot"] = plot(curves, os.path.join(args.output, "curves.png"))
+    result["plot"] = plot(curves, os.path.join(args.output, "curves.png"), args.depth)
     print(f"wrote {args.output}/curves.json" + (f" and {result['plot']}" if result["plot"] else ""))
     return result
 
