@@ -4,4 +4,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 python3 -m ruff check .
-python3 -m pytest -q "$@"
+# One worker per core (CI has 2): the interpreter tests are single-threaded Python. By file, so each file's
+# module fixtures (the sm_90 compile check, the cost report, the nvcc build) run once.
+python3 -m pytest -q -n auto --dist loadfile "$@"
