@@ -163,10 +163,11 @@ def form_train_dy(g_y: torch.Tensor, y: torch.Tensor, c2: torch.Tensor, c3: torc
                    c3=c3.contiguous(), mean=mean.contiguous()).dy
 
 
-def dy_pass_may_pay(geom: ConvGeometry, need_x: bool) -> bool:
+def dy_pass_may_pay(geom: ConvGeometry, need_x: bool, ieee_prologue: bool = False) -> bool:
     """Whether the training backward op (``ops.conv_bn_train``) offers ``triton_dy_pass``: dgrad and wgrad each read
     every element of dy ``R*S`` times (once per tap), so forming dy on load repeats the BN backward transform up to
     ``2*R*S`` times per element; forming it once costs three activation passes (read g_y and y, write dy). Offered
     where ``R*S >= 4`` (every 3×3) unless only wgrad runs on its dense-taps path, which reads dy once for all taps
-    (the stem)."""
-    return geom.R * geom.S >= 4 and (need_x or not geom.pack_c)
+    (the stem), or ``ieee_prologue``: IEEE fp32 with a BN+ReLU prologue, whose FMA wgrad with the prologue and
+    without the dy transform spills on sm_90 (the compile check) and which is FMA-bound, so the pass buys little."""
+    return geom.R * geom.S >= 4 and (need_x or not geom.pack_c) and not ieee_prologue

@@ -610,14 +610,19 @@ def _combine(part: torch.Tensor, res: torch.Tensor, split: int, rs: int, cg: int
 
 # The constexpr variants the ops launch: plain (no op fuses anything), the training op with a BN+ReLU prologue
 # (and BN backward on load), the training op without prologue (dy_bn only), the inference op's backward without
-# and with ReLU (sums; dy_bn + dy_relu + sums).
+# and with ReLU (sums; dy_bn + dy_relu + sums), and the training op's triton_dy_pass runner with a prologue
+# (dy formed beforehand; where the prologue pass is not taken, e.g. stride 2).
 VARIANTS = {
     "plain": {},
     "fused": {"PROLOGUE": True, "DY_BN": True},
     "dy_bn": {"DY_BN": True},
     "sums": {"SUMS": True},
     "dy_bn_relu_sums": {"DY_BN": True, "DY_RELU": True, "SUMS": True},
+    "prologue": {"PROLOGUE": True},
 }
+# triton_dy_pass runs only where R·S >= 4 and, with a prologue, not in IEEE fp32 (bn_dy.dy_pass_may_pay): never on
+# the 1×1 X_FLAT path or the FMA (DOT_IEEE) one
+_DY_PASS_ONLY = ("prologue",)
 
 
 def compile_specs() -> list:
@@ -658,7 +663,7 @@ def compile_specs() -> list:
     dtypes = (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32))
     specs = [spec(base, dt, tdt, v, True) for base in WGRAD_CONFIGS for dt, tdt in dtypes for v in VARIANTS]
     specs += [spec(base, "bf16", torch.bfloat16, v, True, pointwise=True) for base in WGRAD_CONFIGS
-              for v in VARIANTS]  # 1×1 stride 1: dy and x by pixel index (X_FLAT)
+              for v in VARIANTS if v not in _DY_PASS_ONLY]  # 1×1 stride 1: dy and x by pixel index (X_FLAT)
     specs += [spec(_GENERAL_CONFIG, dt, tdt, v, False) for dt, tdt in dtypes for v in VARIANTS]
     specs += [spec(_DENSE_CONFIG if pc else _PACKED_CONFIG, dt, tdt, v, False, packed=True, pack_c=pc)
               for dt, tdt in dtypes for v in VARIANTS for pc in (0, 4)]
@@ -670,9 +675,9 @@ def compile_specs() -> list:
     # IEEE fp32 (the default unless TF32 is allowed, configs.conv_allows_tf32): FMA, not wgmma, by design
     specs += [spec(base, "fp32", torch.float32, v, aligned, ieee=True)
               for base, aligned in [(b, True) for b in WGRAD_CONFIGS] + [(_GENERAL_CONFIG, False)]
-              for v in VARIANTS]
+              for v in VARIANTS if v not in _DY_PASS_ONLY]
     specs += [spec(_DENSE_CONFIG if pc else _PACKED_CONFIG, "fp32", torch.float32, v, False, ieee=True,
-                   packed=True, pack_c=pc) for v in VARIANTS for pc in (0, 4)]
+                   packed=True, pack_c=pc) for v in VARIANTS if v not in _DY_PASS_ONLY for pc in (0, 4)]
     specs.append((_wgrad_combine_kernel, {"part_ptr": "*fp32", "out_ptr": "*bf16", "NUMEL": "i32", "RS": "i32",
                                           "CG": "i32", "SPLIT": "constexpr", "BLOCK": "constexpr"},
                   {"SPLIT": 4, "BLOCK": _COMBINE_BLOCK}, {"num_warps": 4, "num_stages": 1}, False))

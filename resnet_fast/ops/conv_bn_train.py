@@ -115,7 +115,8 @@ def _conv_bn_stats_backward_op(g_y, c2, c3, x, weight, in_scale, in_shift, in_ce
     args = (g_y, c2, c3, x, weight, in_scale, in_shift, in_centre, y, mean, stride, padding, dilation, groups)
     need_affine = need_affine and in_scale is not None
     runners = {"triton": lambda: _triton_backward(*args, need_x, need_w, need_affine)}
-    if dy_pass_may_pay(geom, need_x or need_affine):
+    ieee_prologue = in_scale is not None and x.dtype == torch.float32 and not tf32_switch(x.dtype)
+    if dy_pass_may_pay(geom, need_x or need_affine, ieee_prologue):
         runners["triton_dy_pass"] = lambda: _triton_backward(*args, need_x, need_w, need_affine, dy_pass=True)
     if in_scale is None or _ext.load():  # the composite's prologue backward is the C++ bn_relu_backward
         runners["cudnn"] = lambda: conv_cudnn.conv_bn_stats_backward(*args, need_x=need_x, need_w=need_w,
