@@ -300,6 +300,65 @@ def test_wgrad_prologue_and_bn_backward_on_load(kernel_device, triton_backend, m
     assert len(passes) == 2 * pp
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("pointwise", [False, True], ids=["3x3s2", "1x1"])
+def test_wgrad_wide_tile_without_dy_transform(kernel_device, triton_backend, dtype, pointwise):
+    """WIDE_CONFIG (256 output × 128 input channels) on the ALIGNED path, in each variant it may run: plain, with
+    the dy sums, and with the BN+ReLU prologue (triton_dy_pass's, 3×3 only); split over pixels."""
+    import resnet_fast.kernels.conv_wgrad as wg
+    from resnet_fast.kernels.configs import for_dtype
+    gen = torch.Generator().manual_seed(21)
+    N, C, H, K = 2, 128, 6, 256
+    R, stride = (1, 1) if pointwise else (3, 2)
+    conv = dict(stride=stride, padding=R // 2, dilation=1, groups=1)
+    x64 = torch.randn(N, C, H, H, generator=gen, dtype=torch.float64)
+    g = ConvGeometry.make(x64.shape, (K, C, R, R), stride, R // 2)
+    dy64 = torch.randn(N, K, g.P, g.Q, generator=gen, dtype=torch.float64).to(dtype).double()
+    x64 = x64.to(dtype).double()
+    dev = lambda t: t.to(dtype).to(kernel_device).contiguous(memory_format=CL)  # noqa: E731
+    x, dy = dev(x64), dev(dy64)
+    cfg = for_dtype(wg.WIDE_CONFIG, dtype)
+    assert wg._aligned(g, cfg, dy, x)
+    w_shape = (K, C, R, R)
+    dw, sums = conv2d_wgrad_nhwc(dy, x, w_shape, **conv, dy_sums=True, split=2, allow_tf32=False, config=cfg)
+    assert _rel(dw.cpu(), conv2d_weight(x64, w_shape, dy64, **conv)) < 2 * TOL[dtype]
+    assert _rel(sums.cpu(), dy64.sum((0, 2, 3))) < 2 * TOL[dtype]
+    if not pointwise:
+        sc, sh, _, sc64, sh64, _ = _bn_relu_input(C, kernel_device, seed=22)
+        y64 = _away_from_kink(x64, sc64, sh64).to(dtype).double()
+        a64 = torch.relu(y64 * sc64.view(1, -1, 1, 1) + sh64.view(1, -1, 1, 1))
+        dw = conv2d_wgrad_nhwc(dy, dev(y64), w_shape, **conv, in_scale=sc, in_shift=sh, split=1, allow_tf32=False,
+                               config=cfg)
+        assert _rel(dw.cpu(), conv2d_weight(a64, w_shape, dy64, **conv)) < 2 * TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(8, 128, 14, 14, 256, 3, 2), (8, 256, 14, 14, 512, 1, 2),
+                                   (8, 256, 14, 14, 256, 3, 1), (8, 128, 14, 14, 128, 3, 1)])
+def test_wgrad_candidates_are_compile_checked_per_variant(shape, dtype):
+    # Each wgrad candidate, for the launches it serves (with or without the dy transform, IEEE or tensor-core
+    # dot), is a compile-checked spec of a variant with that transform on that path; the wide tile only without
+    # the transform and tensor-core, where it is the default once 256x128 tiles fit.
+    import resnet_fast.kernels.conv_wgrad as wg
+    N, C, H, W, K, R, s = shape
+    g = ConvGeometry.make((N, C, H, W), (K, C, R, R), s, R // 2)
+    x = torch.empty(N, C, H, W, dtype=dtype).contiguous(memory_format=CL)
+    dy = torch.empty(N, K, g.P, g.Q, dtype=dtype).contiguous(memory_format=CL)
+    ptr = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}[dtype]
+    checked = {(cx["BLOCK_M"], cx["BLOCK_N"], cx["BLOCK_K"], opts["num_warps"], sig["dy_ptr"], cx["ALIGNED"],
+                cx["DOT_IEEE"], cx["DY_BN"]) for _fn, sig, cx, opts, *_ in wg.compile_specs() if "BLOCK_M" in cx}
+    wide = dataclasses.replace(wg.WIDE_CONFIG, BLOCK_K=32 if dtype == torch.float32 else 64)
+    for dy_bn in (False, True):
+        for ieee in ((False, True) if dtype == torch.float32 else (False,)):
+            cands, default = wg._candidates(g, dy, x, dy_bn, ieee)
+            assert default in cands
+            for c in cands:
+                key = (c.BLOCK_M, c.BLOCK_N, c.BLOCK_K, c.num_warps, ptr, wg._aligned(g, c, dy, x), ieee, dy_bn)
+                assert key in checked, f"wgrad candidate {c} (dy_bn={dy_bn}, ieee={ieee}) not compile-checked"
+            assert (wide in cands) == (not dy_bn and not ieee and K % 256 == 0 and C % 128 == 0)
+            assert (default == wide) == (wide in cands)
+
+
 def _relu_mask_case(family, dtype, device, seed):
     """dz, a post-ReLU output y (a quarter exactly 0, the rest positive) and per-channel c1 with one exact 0,
     plus the float64 dy = c1*(dz where y > 0) they stand for."""

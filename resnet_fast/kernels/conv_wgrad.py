@@ -89,7 +89,7 @@ _NUM_SMS, _CLOCK_HZ, _FMA_PER_CLK, _HBM_BYTES_PER_S, _ISSUE_RATIO = 132, 1.83e9,
 # 254 registers and 128 KB, 1 CTA; its sums variant 119 registers and 96 KB, 2; 64x64 w4 plain 78, dy_bn
 # 136-146, fused 178 registers); a tile not listed counts 1.
 _CTAS_PER_SM = {(128, 128, 8): (2, 1, 1), (128, 64, 8): (2, 1, 1), (64, 64, 4): (4, 3, 2), (64, 32, 4): (4, 2, 2),
-                (64, 128, 4): (3, 2, 2), (64, 128, 8): (1, 1, 1)}
+                (64, 128, 4): (3, 2, 2), (64, 128, 8): (1, 1, 1), (256, 128, 8): (1, 1, 1)}
 
 
 # Every config the launcher may pick; compile_specs covers each of them (16-bit and fp32 via for_dtype, every
@@ -105,6 +105,12 @@ _CTAS_PER_SM = {(128, 128, 8): (2, 1, 1), (128, 64, 8): (2, 1, 1), (64, 64, 4): 
 WGRAD_CONFIGS = (ConvConfig(64, 64, 64, 8, 4, 3), ConvConfig(128, 128, 64, 8, 8, 3),
                  ConvConfig(128, 64, 64, 8, 8, 3), ConvConfig(64, 128, 64, 8, 4, 3), ConvConfig(64, 32, 64, 8, 4, 3))
 _GENERAL_CONFIG = WGRAD_CONFIGS[-1]  # the one config whose masked general path is compile-checked
+# The wide tile, a candidate (and the default where K/groups >= 256 and C/groups >= 128) only where dy needs no
+# transform (no DY_BN: the plain op, the inference op's sums, triton_dy_pass's GEMMs) and the dot is a tensor-core
+# one: 256 output channels per tile halve the x-side coordinate and load work per MMA cycle. sm_90 bf16 stride-2
+# 3×3 with the prologue: issue ratio 1.86 -> 0.93 (128x128: 476 instructions per step, this tile: 478 for twice
+# the MMA), 254 registers, 1 CTA per SM; with DY_BN it spills.
+WIDE_CONFIG = ConvConfig(256, 128, 64, 8, 8, 3)
 # The PACKED path's config (the stem: 7·7·3 = 147 (r, s, c) columns in one 256-wide N tile, K = 64 in one M tile):
 # one program per chunk reads each dy tile once for every tap.
 _PACKED_CONFIG = ConvConfig(64, 128, 64, 8, 8, 2)
@@ -121,10 +127,13 @@ def _aligned(g: ConvGeometry, cfg: ConvConfig, dy: torch.Tensor, x: torch.Tensor
     return g.Kg % cfg.BLOCK_M == 0 and g.Cg % cfg.BLOCK_N == 0 and rows_aligned(dy) and rows_aligned(x)
 
 
-def _candidates(g: ConvGeometry, dy: torch.Tensor, x: torch.Tensor) -> tuple:
-    """(candidates for ``dy``'s dtype, the untuned default): the PACKED config alone where :func:`_packed`;
+def _candidates(g: ConvGeometry, dy: torch.Tensor, x: torch.Tensor, dy_bn: bool = True,
+                ieee: bool = False) -> tuple:
+    """(candidates for ``dy``'s dtype, the untuned default) of a launch with (``dy_bn``) or without the dy transform
+    and with an IEEE fp32 (``ieee``) or tensor-core dot: the PACKED config alone where :func:`_packed`;
     else the configs whose path for this shape (ALIGNED or the masked general one) is compile-checked; C/groups
-    <= 32 takes the general config. The default is the 128x128 tile when both channel counts reach 128, 128x64 or
+    <= 32 takes the general config. The default is :data:`WIDE_CONFIG` where it may run (neither ``dy_bn`` nor
+    ``ieee``, 256x128 output tiles that fit), else the 128x128 tile when both channel counts reach 128, 128x64 or
     64x128 when one does, else 64x64, where a candidate; else the first candidate."""
     general = for_dtype(_GENERAL_CONFIG, dy.dtype)
     packed = for_dtype(_DENSE_CONFIG if g.pack_c else _PACKED_CONFIG, dy.dtype)
@@ -133,8 +142,12 @@ def _candidates(g: ConvGeometry, dy: torch.Tensor, x: torch.Tensor) -> tuple:
     if g.Cg <= 32:
         return (general,), general
     # GEMM: output channels × input channels (of one tap), reducing over pixels
-    cands = checked_candidates(WGRAD_CONFIGS, general, dy.dtype, lambda c: _aligned(g, c, dy, x), g.Kg, g.Cg,
-                               g.N * g.P * g.Q)
+    wide_ok = not dy_bn and not ieee
+    cands = checked_candidates(WGRAD_CONFIGS + ((WIDE_CONFIG,) if wide_ok else ()), general, dy.dtype,
+                               lambda c: _aligned(g, c, dy, x), g.Kg, g.Cg, g.N * g.P * g.Q)
+    wide = for_dtype(WIDE_CONFIG, dy.dtype)
+    if wide in cands and g.Kg >= 256 and g.Cg >= 128:
+        return tuple(cands), wide
     want = for_dtype(WGRAD_CONFIGS[1] if min(g.Cg, g.Kg) >= 128 else WGRAD_CONFIGS[2] if g.Kg >= 128
                      else WGRAD_CONFIGS[3] if g.Cg >= 128 else WGRAD_CONFIGS[0], dy.dtype)
     return tuple(cands), want if want in cands else cands[0]
@@ -589,7 +602,7 @@ def conv2d_wgrad_nhwc(grad_out: torch.Tensor, x: torch.Tensor, weight_shape, *, 
             _launch_wgrad(cfg, g, grad_out, x, dw, sums, pro_ops, bn_ops, sw)
 
     if config is None:
-        cands, default = _candidates(g, grad_out, x)
+        cands, default = _candidates(g, grad_out, x, sw.dy_bn, sw.dot_ieee)
         if pass_ok:  # twins of every candidate, and the untuned default (see prologue_pass)
             cands = tuple(cands) + tuple(replace(c, prologue_pass=True) for c in cands)
             default = replace(default, prologue_pass=True)
@@ -664,6 +677,10 @@ def compile_specs() -> list:
     specs = [spec(base, dt, tdt, v, True) for base in WGRAD_CONFIGS for dt, tdt in dtypes for v in VARIANTS]
     specs += [spec(base, "bf16", torch.bfloat16, v, True, pointwise=True) for base in WGRAD_CONFIGS
               for v in VARIANTS if v not in _DY_PASS_ONLY]  # 1×1 stride 1: dy and x by pixel index (X_FLAT)
+    no_dy_bn = [v for v in VARIANTS if not VARIANTS[v].get("DY_BN")]  # the wide tile's (see WIDE_CONFIG)
+    specs += [spec(WIDE_CONFIG, dt, tdt, v, True) for dt, tdt in dtypes for v in no_dy_bn]
+    specs += [spec(WIDE_CONFIG, "bf16", torch.bfloat16, v, True, pointwise=True) for v in no_dy_bn
+              if v not in _DY_PASS_ONLY]
     specs += [spec(_GENERAL_CONFIG, dt, tdt, v, False) for dt, tdt in dtypes for v in VARIANTS]
     specs += [spec(_DENSE_CONFIG if pc else _PACKED_CONFIG, dt, tdt, v, False, packed=True, pack_c=pc)
               for dt, tdt in dtypes for v in VARIANTS for pc in (0, 4)]

@@ -433,7 +433,11 @@ def launches(kernels=("fwd", "dgrad", "wgrad")) -> list:
             else:
                 wb = [("train", "dy_bn", True)]
             for role, variant, need_dw in wb:
-                cands, c = conv_wgrad._candidates(g, y, x)
+                alt = variant.endswith("+dy_pass")  # triton_dy_pass: dy formed (and counted) before dgrad
+                vflags = dict(conv_wgrad.VARIANTS[variant.split("+")[0]])
+                if alt:
+                    vflags.update(DY_BN=False, DY_RELU=False)
+                cands, c = conv_wgrad._candidates(g, y, x, vflags.get("DY_BN", False))
                 aligned = conv_wgrad._aligned(g, c, y, x)
                 packed = conv_wgrad._packed(g, c, y, x)
                 pack_c = g.pack_c if packed else 0
@@ -441,10 +445,6 @@ def launches(kernels=("fwd", "dgrad", "wgrad")) -> list:
                 sig, div16 = _template(conv_wgrad, conv_wgrad._conv_wgrad_kernel, dt, ALIGNED=aligned,
                                        PACKED=packed, IDX64=False, PACK_C=pack_c)  # the path's hints
                 npq = g.N * g.P * g.Q
-                alt = variant.endswith("+dy_pass")  # triton_dy_pass: dy formed (and counted) before dgrad
-                vflags = dict(conv_wgrad.VARIANTS[variant.split("+")[0]])
-                if alt:
-                    vflags.update(DY_BN=False, DY_RELU=False)
                 passes = 0
                 if prologue_pass.may_pay(g, vflags.get("PROLOGUE", False)):  # the launcher's default: the pass
                     vflags["PROLOGUE"], passes = False, 2 * nx
