@@ -120,8 +120,10 @@ def test_each_epilogue_term_alone(term, kernel_device, triton_backend):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("geom,pp", [((2, 12, 6, 6, 20, 3, 1, 1, 1), False), ((2, 12, 6, 6, 20, 3, 1, 1, 1), True),
-                                     ((1, 3, 7, 7, 8, 7, 2, 3, 1), False), ((1, 3, 7, 7, 8, 7, 2, 3, 1), True)],
-                         ids=["3x3_padded", "3x3_padded_prologue_pass", "stem", "stem_prologue_pass"])
+                                     ((1, 3, 7, 7, 8, 7, 2, 3, 1), False), ((1, 3, 7, 7, 8, 7, 2, 3, 1), True),
+                                     ((2, 12, 5, 3, 20, 1, 1, 0, 1), False)],
+                         ids=["3x3_padded", "3x3_padded_prologue_pass", "stem", "stem_prologue_pass",
+                              "1x1_row_and_channel_tails"])  # pointwise: no mask after the prologue
 def test_prologue_and_stats(geom, pp, dtype, kernel_device, small_config, monkeypatch):
     # pp: the prologue as its own pass (the C++ bn_relu) before the GEMM, which then runs without it
     N, C, H, W, K, R, s, p, gr = geom

@@ -173,13 +173,13 @@ def _conv_fwd_kernel(
                 b = tl.load(w_ptrs + w_step)
             else:  # a channel block past Cg_pad would read the next tap's (or past the last) row
                 b = tl.load(w_ptrs + w_step, mask=c_ok[:, None], other=0.0)
-        if PROLOGUE:  # in_scale/in_shift are read at c < Cg only; what channels past Cg become is masked below
+        if PROLOGUE:  # in_scale/in_shift are read at c < Cg only (channels past Cg: see the mask below)
             c_in = grp * Cg + tl.minimum(cc, Cg - 1)
             af = a.to(tl.float32) * tl.load(in_scale_ptr + c_in)[None, :] + tl.load(in_shift_ptr + c_in)[None, :]
             if IN_RELU:
                 af = tl.maximum(af, 0.0)
-            if not TMA:  # padding stays zero, not relu(shift). TMA needs no mask: it reads no padding, rows
-                af = tl.where(a_mask, af, 0.0)  # past M are never stored, channels past C meet zero weights
+            if not POINTWISE:  # padding stays zero, not relu(shift); a pointwise conv reads none (rows past M
+                af = tl.where(a_mask, af, 0.0)  # are never stored nor counted, channels past Cg meet zero weights)
             a = af.to(x_ptr.dtype.element_ty)
         if DOT_IEEE:
             acc = tl.dot(a, b, acc, input_precision="ieee")
