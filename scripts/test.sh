@@ -4,6 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 python3 -m ruff check .
-# One worker per core (CI has 2): the interpreter tests are single-threaded Python. By file, so each file's
-# module fixtures (the sm_90 compile check, the cost report, the nvcc build) run once.
-python3 -m pytest -q -n auto --dist loadfile "$@"
+# One worker per core (CI has 2), at most 4 (memory, and a container may report the host's cores): the
+# interpreter tests are single-threaded Python. By file, so each file's module fixtures (the sm_90 compile
+# check, the cost report, the nvcc build) run once.
+python3 -m pytest -q -n auto --maxprocesses 4 --dist loadfile "$@"
