@@ -502,6 +502,8 @@ VARIANTS = {
     "dy_bn_relu": {"DY_BN": True, "DY_RELU": True},
     "epi": {"EPI": True, "OUT_SCALE": True},
 }
+# triton_dy_pass's with a prologue, never in IEEE fp32 (bn_dy.dy_pass_may_pay): not on the FMA (DOT_IEEE) path
+_DY_PASS_ONLY = ("epi",)
 
 
 def compile_specs() -> list:
@@ -544,7 +546,6 @@ def compile_specs() -> list:
     specs += [spec(_GENERAL_CONFIG, dt, tdt, v, False) for dt, tdt in dtypes for v in VARIANTS]
     specs += [spec(NARROW_CONFIG, dt, tdt, v, True, narrow=True) for dt, tdt in dtypes for v in VARIANTS]
     # IEEE fp32 (the default unless TF32 is allowed, configs.conv_allows_tf32): FMA, not wgmma, by design
-    # ("epi" is triton_dy_pass's with a prologue, which IEEE fp32 is not offered: bn_dy.dy_pass_may_pay)
     specs += [spec(_GENERAL_CONFIG, "fp32", torch.float32, v, aligned, ieee=True)
-              for aligned in (True, False) for v in VARIANTS if v != "epi"]
+              for aligned in (True, False) for v in VARIANTS if v not in _DY_PASS_ONLY]
     return specs

@@ -115,13 +115,13 @@ def _conv_bn_stats_backward_op(g_y, c2, c3, x, weight, in_scale, in_shift, in_ce
     args = (g_y, c2, c3, x, weight, in_scale, in_shift, in_centre, y, mean, stride, padding, dilation, groups)
     need_affine = need_affine and in_scale is not None
     runners = {"triton": lambda: _triton_backward(*args, need_x, need_w, need_affine)}
-    ieee_prologue = in_scale is not None and x.dtype == torch.float32 and not tf32_switch(x.dtype)
-    if dy_pass_may_pay(geom, need_x or need_affine, ieee_prologue):
+    tf32 = tf32_switch(x.dtype)
+    if dy_pass_may_pay(geom, need_x or need_affine, in_scale is not None and x.dtype == torch.float32 and not tf32):
         runners["triton_dy_pass"] = lambda: _triton_backward(*args, need_x, need_w, need_affine, dy_pass=True)
     if in_scale is None or _ext.load():  # the composite's prologue backward is the C++ bn_relu_backward
         runners["cudnn"] = lambda: conv_cudnn.conv_bn_stats_backward(*args, need_x=need_x, need_w=need_w,
                                                                      need_affine=need_affine)
-    switches = (in_scale is not None, need_x, need_w, need_affine, tf32_switch(x.dtype))
+    switches = (in_scale is not None, need_x, need_w, need_affine, tf32)
     return run_chosen(_BWD_OP, geom, x, switches, runners)
 
 
