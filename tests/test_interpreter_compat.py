@@ -1,8 +1,6 @@
 """resnet_fast.kernels._interpreter_compat: the old interpreter's scalar conversion is replaced, a new one is
 left alone, and the replacement converts what NumPy >= 2.4 refuses to."""
-import contextlib
 import dataclasses
-import os
 import types
 
 import numpy as np
@@ -51,20 +49,6 @@ def test_fixed_interpreter_is_left_alone():
     assert compat.apply(mod) is False and mod._patch_lang_tensor is before
 
 
-@contextlib.contextmanager
-def _interpreting():
-    """The tiny kernel below runs in the interpreter even on a GPU machine (it tests the interpreter)."""
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = old
-
-
 def _builder_module(**options):
     mod = types.ModuleType("fake_interpreter")
     mod.interpreter_builder = types.SimpleNamespace(options=_Options(**options))
@@ -88,7 +72,7 @@ def test_overflow_checks_are_skipped_only_where_their_asserts_would_be_dropped()
     assert compat.skip_discarded_overflow_checks(types.ModuleType("no_builder")) is False
 
 
-def test_the_installed_interpreter_runs_without_the_discarded_checks():
+def test_the_installed_interpreter_runs_without_the_discarded_checks(monkeypatch):
     """After importing resnet_fast.kernels the real interpreter skips them, and int32 arithmetic still wraps as
     compiled code's does (the check never changed a result: it only fed a dropped assert)."""
     import triton
@@ -103,6 +87,6 @@ def test_the_installed_interpreter_runs_without_the_discarded_checks():
         tl.store(p, v * v)
 
     t = torch.tensor([70000], dtype=torch.int32)
-    with _interpreting():  # read when the kernel is decorated
-        triton.jit(square)[(1,)](t)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # read when the kernel is decorated: interpreted even on a GPU
+    triton.jit(square)[(1,)](t)
     assert int(t) == (70000 * 70000 + 2**31) % 2**32 - 2**31
