@@ -332,31 +332,84 @@ def test_wgrad_wide_tile_without_dy_transform(kernel_device, triton_backend, dty
         assert _rel(dw.cpu(), conv2d_weight(a64, w_shape, dy64, **conv)) < 2 * TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("pointwise", [False, True], ids=["3x3s2", "1x1"])
+def test_wgrad_dy_transform_tile(kernel_device, triton_backend, dtype, pointwise):
+    """DY_CONFIG (128 output × 256 input channels × 32 pixels) on the ALIGNED path, in each variant it may run:
+    dy_bn, dy_bn with dy_relu and the sums, and (1×1 only) with the BN+ReLU prologue too; split over pixels."""
+    import resnet_fast.kernels.conv_wgrad as wg
+    from resnet_fast.kernels.configs import for_dtype
+    gen = torch.Generator().manual_seed(23)
+    N, C, H, K = 2, 256, 5, 128
+    R, stride = (1, 1) if pointwise else (3, 2)
+    conv = dict(stride=stride, padding=R // 2, dilation=1, groups=1)
+    x64 = torch.randn(N, C, H, H, generator=gen, dtype=torch.float64).to(dtype).double()
+    g = ConvGeometry.make(x64.shape, (K, C, R, R), stride, R // 2)
+    dz64 = torch.randn(N, K, g.P, g.Q, generator=gen, dtype=torch.float64).to(dtype).double()
+    dev = lambda t: t.to(dtype).to(kernel_device).contiguous(memory_format=CL)  # noqa: E731
+    x, dz = dev(x64), dev(dz64)
+    cfg = for_dtype(wg.DY_CONFIG, dtype)
+    assert wg._aligned(g, cfg, dz, x)
+    w_shape = (K, C, R, R)
+    dy_bn, dy_eff = _dy_bn(K, dz64, kernel_device, dtype, seed=24)
+    dw = conv2d_wgrad_nhwc(dz, x, w_shape, **conv, dy_bn=dy_bn, split=2, allow_tf32=False, config=cfg)
+    assert _rel(dw.cpu(), conv2d_weight(x64, w_shape, dy_eff, **conv)) < 2 * TOL[dtype]
+    y64 = torch.relu(torch.randn(dz64.shape, generator=gen, dtype=torch.float64) + 0.3).to(dtype).double()
+    c1, c2, c3, mu = (t.double().view(1, -1, 1, 1) for t in dy_bn[1:])
+    relu_eff = c1 * dz64 * (y64 > 0) + c2 * (y64 - mu) + c3
+    dw, sums = conv2d_wgrad_nhwc(dz, x, w_shape, **conv, dy_bn=(dev(y64), *dy_bn[1:]), dy_relu=True,
+                                 dy_sums=True, split=3, allow_tf32=False, config=cfg)
+    assert _rel(dw.cpu(), conv2d_weight(x64, w_shape, relu_eff, **conv)) < 2 * TOL[dtype]
+    assert _rel(sums.cpu(), relu_eff.sum((0, 2, 3))) < 2 * TOL[dtype]
+    if pointwise:
+        sc, sh, _, sc64, sh64, _ = _bn_relu_input(C, kernel_device, seed=25)
+        y_prev64 = _away_from_kink(x64, sc64, sh64).to(dtype).double()
+        a64 = torch.relu(y_prev64 * sc64.view(1, -1, 1, 1) + sh64.view(1, -1, 1, 1))
+        dw = conv2d_wgrad_nhwc(dz, dev(y_prev64), w_shape, **conv, in_scale=sc, in_shift=sh, dy_bn=dy_bn,
+                               split=1, allow_tf32=False, config=cfg)
+        assert _rel(dw.cpu(), conv2d_weight(a64, w_shape, dy_eff, **conv)) < 2 * TOL[dtype]
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("shape", [(8, 128, 14, 14, 256, 3, 2), (8, 256, 14, 14, 512, 1, 2),
+                                   (8, 512, 14, 14, 128, 1, 1), (8, 256, 14, 14, 256, 3, 2),
                                    (8, 256, 14, 14, 256, 3, 1), (8, 128, 14, 14, 128, 3, 1)])
 def test_wgrad_candidates_are_compile_checked_per_variant(shape, dtype):
-    # Each wgrad candidate, for the launches it serves (with or without the dy transform, IEEE or tensor-core
-    # dot), is a compile-checked spec of a variant with that transform on that path; the wide tile only without
-    # the transform and tensor-core, where it is the default once 256x128 tiles fit.
+    # Each wgrad candidate, for the launches it serves (with or without the dy transform and the prologue in the
+    # loop, IEEE or tensor-core dot), is a compile-checked spec of a variant with those transforms on that path;
+    # the wide tile only without the dy transform, the dy-transform tile only with it (and with the prologue
+    # only on the 1×1 path), both only on tensor cores, each the default once its tiles fit.
     import resnet_fast.kernels.conv_wgrad as wg
     N, C, H, W, K, R, s = shape
     g = ConvGeometry.make((N, C, H, W), (K, C, R, R), s, R // 2)
     x = torch.empty(N, C, H, W, dtype=dtype).contiguous(memory_format=CL)
     dy = torch.empty(N, K, g.P, g.Q, dtype=dtype).contiguous(memory_format=CL)
     ptr = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}[dtype]
+    x_flat = wg._flat_switches(g, dy, x, False)[1]
     checked = {(cx["BLOCK_M"], cx["BLOCK_N"], cx["BLOCK_K"], opts["num_warps"], sig["dy_ptr"], cx["ALIGNED"],
-                cx["DOT_IEEE"], cx["DY_BN"]) for _fn, sig, cx, opts, *_ in wg.compile_specs() if "BLOCK_M" in cx}
-    wide = dataclasses.replace(wg.WIDE_CONFIG, BLOCK_K=32 if dtype == torch.float32 else 64)
+                cx["DOT_IEEE"], cx["DY_BN"], cx["PROLOGUE"], cx["X_FLAT"])
+               for _fn, sig, cx, opts, *_ in wg.compile_specs() if "BLOCK_M" in cx}
+    kk = 32 if dtype == torch.float32 else 64
+    wide = dataclasses.replace(wg.WIDE_CONFIG, BLOCK_K=kk)
+    dyt = dataclasses.replace(wg.DY_CONFIG, BLOCK_K=kk // 2)
     for dy_bn in (False, True):
-        for ieee in ((False, True) if dtype == torch.float32 else (False,)):
-            cands, default = wg._candidates(g, dy, x, dy_bn, ieee)
-            assert default in cands
-            for c in cands:
-                key = (c.BLOCK_M, c.BLOCK_N, c.BLOCK_K, c.num_warps, ptr, wg._aligned(g, c, dy, x), ieee, dy_bn)
-                assert key in checked, f"wgrad candidate {c} (dy_bn={dy_bn}, ieee={ieee}) not compile-checked"
-            assert (wide in cands) == (not dy_bn and not ieee and K % 256 == 0 and C % 128 == 0)
-            assert (default == wide) == (wide in cands)
+        for prologue in (False, True):
+            for ieee in ((False, True) if dtype == torch.float32 else (False,)):
+                if prologue and not dy_bn and ieee:  # only triton_dy_pass's, never IEEE (bn_dy.dy_pass_may_pay)
+                    continue
+                cands, default = wg._candidates(g, dy, x, dy_bn, ieee, prologue)
+                assert default in cands
+                for c in cands:
+                    al = wg._aligned(g, c, dy, x)
+                    key = (c.BLOCK_M, c.BLOCK_N, c.BLOCK_K, c.num_warps, ptr, al, ieee, dy_bn, prologue)
+                    # the 1×1 path (X_FLAT) is compile-checked in bf16 (and wherever the 3×3 spec is missing):
+                    # in other dtypes its operand code is the 3×3 path's
+                    assert key + (x_flat and al,) in checked or key + (False,) in checked, \
+                        f"wgrad candidate {c} (dy_bn={dy_bn}, prologue={prologue}, ieee={ieee}) not compile-checked"
+                assert (wide in cands) == (not dy_bn and not ieee and K % 256 == 0 and C % 128 == 0)
+                assert (dyt in cands) == (dy_bn and not ieee and K % 128 == 0 and C % 256 == 0
+                                          and (not prologue or x_flat))
+                assert (default in (wide, dyt)) == (wide in cands or dyt in cands)
 
 
 def _relu_mask_case(family, dtype, device, seed):

@@ -89,7 +89,7 @@ _NUM_SMS, _CLOCK_HZ, _FMA_PER_CLK, _HBM_BYTES_PER_S, _ISSUE_RATIO = 132, 1.83e9,
 # 254 registers and 128 KB, 1 CTA; its sums variant 119 registers and 96 KB, 2; 64x64 w4 plain 78, dy_bn
 # 136-146, fused 178 registers); a tile not listed counts 1.
 _CTAS_PER_SM = {(128, 128, 8): (2, 1, 1), (128, 64, 8): (2, 1, 1), (64, 64, 4): (4, 3, 2), (64, 32, 4): (4, 2, 2),
-                (64, 128, 4): (3, 2, 2), (64, 128, 8): (1, 1, 1), (256, 128, 8): (1, 1, 1)}
+                (64, 128, 4): (3, 2, 2), (64, 128, 8): (1, 1, 1), (256, 128, 8): (1, 1, 1), (128, 256, 8): (1, 1, 1)}
 
 
 # Every config the launcher may pick; compile_specs covers each of them (16-bit and fp32 via for_dtype, every
@@ -99,9 +99,9 @@ _CTAS_PER_SM = {(128, 128, 8): (2, 1, 1), (128, 64, 8): (2, 1, 1), (64, 64, 4): 
 # fused 128x128 w8 tile needs ~235 registers, 64x64 w4 ~175 and 64x128 w4 255 (no spills); the masked general
 # path of the large tiles issues one load (and one 64-bit address) per element and spills at 255 registers when
 # fused, so unaligned shapes run the 64x32 tile, whose general path fits.
-# Autotuned among those that fit the shape; the default is 128x128 when both channel counts reach 128, 128x64
-# when only K/groups does, 64x128 when only C/groups does (the wider side halves the other operand's transform
-# work per MMA cycle), else 64x64.
+# Autotuned among those that fit the shape (with WIDE_CONFIG or DY_CONFIG, below); the default is 128x128 when
+# both channel counts reach 128, 128x64 when only K/groups does, 64x128 when only C/groups does (the wider side
+# halves the other operand's transform work per MMA cycle), else 64x64.
 WGRAD_CONFIGS = (ConvConfig(64, 64, 64, 8, 4, 3), ConvConfig(128, 128, 64, 8, 8, 3),
                  ConvConfig(128, 64, 64, 8, 8, 3), ConvConfig(64, 128, 64, 8, 4, 3), ConvConfig(64, 32, 64, 8, 4, 3))
 _GENERAL_CONFIG = WGRAD_CONFIGS[-1]  # the one config whose masked general path is compile-checked
@@ -111,6 +111,14 @@ _GENERAL_CONFIG = WGRAD_CONFIGS[-1]  # the one config whose masked general path 
 # 3×3 with the prologue: issue ratio 1.86 -> 0.93 (128x128: 476 instructions per step, this tile: 478 for twice
 # the MMA), 254 registers, 1 CTA per SM; with DY_BN it spills.
 WIDE_CONFIG = ConvConfig(256, 128, 64, 8, 8, 3)
+# The dy-transform tile, a candidate (and the default where K/groups >= 128 and C/groups >= 256) only WITH the dy
+# transform on tensor cores: the transform's cost per MMA cycle is inverse to BLOCK_N (each dy element formed
+# serves BLOCK_N MMA columns), so 256 input channels per tile halve it; BLOCK_K 32 keeps the 128×256 fp32
+# accumulator and the transform within 255 registers. sm_90 bf16 1×1 dy_bn: issue ratio 1.67 -> 0.98 (128x128x64:
+# 428 instructions per step, this tile: 252 for the same MMA), 3×3 dy_bn_relu_sums 2.60 -> 1.51, 1×1 fused
+# 2.34 -> 1.77. With the prologue in the loop of a conv with more than one tap it spills (4 bytes): not offered
+# there (its prologue-pass twin is).
+DY_CONFIG = ConvConfig(128, 256, 32, 8, 8, 3)
 # The PACKED path's config (the stem: 7·7·3 = 147 (r, s, c) columns in one 256-wide N tile, K = 64 in one M tile):
 # one program per chunk reads each dy tile once for every tap.
 _PACKED_CONFIG = ConvConfig(64, 128, 64, 8, 8, 2)
@@ -128,13 +136,15 @@ def _aligned(g: ConvGeometry, cfg: ConvConfig, dy: torch.Tensor, x: torch.Tensor
 
 
 def _candidates(g: ConvGeometry, dy: torch.Tensor, x: torch.Tensor, dy_bn: bool = True,
-                ieee: bool = False) -> tuple:
-    """(candidates for ``dy``'s dtype, the untuned default) of a launch with (``dy_bn``) or without the dy transform
-    and with an IEEE fp32 (``ieee``) or tensor-core dot: the PACKED config alone where :func:`_packed`;
-    else the configs whose path for this shape (ALIGNED or the masked general one) is compile-checked; C/groups
-    <= 32 takes the general config. The default is :data:`WIDE_CONFIG` where it may run (neither ``dy_bn`` nor
-    ``ieee``, 256x128 output tiles that fit), else the 128x128 tile when both channel counts reach 128, 128x64 or
-    64x128 when one does, else 64x64, where a candidate; else the first candidate."""
+                ieee: bool = False, prologue: bool = False) -> tuple:
+    """(candidates for ``dy``'s dtype, the untuned default) of a launch with (``dy_bn``) or without the dy transform,
+    with (``prologue``) or without the BN+ReLU prologue in its loop, and with an IEEE fp32 (``ieee``) or
+    tensor-core dot: the PACKED config alone where :func:`_packed`; else the configs whose path for this shape
+    (ALIGNED or the masked general one) is compile-checked; C/groups <= 32 takes the general config. Tensor-core
+    launches also get :data:`WIDE_CONFIG` without ``dy_bn``, :data:`DY_CONFIG` with it (not with ``prologue`` on
+    a conv of more than one tap); the default is the one of them whose tiles fit (256 output channels and 128
+    input ones, or 128 and 256), else the 128x128 tile when both channel counts reach 128, 128x64 or 64x128 when
+    one does, else 64x64, where a candidate; else the first candidate."""
     general = for_dtype(_GENERAL_CONFIG, dy.dtype)
     packed = for_dtype(_DENSE_CONFIG if g.pack_c else _PACKED_CONFIG, dy.dtype)
     if _packed(g, packed, dy, x):
@@ -142,12 +152,12 @@ def _candidates(g: ConvGeometry, dy: torch.Tensor, x: torch.Tensor, dy_bn: bool 
     if g.Cg <= 32:
         return (general,), general
     # GEMM: output channels × input channels (of one tap), reducing over pixels
-    wide_ok = not dy_bn and not ieee
-    cands = checked_candidates(WGRAD_CONFIGS + ((WIDE_CONFIG,) if wide_ok else ()), general, dy.dtype,
+    wide = None if ieee else WIDE_CONFIG if not dy_bn else \
+        DY_CONFIG if not prologue or _flat_switches(g, dy, x, False)[1] else None
+    cands = checked_candidates(WGRAD_CONFIGS + ((wide,) if wide else ()), general, dy.dtype,
                                lambda c: _aligned(g, c, dy, x), g.Kg, g.Cg, g.N * g.P * g.Q)
-    wide = for_dtype(WIDE_CONFIG, dy.dtype)
-    if wide in cands and g.Kg >= 256 and g.Cg >= 128:
-        return tuple(cands), wide
+    if wide is not None and for_dtype(wide, dy.dtype) in cands and g.Kg >= wide.BLOCK_M and g.Cg >= wide.BLOCK_N:
+        return tuple(cands), for_dtype(wide, dy.dtype)
     want = for_dtype(WGRAD_CONFIGS[1] if min(g.Cg, g.Kg) >= 128 else WGRAD_CONFIGS[2] if g.Kg >= 128
                      else WGRAD_CONFIGS[3] if g.Cg >= 128 else WGRAD_CONFIGS[0], dy.dtype)
     return tuple(cands), want if want in cands else cands[0]
@@ -602,9 +612,10 @@ def conv2d_wgrad_nhwc(grad_out: torch.Tensor, x: torch.Tensor, weight_shape, *, 
             _launch_wgrad(cfg, g, grad_out, x, dw, sums, pro_ops, bn_ops, sw)
 
     if config is None:
-        cands, default = _candidates(g, grad_out, x, sw.dy_bn, sw.dot_ieee)
-        if pass_ok:  # twins of every candidate, and the untuned default (see prologue_pass)
-            cands = tuple(cands) + tuple(replace(c, prologue_pass=True) for c in cands)
+        cands, default = _candidates(g, grad_out, x, sw.dy_bn, sw.dot_ieee, sw.prologue)
+        if pass_ok:  # twins of the candidates without the prologue in the loop, and the untuned default (see
+            twins, default = _candidates(g, grad_out, x, sw.dy_bn, sw.dot_ieee)  # prologue_pass)
+            cands = tuple(cands) + tuple(replace(c, prologue_pass=True) for c in twins)
             default = replace(default, prologue_pass=True)
         config = choose("conv_wgrad", g, grad_out.dtype, dev, cands, sw, launch, default)
     check(not config.prologue_pass or pass_ok, f"{who}: config {config.name()} runs the prologue as a pass, "
@@ -640,7 +651,8 @@ _DY_PASS_ONLY = ("prologue",)
 
 def compile_specs() -> list:
     """(jit_fn, signature, constexprs, options, is_gemm, div16) for the sm_90 compile check, at a stride-2 3×3
-    geometry with SPLIT=4: every config × dtype × :data:`VARIANTS` on the ALIGNED path, with the channel counts
+    geometry with SPLIT=4: every config × dtype × :data:`VARIANTS` on the ALIGNED path (:data:`WIDE_CONFIG` in
+    the variants without DY_BN, :data:`DY_CONFIG` in those with it, PROLOGUE on the 1×1 path), with the channel counts
     and pixel strides multiples of 16 as Triton's launcher specialises them for ResNet layers; the masked general
     path at the config the launcher gives it (64×32), without divisibility hints (its worst case: the stem's
     C=3, 4-32 channels per group, NCHW strides); the PACKED path at its config, with the stem's 7×7/2 and dy's
@@ -681,6 +693,10 @@ def compile_specs() -> list:
     specs += [spec(WIDE_CONFIG, dt, tdt, v, True) for dt, tdt in dtypes for v in no_dy_bn]
     specs += [spec(WIDE_CONFIG, "bf16", torch.bfloat16, v, True, pointwise=True) for v in no_dy_bn
               if v not in _DY_PASS_ONLY]
+    dy_bn = [v for v in VARIANTS if VARIANTS[v].get("DY_BN")]  # the dy-transform tile's (see DY_CONFIG)
+    specs += [spec(DY_CONFIG, dt, tdt, v, True) for dt, tdt in dtypes for v in dy_bn if not VARIANTS[v].get("PROLOGUE")]
+    specs += [spec(DY_CONFIG, dt, tdt, v, True, pointwise=True) for dt, tdt in dtypes for v in dy_bn
+              if dt == "bf16" or VARIANTS[v].get("PROLOGUE")]  # with the prologue it runs on the 1×1 path only
     specs += [spec(_GENERAL_CONFIG, dt, tdt, v, False) for dt, tdt in dtypes for v in VARIANTS]
     specs += [spec(_DENSE_CONFIG if pc else _PACKED_CONFIG, dt, tdt, v, False, packed=True, pack_c=pc)
               for dt, tdt in dtypes for v in VARIANTS for pc in (0, 4)]

@@ -437,7 +437,11 @@ def launches(kernels=("fwd", "dgrad", "wgrad")) -> list:
                 vflags = dict(conv_wgrad.VARIANTS[variant.split("+")[0]])
                 if alt:
                     vflags.update(DY_BN=False, DY_RELU=False)
-                cands, c = conv_wgrad._candidates(g, y, x, vflags.get("DY_BN", False))
+                passes = 0
+                if prologue_pass.may_pay(g, vflags.get("PROLOGUE", False)):  # the launcher's default: the pass
+                    vflags["PROLOGUE"], passes = False, 2 * nx
+                cands, c = conv_wgrad._candidates(g, y, x, vflags.get("DY_BN", False),
+                                                  prologue=vflags.get("PROLOGUE", False))
                 aligned = conv_wgrad._aligned(g, c, y, x)
                 packed = conv_wgrad._packed(g, c, y, x)
                 pack_c = g.pack_c if packed else 0
@@ -445,9 +449,7 @@ def launches(kernels=("fwd", "dgrad", "wgrad")) -> list:
                 sig, div16 = _template(conv_wgrad, conv_wgrad._conv_wgrad_kernel, dt, ALIGNED=aligned,
                                        PACKED=packed, IDX64=False, PACK_C=pack_c)  # the path's hints
                 npq = g.N * g.P * g.Q
-                passes = 0
-                if prologue_pass.may_pay(g, vflags.get("PROLOGUE", False)):  # the launcher's default: the pass
-                    vflags["PROLOGUE"], passes = False, 2 * nx
+                if passes:
                     c = dataclasses.replace(c, prologue_pass=True)
                 transforms = sum(vflags.get(k, False) for k in ("DY_BN", "PROLOGUE"))
                 split = conv_wgrad.pick_split(g, c, first_column_only=not need_dw, packed=packed,
