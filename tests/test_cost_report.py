@@ -177,3 +177,24 @@ def test_targets_per_record():
     missed = cr.target_problems([_record(tiles_in_flight=1, spills=8, loads={"ldg_scalar": 0, "ldgsts_narrow": 3})])
     assert [m.split()[0] for m in missed[0][1]] == ["tiles_in_flight", "spills", "3"]
     assert cr.target_problems([_record(layer="stem", loads={"ldg_scalar": 24})]) == []  # the stem's C=3 gather
+
+
+def test_transform_free_twin_and_summary():
+    # --transform-free: each launch whose K-loop transforms an operand gets a twin with the transforms off (same
+    # config, path, grid); the summary counts the issue-ratio misses that only the transform puts over the target
+    las = cr.launches(("fwd", "dgrad", "wgrad"))
+    with_t = [la for la in las if any(la.cx.get(k) for k in cr._TRANSFORMS)]
+    assert with_t and any(la.kernel == "fwd" for la in with_t) and any(la.kernel == "wgrad" for la in with_t)
+    for la in las:
+        twin = cr.transform_free(la)
+        if la not in with_t:
+            assert twin is None
+            continue
+        assert not any(twin.cx[k] for k in cr._TRANSFORMS if k in twin.cx)
+        assert {k: v for k, v in twin.cx.items() if k not in cr._TRANSFORMS} == \
+            {k: v for k, v in la.cx.items() if k not in cr._TRANSFORMS}
+        assert (twin.config, twin.tiles, twin.opts) == (la.config, la.tiles, la.opts) and la.cx != twin.cx
+    est = dict(shape_k=1, est_us=1.0, count=1, est_fraction_of_roofline=0.5, tiles_in_flight=2.0)
+    over = [_record(issue_ratio=1.1, transform_free_ratio=0.5, **est),
+            _record(issue_ratio=1.1, transform_free_ratio=0.9, **est), _record(issue_ratio=0.9, **est)]
+    assert "2 transform an operand in the loop; without the transform 1 would meet" in cr.summary(over)
