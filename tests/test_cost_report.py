@@ -194,7 +194,21 @@ def test_transform_free_twin_and_summary():
         assert {k: v for k, v in twin.cx.items() if k not in cr._TRANSFORMS} == \
             {k: v for k, v in la.cx.items() if k not in cr._TRANSFORMS}
         assert (twin.config, twin.tiles, twin.opts) == (la.config, la.tiles, la.opts) and la.cx != twin.cx
-    est = dict(shape_k=1, est_us=1.0, count=1, est_fraction_of_roofline=0.5, tiles_in_flight=2.0)
+    est = dict(shape_k=1, est_us=1.0, count=1, est_fraction_of_roofline=0.5, tiles_in_flight=2.0, issue_us=1.0,
+               mma_us=1.0, memory_us=1.0, tail_efficiency=1.0)
     over = [_record(issue_ratio=1.1, transform_free_ratio=0.5, **est),
             _record(issue_ratio=1.1, transform_free_ratio=0.9, **est), _record(issue_ratio=0.9, **est)]
     assert "2 transform an operand in the loop; without the transform 1 would meet" in cr.summary(over)
+
+
+def test_issue_bound_time_lost():
+    # what the issue rate costs beyond max(MMA, memory) (per launch, over the tail efficiency); the summary adds it
+    # up per role, once as the records stand and once taking the faster of a record and its dy-pass alternative
+    t = dict(tail_efficiency=0.5, count=2, est_fraction_of_roofline=0.5, tiles_in_flight=2.0, shape_k=1)
+    bound = _record(issue_ratio=2.0, issue_us=30.0, mma_us=15.0, memory_us=10.0, est_us=60.0, **t)
+    hidden = _record(issue_ratio=2.0, issue_us=30.0, mma_us=15.0, memory_us=40.0, est_us=80.0, variant="x", **t)
+    assert cr.issue_lost_us(bound) == pytest.approx(30.0) and cr.issue_lost_us(hidden) < 0
+    alt = dict(bound, variant="stats+dy_pass", alt=True, issue_us=16.0, est_us=32.0)
+    text = cr.summary([bound, hidden, alt])
+    assert "1 are memory- or MMA-bound" in text
+    assert "train: issue-bound time beyond max(memory, MMA), est 0.06 ms per step (0.00 ms taking" in text
