@@ -140,18 +140,20 @@ def test_only_what_is_needed(kernel_device, triton_backend, monkeypatch, grads):
     calls = []
     for mod, name in ((conv_dgrad, "conv2d_dgrad_nhwc"), (conv_wgrad, "conv2d_wgrad_nhwc")):
         real = getattr(mod, name)
-        monkeypatch.setattr(mod, name, lambda *a, _r=real, _n=name, **k: calls.append((_n, k)) or _r(*a, **k))
+        monkeypatch.setattr(mod, name, lambda *a, _r=real, _n=name, **k: calls.append((_n, a, k)) or _r(*a, **k))
     t = _inputs("3x3s2", torch.float32, kernel_device, TERMS, seed=5)
     _check(t, "3x3s2", torch.float32, True, grads)
-    kinds = [n for n, _ in calls]
+    kinds = [n for n, _, _ in calls]
     assert kinds.count("conv2d_dgrad_nhwc") == (grads == ("x",))
     assert kinds.count("conv2d_wgrad_nhwc") == (grads in (("weight",), ("scale",), ("bias", "shift")))
-    for n, kw in calls:
+    for n, args, kw in calls:
         if n == "conv2d_wgrad_nhwc":
             assert kw["dy_sums"] and kw["need_dw"] == (grads != ("bias", "shift"))
             assert kw["dy_relu"] and kw["dy_bn"] is not None  # the ReLU mask applied on load
-        else:
-            assert kw["dy_relu"] and torch.equal(kw["dy_bn"][1].cpu(), t["scale"].cpu())  # scale on load
+        else:  # the mask on load, the scale folded into the weight (W*scale[k]): nothing else in the K-loop
+            assert kw["relu_out"] is not None and kw.get("dy_bn") is None
+            w = t["weight"].float() * t["scale"].float().view(-1, 1, 1, 1)
+            assert torch.equal(args[1].cpu(), w.to(args[1].dtype).cpu())
 
 
 def test_fallback_dtypes_are_counted_and_correct(kernel_device, triton_backend):

@@ -431,10 +431,12 @@ def _relu_mask_case(family, dtype, device, seed):
 @pytest.mark.parametrize("family,dtype", [("3x3s2", torch.float32), ("groups4cpg", torch.float32),
                                           ("aligned3x3s2", torch.float16)])
 def test_dy_relu_mask_on_load(kernel_device, triton_backend, family, dtype):
-    # dy_relu: dz masked by dy_bn's y > 0 before the transform, in dgrad and wgrad alike
-    x64, w64, _, x, w, dz, conv, dy_bn, dy_eff = _relu_mask_case(family, dtype, kernel_device, seed=11)
-    dx = conv2d_dgrad_nhwc(dz, w, x64.shape, **conv, dy_bn=dy_bn, dy_relu=True, allow_tf32=False, config=DCFG)
-    assert _rel(dx.cpu(), conv2d_input(x64.shape, w64, dy_eff, **conv)) < 2 * TOL[dtype]
+    # dgrad's relu_out: dz masked by a ReLU output > 0 (zero in the padding: it loads as 0 there); wgrad's
+    # dy_relu: dz masked by dy_bn's y > 0 before the transform
+    x64, w64, dy64, x, w, dz, conv, dy_bn, dy_eff = _relu_mask_case(family, dtype, kernel_device, seed=11)
+    y, y64 = dy_bn.y, dy_bn.y.cpu().double()
+    dx = conv2d_dgrad_nhwc(dz, w, x64.shape, **conv, relu_out=y, allow_tf32=False, config=DCFG)
+    assert _rel(dx.cpu(), conv2d_input(x64.shape, w64, dy64 * (y64 > 0), **conv)) < TOL[dtype]
     dw = conv2d_wgrad_nhwc(dz, x, w64.shape, **conv, dy_bn=dy_bn, dy_relu=True, split=2, allow_tf32=False,
                            config=WCFG)
     assert _rel(dw.cpu(), conv2d_weight(x64, w64.shape, dy_eff, **conv)) < 2 * TOL[dtype]
@@ -622,8 +624,13 @@ def test_bad_inputs(kernel_device, triton_backend):
                           in_shift=torch.ones(11, device=kernel_device))
     with pytest.raises(ValueError, match="out_dtype"):
         conv2d_wgrad_nhwc(dy, x, w.shape, **conv, out_dtype=torch.int32)
-    with pytest.raises(ValueError, match="dy_relu"):
-        conv2d_dgrad_nhwc(dy, w, x.shape, **conv, dy_relu=True)
+    with pytest.raises(ValueError, match="relu_out and dy_bn"):
+        conv2d_dgrad_nhwc(dy, w, x.shape, **conv, relu_out=dy,
+                          dy_bn=(dy, *[torch.ones(dy.shape[1], device=kernel_device)] * 4))
+    with pytest.raises(ValueError, match="relu_out must have grad_out's strides"):
+        conv2d_dgrad_nhwc(dy, w, x.shape, **conv, relu_out=dy.contiguous())
+    with pytest.raises(ValueError, match="relu_out"):
+        conv2d_dgrad_nhwc(dy, w, x.shape, **conv, relu_out=dy[:, :1])
     with pytest.raises(ValueError, match="dy_relu"):
         conv2d_wgrad_nhwc(dy, x, w.shape, **conv, dy_relu=True)
     with pytest.raises(ValueError, match="need_dw"):

@@ -32,10 +32,11 @@ Fusions (constexpr switches, default off):
   w.r.t. this conv's BN output) and the kernel reads this conv's raw output ``y`` too, forming
   ``dy = c1*dz + c2*(y - mean) + c3`` per element while loading the A operand (a :class:`.conv_common.DyBN`,
   coefficients from ``bn_backward_coeffs``).
-* ``dy_relu`` (DY_RELU, with ``dy_bn``): ``dz`` is first masked by ``y > 0`` -- the ReLU backward when ``y`` is
-  the ReLU's output. The inference op's backward (``ops/conv.py``) passes its output as ``y``, its per-channel
-  scale as ``c1`` and ``c2 = c3 = 0``: ``dy = scale[k]*(dz where out > 0)``, never materialised.
   :func:`dy_on_load` is the one implementation of this transform, shared with ``conv_wgrad``.
+* ``relu_out`` (DY_RELU, not with ``dy_bn``): ``dy = grad_out where relu_out > 0`` -- the ReLU backward, with
+  ``relu_out`` the ReLU's output, masked on load (one packed bf16/fp16 compare and a select per pair: no fp32
+  round trip). The inference op's backward (``ops/conv.py``) passes its output and folds its per-channel scale
+  into the weight, so its dgrad K-loop transforms nothing else.
 
 Alignment (``ALIGNED``, set by the launcher from the runtime shapes, see :func:`_aligned`): unit channel
 strides (grad_out, y, dx, y_prev and a channels_last weight), ``Kg % BLOCK_K == 0``, ``Cg % BLOCK_N == 0`` and every
@@ -186,7 +187,8 @@ def _phase_taps(ph, PAD, DIL, RSTEP, R, SH: tl.constexpr):
 def _conv_dgrad_kernel(
         dy_ptr, w_ptr, dx_ptr,
         y_ptr, isc_ptr, ish_ptr, imu_ptr, part_ptr, osc_ptr,   # EPI: y_prev, BN scale/shift/centre, partials, out scale
-        z_ptr, c1_ptr, c2_ptr, c3_ptr, mu_ptr,                 # DY_BN: this conv's raw output y and coefficients
+        z_ptr, c1_ptr, c2_ptr, c3_ptr, mu_ptr,                 # DY_BN: this conv's raw output y and coefficients;
+                                                               # DY_RELU: z_ptr is the ReLU's output
         N, H, W, Cg, Kg, P, Q, HPH, WPH, TILES_M, TILES_N, T_PART, C_TOT,
         R, S, PAD_H, PAD_W, DIL_H, DIL_W, RSTEP_H, RSTEP_W,
         sdy_n, sdy_h, sdy_w, sdy_c,
@@ -286,13 +288,15 @@ def _conv_dgrad_kernel(
             y_p = z_ptr + a_off
             w_p = w_ptr + ((offs_k * sw_k + w_tap)[:, None] + (offs_c * sw_c)[None, :])
         a = tl.load(a_p, mask=a_mask, other=0.0)
-        if DY_BN:  # dy = c1*dz' + c2*(y - mean) + c3 (dz' = dz, or dz where y > 0), zero outside the image
+        if DY_RELU:  # dy = dz where y > 0 (y, a ReLU's output, loads as 0 outside the image: dy is 0 there)
+            a = tl.where(tl.load(y_p, mask=a_mask, other=0.0) > 0, a, 0.0)
+        if DY_BN:  # dy = c1*dz + c2*(y - mean) + c3, zero outside the image
             yv = tl.load(y_p, mask=a_mask, other=0.0).to(tl.float32)
             c1 = tl.load(c1_ptrs + k0, mask=k_ok, other=0.0)
             c2 = tl.load(c2_ptrs + k0, mask=k_ok, other=0.0)
             c3 = tl.load(c3_ptrs + k0, mask=k_ok, other=0.0)
             mu = tl.load(mu_ptrs + k0, mask=k_ok, other=0.0)
-            a = dy_on_load(a, yv, c1[None, :], c2[None, :], c3[None, :], mu[None, :], a_mask, DY_RELU)
+            a = dy_on_load(a, yv, c1[None, :], c2[None, :], c3[None, :], mu[None, :], a_mask, False)
         if ALIGNED:  # every weight row holds BLOCK_N channels (zero-padded where Cg is narrower)
             b = tl.load(w_p)
         else:
@@ -364,7 +368,7 @@ class DgradSwitches(NamedTuple):
 
 
 def _validate_dgrad(grad_out, weight, x_shape, stride, padding, dilation, groups, y_prev, in_scale, in_shift,
-                    in_centre, out_scale, dy_bn, dy_relu, who: str) -> tuple:
+                    in_centre, out_scale, dy_bn, relu_out, who: str) -> tuple:
     """Check :func:`conv2d_dgrad_nhwc`'s arguments (ValueError naming the bad one); returns the
     :class:`ConvGeometry` and ``dy_bn`` as a :class:`DyBN` (or None)."""
     check_operand_dtype("grad_out", grad_out, who)
@@ -389,7 +393,15 @@ def _validate_dgrad(grad_out, weight, x_shape, stride, padding, dilation, groups
             check_vector(name, v, g.C, dev, who)
         if out_scale is not None:
             check_vector("out_scale", out_scale, g.C, dev, who)
-    return g, check_dy_bn(dy_bn, grad_out, g.K, who, dy_relu)
+    if relu_out is not None:
+        if dy_bn is not None:
+            raise ValueError(f"{who}: relu_out and dy_bn do not go together (the mask is relu_out's, dy_bn's is "
+                             "the BN backward)")
+        check_tensor("relu_out", relu_out, grad_out.shape, grad_out.dtype, dev, who)
+        if relu_out.stride() != grad_out.stride():
+            raise ValueError(f"{who}: relu_out must have grad_out's strides {grad_out.stride()}, got "
+                             f"{relu_out.stride()}")
+    return g, check_dy_bn(dy_bn, grad_out, g.K, who)
 
 
 def _tiles(g: ConvGeometry, cfg: ConvConfig) -> tuple:
@@ -427,7 +439,8 @@ def _launch_dgrad(cfg: ConvConfig, g: ConvGeometry, grad_out, weight, dx, epi_op
 
 def conv2d_dgrad_nhwc(grad_out: torch.Tensor, weight: torch.Tensor, x_shape, *, stride=1, padding=0, dilation=1,
                       groups: int = 1, y_prev: torch.Tensor | None = None, in_scale=None, in_shift=None,
-                      in_centre=None, out_scale=None, dy_bn: DyBN | None = None, dy_relu: bool = False,
+                      in_centre=None, out_scale=None, dy_bn: DyBN | None = None,
+                      relu_out: torch.Tensor | None = None,
                       allow_tf32: bool | None = None, config: ConvConfig | None = None):
     """Gradient of a conv w.r.t. its input (``torch.nn.grad.conv2d_input``), optionally fused for training.
 
@@ -444,7 +457,8 @@ def conv2d_dgrad_nhwc(grad_out: torch.Tensor, weight: torch.Tensor, x_shape, *, 
         out_scale: with the epilogue, an fp32 [C] vector: the stored output is ``dz*out_scale[c]`` (pass the BN's
             ``in_scale`` to get the gradient w.r.t. ``y_prev``); the partials are still sums of ``dz``.
         dy_bn: a :class:`DyBN` (or 5-tuple): form ``dy = c1*dz + c2*(y - mean) + c3`` while loading grad_out.
-        dy_relu: with dy_bn, mask first: ``dy = c1*(dz where y > 0) + c2*(y - mean) + c3`` (y a ReLU's output).
+        relu_out: [N, K, P, Q] a ReLU's output, grad_out's dtype and strides: ``dy = grad_out where relu_out > 0``,
+            masked on load (not with dy_bn).
         allow_tf32: fp32 inputs use TF32 MMAs (default :func:`configs.conv_allows_tf32`, PyTorch's rule).
         config: tile config; default :func:`autotune.choose` ("conv_dgrad": pinned, interpreter, autotuned among
             the compile-checked candidates for the shape, or the first of them with tuning off).
@@ -456,18 +470,19 @@ def conv2d_dgrad_nhwc(grad_out: torch.Tensor, weight: torch.Tensor, x_shape, *, 
     """
     who = "conv2d_dgrad_nhwc"
     g, dy_bn = _validate_dgrad(grad_out, weight, x_shape, stride, padding, dilation, groups, y_prev, in_scale,
-                               in_shift, in_centre, out_scale, dy_bn, dy_relu, who)
+                               in_shift, in_centre, out_scale, dy_bn, relu_out, who)
     dev = grad_out.device
     epi = y_prev is not None
     dx = torch.empty((g.N, g.C, g.H, g.W), dtype=grad_out.dtype, device=dev, memory_format=torch.channels_last)
     if allow_tf32 is None:
         allow_tf32 = conv_allows_tf32()
-    sw = DgradSwitches(epilogue=epi, out_scale=out_scale is not None, dy_bn=dy_bn is not None, dy_relu=dy_relu,
+    sw = DgradSwitches(epilogue=epi, out_scale=out_scale is not None, dy_bn=dy_bn is not None,
+                       dy_relu=relu_out is not None,
                        dot_ieee=grad_out.dtype == torch.float32 and not allow_tf32)
     # placeholders (never read) where a switch is off
     ph = _placeholder(dev)
     epi_ops = (y_prev, in_scale, in_shift, in_centre) if epi else (dx, ph, ph, ph)
-    bn_ops = dy_bn if dy_bn is not None else (grad_out, ph, ph, ph, ph)
+    bn_ops = dy_bn if dy_bn is not None else (grad_out if relu_out is None else relu_out, ph, ph, ph, ph)
     osc = ph if out_scale is None else out_scale
     parts: dict = {}  # per tile count, so tuning launches reuse one buffer
     packed: list = []  # the narrow path's repacked weight, built once per call
@@ -492,14 +507,14 @@ def conv2d_dgrad_nhwc(grad_out: torch.Tensor, weight: torch.Tensor, x_shape, *, 
 
 
 # The constexpr variants the ops launch: plain (no op fuses anything), the training op with a BN+ReLU prologue
-# (dReLU/dBN epilogue, out_scale, BN backward on load), the training op without prologue and the inference op
-# without ReLU (dy_bn only), the inference op with ReLU (dy_bn + dy_relu), and the training op's triton_dy_pass
-# runner with a prologue (the epilogue; dy formed beforehand).
+# (dReLU/dBN epilogue, out_scale, BN backward on load), the training op without prologue (dy_bn only), the
+# inference op with ReLU (its mask on load; without ReLU it is plain, its scale folded into the weight), and the
+# training op's triton_dy_pass runner with a prologue (the epilogue; dy formed beforehand).
 VARIANTS = {
     "plain": {},
     "fused": {"EPI": True, "OUT_SCALE": True, "DY_BN": True},
     "dy_bn": {"DY_BN": True},
-    "dy_bn_relu": {"DY_BN": True, "DY_RELU": True},
+    "relu": {"DY_RELU": True},
     "epi": {"EPI": True, "OUT_SCALE": True},
 }
 # triton_dy_pass's with a prologue, never in IEEE fp32 (bn_dy.dy_pass_may_pay): not on the FMA (DOT_IEEE) path

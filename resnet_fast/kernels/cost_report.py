@@ -18,8 +18,9 @@ Layers: every conv of ResNet-50 (batch 256, 224², bf16, channels_last activatio
   there with the C++ extension; config suffix ``-pp``): the record is the GEMM without it, and the pass's two
   activation passes count as extra bytes; no dgrad for the stem (the op runs only the
   gradients autograd asks for, and the image needs none);
-* ``dgrad/infer``, ``wgrad/infer`` -- ``ops.conv2d``'s backward: ``dy_bn_relu`` / ``dy_bn_relu_sums`` (``dy_bn`` /
-  ``sums`` for the downsample, which has no ReLU); none for the stem (the image needs no gradient).
+* ``dgrad/infer``, ``wgrad/infer`` -- ``ops.conv2d``'s backward: dgrad ``relu`` (the mask on load) over the weight
+  scaled by the folded BN (that weight-sized pass counts as extra bytes), wgrad ``dy_bn_relu_sums``; ``plain`` /
+  ``sums`` for the downsample, which has no ReLU; none for the stem (the image needs no gradient).
 
 Config: the untuned choice the launchers make on CUDA (``RESNET_FAST_AUTOTUNE=0`` or no tuning table): the
 forward's ``configs.heuristic`` over its pruned candidates (never a TMA twin), dgrad's and wgrad's
@@ -399,7 +400,7 @@ def launches(kernels=("fwd", "dgrad", "wgrad")) -> list:
                            (pad + passes) * esize))
         bwd = [("train", "fused" if prologue else "dy_bn")]
         if pos != "stem":  # the inference op computes no input gradient for the image
-            bwd.append(("infer", "dy_bn_relu" if relu else "dy_bn"))
+            bwd.append(("infer", "relu" if relu else "plain"))
         if "dgrad" in kernels:
             for role, variant in (bwd if pos != "stem" else []):  # the image needs no gradient
                 dx, yp = meta((g.N, g.C, g.H, g.W)), x
@@ -426,11 +427,13 @@ def launches(kernels=("fwd", "dgrad", "wgrad")) -> list:
                     # alt: the backward's triton_dy_pass runner: dy formed once (the pass's 3 activation passes
                     # counted here), the GEMM without DY_BN
                     cxa = dict(cx, DY_BN=False, DY_RELU=False) if alt else cx
-                    nbytes = (ny * (2 if cxa["DY_BN"] else 1) + nw + nx * (2 if cxa["EPI"] else 1)) * esize
+                    nbytes = (ny * (2 if cxa["DY_BN"] or cxa["DY_RELU"] else 1) + nw + nx * (2 if cxa["EPI"] else 1)) \
+                        * esize
                     add(Launch(name, 1, role, "dgrad", variant + ("+dy_pass" if alt else ""), c.name(),
                                "conv_dgrad", "_conv_dgrad_kernel", _merge_cx(sig, cxa, "conv_dgrad"),
                                {"num_warps": c.num_warps, "num_stages": c.num_stages}, div16, aligned, tiles, steps,
-                               fma, nbytes, sig, 3 * ny * esize if alt else 0, alt))
+                               fma, nbytes, sig, (3 * ny if alt else 2 * nw if role == "infer" else 0) * esize,
+                               alt))
         if "wgrad" in kernels:
             wb = [("train", "fused" if prologue else "dy_bn", True)]
             if dy_pass:

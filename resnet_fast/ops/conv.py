@@ -13,13 +13,13 @@ masked by ``out > 0`` under ReLU (per output channel k)::
     grad_residual = g                       grad_shift = Σ_npq g        grad_bias = scale·Σg
     dW_g = wgrad(g, x)                      grad_weight = scale[k]·dW_g[k]
     grad_scale[k] = Σ_crs W[k]·dW_g[k] + bias[k]·Σg[k]      (= Σ_npq g·(conv + bias): no conv recomputed)
-    grad_x = dgrad(scale[k]·g)
+    grad_x = dgrad(g, W·scale[k])           (= dgrad(scale[k]·g): the scale folded into a weight-sized copy)
 
 ``g`` is never materialised for the kernels: dgrad and wgrad read the upstream gradient and the saved output
-and form ``scale·(grad where out > 0)`` while loading (their ``dy_bn``/``dy_relu`` options, c2 = c3 = 0), and
-wgrad also emits Σg (its ``dy_sums``). Only ``grad_residual`` is an activation-sized torch result, when the
-residual needs a gradient. Only what ``needs_input_grad`` asks for is computed; a channel with scale exactly 0
-is exact (nothing is divided by the scale). Saved: x, weight, bias, scale and, under ReLU, the output.
+and mask ``grad where out > 0`` while loading (dgrad's ``relu_out``; wgrad's ``dy_bn``/``dy_relu`` with c1 = 1,
+c2 = c3 = 0), and wgrad also emits Σg (its ``dy_sums``). Only ``grad_residual`` is an activation-sized torch
+result, when the residual needs a gradient. Only what ``needs_input_grad`` asks for is computed; a channel with
+scale exactly 0 is exact (nothing is divided by the scale). Saved: x, weight, bias, scale and, under ReLU, the output.
 
 Implementation per conv: when the kernels run, the forward body and the backward body each ask
 :func:`resnet_fast.kernels.autotune.choose_impl` (roles ``conv2d`` and ``conv2d_backward``; switches: which of
@@ -158,23 +158,21 @@ def _triton_backward(grad, x, weight, scale, out, conv, relu, need_x, need_dw, n
     from ..kernels.conv_dgrad import conv2d_dgrad_nhwc
     from ..kernels.conv_wgrad import conv2d_wgrad_nhwc
     K = weight.shape[0]
-    # The kernels read g straight from grad: under ReLU the mask comes from the saved output (dy_bn's y, which
-    # must share grad's strides), without it the y of dy_bn is grad itself and unused (c2 = 0).
+    # The kernels read g straight from grad: under ReLU the mask comes from the saved output (dgrad's relu_out,
+    # wgrad's dy_bn y: it must share grad's strides).
     grad = with_strides_of(grad, out) if relu else grad.contiguous(memory_format=torch.channels_last)
-    y = out if relu else grad
-    zeros = torch.zeros(K, dtype=torch.float32, device=x.device)
-    ones = torch.ones(K, dtype=torch.float32, device=x.device)
     grad_x, dw_g, sums = (x.new_empty((0,), dtype=torch.float32) for _ in range(3))  # distinct: no aliasing
-    if need_x:
-        if scale is None and not relu:
-            grad_x = conv2d_dgrad_nhwc(grad, weight, x.shape, **conv)
-        else:  # dy = scale[k]*(grad where out > 0), formed while loading
-            c1 = ones if scale is None else scale.to(torch.float32).contiguous()
-            grad_x = conv2d_dgrad_nhwc(grad, weight, x.shape, **conv, dy_bn=DyBN(y, c1, zeros, zeros, zeros),
-                                       dy_relu=relu)
+    if need_x:  # dgrad(scale[k]*g) = dgrad(g, W*scale[k]): the K-loop only masks (under ReLU) or reads grad
+        w = weight
+        if scale is not None:  # products in fp32, rounded once to the weight's dtype, in its memory format
+            w = torch.mul(weight, scale.to(torch.float32).view(-1, 1, 1, 1), out=torch.empty_like(weight))
+        grad_x = conv2d_dgrad_nhwc(grad, w, x.shape, **conv, relu_out=out if relu else None)
     if need_dw or need_sums:  # Σg always comes along: one row sum per A tile in one column of programs
         x = x.contiguous(memory_format=torch.channels_last)  # as the forward read it (a no-op for channels_last x)
-        dy_bn = DyBN(y, ones, zeros, zeros, zeros) if relu else None
+        dy_bn = None
+        if relu:  # dy = 1*(grad where out > 0) + 0
+            zeros = torch.zeros(K, dtype=torch.float32, device=x.device)
+            dy_bn = DyBN(out, torch.ones_like(zeros), zeros, zeros, zeros)
         dw, sums = conv2d_wgrad_nhwc(grad, x, weight.shape, **conv, dy_bn=dy_bn, dy_relu=relu, dy_sums=True,
                                      need_dw=need_dw)
         if dw is not None:
