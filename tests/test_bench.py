@@ -241,24 +241,37 @@ def test_cpu_demo_end_to_end(tmp_path):
     assert files[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_demo_estimates_come_from_a_cost_report_when_one_is_given(tmp_path):
-    """The optional hook: a cost report's per-layer estimates (µs, static) keyed by the full-size conv shape, eval =
-    the inference forward, train = forward + dgrad + wgrad of the training roles; nothing without a report."""
-    from resnet_fast.bench import demo
-    records = [{"layer": "layer1.0.conv2", "role": "fwd/infer", "est_us": 10.0},
-               {"layer": "layer1.0.conv2", "role": "fwd/train", "est_us": 11.0},
-               {"layer": "layer1.0.conv2", "role": "dgrad/train", "est_us": 12.0},
-               {"layer": "layer1.0.conv2", "role": "wgrad/train", "est_us": 13.0},
-               {"layer": "layer1.1.conv2", "role": "fwd/infer", "est_us": 99.0},  # same shape: the first layer's
-               {"layer": "nowhere", "role": "fwd/infer", "est_us": 1.0}]
+def test_estimates_from_a_cost_report_beside_the_rows_they_describe(tmp_path):
+    """A cost report's per-layer estimates (µs, static) keyed by the full-size conv shape: eval = the inference
+    forward, train = forward + dgrad + wgrad of the training roles (no triton_dy_pass alternative); on a CPU demo
+    row by its full-size layer, on a GPU conv row only in eval, bf16, batch 256; nothing without a report."""
+    from resnet_fast.bench import estimates
+    rec = lambda role, kernel, us, layer="layer1.0.conv2", **kw: dict(  # noqa: E731
+        layer=layer, role=role, kernel=kernel, est_us=us, **kw)
+    records = [rec("infer", "fwd", 10.0), rec("train", "fwd", 11.0), rec("train", "dgrad", 12.0),
+               rec("train", "wgrad", 13.0), rec("infer", "dgrad", 50.0),  # the frozen-BN backward: in neither
+               rec("train", "wgrad", 7.0, alt=True),  # an alternative the chooser measures: not in the sum
+               rec("infer", "fwd", 99.0, layer="layer1.1.conv2"),  # same shape: the first layer's
+               rec("infer", "fwd", 1.0, layer="nowhere")]
     path = tmp_path / "cost.json"
-    path.write_text(json.dumps(records))
-    est = demo.load_estimates(str(path))
+    path.write_text(json.dumps({"records": records}))
+    est = estimates.load(str(path))
     name = shapes.ConvShape(64, 64, 3, 1, 1, 1, 56, 56).name
     assert est == {name: {"eval": 10.0, "train": 36.0}}
-    assert demo.load_estimates(str(tmp_path / "missing.json")) == {}
+    assert estimates.load(str(tmp_path / "missing.json")) == {} and estimates.load(None) == {}
     row = {"suite": "conv", "name": "c", "mode": "train", "impl": "resnet_fast", "dtype": "fp32", "status": "ok",
-           "numerics": "ok", "rel_err": 1e-7, "tol": 1e-4, "kernel_calls": 2, "fallbacks": {},
-           "estimate_us": est[name]}
-    table = report.format_table([row], cpu_demo=True)
+           "numerics": "ok", "rel_err": 1e-7, "tol": 1e-4, "kernel_calls": 2, "fallbacks": {}, "full_size": name}
+    table = report.format_table(estimates.attach([row], est), cpu_demo=True)
     assert "estimate us" in table and table.splitlines()[-1].rstrip().endswith("36")
+    gpu = [{"suite": "conv", "name": name, "mode": m, "impl": impl, "dtype": dt, "batch": b, "ms": 0.05,
+            "status": "ok"} for m, impl, dt, b in (("eval", "resnet_fast", "bf16", 256), ("train", "resnet_fast",
+                                                   "bf16", 256), ("eval", "resnet_fast", "fp16", 256),
+                                                  ("eval", "resnet_fast", "bf16", 64), ("eval", "eager", "bf16", 256))]
+    estimates.attach(gpu, est)
+    assert [r.get("estimate_us") for r in gpu] == [{"eval": 10.0}, None, None, None, None]
+    assert "est us" in report.format_table(gpu) and "| 10 |" in report.to_markdown(
+        {"device": "d", "date": "x", "commit": "c", "torch": "t", "triton": "t", "cuda": "c", "results": gpu})
+    # the committed baseline carries est_us for every record: the default source
+    committed = estimates.load(estimates.default_path())
+    assert len(committed) == len(shapes.convs("resnet50", 224)) and all(
+        v["eval"] > 0 and v["train"] > v["eval"] / 2 for v in committed.values())

@@ -53,8 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cpu-demo", action="store_true", help="run the CPU numerics demo even with a GPU")
     p.add_argument("--demo-budget-s", type=float, default=90.0, help="wall-clock budget of the CPU demo")
     p.add_argument("--cost-report", default=None,
-                   help="CPU demo: a cost_report JSON whose static per-layer estimates become an 'estimate' column "
-                        "(default $RESNET_FAST_COST_REPORT; optional)")
+                   help="a cost_report JSON whose static per-layer estimates go beside the rows they describe "
+                        "(default $RESNET_FAST_COST_REPORT, else the committed kernels/cost_baseline.json)")
     args = p.parse_args(argv)
     args.suites = SUITES if args.suites == "all" else tuple(s.strip() for s in args.suites.split(",") if s.strip())
     impls = [i.strip() for i in args.impls.split(",") if i.strip()]
@@ -107,7 +107,7 @@ def _finish(doc: dict, out_dir: Path, stem: str) -> dict:
 
 def run_demo(args) -> int:
     import resnet_fast
-    from . import demo, meta, reference
+    from . import demo, estimates, meta, reference
 
     out_dir = args.output or Path(tempfile.gettempdir()) / "resnet_fast_bench_out"
     if out_dir.resolve() == REPO_RESULTS.resolve() or REPO_RESULTS.resolve() in out_dir.resolve().parents:
@@ -123,12 +123,9 @@ def run_demo(args) -> int:
                reference=reference.SOURCE, stats=resnet_fast.stats(), wall_s=time.perf_counter() - t0,
                config={"demo_width": demo.DEMO_WIDTH, "demo_resolution": demo.DEMO_RES, "batch": demo.DEMO_BATCH,
                        "dtype": "fp32", "quick": args.quick})
-    estimates = demo.load_estimates(args.cost_report)
-    for r in rows:  # optional static estimates of the full-size layer a tiny conv stands for
-        if r.get("full_size") in estimates:
-            r["estimate_us"] = estimates[r["full_size"]]
-    doc["results"] = rows  # no speedups: interpreter wall-clock against ATen CPU means nothing
-    doc["estimates"] = "cost report (static, sm_90, batch 256)" if estimates else None
+    est = estimates.load(args.cost_report or estimates.default_path())
+    doc["results"] = estimates.attach(rows, est)  # no speedups: interpreter wall-clock against ATen CPU means nothing
+    doc["estimates"] = "cost report (static, sm_90, batch 256)" if est else None
     _finish(doc, out_dir, f"{doc['date']}-cpu-demo")
     bad = demo.failures(rows)
     checked = [r for r in rows if r.get("numerics")]
@@ -182,7 +179,7 @@ def _write_doc(doc: dict, args, t0: float, rows: list, out_dir: Path, stem: str,
     import json
 
     import resnet_fast
-    from . import compiles, reference, report
+    from . import compiles, estimates, reference, report
     from .runner import add_speedups
     add_speedups(rows)
     from ..kernels.autotune import tuning_report
@@ -196,6 +193,11 @@ def _write_doc(doc: dict, args, t0: float, rows: list, out_dir: Path, stem: str,
                timing="CUDA events around each repeat, median and p20/p80; warm-up (compile/autotune) excluded "
                       "and reported as warmup_s; inputs cycled across buffers; random data", partial=partial)
     doc["results"] = list(rows)
+    if not partial:  # the cost report's static estimate beside the rows it describes (conv suite, eval)
+        est = estimates.load(args.cost_report or estimates.default_path())
+        estimates.attach(doc["results"], est)
+        doc["estimates"] = "cost report (static, sm_90 model, bf16, batch 256; Triton at untuned configs)" \
+            if est else None
     if partial:
         report.validate(doc)
         out_dir.mkdir(parents=True, exist_ok=True)

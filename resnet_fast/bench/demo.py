@@ -7,10 +7,9 @@ relative error norm against the eager computation in float64 and the tolerance f
 implementation ran (kernel calls, or the ops that fell back to eager). Host wall-clock times of the interpreter
 are kept in the JSON only (``ms``); they are NOT GPU timings and no speedup is formed from them.
 
-Optional static estimates: with a cost report (``python -m resnet_fast.kernels.cost_report --json FILE``, ResNet-50
-at batch 256 on sm_90, read from the compiled code, not measured) passed as ``--cost-report FILE`` or
-``RESNET_FAST_COST_REPORT=FILE``, conv rows get an "estimate" column: the estimated microseconds of the
-full-size layer the tiny conv stands for.
+Static estimates (:mod:`.estimates`: the cost report's, ResNet-50 at batch 256 on sm_90, read from the compiled
+code, not measured): conv rows get an "estimate" column, the estimated microseconds of the full-size layer the
+tiny conv stands for.
 """
 from __future__ import annotations
 
@@ -228,39 +227,3 @@ def run(suites: tuple, budget_s: float, quick: bool, log=None, progress=None) ->
 def failures(rows: list[dict]) -> list[dict]:
     """Rows whose resnet_fast result disagrees with the reference."""
     return [r for r in rows if r.get("numerics") == "MISMATCH"]
-
-
-def load_estimates(path) -> dict:
-    """``{full-size conv name: {"eval"|"train": estimated µs}}`` from a cost report JSON (a list of records with
-    ``layer``, ``role`` ("fwd/infer", "dgrad/train", ...) and ``est_us``), or {} when there is none or it cannot
-    be read. Per conv: the first layer of that shape; train = fwd + dgrad + wgrad of the training roles."""
-    import json
-    import os
-    path = path or os.environ.get("RESNET_FAST_COST_REPORT")
-    if not path:
-        return {}
-    try:
-        with open(path) as f:
-            records = json.load(f)
-        records = records.get("records", records) if isinstance(records, dict) else records
-        from ..kernels import cost_report
-        layer_shape = {name: conv.name for name, conv, _pos in cost_report._layers()}
-    except Exception:  # noqa: BLE001  (optional: the demo goes on without estimates)
-        return {}
-    out: dict = {}
-    seen: dict = {}
-    for r in records:
-        if not isinstance(r, dict) or not isinstance(r.get("est_us"), (int, float)):
-            continue
-        shape, role = layer_shape.get(r.get("layer")), str(r.get("role", ""))
-        if shape is None:
-            continue
-        first = seen.setdefault(shape, r.get("layer"))
-        if r.get("layer") != first:
-            continue
-        mode = "eval" if role.endswith("infer") and role.startswith("fwd") else (
-            "train" if role.endswith("train") else None)
-        if mode:
-            out.setdefault(shape, {}).setdefault(mode, 0.0)
-            out[shape][mode] += r["est_us"]
-    return out

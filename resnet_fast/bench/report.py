@@ -95,7 +95,7 @@ def _pct(v) -> str:
     return "" if v is None else f"{100 * v:.0f}%"
 
 
-COLUMNS = ("suite", "name", "mode", "impl", "ms", "p20-p80", "TFLOP/s", "%peak", "GB/s", "%copy", "MB",
+COLUMNS = ("suite", "name", "mode", "impl", "ms", "p20-p80", "est us", "TFLOP/s", "%peak", "GB/s", "%copy", "MB",
            "speedup", "status")
 
 
@@ -112,7 +112,8 @@ def _cells(r: dict) -> list[str]:
     impls = sorted({k.split(": ", 1)[-1] for k in (r.get("impl_calls") or {})})
     if impls:  # which per-conv implementation the op layer chose during the row
         status += f"; conv via {'/'.join(impls)}"
-    return [r["suite"], r["name"], r["mode"], r["impl"], _f(r.get("ms"), ".3f"), spread, _f(r.get("tflops"), ".1f"),
+    return [r["suite"], r["name"], r["mode"], r["impl"], _f(r.get("ms"), ".3f"), spread, _estimate(r),
+            _f(r.get("tflops"), ".1f"),
             _pct(r.get("tflops_frac")), _f(r.get("gbps"), ".0f"), _pct(r.get("gbps_frac")),
             _f(r.get("peak_mem_MB"), ".0f"), _f(r.get("speedup"), ".2f"), status]
 
@@ -130,14 +131,18 @@ def _ran(r: dict) -> str:
     return "" if calls is None else (f"kernels ({calls} calls{via})" if calls else "no kernel calls counted")
 
 
+def _estimate(r: dict) -> str:
+    """The row's static estimate (µs) for its mode, if :mod:`.estimates` attached one."""
+    est = r.get("estimate_us")
+    return _f(est.get(r["mode"]) if isinstance(est, dict) else None, ".0f")
+
+
 def _demo_cells(r: dict) -> list[str]:
     """A CPU-demo row: agreement with the float64 reference and what ran; never a time."""
     status = r.get("status", "ok")
     numerics = r.get("numerics") or ("" if status == "ok" else status)
-    est = r.get("estimate_us") or {}
     return [r["suite"], r["name"], r["mode"], r["impl"], r.get("dtype", ""), _f(r.get("rel_err"), ".1e"),
-            _f(r.get("tol"), ".0e"), numerics, _ran(r), _f(est.get(r["mode"]) if isinstance(est, dict) else None,
-                                                         ".0f")]
+            _f(r.get("tol"), ".0e"), numerics, _ran(r), _estimate(r)]
 
 
 def demo_rows(rows: list[dict]) -> list[dict]:
@@ -184,7 +189,9 @@ def to_markdown(doc: dict) -> str:
                    "interpreter wall-clock says nothing about a GPU.")
     else:
         out.append("`ms` is the median; p20-p80 the spread; %peak / %copy are fractions of the ceilings measured "
-                   "in the same run; speedup is vs `eager` on the same case.")
+                   "in the same run; speedup is vs `eager` on the same case. `est us` (conv rows, eval, bf16, batch "
+                   "256) is the cost report's static estimate of the Triton kernels at their untuned configs, not a "
+                   "measurement: it checks the model where the row ran Triton (`conv via triton`).")
     cols, fn = (DEMO_COLUMNS, _demo_cells) if demo else (COLUMNS, _cells)
     for suite in SUITES:
         rows = [r for r in (demo_rows(doc["results"]) if demo else doc["results"]) if r["suite"] == suite]

@@ -71,9 +71,10 @@ latency (a dependent load chain or a wgmma wait that the pipeline depth does not
 predicated-off HGMMA/loads, the ``== 1`` integer specialisation of Triton's launcher, the wgrad combine kernel's
 launch, clocks below boost. It ranks specs and catches regressions; it is not a timing.
 
-Baseline: :data:`BASELINE` (committed). ``--write-baseline FILE`` rewrites it on purpose after a deliberate
-change; ``tests/test_cost_report.py`` fails when a record's ``issue_ratio`` grows by more than 5 %, its
-``spills`` grow, its ``tiles_in_flight`` drops, its config changes or a record appears or disappears.
+Baseline: :data:`BASELINE` (committed; with each record's ``est_us``, the benchmark's estimates,
+:mod:`resnet_fast.bench.estimates`). ``--write-baseline FILE`` rewrites it on purpose after a deliberate change;
+``tests/test_cost_report.py`` fails when a record's ``issue_ratio`` grows by more than 5 %, its ``spills`` grow,
+its ``tiles_in_flight`` drops, its config changes or a record appears or disappears.
 """
 from __future__ import annotations
 
@@ -707,7 +708,7 @@ def main(argv=None) -> int:
         rc = 1 if problems else 0
     if args.write_baseline:
         keep = ("layer", "count", "role", "kernel", "variant", "config", "registers", "issue_ratio",
-                "tiles_in_flight", "spills", "instr_per_step", "est_fraction_of_roofline")
+                "tiles_in_flight", "spills", "instr_per_step", "est_fraction_of_roofline", "est_us", "alt")
         import triton
         with open(args.write_baseline, "w") as f:
             json.dump({"triton": triton.__version__, "model": MODEL, "batch": BATCH, "dtype": "bf16",
