@@ -370,6 +370,50 @@ def test_wgrad_dy_transform_tile(kernel_device, triton_backend, dtype, pointwise
         assert _rel(dw.cpu(), conv2d_weight(a64, w_shape, dy_eff, **conv)) < 2 * TOL[dtype]
 
 
+@pytest.mark.parametrize("family,dtype,aligned", [("3x3s2", torch.float32, False), ("dil2", torch.float32, False),
+                                                  ("groups4cpg_s2", torch.float32, False),
+                                                  ("row3x3s1", torch.float16, True), ("row3x2s2", torch.float32, True)])
+def test_wgrad_row_taps(kernel_device, triton_backend, family, dtype, aligned):
+    """A program per filter row (ROW_TAPS), its taps sharing each formed dy tile: plain, dy_bn, dy_relu with the
+    sums, split over pixels; the ALIGNED path at ROW_CONFIGS' 64-channel tile, the masked one at a pinned small
+    tile (strides, dilation, groups, a 2-wide filter row); exact against float64."""
+    import resnet_fast.kernels.conv_wgrad as wg
+    from resnet_fast.kernels.configs import for_dtype
+    geoms = {"row3x3s1": (2, 64, 5, 6, 64, (3, 3), 1, 1, 1, 1), "row3x2s2": (2, 64, 7, 6, 64, (3, 2), 2, 1, 1, 1)}
+    if family in geoms:
+        N, C, H, W, K, (R, S), st, pd, dl, gr = geoms[family]
+        gen = torch.Generator().manual_seed(31)
+        x64 = torch.randn(N, C, H, W, generator=gen, dtype=torch.float64).to(dtype).double()
+        w_shape = (K, C // gr, R, S)
+        g = ConvGeometry.make(x64.shape, w_shape, st, pd, dl, gr)
+        dy64 = torch.randn(N, K, g.P, g.Q, generator=gen, dtype=torch.float64).to(dtype).double()
+        conv = dict(stride=st, padding=pd, dilation=dl, groups=gr)
+        dev = lambda t: t.to(dtype).to(kernel_device).contiguous(memory_format=CL)  # noqa: E731
+        x, dz = dev(x64), dev(dy64)
+        cfg = for_dtype(wg.ROW_CONFIGS[-1], dtype)
+        assert wg._aligned(g, cfg, dz, x)
+    else:
+        x64, w64, dy64, x, _, dz, conv = _case(family, dtype, kernel_device, seed=32)
+        w_shape = tuple(w64.shape)
+        cfg = ConvConfig(16, 16, 16, 1, 4, 1, row_taps=True)
+    dy_bn, dy_eff = _dy_bn(w_shape[0], dy64, kernel_device, dtype, seed=33)
+    y64 = torch.relu(torch.randn(dy64.shape, dtype=torch.float64) + 0.3).to(dtype).double()
+    c1, c2, c3, mu = (t.double().view(1, -1, 1, 1) for t in dy_bn[1:])
+    relu_eff = c1 * dy64 * (y64 > 0) + c2 * (y64 - mu) + c3
+    y = y64.to(dtype).to(kernel_device).contiguous(memory_format=CL)
+    for kw, ref, split in (({}, dy64, 1), ({"dy_bn": dy_bn}, dy_eff, 2),
+                           ({"dy_bn": (y, *dy_bn[1:]), "dy_relu": True, "dy_sums": True}, relu_eff, 3)):
+        out = conv2d_wgrad_nhwc(dz, x, w_shape, **conv, **kw, split=split, allow_tf32=False, config=cfg)
+        dw, sums = out if kw.get("dy_sums") else (out, None)
+        assert _rel(dw.cpu(), conv2d_weight(x64, w_shape, ref, **conv)) < 2 * TOL[dtype], kw
+        if sums is not None:
+            assert _rel(sums.cpu(), ref.sum((0, 2, 3))) < 2 * TOL[dtype]
+    with pytest.raises(ValueError, match="at most 3 taps"):  # the kernel's accumulators: 3 taps per row
+        xs = torch.zeros(1, 16, 9, 9, dtype=dtype, device=kernel_device).contiguous(memory_format=CL)
+        conv2d_wgrad_nhwc(torch.zeros(1, 16, 5, 5, dtype=dtype, device=kernel_device).contiguous(memory_format=CL),
+                          xs, (16, 16, 5, 5), config=ConvConfig(16, 16, 16, 1, 4, 1, row_taps=True))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("shape", [(8, 128, 14, 14, 256, 3, 2), (8, 256, 14, 14, 512, 1, 2),
                                    (8, 512, 14, 14, 128, 1, 1), (8, 256, 14, 14, 256, 3, 2),
@@ -386,8 +430,8 @@ def test_wgrad_candidates_are_compile_checked_per_variant(shape, dtype):
     dy = torch.empty(N, K, g.P, g.Q, dtype=dtype).contiguous(memory_format=CL)
     ptr = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}[dtype]
     x_flat = wg._flat_switches(g, dy, x, False)[1]
-    checked = {(cx["BLOCK_M"], cx["BLOCK_N"], cx["BLOCK_K"], opts["num_warps"], sig["dy_ptr"], cx["ALIGNED"],
-                cx["DOT_IEEE"], cx["DY_BN"], cx["PROLOGUE"], cx["X_FLAT"])
+    checked = {(cx["BLOCK_M"], cx["BLOCK_N"], cx["BLOCK_K"], opts["num_warps"], cx["ROW_TAPS"], sig["dy_ptr"],
+                cx["ALIGNED"], cx["DOT_IEEE"], cx["DY_BN"], cx["PROLOGUE"], cx["X_FLAT"])
                for _fn, sig, cx, opts, *_ in wg.compile_specs() if "BLOCK_M" in cx}
     kk = 32 if dtype == torch.float32 else 64
     wide = dataclasses.replace(wg.WIDE_CONFIG, BLOCK_K=kk)
@@ -401,7 +445,7 @@ def test_wgrad_candidates_are_compile_checked_per_variant(shape, dtype):
                 assert default in cands
                 for c in cands:
                     al = wg._aligned(g, c, dy, x)
-                    key = (c.BLOCK_M, c.BLOCK_N, c.BLOCK_K, c.num_warps, ptr, al, ieee, dy_bn, prologue)
+                    key = (c.BLOCK_M, c.BLOCK_N, c.BLOCK_K, c.num_warps, c.row_taps, ptr, al, ieee, dy_bn, prologue)
                     # the 1×1 path (X_FLAT) is compile-checked in bf16 (and wherever the 3×3 spec is missing):
                     # in other dtypes its operand code is the 3×3 path's
                     assert key + (x_flat and al,) in checked or key + (False,) in checked, \
@@ -410,6 +454,9 @@ def test_wgrad_candidates_are_compile_checked_per_variant(shape, dtype):
                 assert (dyt in cands) == (dy_bn and not ieee and K % 128 == 0 and C % 256 == 0
                                           and (not prologue or x_flat))
                 assert (default in (wide, dyt)) == (wide in cands or dyt in cands)
+                rows = [c for c in cands if c.row_taps]  # 3×3 filters on tensor cores, no prologue in the loop
+                assert bool(rows) == (R == 3 and not ieee and not prologue)
+                assert default.row_taps == bool(rows and default not in (wide, dyt))
 
 
 def _relu_mask_case(family, dtype, device, seed):
@@ -589,7 +636,7 @@ def test_wgrad_split_from_occupancy(shape):
         split = wg.pick_split(g, cfg, transforms=transforms)
         steps = -(-g.N * g.P * g.Q // cfg.BLOCK_K)
         tiles = math.prod(wg._grid(g, cfg, False, 1, True)[0])
-        slots = 132 * wg._CTAS_PER_SM[(cfg.BLOCK_M, cfg.BLOCK_N, cfg.num_warps)][transforms]
+        slots = 132 * wg.ctas_per_sm(cfg, transforms)
         waves = tiles * split / slots
         assert split == 1 or steps // split >= 8, (split, steps)
         assert waves / math.ceil(waves) >= 0.85 or split == min(steps // 8, 256), (split, waves)
@@ -676,12 +723,11 @@ def test_backward_tuning_candidates_are_compile_checked(shape, dtype, ieee, layo
     for c in cands:
         key = (c.BLOCK_M, c.BLOCK_N, c.BLOCK_K, c.num_warps, c.num_stages, ptr, dg._aligned(g, c, dy, w, (x, x)), ieee)
         assert key in _checked(dg), f"dgrad candidate {c} not compile-checked as {key}"
-    cands, default = wg._candidates(g, dy, x)
+    cands, default = wg._candidates(g, dy, x, ieee=ieee)
     assert default in cands
     for c in cands:
-        for ie in ((False, True) if dtype == torch.float32 else (False,)):
-            key = (c.BLOCK_M, c.BLOCK_N, c.BLOCK_K, c.num_warps, c.num_stages, ptr, wg._aligned(g, c, dy, x), ie)
-            assert key in _checked(wg), f"wgrad candidate {c} not compile-checked as {key}"
+        key = (c.BLOCK_M, c.BLOCK_N, c.BLOCK_K, c.num_warps, c.num_stages, ptr, wg._aligned(g, c, dy, x), ieee)
+        assert key in _checked(wg), f"wgrad candidate {c} not compile-checked as {key}"
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

@@ -39,6 +39,7 @@ class ConvConfig:
     num_stages: int = 3
     tma: bool = False  # operand tiles by TMA descriptors (the forward's pointwise path, sm_90+; see conv_fwd)
     prologue_pass: bool = False  # the BN+ReLU prologue as its own pass before the GEMM (see prologue_pass.py)
+    row_taps: bool = False  # wgrad: a program per filter row, its taps sharing each formed dy tile (see conv_wgrad)
 
     def smem_bytes(self, elem_bytes: int) -> int:
         """Shared memory of the pipelined A/B tiles (what num_stages multiplies)."""
@@ -47,7 +48,7 @@ class ConvConfig:
     def name(self) -> str:
         return (f"m{self.BLOCK_M}n{self.BLOCK_N}k{self.BLOCK_K}g{self.GROUP_M}"
                 f"w{self.num_warps}s{self.num_stages}" + ("-tma" if self.tma else "")
-                + ("-pp" if self.prologue_pass else ""))
+                + ("-pp" if self.prologue_pass else "") + ("-rt" if self.row_taps else ""))
 
 
 # Candidates for 16-bit operands. The large tiles feed wgmma on sm_90 (8 warps = 2 warpgroups); the 16-wide

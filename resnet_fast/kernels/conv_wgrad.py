@@ -3,7 +3,8 @@
 ``dW[k, c, r, s] = Σ_{n, p, q} dy[n, p, q, k] · x[n, p*stride - pad + r*dil, q*stride - pad + s*dil, c]``
 
 GEMM view per group: M = K/groups output channels, N = R*S*C/groups (one tap per program, a tile of input
-channels), reduction over the N*P*Q output pixels. That reduction is long and M×N is small for late ResNet
+channels; with ``ROW_TAPS`` a filter row's S <= 3 taps per program, S accumulators sharing each step's dy tile,
+so its transform and loads serve S MMAs: :data:`ROW_CONFIGS`), reduction over the N*P*Q output pixels. That reduction is long and M×N is small for late ResNet
 layers (K=512, 3×3 → few tiles), so it is split into SPLIT contiguous chunks of whole BLOCK_K steps, one
 program per (tile, chunk): each writes its fp32 partial into ``[SPLIT, K, R, S, C/groups]`` (its tile
 contiguous along the channels) and :func:`_wgrad_combine_kernel` sums the SPLIT partials in index order into
@@ -84,12 +85,18 @@ __all__ = ["conv2d_wgrad_nhwc", "WGRAD_CONFIGS", "pick_split", "compile_specs", 
 _MIN_STEPS_PER_SPLIT = 8
 _MAX_SPLIT = 256
 _NUM_SMS, _CLOCK_HZ, _FMA_PER_CLK, _HBM_BYTES_PER_S, _ISSUE_RATIO = 132, 1.83e9, 2048, 3.35e12, 3.0
-# CTAs per SM of each tile (BLOCK_M, BLOCK_N, num_warps) by the operand transforms it runs (none, DY_BN only,
-# DY_BN and PROLOGUE), from the sm_90 compile's registers and shared memory (cost_report: e.g. 128x128 w8 fused
-# 254 registers and 128 KB, 1 CTA; its sums variant 119 registers and 96 KB, 2; 64x64 w4 plain 78, dy_bn
-# 136-146, fused 178 registers); a tile not listed counts 1.
-_CTAS_PER_SM = {(128, 128, 8): (2, 1, 1), (128, 64, 8): (2, 1, 1), (64, 64, 4): (4, 3, 2), (64, 32, 4): (4, 2, 2),
-                (64, 128, 4): (3, 2, 2), (64, 128, 8): (1, 1, 1), (256, 128, 8): (1, 1, 1), (128, 256, 8): (1, 1, 1)}
+# CTAs per SM of each tile (BLOCK_M, BLOCK_N, num_warps, row_taps) by the operand transforms it runs (none,
+# DY_BN only, DY_BN and PROLOGUE), from the sm_90 compile's registers and shared memory (cost_report: e.g.
+# 128x128 w8 fused 254 registers and 128 KB, 1 CTA; its sums variant 119 registers and 96 KB, 2; 64x64 w4 plain
+# 78, dy_bn 136-146, fused 178 registers; 64x64 w4 row taps plain 156, dy_bn 224-244); a tile not listed counts 1.
+_CTAS_PER_SM = {(128, 128, 8, False): (2, 1, 1), (128, 64, 8, False): (2, 1, 1), (64, 64, 4, False): (4, 3, 2),
+                (64, 32, 4, False): (4, 2, 2), (64, 128, 4, False): (3, 2, 2), (64, 64, 4, True): (3, 2, 2)}
+
+
+def ctas_per_sm(cfg: ConvConfig, transforms: int) -> int:
+    """CTAs of ``cfg`` per SM with ``transforms`` operand transforms (:data:`_CTAS_PER_SM`; 1 if not listed)."""
+    key = (cfg.BLOCK_M, cfg.BLOCK_N, cfg.num_warps, cfg.row_taps)
+    return _CTAS_PER_SM.get(key, (1, 1, 1))[min(transforms, 2)]
 
 
 # Every config the launcher may pick; compile_specs covers each of them (16-bit and fp32 via for_dtype, every
@@ -119,6 +126,16 @@ WIDE_CONFIG = ConvConfig(256, 128, 64, 8, 8, 3)
 # 2.34 -> 1.77. With the prologue in the loop of a conv with more than one tap it spills (4 bytes): not offered
 # there (its prologue-pass twin is).
 DY_CONFIG = ConvConfig(128, 256, 32, 8, 8, 3)
+# Row-taps tiles (ConvConfig.row_taps, kernel ROW_TAPS): one program per filter row computes its S taps, S
+# accumulators sharing each step's dy tile, so the dy transform and loads serve S MMAs instead of one. Offered on
+# the ALIGNED path of filters with more than one tap per row, on tensor cores, without the prologue in the loop
+# (its x-side transform is per tap: stride-2 fused 3.01 -> 3.11, no gain); the default where neither the wide nor
+# the dy-transform tile fits (C/groups < 256: layer1 and layer2). The S accumulators take the registers a wider
+# tile would: 64x64 w4 and 64x128 w8. sm_90 bf16 issue ratios, 3×3: layer1 frozen-BN dy_bn_relu_sums 4.77 ->
+# 2.05, training dy_bn (prologue pass) 4.24 -> 1.78, plain (triton_dy_pass) 1.85 -> 0.91; layer2 2.40 -> 1.49,
+# 2.19 -> 1.42; at 256 channels no better than DY_CONFIG.
+ROW_CONFIGS = (ConvConfig(64, 128, 64, 8, 8, 3, row_taps=True), ConvConfig(64, 64, 64, 8, 4, 3, row_taps=True))
+_MAX_ROW_TAPS = 3  # the kernel's accumulators per program
 # The PACKED path's config (the stem: 7·7·3 = 147 (r, s, c) columns in one 256-wide N tile, K = 64 in one M tile):
 # one program per chunk reads each dy tile once for every tap.
 _PACKED_CONFIG = ConvConfig(64, 128, 64, 8, 8, 2)
@@ -142,9 +159,11 @@ def _candidates(g: ConvGeometry, dy: torch.Tensor, x: torch.Tensor, dy_bn: bool 
     tensor-core dot: the PACKED config alone where :func:`_packed`; else the configs whose path for this shape
     (ALIGNED or the masked general one) is compile-checked; C/groups <= 32 takes the general config. Tensor-core
     launches also get :data:`WIDE_CONFIG` without ``dy_bn``, :data:`DY_CONFIG` with it (not with ``prologue`` on
-    a conv of more than one tap); the default is the one of them whose tiles fit (256 output channels and 128
-    input ones, or 128 and 256), else the 128x128 tile when both channel counts reach 128, 128x64 or 64x128 when
-    one does, else 64x64, where a candidate; else the first candidate."""
+    a conv of more than one tap), and without ``prologue`` on filters of more than one tap per row
+    :data:`ROW_CONFIGS`. The default is the wide or dy-transform tile where its tiles fit (256 output channels and
+    128 input ones, or 128 and 256), else the widest row-taps tile offered, else the 128x128 tile when both
+    channel counts reach 128, 128x64 or 64x128 when one does, else 64x64, where a candidate; else the first
+    candidate."""
     general = for_dtype(_GENERAL_CONFIG, dy.dtype)
     packed = for_dtype(_DENSE_CONFIG if g.pack_c else _PACKED_CONFIG, dy.dtype)
     if _packed(g, packed, dy, x):
@@ -154,10 +173,14 @@ def _candidates(g: ConvGeometry, dy: torch.Tensor, x: torch.Tensor, dy_bn: bool 
     # GEMM: output channels × input channels (of one tap), reducing over pixels
     wide = None if ieee else WIDE_CONFIG if not dy_bn else \
         DY_CONFIG if not prologue or _flat_switches(g, dy, x, False)[1] else None
-    cands = checked_candidates(WGRAD_CONFIGS + ((wide,) if wide else ()), general, dy.dtype,
+    rows = ROW_CONFIGS if 1 < g.S <= _MAX_ROW_TAPS and not ieee and not prologue else ()
+    cands = checked_candidates(WGRAD_CONFIGS + ((wide,) if wide else ()) + rows, general, dy.dtype,
                                lambda c: _aligned(g, c, dy, x), g.Kg, g.Cg, g.N * g.P * g.Q)
     if wide is not None and for_dtype(wide, dy.dtype) in cands and g.Kg >= wide.BLOCK_M and g.Cg >= wide.BLOCK_N:
         return tuple(cands), for_dtype(wide, dy.dtype)
+    row = next((c for c in cands if c.row_taps), None)  # ROW_CONFIGS widest first
+    if row is not None:
+        return tuple(cands), row
     want = for_dtype(WGRAD_CONFIGS[1] if min(g.Cg, g.Kg) >= 128 else WGRAD_CONFIGS[2] if g.Kg >= 128
                      else WGRAD_CONFIGS[3] if g.Cg >= 128 else WGRAD_CONFIGS[0], dy.dtype)
     return tuple(cands), want if want in cands else cands[0]
@@ -174,9 +197,10 @@ def pick_split(g: ConvGeometry, cfg: ConvConfig, first_column_only: bool = False
     DY_BN and PROLOGUE; more registers, fewer CTAs per SM)."""
     tiles = math.prod(_grid(g, cfg, packed, 1, not first_column_only)[0])
     steps = triton.cdiv(g.N * g.P * g.Q, cfg.BLOCK_K)
-    ctas = _CTAS_PER_SM.get((cfg.BLOCK_M, cfg.BLOCK_N, cfg.num_warps), (1, 1, 1))[min(transforms, 2)]
+    ctas = ctas_per_sm(cfg, transforms)
     slots = _NUM_SMS * ctas
-    step_s = ctas * cfg.BLOCK_M * cfg.BLOCK_N * cfg.BLOCK_K / _FMA_PER_CLK * _ISSUE_RATIO / _CLOCK_HZ
+    mma = cfg.BLOCK_M * cfg.BLOCK_N * cfg.BLOCK_K * (g.S if cfg.row_taps and not packed else 1)  # per step
+    step_s = ctas * mma / _FMA_PER_CLK * _ISSUE_RATIO / _CLOCK_HZ
     part_bytes = 2 * 4 * (g.K if first_column_only else g.K * g.Cg * g.R * g.S)  # written, read back: fp32
 
     def cost(split):
@@ -259,6 +283,48 @@ def _pixels_advance(n, p, q, dn, dp, dq, j0, P, Q, CARRY: tl.constexpr, IDX64: t
 
 
 @triton.jit
+def _mma(a, b, acc, DOT_IEEE: tl.constexpr):
+    """``acc + aᵀ·b`` (a: the dy tile, pixels as rows), IEEE fp32 FMA or tensor cores."""
+    if DOT_IEEE:
+        return tl.dot(tl.trans(a), b, acc, input_precision="ieee")
+    return tl.dot(tl.trans(a), b, acc)
+
+
+@triton.jit
+def _x_tile(x_ptr, j0, j_ok, n, p, q, h0, w0, h_col, w_col, x_col, c_ok, isc, ish, H, W, sx_n, sx_h, sx_w,
+            SH: tl.constexpr, SW: tl.constexpr, PROLOGUE: tl.constexpr, ALIGNED: tl.constexpr, PACKED: tl.constexpr,
+            PACK_C: tl.constexpr, X_FLAT: tl.constexpr, IDX64: tl.constexpr, BLOCK_K: tl.constexpr):
+    """B = x [BLOCK_K, BLOCK_N] for the step's pixels at the tap's input offset ``(h0, w0)``, zero padding; the
+    prologue applied (and masked again: padding is zero in relu(bn(y)), not relu(shift))."""
+    h = p * SH + h0
+    w = q * SW + w0
+    if X_FLAT:  # 1×1, stride 1, no padding, dense pixels: pixel j of dy is pixel j of x, always inside
+        x_pix = _flat_pixels(j0, sx_w, IDX64, BLOCK_K)
+    elif PACK_C:  # x is the padded [N, PACK_C, H, W] channels_last copy: every pixel a PACK_C vector
+        x_pix = ((n * H + h) * W + w) * PACK_C
+    else:
+        x_pix = n * sx_n + h * sx_h + w * sx_w
+    if X_FLAT:
+        b_mask = j_ok[:, None] & c_ok[None, :]
+        if ALIGNED:
+            x_pix = tl.multiple_of(x_pix, 16)
+    elif PACKED:  # each column has its own tap: the bounds per element, unsigned (one compare per side)
+        hc = (h[:, None] + h_col[None, :]).to(tl.uint32, bitcast=True)
+        wc = (w[:, None] + w_col[None, :]).to(tl.uint32, bitcast=True)
+        b_mask = (j_ok[:, None] & c_ok[None, :]) & (hc < H) & (wc < W)  # unsigned compares (uint32 wins)
+    else:
+        row_ok = j_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+        b_mask = row_ok[:, None] & c_ok[None, :]
+        if ALIGNED:
+            x_pix = tl.multiple_of(x_pix, 16)
+    b = tl.load(x_ptr + x_pix[:, None] + x_col[None, :], mask=b_mask, other=0.0)
+    if PROLOGUE:
+        xb = tl.maximum(b.to(tl.float32) * isc[None, :] + ish[None, :], 0.0)
+        b = tl.where(b_mask, xb, 0.0).to(x_ptr.dtype.element_ty)
+    return b
+
+
+@triton.jit
 def _conv_wgrad_kernel(
         dy_ptr, x_ptr, out_ptr,
         isc_ptr, ish_ptr,                                      # PROLOGUE: x = relu(x*isc + ish)
@@ -272,7 +338,7 @@ def _conv_wgrad_kernel(
         SH: tl.constexpr, SW: tl.constexpr, S: tl.constexpr, TILES_N: tl.constexpr, SPLIT: tl.constexpr,
         PROLOGUE: tl.constexpr, DY_BN: tl.constexpr, DY_RELU: tl.constexpr, SUMS: tl.constexpr,
         DOT_IEEE: tl.constexpr, ALIGNED: tl.constexpr, PACKED: tl.constexpr, IDX64: tl.constexpr,
-        PACK_C: tl.constexpr, DY_FLAT: tl.constexpr, X_FLAT: tl.constexpr,
+        PACK_C: tl.constexpr, DY_FLAT: tl.constexpr, X_FLAT: tl.constexpr, ROW_TAPS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid1 = tl.program_id(1)
@@ -283,6 +349,10 @@ def _conv_wgrad_kernel(
     split = pid2 % SPLIT
     if PACKED:
         r = 0
+        s = 0
+    elif ROW_TAPS:  # one program per filter row: its S taps (s = 0 here, the others from it)
+        tl.static_assert(S <= 3, "ROW_TAPS: at most 3 taps per filter row (the accumulators)")
+        r = tap
         s = 0
     else:
         r = tap // S
@@ -332,6 +402,11 @@ def _conv_wgrad_kernel(
         c_col = offs_c
         c_glob = grp * Cg + offs_c
         x_col = c_glob * sx_c
+    if not PACKED:  # placeholders, unused off the PACKED path
+        h_col = c_ok
+        w_col = c_ok
+    isc = c_ok  # placeholders, unused without the prologue
+    ish = c_ok
     if PROLOGUE:
         isc = tl.load(isc_ptr + c_glob, mask=c_ok, other=0.0)
         ish = tl.load(ish_ptr + c_glob, mask=c_ok, other=0.0)
@@ -368,40 +443,23 @@ def _conv_wgrad_kernel(
     h0 = r * dil_h - pad_h
     w0 = s * dil_w - pad_w
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # ROW_TAPS: taps (r, 1) and (r, 2)
+    acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for j0 in range(lo, hi, BLOCK_K):
         j_ok = j0 + tl.arange(0, BLOCK_K) < hi
         a = _dy_tile(dy_ptr, z_ptr, _dy_pixels(j0, n, p, q, sdy_n, sdy_h, sdy_w, DY_FLAT, IDX64, BLOCK_K), j_ok, k_glob,
                      k_ok, c1, c2, c3, mu, sdy_c, DY_BN, DY_RELU, A_ALIGNED)
-        # B = x [BLOCK_K, BLOCK_N] at the tap's input position, zero padding
-        h = p * SH + h0
-        w = q * SW + w0
-        if X_FLAT:  # 1×1, stride 1, no padding, dense pixels: pixel j of dy is pixel j of x, always inside
-            x_pix = _flat_pixels(j0, sx_w, IDX64, BLOCK_K)
-        elif PACK_C:  # x is the padded [N, PACK_C, H, W] channels_last copy: every pixel a PACK_C vector
-            x_pix = ((n * H + h) * W + w) * PACK_C
-        else:
-            x_pix = n * sx_n + h * sx_h + w * sx_w
-        if X_FLAT:
-            b_mask = j_ok[:, None] & c_ok[None, :]
-            if ALIGNED:
-                x_pix = tl.multiple_of(x_pix, 16)
-        elif PACKED:  # each column has its own tap: the bounds per element, unsigned (one compare per side)
-            hc = (h[:, None] + h_col[None, :]).to(tl.uint32, bitcast=True)
-            wc = (w[:, None] + w_col[None, :]).to(tl.uint32, bitcast=True)
-            b_mask = (j_ok[:, None] & c_ok[None, :]) & (hc < H) & (wc < W)  # unsigned compares (uint32 wins)
-        else:
-            row_ok = j_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
-            b_mask = row_ok[:, None] & c_ok[None, :]
-            if ALIGNED:
-                x_pix = tl.multiple_of(x_pix, 16)
-        b = tl.load(x_ptr + x_pix[:, None] + x_col[None, :], mask=b_mask, other=0.0)
-        if PROLOGUE:  # the mask again after the transform: padding is zero in relu(bn(y)), not relu(shift)
-            xb = tl.maximum(b.to(tl.float32) * isc[None, :] + ish[None, :], 0.0)
-            b = tl.where(b_mask, xb, 0.0).to(x_ptr.dtype.element_ty)
-        if DOT_IEEE:
-            acc = tl.dot(tl.trans(a), b, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(tl.trans(a), b, acc)
+        b = _x_tile(x_ptr, j0, j_ok, n, p, q, h0, w0, h_col, w_col, x_col, c_ok, isc, ish, H, W, sx_n, sx_h, sx_w,
+                    SH, SW, PROLOGUE, ALIGNED, PACKED, PACK_C, X_FLAT, IDX64, BLOCK_K)
+        acc = _mma(a, b, acc, DOT_IEEE)
+        if ROW_TAPS and S > 1:  # the row's other taps share the formed dy tile: its transform once per S MMAs
+            b = _x_tile(x_ptr, j0, j_ok, n, p, q, h0, w0 + dil_w, h_col, w_col, x_col, c_ok, isc, ish, H, W,
+                        sx_n, sx_h, sx_w, SH, SW, PROLOGUE, ALIGNED, PACKED, PACK_C, X_FLAT, IDX64, BLOCK_K)
+            acc1 = _mma(a, b, acc1, DOT_IEEE)
+            if S > 2:
+                b = _x_tile(x_ptr, j0, j_ok, n, p, q, h0, w0 + 2 * dil_w, h_col, w_col, x_col, c_ok, isc, ish, H,
+                            W, sx_n, sx_h, sx_w, SH, SW, PROLOGUE, ALIGNED, PACKED, PACK_C, X_FLAT, IDX64, BLOCK_K)
+                acc2 = _mma(a, b, acc2, DOT_IEEE)
         if not (DY_FLAT and X_FLAT):  # nothing reads the coordinates otherwise
             n, p, q = _pixels_advance(n, p, q, dn, dp, dq, j0, P, Q, CARRY, IDX64, BLOCK_K)
 
@@ -410,7 +468,12 @@ def _conv_wgrad_kernel(
     else:
         col_off = c_col * so_c + r * so_r + s * so_s
     o_off = split * so_split + (k_glob * so_k)[:, None] + col_off[None, :]
-    tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=k_ok[:, None] & st_ok[None, :])
+    o_mask = k_ok[:, None] & st_ok[None, :]
+    tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
+    if ROW_TAPS and S > 1:
+        tl.store(out_ptr + o_off + so_s, acc1.to(out_ptr.dtype.element_ty), mask=o_mask)
+        if S > 2:
+            tl.store(out_ptr + o_off + 2 * so_s, acc2.to(out_ptr.dtype.element_ty), mask=o_mask)
 
 
 @triton.jit
@@ -510,10 +573,10 @@ def _needs_int64(g: ConvGeometry, dy: torch.Tensor, x: torch.Tensor) -> bool:
 
 def _grid(g: ConvGeometry, cfg: ConvConfig, packed: bool, n_split: int, need_dw: bool) -> tuple:
     """The GEMM grid (output-channel tiles, taps × N tiles, chunks × groups) and TILES_N. PACKED: the R*S*Cg
-    (tap, channel) columns in N tiles, no tap axis. need_dw=False: only the first column, whose programs form
-    the sums."""
+    (tap, channel) columns in N tiles, no tap axis; ``cfg.row_taps``: filter rows, not taps. need_dw=False: only
+    the first column, whose programs form the sums."""
     tiles_n = triton.cdiv(g.R * g.S * (g.pack_c or g.Cg) if packed else g.Cg, cfg.BLOCK_N)
-    taps = 1 if packed else g.R * g.S
+    taps = 1 if packed else g.R if cfg.row_taps else g.R * g.S
     return (triton.cdiv(g.Kg, cfg.BLOCK_M), taps * tiles_n if need_dw else 1, n_split * g.groups), tiles_n
 
 
@@ -550,7 +613,8 @@ def _launch_wgrad(cfg: ConvConfig, g: ConvGeometry, grad_out, x, dw, sums, pro_o
         SH=g.stride[0], SW=g.stride[1], S=g.S, TILES_N=tiles_n, SPLIT=n_split,
         PROLOGUE=sw.prologue, DY_BN=sw.dy_bn, DY_RELU=sw.dy_relu, SUMS=sw.dy_sums,
         DOT_IEEE=sw.dot_ieee, ALIGNED=_aligned(g, cfg, grad_out, x), PACKED=packed,
-        IDX64=_needs_int64(g, grad_out, x), PACK_C=pack_c, DY_FLAT=dy_flat, X_FLAT=x_flat, BLOCK_M=cfg.BLOCK_M,
+        IDX64=_needs_int64(g, grad_out, x), PACK_C=pack_c, DY_FLAT=dy_flat, X_FLAT=x_flat,
+        ROW_TAPS=cfg.row_taps and not packed, BLOCK_M=cfg.BLOCK_M,
         BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if n_split > 1:
         if sw.need_dw:
@@ -618,6 +682,8 @@ def conv2d_wgrad_nhwc(grad_out: torch.Tensor, x: torch.Tensor, weight_shape, *, 
             cands = tuple(cands) + tuple(replace(c, prologue_pass=True) for c in twins)
             default = replace(default, prologue_pass=True)
         config = choose("conv_wgrad", g, grad_out.dtype, dev, cands, sw, launch, default)
+    check(not config.row_taps or g.S <= _MAX_ROW_TAPS or _packed(g, config, grad_out, x),
+          f"{who}: config {config.name()} runs a filter row per program, at most {_MAX_ROW_TAPS} taps (S={g.S})")
     check(not config.prologue_pass or pass_ok, f"{who}: config {config.name()} runs the prologue as a pass, "
           "which needs a prologue, a filter of more than one tap and the C++ extension (prologue_pass.worth_offering)")
     launch(config)
@@ -652,7 +718,8 @@ _DY_PASS_ONLY = ("prologue",)
 def compile_specs() -> list:
     """(jit_fn, signature, constexprs, options, is_gemm, div16) for the sm_90 compile check, at a stride-2 3×3
     geometry with SPLIT=4: every config × dtype × :data:`VARIANTS` on the ALIGNED path (:data:`WIDE_CONFIG` in
-    the variants without DY_BN, :data:`DY_CONFIG` in those with it, PROLOGUE on the 1×1 path), with the channel counts
+    the variants without DY_BN, :data:`DY_CONFIG` in those with it, PROLOGUE on the 1×1 path, :data:`ROW_CONFIGS`
+    in those without PROLOGUE), with the channel counts
     and pixel strides multiples of 16 as Triton's launcher specialises them for ResNet layers; the masked general
     path at the config the launcher gives it (64×32), without divisibility hints (its worst case: the stem's
     C=3, 4-32 channels per group, NCHW strides); the PACKED path at its config, with the stem's 7×7/2 and dy's
@@ -678,7 +745,7 @@ def compile_specs() -> list:
               "S": 7 if packed else 1 if pointwise else 3, "TILES_N": 1 if packed else 2,
               "SPLIT": 4, "PROLOGUE": False, "DY_BN": False, "DY_RELU": False, "SUMS": False, **VARIANTS[variant],
               "DOT_IEEE": ieee, "ALIGNED": aligned, "PACKED": packed, "IDX64": idx64, "PACK_C": pack_c,
-              "DY_FLAT": aligned or packed, "X_FLAT": pointwise,
+              "DY_FLAT": aligned or packed, "X_FLAT": pointwise, "ROW_TAPS": cfg.row_taps,
               "BLOCK_M": cfg.BLOCK_M, "BLOCK_N": cfg.BLOCK_N, "BLOCK_K": cfg.BLOCK_K}
         sig.update({k: "constexpr" for k in cx})
         return (_conv_wgrad_kernel, ordered_signature(_conv_wgrad_kernel, sig), cx,
@@ -697,6 +764,8 @@ def compile_specs() -> list:
     specs += [spec(DY_CONFIG, dt, tdt, v, True) for dt, tdt in dtypes for v in dy_bn if not VARIANTS[v].get("PROLOGUE")]
     specs += [spec(DY_CONFIG, dt, tdt, v, True, pointwise=True) for dt, tdt in dtypes for v in dy_bn
               if dt == "bf16" or VARIANTS[v].get("PROLOGUE")]  # with the prologue it runs on the 1×1 path only
+    specs += [spec(base, dt, tdt, v, True) for base in ROW_CONFIGS for dt, tdt in dtypes for v in VARIANTS
+              if not VARIANTS[v].get("PROLOGUE")]  # the row-taps tiles (see ROW_CONFIGS)
     specs += [spec(_GENERAL_CONFIG, dt, tdt, v, False) for dt, tdt in dtypes for v in VARIANTS]
     specs += [spec(_DENSE_CONFIG if pc else _PACKED_CONFIG, dt, tdt, v, False, packed=True, pack_c=pc)
               for dt, tdt in dtypes for v in VARIANTS for pc in (0, 4)]

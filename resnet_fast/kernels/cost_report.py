@@ -472,7 +472,7 @@ def launches(kernels=("fwd", "dgrad", "wgrad")) -> list:
                 cx = dict(sdy_c=1, sx_c=1, SH=g.stride[0], SW=g.stride[1], S=g.S, TILES_N=tiles_n, SPLIT=split,
                           PROLOGUE=False, DY_BN=False, DY_RELU=False, SUMS=False, DOT_IEEE=False, ALIGNED=aligned,
                           PACKED=packed, IDX64=conv_wgrad._needs_int64(g, y, x), PACK_C=pack_c,
-                          DY_FLAT=dy_flat, X_FLAT=x_flat, BLOCK_M=c.BLOCK_M,
+                          DY_FLAT=dy_flat, X_FLAT=x_flat, ROW_TAPS=c.row_taps and not packed, BLOCK_M=c.BLOCK_M,
                           BLOCK_N=c.BLOCK_N, BLOCK_K=c.BLOCK_K)
                 cx.update(vflags)
                 parts = nw * 4 * (2 * split if split > 1 else 1)  # fp32 partials written and read back, or dW
