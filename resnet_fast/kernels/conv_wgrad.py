@@ -2,15 +2,15 @@
 
 ``dW[k, c, r, s] = Σ_{n, p, q} dy[n, p, q, k] · x[n, p*stride - pad + r*dil, q*stride - pad + s*dil, c]``
 
-GEMM view per group: M = K/groups output channels, N = R*S*C/groups (one tap per program, a tile of input
-channels; with ``ROW_TAPS`` a filter row's S <= 3 taps per program, S accumulators sharing each step's dy tile,
-so its transform and loads serve S MMAs: :data:`ROW_CONFIGS`), reduction over the N*P*Q output pixels. That reduction is long and M×N is small for late ResNet
-layers (K=512, 3×3 → few tiles), so it is split into SPLIT contiguous chunks of whole BLOCK_K steps, one
-program per (tile, chunk): each writes its fp32 partial into ``[SPLIT, K, R, S, C/groups]`` (its tile
-contiguous along the channels) and :func:`_wgrad_combine_kernel` sums the SPLIT partials in index order into
-dW's ``[K, C/groups, R, S]`` -- bit-reproducible, no float atomics. With SPLIT = 1 the GEMM kernel stores
-``dW`` directly. :func:`pick_split` sizes SPLIT from occupancy (CTAs per SM of the tile, waves of 132 SMs, the
-partials' round trip), so the last wave is nearly full.
+GEMM view per group: M = K/groups output channels, N = R*S*C/groups (one tap per program, a tile of input channels;
+with ``ROW_TAPS`` a filter row's S <= 3 taps per program, S accumulators sharing each step's dy tile, so its
+transform and loads serve S MMAs: :data:`ROW_CONFIGS`), reduction over the N*P*Q output pixels. That reduction is
+long and M×N is small for late ResNet layers (K=512, 3×3 → few tiles), so it is split into SPLIT contiguous chunks
+of whole BLOCK_K steps, one program per (tile, chunk): each writes its fp32 partial into ``[SPLIT, K, R, S,
+C/groups]`` (its tile contiguous along the channels) and :func:`_wgrad_combine_kernel` sums the SPLIT partials in
+index order into dW's ``[K, C/groups, R, S]`` -- bit-reproducible, no float atomics. With SPLIT = 1 the GEMM kernel
+stores ``dW`` directly. :func:`pick_split` sizes SPLIT from occupancy (CTAs per SM of the tile, waves of 132 SMs,
+the partials' round trip), so the last wave is nearly full.
 
 K-loop index math: where dy's pixels are dense (channels_last: ``DY_FLAT``) pixel ``j`` of dy is at ``j*K``, and
 for a 1×1 stride-1 conv over dense x (``X_FLAT``) pixel ``j`` of x too, with no padding to check: no coordinates
