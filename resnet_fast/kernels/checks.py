@@ -12,7 +12,7 @@ import torch
 
 from .. import _backend
 
-__all__ = ["FLOAT_DTYPES", "check", "check_tensor", "check_vector", "describe", "kernel_dtype_blocker",
+__all__ = ["FLOAT_DTYPES", "check", "check_tensor", "check_like", "check_vector", "describe", "kernel_dtype_blocker",
            "check_operand_dtype", "check_pow2"]
 
 # The dtypes the Triton kernels compute in (activations and weights); per-channel vectors may be any of them.
@@ -46,6 +46,13 @@ def check_tensor(name: str, t, shape, dtype: torch.dtype | None, device: torch.d
             or (dtype is not None and t.dtype != dtype):
         raise ValueError(f"{who}: {name} must be a {tuple(shape)} {dtype or ''} tensor on {device}, "
                          f"got {describe(t)}")
+
+
+def check_like(name: str, t, ref: torch.Tensor, ref_name: str, who: str) -> None:
+    """``t`` has ``ref``'s shape, dtype, device and strides: a tensor a kernel indexes with ``ref``'s offsets."""
+    check_tensor(name, t, ref.shape, ref.dtype, ref.device, who)
+    if t.stride() != ref.stride():
+        raise ValueError(f"{who}: {name} must have {ref_name}'s strides {ref.stride()}, got {t.stride()}")
 
 
 def check_vector(name: str, t, n: int, device: torch.device, who: str, dtypes=(torch.float32,),

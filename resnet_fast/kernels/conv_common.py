@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .checks import check_tensor, check_vector
+from .checks import check_like, check_vector
 
 __all__ = ["ConvGeometry", "conv_output_size", "pair", "CHANNEL_PAD", "W_ROW_PAD", "DENSE_MAX_C", "DENSE_MAX_K",
            "round_up",
@@ -225,9 +225,7 @@ def check_dy_bn(dy_bn, grad_out: torch.Tensor, K: int, who: str, dy_relu=False) 
     if not isinstance(dy_bn, (tuple, list)) or len(dy_bn) != 5:
         raise ValueError(f"{who}: dy_bn must be a DyBN or a tuple (y, c1, c2, c3, mean)")
     d = DyBN(*dy_bn)
-    check_tensor("dy_bn.y", d.y, grad_out.shape, grad_out.dtype, grad_out.device, who)
-    if d.y.stride() != grad_out.stride():
-        raise ValueError(f"{who}: dy_bn.y must have grad_out's strides {grad_out.stride()}, got {d.y.stride()}")
+    check_like("dy_bn.y", d.y, grad_out, "grad_out", who)
     for name in ("c1", "c2", "c3", "mean"):
         check_vector(f"dy_bn.{name}", getattr(d, name), K, grad_out.device, who)
     return d

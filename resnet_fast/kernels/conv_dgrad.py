@@ -65,7 +65,7 @@ import triton.language as tl
 
 from .autotune import choose
 from .configs import ConvConfig, checked_candidates, conv_allows_tf32, for_dtype
-from .checks import check_operand_dtype, check_tensor, check_vector
+from .checks import check_like, check_operand_dtype, check_tensor, check_vector
 from .conv_common import (ConvGeometry, DyBN, check_dy_bn, ordered_signature, rows_aligned,
                           swizzle_pid)
 
@@ -397,10 +397,7 @@ def _validate_dgrad(grad_out, weight, x_shape, stride, padding, dilation, groups
         if dy_bn is not None:
             raise ValueError(f"{who}: relu_out and dy_bn do not go together (the mask is relu_out's, dy_bn's is "
                              "the BN backward)")
-        check_tensor("relu_out", relu_out, grad_out.shape, grad_out.dtype, dev, who)
-        if relu_out.stride() != grad_out.stride():
-            raise ValueError(f"{who}: relu_out must have grad_out's strides {grad_out.stride()}, got "
-                             f"{relu_out.stride()}")
+        check_like("relu_out", relu_out, grad_out, "grad_out", who)
     return g, check_dy_bn(dy_bn, grad_out, g.K, who)
 
 
