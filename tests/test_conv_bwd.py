@@ -300,6 +300,28 @@ def test_wgrad_prologue_and_bn_backward_on_load(kernel_device, triton_backend, m
     assert len(passes) == 2 * pp
 
 
+def _aligned_case(shape, dtype, device, seed):
+    """Inputs whose channels divide the large tiles (channels_last, rounded to ``dtype``): ``shape = (N, C, H, W,
+    K, R, S, stride, padding)``; returns x64, dy64, x, dy, the weight shape, the conv kwargs and the geometry."""
+    N, C, H, W, K, R, S, st, pd = shape
+    gen = torch.Generator().manual_seed(seed)
+    x64 = torch.randn(N, C, H, W, generator=gen, dtype=torch.float64).to(dtype).double()
+    w_shape = (K, C, R, S)
+    g = ConvGeometry.make(x64.shape, w_shape, st, pd)
+    dy64 = torch.randn(N, K, g.P, g.Q, generator=gen, dtype=torch.float64).to(dtype).double()
+    dev = lambda t: t.to(dtype).to(device).contiguous(memory_format=CL)  # noqa: E731
+    return x64, dy64, dev(x64), dev(dy64), w_shape, dict(stride=st, padding=pd, dilation=1, groups=1), g
+
+
+def _dy_bn_relu(dy_bn, dz64, dtype, device, seed):
+    """``dy_bn`` with a post-ReLU y (some exactly 0) for dy_relu, and the float64 dy it stands for."""
+    gen = torch.Generator().manual_seed(seed)
+    y64 = torch.relu(torch.randn(dz64.shape, generator=gen, dtype=torch.float64) + 0.3).to(dtype).double()
+    c1, c2, c3, mu = (t.cpu().double().view(1, -1, 1, 1) for t in dy_bn[1:])
+    y = y64.to(dtype).to(device).contiguous(memory_format=CL)
+    return (y, *dy_bn[1:]), c1 * dz64 * (y64 > 0) + c2 * (y64 - mu) + c3
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("pointwise", [False, True], ids=["3x3s2", "1x1"])
 def test_wgrad_wide_tile_without_dy_transform(kernel_device, triton_backend, dtype, pointwise):
@@ -307,19 +329,12 @@ def test_wgrad_wide_tile_without_dy_transform(kernel_device, triton_backend, dty
     the dy sums, and with the BN+ReLU prologue (triton_dy_pass's, 3×3 only); split over pixels."""
     import resnet_fast.kernels.conv_wgrad as wg
     from resnet_fast.kernels.configs import for_dtype
-    gen = torch.Generator().manual_seed(21)
-    N, C, H, K = 2, 128, 6, 256
     R, stride = (1, 1) if pointwise else (3, 2)
-    conv = dict(stride=stride, padding=R // 2, dilation=1, groups=1)
-    x64 = torch.randn(N, C, H, H, generator=gen, dtype=torch.float64)
-    g = ConvGeometry.make(x64.shape, (K, C, R, R), stride, R // 2)
-    dy64 = torch.randn(N, K, g.P, g.Q, generator=gen, dtype=torch.float64).to(dtype).double()
-    x64 = x64.to(dtype).double()
-    dev = lambda t: t.to(dtype).to(kernel_device).contiguous(memory_format=CL)  # noqa: E731
-    x, dy = dev(x64), dev(dy64)
+    C = 128
+    x64, dy64, x, dy, w_shape, conv, g = _aligned_case((2, C, 6, 6, 256, R, R, stride, R // 2), dtype,
+                                                       kernel_device, seed=21)
     cfg = for_dtype(wg.WIDE_CONFIG, dtype)
     assert wg._aligned(g, cfg, dy, x)
-    w_shape = (K, C, R, R)
     dw, sums = conv2d_wgrad_nhwc(dy, x, w_shape, **conv, dy_sums=True, split=2, allow_tf32=False, config=cfg)
     assert _rel(dw.cpu(), conv2d_weight(x64, w_shape, dy64, **conv)) < 2 * TOL[dtype]
     assert _rel(sums.cpu(), dy64.sum((0, 2, 3))) < 2 * TOL[dtype]
@@ -327,7 +342,8 @@ def test_wgrad_wide_tile_without_dy_transform(kernel_device, triton_backend, dty
         sc, sh, _, sc64, sh64, _ = _bn_relu_input(C, kernel_device, seed=22)
         y64 = _away_from_kink(x64, sc64, sh64).to(dtype).double()
         a64 = torch.relu(y64 * sc64.view(1, -1, 1, 1) + sh64.view(1, -1, 1, 1))
-        dw = conv2d_wgrad_nhwc(dy, dev(y64), w_shape, **conv, in_scale=sc, in_shift=sh, split=1, allow_tf32=False,
+        y = y64.to(dtype).to(kernel_device).contiguous(memory_format=CL)
+        dw = conv2d_wgrad_nhwc(dy, y, w_shape, **conv, in_scale=sc, in_shift=sh, split=1, allow_tf32=False,
                                config=cfg)
         assert _rel(dw.cpu(), conv2d_weight(a64, w_shape, dy64, **conv)) < 2 * TOL[dtype]
 
@@ -339,25 +355,17 @@ def test_wgrad_dy_transform_tile(kernel_device, triton_backend, dtype, pointwise
     dy_bn, dy_bn with dy_relu and the sums, and (1×1 only) with the BN+ReLU prologue too; split over pixels."""
     import resnet_fast.kernels.conv_wgrad as wg
     from resnet_fast.kernels.configs import for_dtype
-    gen = torch.Generator().manual_seed(23)
-    N, C, H, K = 2, 256, 5, 128
     R, stride = (1, 1) if pointwise else (3, 2)
-    conv = dict(stride=stride, padding=R // 2, dilation=1, groups=1)
-    x64 = torch.randn(N, C, H, H, generator=gen, dtype=torch.float64).to(dtype).double()
-    g = ConvGeometry.make(x64.shape, (K, C, R, R), stride, R // 2)
-    dz64 = torch.randn(N, K, g.P, g.Q, generator=gen, dtype=torch.float64).to(dtype).double()
-    dev = lambda t: t.to(dtype).to(kernel_device).contiguous(memory_format=CL)  # noqa: E731
-    x, dz = dev(x64), dev(dz64)
+    C, K = 256, 128
+    x64, dz64, x, dz, w_shape, conv, g = _aligned_case((2, C, 5, 5, K, R, R, stride, R // 2), dtype,
+                                                       kernel_device, seed=23)
     cfg = for_dtype(wg.DY_CONFIG, dtype)
     assert wg._aligned(g, cfg, dz, x)
-    w_shape = (K, C, R, R)
     dy_bn, dy_eff = _dy_bn(K, dz64, kernel_device, dtype, seed=24)
     dw = conv2d_wgrad_nhwc(dz, x, w_shape, **conv, dy_bn=dy_bn, split=2, allow_tf32=False, config=cfg)
     assert _rel(dw.cpu(), conv2d_weight(x64, w_shape, dy_eff, **conv)) < 2 * TOL[dtype]
-    y64 = torch.relu(torch.randn(dz64.shape, generator=gen, dtype=torch.float64) + 0.3).to(dtype).double()
-    c1, c2, c3, mu = (t.double().view(1, -1, 1, 1) for t in dy_bn[1:])
-    relu_eff = c1 * dz64 * (y64 > 0) + c2 * (y64 - mu) + c3
-    dw, sums = conv2d_wgrad_nhwc(dz, x, w_shape, **conv, dy_bn=(dev(y64), *dy_bn[1:]), dy_relu=True,
+    relu_bn, relu_eff = _dy_bn_relu(dy_bn, dz64, dtype, kernel_device, seed=26)
+    dw, sums = conv2d_wgrad_nhwc(dz, x, w_shape, **conv, dy_bn=relu_bn, dy_relu=True,
                                  dy_sums=True, split=3, allow_tf32=False, config=cfg)
     assert _rel(dw.cpu(), conv2d_weight(x64, w_shape, relu_eff, **conv)) < 2 * TOL[dtype]
     assert _rel(sums.cpu(), relu_eff.sum((0, 2, 3))) < 2 * TOL[dtype]
@@ -365,31 +373,24 @@ def test_wgrad_dy_transform_tile(kernel_device, triton_backend, dtype, pointwise
         sc, sh, _, sc64, sh64, _ = _bn_relu_input(C, kernel_device, seed=25)
         y_prev64 = _away_from_kink(x64, sc64, sh64).to(dtype).double()
         a64 = torch.relu(y_prev64 * sc64.view(1, -1, 1, 1) + sh64.view(1, -1, 1, 1))
-        dw = conv2d_wgrad_nhwc(dz, dev(y_prev64), w_shape, **conv, in_scale=sc, in_shift=sh, dy_bn=dy_bn,
+        y_prev = y_prev64.to(dtype).to(kernel_device).contiguous(memory_format=CL)
+        dw = conv2d_wgrad_nhwc(dz, y_prev, w_shape, **conv, in_scale=sc, in_shift=sh, dy_bn=dy_bn,
                                split=1, allow_tf32=False, config=cfg)
         assert _rel(dw.cpu(), conv2d_weight(a64, w_shape, dy_eff, **conv)) < 2 * TOL[dtype]
 
 
-@pytest.mark.parametrize("family,dtype,aligned", [("3x3s2", torch.float32, False), ("dil2", torch.float32, False),
-                                                  ("groups4cpg_s2", torch.float32, False),
-                                                  ("row3x3s1", torch.float16, True), ("row3x2s2", torch.float32, True)])
-def test_wgrad_row_taps(kernel_device, triton_backend, family, dtype, aligned):
+@pytest.mark.parametrize("family,dtype", [("3x3s2", torch.float32), ("dil2", torch.float32),
+                                          ("groups4cpg_s2", torch.float32), ("row3x3s1", torch.float16),
+                                          ("row3x2s2", torch.float32)])
+def test_wgrad_row_taps(kernel_device, triton_backend, family, dtype):
     """A program per filter row (ROW_TAPS), its taps sharing each formed dy tile: plain, dy_bn, dy_relu with the
     sums, split over pixels; the ALIGNED path at ROW_CONFIGS' 64-channel tile, the masked one at a pinned small
     tile (strides, dilation, groups, a 2-wide filter row); exact against float64."""
     import resnet_fast.kernels.conv_wgrad as wg
     from resnet_fast.kernels.configs import for_dtype
-    geoms = {"row3x3s1": (2, 64, 5, 6, 64, (3, 3), 1, 1, 1, 1), "row3x2s2": (2, 64, 7, 6, 64, (3, 2), 2, 1, 1, 1)}
-    if family in geoms:
-        N, C, H, W, K, (R, S), st, pd, dl, gr = geoms[family]
-        gen = torch.Generator().manual_seed(31)
-        x64 = torch.randn(N, C, H, W, generator=gen, dtype=torch.float64).to(dtype).double()
-        w_shape = (K, C // gr, R, S)
-        g = ConvGeometry.make(x64.shape, w_shape, st, pd, dl, gr)
-        dy64 = torch.randn(N, K, g.P, g.Q, generator=gen, dtype=torch.float64).to(dtype).double()
-        conv = dict(stride=st, padding=pd, dilation=dl, groups=gr)
-        dev = lambda t: t.to(dtype).to(kernel_device).contiguous(memory_format=CL)  # noqa: E731
-        x, dz = dev(x64), dev(dy64)
+    geoms = {"row3x3s1": (2, 64, 5, 6, 64, 3, 3, 1, 1), "row3x2s2": (2, 64, 7, 6, 64, 3, 2, 2, 1)}
+    if family in geoms:  # the ALIGNED path at ROW_CONFIGS' 64-channel tile
+        x64, dy64, x, dz, w_shape, conv, g = _aligned_case(geoms[family], dtype, kernel_device, seed=31)
         cfg = for_dtype(wg.ROW_CONFIGS[-1], dtype)
         assert wg._aligned(g, cfg, dz, x)
     else:
@@ -397,12 +398,9 @@ def test_wgrad_row_taps(kernel_device, triton_backend, family, dtype, aligned):
         w_shape = tuple(w64.shape)
         cfg = ConvConfig(16, 16, 16, 1, 4, 1, row_taps=True)
     dy_bn, dy_eff = _dy_bn(w_shape[0], dy64, kernel_device, dtype, seed=33)
-    y64 = torch.relu(torch.randn(dy64.shape, dtype=torch.float64) + 0.3).to(dtype).double()
-    c1, c2, c3, mu = (t.double().view(1, -1, 1, 1) for t in dy_bn[1:])
-    relu_eff = c1 * dy64 * (y64 > 0) + c2 * (y64 - mu) + c3
-    y = y64.to(dtype).to(kernel_device).contiguous(memory_format=CL)
+    relu_bn, relu_eff = _dy_bn_relu(dy_bn, dy64, dtype, kernel_device, seed=34)
     for kw, ref, split in (({}, dy64, 1), ({"dy_bn": dy_bn}, dy_eff, 2),
-                           ({"dy_bn": (y, *dy_bn[1:]), "dy_relu": True, "dy_sums": True}, relu_eff, 3)):
+                           ({"dy_bn": relu_bn, "dy_relu": True, "dy_sums": True}, relu_eff, 3)):
         out = conv2d_wgrad_nhwc(dz, x, w_shape, **conv, **kw, split=split, allow_tf32=False, config=cfg)
         dw, sums = out if kw.get("dy_sums") else (out, None)
         assert _rel(dw.cpu(), conv2d_weight(x64, w_shape, ref, **conv)) < 2 * TOL[dtype], kw
