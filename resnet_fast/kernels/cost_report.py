@@ -1,10 +1,12 @@
 """Static cost model of every ResNet-50 conv K-loop, read from the sm_90 SASS (no GPU needed).
 
 Run: ``python -m resnet_fast.kernels.cost_report [--json FILE] [--check-baseline FILE | --write-baseline FILE]
-[--only fwd|dgrad|wgrad] [--workers 2] [--transform-free]`` with ``TRITON_INTERPRET`` unset. Prints one row per
-(layer, kernel, variant) and the target summary; exit status 1 when a baseline check fails. ``--transform-free``
-also compiles each spec whose K-loop transforms an operand (dy_bn, dy_relu, the BN+ReLU prologue) without it and
-reports that loop's issue ratio (``transform_free_ratio``, column ``free``): what the transform itself costs.
+[--misses FILE.md] [--only fwd|dgrad|wgrad] [--workers 2] [--transform-free]`` with ``TRITON_INTERPRET`` unset.
+Prints one row per (layer, kernel, variant) and the target summary; exit status 1 when a baseline check fails.
+``--transform-free`` (implied by ``--write-baseline`` and ``--misses``) also compiles each spec whose K-loop
+transforms an operand (dy_bn, dy_relu, the BN+ReLU prologue) without it and reports that loop's issue ratio
+(``transform_free_ratio``, column ``free``): what the transform itself costs. ``--misses`` writes every target miss
+with its reason (:mod:`.cost_targets`; the committed one is ``docs/COST_MISSES.md``).
 
 Layers: every conv of ResNet-50 (batch 256, 224², bf16, channels_last activations AND weights, as
 ``model.to(memory_format=torch.channels_last)`` makes them) from :mod:`resnet_fast.bench.shapes`; identical
@@ -74,7 +76,8 @@ launch, clocks below boost. It ranks specs and catches regressions; it is not a 
 Baseline: :data:`BASELINE` (committed; with each record's ``est_us``, the benchmark's estimates,
 :mod:`resnet_fast.bench.estimates`). ``--write-baseline FILE`` rewrites it on purpose after a deliberate change;
 ``tests/test_cost_report.py`` fails when a record's ``issue_ratio`` grows by more than 5 %, its ``spills`` grow,
-its ``tiles_in_flight`` drops, its config changes or a record appears or disappears.
+its ``tiles_in_flight`` drops, its config changes, a miss's reason (:func:`.cost_targets.reasons`) changes or a
+record appears or disappears; ``docs/COST_MISSES.md`` must equal :func:`.cost_targets.render` of the baseline.
 """
 from __future__ import annotations
 
@@ -91,6 +94,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+from .cost_targets import issue_lost_us, issue_target, reasons, record_id, render, target_problems
 
 BASELINE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cost_baseline.json")
 BATCH, RESOLUTION, MODEL = 256, 224, "resnet50"
@@ -511,11 +516,21 @@ def model(la: Launch, spec: dict) -> dict:
             "steps": round(la.steps, 2), "ctas_per_sm": ctas, "waves": round(waves, 3),
             "tail_efficiency": round(tail, 3), "mma_us": round(mma_us, 2), "issue_us": round(issue_us, 2),
             "memory_us": round(memory_us, 2), "est_us": round(est_us, 2),
-            "est_fraction_of_roofline": round(roof_us / est_us, 3), "alt": la.alt}
+            "est_fraction_of_roofline": round(roof_us / est_us, 3), "alt": la.alt,
+            "loop_transforms": any(la.cx.get(k) for k in _TRANSFORMS), "loop_vectors": loop_vectors(la)}
 
 
 # the operand transforms in a K-loop (dgrad's EPI and wgrad's SUMS act after it, or on its result)
 _TRANSFORMS = ("DY_BN", "DY_RELU", "PROLOGUE", "IN_RELU")
+
+
+def loop_vectors(la: Launch) -> int:
+    """Per-channel fp32 vectors the K-loop reads each step, indexed by the reduction channel: dgrad's ``dy_bn``
+    coefficients (c1, c2, c3, mean) and the forward prologue's scale and shift. wgrad's index the tile's own
+    channels and load once before the loop."""
+    if la.kernel == "dgrad":
+        return 4 if la.cx.get("DY_BN") else 0
+    return 2 if la.kernel == "fwd" and la.cx.get("PROLOGUE") else 0
 
 
 def transform_free(la: Launch) -> Launch | None:
@@ -552,47 +567,6 @@ def run(kernels=("fwd", "dgrad", "wgrad"), workers: int = 2, with_transform_free
 
 
 # ------------------------------------------------------------------------------------------ targets, baseline
-def record_id(r: dict) -> str:
-    return f"{r['layer']}|{r['role']}|{r['kernel']}|{r['variant']}"
-
-
-def compute_bound(r: dict) -> bool:
-    """3×3 convs of at least 128 channels (the target's compute-bound class), from the layer's shape name."""
-    return r.get("shape_k", 0) == 3 and r.get("shape_c", 0) >= 128
-
-
-def issue_target(r: dict) -> float:
-    """The issue-to-MMA ratio a record must not exceed: 0.6 compute-bound, 0.8 else."""
-    return 0.6 if compute_bound(r) else 0.8
-
-
-def target_problems(records: list) -> list:
-    """The targets each record misses (issue ratio ≤ 0.6 compute-bound / 0.8 else, ≥ 2 tiles in flight, 0 spills,
-    no scalar loads in the main loop outside the stem -- LDG of <= 4 bytes or a 4/8-byte cp.async, e.g. per-channel
-    vectors or dgrad's tap table reloaded every step; the stem's training backward ≤ 2× its forward)."""
-    out = []
-    for r in records:
-        lim = issue_target(r)
-        miss = []
-        if r["issue_ratio"] > lim:
-            miss.append(f"issue_ratio {r['issue_ratio']} > {lim}")
-        if r["tiles_in_flight"] < 2:
-            miss.append(f"tiles_in_flight {r['tiles_in_flight']} < 2")
-        if r["spills"]:
-            miss.append(f"spills {r['spills']}")
-        scalar = r["loads"]["ldg_scalar"] + r["loads"].get("ldgsts_narrow", 0)
-        if r["layer"] != "stem" and scalar:
-            miss.append(f"{scalar} scalar loads in the loop")
-        if miss:
-            out.append((r, miss))
-    return out
-
-
-def issue_lost_us(r: dict) -> float:
-    """What the issue rate costs a record beyond its MMA and memory time (est, µs per launch; <= 0: nothing)."""
-    return (r["issue_us"] - max(r["mma_us"], r["memory_us"])) / r["tail_efficiency"]
-
-
 def _lost_ms(records: list, alt: bool = True) -> float:
     return sum(max(0.0, issue_lost_us(r)) * r["count"] for r in records if alt or not r.get("alt")) / 1e3
 
@@ -667,6 +641,10 @@ def compare(records: list, baseline: list) -> list:
             out.append(f"{k}: spills {b['spills']} -> {r['spills']}")
         if r["tiles_in_flight"] < b["tiles_in_flight"]:
             out.append(f"{k}: tiles_in_flight {b['tiles_in_flight']} -> {r['tiles_in_flight']}")
+        if "transform_free_ratio" in r and "transform_free_ratio" in b:  # a miss's documented reason must hold
+            now_why, base_why = [w for *_, w in reasons(r)], [w for *_, w in reasons(b)]
+            if now_why != base_why:
+                out.append(f"{k}: miss reasons {base_why} -> {now_why}")
     return sorted(out)
 
 
@@ -679,14 +657,17 @@ def main(argv=None) -> int:
     ap.add_argument("--write-baseline", nargs="?", const=BASELINE, help="write the records as the new baseline")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--transform-free", action="store_true", help="also compile each spec whose loop transforms "
-                    "an operand without the transform (record field transform_free_ratio)")
+                    "an operand without the transform (record field transform_free_ratio); implied by "
+                    "--write-baseline and --misses")
+    ap.add_argument("--misses", help="write the Markdown of every miss and its reason (cost_targets.render) here")
     args = ap.parse_args(argv)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default at launch, without its warning
     t0 = time.time()
-    records = run((args.only,) if args.only else ("fwd", "dgrad", "wgrad"), args.workers, args.transform_free)
+    free = args.transform_free or bool(args.write_baseline or args.misses)
+    records = run((args.only,) if args.only else ("fwd", "dgrad", "wgrad"), args.workers, free)
     print(f"{'layer':<22}{'n':>2} {'role':<5} {'kernel':<5} {'variant':<22} {'config':<24} {'regs':>4} "
           f"{'ipw':>4} {'mma':>5} {'issue':>6} {'tif':>4} {'ld128/nar/tma/ldg':>17} {'spl':>3} {'waves':>6} "
-          f"{'est_us':>8} {'roof':>5}" + (" free" if args.transform_free else ""))
+          f"{'est_us':>8} {'roof':>5}" + (" free" if free else ""))
     for r in records:
         ld = r["loads"]
         print(f"{r['layer']:<22}{r['count']:>2} {r['role']:<5} {r['kernel']:<5} {r['variant']:<22} "
@@ -706,14 +687,19 @@ def main(argv=None) -> int:
             problems = compare(records, json.load(f)["records"])
         print("\n".join(problems) or "baseline: no regression")
         rc = 1 if problems else 0
-    if args.write_baseline:
+    if args.misses:
+        with open(args.misses, "w") as f:
+            f.write(render(records))
+    if args.write_baseline:  # what compare() and cost_targets.render() read back
         keep = ("layer", "count", "role", "kernel", "variant", "config", "registers", "issue_ratio",
-                "tiles_in_flight", "spills", "instr_per_step", "est_fraction_of_roofline", "est_us", "alt")
+                "tiles_in_flight", "spills", "instr_per_step", "est_fraction_of_roofline", "est_us", "alt",
+                "transform_free_ratio", "loads", "loop_transforms", "loop_vectors", "shape_k", "shape_c", "mma_us",
+                "issue_us", "memory_us", "tail_efficiency")
         import triton
         with open(args.write_baseline, "w") as f:
-            json.dump({"triton": triton.__version__, "model": MODEL, "batch": BATCH, "dtype": "bf16",
-                       "records": [{k: r[k] for k in keep} for r in records]}, f, indent=0)
-            f.write("\n")
+            head = json.dumps({"triton": triton.__version__, "model": MODEL, "batch": BATCH, "dtype": "bf16"})
+            rows = ",\n".join(json.dumps({k: r[k] for k in keep if k in r}) for r in records)
+            f.write(f'{head[:-1]}, "records": [\n{rows}\n]}}\n')  # a record per line: diffs show what moved
     return rc
 
 
