@@ -106,7 +106,8 @@ def ptxas_usage(ptx: str, ptxas: str) -> dict:
 
 
 def _describe(sig: dict, cx: dict, opts: dict) -> str:
-    ptr_types = sorted({t for t in sig.values() if t.startswith("*") and t not in ("*fp32", "*i32")})
+    ptr_types = sorted({t for t in sig.values() if t.startswith("*") and t not in ("*fp32", "*i32")}
+                       | {"desc:" + t[11:].split("[")[0] for t in sig.values() if t.startswith("tensordesc<")})
     blocks = "x".join(str(cx[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if k in cx)
     flags = ",".join(k for k, v in cx.items() if v is True)
     return (f"{'/'.join(ptr_types) or 'fp32'} {blocks} w{opts.get('num_warps')} s{opts.get('num_stages')}"

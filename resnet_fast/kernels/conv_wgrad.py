@@ -70,10 +70,11 @@ import torch
 import triton
 import triton.language as tl
 
+from . import conv_wgrad_box as _box
 from . import prologue_pass as _pass
 from .checks import FLOAT_DTYPES, check, check_operand_dtype, check_tensor, check_vector
 from .autotune import choose
-from .configs import ConvConfig, checked_candidates, conv_allows_tf32, for_dtype
+from .configs import ConvConfig, checked_candidates, conv_allows_tf32, for_dtype, tma_allowed
 from .conv_common import (CHANNEL_PAD, ConvGeometry, DyBN, check_dy_bn, dense_input, ordered_signature,
                           rows_aligned, rows_to_npq)
 from .conv_dgrad import dy_on_load
@@ -136,6 +137,7 @@ DY_CONFIG = ConvConfig(128, 256, 32, 8, 8, 3)
 # 2.19 -> 1.42; at 256 channels no better than DY_CONFIG.
 ROW_CONFIGS = (ConvConfig(64, 128, 64, 8, 8, 3, row_taps=True), ConvConfig(64, 64, 64, 8, 4, 3, row_taps=True))
 _MAX_ROW_TAPS = 3  # the kernel's accumulators per program
+BOX_CONFIGS = _box.BOX_CONFIGS  # the TMA-box tiles (see there)
 # The PACKED path's config (the stem: 7·7·3 = 147 (r, s, c) columns in one 256-wide N tile, K = 64 in one M tile):
 # one program per chunk reads each dy tile once for every tap.
 _PACKED_CONFIG = ConvConfig(64, 128, 64, 8, 8, 2)
@@ -153,7 +155,7 @@ def _aligned(g: ConvGeometry, cfg: ConvConfig, dy: torch.Tensor, x: torch.Tensor
 
 
 def _candidates(g: ConvGeometry, dy: torch.Tensor, x: torch.Tensor, dy_bn: bool = True,
-                ieee: bool = False, prologue: bool = False) -> tuple:
+                ieee: bool = False, prologue: bool = False, tma: bool | None = None) -> tuple:
     """(candidates for ``dy``'s dtype, the untuned default) of a launch with (``dy_bn``) or without the dy transform,
     with (``prologue``) or without the BN+ReLU prologue in its loop, and with an IEEE fp32 (``ieee``) or
     tensor-core dot: the PACKED config alone where :func:`_packed`; else the configs whose path for this shape
@@ -163,7 +165,8 @@ def _candidates(g: ConvGeometry, dy: torch.Tensor, x: torch.Tensor, dy_bn: bool 
     :data:`ROW_CONFIGS`. The default is the wide or dy-transform tile where its tiles fit (256 output channels and
     128 input ones, or 128 and 256), else the widest row-taps tile offered, else the 128x128 tile when both
     channel counts reach 128, 128x64 or 64x128 when one does, else 64x64, where a candidate; else the first
-    candidate."""
+    candidate. ``tma`` (default :func:`.configs.tma_allowed` on dy's device) adds :data:`BOX_CONFIGS` where
+    :func:`.conv_wgrad_box.eligible`, the default on filters of more than one tap."""
     general = for_dtype(_GENERAL_CONFIG, dy.dtype)
     packed = for_dtype(_DENSE_CONFIG if g.pack_c else _PACKED_CONFIG, dy.dtype)
     if _packed(g, packed, dy, x):
@@ -176,6 +179,12 @@ def _candidates(g: ConvGeometry, dy: torch.Tensor, x: torch.Tensor, dy_bn: bool 
     rows = ROW_CONFIGS if 1 < g.S <= _MAX_ROW_TAPS and not ieee and not prologue else ()
     cands = checked_candidates(WGRAD_CONFIGS + ((wide,) if wide else ()) + rows, general, dy.dtype,
                                lambda c: _aligned(g, c, dy, x), g.Kg, g.Cg, g.N * g.P * g.Q)
+    if tma if tma is not None else tma_allowed(dy.device):
+        box = [c for c in BOX_CONFIGS if g.Kg >= c.BLOCK_M and g.Cg >= c.BLOCK_N
+               and _box.eligible(g, c.BLOCK_M, c.BLOCK_N, dy, x, prologue, ieee)]
+        cands = list(cands) + box
+        if box and g.R * g.S > 1:
+            return tuple(cands), box[0]
     if wide is not None and for_dtype(wide, dy.dtype) in cands and g.Kg >= wide.BLOCK_M and g.Cg >= wide.BLOCK_N:
         return tuple(cands), for_dtype(wide, dy.dtype)
     row = next((c for c in cands if c.row_taps), None)  # ROW_CONFIGS widest first
@@ -582,19 +591,24 @@ def _grid(g: ConvGeometry, cfg: ConvConfig, packed: bool, n_split: int, need_dw:
 
 def _launch_wgrad(cfg: ConvConfig, g: ConvGeometry, grad_out, x, dw, sums, pro_ops, bn_ops,
                   sw: WgradSwitches) -> None:
-    """One launch of :func:`_conv_wgrad_kernel` (and, when split, the combines) with ``cfg``, writing ``dw``
+    """One wgrad launch with ``cfg`` (the box kernel where ``cfg.tma``, else :func:`_launch_gather`; when split,
+    then the combines), writing ``dw``
     (unless not ``need_dw``) and ``sums`` (when ``dy_sums``). ``pro_ops`` = (in_scale, in_shift) and ``bn_ops``
     (the :class:`DyBN` fields) are placeholders where their switch is off."""
     npq = g.N * g.P * g.Q
-    packed = _packed(g, cfg, grad_out, x)
+    packed = not cfg.tma and _packed(g, cfg, grad_out, x)
     pack_c = g.pack_c if packed else 0
     if pack_c:  # x as the forward's dense-taps path reads it: PACK_C-wide pixel vectors
         x = dense_input(x, g)
     dy_flat, x_flat = _flat_switches(g, grad_out, x, packed)
     n_split = sw.split if sw.split is not None else pick_split(g, cfg, first_column_only=not sw.need_dw,
                                                                packed=packed, transforms=sw.dy_bn + sw.prologue)
-    chunk = triton.cdiv(triton.cdiv(npq, n_split), cfg.BLOCK_K) * cfg.BLOCK_K
-    n_split = triton.cdiv(npq, chunk)  # no empty chunks
+    if cfg.tma:  # chunks of whole pixel blocks
+        chunk = triton.cdiv(_box.num_blocks(g, cfg.BLOCK_K), n_split)
+        n_split = triton.cdiv(_box.num_blocks(g, cfg.BLOCK_K), chunk)
+    else:
+        chunk = triton.cdiv(triton.cdiv(npq, n_split), cfg.BLOCK_K) * cfg.BLOCK_K
+        n_split = triton.cdiv(npq, chunk)  # no empty chunks
     # fp32 partials [SPLIT, K, R, S, Cg]: each program's tile is contiguous along its channels (and, PACKED,
     # along its (s, c) columns); the combine writes dW's [K, Cg, R, S] order
     out = dw if n_split == 1 else torch.empty((n_split, g.K, g.R, g.S, g.Cg), dtype=torch.float32,
@@ -602,9 +616,26 @@ def _launch_wgrad(cfg: ConvConfig, g: ConvGeometry, grad_out, x, dw, sums, pro_o
     so = dw.stride() if n_split == 1 else (out.stride(1), out.stride(4), out.stride(2), out.stride(3))
     sum_part = sums if n_split == 1 or not sw.dy_sums else torch.empty((n_split, g.K), dtype=torch.float32,
                                                                        device=dw.device)
+    if cfg.tma:
+        _box.launch(cfg, g, grad_out, x, out, so, out.stride(0) if n_split > 1 else 0, sum_part,
+                    g.K if n_split > 1 else 0, bn_ops, sw.dy_bn, sw.dy_relu, sw.dy_sums, n_split, chunk, sw.need_dw)
+    else:
+        _launch_gather(cfg, g, grad_out, x, out, so, sum_part, pro_ops, bn_ops, sw, packed, pack_c, dy_flat,
+                       x_flat, n_split, chunk)
+    if n_split > 1:
+        if sw.need_dw:
+            _combine(out, dw, n_split, g.R * g.S, g.Cg)
+        if sw.dy_sums:
+            _combine(sum_part, sums, n_split, 1, 1)
+
+
+def _launch_gather(cfg, g, grad_out, x, out, so, sum_part, pro_ops, bn_ops, sw, packed, pack_c, dy_flat, x_flat,
+                   n_split, chunk) -> None:
+    """The :func:`_conv_wgrad_kernel` launch of :func:`_launch_wgrad` (the cp.async paths)."""
+    npq = g.N * g.P * g.Q
     grid, tiles_n = _grid(g, cfg, packed, n_split, sw.need_dw)
     _conv_wgrad_kernel[grid](
-        grad_out, x, out, *pro_ops, *bn_ops, dw if sum_part is None else sum_part,
+        grad_out, x, out, *pro_ops, *bn_ops, out if sum_part is None else sum_part,
         g.H, g.W, g.R, g.Cg, g.Kg, g.P, g.Q, npq, chunk, g.K if n_split > 1 else 0,
         g.padding[0], g.padding[1], g.dilation[0], g.dilation[1],
         grad_out.stride(0), grad_out.stride(2), grad_out.stride(3), grad_out.stride(1),
@@ -616,11 +647,6 @@ def _launch_wgrad(cfg: ConvConfig, g: ConvGeometry, grad_out, x, dw, sums, pro_o
         IDX64=_needs_int64(g, grad_out, x), PACK_C=pack_c, DY_FLAT=dy_flat, X_FLAT=x_flat,
         ROW_TAPS=cfg.row_taps and not packed, BLOCK_M=cfg.BLOCK_M,
         BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if n_split > 1:
-        if sw.need_dw:
-            _combine(out, dw, n_split, g.R * g.S, g.Cg)
-        if sw.dy_sums:
-            _combine(sum_part, sums, n_split, 1, 1)
 
 
 def conv2d_wgrad_nhwc(grad_out: torch.Tensor, x: torch.Tensor, weight_shape, *, stride=1, padding=0, dilation=1,
@@ -684,6 +710,12 @@ def conv2d_wgrad_nhwc(grad_out: torch.Tensor, x: torch.Tensor, weight_shape, *, 
         config = choose("conv_wgrad", g, grad_out.dtype, dev, cands, sw, launch, default)
     check(not config.row_taps or g.S <= _MAX_ROW_TAPS or _packed(g, config, grad_out, x),
           f"{who}: config {config.name()} runs a filter row per program, at most {_MAX_ROW_TAPS} taps (S={g.S})")
+    check(not config.tma or (tma_allowed(dev) and _box.eligible(g, config.BLOCK_M, config.BLOCK_N, grad_out, x,
+                                                                 sw.prologue and not config.prologue_pass,
+                                                                 sw.dot_ieee)),
+          f"{who}: config {config.name()} loads TMA boxes, which needs stride 1, groups 1, no prologue in the loop, "
+          "16-bit tensor-core operands, channel tiles dividing K and C, 16-byte aligned channels_last dy and x, "
+          "and TMA on this device (conv_wgrad_box.eligible)")
     check(not config.prologue_pass or pass_ok, f"{who}: config {config.name()} runs the prologue as a pass, "
           "which needs a prologue, a filter of more than one tap and the C++ extension (prologue_pass.worth_offering)")
     launch(config)

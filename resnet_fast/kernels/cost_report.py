@@ -259,7 +259,8 @@ def analyse_spec(job: tuple) -> dict:
         res = subprocess.run([_tool("cuobjdump"), "-res-usage", cubin], capture_output=True, text=True,
                              check=True).stdout
     ptx = ck.asm["ptx"]
-    dtype = "bf16" if "*bf16" in sig.values() else "fp16" if "*fp16" in sig.values() else "fp32"
+    types = " ".join(sig.values())  # pointers (*bf16) and TMA descriptors (tensordesc<bf16[...]>)
+    dtype = "bf16" if "bf16" in types else "fp16" if "fp16" in types else "fp32"
     row = loop_stats(sass, opts["num_warps"], ptx.count("mbarrier.init"))
     regs, local = _REG.search(res), _LOCAL.search(res)
     if regs is None:
@@ -341,7 +342,7 @@ def launches(kernels=("fwd", "dgrad", "wgrad")) -> list:
     import triton
     from . import configs as cfgs
     from .bn_dy import dy_pass_may_pay
-    from . import conv_dgrad, conv_fwd, conv_wgrad, prologue_pass
+    from . import conv_dgrad, conv_fwd, conv_wgrad, conv_wgrad_box, prologue_pass
     from .conv_common import ConvGeometry
     dt, tdt, esize = "bf16", torch.bfloat16, 2
     CL = torch.channels_last
@@ -457,7 +458,7 @@ def launches(kernels=("fwd", "dgrad", "wgrad")) -> list:
                 if prologue_pass.may_pay(g, vflags.get("PROLOGUE", False)):  # the launcher's default: the pass
                     vflags["PROLOGUE"], passes = False, 2 * nx
                 cands, c = conv_wgrad._candidates(g, y, x, vflags.get("DY_BN", False),
-                                                  prologue=vflags.get("PROLOGUE", False))
+                                                  prologue=vflags.get("PROLOGUE", False), tma=True)
                 aligned = conv_wgrad._aligned(g, c, y, x)
                 packed = conv_wgrad._packed(g, c, y, x)
                 pack_c = g.pack_c if packed else 0
@@ -472,6 +473,21 @@ def launches(kernels=("fwd", "dgrad", "wgrad")) -> list:
                                               transforms=transforms)
                 chunk = triton.cdiv(triton.cdiv(npq, split), c.BLOCK_K) * c.BLOCK_K
                 split = triton.cdiv(npq, chunk)
+                if c.tma:  # the TMA-box kernel (conv_wgrad_box): chunks of whole pixel blocks
+                    blocks = conv_wgrad_box.num_blocks(g, c.BLOCK_K)
+                    chunk_b = triton.cdiv(blocks, split)
+                    split = triton.cdiv(blocks, chunk_b)
+                    bp, bq = conv_wgrad_box.box_shape(g, c.BLOCK_K)
+                    cx = dict(S=g.S, TILES_N=g.C // c.BLOCK_N, DY_BN=False, DY_RELU=False, SUMS=False, BP=bp, BQ=bq,
+                              BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N)
+                    cx.update({k: v for k, v in vflags.items() if k in cx})
+                    parts = nw * 4 * (2 * split if split > 1 else 1)
+                    nbytes = (ny * (2 if cx["DY_BN"] else 1) + nx) * esize + parts
+                    add(Launch(name, 1, role, "wgrad", variant, c.name() + f"-split{split}", "conv_wgrad_box",
+                               "_conv_wgrad_box_kernel", cx, {"num_warps": c.num_warps, "num_stages": c.num_stages},
+                               conv_wgrad_box.DIV16, True, g.K // c.BLOCK_M * g.R * g.S * cx["TILES_N"] * split,
+                               chunk_b, fma, nbytes, conv_wgrad_box.signature(dt, cx), passes * esize, alt))
+                    continue
                 grid, tiles_n = conv_wgrad._grid(g, c, packed, split, need_dw)
                 tiles = math.prod(grid)
                 cx = dict(sdy_c=1, sx_c=1, SH=g.stride[0], SW=g.stride[1], S=g.S, TILES_N=tiles_n, SPLIT=split,

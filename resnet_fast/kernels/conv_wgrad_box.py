@@ -1,0 +1,235 @@
+"""wgrad of a stride-1 conv with both operands loaded as TMA boxes of a spatial block: no im2col index math.
+
+``dW[k, c, r, s] = Σ_{n, p, q} dy[n, p, q, k] · x[n, p - pad_h + r*dil_h, q - pad_w + s*dil_w, c]``
+
+Each K-step takes a block of BP × BQ output pixels of one image (``BLOCK_K = BP*BQ``). At stride 1 the input
+pixels of filter tap (r, s) for that block are the same block shifted by ``(r*dil_h - pad_h, s*dil_w - pad_w)``:
+a 4-D NHWC box, which TMA loads with its out-of-bounds zero fill standing for the padding. dy's block is a box
+too; its pixels past P or Q are zero-filled, so they add nothing (and the dy transform masks them: ``c3`` must
+not leak there). The loop then issues only the TMA copies, the mbarrier waits and the wgmma: the cp.async path
+of :mod:`.conv_wgrad` spends most of its instructions on per-row coordinates and padding masks (sm_90 SASS,
+plain 3×3 at 128×256×32: 160 of 218 instructions per warp per step).
+
+The cost is padding work: a block covers ``ceil(P/BP)*BP × ceil(Q/BQ)*BQ`` pixels per image (ResNet-50: 12.5 %
+more MMA at 56² and 28², 23 % at 14² and 7²).
+
+Same contract as :func:`.conv_wgrad._conv_wgrad_kernel` where :func:`eligible`: groups 1, stride 1, no
+prologue, 16-bit operands on tensor cores, ``K % BLOCK_M == 0``, ``C % BLOCK_N == 0``, channels_last dy, y and
+x with 16-byte aligned bases and pixel strides, TMA allowed (:func:`.configs.tma_allowed`). DY_BN/DY_RELU form
+dy with :func:`.conv_dgrad.dy_on_load` (bit-identical to the cp.async path); SUMS: the first (tap, channel
+tile) column sums the formed dy of its chunk in a loop before the GEMM, as there. Partials
+``[SPLIT, K, R, S, C]`` and the combine are :mod:`.conv_wgrad`'s; the split is over blocks.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .configs import ConvConfig
+from .conv_common import ConvGeometry, rows_aligned
+from .conv_dgrad import dy_on_load
+
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # triton < 3.4: configs.tma_allowed is False, nothing here runs
+    TensorDescriptor = None
+
+__all__ = ["BOX_CONFIGS", "box_shape", "num_blocks", "eligible", "launch", "compile_specs"]
+
+# The TMA-box tile (``tma=True``): stride-1 convs, dy and x as boxes of a BP×BQ pixel
+# block, no index math in the loop. Offered where :func:`eligible` and both channel counts fill it;
+# the default there on filters of more than one tap (a 1×1 conv's X_FLAT loop has no index math to save, and the
+# box pads pixels). sm_90 bf16 3×3 issue ratios at 256 channels: plain 0.85 -> 0.25 (128×256×32 cp.async), dy_bn_
+# relu_sums 1.51 -> 0.90; at 128 channels a 128×128 box tile (1.86) loses to the row-taps tile (1.49).
+BOX_CONFIGS = (ConvConfig(128, 256, 64, 8, 8, 3, tma=True),)
+MAX_BQ = 16  # block columns: a power of 2 up to Q (28 -> 16: 2 blocks of 16 for 28 columns)
+
+
+def box_shape(g: ConvGeometry, block_k: int) -> tuple:
+    """(BP, BQ): the pixel block of one K-step, ``BP*BQ == block_k``; BQ the smallest power of 2 >= Q up to
+    :data:`MAX_BQ` (and at most block_k)."""
+    bq = min(triton.next_power_of_2(g.Q), MAX_BQ, block_k)
+    return block_k // bq, bq
+
+
+def num_blocks(g: ConvGeometry, block_k: int) -> int:
+    """K-steps of the whole reduction: pixel blocks over all images."""
+    bp, bq = box_shape(g, block_k)
+    return g.N * triton.cdiv(g.P, bp) * triton.cdiv(g.Q, bq)
+
+
+def _tma_ready(t: torch.Tensor) -> bool:
+    """channels_last-dense enough for a 4-D NHWC descriptor: unit channel stride, 16-byte aligned base and
+    pixel strides (:func:`.conv_common.rows_aligned`)."""
+    return t.stride(1) == 1 and rows_aligned(t) and t.data_ptr() % 16 == 0
+
+
+def eligible(g: ConvGeometry, block_m: int, block_n: int, dy: torch.Tensor, x: torch.Tensor, prologue: bool,
+             ieee: bool) -> bool:
+    """Whether the box kernel can run this launch (see the module docstring); TMA permission is the caller's."""
+    return (TensorDescriptor is not None and g.groups == 1 and g.stride == (1, 1) and not prologue and not ieee
+            and dy.dtype in (torch.float16, torch.bfloat16) and g.K % block_m == 0 and g.C % block_n == 0
+            and _tma_ready(dy) and _tma_ready(x))
+
+
+@triton.jit
+def _conv_wgrad_box_kernel(
+        dy_desc, x_desc, z_desc, out_ptr,
+        c1_ptr, c2_ptr, c3_ptr, mu_ptr,                        # DY_BN: coefficients [K]; z_desc: y's boxes
+        sum_ptr,                                               # SUMS: [SPLIT, K] (or [K]) Σ of the dy operand
+        P, Q, PB, QB, NB, CHUNK, so_sum, pad_h, pad_w, dil_h, dil_w,
+        so_split, so_k, so_c, so_r, so_s,
+        S: tl.constexpr, TILES_N: tl.constexpr, DY_BN: tl.constexpr, DY_RELU: tl.constexpr, SUMS: tl.constexpr,
+        BP: tl.constexpr, BQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    BLOCK_K: tl.constexpr = BP * BQ
+    pid_m = tl.program_id(0)
+    pid1 = tl.program_id(1)
+    tap = pid1 // TILES_N
+    pid_n = pid1 % TILES_N
+    split = tl.program_id(2)
+    r = tap // S
+    s = tap % S
+    k0 = pid_m * BLOCK_M
+    c0 = pid_n * BLOCK_N
+    k_glob = k0 + tl.arange(0, BLOCK_M)
+    c_glob = c0 + tl.arange(0, BLOCK_N)
+    c1 = k_glob  # placeholders, unused without DY_BN
+    c2 = k_glob
+    c3 = k_glob
+    mu = k_glob
+    if DY_BN:
+        c1 = tl.load(c1_ptr + k_glob)[None, :]
+        c2 = tl.load(c2_ptr + k_glob)[None, :]
+        c3 = tl.load(c3_ptr + k_glob)[None, :]
+        mu = tl.load(mu_ptr + k_glob)[None, :]
+    # a block's pixel (i, j) as the row i*BQ + j of its tiles
+    bi = tl.arange(0, BLOCK_K) // BQ
+    bj = tl.arange(0, BLOCK_K) % BQ
+    lo = split * CHUNK
+    hi = tl.minimum(lo + CHUNK, NB)
+    per_image = PB * QB
+    n0 = lo // per_image  # the chunk's first block, advanced by carries below (no division in the loops)
+    p00 = (lo % per_image) // QB * BP
+    q00 = (lo % per_image) % QB * BQ
+    if SUMS:
+        if pid1 == 0:  # the first (tap, channel tile) column: Σ of the formed dy of its chunk, before the GEMM
+            n = n0
+            p0 = p00
+            q0 = q00
+            dsum = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for _ in range(lo, hi):
+                a = _dy_block(dy_desc, z_desc, n, p0, q0, k0, bi, bj, P, Q, c1, c2, c3, mu, DY_BN, DY_RELU,
+                              BP, BQ, BLOCK_M)
+                dsum += tl.sum(a.to(tl.float32), axis=0)
+                n, p0, q0 = _next_block(n, p0, q0, P, Q, BP, BQ)
+            tl.store(sum_ptr + split * so_sum + k_glob, dsum)
+    dh = r * dil_h - pad_h
+    dw = s * dil_w - pad_w
+    n = n0
+    p0 = p00
+    q0 = q00
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for _ in range(lo, hi):
+        a = _dy_block(dy_desc, z_desc, n, p0, q0, k0, bi, bj, P, Q, c1, c2, c3, mu, DY_BN, DY_RELU, BP, BQ, BLOCK_M)
+        b = x_desc.load([n, p0 + dh, q0 + dw, c0]).reshape(BLOCK_K, BLOCK_N)
+        acc = tl.dot(a.T, b, acc)
+        n, p0, q0 = _next_block(n, p0, q0, P, Q, BP, BQ)
+    o_off = split * so_split + (k_glob * so_k)[:, None] + (c_glob * so_c + r * so_r + s * so_s)[None, :]
+    tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _dy_block(dy_desc, z_desc, n, p0, q0, k0, bi, bj, P, Q, c1, c2, c3, mu, DY_BN: tl.constexpr,
+              DY_RELU: tl.constexpr, BP: tl.constexpr, BQ: tl.constexpr, BLOCK_M: tl.constexpr):
+    """dy of the block at (n, p0, q0), channels [k0, k0 + BLOCK_M): ``[BP*BQ, BLOCK_M]``, formed under DY_BN
+    (zero at the block's pixels past P or Q)."""
+    a = dy_desc.load([n, p0, q0, k0]).reshape(BP * BQ, BLOCK_M)
+    if DY_BN:
+        y = z_desc.load([n, p0, q0, k0]).reshape(BP * BQ, BLOCK_M).to(tl.float32)
+        inside = ((p0 + bi) < P) & ((q0 + bj) < Q)
+        a = dy_on_load(a, y, c1, c2, c3, mu, inside[:, None], DY_RELU)
+    return a
+
+
+@triton.jit
+def _next_block(n, p0, q0, P, Q, BP: tl.constexpr, BQ: tl.constexpr):
+    """The next pixel block in (n, p, q) order: along the row, then down, then the next image."""
+    q0 += BQ
+    wrap = q0 >= Q
+    q0 = tl.where(wrap, 0, q0)
+    p0 = tl.where(wrap, p0 + BP, p0)
+    down = p0 >= P
+    p0 = tl.where(down, 0, p0)
+    n = tl.where(down, n + 1, n)
+    return n, p0, q0
+
+
+def _nhwc_descriptor(t: torch.Tensor, bp: int, bq: int, bc: int):
+    """A 4-D descriptor of channels_last ``t [N, C, H, W]`` as ``[N, H, W, C]`` with boxes ``[1, bp, bq, bc]``."""
+    v = t.permute(0, 2, 3, 1)
+    return TensorDescriptor(v, list(v.shape), list(v.stride()), [1, bp, bq, bc])
+
+
+def launch(cfg, g: ConvGeometry, grad_out: torch.Tensor, x: torch.Tensor, out: torch.Tensor, so: tuple,
+           so_split: int, sum_part, so_sum: int, bn_ops, dy_bn: bool, dy_relu: bool, dy_sums: bool,
+           n_split: int, chunk: int, need_dw: bool) -> None:
+    """One launch of :func:`_conv_wgrad_box_kernel` into ``out`` (dW, or the fp32 partials, with strides ``so``
+    = (k, c, r, s) and ``so_split``) and ``sum_part``; ``chunk`` blocks per program, ``n_split`` chunks.
+    ``bn_ops`` = (y, c1, c2, c3, mean) (placeholders without ``dy_bn``)."""
+    bp, bq = box_shape(g, cfg.BLOCK_K)
+    dy_d = _nhwc_descriptor(grad_out, bp, bq, cfg.BLOCK_M)
+    x_d = _nhwc_descriptor(x, bp, bq, cfg.BLOCK_N)
+    z_d = _nhwc_descriptor(bn_ops[0], bp, bq, cfg.BLOCK_M) if dy_bn else dy_d
+    tiles_n = g.C // cfg.BLOCK_N
+    grid = (g.K // cfg.BLOCK_M, g.R * g.S * tiles_n if need_dw else 1, n_split)
+    _conv_wgrad_box_kernel[grid](
+        dy_d, x_d, z_d, out, *bn_ops[1:], out if sum_part is None else sum_part,
+        g.P, g.Q, triton.cdiv(g.P, bp), triton.cdiv(g.Q, bq), num_blocks(g, cfg.BLOCK_K), chunk, so_sum,
+        g.padding[0], g.padding[1], g.dilation[0], g.dilation[1], so_split, *so,
+        S=g.S, TILES_N=tiles_n, DY_BN=dy_bn, DY_RELU=dy_relu, SUMS=dy_sums, BP=bp, BQ=bq,
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+# The constexpr variants the launcher runs here (no prologue: conv_wgrad.VARIANTS without it)
+VARIANTS = {
+    "plain": {},
+    "dy_bn": {"DY_BN": True},
+    "sums": {"SUMS": True},
+    "dy_bn_relu_sums": {"DY_BN": True, "DY_RELU": True, "SUMS": True},
+}
+
+
+DIV16 = ("so_sum", "so_split", "so_k", "so_r", "so_s")  # K, and the partials' strides: multiples of C
+_INTS = ("P", "Q", "PB", "QB", "NB", "CHUNK", "so_sum", "pad_h", "pad_w", "dil_h", "dil_w", "so_split", "so_k",
+         "so_c", "so_r", "so_s")
+
+
+def signature(dt: str, cx: dict) -> dict:
+    """The kernel's compile signature for ``dt`` ("bf16"/"fp16") operands and constexprs ``cx`` (the descriptors'
+    boxes follow BP, BQ, BLOCK_M, BLOCK_N)."""
+    box = f"1, {cx['BP']}, {cx['BQ']}"
+    sig = {"dy_desc": f"tensordesc<{dt}[{box}, {cx['BLOCK_M']}]>",
+           "x_desc": f"tensordesc<{dt}[{box}, {cx['BLOCK_N']}]>",
+           "z_desc": f"tensordesc<{dt}[{box}, {cx['BLOCK_M']}]>", "out_ptr": "*fp32", "c1_ptr": "*fp32",
+           "c2_ptr": "*fp32", "c3_ptr": "*fp32", "mu_ptr": "*fp32", "sum_ptr": "*fp32"}
+    sig.update({name: "i32" for name in _INTS})
+    sig.update({k: "constexpr" for k in cx})
+    return sig
+
+
+def compile_specs(configs=None) -> list:
+    """(jit_fn, signature, constexprs, options, is_gemm, div16) for the sm_90 compile check: each config of
+    ``configs`` (default :data:`BOX_CONFIGS`) × bf16/fp16 × :data:`VARIANTS`, at a 3×3 geometry
+    with 28-wide rows (BQ = 16) and two channel tiles; TMA descriptors as arguments (the check also requires
+    TMA loads in the PTX)."""
+    configs = BOX_CONFIGS if configs is None else configs
+
+    def spec(cfg, dt, variant):
+        bp, bq = cfg.BLOCK_K // MAX_BQ, MAX_BQ
+        cx = {"S": 3, "TILES_N": 2, "DY_BN": False, "DY_RELU": False, "SUMS": False, **VARIANTS[variant],
+              "BP": bp, "BQ": bq, "BLOCK_M": cfg.BLOCK_M, "BLOCK_N": cfg.BLOCK_N}
+        return (_conv_wgrad_box_kernel, signature(dt, cx), cx,
+                {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}, True, DIV16)
+
+    return [spec(cfg, dt, v) for cfg in configs for dt in ("bf16", "fp16") for v in VARIANTS]

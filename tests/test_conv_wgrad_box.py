@@ -1,0 +1,121 @@
+"""wgrad's TMA-box path (:mod:`resnet_fast.kernels.conv_wgrad_box`): dW and the dy sums against float64
+``conv2d_weight`` in every variant it runs, block edges past P and Q, dilation, split-K; where it is offered and
+the default; the configs it refuses. In the interpreter (TMA descriptors are emulated there) or on sm_90+."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn.grad import conv2d_weight
+
+import resnet_fast.kernels.conv_wgrad as wg
+from resnet_fast.kernels import configs as cfgs
+from resnet_fast.kernels import conv_wgrad_box as box
+from resnet_fast.kernels.configs import ConvConfig
+from resnet_fast.kernels.conv_common import ConvGeometry, DyBN
+
+CL = torch.channels_last
+TOL = {torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
+SMALL = ConvConfig(16, 32, 16, 1, 4, 2, tma=True)  # 16 output × 32 input channels, 16-pixel blocks
+
+
+@pytest.fixture
+def tma_device(kernel_device) -> str:
+    if not cfgs.tma_allowed(torch.device(kernel_device)):
+        pytest.skip("no TMA descriptors here (GPU older than sm_90, Triton < 3.4, or RESNET_FAST_TMA=0)")
+    return kernel_device
+
+
+def _dtypes(device):
+    return [torch.float16] + ([torch.bfloat16] if device == "cuda" else [])  # the interpreter's bf16 dot is wrong
+
+
+def _rel(out, ref):
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+# (N, C, H, W, K, R, padding, dilation): 5 columns in 8-wide blocks (edges past Q), 7 rows in blocks of 2 (past P)
+GEOMETRIES = {"3x3": (2, 32, 7, 5, 16, 3, 1, 1), "dil2": (1, 64, 6, 6, 32, 3, 2, 2), "1x1": (2, 32, 4, 6, 16, 1, 0, 1)}
+
+
+@pytest.mark.parametrize("variant", ["plain", "dy_bn", "dy_bn_relu_sums", "sums"])
+@pytest.mark.parametrize("geometry", list(GEOMETRIES))
+@pytest.mark.parametrize("split", [1, 3])
+def test_box_wgrad_matches_conv2d_weight(tma_device, triton_backend, variant, geometry, split):
+    N, C, H, W, K, R, pad, dil = GEOMETRIES[geometry]
+    flags = box.VARIANTS[variant]
+    for dtype in _dtypes(tma_device):
+        gen = torch.Generator().manual_seed(split)
+        x64 = torch.randn(N, C, H, W, generator=gen, dtype=torch.float64).to(dtype).double()
+        g = ConvGeometry.make(x64.shape, (K, C, R, R), 1, pad, dil)
+        dz64 = torch.randn(N, K, g.P, g.Q, generator=gen, dtype=torch.float64).to(dtype).double()
+        dev = lambda t, dt=dtype: t.to(dt).to(tma_device).contiguous(memory_format=CL)  # noqa: E731
+        kw, dy64 = {}, dz64
+        if flags.get("DY_BN"):
+            # y around 0 (some exactly 0 for the ReLU mask), coefficients with a large mean: c3 must not leak into
+            # the block's pixels past P and Q
+            y64 = torch.relu(torch.randn(dz64.shape, generator=gen, dtype=torch.float64) + 0.3).to(dtype).double()
+            c1, c2, c3, mu = (torch.randn(K, generator=gen, dtype=torch.float64) for _ in range(4))
+            kw["dy_bn"] = DyBN(dev(y64), *(v.float().to(tma_device) for v in (c1, c2, c3, mu * 10)))
+            c1, c2, c3, mu = (v.float().double().view(1, -1, 1, 1) for v in (c1, c2, c3, mu * 10))
+            d = dz64 * (y64 > 0) if flags.get("DY_RELU") else dz64
+            dy64 = (c1 * d + c2 * (y64 - mu) + c3).to(dtype).double()  # the operand, rounded as the kernel does
+            kw["dy_relu"] = bool(flags.get("DY_RELU"))
+        out = wg.conv2d_wgrad_nhwc(dev(dz64), dev(x64), (K, C, R, R), padding=pad, dilation=dil, split=split,
+                                   dy_sums=bool(flags.get("SUMS")), config=SMALL, **kw)
+        dw, sums = out if flags.get("SUMS") else (out, None)
+        ref = conv2d_weight(x64, (K, C, R, R), dy64, padding=pad, dilation=dil)
+        assert _rel(dw.cpu(), ref) < TOL[dtype], (variant, geometry, dtype)
+        if sums is not None:
+            assert _rel(sums.cpu(), dy64.sum((0, 2, 3))) < 1e-5
+
+
+def test_box_sums_only(tma_device, triton_backend):
+    # need_dw=False: only the first column's programs run, and they form the sums
+    gen = torch.Generator().manual_seed(4)
+    dz = torch.randn(2, 16, 5, 5, generator=gen).half().to(tma_device).contiguous(memory_format=CL)
+    x = torch.randn(2, 32, 5, 5, generator=gen).half().to(tma_device).contiguous(memory_format=CL)
+    dw, sums = wg.conv2d_wgrad_nhwc(dz, x, (16, 32, 3, 3), padding=1, dy_sums=True, need_dw=False, split=2,
+                                    config=SMALL)
+    assert dw is None and _rel(sums.cpu(), dz.cpu().double().sum((0, 2, 3))) < 1e-5
+
+
+def test_box_shape_and_blocks():
+    g = ConvGeometry.make((2, 256, 28, 28), (256, 256, 3, 3), 1, 1)
+    assert box.box_shape(g, 64) == (4, 16) and box.num_blocks(g, 64) == 2 * 7 * 2  # 28 columns in 2 × 16
+    g7 = ConvGeometry.make((2, 512, 7, 7), (512, 512, 3, 3), 1, 1)
+    assert box.box_shape(g7, 64) == (8, 8) and box.num_blocks(g7, 64) == 2
+    assert box.box_shape(g7, 16) == (2, 8)
+
+
+@pytest.mark.parametrize("why,kw", [("stride", dict(stride=2)), ("prologue", dict(prologue=True)),
+                                    ("fp32", dict(dtype=torch.float32)), ("channels", dict(C=48)),
+                                    ("nchw", dict(nchw=True))])
+def test_box_config_refused_where_it_cannot_run(tma_device, triton_backend, why, kw):
+    dtype, C = kw.get("dtype", torch.float16), kw.get("C", 32)
+    stride = kw.get("stride", 1)
+    x = torch.randn(2, C, 6, 6).to(dtype).to(tma_device)
+    x = x if kw.get("nchw") else x.contiguous(memory_format=CL)
+    dz = torch.randn(2, 16, 6 // stride, 6 // stride).to(dtype).to(tma_device).contiguous(memory_format=CL)
+    pro = dict(in_scale=torch.ones(C, device=tma_device), in_shift=torch.zeros(C, device=tma_device)) \
+        if kw.get("prologue") else {}
+    with pytest.raises(ValueError, match="loads TMA boxes"):
+        wg.conv2d_wgrad_nhwc(dz, x, (16, C, 3, 3), stride=stride, padding=1, config=SMALL, **pro)
+
+
+@pytest.mark.parametrize("R,stride,C,K", [(3, 1, 256, 256), (1, 1, 256, 512), (3, 2, 256, 256), (3, 1, 128, 128)])
+@pytest.mark.parametrize("dy_bn", [False, True])
+def test_box_candidates_and_default(R, stride, C, K, dy_bn):
+    # offered where eligible and the channels fill the 128 × 256 tile; the default on filters of more than one
+    # tap; never without TMA; each candidate a compile-checked spec of its variant
+    g = ConvGeometry.make((8, C, 14, 14), (K, C, R, R), stride, R // 2)
+    x = torch.empty(8, C, 14, 14, dtype=torch.bfloat16).contiguous(memory_format=CL)
+    dy = torch.empty(8, K, g.P, g.Q, dtype=torch.bfloat16).contiguous(memory_format=CL)
+    cands, default = wg._candidates(g, dy, x, dy_bn, tma=True)
+    boxes = [c for c in cands if c.tma]
+    assert bool(boxes) == (stride == 1 and C >= 256 and K >= 128)
+    assert default.tma == (bool(boxes) and R > 1)
+    assert not any(c.tma for c in wg._candidates(g, dy, x, dy_bn, tma=False)[0])
+    assert not any(c.tma for c in wg._candidates(g, dy, x, dy_bn, prologue=True, tma=True)[0])
+    checked = {(cx["BLOCK_M"], cx["BLOCK_N"], cx["BP"] * cx["BQ"], opts["num_warps"], cx["DY_BN"])
+               for _fn, sig, cx, opts, *_ in box.compile_specs() if "bf16" in sig["dy_desc"]}
+    assert all((c.BLOCK_M, c.BLOCK_N, c.BLOCK_K, c.num_warps, dy_bn) in checked for c in boxes)
