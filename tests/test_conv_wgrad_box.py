@@ -16,6 +16,7 @@ from resnet_fast.kernels.conv_common import ConvGeometry, DyBN
 CL = torch.channels_last
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
 SMALL = ConvConfig(16, 32, 16, 1, 4, 2, tma=True)  # 16 output × 32 input channels, 16-pixel blocks
+SMALL_ROWS = ConvConfig(16, 32, 16, 1, 4, 2, tma=True, row_taps=True)  # a program per filter row
 
 
 @pytest.fixture
@@ -33,20 +34,21 @@ def _rel(out, ref):
     return ((out.double() - ref).norm() / ref.norm()).item()
 
 
-# (N, C, H, W, K, R, padding, dilation): 5 columns in 8-wide blocks (edges past Q), 7 rows in blocks of 2 (past P)
-GEOMETRIES = {"3x3": (2, 32, 7, 5, 16, 3, 1, 1), "dil2": (1, 64, 6, 6, 32, 3, 2, 2), "1x1": (2, 32, 4, 6, 16, 1, 0, 1)}
+# (N, C, H, W, K, R, S, padding, dilation): 5 columns in 8-wide blocks (edges past Q), 7 rows in blocks of 2 (past P)
+GEOMETRIES = {"3x3": (2, 32, 7, 5, 16, 3, 3, 1, 1), "dil2": (1, 64, 6, 6, 32, 3, 3, 2, 2),
+              "3x2": (1, 32, 5, 6, 16, 3, 2, 1, 1), "1x1": (2, 32, 4, 6, 16, 1, 1, 0, 1)}
 
 
 @pytest.mark.parametrize("variant", ["plain", "dy_bn", "dy_bn_relu_sums", "sums"])
 @pytest.mark.parametrize("geometry", list(GEOMETRIES))
-@pytest.mark.parametrize("split", [1, 3])
-def test_box_wgrad_matches_conv2d_weight(tma_device, triton_backend, variant, geometry, split):
-    N, C, H, W, K, R, pad, dil = GEOMETRIES[geometry]
+@pytest.mark.parametrize("split,cfg", [(1, SMALL), (3, SMALL), (2, SMALL_ROWS)], ids=["1", "3", "rows2"])
+def test_box_wgrad_matches_conv2d_weight(tma_device, triton_backend, variant, geometry, split, cfg):
+    N, C, H, W, K, R, S, pad, dil = GEOMETRIES[geometry]
     flags = box.VARIANTS[variant]
     for dtype in _dtypes(tma_device):
         gen = torch.Generator().manual_seed(split)
         x64 = torch.randn(N, C, H, W, generator=gen, dtype=torch.float64).to(dtype).double()
-        g = ConvGeometry.make(x64.shape, (K, C, R, R), 1, pad, dil)
+        g = ConvGeometry.make(x64.shape, (K, C, R, S), 1, pad, dil)
         dz64 = torch.randn(N, K, g.P, g.Q, generator=gen, dtype=torch.float64).to(dtype).double()
         dev = lambda t, dt=dtype: t.to(dt).to(tma_device).contiguous(memory_format=CL)  # noqa: E731
         kw, dy64 = {}, dz64
@@ -60,10 +62,10 @@ def test_box_wgrad_matches_conv2d_weight(tma_device, triton_backend, variant, ge
             d = dz64 * (y64 > 0) if flags.get("DY_RELU") else dz64
             dy64 = (c1 * d + c2 * (y64 - mu) + c3).to(dtype).double()  # the operand, rounded as the kernel does
             kw["dy_relu"] = bool(flags.get("DY_RELU"))
-        out = wg.conv2d_wgrad_nhwc(dev(dz64), dev(x64), (K, C, R, R), padding=pad, dilation=dil, split=split,
-                                   dy_sums=bool(flags.get("SUMS")), config=SMALL, **kw)
+        out = wg.conv2d_wgrad_nhwc(dev(dz64), dev(x64), (K, C, R, S), padding=pad, dilation=dil, split=split,
+                                   dy_sums=bool(flags.get("SUMS")), config=cfg, **kw)
         dw, sums = out if flags.get("SUMS") else (out, None)
-        ref = conv2d_weight(x64, (K, C, R, R), dy64, padding=pad, dilation=dil)
+        ref = conv2d_weight(x64, (K, C, R, S), dy64, padding=pad, dilation=dil)
         assert _rel(dw.cpu(), ref) < TOL[dtype], (variant, geometry, dtype)
         if sums is not None:
             assert _rel(sums.cpu(), dy64.sum((0, 2, 3))) < 1e-5
@@ -102,20 +104,24 @@ def test_box_config_refused_where_it_cannot_run(tma_device, triton_backend, why,
         wg.conv2d_wgrad_nhwc(dz, x, (16, C, 3, 3), stride=stride, padding=1, config=SMALL, **pro)
 
 
-@pytest.mark.parametrize("R,stride,C,K", [(3, 1, 256, 256), (1, 1, 256, 512), (3, 2, 256, 256), (3, 1, 128, 128)])
+@pytest.mark.parametrize("R,stride,C,K", [(3, 1, 256, 256), (1, 1, 256, 512), (3, 2, 256, 256), (3, 1, 128, 128),
+                                          (3, 1, 64, 64), (1, 1, 64, 256)])
 @pytest.mark.parametrize("dy_bn", [False, True])
 def test_box_candidates_and_default(R, stride, C, K, dy_bn):
-    # offered where eligible and the channels fill the 128 × 256 tile; the default on filters of more than one
-    # tap; never without TMA; each candidate a compile-checked spec of its variant
+    # offered where eligible and the channels fill the tile (row taps on filters of more than one tap per row); the
+    # first offered is the default on filters of more than one tap; never without TMA or with the prologue in the
+    # loop; each candidate a compile-checked spec of its variant
     g = ConvGeometry.make((8, C, 14, 14), (K, C, R, R), stride, R // 2)
     x = torch.empty(8, C, 14, 14, dtype=torch.bfloat16).contiguous(memory_format=CL)
     dy = torch.empty(8, K, g.P, g.Q, dtype=torch.bfloat16).contiguous(memory_format=CL)
     cands, default = wg._candidates(g, dy, x, dy_bn, tma=True)
     boxes = [c for c in cands if c.tma]
-    assert bool(boxes) == (stride == 1 and C >= 256 and K >= 128)
-    assert default.tma == (bool(boxes) and R > 1)
+    want = [c for c in box.BOX_CONFIGS if stride == 1 and K % c.BLOCK_M == 0 and C % c.BLOCK_N == 0
+            and (R > 1 or not c.row_taps)]
+    assert boxes == want
+    assert default == (want[0] if want and R > 1 else default) and default.tma == bool(want and R > 1)
     assert not any(c.tma for c in wg._candidates(g, dy, x, dy_bn, tma=False)[0])
     assert not any(c.tma for c in wg._candidates(g, dy, x, dy_bn, prologue=True, tma=True)[0])
-    checked = {(cx["BLOCK_M"], cx["BLOCK_N"], cx["BP"] * cx["BQ"], opts["num_warps"], cx["DY_BN"])
+    checked = {(cx["BLOCK_M"], cx["BLOCK_N"], cx["BP"] * cx["BQ"], opts["num_warps"], cx["ROW_TAPS"], cx["DY_BN"])
                for _fn, sig, cx, opts, *_ in box.compile_specs() if "bf16" in sig["dy_desc"]}
-    assert all((c.BLOCK_M, c.BLOCK_N, c.BLOCK_K, c.num_warps, dy_bn) in checked for c in boxes)
+    assert all((c.BLOCK_M, c.BLOCK_N, c.BLOCK_K, c.num_warps, c.row_taps, dy_bn) in checked for c in boxes)

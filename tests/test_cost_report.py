@@ -46,6 +46,8 @@ def test_tma_sample_skips_the_retry_stub():
     assert s["instr_per_step"] == 11
     assert s["mma_fma_per_step"] == 64 * 64 * 16
     assert s["tiles_in_flight"] == 2  # a ring of 3 barriers, one buffer held by the async wgmma
+    # operands with rings of their own (7 barriers at 3 stages): the stages bound the ring
+    assert cr.loop_stats(TMA, num_warps=4, mbarriers=7, num_stages=3)["tiles_in_flight"] == 2
     assert s["loads"]["utmaldg"] == 2 and s["loads"]["ldgsts128"] == 0
 
 

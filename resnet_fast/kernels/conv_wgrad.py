@@ -180,8 +180,7 @@ def _candidates(g: ConvGeometry, dy: torch.Tensor, x: torch.Tensor, dy_bn: bool 
     cands = checked_candidates(WGRAD_CONFIGS + ((wide,) if wide else ()) + rows, general, dy.dtype,
                                lambda c: _aligned(g, c, dy, x), g.Kg, g.Cg, g.N * g.P * g.Q)
     if tma if tma is not None else tma_allowed(dy.device):
-        box = [c for c in BOX_CONFIGS if g.Kg >= c.BLOCK_M and g.Cg >= c.BLOCK_N
-               and _box.eligible(g, c.BLOCK_M, c.BLOCK_N, dy, x, prologue, ieee)]
+        box = [c for c in BOX_CONFIGS if _box.eligible(g, c, dy, x, prologue, ieee) and (not c.row_taps or g.S > 1)]
         cands = list(cands) + box
         if box and g.R * g.S > 1:
             return tuple(cands), box[0]
@@ -710,7 +709,7 @@ def conv2d_wgrad_nhwc(grad_out: torch.Tensor, x: torch.Tensor, weight_shape, *, 
         config = choose("conv_wgrad", g, grad_out.dtype, dev, cands, sw, launch, default)
     check(not config.row_taps or g.S <= _MAX_ROW_TAPS or _packed(g, config, grad_out, x),
           f"{who}: config {config.name()} runs a filter row per program, at most {_MAX_ROW_TAPS} taps (S={g.S})")
-    check(not config.tma or (tma_allowed(dev) and _box.eligible(g, config.BLOCK_M, config.BLOCK_N, grad_out, x,
+    check(not config.tma or (tma_allowed(dev) and _box.eligible(g, config, grad_out, x,
                                                                  sw.prologue and not config.prologue_pass,
                                                                  sw.dot_ieee)),
           f"{who}: config {config.name()} loads TMA boxes, which needs stride 1, groups 1, no prologue in the loop, "

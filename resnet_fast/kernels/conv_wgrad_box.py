@@ -11,7 +11,12 @@ of :mod:`.conv_wgrad` spends most of its instructions on per-row coordinates and
 plain 3×3 at 128×256×32: 160 of 218 instructions per warp per step).
 
 The cost is padding work: a block covers ``ceil(P/BP)*BP × ceil(Q/BQ)*BQ`` pixels per image (ResNet-50: 12.5 %
-more MMA at 56² and 28², 23 % at 14² and 7²).
+more MMA at 56² and 28², 23 % at 14² and 7²). ``ROW_TAPS``: a program per filter row, its S <= 3 taps sharing
+each step's dy block (three x boxes, three accumulators), as :mod:`.conv_wgrad`'s row-taps path.
+
+Not in the static model, for the GPU to settle: Triton feeds wgmma the dy operand from registers here, and the
+sm_90 SASS waits for each 16-deep wgmma before the next (the A fragments reuse registers), where the cp.async
+kernel issues a step's wgmmas back to back.
 
 Same contract as :func:`.conv_wgrad._conv_wgrad_kernel` where :func:`eligible`: groups 1, stride 1, no
 prologue, 16-bit operands on tensor cores, ``K % BLOCK_M == 0``, ``C % BLOCK_N == 0``, channels_last dy, y and
@@ -37,12 +42,16 @@ except ImportError:  # triton < 3.4: configs.tma_allowed is False, nothing here 
 
 __all__ = ["BOX_CONFIGS", "box_shape", "num_blocks", "eligible", "launch", "compile_specs"]
 
-# The TMA-box tile (``tma=True``): stride-1 convs, dy and x as boxes of a BP×BQ pixel
-# block, no index math in the loop. Offered where :func:`eligible` and both channel counts fill it;
-# the default there on filters of more than one tap (a 1×1 conv's X_FLAT loop has no index math to save, and the
-# box pads pixels). sm_90 bf16 3×3 issue ratios at 256 channels: plain 0.85 -> 0.25 (128×256×32 cp.async), dy_bn_
-# relu_sums 1.51 -> 0.90; at 128 channels a 128×128 box tile (1.86) loses to the row-taps tile (1.49).
-BOX_CONFIGS = (ConvConfig(128, 256, 64, 8, 8, 3, tma=True),)
+# The TMA-box tiles (``tma=True``), widest first: stride-1 convs, dy and x as boxes of a BP×BQ pixel block, no
+# index math in the loop. Offered where :func:`eligible` and the channel counts fill the tile (the row-taps ones
+# on filters of 2-3 taps per row: a program per filter row, its taps sharing each step's formed dy block, as
+# conv_wgrad.ROW_CONFIGS); the first offered is the default on filters of more than one tap (a 1×1 conv's X_FLAT
+# loop has no index math to save, and the box pads pixels). sm_90 bf16 3×3 issue ratios, against the cp.async
+# tiles: 256 channels plain 0.85 -> 0.25, dy_bn_relu_sums 1.51 -> 0.90; 128 channels (64×128 row taps) 0.89 ->
+# 0.70 and 1.49 -> 1.12; 64 channels (64×64 row taps) 0.91 -> 0.69 and 2.05 -> 1.51. A 128×128 row-taps tile
+# spills; a 128×128 one-tap tile (1.86) loses to the row taps at 128 channels.
+BOX_CONFIGS = (ConvConfig(128, 256, 64, 8, 8, 3, tma=True), ConvConfig(64, 128, 64, 8, 8, 3, tma=True, row_taps=True),
+               ConvConfig(64, 64, 64, 8, 4, 3, tma=True, row_taps=True))
 MAX_BQ = 16  # block columns: a power of 2 up to Q (28 -> 16: 2 blocks of 16 for 28 columns)
 
 
@@ -65,12 +74,12 @@ def _tma_ready(t: torch.Tensor) -> bool:
     return t.stride(1) == 1 and rows_aligned(t) and t.data_ptr() % 16 == 0
 
 
-def eligible(g: ConvGeometry, block_m: int, block_n: int, dy: torch.Tensor, x: torch.Tensor, prologue: bool,
-             ieee: bool) -> bool:
-    """Whether the box kernel can run this launch (see the module docstring); TMA permission is the caller's."""
+def eligible(g: ConvGeometry, cfg: ConvConfig, dy: torch.Tensor, x: torch.Tensor, prologue: bool, ieee: bool) -> bool:
+    """Whether the box kernel can run this launch at ``cfg`` (see the module docstring; ``cfg.row_taps``: at most
+    3 taps per filter row); TMA permission is the caller's."""
     return (TensorDescriptor is not None and g.groups == 1 and g.stride == (1, 1) and not prologue and not ieee
-            and dy.dtype in (torch.float16, torch.bfloat16) and g.K % block_m == 0 and g.C % block_n == 0
-            and _tma_ready(dy) and _tma_ready(x))
+            and dy.dtype in (torch.float16, torch.bfloat16) and g.K % cfg.BLOCK_M == 0 and g.C % cfg.BLOCK_N == 0
+            and (not cfg.row_taps or g.S <= 3) and _tma_ready(dy) and _tma_ready(x))
 
 
 @triton.jit
@@ -81,15 +90,20 @@ def _conv_wgrad_box_kernel(
         P, Q, PB, QB, NB, CHUNK, so_sum, pad_h, pad_w, dil_h, dil_w,
         so_split, so_k, so_c, so_r, so_s,
         S: tl.constexpr, TILES_N: tl.constexpr, DY_BN: tl.constexpr, DY_RELU: tl.constexpr, SUMS: tl.constexpr,
-        BP: tl.constexpr, BQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        ROW_TAPS: tl.constexpr, BP: tl.constexpr, BQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     BLOCK_K: tl.constexpr = BP * BQ
     pid_m = tl.program_id(0)
     pid1 = tl.program_id(1)
     tap = pid1 // TILES_N
     pid_n = pid1 % TILES_N
     split = tl.program_id(2)
-    r = tap // S
-    s = tap % S
+    if ROW_TAPS:  # one program per filter row: its S <= 3 taps share each step's formed dy block
+        tl.static_assert(S <= 3, "ROW_TAPS: at most 3 taps per filter row (the accumulators)")
+        r = tap
+        s = 0
+    else:
+        r = tap // S
+        s = tap % S
     k0 = pid_m * BLOCK_M
     c0 = pid_n * BLOCK_N
     k_glob = k0 + tl.arange(0, BLOCK_M)
@@ -130,13 +144,25 @@ def _conv_wgrad_box_kernel(
     p0 = p00
     q0 = q00
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # ROW_TAPS: taps (r, 1) and (r, 2)
+    acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for _ in range(lo, hi):
         a = _dy_block(dy_desc, z_desc, n, p0, q0, k0, bi, bj, P, Q, c1, c2, c3, mu, DY_BN, DY_RELU, BP, BQ, BLOCK_M)
         b = x_desc.load([n, p0 + dh, q0 + dw, c0]).reshape(BLOCK_K, BLOCK_N)
         acc = tl.dot(a.T, b, acc)
+        if ROW_TAPS and S > 1:
+            b = x_desc.load([n, p0 + dh, q0 + dw + dil_w, c0]).reshape(BLOCK_K, BLOCK_N)
+            acc1 = tl.dot(a.T, b, acc1)
+            if S > 2:
+                b = x_desc.load([n, p0 + dh, q0 + dw + 2 * dil_w, c0]).reshape(BLOCK_K, BLOCK_N)
+                acc2 = tl.dot(a.T, b, acc2)
         n, p0, q0 = _next_block(n, p0, q0, P, Q, BP, BQ)
     o_off = split * so_split + (k_glob * so_k)[:, None] + (c_glob * so_c + r * so_r + s * so_s)[None, :]
     tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty))
+    if ROW_TAPS and S > 1:
+        tl.store(out_ptr + o_off + so_s, acc1.to(out_ptr.dtype.element_ty))
+        if S > 2:
+            tl.store(out_ptr + o_off + 2 * so_s, acc2.to(out_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -182,12 +208,12 @@ def launch(cfg, g: ConvGeometry, grad_out: torch.Tensor, x: torch.Tensor, out: t
     x_d = _nhwc_descriptor(x, bp, bq, cfg.BLOCK_N)
     z_d = _nhwc_descriptor(bn_ops[0], bp, bq, cfg.BLOCK_M) if dy_bn else dy_d
     tiles_n = g.C // cfg.BLOCK_N
-    grid = (g.K // cfg.BLOCK_M, g.R * g.S * tiles_n if need_dw else 1, n_split)
+    grid = (g.K // cfg.BLOCK_M, (g.R if cfg.row_taps else g.R * g.S) * tiles_n if need_dw else 1, n_split)
     _conv_wgrad_box_kernel[grid](
         dy_d, x_d, z_d, out, *bn_ops[1:], out if sum_part is None else sum_part,
         g.P, g.Q, triton.cdiv(g.P, bp), triton.cdiv(g.Q, bq), num_blocks(g, cfg.BLOCK_K), chunk, so_sum,
         g.padding[0], g.padding[1], g.dilation[0], g.dilation[1], so_split, *so,
-        S=g.S, TILES_N=tiles_n, DY_BN=dy_bn, DY_RELU=dy_relu, SUMS=dy_sums, BP=bp, BQ=bq,
+        S=g.S, TILES_N=tiles_n, DY_BN=dy_bn, DY_RELU=dy_relu, SUMS=dy_sums, ROW_TAPS=cfg.row_taps, BP=bp, BQ=bq,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
@@ -220,16 +246,17 @@ def signature(dt: str, cx: dict) -> dict:
 
 def compile_specs(configs=None) -> list:
     """(jit_fn, signature, constexprs, options, is_gemm, div16) for the sm_90 compile check: each config of
-    ``configs`` (default :data:`BOX_CONFIGS`) × bf16/fp16 × :data:`VARIANTS`, at a 3×3 geometry
-    with 28-wide rows (BQ = 16) and two channel tiles; TMA descriptors as arguments (the check also requires
-    TMA loads in the PTX)."""
+    ``configs`` (default :data:`BOX_CONFIGS`) × bf16/fp16 × :data:`VARIANTS` at a 3×3 geometry with 28-wide rows
+    (BQ = 16; in bf16 also 7-wide ones, BQ = 8) and two channel tiles; TMA descriptors as arguments (the check
+    also requires TMA loads in the PTX)."""
     configs = BOX_CONFIGS if configs is None else configs
 
-    def spec(cfg, dt, variant):
-        bp, bq = cfg.BLOCK_K // MAX_BQ, MAX_BQ
+    def spec(cfg, dt, variant, bq=MAX_BQ):
+        bp = cfg.BLOCK_K // bq
         cx = {"S": 3, "TILES_N": 2, "DY_BN": False, "DY_RELU": False, "SUMS": False, **VARIANTS[variant],
-              "BP": bp, "BQ": bq, "BLOCK_M": cfg.BLOCK_M, "BLOCK_N": cfg.BLOCK_N}
+              "ROW_TAPS": cfg.row_taps, "BP": bp, "BQ": bq, "BLOCK_M": cfg.BLOCK_M, "BLOCK_N": cfg.BLOCK_N}
         return (_conv_wgrad_box_kernel, signature(dt, cx), cx,
                 {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}, True, DIV16)
 
-    return [spec(cfg, dt, v) for cfg in configs for dt in ("bf16", "fp16") for v in VARIANTS]
+    return [spec(cfg, dt, v) for cfg in configs for dt in ("bf16", "fp16") for v in VARIANTS] + \
+        [spec(cfg, "bf16", v, bq=8) for cfg in configs for v in VARIANTS]  # 7-wide images: 8×8 blocks

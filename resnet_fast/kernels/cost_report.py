@@ -45,8 +45,10 @@ Model, per spec (from the SASS):
   the warps cannot even issue as fast as the tensor cores finish; it is independent of how many CTAs share an SM.
 * ``tiles_in_flight``: K-step tiles resident at the MMA = 1 + the tiles still loading. cp.async: the loop's
   ``DEPBAR.LE SB0, N`` allows N commit groups outstanding and each step commits G groups (``LDGDEPBAR`` count in
-  the body), so 1 + N/G. TMA (``UTMALDG`` in the body): the mbarrier ring (``mbarrier.init`` count in the PTX)
-  minus the one buffer the async wgmma of the previous step still reads. Any register load (``LDG``) in the
+  the body), so 1 + N/G. TMA (``UTMALDG`` in the body): the mbarrier ring (``mbarrier.init`` count in the PTX,
+  at most ``num_stages``: operands with rings of their own each add one) minus the one buffer the async wgmma of
+  the previous step still reads (an operand read into registers holds its buffer one step less; the box kernel's
+  dy: ``num_stages - 1`` buffers, 2 in flight all the same). Any register load (``LDG``) in the
   body: 1, whatever else is pipelined (that operand arrives in the step that uses it).
 * ``loads``: per body, ``utmaldg``, ``ldgsts128`` (16-byte cp.async), ``ldgsts_narrow`` (4/8-byte cp.async),
   ``ldg_scalar`` (LDG of <= 4 bytes), ``ldg_vector`` (8/16-byte LDG).
@@ -185,8 +187,9 @@ def _ldg_bytes(opcode: str) -> int:
     return 4
 
 
-def loop_stats(sass: str, num_warps: int, mbarriers: int = 0) -> dict:
-    """Main-loop figures of one kernel's SASS listing (``mbarriers``: ``mbarrier.init`` count of its PTX)."""
+def loop_stats(sass: str, num_warps: int, mbarriers: int = 0, num_stages: int = 0) -> dict:
+    """Main-loop figures of one kernel's SASS listing (``mbarriers``: ``mbarrier.init`` count of its PTX;
+    ``num_stages``: the compile option, which bounds a TMA ring when several operands have rings of their own)."""
     instrs, labels = parse_sass(sass)
     i, j = find_main_loop(instrs, labels)
     body = instrs[i:j + 1]
@@ -218,7 +221,7 @@ def loop_stats(sass: str, num_warps: int, mbarriers: int = 0) -> dict:
     if loads["ldg_scalar"] or loads["ldg_vector"]:
         in_flight = 1  # a register load is consumed in the step that issues it: that operand is not pipelined
     elif loads["utmaldg"]:
-        in_flight = max(1, mbarriers - 1)
+        in_flight = max(1, min(mbarriers, num_stages or mbarriers) - 1)
     elif cp_async:
         in_flight = 1 + min(waits) / groups
     else:
@@ -261,7 +264,7 @@ def analyse_spec(job: tuple) -> dict:
     ptx = ck.asm["ptx"]
     types = " ".join(sig.values())  # pointers (*bf16) and TMA descriptors (tensordesc<bf16[...]>)
     dtype = "bf16" if "bf16" in types else "fp16" if "fp16" in types else "fp32"
-    row = loop_stats(sass, opts["num_warps"], ptx.count("mbarrier.init"))
+    row = loop_stats(sass, opts["num_warps"], ptx.count("mbarrier.init"), opts["num_stages"])
     regs, local = _REG.search(res), _LOCAL.search(res)
     if regs is None:
         raise SassFormatError(f"cuobjdump -res-usage gave no REG count: {res[:300]}")
@@ -478,14 +481,15 @@ def launches(kernels=("fwd", "dgrad", "wgrad")) -> list:
                     chunk_b = triton.cdiv(blocks, split)
                     split = triton.cdiv(blocks, chunk_b)
                     bp, bq = conv_wgrad_box.box_shape(g, c.BLOCK_K)
-                    cx = dict(S=g.S, TILES_N=g.C // c.BLOCK_N, DY_BN=False, DY_RELU=False, SUMS=False, BP=bp, BQ=bq,
-                              BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N)
+                    cx = dict(S=g.S, TILES_N=g.C // c.BLOCK_N, DY_BN=False, DY_RELU=False, SUMS=False,
+                              ROW_TAPS=c.row_taps, BP=bp, BQ=bq, BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N)
                     cx.update({k: v for k, v in vflags.items() if k in cx})
                     parts = nw * 4 * (2 * split if split > 1 else 1)
                     nbytes = (ny * (2 if cx["DY_BN"] else 1) + nx) * esize + parts
                     add(Launch(name, 1, role, "wgrad", variant, c.name() + f"-split{split}", "conv_wgrad_box",
                                "_conv_wgrad_box_kernel", cx, {"num_warps": c.num_warps, "num_stages": c.num_stages},
-                               conv_wgrad_box.DIV16, True, g.K // c.BLOCK_M * g.R * g.S * cx["TILES_N"] * split,
+                               conv_wgrad_box.DIV16, True,
+                               g.K // c.BLOCK_M * (g.R if c.row_taps else g.R * g.S) * cx["TILES_N"] * split,
                                chunk_b, fma, nbytes, conv_wgrad_box.signature(dt, cx), passes * esize, alt))
                     continue
                 grid, tiles_n = conv_wgrad._grid(g, c, packed, split, need_dw)
