@@ -91,7 +91,7 @@ def test_box_shape_and_blocks():
 
 @pytest.mark.parametrize("why,kw", [("stride", dict(stride=2)), ("prologue", dict(prologue=True)),
                                     ("fp32", dict(dtype=torch.float32)), ("channels", dict(C=48)),
-                                    ("nchw", dict(nchw=True))])
+                                    ("nchw", dict(nchw=True)), ("y_misaligned", dict(y_offset=1))])
 def test_box_config_refused_where_it_cannot_run(tma_device, triton_backend, why, kw):
     dtype, C = kw.get("dtype", torch.float16), kw.get("C", 32)
     stride = kw.get("stride", 1)
@@ -100,6 +100,10 @@ def test_box_config_refused_where_it_cannot_run(tma_device, triton_backend, why,
     dz = torch.randn(2, 16, 6 // stride, 6 // stride).to(dtype).to(tma_device).contiguous(memory_format=CL)
     pro = dict(in_scale=torch.ones(C, device=tma_device), in_shift=torch.zeros(C, device=tma_device)) \
         if kw.get("prologue") else {}
+    if kw.get("y_offset"):  # dy's strides (as the kernels require) on a base 2 bytes past a 16-byte boundary
+        buf = torch.randn(dz.numel() + 8).to(dtype).to(tma_device)
+        y = buf.as_strided(dz.shape, dz.stride(), kw["y_offset"])
+        pro = dict(dy_bn=DyBN(y, *(torch.ones(16, device=tma_device) for _ in range(4))))
     with pytest.raises(ValueError, match="loads TMA boxes"):
         wg.conv2d_wgrad_nhwc(dz, x, (16, C, 3, 3), stride=stride, padding=1, config=SMALL, **pro)
 

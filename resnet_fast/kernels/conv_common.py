@@ -244,6 +244,17 @@ def ordered_signature(fn, sig: dict) -> dict:
 
 # ----------------------------------------------------------------------------------------- Triton helpers
 @triton.jit
+def filter_tap(tap, S: tl.constexpr, ROW_TAPS: tl.constexpr):
+    """(r, s) of a wgrad program's filter tap ``tap``; ``ROW_TAPS``: ``tap`` is a filter row, whose S <= 3 taps
+    the program computes from s = 0 (its accumulators)."""
+    if ROW_TAPS:
+        tl.static_assert(S <= 3, "ROW_TAPS: at most 3 taps per filter row (the accumulators)")
+        return tap, 0
+    else:
+        return tap // S, tap % S
+
+
+@triton.jit
 def swizzle_pid(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     """Grouped ordering of a 1-D program id into (pid_m, pid_n): GROUP_M row tiles share each column sweep,
     so the weight tiles they read stay in L2."""

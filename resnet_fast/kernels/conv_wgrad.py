@@ -75,8 +75,8 @@ from . import prologue_pass as _pass
 from .checks import FLOAT_DTYPES, check, check_operand_dtype, check_tensor, check_vector
 from .autotune import choose
 from .configs import ConvConfig, checked_candidates, conv_allows_tf32, for_dtype, tma_allowed
-from .conv_common import (CHANNEL_PAD, ConvGeometry, DyBN, check_dy_bn, dense_input, ordered_signature,
-                          rows_aligned, rows_to_npq)
+from .conv_common import (CHANNEL_PAD, ConvGeometry, DyBN, check_dy_bn, dense_input, filter_tap,
+                          ordered_signature, rows_aligned, rows_to_npq)
 from .conv_dgrad import dy_on_load
 
 __all__ = ["conv2d_wgrad_nhwc", "WGRAD_CONFIGS", "pick_split", "compile_specs", "WgradSwitches"]
@@ -358,13 +358,8 @@ def _conv_wgrad_kernel(
     if PACKED:
         r = 0
         s = 0
-    elif ROW_TAPS:  # one program per filter row: its S taps (s = 0 here, the others from it)
-        tl.static_assert(S <= 3, "ROW_TAPS: at most 3 taps per filter row (the accumulators)")
-        r = tap
-        s = 0
-    else:
-        r = tap // S
-        s = tap % S
+    else:  # ROW_TAPS: one program per filter row, its S taps (s = 0 here, the others from it)
+        r, s = filter_tap(tap, S, ROW_TAPS)
     A_ALIGNED: tl.constexpr = ALIGNED or PACKED  # the launcher gives PACKED an aligned dy
     # pixel coordinates carried across steps where the registers allow (sm_90 compile check: IEEE fp32 and the
     # PACKED prologue and int64 variants spill with them), else recomputed with divisions each step
@@ -700,20 +695,22 @@ def conv2d_wgrad_nhwc(grad_out: torch.Tensor, x: torch.Tensor, weight_shape, *, 
         else:
             _launch_wgrad(cfg, g, grad_out, x, dw, sums, pro_ops, bn_ops, sw)
 
+    # the box kernel reads y through a descriptor too (check_like gave it dy's strides, not its base alignment)
+    tma = None if dy_bn is None or _box.tma_ready(dy_bn[0]) else False
     if config is None:
-        cands, default = _candidates(g, grad_out, x, sw.dy_bn, sw.dot_ieee, sw.prologue)
+        cands, default = _candidates(g, grad_out, x, sw.dy_bn, sw.dot_ieee, sw.prologue, tma)
         if pass_ok:  # twins of the candidates without the prologue in the loop, and the untuned default (see
-            twins, default = _candidates(g, grad_out, x, sw.dy_bn, sw.dot_ieee)  # prologue_pass)
+            twins, default = _candidates(g, grad_out, x, sw.dy_bn, sw.dot_ieee, tma=tma)  # prologue_pass)
             cands = tuple(cands) + tuple(replace(c, prologue_pass=True) for c in twins)
             default = replace(default, prologue_pass=True)
         config = choose("conv_wgrad", g, grad_out.dtype, dev, cands, sw, launch, default)
     check(not config.row_taps or g.S <= _MAX_ROW_TAPS or _packed(g, config, grad_out, x),
           f"{who}: config {config.name()} runs a filter row per program, at most {_MAX_ROW_TAPS} taps (S={g.S})")
-    check(not config.tma or (tma_allowed(dev) and _box.eligible(g, config, grad_out, x,
-                                                                 sw.prologue and not config.prologue_pass,
-                                                                 sw.dot_ieee)),
+    check(not config.tma or (tma is not False and tma_allowed(dev)
+                             and _box.eligible(g, config, grad_out, x, sw.prologue and not config.prologue_pass,
+                                               sw.dot_ieee)),
           f"{who}: config {config.name()} loads TMA boxes, which needs stride 1, groups 1, no prologue in the loop, "
-          "16-bit tensor-core operands, channel tiles dividing K and C, 16-byte aligned channels_last dy and x, "
+          "16-bit tensor-core operands, channel tiles dividing K and C, 16-byte aligned channels_last dy, x, y, "
           "and TMA on this device (conv_wgrad_box.eligible)")
     check(not config.prologue_pass or pass_ok, f"{who}: config {config.name()} runs the prologue as a pass, "
           "which needs a prologue, a filter of more than one tap and the C++ extension (prologue_pass.worth_offering)")

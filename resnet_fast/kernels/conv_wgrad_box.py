@@ -14,9 +14,10 @@ The cost is padding work: a block covers ``ceil(P/BP)*BP × ceil(Q/BQ)*BQ`` pixe
 more MMA at 56² and 28², 23 % at 14² and 7²). ``ROW_TAPS``: a program per filter row, its S <= 3 taps sharing
 each step's dy block (three x boxes, three accumulators), as :mod:`.conv_wgrad`'s row-taps path.
 
-Not in the static model, for the GPU to settle: Triton feeds wgmma the dy operand from registers here, and the
-sm_90 SASS waits for each 16-deep wgmma before the next (the A fragments reuse registers), where the cp.async
-kernel issues a step's wgmmas back to back.
+The GEMM runs transposed, ``dW^T[c, k] = Σ x[pix, c] · dy[pix, k]``: with dy as wgmma's A operand (through
+registers, ``dy^T``) the sm_90 SASS waited for each 16-deep wgmma before the next (its A fragments reused
+registers); with dy as B, straight from its TMA buffer (or, formed, from shared memory), a step's wgmmas issue
+back to back and the plain loop keeps one group in flight across steps.
 
 Same contract as :func:`.conv_wgrad._conv_wgrad_kernel` where :func:`eligible`: groups 1, stride 1, no
 prologue, 16-bit operands on tensor cores, ``K % BLOCK_M == 0``, ``C % BLOCK_N == 0``, channels_last dy, y and
@@ -32,7 +33,7 @@ import triton
 import triton.language as tl
 
 from .configs import ConvConfig
-from .conv_common import ConvGeometry, rows_aligned
+from .conv_common import ConvGeometry, filter_tap, rows_aligned
 from .conv_dgrad import dy_on_load
 
 try:
@@ -40,16 +41,16 @@ try:
 except ImportError:  # triton < 3.4: configs.tma_allowed is False, nothing here runs
     TensorDescriptor = None
 
-__all__ = ["BOX_CONFIGS", "box_shape", "num_blocks", "eligible", "launch", "compile_specs"]
+__all__ = ["BOX_CONFIGS", "box_shape", "num_blocks", "tma_ready", "eligible", "launch", "compile_specs"]
 
 # The TMA-box tiles (``tma=True``), widest first: stride-1 convs, dy and x as boxes of a BP×BQ pixel block, no
 # index math in the loop. Offered where :func:`eligible` and the channel counts fill the tile (the row-taps ones
 # on filters of 2-3 taps per row: a program per filter row, its taps sharing each step's formed dy block, as
 # conv_wgrad.ROW_CONFIGS); the first offered is the default on filters of more than one tap (a 1×1 conv's X_FLAT
 # loop has no index math to save, and the box pads pixels). sm_90 bf16 3×3 issue ratios, against the cp.async
-# tiles: 256 channels plain 0.85 -> 0.25, dy_bn_relu_sums 1.51 -> 0.90; 128 channels (64×128 row taps) 0.89 ->
-# 0.70 and 1.49 -> 1.12; 64 channels (64×64 row taps) 0.91 -> 0.69 and 2.05 -> 1.51. A 128×128 row-taps tile
-# spills; a 128×128 one-tap tile (1.86) loses to the row taps at 128 channels.
+# tiles: 256 channels plain 0.85 -> 0.27, dy_bn_relu_sums 1.51 -> 0.82 (255 registers, no spill); 128 channels
+# (64×128 row taps) 0.89 -> 0.59 and 1.49 -> 0.95; 64 channels (64×64 row taps) 0.91 -> 0.52 and 2.05 -> 1.34. A
+# 128×128 row-taps tile spills; a 128×128 one-tap tile loses to the row taps at 128 channels.
 BOX_CONFIGS = (ConvConfig(128, 256, 64, 8, 8, 3, tma=True), ConvConfig(64, 128, 64, 8, 8, 3, tma=True, row_taps=True),
                ConvConfig(64, 64, 64, 8, 4, 3, tma=True, row_taps=True))
 MAX_BQ = 16  # block columns: a power of 2 up to Q (28 -> 16: 2 blocks of 16 for 28 columns)
@@ -68,7 +69,7 @@ def num_blocks(g: ConvGeometry, block_k: int) -> int:
     return g.N * triton.cdiv(g.P, bp) * triton.cdiv(g.Q, bq)
 
 
-def _tma_ready(t: torch.Tensor) -> bool:
+def tma_ready(t: torch.Tensor) -> bool:
     """channels_last-dense enough for a 4-D NHWC descriptor: unit channel stride, 16-byte aligned base and
     pixel strides (:func:`.conv_common.rows_aligned`)."""
     return t.stride(1) == 1 and rows_aligned(t) and t.data_ptr() % 16 == 0
@@ -76,10 +77,10 @@ def _tma_ready(t: torch.Tensor) -> bool:
 
 def eligible(g: ConvGeometry, cfg: ConvConfig, dy: torch.Tensor, x: torch.Tensor, prologue: bool, ieee: bool) -> bool:
     """Whether the box kernel can run this launch at ``cfg`` (see the module docstring; ``cfg.row_taps``: at most
-    3 taps per filter row); TMA permission is the caller's."""
+    3 taps per filter row); TMA permission and the dy_bn tensor ``y`` (:func:`tma_ready`) are the caller's."""
     return (TensorDescriptor is not None and g.groups == 1 and g.stride == (1, 1) and not prologue and not ieee
             and dy.dtype in (torch.float16, torch.bfloat16) and g.K % cfg.BLOCK_M == 0 and g.C % cfg.BLOCK_N == 0
-            and (not cfg.row_taps or g.S <= 3) and _tma_ready(dy) and _tma_ready(x))
+            and (not cfg.row_taps or g.S <= 3) and tma_ready(dy) and tma_ready(x))
 
 
 @triton.jit
@@ -97,13 +98,7 @@ def _conv_wgrad_box_kernel(
     tap = pid1 // TILES_N
     pid_n = pid1 % TILES_N
     split = tl.program_id(2)
-    if ROW_TAPS:  # one program per filter row: its S <= 3 taps share each step's formed dy block
-        tl.static_assert(S <= 3, "ROW_TAPS: at most 3 taps per filter row (the accumulators)")
-        r = tap
-        s = 0
-    else:
-        r = tap // S
-        s = tap % S
+    r, s = filter_tap(tap, S, ROW_TAPS)  # ROW_TAPS: the row's taps share each step's formed dy block
     k0 = pid_m * BLOCK_M
     c0 = pid_n * BLOCK_N
     k_glob = k0 + tl.arange(0, BLOCK_M)
@@ -143,21 +138,21 @@ def _conv_wgrad_box_kernel(
     n = n0
     p0 = p00
     q0 = q00
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # ROW_TAPS: taps (r, 1) and (r, 2)
-    acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)  # dW^T: dy is wgmma's B operand (module docstring)
+    acc1 = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)  # ROW_TAPS: taps (r, 1) and (r, 2)
+    acc2 = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for _ in range(lo, hi):
         a = _dy_block(dy_desc, z_desc, n, p0, q0, k0, bi, bj, P, Q, c1, c2, c3, mu, DY_BN, DY_RELU, BP, BQ, BLOCK_M)
         b = x_desc.load([n, p0 + dh, q0 + dw, c0]).reshape(BLOCK_K, BLOCK_N)
-        acc = tl.dot(a.T, b, acc)
+        acc = tl.dot(b.T, a, acc)
         if ROW_TAPS and S > 1:
             b = x_desc.load([n, p0 + dh, q0 + dw + dil_w, c0]).reshape(BLOCK_K, BLOCK_N)
-            acc1 = tl.dot(a.T, b, acc1)
+            acc1 = tl.dot(b.T, a, acc1)
             if S > 2:
                 b = x_desc.load([n, p0 + dh, q0 + dw + 2 * dil_w, c0]).reshape(BLOCK_K, BLOCK_N)
-                acc2 = tl.dot(a.T, b, acc2)
+                acc2 = tl.dot(b.T, a, acc2)
         n, p0, q0 = _next_block(n, p0, q0, P, Q, BP, BQ)
-    o_off = split * so_split + (k_glob * so_k)[:, None] + (c_glob * so_c + r * so_r + s * so_s)[None, :]
+    o_off = split * so_split + (k_glob * so_k)[None, :] + (c_glob * so_c + r * so_r + s * so_s)[:, None]
     tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty))
     if ROW_TAPS and S > 1:
         tl.store(out_ptr + o_off + so_s, acc1.to(out_ptr.dtype.element_ty))
