@@ -35,8 +35,8 @@ from typing import Optional
 import torch
 
 _CHILD = "RESNET_FAST_PRECOMPILE_CHILD"
-_NOT_KERNEL_MODULES = {"autotune", "compile_check", "configs", "conv_common", "checks", "cost_report", "tuning_table",
-                       "_interpreter_compat"}
+_NOT_KERNEL_MODULES = {"autotune", "compile_check", "configs", "conv_common", "checks", "cost_report", "cost_targets",
+                       "tuning_table", "_interpreter_compat"}
 
 
 def kernel_modules() -> list:

@@ -83,11 +83,12 @@ WHY = {
                  "cp.async commit/wait, barrier and wgmma fence; 128×64 spills at w4 (1.55) and keeps the ratio "
                  "at w8 (1.95: every warp issues the same loop). At 128 (layer2's 3×3, target 0.6) the plain "
                  "64×128 loop is at 0.62.",
-        "wgrad": "x is an im2col gather: per filter tap a coordinate and padding mask per row (stride 2: every "
-                 "other row), and at 64 channels (layer1) the tile's x side is 64 wide. Even the plain loop issues "
-                 "0.82–0.93 of the MMA time at the tiles that fit beside the fp32 accumulator (128×256×32, "
-                 "128×128×64, 256×128×64, the row-taps 64×128 and 64×64); the stem's 3 channels run 4-wide "
-                 "dense taps (2.44).",
+        "wgrad": "Where the box kernel (stride-1 filters of more than one tap) does not run, x is an im2col "
+                 "gather: a coordinate and padding mask per row and tap. At stride 2 (the first block of layers "
+                 "2-4: its 3×3 conv2 and the 1×1 downsample) the plain loop issues 0.83–0.89 of the MMA time at "
+                 "the tiles that fit beside the fp32 accumulator; a box of every other row would need a "
+                 "descriptor per stride phase (not built). At 64 channels (layer1's 1×1 convs) the tile's x side "
+                 "is 64 wide (0.88–0.93, memory-bound). The stem's 3 channels run 4-wide dense taps (2.44).",
     },
     "vectors": (
         "The narrow cp.async are the per-channel fp32 vectors indexed by the reduction channel, reloaded each "
