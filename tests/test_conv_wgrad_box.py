@@ -34,24 +34,33 @@ def _rel(out, ref):
     return ((out.double() - ref).norm() / ref.norm()).item()
 
 
-# (N, C, H, W, K, R, S, padding, dilation): 5 columns in 8-wide blocks (edges past Q), 7 rows in blocks of 2 (past P)
-GEOMETRIES = {"3x3": (2, 32, 7, 5, 16, 3, 3, 1, 1), "dil2": (1, 64, 6, 6, 32, 3, 3, 2, 2),
-              "3x2": (1, 32, 5, 6, 16, 3, 2, 1, 1), "1x1": (2, 32, 4, 6, 16, 1, 1, 0, 1)}
+# (N, C, H, W, K, R, S, stride, padding, dilation): 5 columns in 8-wide blocks (edges past Q), 7 rows in blocks of 2
+# (past P); stride 2 through the phase views, odd sizes, padding 2 at dilation 2
+GEOMETRIES = {"3x3": (2, 32, 7, 5, 16, 3, 3, 1, 1, 1), "dil2": (1, 64, 6, 6, 32, 3, 3, 1, 2, 2),
+              "3x2": (1, 32, 5, 6, 16, 3, 2, 1, 1, 1), "1x1": (2, 32, 4, 6, 16, 1, 1, 1, 0, 1),
+              "3x3s2": (2, 32, 9, 7, 16, 3, 3, 2, 1, 1), "1x1s2": (2, 32, 8, 7, 16, 1, 1, 2, 0, 1),
+              "dil2s2": (1, 32, 10, 9, 16, 3, 3, 2, 2, 2)}
 
 
-@pytest.mark.parametrize("variant", ["plain", "dy_bn", "dy_bn_relu_sums", "sums"])
+@pytest.mark.parametrize("variant", list(box.VARIANTS))
 @pytest.mark.parametrize("geometry", list(GEOMETRIES))
 @pytest.mark.parametrize("split,cfg", [(1, SMALL), (3, SMALL), (2, SMALL_ROWS)], ids=["1", "3", "rows2"])
 def test_box_wgrad_matches_conv2d_weight(tma_device, triton_backend, variant, geometry, split, cfg):
-    N, C, H, W, K, R, S, pad, dil = GEOMETRIES[geometry]
+    N, C, H, W, K, R, S, st, pad, dil = GEOMETRIES[geometry]
     flags = box.VARIANTS[variant]
+    if cfg.row_taps and (st > 1 or flags.get("PROLOGUE")):
+        pytest.skip("row-taps tiles: stride 1 without the prologue (test_box_config_refused_where_it_cannot_run)")
     for dtype in _dtypes(tma_device):
         gen = torch.Generator().manual_seed(split)
         x64 = torch.randn(N, C, H, W, generator=gen, dtype=torch.float64).to(dtype).double()
-        g = ConvGeometry.make(x64.shape, (K, C, R, S), 1, pad, dil)
+        g = ConvGeometry.make(x64.shape, (K, C, R, S), st, pad, dil)
         dz64 = torch.randn(N, K, g.P, g.Q, generator=gen, dtype=torch.float64).to(dtype).double()
         dev = lambda t, dt=dtype: t.to(dt).to(tma_device).contiguous(memory_format=CL)  # noqa: E731
-        kw, dy64 = {}, dz64
+        kw, dy64, a64 = {}, dz64, x64
+        if flags.get("PROLOGUE"):  # x is the previous conv's raw output: relu(x*scale + shift), 0 at the padding
+            sc, sh = torch.rand(C, generator=gen) + 0.5, torch.randn(C, generator=gen) * 0.5
+            kw.update(in_scale=sc.to(tma_device), in_shift=sh.to(tma_device))
+            a64 = torch.relu(x64 * sc.double().view(1, -1, 1, 1) + sh.double().view(1, -1, 1, 1)).to(dtype).double()
         if flags.get("DY_BN"):
             # y around 0 (some exactly 0 for the ReLU mask), coefficients with a large mean: c3 must not leak into
             # the block's pixels past P and Q
@@ -62,13 +71,22 @@ def test_box_wgrad_matches_conv2d_weight(tma_device, triton_backend, variant, ge
             d = dz64 * (y64 > 0) if flags.get("DY_RELU") else dz64
             dy64 = (c1 * d + c2 * (y64 - mu) + c3).to(dtype).double()  # the operand, rounded as the kernel does
             kw["dy_relu"] = bool(flags.get("DY_RELU"))
-        out = wg.conv2d_wgrad_nhwc(dev(dz64), dev(x64), (K, C, R, S), padding=pad, dilation=dil, split=split,
-                                   dy_sums=bool(flags.get("SUMS")), config=cfg, **kw)
+        out = wg.conv2d_wgrad_nhwc(dev(dz64), dev(x64), (K, C, R, S), stride=st, padding=pad, dilation=dil,
+                                   split=split, dy_sums=bool(flags.get("SUMS")), config=cfg, **kw)
         dw, sums = out if flags.get("SUMS") else (out, None)
-        ref = conv2d_weight(x64, (K, C, R, S), dy64, padding=pad, dilation=dil)
+        ref = conv2d_weight(a64, (K, C, R, S), dy64, stride=st, padding=pad, dilation=dil)
         assert _rel(dw.cpu(), ref) < TOL[dtype], (variant, geometry, dtype)
         if sums is not None:
             assert _rel(sums.cpu(), dy64.sum((0, 2, 3))) < 1e-5
+
+
+def test_box_phases():
+    # stride 2, 3×3, padding 1: rows r = 0, 2 read the odd rows (view offset -1, 0), r = 1 the even ones
+    g = ConvGeometry.make((1, 16, 9, 8), (16, 16, 3, 3), 2, 1)
+    assert sorted(box.phases(g)) == [(0, 0, 1, 2, 1, 1, 2, 1), (0, 1, 1, 2, 1, 0, 2, 2), (1, 0, 0, 2, 2, 1, 2, 1),
+                                     (1, 1, 0, 2, 2, 0, 2, 2)]
+    assert box.phases(ConvGeometry.make((1, 16, 9, 8), (16, 16, 3, 3), 1, 1)) == [(0, 0, 0, 1, 3, 0, 1, 3)]
+    assert box.phases(ConvGeometry.make((1, 16, 8, 8), (16, 16, 1, 1), 2, 0)) == [(0, 0, 0, 2, 1, 0, 2, 1)]
 
 
 def test_box_sums_only(tma_device, triton_backend):
@@ -89,8 +107,10 @@ def test_box_shape_and_blocks():
     assert box.box_shape(g7, 16) == (2, 8)
 
 
-@pytest.mark.parametrize("why,kw", [("stride", dict(stride=2)), ("prologue", dict(prologue=True)),
-                                    ("fp32", dict(dtype=torch.float32)), ("channels", dict(C=48)),
+@pytest.mark.parametrize("why,kw", [("row taps stride", dict(stride=2, cfg=SMALL_ROWS)),
+                                    ("row taps prologue", dict(prologue=True, cfg=SMALL_ROWS)),
+                                    ("groups", dict(groups=2)), ("fp32", dict(dtype=torch.float32)),
+                                    ("channels", dict(C=48)),
                                     ("nchw", dict(nchw=True)), ("y_misaligned", dict(y_offset=1))])
 def test_box_config_refused_where_it_cannot_run(tma_device, triton_backend, why, kw):
     dtype, C = kw.get("dtype", torch.float16), kw.get("C", 32)
@@ -104,28 +124,31 @@ def test_box_config_refused_where_it_cannot_run(tma_device, triton_backend, why,
         buf = torch.randn(dz.numel() + 8).to(dtype).to(tma_device)
         y = buf.as_strided(dz.shape, dz.stride(), kw["y_offset"])
         pro = dict(dy_bn=DyBN(y, *(torch.ones(16, device=tma_device) for _ in range(4))))
+    groups = kw.get("groups", 1)
     with pytest.raises(ValueError, match="loads TMA boxes"):
-        wg.conv2d_wgrad_nhwc(dz, x, (16, C, 3, 3), stride=stride, padding=1, config=SMALL, **pro)
+        wg.conv2d_wgrad_nhwc(dz, x, (16, C // groups, 3, 3), stride=stride, padding=1, groups=groups,
+                             config=kw.get("cfg", SMALL), **pro)
 
 
 @pytest.mark.parametrize("R,stride,C,K", [(3, 1, 256, 256), (1, 1, 256, 512), (3, 2, 256, 256), (3, 1, 128, 128),
-                                          (3, 1, 64, 64), (1, 1, 64, 256)])
+                                          (3, 1, 64, 64), (1, 1, 64, 256), (1, 2, 256, 512), (3, 2, 128, 128)])
 @pytest.mark.parametrize("dy_bn", [False, True])
-def test_box_candidates_and_default(R, stride, C, K, dy_bn):
-    # offered where eligible and the channels fill the tile (row taps on filters of more than one tap per row); the
-    # first offered is the default on filters of more than one tap; never without TMA or with the prologue in the
-    # loop; each candidate a compile-checked spec of its variant
+@pytest.mark.parametrize("prologue", [False, True])
+def test_box_candidates_and_default(R, stride, C, K, dy_bn, prologue):
+    # offered where eligible and the channels fill the tile (row taps: stride 1, no prologue, more than one tap per
+    # row); the first offered is the default on filters of more than one tap, unless the prologue is the only
+    # transform (the wide cp.async tile); never without TMA; each candidate a compile-checked spec of its variant
     g = ConvGeometry.make((8, C, 14, 14), (K, C, R, R), stride, R // 2)
     x = torch.empty(8, C, 14, 14, dtype=torch.bfloat16).contiguous(memory_format=CL)
     dy = torch.empty(8, K, g.P, g.Q, dtype=torch.bfloat16).contiguous(memory_format=CL)
-    cands, default = wg._candidates(g, dy, x, dy_bn, tma=True)
+    cands, default = wg._candidates(g, dy, x, dy_bn, prologue=prologue, tma=True)
     boxes = [c for c in cands if c.tma]
-    want = [c for c in box.BOX_CONFIGS if stride == 1 and K % c.BLOCK_M == 0 and C % c.BLOCK_N == 0
-            and (R > 1 or not c.row_taps)]
+    want = [c for c in box.BOX_CONFIGS if K % c.BLOCK_M == 0 and C % c.BLOCK_N == 0
+            and (not c.row_taps or (R > 1 and stride == 1 and not prologue))]
     assert boxes == want
-    assert default == (want[0] if want and R > 1 else default) and default.tma == bool(want and R > 1)
-    assert not any(c.tma for c in wg._candidates(g, dy, x, dy_bn, tma=False)[0])
-    assert not any(c.tma for c in wg._candidates(g, dy, x, dy_bn, prologue=True, tma=True)[0])
-    checked = {(cx["BLOCK_M"], cx["BLOCK_N"], cx["BP"] * cx["BQ"], opts["num_warps"], cx["ROW_TAPS"], cx["DY_BN"])
-               for _fn, sig, cx, opts, *_ in box.compile_specs() if "bf16" in sig["dy_desc"]}
-    assert all((c.BLOCK_M, c.BLOCK_N, c.BLOCK_K, c.num_warps, c.row_taps, dy_bn) in checked for c in boxes)
+    assert default.tma == bool(want and R > 1 and (dy_bn or not prologue)) and (not default.tma or default == want[0])
+    assert not any(c.tma for c in wg._candidates(g, dy, x, dy_bn, prologue=prologue, tma=False)[0])
+    checked = {(cx["BLOCK_M"], cx["BLOCK_N"], cx["BP"] * cx["BQ"], opts["num_warps"], cx["ROW_TAPS"], cx["DY_BN"],
+                cx["PROLOGUE"], cx["SH"]) for _fn, sig, cx, opts, *_ in box.compile_specs() if "bf16" in sig["dy_desc"]}
+    assert all((c.BLOCK_M, c.BLOCK_N, c.BLOCK_K, c.num_warps, c.row_taps, dy_bn, prologue, stride) in checked
+               for c in boxes)

@@ -166,7 +166,8 @@ def _candidates(g: ConvGeometry, dy: torch.Tensor, x: torch.Tensor, dy_bn: bool 
     128 input ones, or 128 and 256), else the widest row-taps tile offered, else the 128x128 tile when both
     channel counts reach 128, 128x64 or 64x128 when one does, else 64x64, where a candidate; else the first
     candidate. ``tma`` (default :func:`.configs.tma_allowed` on dy's device) adds :data:`BOX_CONFIGS` where
-    :func:`.conv_wgrad_box.eligible`, the default on filters of more than one tap."""
+    :func:`.conv_wgrad_box.eligible`, the default on filters of more than one tap unless the prologue is the
+    only transform."""
     general = for_dtype(_GENERAL_CONFIG, dy.dtype)
     packed = for_dtype(_DENSE_CONFIG if g.pack_c else _PACKED_CONFIG, dy.dtype)
     if _packed(g, packed, dy, x):
@@ -182,7 +183,9 @@ def _candidates(g: ConvGeometry, dy: torch.Tensor, x: torch.Tensor, dy_bn: bool 
     if tma if tma is not None else tma_allowed(dy.device):
         box = [c for c in BOX_CONFIGS if _box.eligible(g, c, dy, x, prologue, ieee) and (not c.row_taps or g.S > 1)]
         cands = list(cands) + box
-        if box and g.R * g.S > 1:
+        # the default on filters of more than one tap (a 1×1 conv's loop gathers little, and the box pads pixels),
+        # but not for the prologue alone, where the wide tile spreads x's transform over 256 output channels
+        if box and g.R * g.S > 1 and (dy_bn or not prologue):
             return tuple(cands), box[0]
     if wide is not None and for_dtype(wide, dy.dtype) in cands and g.Kg >= wide.BLOCK_M and g.Cg >= wide.BLOCK_N:
         return tuple(cands), for_dtype(wide, dy.dtype)
@@ -612,7 +615,7 @@ def _launch_wgrad(cfg: ConvConfig, g: ConvGeometry, grad_out, x, dw, sums, pro_o
                                                                        device=dw.device)
     if cfg.tma:
         _box.launch(cfg, g, grad_out, x, out, so, out.stride(0) if n_split > 1 else 0, sum_part,
-                    g.K if n_split > 1 else 0, bn_ops, sw.dy_bn, sw.dy_relu, sw.dy_sums, n_split, chunk, sw.need_dw)
+                    g.K if n_split > 1 else 0, bn_ops, pro_ops, sw, n_split, chunk)
     else:
         _launch_gather(cfg, g, grad_out, x, out, so, sum_part, pro_ops, bn_ops, sw, packed, pack_c, dy_flat,
                        x_flat, n_split, chunk)

@@ -28,12 +28,14 @@ tile) column sums the formed dy of its chunk in a loop before the GEMM, as there
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
 
 from .configs import ConvConfig
-from .conv_common import ConvGeometry, filter_tap, rows_aligned
+from .conv_common import ConvGeometry, rows_aligned
 from .conv_dgrad import dy_on_load
 
 try:
@@ -43,13 +45,14 @@ except ImportError:  # triton < 3.4: configs.tma_allowed is False, nothing here 
 
 __all__ = ["BOX_CONFIGS", "box_shape", "num_blocks", "tma_ready", "eligible", "launch", "compile_specs"]
 
-# The TMA-box tiles (``tma=True``), widest first: stride-1 convs, dy and x as boxes of a BP×BQ pixel block, no
-# index math in the loop. Offered where :func:`eligible` and the channel counts fill the tile (the row-taps ones
-# on filters of 2-3 taps per row: a program per filter row, its taps sharing each step's formed dy block, as
-# conv_wgrad.ROW_CONFIGS); the first offered is the default on filters of more than one tap (a 1×1 conv's X_FLAT
-# loop has no index math to save, and the box pads pixels). sm_90 bf16 3×3 issue ratios, against the cp.async
-# tiles: 256 channels plain 0.85 -> 0.27, dy_bn_relu_sums 1.51 -> 0.82 (255 registers, no spill); 128 channels
-# (64×128 row taps) 0.89 -> 0.59 and 1.49 -> 0.95; 64 channels (64×64 row taps) 0.91 -> 0.52 and 2.05 -> 1.34. A
+# The TMA-box tiles (``tma=True``), widest first: dy and x as boxes of a BP×BQ pixel block, no index math in the
+# loop. Offered where :func:`eligible` and the channel counts fill the tile (the row-taps ones at stride 1 without
+# the prologue, on filters of 2-3 taps per row: a program per filter row, its taps sharing each step's formed dy
+# block, as conv_wgrad.ROW_CONFIGS); the first offered is conv_wgrad's default on filters of more than one tap
+# unless the prologue is the only transform. sm_90 bf16 3×3 issue ratios, against the cp.async tiles: 256
+# channels plain 0.85 -> 0.27, dy_bn_relu_sums 1.51 -> 0.82, stride-2 fused (prologue and dy_bn) 3.00 -> 1.61
+# (254-255 registers, no spill); 128 channels (64×128 row taps) 0.89 -> 0.59 and 1.49 -> 0.95; 64 channels (64×64
+# row taps) 0.91 -> 0.52 and 2.05 -> 1.34. With the prologue alone the wide cp.async tile wins (0.93 vs 1.19). A
 # 128×128 row-taps tile spills; a 128×128 one-tap tile loses to the row taps at 128 channels.
 BOX_CONFIGS = (ConvConfig(128, 256, 64, 8, 8, 3, tma=True), ConvConfig(64, 128, 64, 8, 8, 3, tma=True, row_taps=True),
                ConvConfig(64, 64, 64, 8, 4, 3, tma=True, row_taps=True))
@@ -76,11 +79,31 @@ def tma_ready(t: torch.Tensor) -> bool:
 
 
 def eligible(g: ConvGeometry, cfg: ConvConfig, dy: torch.Tensor, x: torch.Tensor, prologue: bool, ieee: bool) -> bool:
-    """Whether the box kernel can run this launch at ``cfg`` (see the module docstring; ``cfg.row_taps``: at most
-    3 taps per filter row); TMA permission and the dy_bn tensor ``y`` (:func:`tma_ready`) are the caller's."""
-    return (TensorDescriptor is not None and g.groups == 1 and g.stride == (1, 1) and not prologue and not ieee
+    """Whether the box kernel can run this launch at ``cfg`` (see the module docstring; ``cfg.row_taps``: stride 1,
+    no prologue, at most 3 taps per filter row); TMA permission and the dy_bn tensor ``y`` (:func:`tma_ready`) are
+    the caller's."""
+    rows_ok = not cfg.row_taps or (g.stride == (1, 1) and not prologue and g.S <= 3)
+    return (TensorDescriptor is not None and g.groups == 1 and not ieee and rows_ok
+            and g.H >= g.stride[0] and g.W >= g.stride[1]  # every stride phase's view of x has a pixel
             and dy.dtype in (torch.float16, torch.bfloat16) and g.K % cfg.BLOCK_M == 0 and g.C % cfg.BLOCK_N == 0
-            and (not cfg.row_taps or g.S <= 3) and tma_ready(dy) and tma_ready(x))
+            and tma_ready(dy) and tma_ready(x))
+
+
+def phases(g: ConvGeometry) -> list:
+    """The launches of a conv: per stride phase ``(ph_h, ph_w)`` whose view ``x[ph_h::SH, ph_w::SW]`` some tap
+    reads, ``(ph_h, ph_w, r0, rstep, nr, s0, sstep, ns)``: its taps ``r0 + rstep*i`` (i < nr) × ``s0 + sstep*j``
+    (j < ns). Stride 1: one, every tap."""
+    out = []
+    axes = []
+    for size, st, dil, pad in ((g.R, g.stride[0], g.dilation[0], g.padding[0]),
+                               (g.S, g.stride[1], g.dilation[1], g.padding[1])):
+        step = st // math.gcd(dil, st)  # taps of one phase recur every `step`
+        axes.append({ph: [t for t in range(size) if (t * dil - pad) % st == ph] for ph in range(st)})
+        axes[-1] = {ph: (ts[0], step, len(ts)) for ph, ts in axes[-1].items() if ts}
+    for ph_h, (r0, rstep, nr) in axes[0].items():
+        for ph_w, (s0, sstep, ns) in axes[1].items():
+            out.append((ph_h, ph_w, r0, rstep, nr, s0, sstep, ns))
+    return out
 
 
 @triton.jit
@@ -88,17 +111,27 @@ def _conv_wgrad_box_kernel(
         dy_desc, x_desc, z_desc, out_ptr,
         c1_ptr, c2_ptr, c3_ptr, mu_ptr,                        # DY_BN: coefficients [K]; z_desc: y's boxes
         sum_ptr,                                               # SUMS: [SPLIT, K] (or [K]) Σ of the dy operand
-        P, Q, PB, QB, NB, CHUNK, so_sum, pad_h, pad_w, dil_h, dil_w,
+        isc_ptr, ish_ptr,                                      # PROLOGUE: x = relu(x*isc + ish)
+        P, Q, PB, QB, NB, CHUNK, so_sum, pad_h, pad_w, dil_h, dil_w, HV, WV, R0, RSTEP, S0, SSTEP, NS, PH_H, PH_W,
         so_split, so_k, so_c, so_r, so_s,
-        S: tl.constexpr, TILES_N: tl.constexpr, DY_BN: tl.constexpr, DY_RELU: tl.constexpr, SUMS: tl.constexpr,
-        ROW_TAPS: tl.constexpr, BP: tl.constexpr, BQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        S: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, TILES_N: tl.constexpr, PROLOGUE: tl.constexpr,
+        DY_BN: tl.constexpr, DY_RELU: tl.constexpr, SUMS: tl.constexpr, ROW_TAPS: tl.constexpr, BP: tl.constexpr,
+        BQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     BLOCK_K: tl.constexpr = BP * BQ
     pid_m = tl.program_id(0)
     pid1 = tl.program_id(1)
     tap = pid1 // TILES_N
     pid_n = pid1 % TILES_N
     split = tl.program_id(2)
-    r, s = filter_tap(tap, S, ROW_TAPS)  # ROW_TAPS: the row's taps share each step's formed dy block
+    # this launch's taps (one stride phase's): r = R0 + RSTEP*i, s = S0 + SSTEP*j; ROW_TAPS (stride 1): a filter
+    # row per program, its S taps sharing each step's formed dy block
+    if ROW_TAPS:
+        tl.static_assert(S <= 3, "ROW_TAPS: at most 3 taps per filter row (the accumulators)")
+        r = R0 + RSTEP * tap
+        s = S0
+    else:
+        r = R0 + RSTEP * (tap // NS)
+        s = S0 + SSTEP * (tap % NS)
     k0 = pid_m * BLOCK_M
     c0 = pid_n * BLOCK_N
     k_glob = k0 + tl.arange(0, BLOCK_M)
@@ -112,6 +145,11 @@ def _conv_wgrad_box_kernel(
         c2 = tl.load(c2_ptr + k_glob)[None, :]
         c3 = tl.load(c3_ptr + k_glob)[None, :]
         mu = tl.load(mu_ptr + k_glob)[None, :]
+    isc = c_glob  # placeholders, unused without PROLOGUE
+    ish = c_glob
+    if PROLOGUE:
+        isc = tl.load(isc_ptr + c_glob)[None, :]
+        ish = tl.load(ish_ptr + c_glob)[None, :]
     # a block's pixel (i, j) as the row i*BQ + j of its tiles
     bi = tl.arange(0, BLOCK_K) // BQ
     bj = tl.arange(0, BLOCK_K) % BQ
@@ -133,8 +171,10 @@ def _conv_wgrad_box_kernel(
                 dsum += tl.sum(a.to(tl.float32), axis=0)
                 n, p0, q0 = _next_block(n, p0, q0, P, Q, BP, BQ)
             tl.store(sum_ptr + split * so_sum + k_glob, dsum)
-    dh = r * dil_h - pad_h
-    dw = s * dil_w - pad_w
+    # output pixel (p, q) reads x at (SH*p + r*dil_h - pad_h, ...): in the phase view x[PH_H::SH, PH_W::SW] (x_desc)
+    # that is (p + dh, q + dw), exact divisions; coordinates outside the view are the padding (TMA zero fill)
+    dh = (r * dil_h - pad_h - PH_H) // SH
+    dw = (s * dil_w - pad_w - PH_W) // SW
     n = n0
     p0 = p00
     q0 = q00
@@ -144,6 +184,10 @@ def _conv_wgrad_box_kernel(
     for _ in range(lo, hi):
         a = _dy_block(dy_desc, z_desc, n, p0, q0, k0, bi, bj, P, Q, c1, c2, c3, mu, DY_BN, DY_RELU, BP, BQ, BLOCK_M)
         b = x_desc.load([n, p0 + dh, q0 + dw, c0]).reshape(BLOCK_K, BLOCK_N)
+        if PROLOGUE:  # relu(x*isc + ish), zero at the padding (not relu(ish)); wgmma's A operand is in registers
+            inside = ((p0 + dh + bi).to(tl.uint32, bitcast=True) < HV) & \
+                ((q0 + dw + bj).to(tl.uint32, bitcast=True) < WV)
+            b = tl.where(inside[:, None], tl.maximum(b.to(tl.float32) * isc + ish, 0.0), 0.0).to(b.dtype)
         acc = tl.dot(b.T, a, acc)
         if ROW_TAPS and S > 1:
             b = x_desc.load([n, p0 + dh, q0 + dw + dil_w, c0]).reshape(BLOCK_K, BLOCK_N)
@@ -187,43 +231,55 @@ def _next_block(n, p0, q0, P, Q, BP: tl.constexpr, BQ: tl.constexpr):
 
 
 def _nhwc_descriptor(t: torch.Tensor, bp: int, bq: int, bc: int):
-    """A 4-D descriptor of channels_last ``t [N, C, H, W]`` as ``[N, H, W, C]`` with boxes ``[1, bp, bq, bc]``."""
+    """A 4-D descriptor of channels_last ``t [N, C, H, W]`` (or a strided view of it) as ``[N, H, W, C]`` with
+    boxes ``[1, bp, bq, bc]``."""
     v = t.permute(0, 2, 3, 1)
     return TensorDescriptor(v, list(v.shape), list(v.stride()), [1, bp, bq, bc])
 
 
 def launch(cfg, g: ConvGeometry, grad_out: torch.Tensor, x: torch.Tensor, out: torch.Tensor, so: tuple,
-           so_split: int, sum_part, so_sum: int, bn_ops, dy_bn: bool, dy_relu: bool, dy_sums: bool,
-           n_split: int, chunk: int, need_dw: bool) -> None:
-    """One launch of :func:`_conv_wgrad_box_kernel` into ``out`` (dW, or the fp32 partials, with strides ``so``
-    = (k, c, r, s) and ``so_split``) and ``sum_part``; ``chunk`` blocks per program, ``n_split`` chunks.
-    ``bn_ops`` = (y, c1, c2, c3, mean) (placeholders without ``dy_bn``)."""
+           so_split: int, sum_part, so_sum: int, bn_ops, pro_ops, sw, n_split: int, chunk: int) -> None:
+    """The launches of :func:`_conv_wgrad_box_kernel` (one per stride phase, :func:`phases`) into ``out`` (dW,
+    or the fp32 partials, with strides ``so`` = (k, c, r, s) and ``so_split``) and ``sum_part`` (formed by the
+    first launch); ``chunk`` blocks per program, ``n_split`` chunks. ``bn_ops`` = (y, c1, c2, c3, mean) and
+    ``pro_ops`` = (in_scale, in_shift) (placeholders where ``sw``, a ``conv_wgrad.WgradSwitches``, has them off)."""
     bp, bq = box_shape(g, cfg.BLOCK_K)
     dy_d = _nhwc_descriptor(grad_out, bp, bq, cfg.BLOCK_M)
-    x_d = _nhwc_descriptor(x, bp, bq, cfg.BLOCK_N)
-    z_d = _nhwc_descriptor(bn_ops[0], bp, bq, cfg.BLOCK_M) if dy_bn else dy_d
+    z_d = _nhwc_descriptor(bn_ops[0], bp, bq, cfg.BLOCK_M) if sw.dy_bn else dy_d
     tiles_n = g.C // cfg.BLOCK_N
-    grid = (g.K // cfg.BLOCK_M, (g.R if cfg.row_taps else g.R * g.S) * tiles_n if need_dw else 1, n_split)
-    _conv_wgrad_box_kernel[grid](
-        dy_d, x_d, z_d, out, *bn_ops[1:], out if sum_part is None else sum_part,
-        g.P, g.Q, triton.cdiv(g.P, bp), triton.cdiv(g.Q, bq), num_blocks(g, cfg.BLOCK_K), chunk, so_sum,
-        g.padding[0], g.padding[1], g.dilation[0], g.dilation[1], so_split, *so,
-        S=g.S, TILES_N=tiles_n, DY_BN=dy_bn, DY_RELU=dy_relu, SUMS=dy_sums, ROW_TAPS=cfg.row_taps, BP=bp, BQ=bq,
-        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    sh, sww = g.stride
+    for i, (ph_h, ph_w, r0, rstep, nr, s0, sstep, ns) in enumerate(phases(g)):
+        xv = x[:, :, ph_h::sh, ph_w::sww]
+        taps = nr if cfg.row_taps else nr * ns
+        sums = sw.dy_sums and i == 0
+        if not (sw.need_dw or sums):
+            continue
+        grid = (g.K // cfg.BLOCK_M, taps * tiles_n if sw.need_dw else 1, n_split)
+        _conv_wgrad_box_kernel[grid](
+            dy_d, _nhwc_descriptor(xv, bp, bq, cfg.BLOCK_N), z_d, out, *bn_ops[1:],
+            out if sum_part is None else sum_part, *pro_ops,
+            g.P, g.Q, triton.cdiv(g.P, bp), triton.cdiv(g.Q, bq), num_blocks(g, cfg.BLOCK_K), chunk, so_sum,
+            g.padding[0], g.padding[1], g.dilation[0], g.dilation[1], xv.shape[2], xv.shape[3], r0, rstep, s0, sstep,
+            ns, ph_h, ph_w, so_split, *so,
+            S=g.S, SH=sh, SW=sww, TILES_N=tiles_n, PROLOGUE=sw.prologue, DY_BN=sw.dy_bn, DY_RELU=sw.dy_relu,
+            SUMS=sums, ROW_TAPS=cfg.row_taps, BP=bp, BQ=bq, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
-# The constexpr variants the launcher runs here (no prologue: conv_wgrad.VARIANTS without it)
+# The constexpr variants the launcher runs here: conv_wgrad.VARIANTS (the prologue ones not on row-taps tiles)
 VARIANTS = {
     "plain": {},
+    "fused": {"PROLOGUE": True, "DY_BN": True},
     "dy_bn": {"DY_BN": True},
     "sums": {"SUMS": True},
     "dy_bn_relu_sums": {"DY_BN": True, "DY_RELU": True, "SUMS": True},
+    "prologue": {"PROLOGUE": True},
 }
 
 
 DIV16 = ("so_sum", "so_split", "so_k", "so_r", "so_s")  # K, and the partials' strides: multiples of C
-_INTS = ("P", "Q", "PB", "QB", "NB", "CHUNK", "so_sum", "pad_h", "pad_w", "dil_h", "dil_w", "so_split", "so_k",
-         "so_c", "so_r", "so_s")
+_INTS = ("P", "Q", "PB", "QB", "NB", "CHUNK", "so_sum", "pad_h", "pad_w", "dil_h", "dil_w", "HV", "WV", "R0",
+         "RSTEP", "S0", "SSTEP", "NS", "PH_H", "PH_W", "so_split", "so_k", "so_c", "so_r", "so_s")
 
 
 def signature(dt: str, cx: dict) -> dict:
@@ -233,7 +289,8 @@ def signature(dt: str, cx: dict) -> dict:
     sig = {"dy_desc": f"tensordesc<{dt}[{box}, {cx['BLOCK_M']}]>",
            "x_desc": f"tensordesc<{dt}[{box}, {cx['BLOCK_N']}]>",
            "z_desc": f"tensordesc<{dt}[{box}, {cx['BLOCK_M']}]>", "out_ptr": "*fp32", "c1_ptr": "*fp32",
-           "c2_ptr": "*fp32", "c3_ptr": "*fp32", "mu_ptr": "*fp32", "sum_ptr": "*fp32"}
+           "c2_ptr": "*fp32", "c3_ptr": "*fp32", "mu_ptr": "*fp32", "sum_ptr": "*fp32", "isc_ptr": "*fp32",
+           "ish_ptr": "*fp32"}
     sig.update({name: "i32" for name in _INTS})
     sig.update({k: "constexpr" for k in cx})
     return sig
@@ -241,17 +298,22 @@ def signature(dt: str, cx: dict) -> dict:
 
 def compile_specs(configs=None) -> list:
     """(jit_fn, signature, constexprs, options, is_gemm, div16) for the sm_90 compile check: each config of
-    ``configs`` (default :data:`BOX_CONFIGS`) × bf16/fp16 × :data:`VARIANTS` at a 3×3 geometry with 28-wide rows
-    (BQ = 16; in bf16 also 7-wide ones, BQ = 8) and two channel tiles; TMA descriptors as arguments (the check
-    also requires TMA loads in the PTX)."""
+    ``configs`` (default :data:`BOX_CONFIGS`) × bf16/fp16 × :data:`VARIANTS` it runs at a 3×3 geometry with 28-wide
+    rows (BQ = 16; in bf16 also 7-wide ones, BQ = 8, and stride 2) and two channel tiles; TMA descriptors as
+    arguments (the check also requires TMA loads in the PTX)."""
     configs = BOX_CONFIGS if configs is None else configs
 
-    def spec(cfg, dt, variant, bq=MAX_BQ):
+    def spec(cfg, dt, variant, bq=MAX_BQ, stride=1):
         bp = cfg.BLOCK_K // bq
-        cx = {"S": 3, "TILES_N": 2, "DY_BN": False, "DY_RELU": False, "SUMS": False, **VARIANTS[variant],
-              "ROW_TAPS": cfg.row_taps, "BP": bp, "BQ": bq, "BLOCK_M": cfg.BLOCK_M, "BLOCK_N": cfg.BLOCK_N}
+        cx = {"S": 3, "SH": stride, "SW": stride, "TILES_N": 2, "PROLOGUE": False, "DY_BN": False,
+              "DY_RELU": False, "SUMS": False, **VARIANTS[variant], "ROW_TAPS": cfg.row_taps, "BP": bp, "BQ": bq,
+              "BLOCK_M": cfg.BLOCK_M, "BLOCK_N": cfg.BLOCK_N}
         return (_conv_wgrad_box_kernel, signature(dt, cx), cx,
                 {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}, True, DIV16)
 
-    return [spec(cfg, dt, v) for cfg in configs for dt in ("bf16", "fp16") for v in VARIANTS] + \
-        [spec(cfg, "bf16", v, bq=8) for cfg in configs for v in VARIANTS]  # 7-wide images: 8×8 blocks
+    def runs(cfg, v):  # row-taps tiles: stride 1 without the prologue
+        return not (cfg.row_taps and VARIANTS[v].get("PROLOGUE"))
+    return [spec(c, dt, v) for c in configs for dt in ("bf16", "fp16") for v in VARIANTS if runs(c, v)] + \
+        [spec(c, "bf16", v, bq=8) for c in configs for v in VARIANTS if runs(c, v)] + \
+        [spec(c, "bf16", v, bq=bq, stride=2) for c in configs if not c.row_taps for v in VARIANTS
+         for bq in (MAX_BQ, 8)]  # 7-wide outputs: 8×8 blocks; stride 2: the phase views

@@ -481,8 +481,9 @@ def launches(kernels=("fwd", "dgrad", "wgrad")) -> list:
                     chunk_b = triton.cdiv(blocks, split)
                     split = triton.cdiv(blocks, chunk_b)
                     bp, bq = conv_wgrad_box.box_shape(g, c.BLOCK_K)
-                    cx = dict(S=g.S, TILES_N=g.C // c.BLOCK_N, DY_BN=False, DY_RELU=False, SUMS=False,
-                              ROW_TAPS=c.row_taps, BP=bp, BQ=bq, BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N)
+                    cx = dict(S=g.S, SH=g.stride[0], SW=g.stride[1], TILES_N=g.C // c.BLOCK_N, PROLOGUE=False,
+                              DY_BN=False, DY_RELU=False, SUMS=False, ROW_TAPS=c.row_taps, BP=bp, BQ=bq,
+                              BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N)
                     cx.update({k: v for k, v in vflags.items() if k in cx})
                     parts = nw * 4 * (2 * split if split > 1 else 1)
                     nbytes = (ny * (2 if cx["DY_BN"] else 1) + nx) * esize + parts
