@@ -1,30 +1,32 @@
-"""wgrad of a stride-1 conv with both operands loaded as TMA boxes of a spatial block: no im2col index math.
+"""wgrad with both operands loaded as TMA boxes of a spatial block: no im2col index math in the loop.
 
-``dW[k, c, r, s] = Σ_{n, p, q} dy[n, p, q, k] · x[n, p - pad_h + r*dil_h, q - pad_w + s*dil_w, c]``
+``dW[k, c, r, s] = Σ_{n, p, q} dy[n, p, q, k] · x[n, p*SH - pad_h + r*dil_h, q*SW - pad_w + s*dil_w, c]``
 
 Each K-step takes a block of BP × BQ output pixels of one image (``BLOCK_K = BP*BQ``). At stride 1 the input
 pixels of filter tap (r, s) for that block are the same block shifted by ``(r*dil_h - pad_h, s*dil_w - pad_w)``:
-a 4-D NHWC box, which TMA loads with its out-of-bounds zero fill standing for the padding. dy's block is a box
-too; its pixels past P or Q are zero-filled, so they add nothing (and the dy transform masks them: ``c3`` must
-not leak there). The loop then issues only the TMA copies, the mbarrier waits and the wgmma: the cp.async path
-of :mod:`.conv_wgrad` spends most of its instructions on per-row coordinates and padding masks (sm_90 SASS,
-plain 3×3 at 128×256×32: 160 of 218 instructions per warp per step).
+a 4-D NHWC box, which TMA loads with its out-of-bounds zero fill standing for the padding. At stride 2 they are a
+box of one stride phase's view ``x[ph_h::SH, ph_w::SW]`` (:func:`phases`: one launch per phase some tap reads).
+dy's block is a box too; its pixels past P or Q are zero-filled, so they add nothing (and the dy transform masks
+them: ``c3`` must not leak there). The loop then issues only the TMA copies, the mbarrier waits and the wgmma:
+the cp.async path of :mod:`.conv_wgrad` spends most of its instructions on per-row coordinates and padding masks
+(sm_90 SASS, plain 3×3 at 128×256×32: 160 of 218 instructions per warp per step).
 
 The cost is padding work: a block covers ``ceil(P/BP)*BP × ceil(Q/BQ)*BQ`` pixels per image (ResNet-50: 12.5 %
-more MMA at 56² and 28², 23 % at 14² and 7²). ``ROW_TAPS``: a program per filter row, its S <= 3 taps sharing
-each step's dy block (three x boxes, three accumulators), as :mod:`.conv_wgrad`'s row-taps path.
+more MMA at 56² and 28², 23 % at 14² and 7²). ``ROW_TAPS`` (stride 1, no prologue): a program per filter row,
+its S <= 3 taps sharing each step's dy block (three x boxes, three accumulators), as :mod:`.conv_wgrad`'s
+row-taps path. ``PROLOGUE``: ``relu(x*in_scale + in_shift)`` on the x box in registers, zero outside the view.
 
 The GEMM runs transposed, ``dW^T[c, k] = Σ x[pix, c] · dy[pix, k]``: with dy as wgmma's A operand (through
 registers, ``dy^T``) the sm_90 SASS waited for each 16-deep wgmma before the next (its A fragments reused
 registers); with dy as B, straight from its TMA buffer (or, formed, from shared memory), a step's wgmmas issue
-back to back and the plain loop keeps one group in flight across steps.
+back to back and the plain loop keeps one group in flight across steps. x, as A, takes the prologue in registers.
 
-Same contract as :func:`.conv_wgrad._conv_wgrad_kernel` where :func:`eligible`: groups 1, stride 1, no
-prologue, 16-bit operands on tensor cores, ``K % BLOCK_M == 0``, ``C % BLOCK_N == 0``, channels_last dy, y and
-x with 16-byte aligned bases and pixel strides, TMA allowed (:func:`.configs.tma_allowed`). DY_BN/DY_RELU form
-dy with :func:`.conv_dgrad.dy_on_load` (bit-identical to the cp.async path); SUMS: the first (tap, channel
-tile) column sums the formed dy of its chunk in a loop before the GEMM, as there. Partials
-``[SPLIT, K, R, S, C]`` and the combine are :mod:`.conv_wgrad`'s; the split is over blocks.
+Same contract as :func:`.conv_wgrad._conv_wgrad_kernel` where :func:`eligible`: groups 1, 16-bit operands on
+tensor cores, ``K % BLOCK_M == 0``, ``C % BLOCK_N == 0``, channels_last dy, y and x with 16-byte aligned bases
+and pixel strides, each stride phase's view of x non-empty, TMA allowed (:func:`.configs.tma_allowed`).
+DY_BN/DY_RELU form dy with :func:`.conv_dgrad.dy_on_load` (bit-identical to the cp.async path); SUMS: the first
+(tap, channel tile) column of the first launch sums the formed dy of its chunk in a loop before the GEMM, as
+there. Partials ``[SPLIT, K, R, S, C]`` and the combine are :mod:`.conv_wgrad`'s; the split is over blocks.
 """
 from __future__ import annotations
 
