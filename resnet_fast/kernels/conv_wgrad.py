@@ -732,15 +732,8 @@ def _combine(part: torch.Tensor, res: torch.Tensor, split: int, rs: int, cg: int
 # The constexpr variants the ops launch: plain (no op fuses anything), the training op with a BN+ReLU prologue
 # (and BN backward on load), the training op without prologue (dy_bn only), the inference op's backward without
 # and with ReLU (sums; dy_bn + dy_relu + sums), and the training op's triton_dy_pass runner with a prologue
-# (dy formed beforehand; where the prologue pass is not taken, e.g. stride 2).
-VARIANTS = {
-    "plain": {},
-    "fused": {"PROLOGUE": True, "DY_BN": True},
-    "dy_bn": {"DY_BN": True},
-    "sums": {"SUMS": True},
-    "dy_bn_relu_sums": {"DY_BN": True, "DY_RELU": True, "SUMS": True},
-    "prologue": {"PROLOGUE": True},
-}
+# (dy formed beforehand; where the prologue pass is not taken, e.g. stride 2). One table for both wgrad kernels.
+VARIANTS = _box.VARIANTS
 # triton_dy_pass runs only where R·S >= 4 and, with a prologue, not in IEEE fp32 (bn_dy.dy_pass_may_pay): never on
 # the 1×1 X_FLAT path or the FMA (DOT_IEEE) one
 _DY_PASS_ONLY = ("prologue",)

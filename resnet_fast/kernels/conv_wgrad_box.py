@@ -268,7 +268,8 @@ def launch(cfg, g: ConvGeometry, grad_out: torch.Tensor, x: torch.Tensor, out: t
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
-# The constexpr variants the launcher runs here: conv_wgrad.VARIANTS (the prologue ones not on row-taps tiles)
+# The constexpr variants of wgrad's ops (conv_wgrad.VARIANTS is this table; here the prologue ones run on the
+# one-tap tiles only)
 VARIANTS = {
     "plain": {},
     "fused": {"PROLOGUE": True, "DY_BN": True},
