@@ -21,6 +21,8 @@ check, the operand-dtype check every conv launcher makes, and the row-alignment 
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -185,6 +187,12 @@ class ConvGeometry:
 
 
 # --------------------------------------------------------------------------------------- launcher helpers
+def tap_steps(g: ConvGeometry) -> tuple:
+    """(along h, along w) the period of the filter taps that read one stride phase of the input, ``stride /
+    gcd(dil, stride)``: dgrad's phases of dx and the wgrad box kernel's phase views of x."""
+    return tuple(s // math.gcd(d, s) for s, d in zip(g.stride, g.dilation))
+
+
 def dense_input(x: torch.Tensor, g: ConvGeometry) -> torch.Tensor:
     """``x [N, C, H, W]`` as the dense-taps paths read it (:attr:`ConvGeometry.pack_c`): a channels_last-contiguous
     ``[N, pack_c, H, W]`` copy whose channels ``>= C`` are zero (they meet zero weights in the forward; wgrad never
@@ -243,17 +251,6 @@ def ordered_signature(fn, sig: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------------------- Triton helpers
-@triton.jit
-def filter_tap(tap, S: tl.constexpr, ROW_TAPS: tl.constexpr):
-    """(r, s) of a wgrad program's filter tap ``tap``; ``ROW_TAPS``: ``tap`` is a filter row, whose S <= 3 taps
-    the program computes from s = 0 (its accumulators)."""
-    if ROW_TAPS:
-        tl.static_assert(S <= 3, "ROW_TAPS: at most 3 taps per filter row (the accumulators)")
-        return tap, 0
-    else:
-        return tap // S, tap % S
-
-
 @triton.jit
 def swizzle_pid(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     """Grouped ordering of a 1-D program id into (pid_m, pid_n): GROUP_M row tiles share each column sweep,

@@ -56,7 +56,6 @@ coefficient vectors load as 4-byte cp.async each step (fewer elements than threa
 """
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
@@ -67,7 +66,7 @@ from .autotune import choose
 from .configs import ConvConfig, checked_candidates, conv_allows_tf32, for_dtype
 from .checks import check_like, check_operand_dtype, check_tensor, check_vector
 from .conv_common import (ConvGeometry, DyBN, check_dy_bn, ordered_signature, rows_aligned,
-                          swizzle_pid)
+                          swizzle_pid, tap_steps)
 
 __all__ = ["conv2d_dgrad_nhwc", "compile_specs", "dy_on_load", "DGRAD_CONFIGS", "DgradSwitches"]
 
@@ -352,12 +351,6 @@ def _placeholder(device: torch.device) -> torch.Tensor:
     return _PLACEHOLDER[key]
 
 
-def _tap_steps(g: ConvGeometry) -> tuple:
-    """(RSTEP_H, RSTEP_W): the period of a stride phase's taps along each dimension, ``stride / gcd(dil, stride)``
-    (see :func:`_phase_taps`)."""
-    return tuple(s // math.gcd(d, s) for s, d in zip(g.stride, g.dilation))
-
-
 class DgradSwitches(NamedTuple):
     """dgrad's kernel switches that enter its tuning key: each combination keeps its own tuned winner."""
     epilogue: bool
@@ -423,7 +416,7 @@ def _launch_dgrad(cfg: ConvConfig, g: ConvGeometry, grad_out, weight, dx, epi_op
     _conv_dgrad_kernel[grid](
         grad_out, weight, dx, *epi_ops, part, osc, *bn_ops,
         g.N, g.H, g.W, g.Cg, g.Kg, g.P, g.Q, triton.cdiv(g.H, g.stride[0]), triton.cdiv(g.W, g.stride[1]),
-        tiles_m, tiles_n, T, g.C, g.R, g.S, *g.padding, *g.dilation, *_tap_steps(g),
+        tiles_m, tiles_n, T, g.C, g.R, g.S, *g.padding, *g.dilation, *tap_steps(g),
         grad_out.stride(0), grad_out.stride(2), grad_out.stride(3), grad_out.stride(1),
         weight.stride(0), weight.stride(1), weight.stride(2), weight.stride(3),
         dx.stride(0), dx.stride(2), dx.stride(3), dx.stride(1),

@@ -75,8 +75,8 @@ from . import prologue_pass as _pass
 from .checks import FLOAT_DTYPES, check, check_operand_dtype, check_tensor, check_vector
 from .autotune import choose
 from .configs import ConvConfig, checked_candidates, conv_allows_tf32, for_dtype, tma_allowed
-from .conv_common import (CHANNEL_PAD, ConvGeometry, DyBN, check_dy_bn, dense_input, filter_tap,
-                          ordered_signature, rows_aligned, rows_to_npq)
+from .conv_common import (CHANNEL_PAD, ConvGeometry, DyBN, check_dy_bn, dense_input, ordered_signature,
+                          rows_aligned, rows_to_npq)
 from .conv_dgrad import dy_on_load
 
 __all__ = ["conv2d_wgrad_nhwc", "WGRAD_CONFIGS", "pick_split", "compile_specs", "WgradSwitches"]
@@ -155,7 +155,8 @@ def _aligned(g: ConvGeometry, cfg: ConvConfig, dy: torch.Tensor, x: torch.Tensor
 
 
 def _candidates(g: ConvGeometry, dy: torch.Tensor, x: torch.Tensor, dy_bn: bool = True,
-                ieee: bool = False, prologue: bool = False, tma: bool | None = None) -> tuple:
+                ieee: bool = False, prologue: bool = False, tma: bool | None = None,
+                y: torch.Tensor | None = None) -> tuple:
     """(candidates for ``dy``'s dtype, the untuned default) of a launch with (``dy_bn``) or without the dy transform,
     with (``prologue``) or without the BN+ReLU prologue in its loop, and with an IEEE fp32 (``ieee``) or
     tensor-core dot: the PACKED config alone where :func:`_packed`; else the configs whose path for this shape
@@ -166,8 +167,8 @@ def _candidates(g: ConvGeometry, dy: torch.Tensor, x: torch.Tensor, dy_bn: bool 
     128 input ones, or 128 and 256), else the widest row-taps tile offered, else the 128x128 tile when both
     channel counts reach 128, 128x64 or 64x128 when one does, else 64x64, where a candidate; else the first
     candidate. ``tma`` (default :func:`.configs.tma_allowed` on dy's device) adds :data:`BOX_CONFIGS` where
-    :func:`.conv_wgrad_box.eligible`, the default on filters of more than one tap unless the prologue is the
-    only transform."""
+    :func:`.conv_wgrad_box.eligible` (``y``: the dy_bn tensor, when there is one), the default on filters of more
+    than one tap unless the prologue is the only transform."""
     general = for_dtype(_GENERAL_CONFIG, dy.dtype)
     packed = for_dtype(_DENSE_CONFIG if g.pack_c else _PACKED_CONFIG, dy.dtype)
     if _packed(g, packed, dy, x):
@@ -181,7 +182,7 @@ def _candidates(g: ConvGeometry, dy: torch.Tensor, x: torch.Tensor, dy_bn: bool 
     cands = checked_candidates(WGRAD_CONFIGS + ((wide,) if wide else ()) + rows, general, dy.dtype,
                                lambda c: _aligned(g, c, dy, x), g.Kg, g.Cg, g.N * g.P * g.Q)
     if tma if tma is not None else tma_allowed(dy.device):
-        box = [c for c in BOX_CONFIGS if _box.eligible(g, c, dy, x, prologue, ieee) and (not c.row_taps or g.S > 1)]
+        box = [c for c in BOX_CONFIGS if _box.eligible(g, c, dy, x, prologue, ieee, y) and (not c.row_taps or g.S > 1)]
         cands = list(cands) + box
         # the default on filters of more than one tap (a 1×1 conv's loop gathers little, and the box pads pixels),
         # but not for the prologue alone, where the wide tile spreads x's transform over 256 output channels
@@ -361,8 +362,13 @@ def _conv_wgrad_kernel(
     if PACKED:
         r = 0
         s = 0
-    else:  # ROW_TAPS: one program per filter row, its S taps (s = 0 here, the others from it)
-        r, s = filter_tap(tap, S, ROW_TAPS)
+    elif ROW_TAPS:  # one program per filter row: its S taps (s = 0 here, the others from it)
+        tl.static_assert(S <= 3, "ROW_TAPS: at most 3 taps per filter row (the accumulators)")
+        r = tap
+        s = 0
+    else:
+        r = tap // S
+        s = tap % S
     A_ALIGNED: tl.constexpr = ALIGNED or PACKED  # the launcher gives PACKED an aligned dy
     # pixel coordinates carried across steps where the registers allow (sm_90 compile check: IEEE fp32 and the
     # PACKED prologue and int64 variants spill with them), else recomputed with divisions each step
@@ -586,26 +592,29 @@ def _grid(g: ConvGeometry, cfg: ConvConfig, packed: bool, n_split: int, need_dw:
     return (triton.cdiv(g.Kg, cfg.BLOCK_M), taps * tiles_n if need_dw else 1, n_split * g.groups), tiles_n
 
 
+def chunks(g: ConvGeometry, cfg: ConvConfig, n_split: int) -> tuple:
+    """(chunk, SPLIT, K-steps per chunk) of a launch asking for ``n_split`` chunks: the box kernel's (``cfg.tma``)
+    in whole pixel blocks (:func:`.conv_wgrad_box.num_blocks`), the cp.async kernel's in pixels, whole BLOCK_K
+    steps; SPLIT recomputed so no chunk is empty."""
+    if cfg.tma:
+        blocks = _box.num_blocks(g, cfg.BLOCK_K)
+        chunk = triton.cdiv(blocks, n_split)
+        return chunk, triton.cdiv(blocks, chunk), chunk
+    npq = g.N * g.P * g.Q
+    chunk = triton.cdiv(triton.cdiv(npq, n_split), cfg.BLOCK_K) * cfg.BLOCK_K
+    return chunk, triton.cdiv(npq, chunk), chunk // cfg.BLOCK_K
+
+
 def _launch_wgrad(cfg: ConvConfig, g: ConvGeometry, grad_out, x, dw, sums, pro_ops, bn_ops,
                   sw: WgradSwitches) -> None:
     """One wgrad launch with ``cfg`` (the box kernel where ``cfg.tma``, else :func:`_launch_gather`; when split,
     then the combines), writing ``dw``
     (unless not ``need_dw``) and ``sums`` (when ``dy_sums``). ``pro_ops`` = (in_scale, in_shift) and ``bn_ops``
     (the :class:`DyBN` fields) are placeholders where their switch is off."""
-    npq = g.N * g.P * g.Q
     packed = not cfg.tma and _packed(g, cfg, grad_out, x)
-    pack_c = g.pack_c if packed else 0
-    if pack_c:  # x as the forward's dense-taps path reads it: PACK_C-wide pixel vectors
-        x = dense_input(x, g)
-    dy_flat, x_flat = _flat_switches(g, grad_out, x, packed)
     n_split = sw.split if sw.split is not None else pick_split(g, cfg, first_column_only=not sw.need_dw,
                                                                packed=packed, transforms=sw.dy_bn + sw.prologue)
-    if cfg.tma:  # chunks of whole pixel blocks
-        chunk = triton.cdiv(_box.num_blocks(g, cfg.BLOCK_K), n_split)
-        n_split = triton.cdiv(_box.num_blocks(g, cfg.BLOCK_K), chunk)
-    else:
-        chunk = triton.cdiv(triton.cdiv(npq, n_split), cfg.BLOCK_K) * cfg.BLOCK_K
-        n_split = triton.cdiv(npq, chunk)  # no empty chunks
+    chunk, n_split, _ = chunks(g, cfg, n_split)
     # fp32 partials [SPLIT, K, R, S, Cg]: each program's tile is contiguous along its channels (and, PACKED,
     # along its (s, c) columns); the combine writes dW's [K, Cg, R, S] order
     out = dw if n_split == 1 else torch.empty((n_split, g.K, g.R, g.S, g.Cg), dtype=torch.float32,
@@ -617,8 +626,7 @@ def _launch_wgrad(cfg: ConvConfig, g: ConvGeometry, grad_out, x, dw, sums, pro_o
         _box.launch(cfg, g, grad_out, x, out, so, out.stride(0) if n_split > 1 else 0, sum_part,
                     g.K if n_split > 1 else 0, bn_ops, pro_ops, sw, n_split, chunk)
     else:
-        _launch_gather(cfg, g, grad_out, x, out, so, sum_part, pro_ops, bn_ops, sw, packed, pack_c, dy_flat,
-                       x_flat, n_split, chunk)
+        _launch_gather(cfg, g, grad_out, x, out, so, sum_part, pro_ops, bn_ops, sw, packed, n_split, chunk)
     if n_split > 1:
         if sw.need_dw:
             _combine(out, dw, n_split, g.R * g.S, g.Cg)
@@ -626,10 +634,13 @@ def _launch_wgrad(cfg: ConvConfig, g: ConvGeometry, grad_out, x, dw, sums, pro_o
             _combine(sum_part, sums, n_split, 1, 1)
 
 
-def _launch_gather(cfg, g, grad_out, x, out, so, sum_part, pro_ops, bn_ops, sw, packed, pack_c, dy_flat, x_flat,
-                   n_split, chunk) -> None:
+def _launch_gather(cfg, g, grad_out, x, out, so, sum_part, pro_ops, bn_ops, sw, packed, n_split, chunk) -> None:
     """The :func:`_conv_wgrad_kernel` launch of :func:`_launch_wgrad` (the cp.async paths)."""
     npq = g.N * g.P * g.Q
+    pack_c = g.pack_c if packed else 0
+    if pack_c:  # x as the forward's dense-taps path reads it: PACK_C-wide pixel vectors
+        x = dense_input(x, g)
+    dy_flat, x_flat = _flat_switches(g, grad_out, x, packed)
     grid, tiles_n = _grid(g, cfg, packed, n_split, sw.need_dw)
     _conv_wgrad_kernel[grid](
         grad_out, x, out, *pro_ops, *bn_ops, out if sum_part is None else sum_part,
@@ -698,23 +709,22 @@ def conv2d_wgrad_nhwc(grad_out: torch.Tensor, x: torch.Tensor, weight_shape, *, 
         else:
             _launch_wgrad(cfg, g, grad_out, x, dw, sums, pro_ops, bn_ops, sw)
 
-    # the box kernel reads y through a descriptor too (check_like gave it dy's strides, not its base alignment)
-    tma = None if dy_bn is None or _box.tma_ready(dy_bn[0]) else False
+    y = None if dy_bn is None else dy_bn[0]
     if config is None:
-        cands, default = _candidates(g, grad_out, x, sw.dy_bn, sw.dot_ieee, sw.prologue, tma)
+        cands, default = _candidates(g, grad_out, x, sw.dy_bn, sw.dot_ieee, sw.prologue, y=y)
         if pass_ok:  # twins of the candidates without the prologue in the loop, and the untuned default (see
-            twins, default = _candidates(g, grad_out, x, sw.dy_bn, sw.dot_ieee, tma=tma)  # prologue_pass)
+            twins, default = _candidates(g, grad_out, x, sw.dy_bn, sw.dot_ieee, y=y)  # prologue_pass)
             cands = tuple(cands) + tuple(replace(c, prologue_pass=True) for c in twins)
             default = replace(default, prologue_pass=True)
         config = choose("conv_wgrad", g, grad_out.dtype, dev, cands, sw, launch, default)
     check(not config.row_taps or g.S <= _MAX_ROW_TAPS or _packed(g, config, grad_out, x),
           f"{who}: config {config.name()} runs a filter row per program, at most {_MAX_ROW_TAPS} taps (S={g.S})")
-    check(not config.tma or (tma is not False and tma_allowed(dev)
-                             and _box.eligible(g, config, grad_out, x, sw.prologue and not config.prologue_pass,
-                                               sw.dot_ieee)),
-          f"{who}: config {config.name()} loads TMA boxes, which needs stride 1, groups 1, no prologue in the loop, "
-          "16-bit tensor-core operands, channel tiles dividing K and C, 16-byte aligned channels_last dy, x, y, "
-          "and TMA on this device (conv_wgrad_box.eligible)")
+    check(not config.tma or (tma_allowed(dev) and _box.eligible(
+              g, config, grad_out, x, sw.prologue and not config.prologue_pass, sw.dot_ieee, y)),
+          f"{who}: config {config.name()} loads TMA boxes, which needs groups 1, 16-bit tensor-core operands, "
+          "channel tiles dividing K and C, 16-byte aligned channels_last dy, x and y, a pixel in each stride phase "
+          "of x, for a row-taps tile stride 1 without the prologue, and TMA on this device "
+          "(conv_wgrad_box.eligible)")
     check(not config.prologue_pass or pass_ok, f"{who}: config {config.name()} runs the prologue as a pass, "
           "which needs a prologue, a filter of more than one tap and the C++ extension (prologue_pass.worth_offering)")
     launch(config)

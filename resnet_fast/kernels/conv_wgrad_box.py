@@ -30,14 +30,12 @@ there. Partials ``[SPLIT, K, R, S, C]`` and the combine are :mod:`.conv_wgrad`'s
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
 from .configs import ConvConfig
-from .conv_common import ConvGeometry, rows_aligned
+from .conv_common import ConvGeometry, rows_aligned, tap_steps
 from .conv_dgrad import dy_on_load
 
 try:
@@ -80,32 +78,28 @@ def tma_ready(t: torch.Tensor) -> bool:
     return t.stride(1) == 1 and rows_aligned(t) and t.data_ptr() % 16 == 0
 
 
-def eligible(g: ConvGeometry, cfg: ConvConfig, dy: torch.Tensor, x: torch.Tensor, prologue: bool, ieee: bool) -> bool:
+def eligible(g: ConvGeometry, cfg: ConvConfig, dy: torch.Tensor, x: torch.Tensor, prologue: bool, ieee: bool,
+             y: torch.Tensor | None = None) -> bool:
     """Whether the box kernel can run this launch at ``cfg`` (see the module docstring; ``cfg.row_taps``: stride 1,
-    no prologue, at most 3 taps per filter row); TMA permission and the dy_bn tensor ``y`` (:func:`tma_ready`) are
-    the caller's."""
+    no prologue, at most 3 taps per filter row). ``y``: the dy_bn tensor, read through a descriptor too
+    (``check_like`` gives it dy's strides, not its base alignment). TMA permission is the caller's."""
     rows_ok = not cfg.row_taps or (g.stride == (1, 1) and not prologue and g.S <= 3)
     return (TensorDescriptor is not None and g.groups == 1 and not ieee and rows_ok
             and g.H >= g.stride[0] and g.W >= g.stride[1]  # every stride phase's view of x has a pixel
             and dy.dtype in (torch.float16, torch.bfloat16) and g.K % cfg.BLOCK_M == 0 and g.C % cfg.BLOCK_N == 0
-            and tma_ready(dy) and tma_ready(x))
+            and all(tma_ready(t) for t in (dy, x, y) if t is not None))
 
 
 def phases(g: ConvGeometry) -> list:
     """The launches of a conv: per stride phase ``(ph_h, ph_w)`` whose view ``x[ph_h::SH, ph_w::SW]`` some tap
     reads, ``(ph_h, ph_w, r0, rstep, nr, s0, sstep, ns)``: its taps ``r0 + rstep*i`` (i < nr) × ``s0 + sstep*j``
     (j < ns). Stride 1: one, every tap."""
-    out = []
     axes = []
-    for size, st, dil, pad in ((g.R, g.stride[0], g.dilation[0], g.padding[0]),
-                               (g.S, g.stride[1], g.dilation[1], g.padding[1])):
-        step = st // math.gcd(dil, st)  # taps of one phase recur every `step`
-        axes.append({ph: [t for t in range(size) if (t * dil - pad) % st == ph] for ph in range(st)})
-        axes[-1] = {ph: (ts[0], step, len(ts)) for ph, ts in axes[-1].items() if ts}
-    for ph_h, (r0, rstep, nr) in axes[0].items():
-        for ph_w, (s0, sstep, ns) in axes[1].items():
-            out.append((ph_h, ph_w, r0, rstep, nr, s0, sstep, ns))
-    return out
+    for size, st, dil, pad, step in zip((g.R, g.S), g.stride, g.dilation, g.padding, tap_steps(g)):
+        taps = {ph: [t for t in range(size) if (t * dil - pad) % st == ph] for ph in range(st)}
+        axes.append([(ph, ts[0], step, len(ts)) for ph, ts in taps.items() if ts])  # every `step`-th tap
+    return [(ph_h, ph_w, r0, rstep, nr, s0, sstep, ns)
+            for ph_h, r0, rstep, nr in axes[0] for ph_w, s0, sstep, ns in axes[1]]
 
 
 @triton.jit

@@ -468,30 +468,25 @@ def launches(kernels=("fwd", "dgrad", "wgrad")) -> list:
                 dy_flat, x_flat = conv_wgrad._flat_switches(g, y, x, packed)
                 sig, div16 = _template(conv_wgrad, conv_wgrad._conv_wgrad_kernel, dt, ALIGNED=aligned,
                                        PACKED=packed, IDX64=False, PACK_C=pack_c)  # the path's hints
-                npq = g.N * g.P * g.Q
                 if passes:
                     c = dataclasses.replace(c, prologue_pass=True)
                 transforms = sum(vflags.get(k, False) for k in ("DY_BN", "PROLOGUE"))
                 split = conv_wgrad.pick_split(g, c, first_column_only=not need_dw, packed=packed,
                                               transforms=transforms)
-                chunk = triton.cdiv(triton.cdiv(npq, split), c.BLOCK_K) * c.BLOCK_K
-                split = triton.cdiv(npq, chunk)
-                if c.tma:  # the TMA-box kernel (conv_wgrad_box): chunks of whole pixel blocks
-                    blocks = conv_wgrad_box.num_blocks(g, c.BLOCK_K)
-                    chunk_b = triton.cdiv(blocks, split)
-                    split = triton.cdiv(blocks, chunk_b)
+                _, split, steps = conv_wgrad.chunks(g, c, split)  # the launcher's chunks (box: pixel blocks)
+                parts = nw * 4 * (2 * split if split > 1 else 1)  # fp32 partials written and read back, or dW
+                nbytes = (ny * (2 if vflags.get("DY_BN") else 1) + nx) * esize + parts
+                if c.tma:  # the TMA-box kernel (conv_wgrad_box)
                     bp, bq = conv_wgrad_box.box_shape(g, c.BLOCK_K)
                     cx = dict(S=g.S, SH=g.stride[0], SW=g.stride[1], TILES_N=g.C // c.BLOCK_N, PROLOGUE=False,
                               DY_BN=False, DY_RELU=False, SUMS=False, ROW_TAPS=c.row_taps, BP=bp, BQ=bq,
                               BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N)
                     cx.update({k: v for k, v in vflags.items() if k in cx})
-                    parts = nw * 4 * (2 * split if split > 1 else 1)
-                    nbytes = (ny * (2 if cx["DY_BN"] else 1) + nx) * esize + parts
                     add(Launch(name, 1, role, "wgrad", variant, c.name() + f"-split{split}", "conv_wgrad_box",
                                "_conv_wgrad_box_kernel", cx, {"num_warps": c.num_warps, "num_stages": c.num_stages},
                                conv_wgrad_box.DIV16, True,
                                g.K // c.BLOCK_M * (g.R if c.row_taps else g.R * g.S) * cx["TILES_N"] * split,
-                               chunk_b, fma, nbytes, conv_wgrad_box.signature(dt, cx), passes * esize, alt))
+                               steps, fma, nbytes, conv_wgrad_box.signature(dt, cx), passes * esize, alt))
                     continue
                 grid, tiles_n = conv_wgrad._grid(g, c, packed, split, need_dw)
                 tiles = math.prod(grid)
@@ -501,12 +496,10 @@ def launches(kernels=("fwd", "dgrad", "wgrad")) -> list:
                           DY_FLAT=dy_flat, X_FLAT=x_flat, ROW_TAPS=c.row_taps and not packed, BLOCK_M=c.BLOCK_M,
                           BLOCK_N=c.BLOCK_N, BLOCK_K=c.BLOCK_K)
                 cx.update(vflags)
-                parts = nw * 4 * (2 * split if split > 1 else 1)  # fp32 partials written and read back, or dW
-                nbytes = (ny * (2 if cx["DY_BN"] else 1) + nx) * esize + parts
                 add(Launch(name, 1, role, "wgrad", variant, c.name() + f"-split{split}", "conv_wgrad",
                            "_conv_wgrad_kernel", _merge_cx(sig, cx, "conv_wgrad"),
                            {"num_warps": c.num_warps, "num_stages": c.num_stages}, div16, aligned, tiles,
-                           chunk / c.BLOCK_K, fma, nbytes, sig,
+                           steps, fma, nbytes, sig,
                            (2 * g.N * pack_c * g.H * g.W if pack_c and g.C != pack_c else 0) * esize
                            + passes * esize, alt))
     return list(seen.values())
