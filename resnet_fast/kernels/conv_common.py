@@ -35,7 +35,7 @@ from .checks import check_like, check_vector
 __all__ = ["ConvGeometry", "conv_output_size", "pair", "CHANNEL_PAD", "W_ROW_PAD", "DENSE_MAX_C", "DENSE_MAX_K",
            "round_up",
            "DyBN", "check_dy_bn", "dense_input",
-           "rows_aligned", "ordered_signature", "rows_to_npq",
+           "rows_aligned", "tma_ready", "nhwc_descriptor", "ordered_signature", "rows_to_npq",
            "swizzle_pid"]
 
 CHANNEL_PAD = 16  # smallest MMA reduction step for 16-bit operands (and 8 for tf32): pad Cg to this
@@ -243,6 +243,20 @@ def rows_aligned(t: torch.Tensor) -> bool:
     """``t`` [A, B, C, D] has unit stride along dim 1 and strides that are multiples of 16 elements along
     dims 0, 2, 3 (size-1 dims excepted: their index is always 0), so each (a, c, d) row starts 16-aligned."""
     return t.stride(1) == 1 and all(t.stride(d) % 16 == 0 for d in (0, 2, 3) if t.shape[d] > 1)
+
+
+def tma_ready(t: torch.Tensor) -> bool:
+    """channels_last-dense enough for a 4-D NHWC TMA descriptor (:func:`nhwc_descriptor`): unit channel stride,
+    16-byte aligned base and pixel strides (:func:`rows_aligned`)."""
+    return t.stride(1) == 1 and rows_aligned(t) and t.data_ptr() % 16 == 0
+
+
+def nhwc_descriptor(t: torch.Tensor, bp: int, bq: int, bc: int):
+    """A 4-D TMA descriptor of channels_last ``t [N, C, H, W]`` (or a strided view of it) as ``[N, H, W, C]`` with
+    boxes ``[1, bp, bq, bc]``: the box kernels' pixel blocks, zero-filled outside the tensor (the padding)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor  # triton >= 3.4 (configs.tma_allowed)
+    v = t.permute(0, 2, 3, 1)
+    return TensorDescriptor(v, list(v.shape), list(v.stride()), [1, bp, bq, bc])
 
 
 def ordered_signature(fn, sig: dict) -> dict:

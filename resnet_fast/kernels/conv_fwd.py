@@ -33,6 +33,10 @@ no address math per element. It needs 16-byte-aligned bases and rows (``C`` a mu
 operands, 4 for fp32) and ``M < 2**31`` (TMA coordinates are int32); :func:`tma_eligible` decides, and the
 autotuner only keeps it where it measures faster.
 
+On a conv of more than one tap a ``tma`` config runs :mod:`.conv_fwd_box` instead: stride 1, output tiles that
+are a pixel block of one image, each tap's input a 4-D NHWC box (the zero fill is the padding), where the blocks
+tile the output exactly (:func:`.conv_fwd_box.eligible`); offered and the untuned default there.
+
 Fusions (constexpr switches, all off by default, used by the training path):
 
 * ``PROLOGUE``: ``a = relu?(x*in_scale[c] + in_shift[c])`` applied to the loaded A tile in fp32, then the load
@@ -65,13 +69,15 @@ except ImportError:  # triton < 3.4: no host-side descriptors (configs.tma_allow
     TensorDescriptor = None
 
 from . import autotune as _tune
+from . import conv_fwd_box as _box
 from . import configs as _cfg
 from . import prologue_pass as _pass
 from .checks import FLOAT_DTYPES, check, check_operand_dtype, check_vector, describe
 from .configs import ConvConfig
 from .conv_common import (ConvGeometry, dense_input, ordered_signature, rows_to_npq,
                           swizzle_pid)
-from .tile_stats import TileStats, tile_centred_sums
+from .fwd_epilogue import epilogue
+from .tile_stats import TileStats
 
 __all__ = ["conv2d_nhwc", "pack_weight", "pinned_config", "tma_eligible", "compile_specs", "SUPPORTED_DTYPES",
            "TileStats", "FwdSwitches"]
@@ -193,25 +199,9 @@ def _conv_fwd_kernel(
         s = tl.where(s_wrap, 0, s)
         r += s_wrap.to(tl.int32)
 
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + k_glob, mask=n_ok, other=0.0)[None, :]
-    if HAS_SCALE:
-        acc *= tl.load(scale_ptr + k_glob, mask=n_ok, other=0.0)[None, :]
-    if HAS_SHIFT:
-        acc += tl.load(shift_ptr + k_glob, mask=n_ok, other=0.0)[None, :]
-    out_mask = row_ok[:, None] & n_ok[None, :]
-    y_off = offs_m[:, None] * K + k_glob[None, :]
-    if HAS_RES:
-        acc += tl.load(res_ptr + y_off, mask=out_mask, other=0.0).to(tl.float32)
-    if RELU:
-        acc = tl.maximum(acc, 0.0)
-    y = acc.to(y_ptr.dtype.element_ty)
-    tl.store(y_ptr + y_off, y, mask=out_mask)
-    if STATS:  # statistics of the stored (rounded) values, over valid rows only
-        rows = tl.minimum(M - pid_m.to(tl.int64) * BLOCK_M, BLOCK_M).to(tl.float32)
-        s, m2 = tile_centred_sums(y.to(tl.float32), out_mask, rows)  # the one per-tile formula (tile_stats)
-        tl.store(part_ptr + pid_m * K + k_glob, s, mask=n_ok)
-        tl.store(part_ptr + (num_pid_m + pid_m) * K + k_glob, m2, mask=n_ok)
+    rows = tl.minimum(M - pid_m.to(tl.int64) * BLOCK_M, BLOCK_M).to(tl.float32)
+    epilogue(acc, offs_m, row_ok, rows, k_glob, n_ok, pid_m, num_pid_m, K, y_ptr, bias_ptr, scale_ptr, shift_ptr,
+             res_ptr, part_ptr, HAS_BIAS, HAS_SCALE, HAS_SHIFT, HAS_RES, RELU, STATS)
 
 
 def _pow2_divisor(v: int, cap: int) -> int:
@@ -362,7 +352,12 @@ def _validate_fwd(x, w_packed, g: ConvGeometry, bias, scale, shift, residual, in
 
 def _launch_fwd(x, w_packed, g: ConvGeometry, v: _FwdOperands, residual, part, cfg: ConvConfig, *, relu: bool,
                 in_relu: bool, dot_ieee: bool) -> None:
-    """One launch of :func:`_conv_fwd_kernel` with ``cfg`` (``part``: the stats buffer, or None)."""
+    """One launch of :func:`_conv_fwd_kernel` with ``cfg`` (``part``: the stats buffer, or None), or of the box
+    kernel for a ``tma`` config on a conv of more than one tap."""
+    if cfg.tma and not g.is_pointwise:
+        _box.launch(cfg, g, x, w_packed, v.out, (v.bias, v.scale, v.shift, v.in_scale, v.in_shift), residual, part,
+                    relu=relu, in_relu=in_relu)
+        return
     dummy = v.out  # never read: its branch is compiled out
     x_desc, w_desc = x, w_packed  # placeholders when not TMA (never read)
     if cfg.tma:
@@ -381,6 +376,30 @@ def _launch_fwd(x, w_packed, g: ConvGeometry, v: _FwdOperands, residual, part, c
         TMA=cfg.tma, PACK_C=g.pack_c, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
         GROUP_M=cfg.GROUP_M,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def _box_configs(g: ConvGeometry, x: torch.Tensor, w_packed: torch.Tensor, dot_ieee: bool) -> list:
+    """The :data:`.conv_fwd_box.BOX_CONFIGS` this launch can run (:func:`.conv_fwd_box.eligible`) whose BLOCK_N
+    the output channels fill, widest first. TMA permission is the caller's."""
+    return [c for c in _box.BOX_CONFIGS if c.BLOCK_N <= max(64, triton.next_power_of_2(g.Kg))
+            and _box.eligible(g, c, x, w_packed, dot_ieee)]
+
+
+def _candidates(g: ConvGeometry, dtype: torch.dtype, tma_ok: bool, boxes: list) -> tuple:
+    """(tuning candidates, untuned default) of a launch before the prologue-pass twins: the dense-taps tiles
+    where :attr:`ConvGeometry.pack_c`, else :data:`configs.FWD_CONFIGS` pruned for the shape with the heuristic's
+    pick; plus, where ``tma_ok`` (:func:`tma_eligible`), the pointwise TMA twins (never the default: they have to
+    win a measurement), and the box tiles ``boxes`` (:func:`_box_configs`; the first is the default: no index
+    math in its loop)."""
+    if g.pack_c:  # dense taps: BLOCK_K is the filter row's width
+        candidates = [replace(c, BLOCK_K=g.taps_k) for c in _cfg.DENSE_CONFIGS]
+        default = candidates[0]
+    else:
+        candidates = _cfg.prune(_cfg.fwd_configs(dtype), g.M, g.Kg, g.Cg_pad, dtype)
+        default = _cfg.heuristic(candidates, g.M, g.Kg, g.Cg_pad)
+    if tma_ok:
+        candidates += _tma_variants(candidates)
+    return candidates + boxes, boxes[0] if boxes else default
 
 
 def conv2d_nhwc(x: torch.Tensor, w_packed: torch.Tensor, geometry: ConvGeometry, *, bias=None, scale=None,
@@ -412,9 +431,10 @@ def conv2d_nhwc(x: torch.Tensor, w_packed: torch.Tensor, geometry: ConvGeometry,
         allow_tf32 = _cfg.conv_allows_tf32()
     dot_ieee = x.dtype == torch.float32 and not allow_tf32
     tma_ok = tma_eligible(x, w_packed, g, dot_ieee)
+    boxes = _box_configs(g, x, w_packed, dot_ieee) if _cfg.tma_allowed(x.device) else []
     pass_ok = _pass.worth_offering(g, v.in_scale is not None)
     switches = FwdSwitches(prologue=v.in_scale is not None, stats=bool(stats), residual=residual is not None,
-                           dot_ieee=bool(dot_ieee), tma=tma_ok)
+                           dot_ieee=bool(dot_ieee), tma=tma_ok or bool(boxes))
     partials_for: dict = {}  # per tile count, so tuning launches reuse one buffer
     xk = dense_input(x, g) if g.pack_c else x
 
@@ -440,14 +460,7 @@ def conv2d_nhwc(x: torch.Tensor, w_packed: torch.Tensor, geometry: ConvGeometry,
         return part
 
     if config is None:
-        if g.pack_c:  # dense taps: BLOCK_K is the filter row's width
-            candidates = [replace(c, BLOCK_K=g.taps_k) for c in _cfg.DENSE_CONFIGS]
-            default = candidates[0]
-        else:
-            candidates = _cfg.prune(_cfg.fwd_configs(x.dtype), g.M, g.Kg, g.Cg_pad, x.dtype)
-            default = _cfg.heuristic(candidates, g.M, g.Kg, g.Cg_pad)  # never TMA: it has to win a measurement
-        if tma_ok:
-            candidates += _tma_variants(candidates)
+        candidates, default = _candidates(g, x.dtype, tma_ok, boxes)
         if pass_ok:  # the prologue as its own pass: twins of the large tiles, and the untuned default
             candidates += [replace(c, prologue_pass=True) for c in candidates if c.BLOCK_M * c.BLOCK_N >= 128 * 64]
             default = replace(default, prologue_pass=True)
@@ -456,8 +469,11 @@ def conv2d_nhwc(x: torch.Tensor, w_packed: torch.Tensor, geometry: ConvGeometry,
         config = _tune.choose("conv_fwd", g, x.dtype, x.device, candidates, switches, launch, default)
     if g.pack_c:  # a pinned, interpreter or tuned config runs its tile with the row's width
         config = replace(config, BLOCK_K=g.taps_k)
-    check(not config.tma or tma_ok, f"{who}: config {config.name()} uses TMA, which this launch cannot "
-                                    "(see conv_fwd.tma_eligible)")
+    tma_fits = tma_ok if g.is_pointwise else _cfg.tma_allowed(x.device) and _box.eligible(g, config, x, w_packed,
+                                                                                          dot_ieee)
+    check(not config.tma or tma_fits,
+          f"{who}: config {config.name()} uses TMA, which this launch cannot (see conv_fwd.tma_eligible on a "
+          "pointwise conv, else conv_fwd_box.eligible)")
     check(not config.prologue_pass or pass_ok, f"{who}: config {config.name()} runs the prologue as a pass, "
           "which needs a prologue, a filter of more than one tap and the C++ extension (prologue_pass.worth_offering)")
     part = launch(config)

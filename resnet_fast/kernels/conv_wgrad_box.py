@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from .configs import ConvConfig
-from .conv_common import ConvGeometry, rows_aligned, tap_steps
+from .conv_common import ConvGeometry, nhwc_descriptor, tap_steps, tma_ready
 from .conv_dgrad import dy_on_load
 
 try:
@@ -43,7 +43,7 @@ try:
 except ImportError:  # triton < 3.4: configs.tma_allowed is False, nothing here runs
     TensorDescriptor = None
 
-__all__ = ["BOX_CONFIGS", "box_shape", "num_blocks", "tma_ready", "eligible", "launch", "compile_specs"]
+__all__ = ["BOX_CONFIGS", "box_shape", "num_blocks", "eligible", "launch", "compile_specs"]
 
 # The TMA-box tiles (``tma=True``), widest first: dy and x as boxes of a BP×BQ pixel block, no index math in the
 # loop. Offered where :func:`eligible` and the channel counts fill the tile (the row-taps ones at stride 1 without
@@ -70,12 +70,6 @@ def num_blocks(g: ConvGeometry, block_k: int) -> int:
     """K-steps of the whole reduction: pixel blocks over all images."""
     bp, bq = box_shape(g, block_k)
     return g.N * triton.cdiv(g.P, bp) * triton.cdiv(g.Q, bq)
-
-
-def tma_ready(t: torch.Tensor) -> bool:
-    """channels_last-dense enough for a 4-D NHWC descriptor: unit channel stride, 16-byte aligned base and
-    pixel strides (:func:`.conv_common.rows_aligned`)."""
-    return t.stride(1) == 1 and rows_aligned(t) and t.data_ptr() % 16 == 0
 
 
 def eligible(g: ConvGeometry, cfg: ConvConfig, dy: torch.Tensor, x: torch.Tensor, prologue: bool, ieee: bool,
@@ -226,13 +220,6 @@ def _next_block(n, p0, q0, P, Q, BP: tl.constexpr, BQ: tl.constexpr):
     return n, p0, q0
 
 
-def _nhwc_descriptor(t: torch.Tensor, bp: int, bq: int, bc: int):
-    """A 4-D descriptor of channels_last ``t [N, C, H, W]`` (or a strided view of it) as ``[N, H, W, C]`` with
-    boxes ``[1, bp, bq, bc]``."""
-    v = t.permute(0, 2, 3, 1)
-    return TensorDescriptor(v, list(v.shape), list(v.stride()), [1, bp, bq, bc])
-
-
 def launch(cfg, g: ConvGeometry, grad_out: torch.Tensor, x: torch.Tensor, out: torch.Tensor, so: tuple,
            so_split: int, sum_part, so_sum: int, bn_ops, pro_ops, sw, n_split: int, chunk: int) -> None:
     """The launches of :func:`_conv_wgrad_box_kernel` (one per stride phase, :func:`phases`) into ``out`` (dW,
@@ -240,8 +227,8 @@ def launch(cfg, g: ConvGeometry, grad_out: torch.Tensor, x: torch.Tensor, out: t
     first launch); ``chunk`` blocks per program, ``n_split`` chunks. ``bn_ops`` = (y, c1, c2, c3, mean) and
     ``pro_ops`` = (in_scale, in_shift) (placeholders where ``sw``, a ``conv_wgrad.WgradSwitches``, has them off)."""
     bp, bq = box_shape(g, cfg.BLOCK_K)
-    dy_d = _nhwc_descriptor(grad_out, bp, bq, cfg.BLOCK_M)
-    z_d = _nhwc_descriptor(bn_ops[0], bp, bq, cfg.BLOCK_M) if sw.dy_bn else dy_d
+    dy_d = nhwc_descriptor(grad_out, bp, bq, cfg.BLOCK_M)
+    z_d = nhwc_descriptor(bn_ops[0], bp, bq, cfg.BLOCK_M) if sw.dy_bn else dy_d
     tiles_n = g.C // cfg.BLOCK_N
     sh, sww = g.stride
     for i, (ph_h, ph_w, r0, rstep, nr, s0, sstep, ns) in enumerate(phases(g)):
@@ -252,7 +239,7 @@ def launch(cfg, g: ConvGeometry, grad_out: torch.Tensor, x: torch.Tensor, out: t
             continue
         grid = (g.K // cfg.BLOCK_M, taps * tiles_n if sw.need_dw else 1, n_split)
         _conv_wgrad_box_kernel[grid](
-            dy_d, _nhwc_descriptor(xv, bp, bq, cfg.BLOCK_N), z_d, out, *bn_ops[1:],
+            dy_d, nhwc_descriptor(xv, bp, bq, cfg.BLOCK_N), z_d, out, *bn_ops[1:],
             out if sum_part is None else sum_part, *pro_ops,
             g.P, g.Q, triton.cdiv(g.P, bp), triton.cdiv(g.Q, bq), num_blocks(g, cfg.BLOCK_K), chunk, so_sum,
             g.padding[0], g.padding[1], g.dilation[0], g.dilation[1], xv.shape[2], xv.shape[3], r0, rstep, s0, sstep,

@@ -343,9 +343,8 @@ def launches(kernels=("fwd", "dgrad", "wgrad")) -> list:
     """Every (layer, kernel, variant) launch of ResNet-50 at batch 256 in bf16, with its spec."""
     import torch
     import triton
-    from . import configs as cfgs
     from .bn_dy import dy_pass_may_pay
-    from . import conv_dgrad, conv_fwd, conv_wgrad, conv_wgrad_box, prologue_pass
+    from . import conv_dgrad, conv_fwd, conv_fwd_box, conv_wgrad, conv_wgrad_box, prologue_pass
     from .conv_common import ConvGeometry
     dt, tdt, esize = "bf16", torch.bfloat16, 2
     CL = torch.channels_last
@@ -372,14 +371,15 @@ def launches(kernels=("fwd", "dgrad", "wgrad")) -> list:
         relu = pos != "downsample"
         dy_pass = dy_pass_may_pay(g, pos != "stem")
         if "fwd" in kernels:
+            wp = torch.empty(g.packed_weight_shape, dtype=tdt, device="meta")
+            _, c = conv_fwd._candidates(g, tdt, False, conv_fwd._box_configs(g, x, wp, False))  # the default, TMA on
+            box = c.tma and not g.is_pointwise  # the TMA-box kernel (conv_fwd_box)
             if g.pack_c:  # dense taps: the launcher's default, one step per filter row; x padded to pack_c first
-                c = dataclasses.replace(cfgs.DENSE_CONFIGS[0], BLOCK_K=g.taps_k)
+                c = dataclasses.replace(c, BLOCK_K=g.taps_k)
                 sig, div16 = _template(conv_fwd, conv_fwd._conv_fwd_kernel, dt, PACK_C=g.pack_c)
                 steps = g.R
                 pad = 2 * g.N * g.pack_c * g.H * g.W if g.C != g.pack_c else 0  # the pad pass: written, read
             else:
-                cands = cfgs.prune(cfgs.fwd_configs(tdt), g.M, g.Kg, g.Cg_pad, tdt)
-                c = cfgs.heuristic(cands, g.M, g.Kg, g.Cg_pad)
                 sig, div16 = _template(conv_fwd, conv_fwd._conv_fwd_kernel, dt, TMA=False, PACK_C=0,
                                        EVEN_C=g.Cg % c.BLOCK_K == 0)
                 if g.Cg % 16:
@@ -404,10 +404,15 @@ def launches(kernels=("fwd", "dgrad", "wgrad")) -> list:
                 if prologue_pass.may_pay(g, cx["PROLOGUE"]):  # the launcher's default there: the pass, then no
                     cx.update(PROLOGUE=False, IN_RELU=False)   # prologue in the loop
                     cr, passes = dataclasses.replace(c, prologue_pass=True), 2 * nx
-                add(Launch(name, 1, role, "fwd", variant, cr.name(), "conv_fwd", "_conv_fwd_kernel",
-                           _merge_cx(sig, cx, "conv_fwd"), {"num_warps": c.num_warps, "num_stages": c.num_stages},
-                           div16, g.Cg % 16 == 0, tiles, steps, fma, (nx + nw + ny + extra) * esize, sig,
-                           (pad + passes) * esize))
+                where = ("conv_fwd", "_conv_fwd_kernel", _merge_cx(sig, cx, "conv_fwd"), div16, sig)
+                if box:  # same tiles and steps (its blocks tile the output exactly); the flags it has
+                    bx = conv_fwd_box.constexprs((g.R, g.S), c, conv_fwd_box.exact_block(g, c.BLOCK_M))
+                    bx.update({k: v for k, v in cx.items() if k in bx})
+                    where = ("conv_fwd_box", "_conv_fwd_box_kernel", bx, conv_fwd_box.DIV16,
+                             conv_fwd_box.signature(dt, bx))
+                add(Launch(name, 1, role, "fwd", variant, cr.name(), *where[:3],
+                           {"num_warps": c.num_warps, "num_stages": c.num_stages}, where[3], g.Cg % 16 == 0, tiles,
+                           steps, fma, (nx + nw + ny + extra) * esize, where[4], (pad + passes) * esize))
         bwd = [("train", "fused" if prologue else "dy_bn")]
         if pos != "stem":  # the inference op computes no input gradient for the image
             bwd.append(("infer", "relu" if relu else "plain"))

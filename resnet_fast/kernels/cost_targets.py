@@ -73,22 +73,22 @@ WHY = {
         "packed bf16 would cancel in `y − mean` (the float64 tests' large-mean cases). The forms without the "
         "transform exist: `triton_dy_pass` (rows `+dy_pass`) and the prologue pass (configs `-pp`)."),
     "loop": {
-        "fwd": "The im2col gather's per-row coordinates and padding masks (ISETP/SEL per row and tap) are "
-               "issued by every warp each step; at 64 channels (layer1) BLOCK_N is 64, and 64×64 w4 (1.18), "
-               "128×64 w8 (1.16) and 256×64 w8 (0.84) are no better. The stem has 3 channels (dense taps, 4 per "
-               "tap in a 32-wide row).",
+        "fwd": "The stem has 3 channels: dense taps, 4 per tap in a 32-wide row, whose per-row coordinates and "
+               "padding masks every warp issues each step. (The 3×3 convs whose output blocks tile exactly take "
+               "the TMA-box kernel, `-tma` configs: layer1's 64 channels at 0.75.)",
         "dgrad": "dy is gathered per tap of the stride phase with a padding mask per row, and the tile's width is "
                  "the layer's input channels. At 64 (layer1) the per-tap reduction is 64 too: a 64×64×64 step is "
                  "128 MMA cycles for a w4 CTA against ≈ 140 instructions per warp of address advance, masks, "
                  "cp.async commit/wait, barrier and wgmma fence; 128×64 spills at w4 (1.55) and keeps the ratio "
                  "at w8 (1.95: every warp issues the same loop). At 128 (layer2's 3×3, target 0.6) the plain "
                  "64×128 loop is at 0.62.",
-        "wgrad": "Where the box kernel (stride-1 filters of more than one tap) does not run, x is an im2col "
-                 "gather: a coordinate and padding mask per row and tap. At stride 2 (the first block of layers "
-                 "2-4: its 3×3 conv2 and the 1×1 downsample) the plain loop issues 0.83–0.89 of the MMA time at "
-                 "the tiles that fit beside the fp32 accumulator; a box of every other row would need a "
-                 "descriptor per stride phase (not built). At 64 channels (layer1's 1×1 convs) the tile's x side "
-                 "is 64 wide (0.88–0.93, memory-bound). The stem's 3 channels run 4-wide dense taps (2.44).",
+        "wgrad": "Where the box kernel does not run, x is an im2col gather: a coordinate and padding mask per "
+                 "row and tap. It runs 3×3 filters at stride 1 and, by stride-phase views, 2 where a tile fits: "
+                 "at stride 2 and 128 channels (layer2.0.conv2) none does (128×256 needs 256 output channels, "
+                 "row taps run at stride 1) and the gather loop issues 0.88 of the MMA time; a 128×128 box tile "
+                 "compiles at 2.37 fused (gather 2.99) but 1.69 in the inference variant (gather row taps 1.49). "
+                 "1×1 convs at stride 2 (0.85–0.89) and at 64 channels (layer1, 0.88–0.93, memory-bound) keep "
+                 "the gather. The stem's 3 channels run 4-wide dense taps (2.44).",
     },
     "vectors": (
         "The narrow cp.async are the per-channel fp32 vectors indexed by the reduction channel, reloaded each "
