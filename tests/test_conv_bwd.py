@@ -716,7 +716,7 @@ def test_backward_tuning_candidates_are_compile_checked(shape, dtype, ieee, layo
     dy = torch.empty(N, K, g.P, g.Q, dtype=dtype).contiguous(memory_format=fmt)
     w = torch.empty(K, C, R, R, dtype=dtype).contiguous(memory_format=fmt)
     ptr = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}[dtype]
-    cands, default = dg._candidates(g, dy, w, (x, x), ieee)
+    cands, default = dg._candidates(g, dy, w, (x, x), ieee, tma=False)  # box tiles: test_conv_dgrad_box
     assert default in cands
     for c in cands:
         key = (c.BLOCK_M, c.BLOCK_N, c.BLOCK_K, c.num_warps, c.num_stages, ptr, dg._aligned(g, c, dy, w, (x, x)), ieee)
@@ -743,7 +743,7 @@ def test_dgrad_candidates_are_compile_checked_per_variant(cin, dtype):
     checked = {(cx["BLOCK_M"], cx["BLOCK_N"], cx["BLOCK_K"], opts["num_warps"], sig["dy_ptr"], cx["ALIGNED"],
                 cx["EPI_ALIGNED"], cx["EPI"]) for _fn, sig, cx, opts, *_ in dg.compile_specs() if not cx["DOT_IEEE"]}
     for epilogue in (False, True):
-        cands, default = dg._candidates(g, dy, w, (x, x), False, epilogue)
+        cands, default = dg._candidates(g, dy, w, (x, x), False, epilogue, tma=False)
         assert default == cands[0]
         for c in cands:
             key = (c.BLOCK_M, c.BLOCK_N, c.BLOCK_K, c.num_warps, ptr, dg._aligned(g, c, dy, w, (x, x)),

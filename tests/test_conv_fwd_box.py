@@ -12,7 +12,7 @@ from resnet_fast.kernels import configs as cfgs
 from resnet_fast.kernels import conv_fwd_box as box
 from resnet_fast.kernels.bn_finalize import bn_finalize
 from resnet_fast.kernels.configs import ConvConfig
-from resnet_fast.kernels.conv_common import ConvGeometry
+from resnet_fast.kernels.conv_common import ConvGeometry, pixel_block
 from helpers import rel_err
 from test_conv_fwd import TOL, make, reference
 
@@ -76,8 +76,7 @@ def test_box_fwd_matches_conv2d(tma_device, triton_backend, variant, geometry):
                                              (4, 8, 16, (2, 8)), (8, 4, 16, (4, 4)), (32, 32, 128, (4, 32)),
                                              (7, 7, 64, None), (1, 512, 256, (1, 256))])
 def test_exact_block_tiles_the_output(P, Q, block, want):
-    g = ConvGeometry.make((1, 16, P, Q), (16, 16, 3, 3), padding=1)
-    assert box.exact_block(g, block) == want
+    assert pixel_block(P, Q, block, exact_only=True) == want
 
 
 def _case(device, C=32, H=8, W=8, K=32, R=3, stride=1, groups=1, dtype=torch.float16, offset=0):

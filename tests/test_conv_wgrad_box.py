@@ -11,7 +11,7 @@ import resnet_fast.kernels.conv_wgrad as wg
 from resnet_fast.kernels import configs as cfgs
 from resnet_fast.kernels import conv_wgrad_box as box
 from resnet_fast.kernels.configs import ConvConfig
-from resnet_fast.kernels.conv_common import ConvGeometry, DyBN
+from resnet_fast.kernels.conv_common import ConvGeometry, DyBN, pixel_block
 
 CL = torch.channels_last
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
@@ -101,10 +101,12 @@ def test_box_sums_only(tma_device, triton_backend):
 
 def test_box_shape_and_blocks():
     g = ConvGeometry.make((2, 256, 28, 28), (256, 256, 3, 3), 1, 1)
-    assert box.box_shape(g, 64) == (4, 16) and box.num_blocks(g, 64) == 2 * 7 * 2  # 28 columns in 2 × 16
+    assert pixel_block(g.P, g.Q, 64) == (4, 16) and box.num_blocks(g, 64) == 2 * 7 * 2  # 28 columns in 2 × 16
     g7 = ConvGeometry.make((2, 512, 7, 7), (512, 512, 3, 3), 1, 1)
-    assert box.box_shape(g7, 64) == (8, 8) and box.num_blocks(g7, 64) == 2
-    assert box.box_shape(g7, 16) == (2, 8)
+    assert pixel_block(g7.P, g7.Q, 64) == (8, 8) and box.num_blocks(g7, 64) == 2
+    assert pixel_block(g7.P, g7.Q, 16) == (2, 8)
+    g56 = ConvGeometry.make((2, 64, 56, 56), (64, 64, 3, 3), 1, 1)
+    assert pixel_block(g56.P, g56.Q, 64) == (8, 8) and box.num_blocks(g56, 64) == 2 * 7 * 7  # exact: no padding
 
 
 @pytest.mark.parametrize("why,kw", [("row taps stride", dict(stride=2, cfg=SMALL_ROWS)),

@@ -4,7 +4,7 @@ The Triton dgrad and wgrad kernels form their ``dy`` operand while loading it (`
 ``convolution_backward`` cannot, so the composites in :mod:`resnet_fast.ops.conv_cudnn` write it once here:
 
 * training (``c2``, ``c3``, ``mean`` given): ``dy = g_y + c2[k]*(y - mean[k]) + c3[k]``, the BatchNorm
-  statistics' share of the gradient, by :func:`resnet_fast.kernels.conv_dgrad.dy_on_load` with ``c1 = 1``
+  statistics' share of the gradient, by :func:`resnet_fast.kernels.conv_common.dy_on_load` with ``c1 = 1``
   (the one implementation of that transform, so both paths round ``dy`` identically);
 * inference (``relu``): ``g = grad where out > 0, else 0``, the ReLU backward;
 * ``sums``: per-tile ``Σg`` partials ``[T, K]`` fp32 of the formed (or, with nothing to form, the incoming)
@@ -24,8 +24,7 @@ import triton
 import triton.language as tl
 
 from .checks import check_operand_dtype, check_pow2, check_vector
-from .conv_common import ConvGeometry
-from .conv_dgrad import dy_on_load
+from .conv_common import ConvGeometry, dy_on_load
 
 __all__ = ["form_dy", "form_train_dy", "FormedDy", "compile_specs", "BN_DY_CONFIG", "dy_pass_may_pay"]
 

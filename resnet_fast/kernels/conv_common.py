@@ -34,8 +34,8 @@ from .checks import check_like, check_vector
 
 __all__ = ["ConvGeometry", "conv_output_size", "pair", "CHANNEL_PAD", "W_ROW_PAD", "DENSE_MAX_C", "DENSE_MAX_K",
            "round_up",
-           "DyBN", "check_dy_bn", "dense_input",
-           "rows_aligned", "tma_ready", "nhwc_descriptor", "ordered_signature", "rows_to_npq",
+           "DyBN", "check_dy_bn", "dy_on_load", "dense_input",
+           "rows_aligned", "tma_ready", "nhwc_descriptor", "pixel_block", "MAX_BQ", "ordered_signature", "rows_to_npq",
            "swizzle_pid"]
 
 CHANNEL_PAD = 16  # smallest MMA reduction step for 16-bit operands (and 8 for tf32): pad Cg to this
@@ -221,6 +221,25 @@ class DyBN(NamedTuple):
     mean: torch.Tensor
 
 
+@triton.jit
+def dy_on_load(dz, y, c1, c2, c3, mu, mask, DY_RELU: tl.constexpr):
+    """The ``dy_bn`` transform of a loaded gradient tile ``dz``: ``c1*dz' + (c2*(y - mu) + c3)`` in fp32, where
+    ``dz' = dz where y > 0, else 0`` under DY_RELU and ``dz`` otherwise; zero where ``mask`` is False (``c3`` must
+    not leak into padding or tile tails: ``dz`` must be 0 there, as a masked load with ``other=0`` gives it);
+    returned in dz's dtype (the MMA operand). ``y`` is the fp32 tile of the dy_bn tensor; the [K] vectors come
+    broadcast along the tile's channel axis (dgrad's tile is pixels × channels, wgrad's channels × pixels). Used by
+    both backward kernels, so they agree bit for bit.
+
+    Instruction count per element (the K-loop of both GEMMs runs this): the mask selects the fp32 bias term, so
+    the last op is an FFMA whose result is packed straight to 16 bits (masking the packed result instead costs
+    byte permutes per pair), and ``c2*(y - mu) + c3`` is one FADD and one FFMA."""
+    d = dz.to(tl.float32)
+    if DY_RELU:
+        d = tl.where(y > 0, d, 0.0)
+    t = tl.where(mask, c2 * (y - mu) + c3, 0.0)
+    return (c1 * d + t).to(dz.dtype)
+
+
 def check_dy_bn(dy_bn, grad_out: torch.Tensor, K: int, who: str, dy_relu=False) -> DyBN | None:
     """``dy_bn`` (a :class:`DyBN` or 5-tuple, or None) checked against ``grad_out`` and returned as a DyBN;
     ``dy_relu`` (a bool, masking dz by ``y > 0``) needs it. ValueError naming the bad argument."""
@@ -257,6 +276,25 @@ def nhwc_descriptor(t: torch.Tensor, bp: int, bq: int, bc: int):
     from triton.tools.tensor_descriptor import TensorDescriptor  # triton >= 3.4 (configs.tma_allowed)
     v = t.permute(0, 2, 3, 1)
     return TensorDescriptor(v, list(v.shape), list(v.stride()), [1, bp, bq, bc])
+
+
+MAX_BQ = 16  # a padded pixel block's columns: a power of 2 up to the map's width (28 -> 16: 2 blocks of 16)
+
+
+def pixel_block(rows: int, cols: int, block: int, exact_only: bool = False) -> tuple | None:
+    """(BP, BQ), powers of 2 with ``BP*BQ == block``: the pixel block of a TMA-box kernel's tile over a
+    ``rows × cols`` map. The widest BQ whose blocks tile the map exactly (no MMA on padding pixels; every tile
+    ``block`` pixels, as stats partials need); else, unless ``exact_only`` (then None), BQ the smallest power of 2
+    >= cols up to :data:`MAX_BQ`, its blocks past the map's edges zero-filled. A TMA box side is at most 256."""
+    bq = block
+    while bq >= 1:
+        if cols % bq == 0 and rows % (block // bq) == 0 and bq <= 256 and block // bq <= 256:
+            return block // bq, bq
+        bq //= 2
+    if exact_only:
+        return None
+    bq = min(triton.next_power_of_2(cols), MAX_BQ, block)
+    return block // bq, bq
 
 
 def ordered_signature(fn, sig: dict) -> dict:

@@ -32,7 +32,7 @@ Fusions (constexpr switches, default off):
   w.r.t. this conv's BN output) and the kernel reads this conv's raw output ``y`` too, forming
   ``dy = c1*dz + c2*(y - mean) + c3`` per element while loading the A operand (a :class:`.conv_common.DyBN`,
   coefficients from ``bn_backward_coeffs``).
-  :func:`dy_on_load` is the one implementation of this transform, shared with ``conv_wgrad``.
+  :func:`.conv_common.dy_on_load` is the one implementation of this transform, shared with ``conv_wgrad``.
 * ``relu_out`` (DY_RELU, not with ``dy_bn``): ``dy = grad_out where relu_out > 0`` -- the ReLU backward, with
   ``relu_out`` the ReLU's output, masked on load (one packed bf16/fp16 compare and a select per pair: no fp32
   round trip). The inference op's backward (``ops/conv.py``) passes its output and folds its per-channel scale
@@ -63,10 +63,13 @@ import triton
 import triton.language as tl
 
 from .autotune import choose
-from .configs import ConvConfig, checked_candidates, conv_allows_tf32, for_dtype
-from .checks import check_like, check_operand_dtype, check_tensor, check_vector
-from .conv_common import (ConvGeometry, DyBN, check_dy_bn, ordered_signature, rows_aligned,
-                          swizzle_pid, tap_steps)
+from . import conv_dgrad_box as _box
+from .conv_dgrad_box import wide_ok
+from .configs import ConvConfig, checked_candidates, conv_allows_tf32, for_dtype, tma_allowed
+from .dgrad_epilogue import epilogue
+from .checks import check, check_like, check_operand_dtype, check_tensor, check_vector
+from .conv_common import (ConvGeometry, DyBN, check_dy_bn, dy_on_load, ordered_signature, pixel_block,
+                          rows_aligned, swizzle_pid, tap_steps)
 
 __all__ = ["conv2d_dgrad_nhwc", "compile_specs", "dy_on_load", "DGRAD_CONFIGS", "DgradSwitches"]
 
@@ -81,8 +84,8 @@ _TL = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 # and with the MMA per step (the rest of the loop): dy_bn 1.07 at 128x256x32 w8, 1.79 at 64x128x64 w4, 3.56 at
 # 64x64x64 w4 (2.10 at 128x128x32, 4.17 at 128x64x32); with the dReLU/dBN epilogue 1.20 at 64x256x64 w8 (128x256
 # spills there). 128-row tiles need 8 warps (at 4 ptxas spills on sm_90). The 256-wide tiles need 223-250
-# registers with 16-bit operands and spill with tf32 (:func:`_wide_ok`). The masked general path of the wider
-# tiles reaches 255 registers when fused (one load and one 64-bit address per element), so unaligned shapes
+# registers with 16-bit operands and spill with tf32 (:func:`.conv_dgrad_box.wide_ok`). The masked general path
+# of the wider tiles reaches 255 registers when fused (one load and one 64-bit address per element), so unaligned shapes
 # take 64x32.
 DGRAD_CONFIGS = (ConvConfig(128, 256, 32, 8, 8, 3), ConvConfig(64, 256, 64, 8, 8, 3),
                  ConvConfig(64, 128, 64, 8, 4, 3), ConvConfig(128, 128, 32, 8, 8, 3),
@@ -93,12 +96,6 @@ _GENERAL_CONFIG = DGRAD_CONFIGS[-1]  # the one config whose masked general path 
 # so the K-loop is the ALIGNED one (16-byte cp.async for dy, y and the weight, pipelined) and only the epilogue
 # masks the channels (EPI_ALIGNED off). BLOCK_K 64: the stem's K = 64 output channels are one step per tap.
 NARROW_CONFIG = ConvConfig(128, 16, 64, 8, 4, 3)
-
-
-def _wide_ok(base: ConvConfig, dtype: torch.dtype, epilogue: bool) -> bool:
-    """Whether config ``base`` may launch (and is compile-checked) for operands of ``dtype`` with or without the
-    epilogue: the 256-wide channel tiles only with 16-bit operands, and with the epilogue only 64 rows wide."""
-    return base.BLOCK_N <= 128 or (dtype != torch.float32 and (not epilogue or base.BLOCK_M <= 64))
 
 
 def _narrow(g: ConvGeometry, cfg: ConvConfig, dy: torch.Tensor) -> bool:
@@ -131,41 +128,31 @@ def _pack_narrow_weight(weight: torch.Tensor, g: ConvGeometry) -> torch.Tensor:
 
 
 def _candidates(g: ConvGeometry, dy: torch.Tensor, weight: torch.Tensor, others, ieee: bool,
-                epilogue: bool = False) -> tuple:
+                epilogue: bool = False, tma: bool | None = None) -> tuple:
     """(candidates for ``dy``'s dtype, the untuned default): the configs whose path for this shape (ALIGNED or
-    the masked general one) is compile-checked (:func:`_wide_ok` with ``epilogue``, the dReLU/dBN fusion). IEEE
-    fp32 is FMA, where the larger tiles' fused variants spill on sm_90, and C/groups <= 32 gains nothing from
-    wider channel tiles: both take the general config."""
+    the masked general one) is compile-checked (:func:`.conv_dgrad_box.wide_ok` with ``epilogue``, the dReLU/dBN
+    fusion). IEEE fp32 is FMA, where the larger tiles' fused variants spill on sm_90, and C/groups <= 32 gains
+    nothing from wider channel tiles: both take the general config. ``tma`` (default
+    :func:`.configs.tma_allowed` on dy's device) adds the :data:`.conv_dgrad_box.BOX_CONFIGS` that
+    :func:`.conv_dgrad_box.eligible` (``others``: the boxed y / relu_out first, then dx and y_prev) and whose
+    BLOCK_N the channels fill; the widest is the default where its pixel blocks tile dx exactly (or run over the
+    flat rows of a pointwise conv)."""
     general = for_dtype(_GENERAL_CONFIG, dy.dtype)
     narrow = for_dtype(NARROW_CONFIG, dy.dtype)
     if not ieee and _narrow(g, narrow, dy):
         return (narrow, general), narrow
     if g.Cg <= 32 or ieee:
         return (general,), general
-    bases = [c for c in DGRAD_CONFIGS if _wide_ok(c, dy.dtype, epilogue)]
+    bases = [c for c in DGRAD_CONFIGS if wide_ok(c, dy.dtype, epilogue)]
     # GEMM: dx rows × input channels, reducing over output channels
     cands = checked_candidates(bases, general, dy.dtype, lambda c: _aligned(g, c, dy, weight, others),
                                g.N * g.H * g.W // (g.stride[0] * g.stride[1]), g.Cg, g.Kg)
+    if tma if tma is not None else tma_allowed(dy.device):
+        box = [c for c in _box.BOX_CONFIGS if c.BLOCK_N <= max(64, triton.next_power_of_2(g.Cg))
+               and wide_ok(c, dy.dtype, epilogue) and _box.eligible(g, c, dy, weight, others, ieee)]
+        exact = [c for c in box if _box.flat(g, dy, *others) or pixel_block(g.H, g.W, c.BLOCK_M, True)]
+        return tuple(cands) + tuple(box), exact[0] if exact else cands[0]
     return tuple(cands), cands[0]
-
-
-@triton.jit
-def dy_on_load(dz, y, c1, c2, c3, mu, mask, DY_RELU: tl.constexpr):
-    """The ``dy_bn`` transform of a loaded gradient tile ``dz``: ``c1*dz' + (c2*(y - mu) + c3)`` in fp32, where
-    ``dz' = dz where y > 0, else 0`` under DY_RELU and ``dz`` otherwise; zero where ``mask`` is False (``c3`` must
-    not leak into padding or tile tails: ``dz`` must be 0 there, as a masked load with ``other=0`` gives it);
-    returned in dz's dtype (the MMA operand). ``y`` is the fp32 tile of the dy_bn tensor; the [K] vectors come
-    broadcast along the tile's channel axis (dgrad's tile is pixels × channels, wgrad's channels × pixels). Used by
-    both backward kernels, so they agree bit for bit.
-
-    Instruction count per element (the K-loop of both GEMMs runs this): the mask selects the fp32 bias term, so
-    the last op is an FFMA whose result is packed straight to 16 bits (masking the packed result instead costs
-    byte permutes per pair), and ``c2*(y - mu) + c3`` is one FADD and one FFMA."""
-    d = dz.to(tl.float32)
-    if DY_RELU:
-        d = tl.where(y > 0, d, 0.0)
-    t = tl.where(mask, c2 * (y - mu) + c3, 0.0)
-    return (c1 * d + t).to(dz.dtype)
 
 
 @triton.jit
@@ -316,28 +303,8 @@ def _conv_dgrad_kernel(
         w_tap = tl.where(k_wrap, tl.where(s_wrap, w_tap + RSTEP_H * sw_r - (ns - 1) * RSTEP_W * sw_s,
                                           w_tap + RSTEP_W * sw_s), w_tap)
 
-    out_mask = row_ok[:, None] & c_ok[None, :]
-    if EPI:  # dz = dx * relu'(y_prev*scale + shift); partial Σdz, Σdz·(y_prev - mean) per tile
-        y_row = n64 * sy_n + h * sy_h + w * sy_w
-        if EPI_ALIGNED:
-            y_row = tl.multiple_of(y_row, 16)
-        y_off = y_row[:, None] + (c_glob * sy_c)[None, :]
-        yp = tl.load(y_ptr + y_off, mask=out_mask, other=0.0).to(tl.float32)
-        isc = tl.load(isc_ptr + c_glob, mask=c_ok, other=0.0)
-        ish = tl.load(ish_ptr + c_glob, mask=c_ok, other=0.0)
-        imu = tl.load(imu_ptr + c_glob, mask=c_ok, other=0.0)
-        live = (yp * isc[None, :] + ish[None, :] > 0) & out_mask
-        acc = tl.where(live, acc, 0.0)
-        tl.store(part_ptr + pid0 * C_TOT + c_glob, tl.sum(acc, axis=0), mask=c_ok)
-        tl.store(part_ptr + (T_PART + pid0) * C_TOT + c_glob,
-                 tl.sum(acc * (yp - imu[None, :]), axis=0), mask=c_ok)
-        if OUT_SCALE:  # store dz*out_scale[c] (the BN's input gradient); the partials stay sums of dz
-            acc = acc * tl.load(osc_ptr + c_glob, mask=c_ok, other=0.0)[None, :]
-    dx_row = n64 * sdx_n + h * sdx_h + w * sdx_w
-    if EPI_ALIGNED:
-        dx_row = tl.multiple_of(dx_row, 16)
-    dx_off = dx_row[:, None] + (c_glob * sdx_c)[None, :]
-    tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=out_mask)
+    epilogue(acc, n64, h, w, row_ok, c_glob, c_ok, pid0, T_PART, C_TOT, dx_ptr, y_ptr, isc_ptr, ish_ptr, imu_ptr,
+             part_ptr, osc_ptr, sdx_n, sdx_h, sdx_w, sdx_c, sy_n, sy_h, sy_w, sy_c, EPI, OUT_SCALE, EPI_ALIGNED)
 
 
 _PLACEHOLDER: dict = {}
@@ -404,7 +371,11 @@ def _launch_dgrad(cfg: ConvConfig, g: ConvGeometry, grad_out, weight, dx, epi_op
                   sw: DgradSwitches, packed=None) -> None:
     """One launch of :func:`_conv_dgrad_kernel`. ``epi_ops`` = (y_prev, in_scale, in_shift, in_centre), ``osc``
     (out_scale), ``bn_ops`` (the :class:`DyBN` fields) and ``part`` are placeholders where their switch is off.
-    ``packed``: the narrow path's repacked weight (:func:`_pack_narrow_weight`), used when ``cfg`` takes it."""
+    ``packed``: the narrow path's repacked weight (:func:`_pack_narrow_weight`), used when ``cfg`` takes it.
+    A ``tma`` config runs the box kernel (:mod:`.conv_dgrad_box`)."""
+    if cfg.tma:
+        _box.launch(cfg, g, grad_out, weight, dx, epi_ops, part, osc, bn_ops, sw)
+        return
     tiles_m, T = _tiles(g, cfg)
     tiles_n = triton.cdiv(g.Cg, cfg.BLOCK_N)
     yp = epi_ops[0]
@@ -477,8 +448,10 @@ def conv2d_dgrad_nhwc(grad_out: torch.Tensor, weight: torch.Tensor, x_shape, *, 
     parts: dict = {}  # per tile count, so tuning launches reuse one buffer
     packed: list = []  # the narrow path's repacked weight, built once per call
 
+    boxed = (bn_ops[0],) if dy_bn is not None or relu_out is not None else ()  # read by boxes like dy
+
     def launch(cfg: ConvConfig):
-        T = _tiles(g, cfg)[1]
+        T = _box.num_tiles(g, cfg, _box.flat(g, grad_out, dx, *boxed, *epi_ops[:1])) if cfg.tma else _tiles(g, cfg)[1]
         part = dx
         if epi:
             part = parts.get(T)
@@ -490,23 +463,18 @@ def conv2d_dgrad_nhwc(grad_out: torch.Tensor, weight: torch.Tensor, x_shape, *, 
         return part
 
     if config is None:
-        cands, default = _candidates(g, grad_out, weight, (dx, epi_ops[0]), sw.dot_ieee, epi)
+        cands, default = _candidates(g, grad_out, weight, (*boxed, dx, epi_ops[0]), sw.dot_ieee, epi)
         config = choose("conv_dgrad", g, grad_out.dtype, dev, cands, sw, launch, default)
+    boxes_ok = tma_allowed(dev) and _box.eligible(g, config, grad_out, weight, (*boxed, dx, epi_ops[0]), sw.dot_ieee)
+    check(not config.tma or boxes_ok,
+          f"{who}: config {config.name()} loads TMA boxes, which needs groups 1, stride 1, 16-bit tensor-core "
+          "operands, channel tiles dividing K and C, 16-byte aligned channels_last dy, dx, y and y_prev, a "
+          "channels_last weight and TMA on this device (conv_dgrad_box.eligible)")
     part = launch(config)
     return (dx, part) if epi else dx
 
 
-# The constexpr variants the ops launch: plain (no op fuses anything), the training op with a BN+ReLU prologue
-# (dReLU/dBN epilogue, out_scale, BN backward on load), the training op without prologue (dy_bn only), the
-# inference op with ReLU (its mask on load; without ReLU it is plain, its scale folded into the weight), and the
-# training op's triton_dy_pass runner with a prologue (the epilogue; dy formed beforehand).
-VARIANTS = {
-    "plain": {},
-    "fused": {"EPI": True, "OUT_SCALE": True, "DY_BN": True},
-    "dy_bn": {"DY_BN": True},
-    "relu": {"DY_RELU": True},
-    "epi": {"EPI": True, "OUT_SCALE": True},
-}
+VARIANTS = _box.VARIANTS  # the constexpr variants the ops launch (one table for both kernels, see there)
 # triton_dy_pass's with a prologue, never in IEEE fp32 (bn_dy.dy_pass_may_pay): not on the FMA (DOT_IEEE) path
 _DY_PASS_ONLY = ("epi",)
 
@@ -514,7 +482,7 @@ _DY_PASS_ONLY = ("epi",)
 def compile_specs() -> list:
     """(jit_fn, signature, constexprs, options, is_gemm, div16) for the sm_90 compile check, at stride 2 (the
     strides are constexpr; the filter, padding and dilation are runtime): every config × dtype × :data:`VARIANTS`
-    (those :func:`_wide_ok` allows) on the ALIGNED path, with the channel counts
+    (those :func:`.conv_dgrad_box.wide_ok` allows) on the ALIGNED path, with the channel counts
     and the NHWC / channels_last-weight strides multiples of 16 as Triton's launcher specialises them for ResNet
     layers; the masked general path at the config the launcher
     gives it (64×32), without divisibility hints (its worst case: 4-32 channels per group, NCHW)."""
@@ -547,7 +515,7 @@ def compile_specs() -> list:
 
     dtypes = (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32))
     specs = [spec(base, dt, tdt, v, True) for base in DGRAD_CONFIGS for dt, tdt in dtypes for v in VARIANTS
-             if _wide_ok(base, tdt, VARIANTS[v].get("EPI", False))]
+             if wide_ok(base, tdt, VARIANTS[v].get("EPI", False))]
     specs += [spec(_GENERAL_CONFIG, dt, tdt, v, False) for dt, tdt in dtypes for v in VARIANTS]
     specs += [spec(NARROW_CONFIG, dt, tdt, v, True, narrow=True) for dt, tdt in dtypes for v in VARIANTS]
     # IEEE fp32 (the default unless TF32 is allowed, configs.conv_allows_tf32): FMA, not wgmma, by design

@@ -8,16 +8,18 @@ that block are the block shifted by ``(r*dil_h - pad_h, s*dil_w - pad_w)``: a 4-
 its out-of-bounds zero fill standing for the padding. The packed weight ``[K_pad, R*S*Cg_pad]`` is a 2-D
 descriptor (a ``BLOCK_N × BLOCK_K`` box per step). So the loop issues the two TMA copies, the mbarrier wait and
 the wgmma; :mod:`.conv_fwd`'s gather spends per step a coordinate and padding mask per row and tap
-(:mod:`.cost_report`). The price is padding work: a block covers ``ceil(P/BP)*BP × ceil(Q/BQ)*BQ`` pixels
-(:func:`.conv_wgrad_box.box_shape`; its rows past P or Q are computed, never stored nor counted).
+(:mod:`.cost_report`). Without the prologue the GEMM runs transposed, ``y^T = W · x^T``, so both wgmma operands
+come straight from their TMA buffers. The blocks tile ``P × Q`` exactly (:func:`.conv_common.pixel_block`): no
+MMA on padding pixels, and every stats tile has ``BLOCK_M`` rows, as :class:`.tile_stats.TileStats` says.
 
 ``PROLOGUE``: ``relu?(x*in_scale + in_shift)`` on the box in registers, zero outside the image (padding stays
 zero, not ``relu(in_shift)``). The epilogue is :func:`.fwd_epilogue.epilogue` (bias, scale, shift, residual, ReLU,
-stats), the same code as the gather kernel's; the stats partials are per box tile (``TileStats.box``).
+stats), the same code as the gather kernel's.
 
-Where :func:`eligible`: groups 1, stride 1, 16-bit operands on tensor cores, ``C % BLOCK_K == 0``, 16-byte
-aligned x (base and pixel strides), TMA allowed (:func:`.configs.tma_allowed`). A config is ``ConvConfig.tma``
-on a conv of more than one tap (on a pointwise conv ``tma`` is :mod:`.conv_fwd`'s 2-D TMA path).
+Where :func:`eligible`: groups 1, stride 1, 16-bit operands on tensor cores, ``C % BLOCK_K == 0``, exact blocks,
+16-byte aligned x (base and pixel strides) and packed weight, TMA allowed (:func:`.configs.tma_allowed`). A
+config is ``ConvConfig.tma`` on a conv of more than one tap (on a pointwise conv ``tma`` is :mod:`.conv_fwd`'s
+2-D TMA path).
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ import triton
 import triton.language as tl
 
 from .configs import ConvConfig
-from .conv_common import ConvGeometry, nhwc_descriptor, swizzle_pid, tma_ready
+from .conv_common import ConvGeometry, nhwc_descriptor, pixel_block, swizzle_pid, tma_ready
 from .fwd_epilogue import epilogue
 
 try:
@@ -34,7 +36,7 @@ try:
 except ImportError:  # triton < 3.4: configs.tma_allowed is False, nothing here runs
     TensorDescriptor = None
 
-__all__ = ["BOX_CONFIGS", "VARIANTS", "exact_block", "eligible", "launch", "signature", "constexprs", "compile_specs"]
+__all__ = ["BOX_CONFIGS", "VARIANTS", "eligible", "launch", "signature", "constexprs", "compile_specs"]
 
 
 @triton.jit
@@ -105,32 +107,19 @@ BOX_CONFIGS = (ConvConfig(128, 128, 64, 8, 8, 3, tma=True), ConvConfig(64, 128, 
                ConvConfig(64, 64, 64, 8, 4, 4, tma=True))
 
 
-def exact_block(g: ConvGeometry, block_m: int) -> tuple | None:
-    """(BP, BQ), powers of 2 with ``BP*BQ == block_m`` that tile the ``P × Q`` output exactly (BQ the widest
-    such), or None. Exact tiles are what a box tile's stats need: every tile has ``block_m`` rows, so
-    :class:`.tile_stats.TileStats` (``tile_rows = block_m``) holds, and no MMA is spent on padding pixels."""
-    bq = block_m
-    while bq >= 1:
-        bp = block_m // bq
-        if g.Q % bq == 0 and g.P % bp == 0 and bq <= 256 and bp <= 256:  # TMA: at most 256 per box side
-            return bp, bq
-        bq //= 2
-    return None
-
-
 def eligible(g: ConvGeometry, cfg: ConvConfig, x: torch.Tensor, w_packed: torch.Tensor, dot_ieee: bool) -> bool:
     """Whether the box kernel can run this launch at ``cfg`` (module docstring). TMA permission is the caller's."""
     return (TensorDescriptor is not None and cfg.tma and g.groups == 1 and g.stride == (1, 1) and g.R * g.S > 1
             and not g.pack_c and not dot_ieee and x.dtype in (torch.float16, torch.bfloat16)
-            and g.C % cfg.BLOCK_K == 0 and exact_block(g, cfg.BLOCK_M) is not None and tma_ready(x)
-            and w_packed.data_ptr() % 16 == 0)
+            and g.C % cfg.BLOCK_K == 0 and pixel_block(g.P, g.Q, cfg.BLOCK_M, exact_only=True) is not None
+            and tma_ready(x) and w_packed.data_ptr() % 16 == 0)
 
 
 def launch(cfg: ConvConfig, g: ConvGeometry, x: torch.Tensor, w_packed: torch.Tensor, y: torch.Tensor, vecs: tuple,
            residual, part, *, relu: bool, in_relu: bool) -> None:
     """One launch of :func:`_conv_fwd_box_kernel` into ``y`` (and ``part``, ``[2, M/BLOCK_M, K]`` stats partials,
     or None). ``vecs`` = (bias, scale, shift, in_scale, in_shift), fp32 ``[K]``/``[C]`` or None."""
-    bp, bq = exact_block(g, cfg.BLOCK_M)
+    bp, bq = pixel_block(g.P, g.Q, cfg.BLOCK_M, exact_only=True)
     x_d = nhwc_descriptor(x, bp, bq, cfg.BLOCK_K)
     w_d = TensorDescriptor(w_packed, [g.K_pad, g.R * g.S * g.C], [g.R * g.S * g.C, 1], [cfg.BLOCK_N, cfg.BLOCK_K])
     bias, scale, shift, in_scale, in_shift = vecs

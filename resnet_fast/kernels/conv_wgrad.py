@@ -30,7 +30,7 @@ Fusions (constexpr switches, default off):
 * ``in_scale/in_shift`` (PROLOGUE): ``x`` is the raw output ``y_prev`` of the previous conv; the operand is
   ``relu(y_prev*in_scale[c] + in_shift[c])`` recomputed in registers, with the padding mask applied after
   the transform (a padded zero must stay zero, not become ``relu(in_shift)``).
-* ``dy_bn`` (DY_BN), ``dy_relu`` (DY_RELU): as in ``conv_dgrad`` (the same :func:`conv_dgrad.dy_on_load`):
+* ``dy_bn`` (DY_BN), ``dy_relu`` (DY_RELU): as in ``conv_dgrad`` (the same :func:`conv_common.dy_on_load`):
   ``grad_out`` is ``dz`` and ``dy = c1*dz' + c2*(y - mean) + c3`` is formed while loading (a
   :class:`.conv_common.DyBN`), ``dz' = dz where y > 0`` under dy_relu.
 * ``dy_sums`` (SUMS): also the per-output-channel sums ``Σ_npq dy`` of the operand as the GEMM sees it (after
@@ -75,9 +75,8 @@ from . import prologue_pass as _pass
 from .checks import FLOAT_DTYPES, check, check_operand_dtype, check_tensor, check_vector
 from .autotune import choose
 from .configs import ConvConfig, checked_candidates, conv_allows_tf32, for_dtype, tma_allowed
-from .conv_common import (CHANNEL_PAD, ConvGeometry, DyBN, check_dy_bn, dense_input, ordered_signature,
+from .conv_common import (CHANNEL_PAD, ConvGeometry, DyBN, check_dy_bn, dense_input, dy_on_load, ordered_signature,
                           rows_aligned, rows_to_npq)
-from .conv_dgrad import dy_on_load
 
 __all__ = ["conv2d_wgrad_nhwc", "WGRAD_CONFIGS", "pick_split", "compile_specs", "WgradSwitches"]
 # Split-K (pick_split): at least this many BLOCK_K steps per chunk, at most _MAX_SPLIT chunks; the time model

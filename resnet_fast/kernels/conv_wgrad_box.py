@@ -11,8 +11,9 @@ them: ``c3`` must not leak there). The loop then issues only the TMA copies, the
 the cp.async path of :mod:`.conv_wgrad` spends most of its instructions on per-row coordinates and padding masks
 (sm_90 SASS, plain 3×3 at 128×256×32: 160 of 218 instructions per warp per step).
 
-The cost is padding work: a block covers ``ceil(P/BP)*BP × ceil(Q/BQ)*BQ`` pixels per image (ResNet-50: 12.5 %
-more MMA at 56² and 28², 23 % at 14² and 7²). ``ROW_TAPS`` (stride 1, no prologue): a program per filter row,
+The blocks tile the map exactly where powers of 2 allow (:func:`.conv_common.pixel_block`: 56² in 8×8); else
+the cost is padding work, ``ceil(P/BP)*BP × ceil(Q/BQ)*BQ`` pixels per image (12.5 % more MMA at 28², 23 % at
+14² and 7²). ``ROW_TAPS`` (stride 1, no prologue): a program per filter row,
 its S <= 3 taps sharing each step's dy block (three x boxes, three accumulators), as :mod:`.conv_wgrad`'s
 row-taps path. ``PROLOGUE``: ``relu(x*in_scale + in_shift)`` on the x box in registers, zero outside the view.
 
@@ -24,7 +25,7 @@ back to back and the plain loop keeps one group in flight across steps. x, as A,
 Same contract as :func:`.conv_wgrad._conv_wgrad_kernel` where :func:`eligible`: groups 1, 16-bit operands on
 tensor cores, ``K % BLOCK_M == 0``, ``C % BLOCK_N == 0``, channels_last dy, y and x with 16-byte aligned bases
 and pixel strides, each stride phase's view of x non-empty, TMA allowed (:func:`.configs.tma_allowed`).
-DY_BN/DY_RELU form dy with :func:`.conv_dgrad.dy_on_load` (bit-identical to the cp.async path); SUMS: the first
+DY_BN/DY_RELU form dy with :func:`.conv_common.dy_on_load` (bit-identical to the cp.async path); SUMS: the first
 (tap, channel tile) column of the first launch sums the formed dy of its chunk in a loop before the GEMM, as
 there. Partials ``[SPLIT, K, R, S, C]`` and the combine are :mod:`.conv_wgrad`'s; the split is over blocks.
 """
@@ -35,15 +36,14 @@ import triton
 import triton.language as tl
 
 from .configs import ConvConfig
-from .conv_common import ConvGeometry, nhwc_descriptor, tap_steps, tma_ready
-from .conv_dgrad import dy_on_load
+from .conv_common import MAX_BQ, ConvGeometry, dy_on_load, nhwc_descriptor, pixel_block, tap_steps, tma_ready
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # triton < 3.4: configs.tma_allowed is False, nothing here runs
     TensorDescriptor = None
 
-__all__ = ["BOX_CONFIGS", "box_shape", "num_blocks", "eligible", "launch", "compile_specs"]
+__all__ = ["BOX_CONFIGS", "num_blocks", "eligible", "launch", "compile_specs"]
 
 # The TMA-box tiles (``tma=True``), widest first: dy and x as boxes of a BP×BQ pixel block, no index math in the
 # loop. Offered where :func:`eligible` and the channel counts fill the tile (the row-taps ones at stride 1 without
@@ -56,19 +56,9 @@ __all__ = ["BOX_CONFIGS", "box_shape", "num_blocks", "eligible", "launch", "comp
 # 128×128 row-taps tile spills; a 128×128 one-tap tile loses to the row taps at 128 channels.
 BOX_CONFIGS = (ConvConfig(128, 256, 64, 8, 8, 3, tma=True), ConvConfig(64, 128, 64, 8, 8, 3, tma=True, row_taps=True),
                ConvConfig(64, 64, 64, 8, 4, 3, tma=True, row_taps=True))
-MAX_BQ = 16  # block columns: a power of 2 up to Q (28 -> 16: 2 blocks of 16 for 28 columns)
-
-
-def box_shape(g: ConvGeometry, block_k: int) -> tuple:
-    """(BP, BQ): the pixel block of one K-step, ``BP*BQ == block_k``; BQ the smallest power of 2 >= Q up to
-    :data:`MAX_BQ` (and at most block_k)."""
-    bq = min(triton.next_power_of_2(g.Q), MAX_BQ, block_k)
-    return block_k // bq, bq
-
-
 def num_blocks(g: ConvGeometry, block_k: int) -> int:
     """K-steps of the whole reduction: pixel blocks over all images."""
-    bp, bq = box_shape(g, block_k)
+    bp, bq = pixel_block(g.P, g.Q, block_k)
     return g.N * triton.cdiv(g.P, bp) * triton.cdiv(g.Q, bq)
 
 
@@ -226,7 +216,7 @@ def launch(cfg, g: ConvGeometry, grad_out: torch.Tensor, x: torch.Tensor, out: t
     or the fp32 partials, with strides ``so`` = (k, c, r, s) and ``so_split``) and ``sum_part`` (formed by the
     first launch); ``chunk`` blocks per program, ``n_split`` chunks. ``bn_ops`` = (y, c1, c2, c3, mean) and
     ``pro_ops`` = (in_scale, in_shift) (placeholders where ``sw``, a ``conv_wgrad.WgradSwitches``, has them off)."""
-    bp, bq = box_shape(g, cfg.BLOCK_K)
+    bp, bq = pixel_block(g.P, g.Q, cfg.BLOCK_K)
     dy_d = nhwc_descriptor(grad_out, bp, bq, cfg.BLOCK_M)
     z_d = nhwc_descriptor(bn_ops[0], bp, bq, cfg.BLOCK_M) if sw.dy_bn else dy_d
     tiles_n = g.C // cfg.BLOCK_N

@@ -344,8 +344,8 @@ def launches(kernels=("fwd", "dgrad", "wgrad")) -> list:
     import torch
     import triton
     from .bn_dy import dy_pass_may_pay
-    from . import conv_dgrad, conv_fwd, conv_fwd_box, conv_wgrad, conv_wgrad_box, prologue_pass
-    from .conv_common import ConvGeometry
+    from . import conv_dgrad, conv_dgrad_box, conv_fwd, conv_fwd_box, conv_wgrad, conv_wgrad_box, prologue_pass
+    from .conv_common import ConvGeometry, pixel_block
     dt, tdt, esize = "bf16", torch.bfloat16, 2
     CL = torch.channels_last
     seen: dict = {}
@@ -406,7 +406,7 @@ def launches(kernels=("fwd", "dgrad", "wgrad")) -> list:
                     cr, passes = dataclasses.replace(c, prologue_pass=True), 2 * nx
                 where = ("conv_fwd", "_conv_fwd_kernel", _merge_cx(sig, cx, "conv_fwd"), div16, sig)
                 if box:  # same tiles and steps (its blocks tile the output exactly); the flags it has
-                    bx = conv_fwd_box.constexprs((g.R, g.S), c, conv_fwd_box.exact_block(g, c.BLOCK_M))
+                    bx = conv_fwd_box.constexprs((g.R, g.S), c, pixel_block(g.P, g.Q, c.BLOCK_M, exact_only=True))
                     bx.update({k: v for k, v in cx.items() if k in bx})
                     where = ("conv_fwd_box", "_conv_fwd_box_kernel", bx, conv_fwd_box.DIV16,
                              conv_fwd_box.signature(dt, bx))
@@ -419,8 +419,9 @@ def launches(kernels=("fwd", "dgrad", "wgrad")) -> list:
         if "dgrad" in kernels:
             for role, variant in (bwd if pos != "stem" else []):  # the image needs no gradient
                 dx, yp = meta((g.N, g.C, g.H, g.W)), x
-                cands, c = conv_dgrad._candidates(g, y, w, (dx, yp), False,
-                                                  conv_dgrad.VARIANTS[variant].get("EPI", False))
+                vf = conv_dgrad.VARIANTS[variant]
+                boxed = (y,) if vf.get("DY_BN") or vf.get("DY_RELU") else ()
+                cands, c = conv_dgrad._candidates(g, y, w, (*boxed, dx, yp), False, vf.get("EPI", False), tma=True)
                 aligned = conv_dgrad._aligned(g, c, y, w, (dx, yp))
                 epi_aligned = conv_dgrad._epi_aligned(g, c, y, w, (dx, yp))
                 sig, div16 = _template(conv_dgrad, conv_dgrad._conv_dgrad_kernel, dt, ALIGNED=aligned,
@@ -438,17 +439,24 @@ def launches(kernels=("fwd", "dgrad", "wgrad")) -> list:
                           EPI_ALIGNED=epi_aligned, BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, BLOCK_K=c.BLOCK_K,
                           GROUP_M=c.GROUP_M)
                 cx.update(conv_dgrad.VARIANTS[variant])
+                if c.tma:  # the TMA-box kernel (conv_dgrad_box): its pixel blocks, every tap, no stride phases
+                    is_flat = conv_dgrad_box.flat(g, y, dx, *boxed, yp)
+                    tiles = conv_dgrad_box.num_tiles(g, c, is_flat) * (g.C // c.BLOCK_N)
+                    steps = g.R * g.S * g.K // c.BLOCK_K
+                    cx = conv_dgrad_box.constexprs((g.R, g.S), c, conv_dgrad_box.block(g, c, is_flat), vf)
                 for alt in (False, True) if role == "train" and dy_pass else (False,):
                     # alt: the backward's triton_dy_pass runner: dy formed once (the pass's 3 activation passes
                     # counted here), the GEMM without DY_BN
                     cxa = dict(cx, DY_BN=False, DY_RELU=False) if alt else cx
                     nbytes = (ny * (2 if cxa["DY_BN"] or cxa["DY_RELU"] else 1) + nw + nx * (2 if cxa["EPI"] else 1)) \
                         * esize
-                    add(Launch(name, 1, role, "dgrad", variant + ("+dy_pass" if alt else ""), c.name(),
-                               "conv_dgrad", "_conv_dgrad_kernel", _merge_cx(sig, cxa, "conv_dgrad"),
-                               {"num_warps": c.num_warps, "num_stages": c.num_stages}, div16, aligned, tiles, steps,
-                               fma, nbytes, sig, (3 * ny if alt else 2 * nw if role == "infer" else 0) * esize,
-                               alt))
+                    where = ("conv_dgrad_box", "_conv_dgrad_box_kernel", cxa, conv_dgrad_box.DIV16,
+                             conv_dgrad_box.signature(dt, cxa)) if c.tma else \
+                        ("conv_dgrad", "_conv_dgrad_kernel", _merge_cx(sig, cxa, "conv_dgrad"), div16, sig)
+                    add(Launch(name, 1, role, "dgrad", variant + ("+dy_pass" if alt else ""), c.name(), *where[:3],
+                               {"num_warps": c.num_warps, "num_stages": c.num_stages}, where[3], aligned, tiles,
+                               steps, fma, nbytes, where[4],
+                               (3 * ny if alt else 2 * nw if role == "infer" else 0) * esize, alt))
         if "wgrad" in kernels:
             wb = [("train", "fused" if prologue else "dy_bn", True)]
             if dy_pass:
@@ -482,7 +490,7 @@ def launches(kernels=("fwd", "dgrad", "wgrad")) -> list:
                 parts = nw * 4 * (2 * split if split > 1 else 1)  # fp32 partials written and read back, or dW
                 nbytes = (ny * (2 if vflags.get("DY_BN") else 1) + nx) * esize + parts
                 if c.tma:  # the TMA-box kernel (conv_wgrad_box)
-                    bp, bq = conv_wgrad_box.box_shape(g, c.BLOCK_K)
+                    bp, bq = pixel_block(g.P, g.Q, c.BLOCK_K)
                     cx = dict(S=g.S, SH=g.stride[0], SW=g.stride[1], TILES_N=g.C // c.BLOCK_N, PROLOGUE=False,
                               DY_BN=False, DY_RELU=False, SUMS=False, ROW_TAPS=c.row_taps, BP=bp, BQ=bq,
                               BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N)

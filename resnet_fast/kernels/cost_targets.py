@@ -76,12 +76,11 @@ WHY = {
         "fwd": "The stem has 3 channels: dense taps, 4 per tap in a 32-wide row, whose per-row coordinates and "
                "padding masks every warp issues each step. (The 3×3 convs whose output blocks tile exactly take "
                "the TMA-box kernel, `-tma` configs: layer1's 64 channels at 0.75.)",
-        "dgrad": "dy is gathered per tap of the stride phase with a padding mask per row, and the tile's width is "
-                 "the layer's input channels. At 64 (layer1) the per-tap reduction is 64 too: a 64×64×64 step is "
-                 "128 MMA cycles for a w4 CTA against ≈ 140 instructions per warp of address advance, masks, "
-                 "cp.async commit/wait, barrier and wgmma fence; 128×64 spills at w4 (1.55) and keeps the ratio "
-                 "at w8 (1.95: every warp issues the same loop). At 128 (layer2's 3×3, target 0.6) the plain "
-                 "64×128 loop is at 0.62.",
+        "dgrad": "Stride-1 dgrad takes the TMA-box kernel where its pixel blocks tile dx exactly or a 1×1 conv "
+                 "runs over flat pixel rows (`-tma`; layer1's 64-channel loop 0.72–0.78, was 0.93–1.09). Elsewhere "
+                 "dy is gathered per tap of the stride phase with a padding mask per row. At 28² (layer2's 3×3, "
+                 "target 0.6) the gather's 64×128 loop is at 0.62; the box tile's is 0.44 but its 64-pixel "
+                 "blocks pad the map by 14 % (28 = 7·4): a tuning candidate, not the default.",
         "wgrad": "Where the box kernel does not run, x is an im2col gather: a coordinate and padding mask per "
                  "row and tap. It runs 3×3 filters at stride 1 and, by stride-phase views, 2 where a tile fits: "
                  "at stride 2 and 128 channels (layer2.0.conv2) none does (128×256 needs 256 output channels, "
