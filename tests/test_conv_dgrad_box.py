@@ -12,7 +12,7 @@ from resnet_fast.kernels import conv_dgrad as dg
 from resnet_fast.kernels import configs as cfgs
 from resnet_fast.kernels import conv_dgrad_box as box
 from resnet_fast.kernels.configs import ConvConfig
-from resnet_fast.kernels.conv_common import ConvGeometry, DyBN
+from resnet_fast.kernels.conv_common import ConvGeometry, DyBN, as_row, flat_rows, pixel_block, row_geometry
 from helpers import rel_err
 
 CL = torch.channels_last
@@ -88,21 +88,24 @@ def test_box_dgrad_matches_conv2d_input(tma_device, triton_backend, variant, geo
         dx, part = out if flags.get("EPI") else (out, None)
         assert rel_err(dx, ref) < TOL[dtype], (variant, geometry, dtype)
         if part is not None:
-            assert part.shape[1] == box.num_tiles(g, SMALL, box.flat(g, dev(dz64), dx, kw["y_prev"]))
+            gb = row_geometry(g) if flat_rows(g, dev(dz64), dx, kw["y_prev"]) else g
+            assert part.shape[1] == box.num_tiles(gb, SMALL)
             assert rel_err(part[0].sum(0), sums[0]) < 1e-5 and rel_err(part[1].sum(0), sums[1]) < 1e-5
 
 
-def test_flat_and_blocks():
+def test_flat_rows_and_blocks():
     g = ConvGeometry.make((2, 64, 56, 56), (64, 64, 1, 1))
     t = torch.empty(2, 64, 56, 56).contiguous(memory_format=CL)
-    assert box.flat(g, t, t) and not box.flat(g, t, torch.empty(2, 64, 56, 56))  # NCHW: not one pixel row
-    assert box.block(g, box.BOX_CONFIGS[0], True) == (1, 128) and box.num_tiles(g, box.BOX_CONFIGS[0], True) == 49
+    assert flat_rows(g, t, t) and not flat_rows(g, t, torch.empty(2, 64, 56, 56))  # NCHW: not one pixel row
+    assert as_row(t).shape == (1, 64, 1, 2 * 56 * 56) and as_row(t).data_ptr() == t.data_ptr()
+    gr = row_geometry(g)
+    assert pixel_block(gr.H, gr.W, 128) == (1, 128) and box.num_tiles(gr, box.BOX_CONFIGS[0]) == 49
+    assert pixel_block(1, 100, 64) == (1, 64)  # one row: blocks along it, the last one past its end
     g3 = ConvGeometry.make((2, 64, 56, 56), (64, 64, 3, 3), padding=1)
-    assert box.block(g3, box.BOX_CONFIGS[-1], False) == (8, 8) and box.num_tiles(g3, box.BOX_CONFIGS[-1], False) \
-        == 2 * 7 * 7
+    assert pixel_block(56, 56, 64) == (8, 8) and box.num_tiles(g3, box.BOX_CONFIGS[-1]) == 2 * 7 * 7
     g28 = ConvGeometry.make((2, 128, 28, 28), (128, 128, 3, 3), padding=1)
-    assert box.block(g28, box.BOX_CONFIGS[-1], False) == (4, 16)  # no exact block: padded past W
-    assert box.num_tiles(g28, box.BOX_CONFIGS[-1], False) == 2 * 7 * 2
+    assert pixel_block(28, 28, 64) == (4, 16)  # no exact block: padded past W
+    assert box.num_tiles(g28, box.BOX_CONFIGS[-1]) == 2 * 7 * 2
 
 
 @pytest.mark.parametrize("why,kw", [("stride 2", dict(stride=2)), ("groups", dict(groups=2)),

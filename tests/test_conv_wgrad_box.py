@@ -11,7 +11,7 @@ import resnet_fast.kernels.conv_wgrad as wg
 from resnet_fast.kernels import configs as cfgs
 from resnet_fast.kernels import conv_wgrad_box as box
 from resnet_fast.kernels.configs import ConvConfig
-from resnet_fast.kernels.conv_common import ConvGeometry, DyBN, pixel_block
+from resnet_fast.kernels.conv_common import ConvGeometry, DyBN, flat_rows, pixel_block
 
 CL = torch.channels_last
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
@@ -89,6 +89,36 @@ def test_box_phases():
     assert box.phases(ConvGeometry.make((1, 16, 8, 8), (16, 16, 1, 1), 2, 0)) == [(0, 0, 0, 2, 1, 0, 2, 1)]
 
 
+@pytest.mark.parametrize("cfg", [SMALL, SMALL_ROWS], ids=["one-tap", "rows"])
+def test_box_1x1_over_flat_rows_and_strided_views(tma_device, triton_backend, cfg):
+    # contiguous tensors: the pixels as one row (50 of them: 4 blocks of 16, the last past the end); channel
+    # slices of wider tensors: 4-D blocks of each image; both against float64, with dy_bn and the sums
+    gen = torch.Generator().manual_seed(5)
+    N, C, H, W, K = 2, 32, 5, 5, 16
+    x64 = torch.randn(N, C, H, W, generator=gen, dtype=torch.float64).half().double()
+    dz64 = torch.randn(N, K, H, W, generator=gen, dtype=torch.float64).half().double()
+    y64 = torch.randn(N, K, H, W, generator=gen, dtype=torch.float64).half().double()
+    c1, c2, c3, mu = (torch.randn(K, generator=gen) for _ in range(4))
+    v = lambda t: t.double().view(1, -1, 1, 1)  # noqa: E731
+    dy64 = (v(c1) * dz64 + v(c2) * (y64 - v(mu)) + v(c3)).half().double()
+    ref = conv2d_weight(x64, (K, C, 1, 1), dy64)
+    g = ConvGeometry.make(x64.shape, (K, C, 1, 1))
+    def dev(t, view):
+        t = t.half().to(tma_device).contiguous(memory_format=CL)
+        if not view:
+            return t
+        wide = torch.zeros(N, 2 * t.shape[1], H, W, dtype=t.dtype, device=t.device).contiguous(memory_format=CL)
+        wide[:, :t.shape[1]] = t
+        return wide[:, :t.shape[1]]
+    for view in (False, True):
+        dz, x, y = dev(dz64, view), dev(x64, view), dev(y64, view)
+        assert flat_rows(g, dz, x, y) != view
+        bn = DyBN(y, *(t.to(tma_device) for t in (c1, c2, c3, mu)))
+        dw, sums = wg.conv2d_wgrad_nhwc(dz, x, (K, C, 1, 1), dy_bn=bn, dy_sums=True, split=2, config=cfg)
+        assert _rel(dw.cpu(), ref) < TOL[torch.float16], view
+        assert _rel(sums.cpu(), dy64.sum((0, 2, 3))) < 1e-5, view
+
+
 def test_box_sums_only(tma_device, triton_backend):
     # need_dw=False: only the first column's programs run, and they form the sums
     gen = torch.Generator().manual_seed(4)
@@ -133,24 +163,48 @@ def test_box_config_refused_where_it_cannot_run(tma_device, triton_backend, why,
 
 
 @pytest.mark.parametrize("R,stride,C,K", [(3, 1, 256, 256), (1, 1, 256, 512), (3, 2, 256, 256), (3, 1, 128, 128),
-                                          (3, 1, 64, 64), (1, 1, 64, 256), (1, 2, 256, 512), (3, 2, 128, 128)])
+                                          (3, 1, 64, 64), (1, 1, 64, 256), (1, 2, 256, 512), (3, 2, 128, 128),
+                                          (1, 1, 128, 512)])
 @pytest.mark.parametrize("dy_bn", [False, True])
 @pytest.mark.parametrize("prologue", [False, True])
-def test_box_candidates_and_default(R, stride, C, K, dy_bn, prologue):
+@pytest.mark.parametrize("nchw", [False, True], ids=["cl", "nchw_x"])
+def test_box_candidates_and_default(R, stride, C, K, dy_bn, prologue, nchw):
     # offered where eligible and the channels fill the tile (row taps: stride 1, no prologue, more than one tap per
-    # row); the first offered is the default on filters of more than one tap, unless the prologue is the only
-    # transform (the wide cp.async tile); never without TMA; each candidate a compile-checked spec of its variant
+    # row; FLAT_CONFIGS: 1×1 over flat rows); the first offered is the default on filters of more than one tap, and
+    # on 1×1 convs over flat rows where it is as wide as the channels, unless the prologue is the only transform
+    # (the wide cp.async tile); never without TMA; each candidate a compile-checked spec of its variant
     g = ConvGeometry.make((8, C, 14, 14), (K, C, R, R), stride, R // 2)
-    x = torch.empty(8, C, 14, 14, dtype=torch.bfloat16).contiguous(memory_format=CL)
+    x = torch.empty(8, C, 14, 14, dtype=torch.bfloat16)
+    x = x if nchw else x.contiguous(memory_format=CL)  # NCHW: not eligible (and no flat rows)
     dy = torch.empty(8, K, g.P, g.Q, dtype=torch.bfloat16).contiguous(memory_format=CL)
     cands, default = wg._candidates(g, dy, x, dy_bn, prologue=prologue, tma=True)
     boxes = [c for c in cands if c.tma]
-    want = [c for c in box.BOX_CONFIGS if K % c.BLOCK_M == 0 and C % c.BLOCK_N == 0
-            and (not c.row_taps or (R > 1 and stride == 1 and not prologue))]
+    rows = flat_rows(g, dy, x)
+    want = [c for c in box.BOX_CONFIGS + (box.FLAT_CONFIGS if rows else ()) if K % c.BLOCK_M == 0
+            and C % c.BLOCK_N == 0 and (not c.row_taps or (R > 1 and stride == 1 and not prologue))] if not nchw else []
     assert boxes == want
-    assert default.tma == bool(want and R > 1 and (dy_bn or not prologue)) and (not default.tma or default == want[0])
+    fits = R > 1 or (rows and bool(want) and want[0].BLOCK_N >= min(C, 256))
+    assert default.tma == bool(want and fits and (dy_bn or not prologue)) and (not default.tma or default == want[0])
     assert not any(c.tma for c in wg._candidates(g, dy, x, dy_bn, prologue=prologue, tma=False)[0])
     checked = {(cx["BLOCK_M"], cx["BLOCK_N"], cx["BP"] * cx["BQ"], opts["num_warps"], cx["ROW_TAPS"], cx["DY_BN"],
                 cx["PROLOGUE"], cx["SH"]) for _fn, sig, cx, opts, *_ in box.compile_specs() if "bf16" in sig["dy_desc"]}
     assert all((c.BLOCK_M, c.BLOCK_N, c.BLOCK_K, c.num_warps, c.row_taps, dy_bn, prologue, stride) in checked
                for c in boxes)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_every_box_candidate_on_1x1_flat_rows_gpu(dtype):
+    """Each box tile offered on ResNet-50 1×1 layers over flat rows (layer1's 64 channels: FLAT_CONFIGS; 256
+    channels: the wide tile), pinned, against float64."""
+    if not cfgs.tma_allowed(torch.device("cuda")):
+        pytest.skip("this GPU / Triton has no TMA descriptors")
+    for N, C, K, h in ((4, 64, 256, 56), (4, 256, 512, 14)):
+        x = torch.randn(N, C, h, h, device="cuda").to(dtype).contiguous(memory_format=CL)
+        dz = torch.randn(N, K, h, h, device="cuda").to(dtype).contiguous(memory_format=CL)
+        g = ConvGeometry.make(x.shape, (K, C, 1, 1))
+        ref = conv2d_weight(x.double(), (K, C, 1, 1), dz.double())
+        boxes = [c for c in wg._candidates(g, dz, x, False)[0] if c.tma]
+        assert boxes
+        for cfg in boxes:
+            assert _rel(wg.conv2d_wgrad_nhwc(dz, x, (K, C, 1, 1), config=cfg).cpu(), ref.cpu()) < TOL[dtype], cfg

@@ -35,8 +35,8 @@ from .checks import check_like, check_vector
 __all__ = ["ConvGeometry", "conv_output_size", "pair", "CHANNEL_PAD", "W_ROW_PAD", "DENSE_MAX_C", "DENSE_MAX_K",
            "round_up",
            "DyBN", "check_dy_bn", "dy_on_load", "dense_input",
-           "rows_aligned", "tma_ready", "nhwc_descriptor", "pixel_block", "MAX_BQ", "ordered_signature", "rows_to_npq",
-           "swizzle_pid"]
+           "rows_aligned", "tma_ready", "nhwc_descriptor", "pixel_block", "MAX_BQ", "flat_rows", "as_row",
+           "row_geometry", "ordered_signature", "rows_to_npq", "swizzle_pid"]
 
 CHANNEL_PAD = 16  # smallest MMA reduction step for 16-bit operands (and 8 for tf32): pad Cg to this
 W_ROW_PAD = 256   # packed forward weights have round_up(K, this) rows (zeros): weight tiles load unmasked
@@ -285,7 +285,8 @@ def pixel_block(rows: int, cols: int, block: int, exact_only: bool = False) -> t
     """(BP, BQ), powers of 2 with ``BP*BQ == block``: the pixel block of a TMA-box kernel's tile over a
     ``rows × cols`` map. The widest BQ whose blocks tile the map exactly (no MMA on padding pixels; every tile
     ``block`` pixels, as stats partials need); else, unless ``exact_only`` (then None), BQ the smallest power of 2
-    >= cols up to :data:`MAX_BQ`, its blocks past the map's edges zero-filled. A TMA box side is at most 256."""
+    >= cols up to :data:`MAX_BQ` (wider where the map has fewer rows than the block), its blocks past the map's
+    edges zero-filled. A TMA box side is at most 256."""
     bq = block
     while bq >= 1:
         if cols % bq == 0 and rows % (block // bq) == 0 and bq <= 256 and block // bq <= 256:
@@ -293,8 +294,27 @@ def pixel_block(rows: int, cols: int, block: int, exact_only: bool = False) -> t
         bq //= 2
     if exact_only:
         return None
-    bq = min(triton.next_power_of_2(cols), MAX_BQ, block)
+    bq = max(min(triton.next_power_of_2(cols), MAX_BQ, block), block // triton.next_power_of_2(rows))
     return block // bq, bq
+
+
+def flat_rows(g: ConvGeometry, *tensors) -> bool:
+    """Whether a pointwise conv (:attr:`ConvGeometry.is_pointwise`) can run over its pixels as one row: every
+    tensor channels_last-contiguous, so each ``[N, C, H, W]`` is one image of one row of ``N*H*W`` pixels
+    (:func:`as_row`) and the conv that of :func:`row_geometry`. A box kernel then tiles the rows without padding
+    blocks to the map's width."""
+    return g.is_pointwise and all(t.is_contiguous(memory_format=torch.channels_last) for t in tensors)
+
+
+def as_row(t: torch.Tensor) -> torch.Tensor:
+    """A channels_last-contiguous ``[N, C, H, W]`` as ``[1, C, 1, N*H*W]`` (a view)."""
+    n, c, h, w = t.shape
+    return t.permute(0, 2, 3, 1).reshape(1, 1, n * h * w, c).permute(0, 3, 1, 2)
+
+
+def row_geometry(g: ConvGeometry) -> ConvGeometry:
+    """The pointwise conv ``g`` over its pixels as one row of one image (:func:`flat_rows`)."""
+    return ConvGeometry.make((1, g.C, 1, g.N * g.H * g.W), (g.K, g.Cg, 1, 1), groups=g.groups)
 
 
 def ordered_signature(fn, sig: dict) -> dict:

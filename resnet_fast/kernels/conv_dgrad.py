@@ -68,8 +68,8 @@ from .conv_dgrad_box import wide_ok
 from .configs import ConvConfig, checked_candidates, conv_allows_tf32, for_dtype, tma_allowed
 from .dgrad_epilogue import epilogue
 from .checks import check, check_like, check_operand_dtype, check_tensor, check_vector
-from .conv_common import (ConvGeometry, DyBN, check_dy_bn, dy_on_load, ordered_signature, pixel_block,
-                          rows_aligned, swizzle_pid, tap_steps)
+from .conv_common import (ConvGeometry, DyBN, check_dy_bn, dy_on_load, flat_rows, ordered_signature, pixel_block,
+                          row_geometry, rows_aligned, swizzle_pid, tap_steps)
 
 __all__ = ["conv2d_dgrad_nhwc", "compile_specs", "dy_on_load", "DGRAD_CONFIGS", "DgradSwitches"]
 
@@ -150,7 +150,7 @@ def _candidates(g: ConvGeometry, dy: torch.Tensor, weight: torch.Tensor, others,
     if tma if tma is not None else tma_allowed(dy.device):
         box = [c for c in _box.BOX_CONFIGS if c.BLOCK_N <= max(64, triton.next_power_of_2(g.Cg))
                and wide_ok(c, dy.dtype, epilogue) and _box.eligible(g, c, dy, weight, others, ieee)]
-        exact = [c for c in box if _box.flat(g, dy, *others) or pixel_block(g.H, g.W, c.BLOCK_M, True)]
+        exact = [c for c in box if flat_rows(g, dy, *others) or pixel_block(g.H, g.W, c.BLOCK_M, True)]
         return tuple(cands) + tuple(box), exact[0] if exact else cands[0]
     return tuple(cands), cands[0]
 
@@ -451,7 +451,10 @@ def conv2d_dgrad_nhwc(grad_out: torch.Tensor, weight: torch.Tensor, x_shape, *, 
     boxed = (bn_ops[0],) if dy_bn is not None or relu_out is not None else ()  # read by boxes like dy
 
     def launch(cfg: ConvConfig):
-        T = _box.num_tiles(g, cfg, _box.flat(g, grad_out, dx, *boxed, *epi_ops[:1])) if cfg.tma else _tiles(g, cfg)[1]
+        if cfg.tma:
+            T = _box.num_tiles(row_geometry(g) if flat_rows(g, grad_out, dx, *boxed, epi_ops[0]) else g, cfg)
+        else:
+            T = _tiles(g, cfg)[1]
         part = dx
         if epi:
             part = parts.get(T)

@@ -6,8 +6,8 @@ A program owns a ``BP × BQ`` block of dx pixels of one image (``BLOCK_M = BP*BQ
 ``i*BQ + j``; :func:`.conv_common.pixel_block`, exact where powers of 2 allow) × ``BLOCK_N`` input channels. For
 filter tap ``(r, s)`` the dy pixels it reads are the block shifted by ``(pad_h - r*dil_h, pad_w - s*dil_w)``: a
 4-D NHWC box, TMA's zero fill the padding. The weight is a 2-D descriptor of its channels_last ``[K, R*S*C]``
-view (a ``BLOCK_K × BLOCK_N`` box per step). A pointwise conv (1×1, no padding) runs over the flat pixel rows:
-every tensor viewed as one image of one row of ``N*H*W`` pixels.
+view (a ``BLOCK_K × BLOCK_N`` box per step). A pointwise conv runs over its pixels as one row of one image
+(:func:`.conv_common.flat_rows`) where its tensors are channels_last-contiguous.
 
 Without an operand transform the GEMM runs transposed, ``dx^T = W^T · dy^T``, both wgmma operands from their
 TMA buffers. ``DY_BN``/``DY_RELU`` form dy in registers (:func:`.conv_common.dy_on_load`, bit-identical to the
@@ -26,7 +26,8 @@ import triton
 import triton.language as tl
 
 from .configs import ConvConfig
-from .conv_common import ConvGeometry, dy_on_load, nhwc_descriptor, pixel_block, swizzle_pid, tma_ready
+from .conv_common import (ConvGeometry, as_row, dy_on_load, flat_rows, nhwc_descriptor, pixel_block, row_geometry,
+                          swizzle_pid, tma_ready)
 from .dgrad_epilogue import epilogue
 
 try:
@@ -34,7 +35,7 @@ try:
 except ImportError:  # triton < 3.4: configs.tma_allowed is False, nothing here runs
     TensorDescriptor = None
 
-__all__ = ["VARIANTS", "wide_ok", "BOX_CONFIGS", "eligible", "flat", "block", "num_tiles", "launch", "signature",
+__all__ = ["VARIANTS", "wide_ok", "BOX_CONFIGS", "eligible", "num_tiles", "launch", "signature",
            "compile_specs"]
 
 
@@ -124,28 +125,10 @@ BOX_CONFIGS = (ConvConfig(128, 256, 64, 8, 8, 3, tma=True), ConvConfig(64, 256, 
                ConvConfig(64, 64, 64, 8, 4, 4, tma=True))
 
 
-def flat(g: ConvGeometry, *tensors) -> bool:
-    """Whether a pointwise conv runs over flat pixel rows: 1×1, no padding, and ``tensors`` (dy, dx, ...) all
-    channels_last-contiguous (so ``[N, C, H, W]`` is one image of one row of ``N*H*W`` pixels)."""
-    return g.is_pointwise and all(t.is_contiguous(memory_format=torch.channels_last) for t in tensors)
-
-
-def _flat_view(t: torch.Tensor) -> torch.Tensor:
-    """A channels_last-contiguous ``[N, C, H, W]`` as ``[1, C, 1, N*H*W]`` (a view)."""
-    n, c, h, w = t.shape
-    return t.permute(0, 2, 3, 1).reshape(1, 1, n * h * w, c).permute(0, 3, 1, 2)
-
-
-def block(g: ConvGeometry, cfg: ConvConfig, is_flat: bool) -> tuple:
-    """(BP, BQ) of a launch: over the flat rows (1, BLOCK_M), else :func:`.conv_common.pixel_block` of H × W."""
-    return (1, cfg.BLOCK_M) if is_flat else pixel_block(g.H, g.W, cfg.BLOCK_M)
-
-
-def num_tiles(g: ConvGeometry, cfg: ConvConfig, is_flat: bool) -> int:
-    """Pixel blocks (the partials' rows T)."""
-    bp, bq = block(g, cfg, is_flat)
-    if is_flat:
-        return triton.cdiv(g.N * g.H * g.W, bq)
+def num_tiles(g: ConvGeometry, cfg: ConvConfig) -> int:
+    """Pixel blocks of a launch (the partials' rows T); ``g`` the launch's geometry (a pointwise conv over flat
+    rows: :func:`.conv_common.row_geometry`)."""
+    bp, bq = pixel_block(g.H, g.W, cfg.BLOCK_M)
     return g.N * triton.cdiv(g.H, bp) * triton.cdiv(g.W, bq)
 
 
@@ -164,26 +147,21 @@ def launch(cfg: ConvConfig, g: ConvGeometry, grad_out: torch.Tensor, weight: tor
     """The launch of :func:`_conv_dgrad_box_kernel` into ``dx`` (and ``part``, ``[2, num_tiles, C]`` under EPI).
     ``epi_ops`` = (y_prev, in_scale, in_shift, in_centre), ``bn_ops`` = (y or relu_out, c1, c2, c3, mean) and
     ``osc`` as :func:`.conv_dgrad._launch_dgrad` (placeholders where ``sw``, a ``DgradSwitches``, has them off)."""
-    is_flat = flat(g, grad_out, dx, *(t for t in (epi_ops[0], bn_ops[0]) if t.dim() == 4))
-    bp, bq = block(g, cfg, is_flat)
-    yp, z = epi_ops[0], bn_ops[0]
-    if is_flat:
-        grad_out, dx, z = _flat_view(grad_out), _flat_view(dx), _flat_view(z)
-        yp = _flat_view(yp) if yp.dim() == 4 else yp
-    N, H, W = grad_out.shape[0], dx.shape[2], dx.shape[3]
-    P, Q = grad_out.shape[2], grad_out.shape[3]
-    hb, wb = triton.cdiv(H, bp), triton.cdiv(W, bq)
+    yp, z = epi_ops[0], bn_ops[0]  # dx and grad_out where their switch is off
+    if flat_rows(g, grad_out, dx, yp, z):
+        g = row_geometry(g)
+        grad_out, dx, yp, z = (as_row(t) for t in (grad_out, dx, yp, z))
+    bp, bq = pixel_block(g.H, g.W, cfg.BLOCK_M)
+    hb, wb = triton.cdiv(g.H, bp), triton.cdiv(g.W, bq)
     dy_d = nhwc_descriptor(grad_out, bp, bq, cfg.BLOCK_K)
     z_d = nhwc_descriptor(z, bp, bq, cfg.BLOCK_K) if sw.dy_bn or sw.dy_relu else dy_d
     wv = weight.permute(0, 2, 3, 1)  # [K, R, S, C], contiguous
     w_d = TensorDescriptor(wv, [g.K, g.R * g.S * g.C], [g.R * g.S * g.C, 1], [cfg.BLOCK_K, cfg.BLOCK_N])
-    ys = yp.stride() if yp.dim() == 4 else (0, 0, 0, 0)
-    num_pid_m = N * hb * wb
-    pad_h, pad_w = (0, 0) if is_flat else g.padding
+    num_pid_m = g.N * hb * wb
     _conv_dgrad_box_kernel[(num_pid_m * (g.C // cfg.BLOCK_N),)](
         dy_d, w_d, dx, yp, *epi_ops[1:], part, osc, z_d, *bn_ops[1:],
-        H, W, g.C, g.K, P, Q, hb, wb, num_pid_m, pad_h, pad_w, g.dilation[0], g.dilation[1],
-        dx.stride(0), dx.stride(2), dx.stride(3), ys[0], ys[2], ys[3],
+        g.H, g.W, g.C, g.K, g.P, g.Q, hb, wb, num_pid_m, *g.padding, *g.dilation,
+        dx.stride(0), dx.stride(2), dx.stride(3), yp.stride(0), yp.stride(2), yp.stride(3),
         R=g.R, S=g.S, EPI=sw.epilogue, OUT_SCALE=sw.out_scale, DY_BN=sw.dy_bn, DY_RELU=sw.dy_relu, BP=bp, BQ=bq,
         BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages)

@@ -75,8 +75,8 @@ from . import prologue_pass as _pass
 from .checks import FLOAT_DTYPES, check, check_operand_dtype, check_tensor, check_vector
 from .autotune import choose
 from .configs import ConvConfig, checked_candidates, conv_allows_tf32, for_dtype, tma_allowed
-from .conv_common import (CHANNEL_PAD, ConvGeometry, DyBN, check_dy_bn, dense_input, dy_on_load, ordered_signature,
-                          rows_aligned, rows_to_npq)
+from .conv_common import (CHANNEL_PAD, ConvGeometry, DyBN, as_row, check_dy_bn, dense_input, dy_on_load, flat_rows,
+                          ordered_signature, row_geometry, rows_aligned, rows_to_npq)
 
 __all__ = ["conv2d_wgrad_nhwc", "WGRAD_CONFIGS", "pick_split", "compile_specs", "WgradSwitches"]
 # Split-K (pick_split): at least this many BLOCK_K steps per chunk, at most _MAX_SPLIT chunks; the time model
@@ -88,9 +88,11 @@ _NUM_SMS, _CLOCK_HZ, _FMA_PER_CLK, _HBM_BYTES_PER_S, _ISSUE_RATIO = 132, 1.83e9,
 # CTAs per SM of each tile (BLOCK_M, BLOCK_N, num_warps, row_taps) by the operand transforms it runs (none,
 # DY_BN only, DY_BN and PROLOGUE), from the sm_90 compile's registers and shared memory (cost_report: e.g.
 # 128x128 w8 fused 254 registers and 128 KB, 1 CTA; its sums variant 119 registers and 96 KB, 2; 64x64 w4 plain
-# 78, dy_bn 136-146, fused 178 registers; 64x64 w4 row taps plain 156, dy_bn 224-244); a tile not listed counts 1.
+# 78, dy_bn 136-146, fused 178 registers; 64x64 w4 row taps plain 156, dy_bn 224-244; the box kernel's 128x64 w4
+# one-tap tile 90-198 registers and 104 KB, 2); a tile not listed counts 1.
 _CTAS_PER_SM = {(128, 128, 8, False): (2, 1, 1), (128, 64, 8, False): (2, 1, 1), (64, 64, 4, False): (4, 3, 2),
-                (64, 32, 4, False): (4, 2, 2), (64, 128, 4, False): (3, 2, 2), (64, 64, 4, True): (3, 2, 2)}
+                (64, 32, 4, False): (4, 2, 2), (64, 128, 4, False): (3, 2, 2), (64, 64, 4, True): (3, 2, 2),
+                (128, 64, 4, False): (2, 2, 2)}
 
 
 def ctas_per_sm(cfg: ConvConfig, transforms: int) -> int:
@@ -166,8 +168,10 @@ def _candidates(g: ConvGeometry, dy: torch.Tensor, x: torch.Tensor, dy_bn: bool 
     128 input ones, or 128 and 256), else the widest row-taps tile offered, else the 128x128 tile when both
     channel counts reach 128, 128x64 or 64x128 when one does, else 64x64, where a candidate; else the first
     candidate. ``tma`` (default :func:`.configs.tma_allowed` on dy's device) adds :data:`BOX_CONFIGS` where
-    :func:`.conv_wgrad_box.eligible` (``y``: the dy_bn tensor, when there is one), the default on filters of more
-    than one tap unless the prologue is the only transform."""
+    :func:`.conv_wgrad_box.eligible` (``y``: the dy_bn tensor, when there is one; on 1×1 convs over flat rows,
+    :func:`.conv_common.flat_rows`, also its FLAT_CONFIGS), the default on filters of more than one tap and on
+    1×1 convs over flat rows where it is as wide as the channels (up to 256), unless the prologue is the only
+    transform."""
     general = for_dtype(_GENERAL_CONFIG, dy.dtype)
     packed = for_dtype(_DENSE_CONFIG if g.pack_c else _PACKED_CONFIG, dy.dtype)
     if _packed(g, packed, dy, x):
@@ -181,11 +185,16 @@ def _candidates(g: ConvGeometry, dy: torch.Tensor, x: torch.Tensor, dy_bn: bool 
     cands = checked_candidates(WGRAD_CONFIGS + ((wide,) if wide else ()) + rows, general, dy.dtype,
                                lambda c: _aligned(g, c, dy, x), g.Kg, g.Cg, g.N * g.P * g.Q)
     if tma if tma is not None else tma_allowed(dy.device):
-        box = [c for c in BOX_CONFIGS if _box.eligible(g, c, dy, x, prologue, ieee, y) and (not c.row_taps or g.S > 1)]
+        rows = flat_rows(g, dy, x, *(() if y is None else (y,)))  # a 1×1 conv's pixels as one row: no padding
+        box = [c for c in BOX_CONFIGS + (_box.FLAT_CONFIGS if rows else ())
+               if _box.eligible(g, c, dy, x, prologue, ieee, y) and (not c.row_taps or g.S > 1)]
         cands = list(cands) + box
-        # the default on filters of more than one tap (a 1×1 conv's loop gathers little, and the box pads pixels),
-        # but not for the prologue alone, where the wide tile spreads x's transform over 256 output channels
-        if box and g.R * g.S > 1 and (dy_bn or not prologue):
+        # the default on filters of more than one tap and on 1×1 convs over flat rows where its tile is as wide
+        # as the channels (elsewhere a 1×1 conv's loop gathers little, and the box pads pixels; a narrower tile
+        # forms each dy element for fewer MMA columns), but not for the prologue alone, where the wide tile
+        # spreads x's transform over 256 output channels
+        fits = g.R * g.S > 1 or (rows and box and box[0].BLOCK_N >= min(g.Cg, 256))
+        if box and fits and (dy_bn or not prologue):
             return tuple(cands), box[0]
     if wide is not None and for_dtype(wide, dy.dtype) in cands and g.Kg >= wide.BLOCK_M and g.Cg >= wide.BLOCK_N:
         return tuple(cands), for_dtype(wide, dy.dtype)
@@ -610,6 +619,10 @@ def _launch_wgrad(cfg: ConvConfig, g: ConvGeometry, grad_out, x, dw, sums, pro_o
     then the combines), writing ``dw``
     (unless not ``need_dw``) and ``sums`` (when ``dy_sums``). ``pro_ops`` = (in_scale, in_shift) and ``bn_ops``
     (the :class:`DyBN` fields) are placeholders where their switch is off."""
+    if cfg.tma and flat_rows(g, grad_out, x, bn_ops[0]):  # a 1×1 conv's pixels as one row of one image
+        g = row_geometry(g)
+        grad_out, x = as_row(grad_out), as_row(x)
+        bn_ops = (as_row(bn_ops[0]), *bn_ops[1:])
     packed = not cfg.tma and _packed(g, cfg, grad_out, x)
     n_split = sw.split if sw.split is not None else pick_split(g, cfg, first_column_only=not sw.need_dw,
                                                                packed=packed, transforms=sw.dy_bn + sw.prologue)

@@ -16,6 +16,8 @@ the cost is padding work, ``ceil(P/BP)*BP × ceil(Q/BQ)*BQ`` pixels per image (1
 14² and 7²). ``ROW_TAPS`` (stride 1, no prologue): a program per filter row,
 its S <= 3 taps sharing each step's dy block (three x boxes, three accumulators), as :mod:`.conv_wgrad`'s
 row-taps path. ``PROLOGUE``: ``relu(x*in_scale + in_shift)`` on the x box in registers, zero outside the view.
+A 1×1 conv whose tensors are channels_last-contiguous runs over its pixels as one row of one image
+(:func:`.conv_common.flat_rows`: blocks of BLOCK_K pixels, none padded to a map's width).
 
 The GEMM runs transposed, ``dW^T[c, k] = Σ x[pix, c] · dy[pix, k]``: with dy as wgmma's A operand (through
 registers, ``dy^T``) the sm_90 SASS waited for each 16-deep wgmma before the next (its A fragments reused
@@ -43,19 +45,25 @@ try:
 except ImportError:  # triton < 3.4: configs.tma_allowed is False, nothing here runs
     TensorDescriptor = None
 
-__all__ = ["BOX_CONFIGS", "num_blocks", "eligible", "launch", "compile_specs"]
+__all__ = ["BOX_CONFIGS", "FLAT_CONFIGS", "num_blocks", "eligible", "launch", "compile_specs"]
 
 # The TMA-box tiles (``tma=True``), widest first: dy and x as boxes of a BP×BQ pixel block, no index math in the
 # loop. Offered where :func:`eligible` and the channel counts fill the tile (the row-taps ones at stride 1 without
 # the prologue, on filters of 2-3 taps per row: a program per filter row, its taps sharing each step's formed dy
 # block, as conv_wgrad.ROW_CONFIGS); the first offered is conv_wgrad's default on filters of more than one tap
-# unless the prologue is the only transform. sm_90 bf16 3×3 issue ratios, against the cp.async tiles: 256
-# channels plain 0.85 -> 0.27, dy_bn_relu_sums 1.51 -> 0.82, stride-2 fused (prologue and dy_bn) 3.00 -> 1.61
-# (254-255 registers, no spill); 128 channels (64×128 row taps) 0.89 -> 0.59 and 1.49 -> 0.95; 64 channels (64×64
-# row taps) 0.91 -> 0.52 and 2.05 -> 1.34. With the prologue alone the wide cp.async tile wins (0.93 vs 1.19). A
-# 128×128 row-taps tile spills; a 128×128 one-tap tile loses to the row taps at 128 channels.
+# and on 1×1 convs over flat rows (with :data:`FLAT_CONFIGS`), unless the prologue is the only transform.
+# sm_90 bf16 3×3 issue ratios, against the cp.async tiles: 256 channels plain 0.85 -> 0.27, dy_bn_relu_sums
+# 1.51 -> 0.82, stride-2 fused (prologue and dy_bn) 3.00 -> 1.61 (254-255 registers, no spill); 128 channels
+# (64×128 row taps) 0.89 -> 0.59 and 1.49 -> 0.95; 64 channels (64×64 row taps) 0.91 -> 0.52 and 2.05 -> 1.34.
+# With the prologue alone the wide cp.async tile wins (0.93 vs 1.19). A 128×128 row-taps tile spills; a 128×128
+# one-tap tile loses to the row taps at 128 channels.
 BOX_CONFIGS = (ConvConfig(128, 256, 64, 8, 8, 3, tma=True), ConvConfig(64, 128, 64, 8, 8, 3, tma=True, row_taps=True),
                ConvConfig(64, 64, 64, 8, 4, 3, tma=True, row_taps=True))
+# One-tap tiles for 1×1 convs over flat rows whose channels the wide tile does not fill (layer1's 64): sm_90 bf16
+# plain/sums 0.39 at 128×64 w4 and 0.76 at 64×64 w4 (the cp.async 128×64 w8: 0.93), dy_bn 2.58 / 3.13 (3.44).
+FLAT_CONFIGS = (ConvConfig(128, 64, 64, 8, 4, 3, tma=True), ConvConfig(64, 64, 64, 8, 4, 3, tma=True))
+
+
 def num_blocks(g: ConvGeometry, block_k: int) -> int:
     """K-steps of the whole reduction: pixel blocks over all images."""
     bp, bq = pixel_block(g.P, g.Q, block_k)
@@ -273,13 +281,15 @@ def signature(dt: str, cx: dict) -> dict:
 def compile_specs(configs=None) -> list:
     """(jit_fn, signature, constexprs, options, is_gemm, div16) for the sm_90 compile check: each config of
     ``configs`` (default :data:`BOX_CONFIGS`) × bf16/fp16 × :data:`VARIANTS` it runs at a 3×3 geometry with 28-wide
-    rows (BQ = 16; in bf16 also 7-wide ones, BQ = 8, and stride 2) and two channel tiles; TMA descriptors as
-    arguments (the check also requires TMA loads in the PTX)."""
+    rows (BQ = 16; in bf16 also 7-wide ones, BQ = 8, and stride 2) and two channel tiles; in bf16 the one-tap
+    tiles (and by default :data:`FLAT_CONFIGS`) at 1×1 over flat rows, one row of BLOCK_K pixels. TMA descriptors
+    as arguments (the check also requires TMA loads in the PTX)."""
     configs = BOX_CONFIGS if configs is None else configs
+    flat = [c for c in configs if not c.row_taps] + list(FLAT_CONFIGS if configs is BOX_CONFIGS else ())
 
-    def spec(cfg, dt, variant, bq=MAX_BQ, stride=1):
+    def spec(cfg, dt, variant, bq=MAX_BQ, stride=1, s=3):
         bp = cfg.BLOCK_K // bq
-        cx = {"S": 3, "SH": stride, "SW": stride, "TILES_N": 2, "PROLOGUE": False, "DY_BN": False,
+        cx = {"S": s, "SH": stride, "SW": stride, "TILES_N": 2, "PROLOGUE": False, "DY_BN": False,
               "DY_RELU": False, "SUMS": False, **VARIANTS[variant], "ROW_TAPS": cfg.row_taps, "BP": bp, "BQ": bq,
               "BLOCK_M": cfg.BLOCK_M, "BLOCK_N": cfg.BLOCK_N}
         return (_conv_wgrad_box_kernel, signature(dt, cx), cx,
@@ -290,4 +300,6 @@ def compile_specs(configs=None) -> list:
     return [spec(c, dt, v) for c in configs for dt in ("bf16", "fp16") for v in VARIANTS if runs(c, v)] + \
         [spec(c, "bf16", v, bq=8) for c in configs for v in VARIANTS if runs(c, v)] + \
         [spec(c, "bf16", v, bq=bq, stride=2) for c in configs if not c.row_taps for v in VARIANTS
-         for bq in (MAX_BQ, 8)]  # 7-wide outputs: 8×8 blocks; stride 2: the phase views
+         for bq in (MAX_BQ, 8)] + \
+        [spec(c, "bf16", v, bq=c.BLOCK_K, s=1) for c in flat for v in VARIANTS]
+    # 7-wide outputs: 8×8 blocks; stride 2: the phase views; 1×1 over flat rows: one row of BLOCK_K pixels

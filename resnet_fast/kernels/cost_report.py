@@ -345,7 +345,7 @@ def launches(kernels=("fwd", "dgrad", "wgrad")) -> list:
     import triton
     from .bn_dy import dy_pass_may_pay
     from . import conv_dgrad, conv_dgrad_box, conv_fwd, conv_fwd_box, conv_wgrad, conv_wgrad_box, prologue_pass
-    from .conv_common import ConvGeometry, pixel_block
+    from .conv_common import ConvGeometry, flat_rows, pixel_block, row_geometry
     dt, tdt, esize = "bf16", torch.bfloat16, 2
     CL = torch.channels_last
     seen: dict = {}
@@ -440,10 +440,10 @@ def launches(kernels=("fwd", "dgrad", "wgrad")) -> list:
                           GROUP_M=c.GROUP_M)
                 cx.update(conv_dgrad.VARIANTS[variant])
                 if c.tma:  # the TMA-box kernel (conv_dgrad_box): its pixel blocks, every tap, no stride phases
-                    is_flat = conv_dgrad_box.flat(g, y, dx, *boxed, yp)
-                    tiles = conv_dgrad_box.num_tiles(g, c, is_flat) * (g.C // c.BLOCK_N)
+                    gb = row_geometry(g) if flat_rows(g, y, dx, *boxed, yp) else g
+                    tiles = conv_dgrad_box.num_tiles(gb, c) * (g.C // c.BLOCK_N)
                     steps = g.R * g.S * g.K // c.BLOCK_K
-                    cx = conv_dgrad_box.constexprs((g.R, g.S), c, conv_dgrad_box.block(g, c, is_flat), vf)
+                    cx = conv_dgrad_box.constexprs((g.R, g.S), c, pixel_block(gb.H, gb.W, c.BLOCK_M), vf)
                 for alt in (False, True) if role == "train" and dy_pass else (False,):
                     # alt: the backward's triton_dy_pass runner: dy formed once (the pass's 3 activation passes
                     # counted here), the GEMM without DY_BN
@@ -484,13 +484,14 @@ def launches(kernels=("fwd", "dgrad", "wgrad")) -> list:
                 if passes:
                     c = dataclasses.replace(c, prologue_pass=True)
                 transforms = sum(vflags.get(k, False) for k in ("DY_BN", "PROLOGUE"))
-                split = conv_wgrad.pick_split(g, c, first_column_only=not need_dw, packed=packed,
+                gl = row_geometry(g) if c.tma and flat_rows(g, y, x) else g  # the launch's (a 1×1 box: one row)
+                split = conv_wgrad.pick_split(gl, c, first_column_only=not need_dw, packed=packed,
                                               transforms=transforms)
-                _, split, steps = conv_wgrad.chunks(g, c, split)  # the launcher's chunks (box: pixel blocks)
+                _, split, steps = conv_wgrad.chunks(gl, c, split)  # the launcher's chunks (box: pixel blocks)
                 parts = nw * 4 * (2 * split if split > 1 else 1)  # fp32 partials written and read back, or dW
                 nbytes = (ny * (2 if vflags.get("DY_BN") else 1) + nx) * esize + parts
                 if c.tma:  # the TMA-box kernel (conv_wgrad_box)
-                    bp, bq = pixel_block(g.P, g.Q, c.BLOCK_K)
+                    bp, bq = pixel_block(gl.P, gl.Q, c.BLOCK_K)
                     cx = dict(S=g.S, SH=g.stride[0], SW=g.stride[1], TILES_N=g.C // c.BLOCK_N, PROLOGUE=False,
                               DY_BN=False, DY_RELU=False, SUMS=False, ROW_TAPS=c.row_taps, BP=bp, BQ=bq,
                               BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N)

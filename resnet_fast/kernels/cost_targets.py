@@ -82,12 +82,14 @@ WHY = {
                  "target 0.6) the gather's 64×128 loop is at 0.62; the box tile's is 0.44 but its 64-pixel "
                  "blocks pad the map by 14 % (28 = 7·4): a tuning candidate, not the default.",
         "wgrad": "Where the box kernel does not run, x is an im2col gather: a coordinate and padding mask per "
-                 "row and tap. It runs 3×3 filters at stride 1 and, by stride-phase views, 2 where a tile fits: "
-                 "at stride 2 and 128 channels (layer2.0.conv2) none does (128×256 needs 256 output channels, "
-                 "row taps run at stride 1) and the gather loop issues 0.88 of the MMA time; a 128×128 box tile "
-                 "compiles at 2.37 fused (gather 2.99) but 1.69 in the inference variant (gather row taps 1.49). "
-                 "1×1 convs at stride 2 (0.85–0.89) and at 64 channels (layer1, 0.88–0.93, memory-bound) keep "
-                 "the gather. The stem's 3 channels run 4-wide dense taps (2.44).",
+                 "row and tap. It runs 3×3 filters at stride 1 and, by stride-phase views, 2 where a tile fits, "
+                 "and 1×1 convs at stride 1 over flat pixel rows (layer1's 64 channels 0.39 plain). At stride 2 "
+                 "and 128 channels (layer2.0.conv2) no tile fits (128×256 needs 256 output channels, row taps run "
+                 "at stride 1) and the gather loop issues 0.88 of the MMA time; a 128×128 box tile compiles at "
+                 "2.37 fused (gather 2.99) but 1.69 in the inference variant (gather row taps 1.49). A 1×1 conv at "
+                 "stride 2 (the downsample, 0.85–0.89) reads a strided phase view, not flat rows: the box tile is "
+                 "a candidate there, its blocks padded to the 28², 14², 7² maps (14–31 % more MMA). The stem's 3 "
+                 "channels run 4-wide dense taps (2.44).",
     },
     "vectors": (
         "The narrow cp.async are the per-channel fp32 vectors indexed by the reduction channel, reloaded each "
