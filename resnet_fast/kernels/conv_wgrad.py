@@ -170,8 +170,8 @@ def _candidates(g: ConvGeometry, dy: torch.Tensor, x: torch.Tensor, dy_bn: bool 
     candidate. ``tma`` (default :func:`.configs.tma_allowed` on dy's device) adds :data:`BOX_CONFIGS` where
     :func:`.conv_wgrad_box.eligible` (``y``: the dy_bn tensor, when there is one; on 1×1 convs over flat rows,
     :func:`.conv_common.flat_rows`, also its FLAT_CONFIGS), the default on filters of more than one tap and on
-    1×1 convs over flat rows where it is as wide as the channels (up to 256), unless the prologue is the only
-    transform."""
+    1×1 convs over flat rows or with ``dy_bn`` where it is as wide as the channels (up to 256), unless the
+    prologue is the only transform."""
     general = for_dtype(_GENERAL_CONFIG, dy.dtype)
     packed = for_dtype(_DENSE_CONFIG if g.pack_c else _PACKED_CONFIG, dy.dtype)
     if _packed(g, packed, dy, x):
@@ -189,11 +189,12 @@ def _candidates(g: ConvGeometry, dy: torch.Tensor, x: torch.Tensor, dy_bn: bool 
         box = [c for c in BOX_CONFIGS + (_box.FLAT_CONFIGS if rows else ())
                if _box.eligible(g, c, dy, x, prologue, ieee, y) and (not c.row_taps or g.S > 1)]
         cands = list(cands) + box
-        # the default on filters of more than one tap and on 1×1 convs over flat rows where its tile is as wide
-        # as the channels (elsewhere a 1×1 conv's loop gathers little, and the box pads pixels; a narrower tile
-        # forms each dy element for fewer MMA columns), but not for the prologue alone, where the wide tile
-        # spreads x's transform over 256 output channels
-        fits = g.R * g.S > 1 or (rows and box and box[0].BLOCK_N >= min(g.Cg, 256))
+        # the default on filters of more than one tap, and on 1×1 convs where its tile is as wide as the channels
+        # (a narrower tile forms each dy element for fewer MMA columns) and it runs over flat rows or forms dy
+        # (the stride-2 downsample: its 64-deep steps halve the cp.async tile's per-MMA transform work; without
+        # dy_bn a padded box costs more than the little a 1×1 loop gathers), but not for the prologue alone, where
+        # the wide tile spreads x's transform over 256 output channels
+        fits = g.R * g.S > 1 or ((rows or dy_bn) and box and box[0].BLOCK_N >= min(g.Cg, 256))
         if box and fits and (dy_bn or not prologue):
             return tuple(cands), box[0]
     if wide is not None and for_dtype(wide, dy.dtype) in cands and g.Kg >= wide.BLOCK_M and g.Cg >= wide.BLOCK_N:

@@ -87,9 +87,9 @@ WHY = {
                  "and 128 channels (layer2.0.conv2) no tile fits (128×256 needs 256 output channels, row taps run "
                  "at stride 1) and the gather loop issues 0.88 of the MMA time; a 128×128 box tile compiles at "
                  "2.37 fused (gather 2.99) but 1.69 in the inference variant (gather row taps 1.49). A 1×1 conv at "
-                 "stride 2 (the downsample, 0.85–0.89) reads a strided phase view, not flat rows: the box tile is "
-                 "a candidate there, its blocks padded to the 28², 14², 7² maps (14–31 % more MMA). The stem's 3 "
-                 "channels run 4-wide dense taps (2.44).",
+                 "stride 2 (the downsample) reads a strided phase view, not flat rows: the box, its blocks padded "
+                 "to the map (14–31 % more MMA), is its default with dy_bn (1.42 -> 0.76). The stem's 3 channels "
+                 "run 4-wide dense taps (2.44).",
     },
     "vectors": (
         "The narrow cp.async are the per-channel fp32 vectors indexed by the reduction channel, reloaded each "
