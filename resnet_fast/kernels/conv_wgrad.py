@@ -181,8 +181,8 @@ def _candidates(g: ConvGeometry, dy: torch.Tensor, x: torch.Tensor, dy_bn: bool 
     # GEMM: output channels × input channels (of one tap), reducing over pixels
     wide = None if ieee else WIDE_CONFIG if not dy_bn else \
         DY_CONFIG if not prologue or _flat_switches(g, dy, x, False)[1] else None
-    rows = ROW_CONFIGS if 1 < g.S <= _MAX_ROW_TAPS and not ieee and not prologue else ()
-    cands = checked_candidates(WGRAD_CONFIGS + ((wide,) if wide else ()) + rows, general, dy.dtype,
+    rows_cfgs = ROW_CONFIGS if 1 < g.S <= _MAX_ROW_TAPS and not ieee and not prologue else ()
+    cands = checked_candidates(WGRAD_CONFIGS + ((wide,) if wide else ()) + rows_cfgs, general, dy.dtype,
                                lambda c: _aligned(g, c, dy, x), g.Kg, g.Cg, g.N * g.P * g.Q)
     if tma if tma is not None else tma_allowed(dy.device):
         rows = flat_rows(g, dy, x, *(() if y is None else (y,)))  # a 1×1 conv's pixels as one row: no padding
@@ -195,7 +195,10 @@ def _candidates(g: ConvGeometry, dy: torch.Tensor, x: torch.Tensor, dy_bn: bool 
         # dy_bn a padded box costs more than the little a 1×1 loop gathers), but not for the prologue alone, where
         # the wide tile spreads x's transform over 256 output channels
         fits = g.R * g.S > 1 or ((rows or dy_bn) and box and box[0].BLOCK_N >= min(g.Cg, 256))
-        if box and fits and (dy_bn or not prologue):
+        # a one-tap box tile narrower than 256 loses to the cp.async row-taps tiles where they run (each formed
+        # dy block serves a filter row's taps there): it is the default only without them (the prologue)
+        narrow = box and not box[0].row_taps and box[0].BLOCK_N < 256 and g.R * g.S > 1 and bool(rows_cfgs)
+        if box and fits and not narrow and (dy_bn or not prologue):
             return tuple(cands), box[0]
     if wide is not None and for_dtype(wide, dy.dtype) in cands and g.Kg >= wide.BLOCK_M and g.Cg >= wide.BLOCK_N:
         return tuple(cands), for_dtype(wide, dy.dtype)

@@ -55,10 +55,11 @@ __all__ = ["BOX_CONFIGS", "FLAT_CONFIGS", "num_blocks", "eligible", "launch", "c
 # sm_90 bf16 3×3 issue ratios, against the cp.async tiles: 256 channels plain 0.85 -> 0.27, dy_bn_relu_sums
 # 1.51 -> 0.82, stride-2 fused (prologue and dy_bn) 3.00 -> 1.61 (254-255 registers, no spill); 128 channels
 # (64×128 row taps) 0.89 -> 0.59 and 1.49 -> 0.95; 64 channels (64×64 row taps) 0.91 -> 0.52 and 2.05 -> 1.34.
-# With the prologue alone the wide cp.async tile wins (0.93 vs 1.19). A 128×128 row-taps tile spills; a 128×128
-# one-tap tile loses to the row taps at 128 channels.
+# With the prologue alone the wide cp.async tile wins (0.93 vs 1.19). A 128×128 row-taps tile spills; the 128×128
+# one-tap tile loses to the row taps (box or cp.async) where they run, and serves stride 2 at 128 channels with
+# the prologue (layer2.0.conv2 fused 2.99 -> 2.37).
 BOX_CONFIGS = (ConvConfig(128, 256, 64, 8, 8, 3, tma=True), ConvConfig(64, 128, 64, 8, 8, 3, tma=True, row_taps=True),
-               ConvConfig(64, 64, 64, 8, 4, 3, tma=True, row_taps=True))
+               ConvConfig(64, 64, 64, 8, 4, 3, tma=True, row_taps=True), ConvConfig(128, 128, 64, 8, 8, 3, tma=True))
 # One-tap tiles for 1×1 convs over flat rows whose channels the wide tile does not fill (layer1's 64): sm_90 bf16
 # plain/sums 0.39 at 128×64 w4 and 0.76 at 64×64 w4 (the cp.async 128×64 w8: 0.93), dy_bn 2.58 / 3.13 (3.44).
 FLAT_CONFIGS = (ConvConfig(128, 64, 64, 8, 4, 3, tma=True), ConvConfig(64, 64, 64, 8, 4, 3, tma=True))
