@@ -45,3 +45,12 @@ def eager_backend(monkeypatch):
     resnet_fast.reset_stats()
     yield
     resnet_fast.reset_stats()
+
+
+@pytest.fixture
+def tma_device(kernel_device) -> str:
+    """The kernel device where TMA descriptors run (sm_90+, or emulated in the interpreter), else skip."""
+    from resnet_fast.kernels import configs
+    if not configs.tma_allowed(torch.device(kernel_device)):
+        pytest.skip("no TMA descriptors here (GPU older than sm_90, Triton < 3.4, or RESNET_FAST_TMA=0)")
+    return kernel_device

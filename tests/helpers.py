@@ -10,3 +10,9 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     out = out.detach().cpu().double()
     ref = ref.detach().cpu().double()
     return ((out - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+def tensor_core_dtypes(device: str) -> list:
+    """The 16-bit dtypes a tensor-core kernel test covers on ``device``: fp16, and bf16 on the GPU only (the
+    interpreter's bf16 ``tl.dot`` is wrong)."""
+    return [torch.float16] + ([torch.bfloat16] if device == "cuda" else [])

@@ -13,22 +13,11 @@ from resnet_fast.kernels import configs as cfgs
 from resnet_fast.kernels import conv_dgrad_box as box
 from resnet_fast.kernels.configs import ConvConfig
 from resnet_fast.kernels.conv_common import ConvGeometry, DyBN, as_row, flat_rows, pixel_block, row_geometry
-from helpers import rel_err
+from helpers import rel_err, tensor_core_dtypes
 
 CL = torch.channels_last
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
 SMALL = ConvConfig(16, 16, 16, 1, 4, 2, tma=True)  # 16 dx pixels × 16 input channels × 16 output channels a step
-
-
-@pytest.fixture
-def tma_device(kernel_device) -> str:
-    if not cfgs.tma_allowed(torch.device(kernel_device)):
-        pytest.skip("no TMA descriptors here (GPU older than sm_90, Triton < 3.4, or RESNET_FAST_TMA=0)")
-    return kernel_device
-
-
-def _dtypes(device):
-    return [torch.float16] + ([torch.bfloat16] if device == "cuda" else [])  # the interpreter's bf16 dot is wrong
 
 
 # (N, C, H, W, K, R, S, padding, dilation, view): 7×5 maps in 2×8 blocks (past H and W); 3×1 taps; dilation 2;
@@ -54,7 +43,7 @@ def _cl(t, dtype, device, view):
 def test_box_dgrad_matches_conv2d_input(tma_device, triton_backend, variant, geometry):
     N, C, H, W, K, R, S, pad, dil, view = GEOMETRIES[geometry]
     flags = dg.VARIANTS[variant]
-    for dtype in _dtypes(tma_device):
+    for dtype in tensor_core_dtypes(tma_device):
         gen = torch.Generator().manual_seed(R * S)
         g = ConvGeometry.make((N, C, H, W), (K, C, R, S), 1, pad, dil)
         dz64 = torch.randn(N, K, g.P, g.Q, generator=gen, dtype=torch.float64).to(dtype).double()

@@ -13,22 +13,11 @@ from resnet_fast.kernels import conv_fwd_box as box
 from resnet_fast.kernels.bn_finalize import bn_finalize
 from resnet_fast.kernels.configs import ConvConfig
 from resnet_fast.kernels.conv_common import ConvGeometry, pixel_block
-from helpers import rel_err
+from helpers import rel_err, tensor_core_dtypes
 from test_conv_fwd import TOL, make, reference
 
 CL = torch.channels_last
 SMALL = ConvConfig(16, 16, 16, 1, 4, 2, tma=True)  # 16-pixel blocks (2×8 on 8-wide maps), 16 output channels
-
-
-@pytest.fixture
-def tma_device(kernel_device) -> str:
-    if not cfgs.tma_allowed(torch.device(kernel_device)):
-        pytest.skip("no TMA descriptors here (GPU older than sm_90, Triton < 3.4, or RESNET_FAST_TMA=0)")
-    return kernel_device
-
-
-def _dtypes(device):
-    return [torch.float16] + ([torch.bfloat16] if device == "cuda" else [])  # the interpreter's bf16 dot is wrong
 
 
 # (N, C, H, W, K, R, S, padding, dilation): several channel blocks and taps, two output-channel tiles, blocks of
@@ -42,7 +31,7 @@ GEOMETRIES = {"3x3": (2, 32, 8, 8, 24, 3, 3, 1, 1), "3x1": (1, 16, 4, 8, 32, 3, 
 def test_box_fwd_matches_conv2d(tma_device, triton_backend, variant, geometry):
     N, C, H, W, K, R, S, pad, dil = GEOMETRIES[geometry]
     flags = box.VARIANTS[variant]
-    for dtype in _dtypes(tma_device):
+    for dtype in tensor_core_dtypes(tma_device):
         x, w, kw = make(N, C, H, W, K, R, S, 1, dtype, tma_device, seed=R + S,
                         scale=flags.get("HAS_SCALE"), shift=flags.get("HAS_SHIFT"))
         g = ConvGeometry.make(x.shape, w.shape, 1, pad, dil)

@@ -12,22 +12,12 @@ from resnet_fast.kernels import configs as cfgs
 from resnet_fast.kernels import conv_wgrad_box as box
 from resnet_fast.kernels.configs import ConvConfig
 from resnet_fast.kernels.conv_common import ConvGeometry, DyBN, flat_rows, pixel_block
+from helpers import tensor_core_dtypes
 
 CL = torch.channels_last
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
 SMALL = ConvConfig(16, 32, 16, 1, 4, 2, tma=True)  # 16 output × 32 input channels, 16-pixel blocks
 SMALL_ROWS = ConvConfig(16, 32, 16, 1, 4, 2, tma=True, row_taps=True)  # a program per filter row
-
-
-@pytest.fixture
-def tma_device(kernel_device) -> str:
-    if not cfgs.tma_allowed(torch.device(kernel_device)):
-        pytest.skip("no TMA descriptors here (GPU older than sm_90, Triton < 3.4, or RESNET_FAST_TMA=0)")
-    return kernel_device
-
-
-def _dtypes(device):
-    return [torch.float16] + ([torch.bfloat16] if device == "cuda" else [])  # the interpreter's bf16 dot is wrong
 
 
 def _rel(out, ref):
@@ -50,7 +40,7 @@ def test_box_wgrad_matches_conv2d_weight(tma_device, triton_backend, variant, ge
     flags = box.VARIANTS[variant]
     if cfg.row_taps and (st > 1 or flags.get("PROLOGUE")):
         pytest.skip("row-taps tiles: stride 1 without the prologue (test_box_config_refused_where_it_cannot_run)")
-    for dtype in _dtypes(tma_device):
+    for dtype in tensor_core_dtypes(tma_device):
         gen = torch.Generator().manual_seed(split)
         x64 = torch.randn(N, C, H, W, generator=gen, dtype=torch.float64).to(dtype).double()
         g = ConvGeometry.make(x64.shape, (K, C, R, S), st, pad, dil)

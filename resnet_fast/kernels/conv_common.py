@@ -36,7 +36,7 @@ __all__ = ["ConvGeometry", "conv_output_size", "pair", "CHANNEL_PAD", "W_ROW_PAD
            "round_up",
            "DyBN", "check_dy_bn", "dy_on_load", "dense_input",
            "rows_aligned", "tma_ready", "nhwc_descriptor", "pixel_block", "MAX_BQ", "flat_rows", "as_row",
-           "row_geometry", "ordered_signature", "rows_to_npq", "swizzle_pid"]
+           "row_geometry", "ordered_signature", "rows_to_npq", "swizzle_pid", "block_origin", "next_tap_step"]
 
 CHANNEL_PAD = 16  # smallest MMA reduction step for 16-bit operands (and 8 for tf32): pad Cg to this
 W_ROW_PAD = 256   # packed forward weights have round_up(K, this) rows (zeros): weight tiles load unmasked
@@ -334,6 +334,34 @@ def swizzle_pid(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     pid_m = first_m + (pid % num_in_group) % size_m
     pid_n = (pid % num_in_group) // size_m
     return pid_m, pid_n
+
+
+@triton.jit
+def block_origin(pid_m, PB, QB, BP: tl.constexpr, BQ: tl.constexpr):
+    """A box kernel's pixel-block tile ``pid_m`` over maps of ``PB × QB`` blocks of ``BP × BQ`` pixels
+    (:func:`pixel_block`): ``(n, row0, col0, bi, bj)``, the image, the block's first pixel, and each of its
+    ``BP*BQ`` tile rows' offset in it (row ``i*BQ + j`` is pixel ``(i, j)``)."""
+    per_image = PB * QB
+    n = pid_m // per_image
+    row0 = (pid_m % per_image) // QB * BP
+    col0 = (pid_m % per_image) % QB * BQ
+    bi = tl.arange(0, BP * BQ) // BQ
+    bj = tl.arange(0, BP * BQ) % BQ
+    return n, row0, col0, bi, bj
+
+
+@triton.jit
+def next_tap_step(r, s, c0, C, S, BLOCK_K: tl.constexpr):
+    """The next K-step of a loop over (tap ``(r, s)``, channel block ``c0`` of ``C``), channel blocks fastest:
+    carried scalars, no division in the loop. Returns ``(r, s, c0)``."""
+    c0 += BLOCK_K
+    c_wrap = c0 >= C
+    c0 = tl.where(c_wrap, 0, c0)
+    s += c_wrap.to(tl.int32)
+    s_wrap = s >= S
+    s = tl.where(s_wrap, 0, s)
+    r += s_wrap.to(tl.int32)
+    return r, s, c0
 
 
 @triton.jit

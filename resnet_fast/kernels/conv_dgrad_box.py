@@ -26,8 +26,8 @@ import triton
 import triton.language as tl
 
 from .configs import ConvConfig
-from .conv_common import (ConvGeometry, as_row, dy_on_load, flat_rows, nhwc_descriptor, pixel_block, row_geometry,
-                          swizzle_pid, tma_ready)
+from .conv_common import (ConvGeometry, as_row, block_origin, dy_on_load, flat_rows, next_tap_step, nhwc_descriptor,
+                          pixel_block, row_geometry, swizzle_pid, tma_ready)
 from .dgrad_epilogue import epilogue
 
 try:
@@ -52,13 +52,8 @@ def _conv_dgrad_box_kernel(
     BLOCK_M: tl.constexpr = BP * BQ
     FORM: tl.constexpr = DY_BN or DY_RELU
     pid_m, pid_n = swizzle_pid(tl.program_id(0), NUM_PID_M, C // BLOCK_N, GROUP_M)
-    per_image = HB * WB
-    n = pid_m // per_image
-    h0 = (pid_m % per_image) // WB * BP
-    w0 = (pid_m % per_image) % WB * BQ
+    n, h0, w0, bi, bj = block_origin(pid_m, HB, WB, BP, BQ)
     c0 = pid_n * BLOCK_N
-    bi = tl.arange(0, BLOCK_M) // BQ
-    bj = tl.arange(0, BLOCK_M) % BQ
     p0 = h0 + PAD_H  # the dy block's corner at tap (0, 0)
     q0 = w0 + PAD_W
     # no transform: dx^T = W^T · dy^T, both operands from shared memory (a reshaped box as A goes through registers)
@@ -82,13 +77,7 @@ def _conv_dgrad_box_kernel(
                                tl.load(c3_ptr + kk)[None, :], tl.load(mu_ptr + kk)[None, :], inside[:, None],
                                False)
         acc = tl.dot(b.T, a.T, acc)
-        k0 += BLOCK_K  # the next channel block, else the next tap
-        k_wrap = k0 >= K
-        k0 = tl.where(k_wrap, 0, k0)
-        s += k_wrap.to(tl.int32)
-        s_wrap = s >= S
-        s = tl.where(s_wrap, 0, s)
-        r += s_wrap.to(tl.int32)
+        r, s, k0 = next_tap_step(r, s, k0, K, S, BLOCK_K)  # the next channel block, else the next tap
     acc = acc.T
     h = (h0 + bi).to(tl.int64)  # int64: a flat pointwise view's row index times C may pass 2**31
     w = (w0 + bj).to(tl.int64)

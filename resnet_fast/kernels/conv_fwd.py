@@ -74,7 +74,7 @@ from . import configs as _cfg
 from . import prologue_pass as _pass
 from .checks import FLOAT_DTYPES, check, check_operand_dtype, check_vector, describe
 from .configs import ConvConfig
-from .conv_common import (ConvGeometry, dense_input, ordered_signature, rows_to_npq,
+from .conv_common import (ConvGeometry, dense_input, next_tap_step, ordered_signature, rows_to_npq,
                           swizzle_pid)
 from .fwd_epilogue import epilogue
 from .tile_stats import TileStats
@@ -191,13 +191,7 @@ def _conv_fwd_kernel(
             acc = tl.dot(a, b, acc, input_precision="ieee")
         else:
             acc = tl.dot(a, b, acc)
-        c0 += BLOCK_K  # the next channel block, else the next tap
-        c_wrap = c0 >= Cg
-        c0 = tl.where(c_wrap, 0, c0)
-        s += c_wrap.to(tl.int32)
-        s_wrap = s >= S
-        s = tl.where(s_wrap, 0, s)
-        r += s_wrap.to(tl.int32)
+        r, s, c0 = next_tap_step(r, s, c0, Cg, S, BLOCK_K)  # the next channel block, else the next tap
 
     rows = tl.minimum(M - pid_m.to(tl.int64) * BLOCK_M, BLOCK_M).to(tl.float32)
     epilogue(acc, offs_m, row_ok, rows, k_glob, n_ok, pid_m, num_pid_m, K, y_ptr, bias_ptr, scale_ptr, shift_ptr,

@@ -28,7 +28,8 @@ import triton
 import triton.language as tl
 
 from .configs import ConvConfig
-from .conv_common import ConvGeometry, nhwc_descriptor, pixel_block, swizzle_pid, tma_ready
+from .conv_common import (ConvGeometry, block_origin, next_tap_step, nhwc_descriptor, pixel_block, swizzle_pid,
+                          tma_ready)
 from .fwd_epilogue import epilogue
 
 try:
@@ -50,13 +51,8 @@ def _conv_fwd_box_kernel(
         BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     BLOCK_M: tl.constexpr = BP * BQ
     pid_m, pid_n = swizzle_pid(tl.program_id(0), NUM_PID_M, tl.cdiv(K, BLOCK_N), GROUP_M)
-    per_image = PB * QB
-    n = pid_m // per_image
-    p0 = (pid_m % per_image) // QB * BP
-    q0 = (pid_m % per_image) % QB * BQ
+    n, p0, q0, bi, bj = block_origin(pid_m, PB, QB, BP, BQ)
     k0 = pid_n * BLOCK_N
-    bi = tl.arange(0, BLOCK_M) // BQ
-    bj = tl.arange(0, BLOCK_M) % BQ
     h0 = p0 - pad_h  # the block's input corner at tap (0, 0)
     w0 = q0 - pad_w
     # without the prologue the GEMM runs transposed, y^T = W · x^T: both wgmma operands straight from their TMA
@@ -80,13 +76,7 @@ def _conv_fwd_box_kernel(
             acc = tl.dot(a, b.T, acc)
         else:
             acc = tl.dot(b, a.T, acc)
-        c0 += BLOCK_K  # the next channel block, else the next tap
-        c_wrap = c0 >= C
-        c0 = tl.where(c_wrap, 0, c0)
-        s += c_wrap.to(tl.int32)
-        s_wrap = s >= S
-        s = tl.where(s_wrap, 0, s)
-        r += s_wrap.to(tl.int32)
+        r, s, c0 = next_tap_step(r, s, c0, C, S, BLOCK_K)  # the next channel block, else the next tap
     if not PROLOGUE:
         acc = acc.T
     p = p0 + bi
