@@ -36,7 +36,8 @@ __all__ = ["ConvGeometry", "conv_output_size", "pair", "CHANNEL_PAD", "W_ROW_PAD
            "round_up",
            "DyBN", "check_dy_bn", "dy_on_load", "dense_input",
            "rows_aligned", "tma_ready", "nhwc_descriptor", "pixel_block", "MAX_BQ", "flat_rows", "as_row",
-           "row_geometry", "ordered_signature", "rows_to_npq", "swizzle_pid", "block_origin", "next_tap_step"]
+           "row_geometry", "as_rows", "ordered_signature", "rows_to_npq", "swizzle_pid", "block_origin",
+           "next_tap_step"]
 
 CHANNEL_PAD = 16  # smallest MMA reduction step for 16-bit operands (and 8 for tf32): pad Cg to this
 W_ROW_PAD = 256   # packed forward weights have round_up(K, this) rows (zeros): weight tiles load unmasked
@@ -315,6 +316,15 @@ def as_row(t: torch.Tensor) -> torch.Tensor:
 def row_geometry(g: ConvGeometry) -> ConvGeometry:
     """The pointwise conv ``g`` over its pixels as one row of one image (:func:`flat_rows`)."""
     return ConvGeometry.make((1, g.C, 1, g.N * g.H * g.W), (g.K, g.Cg, 1, 1), groups=g.groups)
+
+
+def as_rows(g: ConvGeometry, *tensors) -> tuple:
+    """``(geometry, tensors)`` as a box kernel runs the conv: :func:`row_geometry` and each tensor :func:`as_row`
+    where :func:`flat_rows`, else ``g`` and the tensors unchanged. The one place that decides it, for the launchers
+    and for what they size from the geometry (tiles, chunks, the cost report)."""
+    if flat_rows(g, *tensors):
+        return row_geometry(g), tuple(as_row(t) for t in tensors)
+    return g, tensors
 
 
 def ordered_signature(fn, sig: dict) -> dict:

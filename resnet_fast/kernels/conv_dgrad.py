@@ -68,8 +68,8 @@ from .conv_dgrad_box import wide_ok
 from .configs import ConvConfig, checked_candidates, conv_allows_tf32, for_dtype, tma_allowed
 from .dgrad_epilogue import epilogue
 from .checks import check, check_like, check_operand_dtype, check_tensor, check_vector
-from .conv_common import (ConvGeometry, DyBN, check_dy_bn, dy_on_load, flat_rows, ordered_signature, pixel_block,
-                          row_geometry, rows_aligned, swizzle_pid, tap_steps)
+from .conv_common import (ConvGeometry, DyBN, as_rows, check_dy_bn, dy_on_load, flat_rows, ordered_signature,
+                          pixel_block, rows_aligned, swizzle_pid, tap_steps)
 
 __all__ = ["conv2d_dgrad_nhwc", "compile_specs", "dy_on_load", "DGRAD_CONFIGS", "DgradSwitches"]
 
@@ -452,7 +452,7 @@ def conv2d_dgrad_nhwc(grad_out: torch.Tensor, weight: torch.Tensor, x_shape, *, 
 
     def launch(cfg: ConvConfig):
         if cfg.tma:
-            T = _box.num_tiles(row_geometry(g) if flat_rows(g, grad_out, dx, *boxed, epi_ops[0]) else g, cfg)
+            T = _box.num_tiles(as_rows(g, grad_out, dx, epi_ops[0], bn_ops[0])[0], cfg)  # as _box.launch
         else:
             T = _tiles(g, cfg)[1]
         part = dx

@@ -26,8 +26,8 @@ import triton
 import triton.language as tl
 
 from .configs import ConvConfig
-from .conv_common import (ConvGeometry, as_row, block_origin, dy_on_load, flat_rows, next_tap_step, nhwc_descriptor,
-                          pixel_block, row_geometry, swizzle_pid, tma_ready)
+from .conv_common import (ConvGeometry, as_rows, block_origin, dy_on_load, next_tap_step, nhwc_descriptor, pixel_block,
+                          swizzle_pid, tma_ready)
 from .dgrad_epilogue import epilogue
 
 try:
@@ -99,6 +99,7 @@ VARIANTS = {
     "epi": {"EPI": True, "OUT_SCALE": True},
 }
 
+
 def wide_ok(base: ConvConfig, dtype: torch.dtype, epilogue: bool) -> bool:
     """Whether config ``base`` may launch (and is compile-checked) for operands of ``dtype`` with or without the
     epilogue: the 256-wide channel tiles only with 16-bit operands, and with the epilogue only 64 rows wide."""
@@ -116,7 +117,7 @@ BOX_CONFIGS = (ConvConfig(128, 256, 64, 8, 8, 3, tma=True), ConvConfig(64, 256, 
 
 def num_tiles(g: ConvGeometry, cfg: ConvConfig) -> int:
     """Pixel blocks of a launch (the partials' rows T); ``g`` the launch's geometry (a pointwise conv over flat
-    rows: :func:`.conv_common.row_geometry`)."""
+    rows: :func:`.conv_common.as_rows`)."""
     bp, bq = pixel_block(g.H, g.W, cfg.BLOCK_M)
     return g.N * triton.cdiv(g.H, bp) * triton.cdiv(g.W, bq)
 
@@ -136,10 +137,8 @@ def launch(cfg: ConvConfig, g: ConvGeometry, grad_out: torch.Tensor, weight: tor
     """The launch of :func:`_conv_dgrad_box_kernel` into ``dx`` (and ``part``, ``[2, num_tiles, C]`` under EPI).
     ``epi_ops`` = (y_prev, in_scale, in_shift, in_centre), ``bn_ops`` = (y or relu_out, c1, c2, c3, mean) and
     ``osc`` as :func:`.conv_dgrad._launch_dgrad` (placeholders where ``sw``, a ``DgradSwitches``, has them off)."""
-    yp, z = epi_ops[0], bn_ops[0]  # dx and grad_out where their switch is off
-    if flat_rows(g, grad_out, dx, yp, z):
-        g = row_geometry(g)
-        grad_out, dx, yp, z = (as_row(t) for t in (grad_out, dx, yp, z))
+    # y_prev and the boxed y / relu_out are dx and grad_out where their switch is off
+    g, (grad_out, dx, yp, z) = as_rows(g, grad_out, dx, epi_ops[0], bn_ops[0])
     bp, bq = pixel_block(g.H, g.W, cfg.BLOCK_M)
     hb, wb = triton.cdiv(g.H, bp), triton.cdiv(g.W, bq)
     dy_d = nhwc_descriptor(grad_out, bp, bq, cfg.BLOCK_K)

@@ -75,8 +75,8 @@ from . import prologue_pass as _pass
 from .checks import FLOAT_DTYPES, check, check_operand_dtype, check_tensor, check_vector
 from .autotune import choose
 from .configs import ConvConfig, checked_candidates, conv_allows_tf32, for_dtype, tma_allowed
-from .conv_common import (CHANNEL_PAD, ConvGeometry, DyBN, as_row, check_dy_bn, dense_input, dy_on_load, flat_rows,
-                          ordered_signature, row_geometry, rows_aligned, rows_to_npq)
+from .conv_common import (CHANNEL_PAD, ConvGeometry, DyBN, as_rows, check_dy_bn, dense_input, dy_on_load, flat_rows,
+                          ordered_signature, rows_aligned, rows_to_npq)
 
 __all__ = ["conv2d_wgrad_nhwc", "WGRAD_CONFIGS", "pick_split", "compile_specs", "WgradSwitches"]
 # Split-K (pick_split): at least this many BLOCK_K steps per chunk, at most _MAX_SPLIT chunks; the time model
@@ -623,10 +623,9 @@ def _launch_wgrad(cfg: ConvConfig, g: ConvGeometry, grad_out, x, dw, sums, pro_o
     then the combines), writing ``dw``
     (unless not ``need_dw``) and ``sums`` (when ``dy_sums``). ``pro_ops`` = (in_scale, in_shift) and ``bn_ops``
     (the :class:`DyBN` fields) are placeholders where their switch is off."""
-    if cfg.tma and flat_rows(g, grad_out, x, bn_ops[0]):  # a 1×1 conv's pixels as one row of one image
-        g = row_geometry(g)
-        grad_out, x = as_row(grad_out), as_row(x)
-        bn_ops = (as_row(bn_ops[0]), *bn_ops[1:])
+    if cfg.tma:  # a 1×1 conv's pixels as one row of one image where flat_rows
+        g, (grad_out, x, y) = as_rows(g, grad_out, x, bn_ops[0])
+        bn_ops = (y, *bn_ops[1:])
     packed = not cfg.tma and _packed(g, cfg, grad_out, x)
     n_split = sw.split if sw.split is not None else pick_split(g, cfg, first_column_only=not sw.need_dw,
                                                                packed=packed, transforms=sw.dy_bn + sw.prologue)

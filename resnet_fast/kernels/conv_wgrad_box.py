@@ -12,10 +12,10 @@ the cp.async path of :mod:`.conv_wgrad` spends most of its instructions on per-r
 (sm_90 SASS, plain 3×3 at 128×256×32: 160 of 218 instructions per warp per step).
 
 The blocks tile the map exactly where powers of 2 allow (:func:`.conv_common.pixel_block`: 56² in 8×8); else
-the cost is padding work, ``ceil(P/BP)*BP × ceil(Q/BQ)*BQ`` pixels per image (12.5 % more MMA at 28², 23 % at
-14² and 7²). ``ROW_TAPS`` (stride 1, no prologue): a program per filter row,
-its S <= 3 taps sharing each step's dy block (three x boxes, three accumulators), as :mod:`.conv_wgrad`'s
-row-taps path. ``PROLOGUE``: ``relu(x*in_scale + in_shift)`` on the x box in registers, zero outside the view.
+the cost is padding work, ``ceil(P/BP)*BP × ceil(Q/BQ)*BQ`` pixels per image (14 % more MMA at 28², 31 % at 14²
+and 7²). ``ROW_TAPS`` (stride 1, no prologue): a program per filter row, its S <= 3 taps sharing each step's dy
+block (three x boxes, three accumulators), as :mod:`.conv_wgrad`'s row-taps path. ``PROLOGUE``:
+``relu(x*in_scale + in_shift)`` on the x box in registers, zero outside the view.
 A 1×1 conv whose tensors are channels_last-contiguous runs over its pixels as one row of one image
 (:func:`.conv_common.flat_rows`: blocks of BLOCK_K pixels, none padded to a map's width).
 

@@ -345,7 +345,7 @@ def launches(kernels=("fwd", "dgrad", "wgrad")) -> list:
     import triton
     from .bn_dy import dy_pass_may_pay
     from . import conv_dgrad, conv_dgrad_box, conv_fwd, conv_fwd_box, conv_wgrad, conv_wgrad_box, prologue_pass
-    from .conv_common import ConvGeometry, flat_rows, pixel_block, row_geometry
+    from .conv_common import ConvGeometry, as_rows, pixel_block
     dt, tdt, esize = "bf16", torch.bfloat16, 2
     CL = torch.channels_last
     seen: dict = {}
@@ -440,7 +440,7 @@ def launches(kernels=("fwd", "dgrad", "wgrad")) -> list:
                           GROUP_M=c.GROUP_M)
                 cx.update(conv_dgrad.VARIANTS[variant])
                 if c.tma:  # the TMA-box kernel (conv_dgrad_box): its pixel blocks, every tap, no stride phases
-                    gb = row_geometry(g) if flat_rows(g, y, dx, *boxed, yp) else g
+                    gb = as_rows(g, y, dx, yp, *boxed)[0]  # as the launcher runs it
                     tiles = conv_dgrad_box.num_tiles(gb, c) * (g.C // c.BLOCK_N)
                     steps = g.R * g.S * g.K // c.BLOCK_K
                     cx = conv_dgrad_box.constexprs((g.R, g.S), c, pixel_block(gb.H, gb.W, c.BLOCK_M), vf)
@@ -484,7 +484,7 @@ def launches(kernels=("fwd", "dgrad", "wgrad")) -> list:
                 if passes:
                     c = dataclasses.replace(c, prologue_pass=True)
                 transforms = sum(vflags.get(k, False) for k in ("DY_BN", "PROLOGUE"))
-                gl = row_geometry(g) if c.tma and flat_rows(g, y, x) else g  # the launch's (a 1×1 box: one row)
+                gl = as_rows(g, y, x)[0] if c.tma else g  # the launch's (a 1×1 box: one row)
                 split = conv_wgrad.pick_split(gl, c, first_column_only=not need_dw, packed=packed,
                                               transforms=transforms)
                 _, split, steps = conv_wgrad.chunks(gl, c, split)  # the launcher's chunks (box: pixel blocks)
