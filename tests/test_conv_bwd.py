@@ -622,6 +622,7 @@ def test_wgrad_split_from_occupancy(shape):
     # ResNet layers: the split leaves the last wave of 132 SMs × the tile's CTAs per SM at least 85 % full and
     # the critical path near the even spread (or takes all the chunks the reduction allows), keeping >= 8
     # BLOCK_K steps a chunk
+    import itertools
     import math
 
     import resnet_fast.kernels.conv_wgrad as wg
@@ -630,11 +631,11 @@ def test_wgrad_split_from_occupancy(shape):
     g = ConvGeometry.make((N, C, H, W), (K, C, R, R), s, R // 2)
     meta = lambda *sh: torch.empty(sh, dtype=torch.bfloat16, device="meta").contiguous(memory_format=CL)  # noqa
     cfg = wg._candidates(g, meta(N, K, g.P, g.Q), meta(N, C, H, W))[1]
-    for transforms in (0, 1, 2):
-        split = wg.pick_split(g, cfg, transforms=transforms)
+    for dy_bn, prologue in itertools.product((False, True), repeat=2):
+        split = wg.pick_split(g, cfg, dy_bn=dy_bn, prologue=prologue)
         steps = -(-g.N * g.P * g.Q // cfg.BLOCK_K)
         tiles = math.prod(wg._grid(g, cfg, False, 1, True)[0])
-        slots = 132 * wg.ctas_per_sm(cfg, transforms)
+        slots = 132 * wg.ctas_per_sm(cfg, dy_bn, prologue)
         waves = tiles * split / slots
         assert split == 1 or steps // split >= 8, (split, steps)
         assert waves / math.ceil(waves) >= 0.85 or split == min(steps // 8, 256), (split, waves)

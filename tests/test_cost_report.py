@@ -117,6 +117,13 @@ def test_model_waves_and_roofline():
     assert r["memory_us"] == pytest.approx(1e9 / cr.HBM_BYTES_PER_S * 1e6, rel=1e-3)
 
 
+def test_wgrad_split_assumes_the_compiled_occupancy(records):
+    # pick_split sizes split-K by conv_wgrad's table of CTAs per SM; the compiled registers and shared memory decide
+    wrong = [f"{r['layer']} {r['role']} {r['variant']} {r['config']}: table {r['split_ctas']}, SASS {r['ctas_per_sm']}"
+             for r in records if r["kernel"] == "wgrad" and r["split_ctas"] != r["ctas_per_sm"]]
+    assert not wrong, "conv_wgrad._CTAS_PER_SM disagrees with the sm_90 compile:\n" + "\n".join(wrong)
+
+
 def test_every_resnet50_conv_has_its_launches():
     from resnet_fast.bench import shapes
     las = cr.launches()

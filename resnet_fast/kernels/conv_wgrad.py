@@ -85,20 +85,24 @@ __all__ = ["conv2d_wgrad_nhwc", "WGRAD_CONFIGS", "pick_split", "compile_specs", 
 _MIN_STEPS_PER_SPLIT = 8
 _MAX_SPLIT = 256
 _NUM_SMS, _CLOCK_HZ, _FMA_PER_CLK, _HBM_BYTES_PER_S, _ISSUE_RATIO = 132, 1.83e9, 2048, 3.35e12, 3.0
-# CTAs per SM of each tile (BLOCK_M, BLOCK_N, num_warps, row_taps) by the operand transforms it runs (none,
-# DY_BN only, DY_BN and PROLOGUE), from the sm_90 compile's registers and shared memory (cost_report: e.g.
-# 128x128 w8 fused 254 registers and 128 KB, 1 CTA; its sums variant 119 registers and 96 KB, 2; 64x64 w4 plain
-# 78, dy_bn 136-146, fused 178 registers; 64x64 w4 row taps plain 156, dy_bn 224-244; the box kernel's 128x64 w4
-# one-tap tile 90-198 registers and 104 KB, 2); a tile not listed counts 1.
-_CTAS_PER_SM = {(128, 128, 8, False): (2, 1, 1), (128, 64, 8, False): (2, 1, 1), (64, 64, 4, False): (4, 3, 2),
-                (64, 32, 4, False): (4, 2, 2), (64, 128, 4, False): (3, 2, 2), (64, 64, 4, True): (3, 2, 2),
-                (128, 64, 4, False): (2, 2, 2)}
+# CTAs per SM of each tile (BLOCK_M, BLOCK_N, num_warps, row_taps, tma) by the operand transforms it runs (none,
+# DY_BN only, DY_BN and PROLOGUE, PROLOGUE only), from the sm_90 compile's registers and shared memory (the cost
+# report's ``ctas_per_sm``; tests/test_cost_report.py checks every ResNet-50 wgrad record against it). E.g. the
+# cp.async 128x128 w8 tile: sums 119 registers and 96 KB, 2; fused 254, 1; the box kernel's 128x128 w8 tile:
+# prologue alone 128 registers and 88 KB, 2; dy_bn 160-180 and 128 KB, 1. Row-taps tiles never run the prologue
+# (their entries repeat dy_bn's). A tile not listed counts 1.
+_CTAS_PER_SM = {(128, 128, 8, False, False): (2, 1, 1, 1), (128, 64, 8, False, False): (2, 1, 1, 1),
+                (64, 64, 4, False, False): (4, 3, 2, 2), (64, 32, 4, False, False): (4, 2, 2, 2),
+                (64, 128, 4, False, False): (3, 2, 2, 2), (64, 64, 4, True, False): (3, 2, 2, 2),
+                (64, 64, 4, False, True): (4, 3, 3, 5), (128, 64, 4, False, True): (3, 2, 2, 3),
+                (128, 128, 8, False, True): (2, 1, 1, 2), (64, 64, 4, True, True): (3, 2, 2, 2)}
 
 
-def ctas_per_sm(cfg: ConvConfig, transforms: int) -> int:
-    """CTAs of ``cfg`` per SM with ``transforms`` operand transforms (:data:`_CTAS_PER_SM`; 1 if not listed)."""
-    key = (cfg.BLOCK_M, cfg.BLOCK_N, cfg.num_warps, cfg.row_taps)
-    return _CTAS_PER_SM.get(key, (1, 1, 1))[min(transforms, 2)]
+def ctas_per_sm(cfg: ConvConfig, dy_bn: bool, prologue: bool) -> int:
+    """CTAs of ``cfg`` per SM when its loop forms dy (``dy_bn``) and/or x (``prologue``), :data:`_CTAS_PER_SM`
+    (1 if not listed)."""
+    key = (cfg.BLOCK_M, cfg.BLOCK_N, cfg.num_warps, cfg.row_taps, cfg.tma)
+    return _CTAS_PER_SM.get(key, (1, 1, 1, 1))[(0, 3, 1, 2)[2 * dy_bn + prologue]]
 
 
 # Every config the launcher may pick; compile_specs covers each of them (16-bit and fp32 via for_dtype, every
@@ -171,7 +175,7 @@ def _candidates(g: ConvGeometry, dy: torch.Tensor, x: torch.Tensor, dy_bn: bool 
     :func:`.conv_wgrad_box.eligible` (``y``: the dy_bn tensor, when there is one; on 1×1 convs over flat rows,
     :func:`.conv_common.flat_rows`, also its FLAT_CONFIGS), the default on filters of more than one tap and on
     1×1 convs over flat rows or with ``dy_bn`` where it is as wide as the channels (up to 256), unless the
-    prologue is the only transform."""
+    prologue is the only transform and the wide tile fits."""
     general = for_dtype(_GENERAL_CONFIG, dy.dtype)
     packed = for_dtype(_DENSE_CONFIG if g.pack_c else _PACKED_CONFIG, dy.dtype)
     if _packed(g, packed, dy, x):
@@ -181,6 +185,7 @@ def _candidates(g: ConvGeometry, dy: torch.Tensor, x: torch.Tensor, dy_bn: bool 
     # GEMM: output channels × input channels (of one tap), reducing over pixels
     wide = None if ieee else WIDE_CONFIG if not dy_bn else \
         DY_CONFIG if not prologue or _flat_switches(g, dy, x, False)[1] else None
+    wide_fits = wide is not None and g.Kg >= wide.BLOCK_M and g.Cg >= wide.BLOCK_N
     rows_cfgs = ROW_CONFIGS if 1 < g.S <= _MAX_ROW_TAPS and not ieee and not prologue else ()
     cands = checked_candidates(WGRAD_CONFIGS + ((wide,) if wide else ()) + rows_cfgs, general, dy.dtype,
                                lambda c: _aligned(g, c, dy, x), g.Kg, g.Cg, g.N * g.P * g.Q)
@@ -192,15 +197,15 @@ def _candidates(g: ConvGeometry, dy: torch.Tensor, x: torch.Tensor, dy_bn: bool 
         # the default on filters of more than one tap, and on 1×1 convs where its tile is as wide as the channels
         # (a narrower tile forms each dy element for fewer MMA columns) and it runs over flat rows or forms dy
         # (the stride-2 downsample: its 64-deep steps halve the cp.async tile's per-MMA transform work; without
-        # dy_bn a padded box costs more than the little a 1×1 loop gathers), but not for the prologue alone, where
-        # the wide tile spreads x's transform over 256 output channels
+        # dy_bn a padded box costs more than the little a 1×1 loop gathers), but not for the prologue alone where
+        # the wide tile runs: it spreads x's transform over 256 output channels
         fits = g.R * g.S > 1 or ((rows or dy_bn) and box and box[0].BLOCK_N >= min(g.Cg, 256))
         # a one-tap box tile narrower than 256 loses to the cp.async row-taps tiles where they run (each formed
         # dy block serves a filter row's taps there): it is the default only without them (the prologue)
         narrow = box and not box[0].row_taps and box[0].BLOCK_N < 256 and g.R * g.S > 1 and bool(rows_cfgs)
-        if box and fits and not narrow and (dy_bn or not prologue):
+        if box and fits and not narrow and (dy_bn or not prologue or not wide_fits):
             return tuple(cands), box[0]
-    if wide is not None and for_dtype(wide, dy.dtype) in cands and g.Kg >= wide.BLOCK_M and g.Cg >= wide.BLOCK_N:
+    if wide_fits and for_dtype(wide, dy.dtype) in cands:
         return tuple(cands), for_dtype(wide, dy.dtype)
     row = next((c for c in cands if c.row_taps), None)  # ROW_CONFIGS widest first
     if row is not None:
@@ -211,17 +216,17 @@ def _candidates(g: ConvGeometry, dy: torch.Tensor, x: torch.Tensor, dy_bn: bool 
 
 
 def pick_split(g: ConvGeometry, cfg: ConvConfig, first_column_only: bool = False, packed: bool = False,
-               transforms: int = 2) -> int:
+               dy_bn: bool = True, prologue: bool = True) -> int:
     """SPLIT minimising an estimated time from occupancy: ``waves × steps per chunk × step time`` (waves of
     132 SMs × the tile's CTAs per SM, :data:`_CTAS_PER_SM`; the step time of a CTA sharing its SM with the
     others) plus the fp32 partials' round trip through HBM, each chunk keeping >= _MIN_STEPS_PER_SPLIT
     BLOCK_K steps. A split that ends in a near-full last wave wins over one that leaves a tail.
     ``first_column_only``: the grid of a ``need_dw=False`` launch, one (tap, channel tile) column; ``packed``:
-    the PACKED path's grid; ``transforms``: the operand transforms the launch runs (0 none, 1 DY_BN only, 2
-    DY_BN and PROLOGUE; more registers, fewer CTAs per SM)."""
+    the PACKED path's grid; ``dy_bn``/``prologue``: the operand transforms the launch runs (more registers,
+    fewer CTAs per SM)."""
     tiles = math.prod(_grid(g, cfg, packed, 1, not first_column_only)[0])
     steps = triton.cdiv(g.N * g.P * g.Q, cfg.BLOCK_K)
-    ctas = ctas_per_sm(cfg, transforms)
+    ctas = ctas_per_sm(cfg, dy_bn, prologue)
     slots = _NUM_SMS * ctas
     mma = cfg.BLOCK_M * cfg.BLOCK_N * cfg.BLOCK_K * (g.S if cfg.row_taps and not packed else 1)  # per step
     step_s = ctas * mma / _FMA_PER_CLK * _ISSUE_RATIO / _CLOCK_HZ
@@ -628,7 +633,8 @@ def _launch_wgrad(cfg: ConvConfig, g: ConvGeometry, grad_out, x, dw, sums, pro_o
         bn_ops = (y, *bn_ops[1:])
     packed = not cfg.tma and _packed(g, cfg, grad_out, x)
     n_split = sw.split if sw.split is not None else pick_split(g, cfg, first_column_only=not sw.need_dw,
-                                                               packed=packed, transforms=sw.dy_bn + sw.prologue)
+                                                               packed=packed, dy_bn=sw.dy_bn,
+                                                               prologue=sw.prologue)
     chunk, n_split, _ = chunks(g, cfg, n_split)
     # fp32 partials [SPLIT, K, R, S, Cg]: each program's tile is contiguous along its channels (and, PACKED,
     # along its (s, c) columns); the combine writes dW's [K, Cg, R, S] order

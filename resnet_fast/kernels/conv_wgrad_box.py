@@ -51,7 +51,8 @@ __all__ = ["BOX_CONFIGS", "FLAT_CONFIGS", "num_blocks", "eligible", "launch", "c
 # loop. Offered where :func:`eligible` and the channel counts fill the tile (the row-taps ones at stride 1 without
 # the prologue, on filters of 2-3 taps per row: a program per filter row, its taps sharing each step's formed dy
 # block, as conv_wgrad.ROW_CONFIGS); the first offered is conv_wgrad's default on filters of more than one tap
-# and on 1×1 convs over flat rows (with :data:`FLAT_CONFIGS`), unless the prologue is the only transform.
+# and on 1×1 convs over flat rows (with :data:`FLAT_CONFIGS`), unless the prologue is the only transform and
+# conv_wgrad's wide tile fits.
 # sm_90 bf16 3×3 issue ratios, against the cp.async tiles: 256 channels plain 0.85 -> 0.27, dy_bn_relu_sums
 # 1.51 -> 0.82, stride-2 fused (prologue and dy_bn) 3.00 -> 1.61 (254-255 registers, no spill); 128 channels
 # (64×128 row taps) 0.89 -> 0.59 and 1.49 -> 0.95; 64 channels (64×64 row taps) 0.91 -> 0.52 and 2.05 -> 1.34.

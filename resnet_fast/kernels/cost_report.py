@@ -299,6 +299,7 @@ class Launch:
     sig: dict = dataclasses.field(default_factory=dict)
     extra_bytes: int = 0  # traffic beyond the compulsory bytes (the dense-taps path's pad pass): time, not roofline
     alt: bool = False     # an alternative the chooser measures (triton_dy_pass), not in the per-step totals
+    split_ctas: int = 0   # wgrad: the CTAs per SM its split-K assumed (conv_wgrad.ctas_per_sm)
 
     def spec_key(self) -> str:
         return json.dumps([self.module, self.fn_name, sorted(self.cx.items()), sorted(self.opts.items()),
@@ -483,10 +484,10 @@ def launches(kernels=("fwd", "dgrad", "wgrad")) -> list:
                                        PACKED=packed, IDX64=False, PACK_C=pack_c)  # the path's hints
                 if passes:
                     c = dataclasses.replace(c, prologue_pass=True)
-                transforms = sum(vflags.get(k, False) for k in ("DY_BN", "PROLOGUE"))
+                forms = {"dy_bn": vflags.get("DY_BN", False), "prologue": vflags.get("PROLOGUE", False)}
                 gl = as_rows(g, y, x)[0] if c.tma else g  # the launch's (a 1×1 box: one row)
-                split = conv_wgrad.pick_split(gl, c, first_column_only=not need_dw, packed=packed,
-                                              transforms=transforms)
+                split = conv_wgrad.pick_split(gl, c, first_column_only=not need_dw, packed=packed, **forms)
+                split_ctas = conv_wgrad.ctas_per_sm(c, **forms)  # what the split assumed (tested against the SASS)
                 _, split, steps = conv_wgrad.chunks(gl, c, split)  # the launcher's chunks (box: pixel blocks)
                 parts = nw * 4 * (2 * split if split > 1 else 1)  # fp32 partials written and read back, or dW
                 nbytes = (ny * (2 if vflags.get("DY_BN") else 1) + nx) * esize + parts
@@ -500,7 +501,8 @@ def launches(kernels=("fwd", "dgrad", "wgrad")) -> list:
                                "_conv_wgrad_box_kernel", cx, {"num_warps": c.num_warps, "num_stages": c.num_stages},
                                conv_wgrad_box.DIV16, True,
                                g.K // c.BLOCK_M * (g.R if c.row_taps else g.R * g.S) * cx["TILES_N"] * split,
-                               steps, fma, nbytes, conv_wgrad_box.signature(dt, cx), passes * esize, alt))
+                               steps, fma, nbytes, conv_wgrad_box.signature(dt, cx), passes * esize, alt,
+                               split_ctas))
                     continue
                 grid, tiles_n = conv_wgrad._grid(g, c, packed, split, need_dw)
                 tiles = math.prod(grid)
@@ -515,7 +517,7 @@ def launches(kernels=("fwd", "dgrad", "wgrad")) -> list:
                            {"num_warps": c.num_warps, "num_stages": c.num_stages}, div16, aligned, tiles,
                            steps, fma, nbytes, sig,
                            (2 * g.N * pack_c * g.H * g.W if pack_c and g.C != pack_c else 0) * esize
-                           + passes * esize, alt))
+                           + passes * esize, alt, split_ctas))
     return list(seen.values())
 
 
@@ -545,7 +547,8 @@ def model(la: Launch, spec: dict) -> dict:
             "tail_efficiency": round(tail, 3), "mma_us": round(mma_us, 2), "issue_us": round(issue_us, 2),
             "memory_us": round(memory_us, 2), "est_us": round(est_us, 2),
             "est_fraction_of_roofline": round(roof_us / est_us, 3), "alt": la.alt,
-            "loop_transforms": any(la.cx.get(k) for k in _TRANSFORMS), "loop_vectors": loop_vectors(la)}
+            "loop_transforms": any(la.cx.get(k) for k in _TRANSFORMS), "loop_vectors": loop_vectors(la),
+            **({"split_ctas": la.split_ctas} if la.split_ctas else {})}
 
 
 # the operand transforms in a K-loop (dgrad's EPI and wgrad's SUMS act after it, or on its result)

@@ -85,12 +85,11 @@ WHY = {
                  "row and tap. It runs 3×3 filters at stride 1 and, by stride-phase views, 2 where a tile fits, "
                  "and 1×1 convs at stride 1 over flat pixel rows (layer1's 64 channels 0.39 plain). At stride 2 "
                  "and 128 channels (layer2.0.conv2) its 128×128 tile runs the training variant (2.37, loop 0.47; "
-                 "the gather 2.99); inference keeps the cp.async row-taps tile (1.49, loop 0.89; the box 1.69), "
-                 "and the prologue-only form (+dy_pass) the cp.async tile (loop 0.88): the box's 1.40 is estimated "
-                 "slower (200 against 117 µs) at the split chosen for one CTA per SM where it fits two. A 1×1 "
-                 "conv at "
-                 "stride 2 (the downsample) reads a strided phase view, not flat rows: the box, its blocks padded "
-                 "to the map (14–31 % more MMA), is its default with dy_bn (1.42 -> 0.76). The stem's 3 channels "
+                 "the gather 2.99) and the prologue-only form (+dy_pass, 1.40, loop 0.47; the cp.async tile 1.86, "
+                 "loop 0.88); inference keeps the cp.async row-taps tile (1.49, loop 0.89): the box is 1.69 there. "
+                 "A 1×1 conv at stride 2 (the downsample) reads a strided phase view, not flat rows: the box, its "
+                 "blocks padded to the map (14–31 % more MMA), is its default with dy_bn (1.42 -> 0.76). The stem's "
+                 "3 channels "
                  "run 4-wide dense taps (2.44).",
     },
     "vectors": (
