@@ -24,10 +24,11 @@ specialises for every fresh PyTorch allocation; without it the PTX would show th
 
 Each spec is compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`` in a pool of
 2 processes, then checked: (1) GEMM kernels contain ``wgmma`` in their PTX, and kernels given TMA descriptors
-``cp.async.bulk.tensor``; (2) ``ptxas -arch=sm_90a -v``
-reports 0 bytes of spill stores and loads; (3) shared memory fits Hopper's 227 KB per block. ``ptxas`` is
-Triton's bundled one (the toolkit's may reject the newer PTX version Triton emits), else ``$CUDA_HOME/bin``,
-``/usr/local/cuda/bin`` or ``PATH``.
+``cp.async.bulk.tensor``; (2) Triton's own ``ptxas -v`` run (its log, :func:`compile_checked`: the cubin that
+runs, one ptxas run per spec) reports 0 bytes of spill stores and loads; (3) shared memory fits Hopper's 227 KB
+per block. Where Triton's cache served a cubin compiled before the log was kept, ``ptxas -arch=sm_90a -v`` runs
+here: Triton's bundled one (the toolkit's may reject the newer PTX version Triton emits), else
+``$CUDA_HOME/bin``, ``/usr/local/cuda/bin`` or ``PATH``.
 
 To check against another Triton (the GPU machine has 3.6): ``pip install --no-deps --target DIR triton==3.6.0``
 and run with ``PYTHONPATH=DIR``; the summary line names the version that compiled.
@@ -36,7 +37,9 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import contextlib
 import importlib
+import io
 import json
 import multiprocessing as mp
 import os
@@ -88,8 +91,19 @@ _SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 _REGS = re.compile(r"Used (\d+) registers")
 
 
+def parse_usage(log: str) -> dict | None:
+    """Registers and spill bytes from a ``ptxas -v`` log (None when it reports no register count)."""
+    spills = [tuple(map(int, m)) for m in _SPILL.findall(log)]
+    regs = [int(m) for m in _REGS.findall(log)]
+    if not regs:
+        return None
+    return {"registers": max(regs), "spill_stores": sum(s for s, _ in spills),
+            "spill_loads": sum(ld for _, ld in spills)}
+
+
 def ptxas_usage(ptx: str, ptxas: str) -> dict:
-    """Registers and spill bytes of the PTX's kernel per ``ptxas -arch=sm_90a -v``."""
+    """Registers and spill bytes of the PTX's kernel per ``ptxas -arch=sm_90a -v`` (our own run: the fallback
+    of :func:`compile_checked` where Triton's log is not to be had; its flags may differ from Triton's)."""
     with tempfile.TemporaryDirectory() as d:
         src = os.path.join(d, "k.ptx")
         with open(src, "w") as f:
@@ -99,10 +113,7 @@ def ptxas_usage(ptx: str, ptxas: str) -> dict:
     log = res.stdout + res.stderr
     if res.returncode != 0:
         raise RuntimeError(f"ptxas failed: {log.strip()[-2000:]}")
-    spills = [tuple(map(int, m)) for m in _SPILL.findall(log)]
-    regs = [int(m) for m in _REGS.findall(log)]
-    return {"registers": max(regs) if regs else None,
-            "spill_stores": sum(s for s, _ in spills), "spill_loads": sum(ld for _, ld in spills)}
+    return parse_usage(log) or {"registers": None, "spill_stores": 0, "spill_loads": 0}
 
 
 def _describe(sig: dict, cx: dict, opts: dict) -> str:
@@ -129,6 +140,39 @@ def compile_sm90(fn, sig: dict, cx: dict, opts: dict, div16=()):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(opts))
 
 
+_USAGE_FILE = "resnet_fast_ptxas_usage.json"  # kept in Triton's cache entry, beside the cubin it describes
+
+
+def compile_checked(fn, sig: dict, cx: dict, opts: dict, div16=(), ptxas: str | None = None) -> tuple:
+    """(compiled kernel, usage) of :func:`compile_sm90`: usage is the registers and spill bytes of the cubin
+    Triton built, from Triton's own ``ptxas -v`` log (``TRITON_DUMP_PTXAS_LOG``, its flags, one ptxas run per
+    spec). The usage is stored in the kernel's Triton cache entry, so a cache hit (no ptxas run, no log) reads it
+    there; a cubin cached without it falls back to running ``ptxas`` on the PTX here."""
+    from triton.runtime.cache import get_cache_manager
+    buf, was = io.StringIO(), os.environ.get("TRITON_DUMP_PTXAS_LOG")
+    os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
+    try:
+        with contextlib.redirect_stdout(buf):
+            ck = compile_sm90(fn, sig, cx, opts, div16)
+    finally:
+        if was is None:
+            del os.environ["TRITON_DUMP_PTXAS_LOG"]
+        else:
+            os.environ["TRITON_DUMP_PTXAS_LOG"] = was
+    cache = get_cache_manager(ck.hash)
+    usage = parse_usage(buf.getvalue())
+    if usage is not None:
+        cache.put(json.dumps(usage), _USAGE_FILE, binary=False)
+        return ck, usage
+    path = cache.get_file(_USAGE_FILE)
+    if path:
+        with open(path) as f:
+            return ck, json.load(f)
+    if not ptxas:
+        return ck, {"registers": None, "spill_stores": None, "spill_loads": None}
+    return ck, ptxas_usage(ck.asm["ptx"], ptxas)
+
+
 def compile_one(job: tuple) -> dict:
     """Compile spec ``index`` of module ``name`` for sm_90 and check it (runs in a pool worker)."""
     name, index, ptxas = job
@@ -137,13 +181,12 @@ def compile_one(job: tuple) -> dict:
     row = {"module": name, "kernel": fn.__name__, "spec": _describe(sig, cx, opts), "is_gemm": bool(is_gemm)}
     t0 = time.time()
     try:
-        ck = compile_sm90(fn, sig, cx, opts, rest[0] if rest else ())
+        ck, usage = compile_checked(fn, sig, cx, opts, rest[0] if rest else (), ptxas)
         ptx = ck.asm["ptx"]
         row["wgmma"] = "wgmma" in ptx
         row["tma"] = "cp.async.bulk.tensor" in ptx
         row["shared"] = int(getattr(ck.metadata, "shared", 0) or 0)
-        row.update(ptxas_usage(ptx, ptxas) if ptxas else {"registers": None, "spill_stores": None,
-                                                         "spill_loads": None})
+        row.update(usage)
         problems = []
         if is_gemm and not row["wgmma"]:
             problems.append("no wgmma in PTX")
@@ -153,8 +196,8 @@ def compile_one(job: tuple) -> dict:
             problems.append(f"spills {row['spill_stores']}B stores / {row['spill_loads']}B loads")
         if row["shared"] > HOPPER_SMEM:
             problems.append(f"shared memory {row['shared']} > {HOPPER_SMEM}")
-        if not ptxas:
-            problems.append("no ptxas found: spills not checked")
+        if row["spill_stores"] is None:
+            problems.append("no ptxas log and no ptxas found: spills not checked")
         row["problems"] = problems
     except Exception as exc:  # report, don't crash the whole run
         row["problems"] = [f"compile failed: {type(exc).__name__}: {str(exc)[:500]}"]

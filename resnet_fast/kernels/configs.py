@@ -87,6 +87,14 @@ def for_dtype(cfg: ConvConfig, dtype: torch.dtype) -> ConvConfig:
     return cfg
 
 
+def for_ieee(cfg: ConvConfig, num_stages: int | None = None) -> ConvConfig:
+    """An IEEE fp32 (FMA dot) backward launch's config: 8 warps (and ``num_stages``, if given). Found by the
+    compile check with the flags Triton 3.9 compiles with: at 4 warps the FMA dot's fp32 operands spill with the
+    dy_bn transform (dgrad 64x32x16 16 B, wgrad 64x32x32 4 B); at 8 warps dgrad spills nothing at its 3 stages,
+    wgrad nothing at 2 (4 B at 3)."""
+    return replace(cfg, num_warps=8, num_stages=num_stages or cfg.num_stages)
+
+
 def fwd_configs(dtype: torch.dtype) -> tuple:
     """The forward candidates for ``dtype``: :data:`FWD_CONFIGS` through :func:`for_dtype`; fp32 drops the
     tiles larger than 128×128, whose fp32 (tf32) operand layouts spill registers on sm_90 (see compile_check)."""

@@ -65,7 +65,7 @@ import triton.language as tl
 from .autotune import choose
 from . import conv_dgrad_box as _box
 from .conv_dgrad_box import wide_ok
-from .configs import ConvConfig, checked_candidates, conv_allows_tf32, for_dtype, tma_allowed
+from .configs import ConvConfig, checked_candidates, conv_allows_tf32, for_dtype, for_ieee, tma_allowed
 from .dgrad_epilogue import epilogue
 from .checks import check, check_like, check_operand_dtype, check_tensor, check_vector
 from .conv_common import (ConvGeometry, DyBN, as_rows, check_dy_bn, dy_on_load, flat_rows, ordered_signature,
@@ -132,16 +132,18 @@ def _candidates(g: ConvGeometry, dy: torch.Tensor, weight: torch.Tensor, others,
     """(candidates for ``dy``'s dtype, the untuned default): the configs whose path for this shape (ALIGNED or
     the masked general one) is compile-checked (:func:`.conv_dgrad_box.wide_ok` with ``epilogue``, the dReLU/dBN
     fusion). IEEE fp32 is FMA, where the larger tiles' fused variants spill on sm_90, and C/groups <= 32 gains
-    nothing from wider channel tiles: both take the general config. ``tma`` (default
-    :func:`.configs.tma_allowed` on dy's device) adds the :data:`.conv_dgrad_box.BOX_CONFIGS` that
-    :func:`.conv_dgrad_box.eligible` (``others``: the boxed y / relu_out first, then dx and y_prev) and whose
-    BLOCK_N the channels fill; the widest is the default where its pixel blocks tile dx exactly (or run over the
-    flat rows of a pointwise conv)."""
+    nothing from wider channel tiles: both take the general config (IEEE with 8 warps,
+    :func:`.configs.for_ieee`). ``tma`` (default :func:`.configs.tma_allowed` on dy's device) adds the
+    :data:`.conv_dgrad_box.BOX_CONFIGS` that :func:`.conv_dgrad_box.eligible` (``others``: the boxed y / relu_out
+    first, then dx and y_prev) and whose BLOCK_N the channels fill; the widest is the default where its pixel
+    blocks tile dx exactly (or run over the flat rows of a pointwise conv)."""
     general = for_dtype(_GENERAL_CONFIG, dy.dtype)
     narrow = for_dtype(NARROW_CONFIG, dy.dtype)
     if not ieee and _narrow(g, narrow, dy):
         return (narrow, general), narrow
-    if g.Cg <= 32 or ieee:
+    if ieee:
+        return (for_ieee(general),), for_ieee(general)
+    if g.Cg <= 32:
         return (general,), general
     bases = [c for c in DGRAD_CONFIGS if wide_ok(c, dy.dtype, epilogue)]
     # GEMM: dx rows × input channels, reducing over output channels
@@ -501,7 +503,7 @@ def compile_specs() -> list:
     narrow_div16 = ("Kg", "sdy_n", "sdy_h", "sdy_w", "sw_k", "sw_r", "sw_s")
 
     def spec(base, dt, tdt, variant, aligned, ieee=False, narrow=False):
-        cfg = for_dtype(base, tdt)
+        cfg = for_ieee(for_dtype(base, tdt)) if ieee else for_dtype(base, tdt)
         sig = {"dy_ptr": f"*{dt}", "w_ptr": f"*{dt}", "dx_ptr": f"*{dt}", "y_ptr": f"*{dt}", "isc_ptr": "*fp32",
                "ish_ptr": "*fp32", "imu_ptr": "*fp32", "part_ptr": "*fp32", "osc_ptr": "*fp32", "z_ptr": f"*{dt}",
                "c1_ptr": "*fp32", "c2_ptr": "*fp32", "c3_ptr": "*fp32", "mu_ptr": "*fp32"}

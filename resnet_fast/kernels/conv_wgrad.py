@@ -74,7 +74,7 @@ from . import conv_wgrad_box as _box
 from . import prologue_pass as _pass
 from .checks import FLOAT_DTYPES, check, check_operand_dtype, check_tensor, check_vector
 from .autotune import choose
-from .configs import ConvConfig, checked_candidates, conv_allows_tf32, for_dtype, tma_allowed
+from .configs import ConvConfig, checked_candidates, conv_allows_tf32, for_dtype, for_ieee, tma_allowed
 from .conv_common import (CHANNEL_PAD, ConvGeometry, DyBN, as_rows, check_dy_bn, dense_input, dy_on_load, flat_rows,
                           ordered_signature, rows_aligned, rows_to_npq)
 
@@ -118,6 +118,16 @@ def ctas_per_sm(cfg: ConvConfig, dy_bn: bool, prologue: bool) -> int:
 WGRAD_CONFIGS = (ConvConfig(64, 64, 64, 8, 4, 3), ConvConfig(128, 128, 64, 8, 8, 3),
                  ConvConfig(128, 64, 64, 8, 8, 3), ConvConfig(64, 128, 64, 8, 4, 3), ConvConfig(64, 32, 64, 8, 4, 3))
 _GENERAL_CONFIG = WGRAD_CONFIGS[-1]  # the one config whose masked general path is compile-checked
+# Tiles that spill with both operand transforms (PROLOGUE and DY_BN) in the loop on sm_90 (Triton 3.9's ptxas,
+# the flags it compiles with: 64x128 w4 255 registers and 32 B): neither offered nor compile-checked for them.
+_NOT_FUSED = (ConvConfig(64, 128, 64, 8, 4, 3),)
+
+
+def _fused_ok(cfg: ConvConfig, fused: bool) -> bool:
+    """Whether ``cfg`` (any dtype's BLOCK_K) runs a loop with both transforms (``fused``): not one of
+    :data:`_NOT_FUSED`."""
+    return not fused or all((cfg.BLOCK_M, cfg.BLOCK_N, cfg.num_warps, cfg.row_taps, cfg.tma)
+                            != (b.BLOCK_M, b.BLOCK_N, b.num_warps, b.row_taps, b.tma) for b in _NOT_FUSED)
 # The wide tile, a candidate (and the default where K/groups >= 256 and C/groups >= 128) only where dy needs no
 # transform (no DY_BN: the plain op, the inference op's sums, triton_dy_pass's GEMMs) and the dot is a tensor-core
 # one: 256 output channels per tile halve the x-side coordinate and load work per MMA cycle. sm_90 bf16 stride-2
@@ -145,7 +155,7 @@ _MAX_ROW_TAPS = 3  # the kernel's accumulators per program
 BOX_CONFIGS = _box.BOX_CONFIGS  # the TMA-box tiles (see there)
 # The PACKED path's config (the stem: 7·7·3 = 147 (r, s, c) columns in one 256-wide N tile, K = 64 in one M tile):
 # one program per chunk reads each dy tile once for every tap.
-_PACKED_CONFIG = ConvConfig(64, 128, 64, 8, 8, 2)
+_PACKED_CONFIG = ConvConfig(64, 128, 32, 8, 8, 2)  # BLOCK_K 64 spills with the prologue and dy_bn (255 regs, 12 B)
 # The PACKED path over x padded to PACK_C channels (ConvGeometry.pack_c, the stem: 7·7·4 = 196 columns): x arrives
 # as 8-byte vectors, so registers allow one 256-wide N tile (the dy transform once for all 196 columns) and a
 # 3-stage pipeline. sm_90 bf16 dy_bn: 417 instructions per warp per step (the per-element path: 1,285), 2 tiles
@@ -175,7 +185,17 @@ def _candidates(g: ConvGeometry, dy: torch.Tensor, x: torch.Tensor, dy_bn: bool 
     :func:`.conv_wgrad_box.eligible` (``y``: the dy_bn tensor, when there is one; on 1×1 convs over flat rows,
     :func:`.conv_common.flat_rows`, also its FLAT_CONFIGS), the default on filters of more than one tap and on
     1×1 convs over flat rows or with ``dy_bn`` where it is as wide as the channels (up to 256), unless the
-    prologue is the only transform and the wide tile fits."""
+    prologue is the only transform and the wide tile fits. IEEE launches run their tiles with 8 warps and 2
+    stages (:func:`.configs.for_ieee`); with both transforms the tiles of :data:`_NOT_FUSED` are not offered."""
+    cands, default = _offered(g, dy, x, dy_bn, ieee, prologue, tma, y)
+    if not ieee:
+        return cands, default
+    return tuple(for_ieee(c, 2) for c in cands), for_ieee(default, 2)
+
+
+def _offered(g: ConvGeometry, dy: torch.Tensor, x: torch.Tensor, dy_bn: bool, ieee: bool, prologue: bool,
+             tma: bool | None, y: torch.Tensor | None) -> tuple:
+    """:func:`_candidates` before the IEEE warps."""
     general = for_dtype(_GENERAL_CONFIG, dy.dtype)
     packed = for_dtype(_DENSE_CONFIG if g.pack_c else _PACKED_CONFIG, dy.dtype)
     if _packed(g, packed, dy, x):
@@ -189,6 +209,7 @@ def _candidates(g: ConvGeometry, dy: torch.Tensor, x: torch.Tensor, dy_bn: bool 
     rows_cfgs = ROW_CONFIGS if 1 < g.S <= _MAX_ROW_TAPS and not ieee and not prologue else ()
     cands = checked_candidates(WGRAD_CONFIGS + ((wide,) if wide else ()) + rows_cfgs, general, dy.dtype,
                                lambda c: _aligned(g, c, dy, x), g.Kg, g.Cg, g.N * g.P * g.Q)
+    cands = [c for c in cands if _fused_ok(c, dy_bn and prologue)]
     if tma if tma is not None else tma_allowed(dy.device):
         rows = flat_rows(g, dy, x, *(() if y is None else (y,)))  # a 1×1 conv's pixels as one row: no padding
         box = [c for c in BOX_CONFIGS + (_box.FLAT_CONFIGS if rows else ())
@@ -590,6 +611,12 @@ def _flat_switches(g: ConvGeometry, dy: torch.Tensor, x: torch.Tensor, packed: b
     return _dense_pixels(dy), g.is_pointwise and not packed and _dense_pixels(x)
 
 
+def _stages(cfg: ConvConfig, idx64: bool, fused: bool) -> int:
+    """The cp.async kernel's pipeline depth: ``cfg``'s, but at most 2 with int64 offsets and both transforms
+    (the 128x128 w8 tile: 255 registers and 28 B of spills at 3 stages, 224 and none at 2)."""
+    return min(cfg.num_stages, 2) if idx64 and fused else cfg.num_stages
+
+
 def _needs_int64(g: ConvGeometry, dy: torch.Tensor, x: torch.Tensor) -> bool:
     """The kernel's IDX64 switch: an offset the K-loop forms (one batch index past the end included: the last
     chunk's masked tail) may pass 2**31 - 1, so the pixel offsets are int64; else int32, fewer instructions."""
@@ -675,7 +702,8 @@ def _launch_gather(cfg, g, grad_out, x, out, so, sum_part, pro_ops, bn_ops, sw, 
         DOT_IEEE=sw.dot_ieee, ALIGNED=_aligned(g, cfg, grad_out, x), PACKED=packed,
         IDX64=_needs_int64(g, grad_out, x), PACK_C=pack_c, DY_FLAT=dy_flat, X_FLAT=x_flat,
         ROW_TAPS=cfg.row_taps and not packed, BLOCK_M=cfg.BLOCK_M,
-        BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, num_warps=cfg.num_warps,
+        num_stages=_stages(cfg, _needs_int64(g, grad_out, x), sw.prologue and sw.dy_bn))
 
 
 def conv2d_wgrad_nhwc(grad_out: torch.Tensor, x: torch.Tensor, weight_shape, *, stride=1, padding=0, dilation=1,
@@ -791,7 +819,8 @@ def compile_specs() -> list:
     div16_packed = ("Kg", "NPQ", "CHUNK", "so_sum", "sdy_n", "sdy_h", "sdy_w", "so_split")
 
     def spec(base, dt, tdt, variant, aligned, ieee=False, packed=False, idx64=False, pack_c=0, pointwise=False):
-        cfg = for_dtype(base, tdt)
+        cfg = for_ieee(for_dtype(base, tdt), 2) if ieee else for_dtype(base, tdt)
+        fused = VARIANTS[variant].get("DY_BN") and VARIANTS[variant].get("PROLOGUE")
         sig = {"dy_ptr": f"*{dt}", "x_ptr": f"*{dt}", "out_ptr": "*fp32", "isc_ptr": "*fp32",
                "ish_ptr": "*fp32", "z_ptr": f"*{dt}", "c1_ptr": "*fp32", "c2_ptr": "*fp32",
                "c3_ptr": "*fp32", "mu_ptr": "*fp32", "sum_ptr": "*fp32"}
@@ -804,13 +833,15 @@ def compile_specs() -> list:
               "BLOCK_M": cfg.BLOCK_M, "BLOCK_N": cfg.BLOCK_N, "BLOCK_K": cfg.BLOCK_K}
         sig.update({k: "constexpr" for k in cx})
         return (_conv_wgrad_kernel, ordered_signature(_conv_wgrad_kernel, sig), cx,
-                {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}, not ieee,
+                {"num_warps": cfg.num_warps, "num_stages": _stages(cfg, idx64, fused)}, not ieee,
                 div16 if aligned else div16_packed if packed else ("CHUNK",))
 
     dtypes = (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32))
-    specs = [spec(base, dt, tdt, v, True) for base in WGRAD_CONFIGS for dt, tdt in dtypes for v in VARIANTS]
+    fused_ok = lambda base, v: _fused_ok(base, VARIANTS[v].get("DY_BN") and VARIANTS[v].get("PROLOGUE"))  # noqa
+    specs = [spec(base, dt, tdt, v, True) for base in WGRAD_CONFIGS for dt, tdt in dtypes for v in VARIANTS
+             if fused_ok(base, v)]
     specs += [spec(base, "bf16", torch.bfloat16, v, True, pointwise=True) for base in WGRAD_CONFIGS
-              for v in VARIANTS if v not in _DY_PASS_ONLY]  # 1×1 stride 1: dy and x by pixel index (X_FLAT)
+              for v in VARIANTS if v not in _DY_PASS_ONLY and fused_ok(base, v)]  # 1×1 stride 1: X_FLAT
     no_dy_bn = [v for v in VARIANTS if not VARIANTS[v].get("DY_BN")]  # the wide tile's (see WIDE_CONFIG)
     specs += [spec(WIDE_CONFIG, dt, tdt, v, True) for dt, tdt in dtypes for v in no_dy_bn]
     specs += [spec(WIDE_CONFIG, "bf16", torch.bfloat16, v, True, pointwise=True) for v in no_dy_bn
@@ -832,7 +863,7 @@ def compile_specs() -> list:
     # IEEE fp32 (the default unless TF32 is allowed, configs.conv_allows_tf32): FMA, not wgmma, by design
     specs += [spec(base, "fp32", torch.float32, v, aligned, ieee=True)
               for base, aligned in [(b, True) for b in WGRAD_CONFIGS] + [(_GENERAL_CONFIG, False)]
-              for v in VARIANTS if v not in _DY_PASS_ONLY]
+              for v in VARIANTS if v not in _DY_PASS_ONLY and fused_ok(base, v)]
     specs += [spec(_DENSE_CONFIG if pc else _PACKED_CONFIG, "fp32", torch.float32, v, False, ieee=True,
                    packed=True, pack_c=pc) for v in VARIANTS if v not in _DY_PASS_ONLY for pc in (0, 4)]
     specs.append((_wgrad_combine_kernel, {"part_ptr": "*fp32", "out_ptr": "*bf16", "NUMEL": "i32", "RS": "i32",

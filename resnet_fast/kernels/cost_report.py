@@ -27,7 +27,7 @@ Layers: every conv of ResNet-50 (batch 256, 224², bf16, channels_last activatio
 Config: the untuned choice the launchers make on CUDA (``RESNET_FAST_AUTOTUNE=0`` or no tuning table): the
 forward's ``configs.heuristic`` over its pruned candidates (never a TMA twin), dgrad's and wgrad's
 ``_candidates`` default, wgrad's ``pick_split``. Each distinct (kernel, constexprs, options) spec is compiled once
-with :func:`compile_check.compile_sm90` (the compile check's pointer alignment; integer ``div16`` hints from the
+with :func:`compile_check.compile_checked` (the compile check's pointer alignment; integer ``div16`` hints from the
 module's own compile spec of that path), then disassembled with Triton's bundled ``nvdisasm``/``cuobjdump``.
 
 Model, per spec (from the SASS):
@@ -250,10 +250,10 @@ def analyse_spec(job: tuple) -> dict:
     """Compile one spec for sm_90 and read its SASS (runs in a pool worker). ``job = (key, module, fn name,
     signature, constexprs, options, div16)``."""
     key, module, fn_name, sig, cx, opts, div16 = job
-    from .compile_check import compile_sm90
+    from .compile_check import compile_checked
     fn = getattr(importlib.import_module(f"resnet_fast.kernels.{module}"), fn_name)
     t0 = time.time()
-    ck = compile_sm90(fn, sig, cx, opts, div16)
+    ck, usage = compile_checked(fn, sig, cx, opts, div16)
     with tempfile.TemporaryDirectory() as d:
         cubin = os.path.join(d, "k.cubin")
         with open(cubin, "wb") as f:
@@ -268,7 +268,10 @@ def analyse_spec(job: tuple) -> dict:
     regs, local = _REG.search(res), _LOCAL.search(res)
     if regs is None:
         raise SassFormatError(f"cuobjdump -res-usage gave no REG count: {res[:300]}")
-    row.update(key=key, dtype=dtype, registers=int(regs.group(1)), local_bytes=int(local.group(1)) if local else 0,
+    # spill bytes from Triton's ptxas log (cuobjdump's LOCAL is 0 for them: they live in STACK), else LOCAL
+    spilled = usage["spill_stores"] + usage["spill_loads"] if usage["spill_stores"] is not None else \
+        int(local.group(1)) if local else 0
+    row.update(key=key, dtype=dtype, registers=int(regs.group(1)), local_bytes=spilled,
                shared=int(getattr(ck.metadata, "shared", 0) or 0), num_warps=opts["num_warps"],
                num_stages=opts["num_stages"], seconds=round(time.time() - t0, 2))
     row["mma_cycles"] = row["mma_fma_per_step"] / FMA_PER_CLK_SM[dtype]
