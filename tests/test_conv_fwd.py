@@ -333,6 +333,29 @@ def test_tma_twins_are_tuning_candidates_never_the_default(monkeypatch, tma_devi
     assert pw_flags.tma is True and c3_flags.tma is False  # TMA-eligible launches tune under their own keys
 
 
+def test_prologue_in_the_loop_defaults_to_the_widest_output_tile(monkeypatch):
+    """With the BN prologue in the K-loop, each formed x element feeds BLOCK_N output channels: the untuned
+    default is the 128×256 tile where the output channels offer it (not where the prologue runs as its own pass,
+    nor without a prologue, nor where fewer than 256 channels prune it)."""
+    seen = []
+
+    def spy(op, geometry, dtype, device, candidates, flags, launch, default):
+        seen.append(default)
+        return cfgs.INTERPRETER_CONFIG
+    monkeypatch.setattr(autotune, "choose", spy)
+    monkeypatch.setattr(conv_fwd._pass, "available", lambda: True)
+    for R, stride, K, pro in ((1, 1, 256, True), (1, 1, 256, False), (3, 2, 256, True), (3, 1, 256, True),
+                              (1, 1, 128, True)):
+        x, w, _ = make(2, 64, 16, 16, K, R, R, 1, torch.float16, "cpu")  # M >= 128 at stride 2
+        geo = ConvGeometry.make(x.shape, w.shape, stride=stride, padding=R // 2)
+        vec = torch.rand(64) if pro else None
+        conv_fwd.conv2d_nhwc(x.contiguous(memory_format=torch.channels_last),
+                             conv_fwd.pack_weight(w, 1, torch.float16), geo, in_scale=vec, in_shift=vec)
+    one, plain, stride2, pass_, narrow = seen
+    assert (one.BLOCK_M, one.BLOCK_N) == (stride2.BLOCK_M, stride2.BLOCK_N) == (128, 256)
+    assert plain.BLOCK_N < 256 and pass_.prologue_pass and pass_.BLOCK_N < 256 and narrow.BLOCK_N <= 128
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_every_tma_twin_is_compile_checked(dtype):
     """Autotuning may pick any TMA twin on the GPU: each must be a spec the sm_90 compile check covers (fp16

@@ -1,12 +1,15 @@
 """Static cost model of every ResNet-50 conv K-loop, read from the sm_90 SASS (no GPU needed).
 
 Run: ``python -m resnet_fast.kernels.cost_report [--json FILE] [--check-baseline FILE | --write-baseline FILE]
-[--misses FILE.md] [--only fwd|dgrad|wgrad] [--workers 2] [--transform-free]`` with ``TRITON_INTERPRET`` unset.
+[--misses FILE.md] [--only fwd|dgrad|wgrad] [--workers 2] [--transform-free] [--candidates]`` with
+``TRITON_INTERPRET`` unset.
 Prints one row per (layer, kernel, variant) and the target summary; exit status 1 when a baseline check fails.
 ``--transform-free`` (implied by ``--write-baseline`` and ``--misses``) also compiles each spec whose K-loop
 transforms an operand (dy_bn, dy_relu, the BN+ReLU prologue) without it and reports that loop's issue ratio
 (``transform_free_ratio``, column ``free``): what the transform itself costs. ``--misses`` writes every target miss
-with its reason (:mod:`.cost_targets`; the committed one is ``docs/COST_MISSES.md``).
+with its reason (:mod:`.cost_targets`; the committed one is ``docs/COST_MISSES.md``). ``--candidates`` (implied by
+both as well) compiles every config the launcher may pick for each launch that misses its issue-ratio target
+(:func:`best_candidates`) and keeps the lowest ratio (``best_candidate``): whether any offered tile reaches it.
 
 Layers: every conv of ResNet-50 (batch 256, 224², bf16, channels_last activations AND weights, as
 ``model.to(memory_format=torch.channels_last)`` makes them) from :mod:`resnet_fast.bench.shapes`; identical
@@ -343,8 +346,10 @@ def _merge_cx(template_sig: dict, cx: dict, who: str) -> dict:
     return cx
 
 
-def launches(kernels=("fwd", "dgrad", "wgrad")) -> list:
-    """Every (layer, kernel, variant) launch of ResNet-50 at batch 256 in bf16, with its spec."""
+def launches(kernels=("fwd", "dgrad", "wgrad"), choose=None) -> list:
+    """Every (layer, kernel, variant) launch of ResNet-50 at batch 256 in bf16, with its spec. ``choose(layer,
+    kernel, role, variant, candidates, default)`` picks the config (default: the launcher's default; None:
+    no launch), for :func:`best_candidates`."""
     import torch
     import triton
     from .bn_dy import dy_pass_may_pay
@@ -365,6 +370,10 @@ def launches(kernels=("fwd", "dgrad", "wgrad")) -> list:
         else:
             seen[k] = la
 
+    def pick(name, kernel, role, variant, found):
+        cands, default = found
+        return default if choose is None else choose(name, kernel, role, variant, tuple(cands), default)
+
     for name, cs, pos in _layers():
         g = ConvGeometry.make((BATCH, cs.cin, cs.h, cs.w), (cs.cout, cs.cin // cs.groups, cs.k, cs.k), cs.stride,
                               cs.padding, 1, cs.groups)
@@ -374,9 +383,18 @@ def launches(kernels=("fwd", "dgrad", "wgrad")) -> list:
         prologue = pos in ("conv2", "conv3")
         relu = pos != "downsample"
         dy_pass = dy_pass_may_pay(g, pos != "stem")
-        if "fwd" in kernels:
-            wp = torch.empty(g.packed_weight_shape, dtype=tdt, device="meta")
-            _, c = conv_fwd._candidates(g, tdt, False, conv_fwd._box_configs(g, x, wp, False))  # the default, TMA on
+        wp = torch.empty(g.packed_weight_shape, dtype=tdt, device="meta")
+        residual = pos == "conv3"
+        for role, variant, flags, extra in (
+                ("infer", "scale_shift" + ("_res" if residual else "") + ("_relu" if relu else ""),
+                 dict(HAS_RES=residual, RELU=relu), ny if residual else 0),
+                ("train", "prologue_stats" if prologue else "stats",
+                 dict(PROLOGUE=prologue, IN_RELU=prologue, STATS=True), 0)) if "fwd" in kernels else ():
+            in_loop = flags.get("PROLOGUE", False) and not prologue_pass.may_pay(g, True)
+            c = pick(name, "fwd", role, variant,  # the default, TMA on
+                     conv_fwd._candidates(g, tdt, False, conv_fwd._box_configs(g, x, wp, False), in_loop))
+            if c is None:
+                continue
             box = c.tma and not g.is_pointwise  # the TMA-box kernel (conv_fwd_box)
             if g.pack_c:  # dense taps: the launcher's default, one step per filter row; x padded to pack_c first
                 c = dataclasses.replace(c, BLOCK_K=g.taps_k)
@@ -391,32 +409,26 @@ def launches(kernels=("fwd", "dgrad", "wgrad")) -> list:
                 steps = g.R * g.S * triton.cdiv(g.Cg, c.BLOCK_K)
                 pad = 0
             tiles = triton.cdiv(g.M, c.BLOCK_M) * triton.cdiv(g.Kg, c.BLOCK_N) * g.groups
-            residual = pos == "conv3"
-            for role, variant, flags, extra in (
-                    ("infer", "scale_shift" + ("_res" if residual else "") + ("_relu" if relu else ""),
-                     dict(HAS_RES=residual, RELU=relu), ny if residual else 0),
-                    ("train", "prologue_stats" if prologue else "stats",
-                     dict(PROLOGUE=prologue, IN_RELU=prologue, STATS=True), 0)):
-                cx = dict(R=g.R, S=g.S, POINTWISE=g.is_pointwise, HAS_BIAS=False, HAS_SCALE=role == "infer",
-                          HAS_SHIFT=role == "infer", HAS_RES=False, RELU=False, PROLOGUE=False, IN_RELU=False,
-                          STATS=False, DOT_IEEE=False, C_ALIGN=conv_fwd._pow2_divisor(g.Cg, 16),
-                          EVEN_C=g.Cg % c.BLOCK_K == 0, TMA=False, PACK_C=g.pack_c, BLOCK_M=c.BLOCK_M,
-                          BLOCK_N=c.BLOCK_N, BLOCK_K=c.BLOCK_K, GROUP_M=c.GROUP_M)
-                cx.update(flags)
-                cr = c
-                passes = 0
-                if prologue_pass.may_pay(g, cx["PROLOGUE"]):  # the launcher's default there: the pass, then no
-                    cx.update(PROLOGUE=False, IN_RELU=False)   # prologue in the loop
-                    cr, passes = dataclasses.replace(c, prologue_pass=True), 2 * nx
-                where = ("conv_fwd", "_conv_fwd_kernel", _merge_cx(sig, cx, "conv_fwd"), div16, sig)
-                if box:  # same tiles and steps (its blocks tile the output exactly); the flags it has
-                    bx = conv_fwd_box.constexprs((g.R, g.S), c, pixel_block(g.P, g.Q, c.BLOCK_M, exact_only=True))
-                    bx.update({k: v for k, v in cx.items() if k in bx})
-                    where = ("conv_fwd_box", "_conv_fwd_box_kernel", bx, conv_fwd_box.DIV16,
-                             conv_fwd_box.signature(dt, bx))
-                add(Launch(name, 1, role, "fwd", variant, cr.name(), *where[:3],
-                           {"num_warps": c.num_warps, "num_stages": c.num_stages}, where[3], g.Cg % 16 == 0, tiles,
-                           steps, fma, (nx + nw + ny + extra) * esize, where[4], (pad + passes) * esize))
+            cx = dict(R=g.R, S=g.S, POINTWISE=g.is_pointwise, HAS_BIAS=False, HAS_SCALE=role == "infer",
+                      HAS_SHIFT=role == "infer", HAS_RES=False, RELU=False, PROLOGUE=False, IN_RELU=False,
+                      STATS=False, DOT_IEEE=False, C_ALIGN=conv_fwd._pow2_divisor(g.Cg, 16),
+                      EVEN_C=g.Cg % c.BLOCK_K == 0, TMA=False, PACK_C=g.pack_c, BLOCK_M=c.BLOCK_M,
+                      BLOCK_N=c.BLOCK_N, BLOCK_K=c.BLOCK_K, GROUP_M=c.GROUP_M)
+            cx.update(flags)
+            cr = c
+            passes = 0
+            if prologue_pass.may_pay(g, cx["PROLOGUE"]):  # the launcher's default there: the pass, then no
+                cx.update(PROLOGUE=False, IN_RELU=False)   # prologue in the loop
+                cr, passes = dataclasses.replace(c, prologue_pass=True), 2 * nx
+            where = ("conv_fwd", "_conv_fwd_kernel", _merge_cx(sig, cx, "conv_fwd"), div16, sig)
+            if box:  # same tiles and steps (its blocks tile the output exactly); the flags it has
+                bx = conv_fwd_box.constexprs((g.R, g.S), c, pixel_block(g.P, g.Q, c.BLOCK_M, exact_only=True))
+                bx.update({k: v for k, v in cx.items() if k in bx})
+                where = ("conv_fwd_box", "_conv_fwd_box_kernel", bx, conv_fwd_box.DIV16,
+                         conv_fwd_box.signature(dt, bx))
+            add(Launch(name, 1, role, "fwd", variant, cr.name(), *where[:3],
+                       {"num_warps": c.num_warps, "num_stages": c.num_stages}, where[3], g.Cg % 16 == 0, tiles,
+                       steps, fma, (nx + nw + ny + extra) * esize, where[4], (pad + passes) * esize))
         bwd = [("train", "fused" if prologue else "dy_bn")]
         if pos != "stem":  # the inference op computes no input gradient for the image
             bwd.append(("infer", "relu" if relu else "plain"))
@@ -425,7 +437,10 @@ def launches(kernels=("fwd", "dgrad", "wgrad")) -> list:
                 dx, yp = meta((g.N, g.C, g.H, g.W)), x
                 vf = conv_dgrad.VARIANTS[variant]
                 boxed = (y,) if vf.get("DY_BN") or vf.get("DY_RELU") else ()
-                cands, c = conv_dgrad._candidates(g, y, w, (*boxed, dx, yp), False, vf.get("EPI", False), tma=True)
+                c = pick(name, "dgrad", role, variant,
+                         conv_dgrad._candidates(g, y, w, (*boxed, dx, yp), False, vf.get("EPI", False), tma=True))
+                if c is None:
+                    continue
                 aligned = conv_dgrad._aligned(g, c, y, w, (dx, yp))
                 epi_aligned = conv_dgrad._epi_aligned(g, c, y, w, (dx, yp))
                 sig, div16 = _template(conv_dgrad, conv_dgrad._conv_dgrad_kernel, dt, ALIGNED=aligned,
@@ -477,8 +492,10 @@ def launches(kernels=("fwd", "dgrad", "wgrad")) -> list:
                 passes = 0
                 if prologue_pass.may_pay(g, vflags.get("PROLOGUE", False)):  # the launcher's default: the pass
                     vflags["PROLOGUE"], passes = False, 2 * nx
-                cands, c = conv_wgrad._candidates(g, y, x, vflags.get("DY_BN", False),
-                                                  prologue=vflags.get("PROLOGUE", False), tma=True)
+                c = pick(name, "wgrad", role, variant, conv_wgrad._candidates(
+                    g, y, x, vflags.get("DY_BN", False), prologue=vflags.get("PROLOGUE", False), tma=True))
+                if c is None:
+                    continue
                 aligned = conv_wgrad._aligned(g, c, y, x)
                 packed = conv_wgrad._packed(g, c, y, x)
                 pack_c = g.pack_c if packed else 0
@@ -583,12 +600,7 @@ def run(kernels=("fwd", "dgrad", "wgrad"), workers: int = 2, with_transform_free
         raise RuntimeError("cost_report: unset TRITON_INTERPRET (the interpreter does not compile kernels)")
     las = launches(kernels)
     twins = {id(la): transform_free(la) for la in las} if with_transform_free else {}
-    jobs = {}
-    for la in las + [t for t in twins.values() if t is not None]:
-        jobs.setdefault(la.spec_key(), (la.spec_key(), la.module, la.fn_name, la.sig, la.cx, la.opts, la.div16))
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-        specs = {r["key"]: r for r in pool.map(analyse_spec, list(jobs.values()))}
+    specs = _analyse(las + [t for t in twins.values() if t is not None], workers)
     records = [model(la, specs[la.spec_key()]) for la in las]
     for la, r in zip(las, records):
         if twins.get(id(la)) is not None:
@@ -598,6 +610,54 @@ def run(kernels=("fwd", "dgrad", "wgrad"), workers: int = 2, with_transform_free
         cs = shape_of[r["layer"]]
         r["shape"], r["shape_k"], r["shape_c"] = cs.name, cs.k, min(cs.cin, cs.cout)
     return records
+
+
+def _analyse(las: list, workers: int, fn=None) -> dict:
+    """{spec key: ``fn`` (:func:`analyse_spec`) row} of the launches' distinct specs, compiled in a pool."""
+    jobs = {}
+    for la in las:
+        jobs.setdefault(la.spec_key(), (la.spec_key(), la.module, la.fn_name, la.sig, la.cx, la.opts, la.div16))
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        return {job[0]: r for job, r in zip(jobs.values(), pool.map(fn or analyse_spec, list(jobs.values())))}
+
+
+def _analyse_any(job: tuple) -> dict | None:
+    """:func:`analyse_spec`, or None for a candidate whose K-loop is not a HGMMA loop (e.g. one step, unrolled)."""
+    try:
+        return analyse_spec(job)
+    except SassFormatError:
+        return None
+
+
+def best_candidates(ids: set, workers: int = 2) -> dict:
+    """{record id: {"config", "issue_ratio", "candidates"}}: of every config the launcher may pick for the
+    launch (its compile-checked candidates, the default among them), the one with the lowest issue ratio,
+    compiled as the launch would run it. Shows whether any Triton tile reaches a missed target."""
+    def rid(la):
+        return record_id({"layer": la.layer, "role": la.role, "kernel": la.kernel, "variant": la.variant})
+
+    counts = {}
+
+    def count(name, kernel, role, variant, cands, default):
+        counts[(name, kernel, role, variant)] = len(cands)
+        return default
+
+    launches(choose=count)
+    las = []
+    for i in range(max(counts.values())):
+        las += [la for la in launches(choose=lambda *a, i=i: a[4][i] if i < len(a[4]) else None) if rid(la) in ids]
+    specs = _analyse(las, workers, _analyse_any)
+    best = {}
+    for la in las:
+        if specs[la.spec_key()] is None:
+            continue
+        ratio = specs[la.spec_key()]["issue_ratio"]
+        b = best.setdefault(rid(la), {"config": la.config, "issue_ratio": ratio, "candidates": 0})
+        b["candidates"] += 1
+        if ratio < b["issue_ratio"]:
+            b.update(config=la.config, issue_ratio=ratio)
+    return best
 
 
 # ------------------------------------------------------------------------------------------ targets, baseline
@@ -694,11 +754,20 @@ def main(argv=None) -> int:
                     "an operand without the transform (record field transform_free_ratio); implied by "
                     "--write-baseline and --misses")
     ap.add_argument("--misses", help="write the Markdown of every miss and its reason (cost_targets.render) here")
+    ap.add_argument("--candidates", action="store_true", help="also compile every candidate config of each record "
+                    "that misses its issue-ratio target (record field best_candidate, best_candidates); implied by "
+                    "--write-baseline and --misses")
     args = ap.parse_args(argv)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default at launch, without its warning
     t0 = time.time()
     free = args.transform_free or bool(args.write_baseline or args.misses)
     records = run((args.only,) if args.only else ("fwd", "dgrad", "wgrad"), args.workers, free)
+    if args.candidates or args.write_baseline or args.misses:
+        missed = {record_id(r) for r in records if r["issue_ratio"] > issue_target(r)}
+        best = best_candidates(missed, args.workers)
+        for r in records:
+            if record_id(r) in best:
+                r["best_candidate"] = best[record_id(r)]
     print(f"{'layer':<22}{'n':>2} {'role':<5} {'kernel':<5} {'variant':<22} {'config':<24} {'regs':>4} "
           f"{'ipw':>4} {'mma':>5} {'issue':>6} {'tif':>4} {'ld128/nar/tma/ldg':>17} {'spl':>3} {'waves':>6} "
           f"{'est_us':>8} {'roof':>5}" + (" free" if free else ""))
@@ -728,7 +797,7 @@ def main(argv=None) -> int:
         keep = ("layer", "count", "role", "kernel", "variant", "config", "registers", "issue_ratio",
                 "tiles_in_flight", "spills", "instr_per_step", "est_fraction_of_roofline", "est_us", "alt",
                 "transform_free_ratio", "loads", "loop_transforms", "loop_vectors", "shape_k", "shape_c", "mma_us",
-                "issue_us", "memory_us", "tail_efficiency")
+                "issue_us", "memory_us", "tail_efficiency", "best_candidate")
         import triton
         with open(args.write_baseline, "w") as f:
             head = json.dumps({"triton": triton.__version__, "model": MODEL, "batch": BATCH, "dtype": "bf16"})

@@ -161,18 +161,22 @@ def render(records: list) -> str:
         "`triton_dy_pass` per conv and keeps the fastest.",
         "",
         f"{len(rows)} of {len(records)} records miss a target. Columns: the issue-ratio target and the ratio; the "
-        "reasons with their figures (`loop`: the ratio without the operand transform; `transform`: what the "
-        "transform adds; `vectors`: narrow loads per warp per step); the issue-bound time beyond max(MMA, memory) "
-        "per step, est µs (0: the miss costs no time in the model). Sorted by that time.",
+        "lowest ratio of every config the launcher may pick for the launch, each compiled as it would run "
+        "(`best`: ratio / number of candidates; `cost_report.best_candidates`); the reasons with their figures "
+        "(`loop`: the ratio without the operand transform; `transform`: what the transform adds; `vectors`: "
+        "narrow loads per warp per step); the issue-bound time beyond max(MMA, memory) per step, est µs (0: the "
+        "miss costs no time in the model). Sorted by that time.",
         "",
-        "| spec (layer\\|role\\|kernel\\|variant) | n | config | target | issue | reasons | lost µs |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| spec (layer\\|role\\|kernel\\|variant) | n | config | target | issue | best | reasons | lost µs |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r, rs in rows:
         why = ", ".join(f"{w} ({'+' if w == 'transform' else ''}{f:.2f})" if isinstance(f, float) else
                         f"{w} ({f})" for _, f, w in rs)
+        bc = r.get("best_candidate")
+        best = f"{bc['issue_ratio']:.2f} / {bc['candidates']}" if bc else "-"
         lines.append(f"| {record_id(r).replace('|', chr(92) + '|')} | {r['count']} | {r['config']} | "
-                     f"{issue_target(r)} | {r['issue_ratio']:.2f} | {why} | "
+                     f"{issue_target(r)} | {r['issue_ratio']:.2f} | {best} | {why} | "
                      f"{max(0.0, issue_lost_us(r)) * r['count']:.0f} |")
     lines += ["", "## Why", ""]
     used = {(r["kernel"], why) for r, rs in rows for _, _, why in rs}
