@@ -159,12 +159,14 @@ def compile_checked(fn, sig: dict, cx: dict, opts: dict, div16=(), ptxas: str | 
             del os.environ["TRITON_DUMP_PTXAS_LOG"]
         else:
             os.environ["TRITON_DUMP_PTXAS_LOG"] = was
-    cache = get_cache_manager(ck.hash)
+    key = getattr(ck, "hash", None)  # the cache key of the compiled kernel (older Tritons may not expose it)
+    cache = get_cache_manager(key) if key else None
     usage = parse_usage(buf.getvalue())
     if usage is not None:
-        cache.put(json.dumps(usage), _USAGE_FILE, binary=False)
+        if cache is not None:
+            cache.put(json.dumps(usage), _USAGE_FILE, binary=False)
         return ck, usage
-    path = cache.get_file(_USAGE_FILE)
+    path = cache.get_file(_USAGE_FILE) if cache is not None else None
     if path:
         with open(path) as f:
             return ck, json.load(f)
