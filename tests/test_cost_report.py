@@ -232,6 +232,25 @@ def test_every_miss_has_a_reason(records):
     assert cost_targets.unexplained(records) == []
 
 
+def test_best_candidates_takes_the_lowest_ratio_of_every_offered_tile(monkeypatch):
+    # each candidate of a launch compiled as that launch; a candidate without a HGMMA loop (None) is skipped
+    ratios = {"a": 1.5, "b": 0.7, "c": None}
+
+    def fake_launches(kernels=("fwd", "dgrad", "wgrad"), choose=None):
+        out = []
+        for layer in ("layer1.0.conv2", "layer2.0.conv2"):
+            c = choose(layer, "wgrad", "train", "fused", ("a", "b", "c"), "a")
+            if c is not None:
+                out.append(cr.Launch(layer, 1, "train", "wgrad", "fused", c, "m", "k", {"cfg": c}, {}, (), True,
+                                     1, 1, 1, 1))
+        return out
+    monkeypatch.setattr(cr, "launches", fake_launches)
+    monkeypatch.setattr(cr, "_analyse", lambda las, workers, fn=None: {
+        la.spec_key(): None if ratios[la.config] is None else {"issue_ratio": ratios[la.config]} for la in las})
+    best = cr.best_candidates({"layer2.0.conv2|train|wgrad|fused"})
+    assert best == {"layer2.0.conv2|train|wgrad|fused": {"config": "b", "issue_ratio": 0.7, "candidates": 2}}
+
+
 def test_no_offered_tile_reaches_a_missed_issue_target():
     # the committed sweep (cost_report --misses / --write-baseline compile every candidate config of each missing
     # launch): where the default misses the issue ratio, so does every tile the launcher could pick; a tile that

@@ -646,7 +646,9 @@ def best_candidates(ids: set, workers: int = 2) -> dict:
     launches(choose=count)
     las = []
     for i in range(max(counts.values())):
-        las += [la for la in launches(choose=lambda *a, i=i: a[4][i] if i < len(a[4]) else None) if rid(la) in ids]
+        def nth(name, kernel, role, variant, cands, default, i=i):  # the i-th candidate, or no launch
+            return cands[i] if i < len(cands) else None
+        las += [la for la in launches(choose=nth) if rid(la) in ids]
     specs = _analyse(las, workers, _analyse_any)
     best = {}
     for la in las:
