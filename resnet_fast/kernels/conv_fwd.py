@@ -393,9 +393,8 @@ def _candidates(g: ConvGeometry, dtype: torch.dtype, tma_ok: bool, boxes: list, 
     else:
         candidates = _cfg.prune(_cfg.fwd_configs(dtype), g.M, g.Kg, g.Cg_pad, dtype)
         default = _cfg.heuristic(candidates, g.M, g.Kg, g.Cg_pad)
-        wide = [c for c in candidates if (c.BLOCK_M, c.BLOCK_N) == (128, 256)]
-        if prologue and wide:
-            default = wide[0]
+        if prologue:
+            default = next((c for c in candidates if (c.BLOCK_M, c.BLOCK_N) == (128, 256)), default)
     if tma_ok:
         candidates += _tma_variants(candidates)
     return candidates + boxes, boxes[0] if boxes else default

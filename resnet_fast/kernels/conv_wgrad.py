@@ -98,11 +98,15 @@ _CTAS_PER_SM = {(128, 128, 8, False, False): (2, 1, 1, 1), (128, 64, 8, False, F
                 (128, 128, 8, False, True): (2, 1, 1, 2), (64, 64, 4, True, True): (3, 2, 2, 2)}
 
 
+def _tile(cfg: ConvConfig) -> tuple:
+    """The tile a config runs whatever its dtype's BLOCK_K: (BLOCK_M, BLOCK_N, num_warps, row_taps, tma)."""
+    return cfg.BLOCK_M, cfg.BLOCK_N, cfg.num_warps, cfg.row_taps, cfg.tma
+
+
 def ctas_per_sm(cfg: ConvConfig, dy_bn: bool, prologue: bool) -> int:
     """CTAs of ``cfg`` per SM when its loop forms dy (``dy_bn``) and/or x (``prologue``), :data:`_CTAS_PER_SM`
     (1 if not listed)."""
-    key = (cfg.BLOCK_M, cfg.BLOCK_N, cfg.num_warps, cfg.row_taps, cfg.tma)
-    return _CTAS_PER_SM.get(key, (1, 1, 1, 1))[(0, 3, 1, 2)[2 * dy_bn + prologue]]
+    return _CTAS_PER_SM.get(_tile(cfg), (1, 1, 1, 1))[(0, 3, 1, 2)[2 * dy_bn + prologue]]
 
 
 # Every config the launcher may pick; compile_specs covers each of them (16-bit and fp32 via for_dtype, every
@@ -126,8 +130,7 @@ _NOT_FUSED = (ConvConfig(64, 128, 64, 8, 4, 3),)
 def _fused_ok(cfg: ConvConfig, fused: bool) -> bool:
     """Whether ``cfg`` (any dtype's BLOCK_K) runs a loop with both transforms (``fused``): not one of
     :data:`_NOT_FUSED`."""
-    return not fused or all((cfg.BLOCK_M, cfg.BLOCK_N, cfg.num_warps, cfg.row_taps, cfg.tma)
-                            != (b.BLOCK_M, b.BLOCK_N, b.num_warps, b.row_taps, b.tma) for b in _NOT_FUSED)
+    return not fused or _tile(cfg) not in {_tile(b) for b in _NOT_FUSED}
 # The wide tile, a candidate (and the default where K/groups >= 256 and C/groups >= 128) only where dy needs no
 # transform (no DY_BN: the plain op, the inference op's sums, triton_dy_pass's GEMMs) and the dot is a tensor-core
 # one: 256 output channels per tile halve the x-side coordinate and load work per MMA cycle. sm_90 bf16 stride-2
@@ -690,6 +693,7 @@ def _launch_gather(cfg, g, grad_out, x, out, so, sum_part, pro_ops, bn_ops, sw, 
         x = dense_input(x, g)
     dy_flat, x_flat = _flat_switches(g, grad_out, x, packed)
     grid, tiles_n = _grid(g, cfg, packed, n_split, sw.need_dw)
+    idx64 = _needs_int64(g, grad_out, x)
     _conv_wgrad_kernel[grid](
         grad_out, x, out, *pro_ops, *bn_ops, out if sum_part is None else sum_part,
         g.H, g.W, g.R, g.Cg, g.Kg, g.P, g.Q, npq, chunk, g.K if n_split > 1 else 0,
@@ -700,10 +704,10 @@ def _launch_gather(cfg, g, grad_out, x, out, so, sum_part, pro_ops, bn_ops, sw, 
         SH=g.stride[0], SW=g.stride[1], S=g.S, TILES_N=tiles_n, SPLIT=n_split,
         PROLOGUE=sw.prologue, DY_BN=sw.dy_bn, DY_RELU=sw.dy_relu, SUMS=sw.dy_sums,
         DOT_IEEE=sw.dot_ieee, ALIGNED=_aligned(g, cfg, grad_out, x), PACKED=packed,
-        IDX64=_needs_int64(g, grad_out, x), PACK_C=pack_c, DY_FLAT=dy_flat, X_FLAT=x_flat,
+        IDX64=idx64, PACK_C=pack_c, DY_FLAT=dy_flat, X_FLAT=x_flat,
         ROW_TAPS=cfg.row_taps and not packed, BLOCK_M=cfg.BLOCK_M,
         BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, num_warps=cfg.num_warps,
-        num_stages=_stages(cfg, _needs_int64(g, grad_out, x), sw.prologue and sw.dy_bn))
+        num_stages=_stages(cfg, idx64, sw.prologue and sw.dy_bn))
 
 
 def conv2d_wgrad_nhwc(grad_out: torch.Tensor, x: torch.Tensor, weight_shape, *, stride=1, padding=0, dilation=1,
@@ -818,9 +822,12 @@ def compile_specs() -> list:
              "so_k", "so_r", "so_s")
     div16_packed = ("Kg", "NPQ", "CHUNK", "so_sum", "sdy_n", "sdy_h", "sdy_w", "so_split")
 
+    def is_fused(variant):  # both operand transforms in the loop
+        return bool(VARIANTS[variant].get("DY_BN") and VARIANTS[variant].get("PROLOGUE"))
+
     def spec(base, dt, tdt, variant, aligned, ieee=False, packed=False, idx64=False, pack_c=0, pointwise=False):
         cfg = for_ieee(for_dtype(base, tdt), 2) if ieee else for_dtype(base, tdt)
-        fused = VARIANTS[variant].get("DY_BN") and VARIANTS[variant].get("PROLOGUE")
+        fused = is_fused(variant)
         sig = {"dy_ptr": f"*{dt}", "x_ptr": f"*{dt}", "out_ptr": "*fp32", "isc_ptr": "*fp32",
                "ish_ptr": "*fp32", "z_ptr": f"*{dt}", "c1_ptr": "*fp32", "c2_ptr": "*fp32",
                "c3_ptr": "*fp32", "mu_ptr": "*fp32", "sum_ptr": "*fp32"}
@@ -837,7 +844,7 @@ def compile_specs() -> list:
                 div16 if aligned else div16_packed if packed else ("CHUNK",))
 
     dtypes = (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32))
-    fused_ok = lambda base, v: _fused_ok(base, VARIANTS[v].get("DY_BN") and VARIANTS[v].get("PROLOGUE"))  # noqa
+    fused_ok = lambda base, v: _fused_ok(base, is_fused(v))  # noqa: E731
     specs = [spec(base, dt, tdt, v, True) for base in WGRAD_CONFIGS for dt, tdt in dtypes for v in VARIANTS
              if fused_ok(base, v)]
     specs += [spec(base, "bf16", torch.bfloat16, v, True, pointwise=True) for base in WGRAD_CONFIGS

@@ -390,9 +390,10 @@ def launches(kernels=("fwd", "dgrad", "wgrad"), choose=None) -> list:
                  dict(HAS_RES=residual, RELU=relu), ny if residual else 0),
                 ("train", "prologue_stats" if prologue else "stats",
                  dict(PROLOGUE=prologue, IN_RELU=prologue, STATS=True), 0)) if "fwd" in kernels else ():
-            in_loop = flags.get("PROLOGUE", False) and not prologue_pass.may_pay(g, True)
+            pro = flags.get("PROLOGUE", False)
+            as_pass = prologue_pass.may_pay(g, pro)  # the launcher's default there: the pass, then no prologue
             c = pick(name, "fwd", role, variant,  # the default, TMA on
-                     conv_fwd._candidates(g, tdt, False, conv_fwd._box_configs(g, x, wp, False), in_loop))
+                     conv_fwd._candidates(g, tdt, False, conv_fwd._box_configs(g, x, wp, False), pro and not as_pass))
             if c is None:
                 continue
             box = c.tma and not g.is_pointwise  # the TMA-box kernel (conv_fwd_box)
@@ -417,8 +418,8 @@ def launches(kernels=("fwd", "dgrad", "wgrad"), choose=None) -> list:
             cx.update(flags)
             cr = c
             passes = 0
-            if prologue_pass.may_pay(g, cx["PROLOGUE"]):  # the launcher's default there: the pass, then no
-                cx.update(PROLOGUE=False, IN_RELU=False)   # prologue in the loop
+            if as_pass:
+                cx.update(PROLOGUE=False, IN_RELU=False)
                 cr, passes = dataclasses.replace(c, prologue_pass=True), 2 * nx
             where = ("conv_fwd", "_conv_fwd_kernel", _merge_cx(sig, cx, "conv_fwd"), div16, sig)
             if box:  # same tiles and steps (its blocks tile the output exactly); the flags it has
@@ -637,15 +638,15 @@ def best_candidates(ids: set, workers: int = 2) -> dict:
     def rid(la):
         return record_id({"layer": la.layer, "role": la.role, "kernel": la.kernel, "variant": la.variant})
 
-    counts = {}
+    sizes = []
 
     def count(name, kernel, role, variant, cands, default):
-        counts[(name, kernel, role, variant)] = len(cands)
+        sizes.append(len(cands))
         return default
 
     launches(choose=count)
     las = []
-    for i in range(max(counts.values())):
+    for i in range(max(sizes)):
         def nth(name, kernel, role, variant, cands, default, i=i):  # the i-th candidate, or no launch
             return cands[i] if i < len(cands) else None
         las += [la for la in launches(choose=nth) if rid(la) in ids]

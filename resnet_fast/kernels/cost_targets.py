@@ -89,8 +89,7 @@ WHY = {
                  "loop 0.88); inference keeps the cp.async row-taps tile (1.49, loop 0.89): the box is 1.69 there. "
                  "A 1×1 conv at stride 2 (the downsample) reads a strided phase view, not flat rows: the box, its "
                  "blocks padded to the map (14–31 % more MMA), is its default with dy_bn (1.42 -> 0.76). The stem's "
-                 "3 channels "
-                 "run 4-wide dense taps (2.44).",
+                 "3 channels run 4-wide dense taps (2.44).",
     },
     "vectors": (
         "The narrow cp.async are the per-channel fp32 vectors indexed by the reduction channel, reloaded each "
