@@ -368,6 +368,86 @@ def test_every_tma_twin_is_compile_checked(dtype):
     assert {(c.BLOCK_M, c.BLOCK_N, c.BLOCK_K, c.num_warps, c.num_stages, ptr) for c in twins} <= checked
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("tma", [False, True], ids=["gather", "tma"])
+@pytest.mark.parametrize("fused", [False, True], ids=["inference", "training"])
+def test_persistent_pointwise_path(dtype, tma, fused, kernel_device):
+    """The persistent variant: 3 programs in the interpreter walk 12 tiles (4 row tiles, the last partial, × 3
+    column tiles, the last partial), so each program runs 4 tiles through one flattened loop; every output element
+    and every tile's stats row must be right, the NaN-poisoned output fully overwritten. (TMA pairs with
+    tensor-core dots only: fp32 runs it as tf32, which the interpreter computes exactly.)"""
+    if tma and not cfgs.tma_allowed(torch.device(kernel_device)):
+        pytest.skip("no TMA descriptors here")
+    N, C, H, W, K = 2, 40, 6, 5, 40  # M = 60 rows: 16-row tiles 16, 16, 16, 12; K = 40: 16, 16, 8 channels
+    cfg = ConvConfig(16, 16, 16, 2, 4, 2, tma=tma, persistent=True)
+    x, w, kw = make(N, C, H, W, K, 1, 1, 1, dtype, kernel_device, seed=5, bias=not fused, scale=not fused,
+                    shift=not fused, relu=not fused)
+    xc = x.contiguous(memory_format=torch.channels_last)
+    geo = ConvGeometry.make(x.shape, w.shape)
+    wp = conv_fwd.pack_weight(w, 1, dtype)
+    assert triton_cdiv(geo.M, 16) * triton_cdiv(K, 16) == 12
+    assert cfgs.persistent_programs(torch.device(kernel_device), 12) == (12 if kernel_device == "cuda" else 3)
+    out = torch.empty((N, K, H, W), dtype=dtype, device=kernel_device,
+                      memory_format=torch.channels_last).fill_(float("nan"))
+    if fused:
+        isc, ish = (torch.rand(C) + 0.5).to(kernel_device), (torch.rand(C) - 0.3).to(kernel_device)
+        res = torch.randn(N, K, H, W).to(kernel_device, dtype).contiguous(memory_format=torch.channels_last)
+        y, part = conv_fwd.conv2d_nhwc(xc, wp, geo, in_scale=isc, in_shift=ish, in_relu=True, residual=res,
+                                       stats=True, allow_tf32=tma, config=cfg, out=out)
+        ref = reference(x, w, in_scale=isc, in_shift=ish, in_relu=True, residual=res)
+        rows = y.permute(0, 2, 3, 1).reshape(geo.M, K).double().split(cfg.BLOCK_M)
+        assert rel_err(part.sum, torch.stack([t.sum(0) for t in rows])) < 1e-5
+        assert rel_err(part.m2, torch.stack([((t - t.mean(0)) ** 2).sum(0) for t in rows])) < 1e-5
+    else:
+        bias = kw.pop("bias")
+        y, _ = conv_fwd.conv2d_nhwc(xc, wp, geo, bias=bias, allow_tf32=tma, config=cfg, out=out, **kw)
+        ref = reference(x, w, bias, **kw)
+    assert not torch.isnan(y).any()
+    assert rel_err(y, ref) < (5e-3 if tma and dtype == torch.float32 and kernel_device == "cuda" else TOL[dtype])
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def test_persistent_twins_are_tuning_candidates_on_pointwise_convs_only(monkeypatch):
+    """Persistent twins of the 16-bit 128×128 tiles (of their TMA twins where offered) on pointwise convs, never
+    the default; none on a filter of more taps, none for fp32; a pinned persistent config elsewhere is an error."""
+    seen = []
+
+    def spy(op, geometry, dtype, device, candidates, flags, launch, default):
+        seen.append((candidates, default))
+        return cfgs.INTERPRETER_CONFIG
+    monkeypatch.setattr(autotune, "choose", spy)
+    for R, dtype in ((1, torch.float16), (3, torch.float16), (1, torch.float32)):
+        x, w, _ = make(4, 64, 6, 6, 128, R, R, 1, dtype, "cpu")
+        geo = ConvGeometry.make(x.shape, w.shape, padding=R // 2)
+        conv_fwd.conv2d_nhwc(x.contiguous(memory_format=torch.channels_last), conv_fwd.pack_weight(w, 1, dtype), geo)
+    (pw, pw_default), (c3, _), (fp32, _) = seen
+    twins = [c for c in pw if c.persistent]
+    assert {(c.BLOCK_M, c.BLOCK_N, c.num_warps) for c in twins} == {(128, 128, 8)}
+    assert {c.tma for c in twins} == {cfgs.tma_allowed(torch.device("cpu"))}  # the TMA twin's, where offered
+    assert all(dataclasses.replace(c, persistent=False) in pw for c in twins)
+    assert not pw_default.persistent and not any(c.persistent for c in c3 + fp32)
+    x, w, _ = make(1, 16, 5, 5, 16, 3, 3, 1, torch.float16, "cpu")
+    geo = ConvGeometry.make(x.shape, w.shape, padding=1)
+    with pytest.raises(ValueError, match="is persistent, which needs a pointwise conv"):
+        conv_fwd.conv2d_nhwc(x.contiguous(memory_format=torch.channels_last), conv_fwd.pack_weight(w, 1, torch.float16),
+                             geo, config=ConvConfig(16, 16, 16, 2, 4, 2, persistent=True))
+
+
+def test_every_persistent_twin_is_compile_checked():
+    """Autotuning may pick any persistent twin on the GPU, plain or fused, gather or TMA: each is a compile-checked
+    spec (fp16 shares bf16's tiles and code shape)."""
+    checked = {(cx["BLOCK_M"], cx["BLOCK_N"], cx["BLOCK_K"], opts["num_warps"], opts["num_stages"], cx["TMA"],
+                cx["STATS"]) for _, sig, cx, opts, *_ in conv_fwd.compile_specs() if cx["PERSISTENT"]}
+    bf16 = cfgs.fwd_configs(torch.bfloat16)
+    twins = conv_fwd._persistent_twins(list(bf16) + conv_fwd._tma_variants(bf16), torch.bfloat16)
+    assert {c.tma for c in twins} == {False, True}
+    assert {(c.BLOCK_M, c.BLOCK_N, c.BLOCK_K, c.num_warps, c.num_stages, c.tma, fused) for c in twins
+            for fused in (False, True)} <= checked
+
+
 def test_nchw_and_channels_last_inputs_agree(kernel_device, triton_backend):
     x, w, _ = make(2, 7, 6, 5, 9, 3, 3, 1, torch.float32, kernel_device, seed=9)
     x_before = x.clone()
@@ -659,6 +739,34 @@ def test_every_tma_twin_gpu(dtype):
             y, part = conv_fwd.conv2d_nhwc(x, wp, geo, config=cfg, allow_tf32=True, in_scale=isc, in_shift=ish,
                                            in_relu=True, residual=res, stats=True)
             assert rel_err(y, ref_train) < tol, cfg
+            assert rel_err(part.sum.sum(0), y.double().sum((0, 2, 3))) < 1e-5, cfg
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_every_persistent_twin_gpu(dtype):
+    """Each persistent candidate, pinned, on ResNet-50 pointwise layers (tiles over the SM count, several per
+    program) and one off the tiles, inference epilogue and training prologue + residual + stats."""
+    if not cfgs.persistent_allowed():
+        pytest.skip("this Triton does not flatten loop nests")
+    bf = cfgs.fwd_configs(dtype)
+    twins = conv_fwd._persistent_twins(list(bf) + (conv_fwd._tma_variants(bf) if cfgs.tma_allowed(
+        torch.device("cuda")) else []), dtype)
+    for N, C, K, h in ((32, 256, 128, 56), (8, 1024, 2048, 7), (3, 40, 200, 9)):
+        x, w, kw = make(N, C, h, h, K, 1, 1, 1, dtype, "cuda", scale=True, shift=True, relu=True)
+        x = x.contiguous(memory_format=torch.channels_last)
+        geo = ConvGeometry.make(x.shape, w.shape)
+        wp = conv_fwd.pack_weight(w, 1, dtype)
+        isc, ish = torch.rand(C, device="cuda") + 0.5, torch.rand(C, device="cuda") - 0.2
+        res = torch.randn(N, K, h, h, device="cuda", dtype=dtype).contiguous(memory_format=torch.channels_last)
+        ref, ref_train = reference(x, w, None, **kw), reference(x, w, in_scale=isc, in_shift=ish, in_relu=True,
+                                                                residual=res)
+        for cfg in twins:
+            y, _ = conv_fwd.conv2d_nhwc(x, wp, geo, config=cfg, **kw)
+            assert rel_err(y, ref) < TOL[dtype], cfg
+            y, part = conv_fwd.conv2d_nhwc(x, wp, geo, config=cfg, in_scale=isc, in_shift=ish, in_relu=True,
+                                           residual=res, stats=True)
+            assert rel_err(y, ref_train) < TOL[dtype], cfg
             assert rel_err(part.sum.sum(0), y.double().sum((0, 2, 3))) < 1e-5, cfg
 
 

@@ -6,6 +6,8 @@
   same). :data:`INTERPRETER_CONFIG` — the one small config used in the CPU interpreter (never autotuned).
 * :func:`prune`, :func:`checked_candidates` — a launch's tuning candidates; :func:`heuristic` — the untuned
   default among them.
+* :func:`persistent_programs` — how many programs a persistent launch runs (:func:`persistent_allowed`: whether
+  the installed Triton flattens a loop nest, which is what makes one worth running).
 * :func:`tma_allowed` — whether a kernel may take its operands by TMA descriptors on a device
   (``RESNET_FAST_TMA=0`` turns them off, to measure what they buy).
 * :func:`conv_allows_tf32` — fp32 convs use TF32 exactly when PyTorch would use it for a cuDNN conv.
@@ -25,7 +27,8 @@ import torch
 from .. import _backend
 
 __all__ = ["ConvConfig", "FWD_CONFIGS", "DENSE_CONFIGS", "INTERPRETER_CONFIG", "for_dtype", "fwd_configs", "prune",
-           "checked_candidates", "heuristic", "tma_allowed", "conv_allows_tf32"]
+           "checked_candidates", "heuristic", "tma_allowed", "conv_allows_tf32", "persistent_allowed",
+           "persistent_programs"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,7 @@ class ConvConfig:
     tma: bool = False  # operand tiles by TMA descriptors (the forward's pointwise path, sm_90+; see conv_fwd)
     prologue_pass: bool = False  # the BN+ReLU prologue as its own pass before the GEMM (see prologue_pass.py)
     row_taps: bool = False  # wgrad: a program per filter row, its taps sharing each formed dy tile (see conv_wgrad)
+    persistent: bool = False  # forward: a program per SM walks the output tiles (see conv_fwd)
 
     def smem_bytes(self, elem_bytes: int) -> int:
         """Shared memory of the pipelined A/B tiles (what num_stages multiplies)."""
@@ -48,7 +52,8 @@ class ConvConfig:
     def name(self) -> str:
         return (f"m{self.BLOCK_M}n{self.BLOCK_N}k{self.BLOCK_K}g{self.GROUP_M}"
                 f"w{self.num_warps}s{self.num_stages}" + ("-tma" if self.tma else "")
-                + ("-pp" if self.prologue_pass else "") + ("-rt" if self.row_taps else ""))
+                + ("-pp" if self.prologue_pass else "") + ("-rt" if self.row_taps else "")
+                + ("-ps" if self.persistent else ""))
 
 
 # Candidates for 16-bit operands. The large tiles feed wgmma on sm_90 (8 warps = 2 warpgroups); the 16-wide
@@ -173,6 +178,30 @@ def tma_allowed(device: torch.device) -> bool:
     if _backend.interpreting():
         return True
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
+
+
+@functools.cache
+def persistent_allowed() -> bool:
+    """Whether the installed Triton flattens a loop nest (``tl.range(..., flatten=True)``, triton >= 3.3): the
+    persistent forward's tile loop and K-loop become one software-pipelined loop, so the next tile's loads are
+    in flight during this tile's epilogue. Without it a persistent program gains nothing, so none is offered."""
+    import inspect
+
+    import triton.language as tl
+    return "flatten" in inspect.signature(tl.range.__init__).parameters
+
+
+INTERPRETER_PROGRAMS = 3  # the interpreter's "SMs": each program walks several tiles, unevenly
+
+
+def persistent_programs(device: torch.device, tiles: int, ctas_per_sm: int = 1) -> int:
+    """Programs of a persistent launch over ``tiles`` output tiles: ``ctas_per_sm`` per SM of ``device`` (CUDA),
+    :data:`INTERPRETER_PROGRAMS` elsewhere, never more than the tiles."""
+    if device.type == "cuda":
+        slots = torch.cuda.get_device_properties(device).multi_processor_count * ctas_per_sm
+    else:
+        slots = INTERPRETER_PROGRAMS
+    return max(1, min(tiles, slots))
 
 
 def conv_allows_tf32() -> bool:

@@ -37,6 +37,16 @@ On a conv of more than one tap a ``tma`` config runs :mod:`.conv_fwd_box` instea
 are a pixel block of one image, each tap's input a 4-D NHWC box (the zero fill is the padding), where the blocks
 tile the output exactly (:func:`.conv_fwd_box.eligible`); offered and the untuned default there.
 
+``PERSISTENT`` (a tuning candidate, ``ConvConfig.persistent``: :func:`_persistent_twins`, on pointwise convs with
+groups 1, 16-bit 128×128 tiles, gather or TMA): one program per SM (:func:`.configs.persistent_programs`) walks
+the output tiles, stride the program count, N fastest (the programs in flight share their x rows in L2; the
+weights fit in it whole). The tile loop is ``tl.range(..., flatten=True)``: Triton fuses it with the K-loop into
+one software-pipelined loop with the epilogue under a condition, so the next tile's first loads are in flight
+while this tile's epilogue (stores, stats) runs. A non-persistent 128×128 w8 tile needs ~170-250 registers per
+thread, so one CTA fills an SM and nothing hides its epilogue; a 1×1 conv has 1-32 K-steps per tile, so the
+epilogue is a large share (:mod:`.cost_report` scores it). On a filter of more taps the per-step cost of the
+flattened loop (the rows' coordinates redone every step) outweighs it: not offered there.
+
 Fusions (constexpr switches, all off by default, used by the training path):
 
 * ``PROLOGUE``: ``a = relu?(x*in_scale[c] + in_shift[c])`` applied to the loaded A tile in fp32, then the load
@@ -96,13 +106,42 @@ def _conv_fwd_kernel(
         HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr,
         RELU: tl.constexpr, PROLOGUE: tl.constexpr, IN_RELU: tl.constexpr, STATS: tl.constexpr,
         DOT_IEEE: tl.constexpr, C_ALIGN: tl.constexpr, EVEN_C: tl.constexpr, TMA: tl.constexpr,
-        PACK_C: tl.constexpr,
+        PACK_C: tl.constexpr, PERSISTENT: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    grp = tl.program_id(1)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(Kg, BLOCK_N)
-    pid_m, pid_n = swizzle_pid(tl.program_id(0), num_pid_m, num_pid_n, GROUP_M)
+    if PERSISTENT:  # groups 1: a program per SM walks the tiles, N fastest (see the module docstring)
+        for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, tl.num_programs(0), flatten=True):
+            # one unsigned division per tile: in the flattened loop it is paid every step (swizzle_pid's four were)
+            pid_m = (tl.cast(tile, tl.uint32) // tl.cast(num_pid_n, tl.uint32)).to(tl.int32)
+            pid_n = tile - pid_m * num_pid_n
+            _fwd_tile(pid_m, pid_n, 0, num_pid_m, x_ptr, w_ptr, y_ptr, bias_ptr, scale_ptr, shift_ptr, res_ptr,
+                      in_scale_ptr, in_shift_ptr, part_ptr, x_desc, w_desc, H, W, C, P, Q, K, Cg, Kg, Cg_pad, M,
+                      stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, R, S, POINTWISE, HAS_BIAS, HAS_SCALE,
+                      HAS_SHIFT, HAS_RES, RELU, PROLOGUE, IN_RELU, STATS, DOT_IEEE, C_ALIGN, EVEN_C, TMA, PACK_C,
+                      BLOCK_M, BLOCK_N, BLOCK_K)
+    else:
+        pid_m, pid_n = swizzle_pid(tl.program_id(0), num_pid_m, num_pid_n, GROUP_M)
+        _fwd_tile(pid_m, pid_n, tl.program_id(1), num_pid_m, x_ptr, w_ptr, y_ptr, bias_ptr, scale_ptr, shift_ptr,
+                  res_ptr, in_scale_ptr, in_shift_ptr, part_ptr, x_desc, w_desc, H, W, C, P, Q, K, Cg, Kg, Cg_pad, M,
+                  stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, R, S, POINTWISE, HAS_BIAS, HAS_SCALE, HAS_SHIFT,
+                  HAS_RES, RELU, PROLOGUE, IN_RELU, STATS, DOT_IEEE, C_ALIGN, EVEN_C, TMA, PACK_C, BLOCK_M, BLOCK_N,
+                  BLOCK_K)
 
+
+@triton.jit
+def _fwd_tile(
+        pid_m, pid_n, grp, num_pid_m, x_ptr, w_ptr, y_ptr,
+        bias_ptr, scale_ptr, shift_ptr, res_ptr,
+        in_scale_ptr, in_shift_ptr, part_ptr, x_desc, w_desc,
+        H, W, C, P, Q, K, Cg, Kg, Cg_pad, M,
+        stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+        R: tl.constexpr, S: tl.constexpr, POINTWISE: tl.constexpr,
+        HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr,
+        RELU: tl.constexpr, PROLOGUE: tl.constexpr, IN_RELU: tl.constexpr, STATS: tl.constexpr,
+        DOT_IEEE: tl.constexpr, C_ALIGN: tl.constexpr, EVEN_C: tl.constexpr, TMA: tl.constexpr,
+        PACK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Output tile ``(pid_m, pid_n)`` (``BLOCK_M`` GEMM rows × ``BLOCK_N`` channels) of group ``grp``."""
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: M may pass 2**31 / K
     row_ok = offs_m < M
     n, p, q = rows_to_npq(offs_m, P, Q)
@@ -274,6 +313,17 @@ def tma_eligible(x: torch.Tensor, w_packed: torch.Tensor, g: ConvGeometry, dot_i
             and _cfg.tma_allowed(x.device))
 
 
+def _persistent_twins(candidates, dtype: torch.dtype) -> list:
+    """Persistent twins (``ConvConfig.persistent``) of the 16-bit 128×128 w8 candidates (TMA twins too): a program
+    per SM walks the tiles in one flattened, software-pipelined loop, so the next tile's loads run during this
+    tile's epilogue (stores, stats), which a second CTA per SM cannot hide here (at ~250 registers × 256 threads
+    one CTA fills the register file). sm_90 compile: every wider tile, and fp32's fused gather, spills."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return []
+    return [replace(c, persistent=True) for c in candidates
+            if (c.BLOCK_M, c.BLOCK_N, c.num_warps) == (128, 128, 8) and not c.persistent]
+
+
 def _tma_variants(candidates) -> list:
     """TMA twins of the candidates of at least 128×128 (where per-element address math and load masks cost the
     most registers). Few on purpose: each twin is one more compile and timing in every first-call tuning,
@@ -357,7 +407,8 @@ def _launch_fwd(x, w_packed, g: ConvGeometry, v: _FwdOperands, residual, part, c
     if cfg.tma:
         x_desc = TensorDescriptor(x, [g.M, g.C], [g.C, 1], [cfg.BLOCK_M, cfg.BLOCK_K])
         w_desc = TensorDescriptor(w_packed, [g.K_pad, g.Cg_pad], [g.Cg_pad, 1], [cfg.BLOCK_N, cfg.BLOCK_K])
-    grid = (triton.cdiv(g.M, cfg.BLOCK_M) * triton.cdiv(g.Kg, cfg.BLOCK_N), g.groups)
+    tiles = triton.cdiv(g.M, cfg.BLOCK_M) * triton.cdiv(g.Kg, cfg.BLOCK_N)
+    grid = (_cfg.persistent_programs(x.device, tiles), 1) if cfg.persistent else (tiles, g.groups)
     opt = [dummy if t is None else t for t in (v.bias, v.scale, v.shift, residual, v.in_scale, v.in_shift, part)]
     _conv_fwd_kernel[grid](
         x, w_packed, v.out, *opt, x_desc, w_desc,
@@ -367,8 +418,8 @@ def _launch_fwd(x, w_packed, g: ConvGeometry, v: _FwdOperands, residual, part, c
         HAS_BIAS=v.bias is not None, HAS_SCALE=v.scale is not None, HAS_SHIFT=v.shift is not None,
         HAS_RES=residual is not None, RELU=bool(relu), PROLOGUE=v.in_scale is not None, IN_RELU=bool(in_relu),
         STATS=part is not None, DOT_IEEE=dot_ieee, C_ALIGN=_pow2_divisor(g.Cg, 16), EVEN_C=g.Cg % cfg.BLOCK_K == 0,
-        TMA=cfg.tma, PACK_C=g.pack_c, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
-        GROUP_M=cfg.GROUP_M,
+        TMA=cfg.tma, PACK_C=g.pack_c, PERSISTENT=cfg.persistent, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
+        BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
@@ -385,8 +436,9 @@ def _candidates(g: ConvGeometry, dtype: torch.dtype, tma_ok: bool, boxes: list, 
     pick, or with the BN ``prologue`` in the loop its 128×256 tile where offered (each formed x element feeds
     BLOCK_N output channels, so the transform's share of the loop halves against 128×128: sm_90 bf16 1×1
     prologue_stats 1.05 -> 0.53, stride-2 3×3 1.58 -> 0.81); plus, where ``tma_ok`` (:func:`tma_eligible`), the
-    pointwise TMA twins (never the default: they have to win a measurement), and the box tiles ``boxes``
-    (:func:`_box_configs`; the first is the default: no index math in its loop)."""
+    pointwise TMA twins (never the default: they have to win a measurement), on a pointwise conv the persistent
+    twin (:func:`_persistent_twins`, of the TMA twin where offered; never the default either), and the box tiles
+    ``boxes`` (:func:`_box_configs`; the first is the default: no index math in its loop)."""
     if g.pack_c:  # dense taps: BLOCK_K is the filter row's width
         candidates = [replace(c, BLOCK_K=g.taps_k) for c in _cfg.DENSE_CONFIGS]
         default = candidates[0]
@@ -397,6 +449,8 @@ def _candidates(g: ConvGeometry, dtype: torch.dtype, tma_ok: bool, boxes: list, 
             default = next((c for c in candidates if (c.BLOCK_M, c.BLOCK_N) == (128, 256)), default)
     if tma_ok:
         candidates += _tma_variants(candidates)
+    if g.is_pointwise and g.groups == 1 and _cfg.persistent_allowed():  # of the TMA twins where offered (sm_90
+        candidates += _persistent_twins([c for c in candidates if c.tma == tma_ok], dtype)  # SASS: ~half the steps)
     return candidates + boxes, boxes[0] if boxes else default
 
 
@@ -460,7 +514,8 @@ def conv2d_nhwc(x: torch.Tensor, w_packed: torch.Tensor, geometry: ConvGeometry,
     if config is None:
         candidates, default = _candidates(g, x.dtype, tma_ok, boxes, switches.prologue and not pass_ok)
         if pass_ok:  # the prologue as its own pass: twins of the large tiles, and the untuned default
-            candidates += [replace(c, prologue_pass=True) for c in candidates if c.BLOCK_M * c.BLOCK_N >= 128 * 64]
+            candidates += [replace(c, prologue_pass=True) for c in candidates
+                           if c.BLOCK_M * c.BLOCK_N >= 128 * 64 and not c.persistent]
             default = replace(default, prologue_pass=True)
             if default not in candidates:
                 candidates.append(default)
@@ -472,6 +527,9 @@ def conv2d_nhwc(x: torch.Tensor, w_packed: torch.Tensor, geometry: ConvGeometry,
     check(not config.tma or tma_fits,
           f"{who}: config {config.name()} uses TMA, which this launch cannot (see conv_fwd.tma_eligible on a "
           "pointwise conv, else conv_fwd_box.eligible)")
+    check(not config.persistent or (g.is_pointwise and g.groups == 1 and _cfg.persistent_allowed()),
+          f"{who}: config {config.name()} is persistent, which needs a pointwise conv (1×1, stride 1, no padding) "
+          "with groups 1 and a Triton that flattens loop nests (configs.persistent_allowed)")
     check(not config.prologue_pass or pass_ok, f"{who}: config {config.name()} runs the prologue as a pass, "
           "which needs a prologue, a filter of more than one tap and the C++ extension (prologue_pass.worth_offering)")
     part = launch(config)
@@ -509,7 +567,7 @@ def compile_specs() -> list:
         cx = dict(R=rs, S=rs, POINTWISE=pointwise, HAS_BIAS=False, HAS_SCALE=True, HAS_SHIFT=True,
                   HAS_RES=fused, RELU=True, PROLOGUE=fused, IN_RELU=fused, STATS=fused, DOT_IEEE=ieee,
                   C_ALIGN=1 if stem or dense else 16, EVEN_C=not (stem or dense), TMA=cfg.tma,
-                  PACK_C=4 if dense else 0, BLOCK_M=cfg.BLOCK_M,
+                  PACK_C=4 if dense else 0, PERSISTENT=cfg.persistent, BLOCK_M=cfg.BLOCK_M,
                   BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M)
         sig.update({k: "constexpr" for k in cx})
         sig = ordered_signature(fn, sig)
@@ -527,4 +585,7 @@ def compile_specs() -> list:
     specs += [spec(dt, cfg, pointwise=True) for dt, cands in ((torch.bfloat16, bf16), (torch.float32, fp32))
               for cfg in _tma_variants(cands)]
     specs += [spec(torch.bfloat16, _tma_variants(bf16)[0], pointwise=True, fused=True)]
+    # every persistent twin the launcher may offer (_persistent_twins: pointwise, gather and TMA), plain and fused
+    specs += [spec(torch.bfloat16, cfg, pointwise=True, fused=fused)
+              for cfg in _persistent_twins(list(bf16) + _tma_variants(bf16), torch.bfloat16) for fused in (False, True)]
     return specs

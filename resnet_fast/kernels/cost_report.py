@@ -17,6 +17,7 @@ Layers: every conv of ResNet-50 (batch 256, 224², bf16, channels_last activatio
 
 * ``fwd/infer`` -- ``ops.conv2d`` with the folded-BN epilogue (scale, shift; ReLU except the downsample; the
   residual on a bottleneck's conv3); ``fwd/train`` -- ``conv_bn_stats`` (STATS; the BN+ReLU PROLOGUE on conv2/conv3);
+  on pointwise convs also the persistent TMA twin the autotuner measures (``+persistent``, ``alt``);
 * ``dgrad/train``, ``wgrad/train`` -- ``conv_bn_stats_backward``: ``dy_bn`` (conv1, downsample, stem) or ``fused``
   (conv2/conv3: dgrad's dReLU/dBN epilogue, wgrad's prologue); on a filter of more than one tap (conv2) the
   forward's and wgrad's prologue runs as its own pass (:mod:`.prologue_pass`, the launchers' untuned default
@@ -56,15 +57,22 @@ Model, per spec (from the SASS):
 * ``loads``: per body, ``utmaldg``, ``ldgsts128`` (16-byte cp.async), ``ldgsts_narrow`` (4/8-byte cp.async),
   ``ldg_scalar`` (LDG of <= 4 bytes), ``ldg_vector`` (8/16-byte LDG).
 * ``registers``/``local_bytes`` from ``cuobjdump -res-usage``; ``spills``: LDL/STL instructions in the kernel.
+* ``epilogue_instr``: instructions per warp per tile after the K-loop up to ``EXIT``; in a persistent kernel (the
+  tile loop flattened into the K-loop, ``PERSISTENT``) the largest region of the loop that a forward branch skips
+  and that stores to global memory, which is then not counted per step (:func:`epilogue_span`).
 
 Per layer: ``tiles`` (the launch grid), ``steps`` per tile (average over dgrad's stride phases),
 ``ctas_per_sm = min(64K registers ÷ (regs rounded to 8 × 32 × warps), 228 KB ÷ (shared + 1 KB), 64 warps ÷ warps,
 32)``, ``waves = tiles ÷ (132 × ctas_per_sm)``, ``tail_efficiency = waves ÷ ceil(waves)``. Times at 1.83 GHz:
-``mma_us`` = tiles × steps × mma_cycles ÷ 132 SMs; ``issue_us`` = mma_us × issue_ratio; ``memory_us`` = compulsory
+``mma_us`` = tiles × steps × mma_cycles ÷ 132 SMs; ``issue_us`` = mma_us × issue_ratio; ``epilogue_us`` = tiles ×
+epilogue_instr × warps ÷ 4 ÷ 132 SMs (persistent: one CTA per SM); ``memory_us`` = compulsory
 bytes (each operand read once, outputs and fp32 split-K partials written once, BN partials ignored) plus the
 dense-taps pad pass (the stem's image written as 4 channels and read back, in the forward and again in wgrad; not
 in the roofline) ÷ 3.35 TB/s;
-``est_us = max(mma, issue, memory) ÷ tail_efficiency``. ``est_fraction_of_roofline`` = roofline time ÷ est_us, the
+``est_us = max(mma, issue + epilogue, memory) ÷ tail_efficiency`` where the epilogue overlaps other work (2+ CTAs
+per SM, or persistent: ``epilogue_overlap``), else ``(max(mma, issue, memory) + epilogue) ÷ tail_efficiency`` (one
+CTA per SM: its loads and MMAs stop while it stores, and every SM is assumed in step, none borrowing another's
+bandwidth). ``est_fraction_of_roofline`` = roofline time ÷ est_us, the
 roofline being max(useful FMAs at 989 TFLOPS, compulsory bytes at 3.35 TB/s): padding waste (the stem's 3
 channels padded to 4 and its 28-wide filter rows to 32, partial tiles) and wave tails count against it.
 
@@ -73,8 +81,8 @@ or memory time (the ratio costs them nothing in this model), and per role the is
 ``max(mma_us, memory_us)`` per step, as the records stand and taking each training backward's faster of the
 on-load and ``triton_dy_pass`` forms (what the chooser would measure).
 
-Ignored: L2 re-reads of operands by neighbouring tiles, the prologue/epilogue (address setup, stores, stats),
-latency (a dependent load chain or a wgmma wait that the pipeline depth does not cover), bank conflicts,
+Ignored: L2 re-reads of operands by neighbouring tiles, the prologue (address setup) and a new CTA's pipeline
+fill, latency (a dependent load chain or a wgmma wait that the pipeline depth does not cover), bank conflicts,
 predicated-off HGMMA/loads, the ``== 1`` integer specialisation of Triton's launcher, the wgrad combine kernel's
 launch, clocks below boost. It ranks specs and catches regressions; it is not a timing.
 
@@ -190,12 +198,36 @@ def _ldg_bytes(opcode: str) -> int:
     return 4
 
 
-def loop_stats(sass: str, num_warps: int, mbarriers: int = 0, num_stages: int = 0) -> dict:
+def epilogue_span(instrs: list, labels: dict, i: int, j: int, persistent: bool) -> tuple:
+    """``[a, b)`` indices of the epilogue of the main loop ``instrs[i..j]``: for a ``persistent`` kernel (one
+    flattened loop over tiles and K-steps) the largest region inside the loop that a forward branch skips and that
+    stores to global memory (``STG``: the tile's output); else the instructions after the loop up to the first
+    ``EXIT``. A persistent loop without such a region is an error, never a zero."""
+    if not persistent:
+        end = next((k for k in range(j + 1, len(instrs)) if instrs[k].opcode == "EXIT"), len(instrs))
+        return j + 1, end + 1
+    index = {ins.addr: k for k, ins in enumerate(instrs)}
+    best = None
+    for k in range(i, j + 1):
+        m = _TARGET.search(instrs[k].text) if instrs[k].opcode.startswith("BRA") else None
+        t = index.get(labels.get(m.group(1))) if m else None
+        if t is None or not k < t <= j:
+            continue
+        if any(ins.opcode.startswith("STG") for ins in instrs[k + 1:t]) and (best is None or t - k > best[1] - best[0]):
+            best = (k + 1, t)
+    if best is None:
+        raise SassFormatError("persistent kernel: no branch-skipped region with global stores in its main loop")
+    return best
+
+
+def loop_stats(sass: str, num_warps: int, mbarriers: int = 0, num_stages: int = 0, persistent: bool = False) -> dict:
     """Main-loop figures of one kernel's SASS listing (``mbarriers``: ``mbarrier.init`` count of its PTX;
-    ``num_stages``: the compile option, which bounds a TMA ring when several operands have rings of their own)."""
+    ``num_stages``: the compile option, which bounds a TMA ring when several operands have rings of their own;
+    ``persistent``: the tile loop is flattened into the K-loop, whose epilogue region is then not per step)."""
     instrs, labels = parse_sass(sass)
     i, j = find_main_loop(instrs, labels)
-    body = instrs[i:j + 1]
+    e0, e1 = epilogue_span(instrs, labels, i, j, persistent)
+    body = [ins for k, ins in enumerate(instrs[i:j + 1], i) if not e0 <= k < e1]
     fma = 0
     for b in body:
         m = _HGMMA.match(b.opcode)
@@ -233,7 +265,8 @@ def loop_stats(sass: str, num_warps: int, mbarriers: int = 0, num_stages: int = 
     warpgroups = max(1, num_warps // 4)
     return {"instr_per_step": len(body), "hgmma": sum(b.opcode.startswith("HGMMA") for b in body),
             "mma_fma_per_step": fma * warpgroups, "tiles_in_flight": round(in_flight, 2), "loads": loads,
-            "spills": spills, "loop": [body[0].addr, body[-1].addr]}
+            "spills": spills, "loop": [instrs[i].addr, instrs[j].addr], "epilogue_instr": e1 - e0,
+            "epilogue_in_loop": persistent}
 
 
 # -------------------------------------------------------------------------------------------------- compiling
@@ -267,7 +300,8 @@ def analyse_spec(job: tuple) -> dict:
     ptx = ck.asm["ptx"]
     types = " ".join(sig.values())  # pointers (*bf16) and TMA descriptors (tensordesc<bf16[...]>)
     dtype = "bf16" if "bf16" in types else "fp16" if "fp16" in types else "fp32"
-    row = loop_stats(sass, opts["num_warps"], ptx.count("mbarrier.init"), opts["num_stages"])
+    row = loop_stats(sass, opts["num_warps"], ptx.count("mbarrier.init"), opts["num_stages"],
+                     bool(cx.get("PERSISTENT")))
     regs, local = _REG.search(res), _LOCAL.search(res)
     if regs is None:
         raise SassFormatError(f"cuobjdump -res-usage gave no REG count: {res[:300]}")
@@ -392,44 +426,52 @@ def launches(kernels=("fwd", "dgrad", "wgrad"), choose=None) -> list:
                  dict(PROLOGUE=prologue, IN_RELU=prologue, STATS=True), 0)) if "fwd" in kernels else ():
             pro = flags.get("PROLOGUE", False)
             as_pass = prologue_pass.may_pay(g, pro)  # the launcher's default there: the pass, then no prologue
-            c = pick(name, "fwd", role, variant,  # the default, TMA on
-                     conv_fwd._candidates(g, tdt, False, conv_fwd._box_configs(g, x, wp, False), pro and not as_pass))
-            if c is None:
+            found = conv_fwd._candidates(g, tdt, False, conv_fwd._box_configs(g, x, wp, False), pro and not as_pass)
+            default = pick(name, "fwd", role, variant, found)  # the default, TMA on
+            if default is None:
                 continue
-            box = c.tma and not g.is_pointwise  # the TMA-box kernel (conv_fwd_box)
-            if g.pack_c:  # dense taps: the launcher's default, one step per filter row; x padded to pack_c first
-                c = dataclasses.replace(c, BLOCK_K=g.taps_k)
-                sig, div16 = _template(conv_fwd, conv_fwd._conv_fwd_kernel, dt, PACK_C=g.pack_c)
-                steps = g.R
-                pad = 2 * g.N * g.pack_c * g.H * g.W if g.C != g.pack_c else 0  # the pad pass: written, read
-            else:
-                sig, div16 = _template(conv_fwd, conv_fwd._conv_fwd_kernel, dt, TMA=False, PACK_C=0,
-                                       EVEN_C=g.Cg % c.BLOCK_K == 0)
-                if g.Cg % 16:
-                    div16 = tuple(n for n in div16 if n not in ("C", "Cg"))
-                steps = g.R * g.S * triton.cdiv(g.Cg, c.BLOCK_K)
-                pad = 0
-            tiles = triton.cdiv(g.M, c.BLOCK_M) * triton.cdiv(g.Kg, c.BLOCK_N) * g.groups
-            cx = dict(R=g.R, S=g.S, POINTWISE=g.is_pointwise, HAS_BIAS=False, HAS_SCALE=role == "infer",
-                      HAS_SHIFT=role == "infer", HAS_RES=False, RELU=False, PROLOGUE=False, IN_RELU=False,
-                      STATS=False, DOT_IEEE=False, C_ALIGN=conv_fwd._pow2_divisor(g.Cg, 16),
-                      EVEN_C=g.Cg % c.BLOCK_K == 0, TMA=False, PACK_C=g.pack_c, BLOCK_M=c.BLOCK_M,
-                      BLOCK_N=c.BLOCK_N, BLOCK_K=c.BLOCK_K, GROUP_M=c.GROUP_M)
-            cx.update(flags)
-            cr = c
-            passes = 0
-            if as_pass:
-                cx.update(PROLOGUE=False, IN_RELU=False)
-                cr, passes = dataclasses.replace(c, prologue_pass=True), 2 * nx
-            where = ("conv_fwd", "_conv_fwd_kernel", _merge_cx(sig, cx, "conv_fwd"), div16, sig)
-            if box:  # same tiles and steps (its blocks tile the output exactly); the flags it has
-                bx = conv_fwd_box.constexprs((g.R, g.S), c, pixel_block(g.P, g.Q, c.BLOCK_M, exact_only=True))
-                bx.update({k: v for k, v in cx.items() if k in bx})
-                where = ("conv_fwd_box", "_conv_fwd_box_kernel", bx, conv_fwd_box.DIV16,
-                         conv_fwd_box.signature(dt, bx))
-            add(Launch(name, 1, role, "fwd", variant, cr.name(), *where[:3],
-                       {"num_warps": c.num_warps, "num_stages": c.num_stages}, where[3], g.Cg % 16 == 0, tiles,
-                       steps, fma, (nx + nw + ny + extra) * esize, where[4], (pad + passes) * esize))
+            # alt: the persistent twin (its epilogue overlaps the next tile's loads), which the chooser measures; on a
+            # pointwise conv the TMA one (offered there on sm_90: conv_fwd.tma_eligible holds for every ResNet layer)
+            twin = next((dataclasses.replace(p, tma=g.is_pointwise) for p in found[0] if p.persistent), None) \
+                if choose is None else None
+            for c, alt in [(default, False)] + ([(twin, True)] if twin else []):
+                box = c.tma and not g.is_pointwise  # the TMA-box kernel (conv_fwd_box)
+                if g.pack_c:  # dense taps: the launcher's default, one step per filter row; x padded to pack_c first
+                    c = dataclasses.replace(c, BLOCK_K=g.taps_k)
+                    sig, div16 = _template(conv_fwd, conv_fwd._conv_fwd_kernel, dt, PACK_C=g.pack_c)
+                    steps = g.R
+                    pad = 2 * g.N * g.pack_c * g.H * g.W if g.C != g.pack_c else 0  # the pad pass: written, read
+                else:
+                    tma = c.tma and g.is_pointwise  # the pointwise TMA path (its descriptors' boxes are the tile's)
+                    sig, div16 = _template(conv_fwd, conv_fwd._conv_fwd_kernel, dt, TMA=tma, PACK_C=0,
+                                           EVEN_C=g.Cg % c.BLOCK_K == 0,
+                                           **({"BLOCK_M": c.BLOCK_M, "BLOCK_N": c.BLOCK_N} if tma else {}))
+                    if g.Cg % 16:
+                        div16 = tuple(n for n in div16 if n not in ("C", "Cg"))
+                    steps = g.R * g.S * triton.cdiv(g.Cg, c.BLOCK_K)
+                    pad = 0
+                tiles = triton.cdiv(g.M, c.BLOCK_M) * triton.cdiv(g.Kg, c.BLOCK_N) * g.groups
+                cx = dict(R=g.R, S=g.S, POINTWISE=g.is_pointwise, HAS_BIAS=False, HAS_SCALE=role == "infer",
+                          HAS_SHIFT=role == "infer", HAS_RES=False, RELU=False, PROLOGUE=False, IN_RELU=False,
+                          STATS=False, DOT_IEEE=False, C_ALIGN=conv_fwd._pow2_divisor(g.Cg, 16),
+                          EVEN_C=g.Cg % c.BLOCK_K == 0, TMA=c.tma and g.is_pointwise, PACK_C=g.pack_c,
+                          PERSISTENT=c.persistent,
+                          BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, BLOCK_K=c.BLOCK_K, GROUP_M=c.GROUP_M)
+                cx.update(flags)
+                cr = c
+                passes = 0
+                if as_pass and not c.persistent:  # a persistent twin keeps the prologue in its loop (launcher)
+                    cx.update(PROLOGUE=False, IN_RELU=False)
+                    cr, passes = dataclasses.replace(c, prologue_pass=True), 2 * nx
+                where = ("conv_fwd", "_conv_fwd_kernel", _merge_cx(sig, cx, "conv_fwd"), div16, sig)
+                if box:  # same tiles and steps (its blocks tile the output exactly); the flags it has
+                    bx = conv_fwd_box.constexprs((g.R, g.S), c, pixel_block(g.P, g.Q, c.BLOCK_M, exact_only=True))
+                    bx.update({k: v for k, v in cx.items() if k in bx})
+                    where = ("conv_fwd_box", "_conv_fwd_box_kernel", bx, conv_fwd_box.DIV16,
+                             conv_fwd_box.signature(dt, bx))
+                add(Launch(name, 1, role, "fwd", variant + ("+persistent" if alt else ""), cr.name(), *where[:3],
+                           {"num_warps": c.num_warps, "num_stages": c.num_stages}, where[3], g.Cg % 16 == 0, tiles,
+                           steps, fma, (nx + nw + ny + extra) * esize, where[4], (pad + passes) * esize, alt))
         bwd = [("train", "fused" if prologue else "dy_bn")]
         if pos != "stem":  # the inference op computes no input gradient for the image
             bwd.append(("infer", "relu" if relu else "plain"))
@@ -550,13 +592,17 @@ def _ctas_per_sm(regs: int, warps: int, shared: int) -> int:
 
 def model(la: Launch, spec: dict) -> dict:
     """The record of one launch from its spec's SASS figures (see the module docstring)."""
-    ctas = _ctas_per_sm(spec["registers"], spec["num_warps"], spec["shared"])
+    persistent = spec.get("epilogue_in_loop", False)
+    ctas = 1 if persistent else _ctas_per_sm(spec["registers"], spec["num_warps"], spec["shared"])
     waves = la.tiles / (NUM_SMS * max(ctas, 1))
     tail = waves / math.ceil(waves)
     mma_us = la.tiles * la.steps * spec["mma_cycles"] / NUM_SMS / CLOCK_HZ * 1e6
     issue_us = mma_us * spec["issue_ratio"]
     memory_us = (la.bytes + la.extra_bytes) / HBM_BYTES_PER_S * 1e6
-    est_us = max(mma_us, issue_us, memory_us) / tail
+    epilogue_us = la.tiles * spec["epilogue_instr"] * spec["num_warps"] / 4 / NUM_SMS / CLOCK_HZ * 1e6
+    overlap = persistent or ctas >= 2  # the epilogue's issue runs beside loads and MMAs (another CTA's, or its own)
+    est_us = (max(mma_us, issue_us + epilogue_us, memory_us) if overlap
+              else max(mma_us, issue_us, memory_us) + epilogue_us) / tail
     peak = NUM_SMS * FMA_PER_CLK_SM[spec["dtype"]] * CLOCK_HZ
     roof_us = max(la.useful_fma / peak * 1e6, la.bytes / HBM_BYTES_PER_S * 1e6)
     return {"layer": la.layer, "count": la.count, "role": la.role, "kernel": la.kernel, "variant": la.variant,
@@ -566,7 +612,8 @@ def model(la: Launch, spec: dict) -> dict:
             "tiles_in_flight": spec["tiles_in_flight"], "loads": spec["loads"], "tiles": la.tiles,
             "steps": round(la.steps, 2), "ctas_per_sm": ctas, "waves": round(waves, 3),
             "tail_efficiency": round(tail, 3), "mma_us": round(mma_us, 2), "issue_us": round(issue_us, 2),
-            "memory_us": round(memory_us, 2), "est_us": round(est_us, 2),
+            "memory_us": round(memory_us, 2), "epilogue_instr": spec["epilogue_instr"],
+            "epilogue_us": round(epilogue_us, 2), "epilogue_overlap": overlap, "est_us": round(est_us, 2),
             "est_fraction_of_roofline": round(roof_us / est_us, 3), "alt": la.alt,
             "loop_transforms": any(la.cx.get(k) for k in _TRANSFORMS), "loop_vectors": loop_vectors(la),
             **({"split_ctas": la.split_ctas} if la.split_ctas else {})}
@@ -695,7 +742,7 @@ def summary(records: list) -> str:
             if k not in best or r["est_us"] < best[k]["est_us"]:
                 best[k] = r
         lines.append(f"  {role}: issue-bound time beyond max(memory, MMA), est {_lost_ms(lost, alt=False):.2f} ms "
-                     f"per step ({_lost_ms(list(best.values())):.2f} ms taking triton_dy_pass where it is faster)")
+                     f"per step ({_lost_ms(list(best.values())):.2f} ms taking each alternative where it is faster)")
     over = [r for r in issue_miss if "transform_free_ratio" in r]
     if over:  # --transform-free: how many are over only because their loop transforms an operand
         only = [r for r in over if r["transform_free_ratio"] <= issue_target(r)]
@@ -707,13 +754,16 @@ def summary(records: list) -> str:
         tot = {k: sum(r["est_us"] * r["count"] for r in records if r["role"] == role and r["kernel"] == k
                       and not r.get("alt")) for k in ("fwd", "dgrad", "wgrad")}
         lines.append(f"{role}: est conv time per step " + ", ".join(f"{k} {v / 1e3:.2f} ms" for k, v in tot.items()))
-    alts = [r for r in records if r.get("alt")]
-    if alts:  # each alternative against the record it replaces, where the chooser would measure both
-        base = {record_id(r): r for r in records if not r.get("alt")}
-        saved = sum((base[record_id(r).split("+")[0]]["est_us"] - r["est_us"]) * r["count"] for r in alts
-                    if record_id(r).split("+")[0] in base)
-        lines.append(f"train with triton_dy_pass where offered (est, dy pass included): {-saved / 1e3:+.2f} ms per "
-                     f"step over {len(alts)} records")
+    base = {record_id(r): r for r in records if not r.get("alt")}
+    for kind, role in (("dy_pass", "train"), ("persistent", "train"), ("persistent", "infer")):
+        # each alternative against the record it replaces: always taken, and where faster (what the chooser keeps)
+        gain = [(base[record_id(r).split("+")[0]]["est_us"] - r["est_us"]) * r["count"] for r in records
+                if r.get("alt") and r["role"] == role and r["variant"].endswith("+" + kind)
+                and record_id(r).split("+")[0] in base]
+        if gain:
+            lines.append(f"{role} with {'triton_dy_pass (its pass included)' if kind == 'dy_pass' else kind} where "
+                         f"offered (est): {-sum(gain) / 1e3:+.2f} ms per step always, "
+                         f"{-sum(g for g in gain if g > 0) / 1e3:+.2f} ms where faster, over {len(gain)} records")
     lost = sorted(records, key=lambda r: -(1 - r["est_fraction_of_roofline"]) * r["est_us"] * r["count"])
     lines.append("most time lost against the roofline (est_us × count × (1 - fraction)):")
     for r in lost[:12]:

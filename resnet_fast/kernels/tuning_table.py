@@ -237,7 +237,7 @@ _BOOL_FIELDS = tuple(f.name for f in fields(ConvConfig) if f.type in (bool, "boo
 def config_from_entry(entry) -> Optional[ConvConfig]:
     """The :class:`ConvConfig` a cache or table entry (``asdict(cfg)``) describes, or None when it is not one:
     unknown or missing tile fields, or values of the wrong type (positive ints; ``tma``, ``prologue_pass``,
-    ``row_taps`` bools).
+    ``row_taps``, ``persistent`` bools).
     Entries written before a field existed (no ``tma``) still read, with the field's default."""
     if not isinstance(entry, dict) or not set(entry) <= _CONFIG_FIELDS \
             or not all(k in entry for k in _REQUIRED_FIELDS):
