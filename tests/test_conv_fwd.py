@@ -255,37 +255,43 @@ def tma_device(kernel_device) -> str:
     return kernel_device
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("fused", [False, True], ids=["inference", "training"])
-def test_tma_pointwise_path(dtype, fused, tma_device):
-    """The TMA variant on a pointwise conv whose M, C and K are not tile multiples (TMA's zero fill must stand
-    in for the load masks), NaN-poisoned output, full inference epilogue or the training prologue + stats."""
-    N, C, H, W, K = 2, 24, 5, 3, 20  # M = 30 rows: a partial 32-row tile; C = 24: a partial 16-channel step
-    x, w, kw = make(N, C, H, W, K, 1, 1, 1, dtype, tma_device, seed=11, bias=not fused, scale=not fused,
+def check_pointwise(shape, cfg: ConvConfig, dtype, fused: bool, device: str, seed: int):
+    """Run ``cfg`` pinned on a pointwise conv ``shape = (N, C, H, W, K)`` into a NaN-poisoned output, with the full
+    inference epilogue or the training prologue + residual + stats, against float64: every output element, and
+    with stats every tile's Σy and M2. TMA pairs with tensor-core dots only, so fp32 runs as tf32 there (the
+    interpreter computes it exactly)."""
+    N, C, H, W, K = shape
+    x, w, kw = make(N, C, H, W, K, 1, 1, 1, dtype, device, seed=seed, bias=not fused, scale=not fused,
                     shift=not fused, relu=not fused)
     xc = x.contiguous(memory_format=torch.channels_last)
     geo = ConvGeometry.make(x.shape, w.shape)
     wp = conv_fwd.pack_weight(w, 1, dtype)
-    assert conv_fwd.tma_eligible(xc, wp, geo, dot_ieee=False)
-    out = torch.empty((N, K, H, W), dtype=dtype, device=tma_device,
-                      memory_format=torch.channels_last).fill_(float("nan"))
+    assert not cfg.tma or conv_fwd.tma_eligible(xc, wp, geo, dot_ieee=False)
+    out = torch.empty((N, K, H, W), dtype=dtype, device=device, memory_format=torch.channels_last).fill_(float("nan"))
     if fused:
-        isc, ish = (torch.rand(C) + 0.5).to(tma_device), (torch.rand(C) - 0.3).to(tma_device)
-        res = torch.randn(N, K, H, W).to(tma_device, dtype).contiguous(memory_format=torch.channels_last)
+        isc, ish = (torch.rand(C) + 0.5).to(device), (torch.rand(C) - 0.3).to(device)
+        res = torch.randn(N, K, H, W).to(device, dtype).contiguous(memory_format=torch.channels_last)
         y, part = conv_fwd.conv2d_nhwc(xc, wp, geo, in_scale=isc, in_shift=ish, in_relu=True, residual=res,
-                                       stats=True, allow_tf32=True, config=SMALL_TMA, out=out)
+                                       stats=True, allow_tf32=cfg.tma, config=cfg, out=out)
         ref = reference(x, w, in_scale=isc, in_shift=ish, in_relu=True, residual=res)
-        rows = y.permute(0, 2, 3, 1).reshape(geo.M, K).double().split(SMALL_TMA.BLOCK_M)
+        rows = y.permute(0, 2, 3, 1).reshape(geo.M, K).double().split(cfg.BLOCK_M)
         assert rel_err(part.sum, torch.stack([t.sum(0) for t in rows])) < 1e-5
         assert rel_err(part.m2, torch.stack([((t - t.mean(0)) ** 2).sum(0) for t in rows])) < 1e-5
     else:
         bias = kw.pop("bias")
-        y, _ = conv_fwd.conv2d_nhwc(xc, wp, geo, bias=bias, allow_tf32=True, config=SMALL_TMA, out=out, **kw)
+        y, _ = conv_fwd.conv2d_nhwc(xc, wp, geo, bias=bias, allow_tf32=cfg.tma, config=cfg, out=out, **kw)
         ref = reference(x, w, bias, **kw)
     assert not torch.isnan(y).any()
-    # tf32 on the GPU (TMA pairs with tensor-core dots only); the interpreter computes fp32 exactly
-    tol = 5e-3 if dtype == torch.float32 and tma_device == "cuda" else TOL[dtype]
+    tol = 5e-3 if cfg.tma and dtype == torch.float32 and device == "cuda" else TOL[dtype]
     assert rel_err(y, ref) < tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("fused", [False, True], ids=["inference", "training"])
+def test_tma_pointwise_path(dtype, fused, tma_device):
+    """The TMA variant on a pointwise conv whose M, C and K are not tile multiples (TMA's zero fill must stand
+    in for the load masks): M = 30 rows, a partial 32-row tile; C = 24, a partial 16-channel step."""
+    check_pointwise((2, 24, 5, 3, 20), SMALL_TMA, dtype, fused, tma_device, seed=11)
 
 
 def test_tma_eligibility(tma_device, monkeypatch):
@@ -326,7 +332,7 @@ def test_tma_twins_are_tuning_candidates_never_the_default(monkeypatch, tma_devi
         conv_fwd.conv2d_nhwc(x.contiguous(memory_format=torch.channels_last),
                              conv_fwd.pack_weight(w, 1, torch.float16), geo)
     (pw, pw_flags, pw_default), (c3, c3_flags, _) = seen
-    twins = [c for c in pw if c.tma]
+    twins = [c for c in pw if c.tma and not c.persistent]  # (persistent twins: their own test)
     assert twins and all(c.BLOCK_M * c.BLOCK_N >= 128 * 128 for c in twins)
     assert all(dataclasses.replace(c, tma=False) in pw for c in twins)
     assert not pw_default.tma and not any(c.tma for c in c3)
@@ -373,37 +379,14 @@ def test_every_tma_twin_is_compile_checked(dtype):
 @pytest.mark.parametrize("fused", [False, True], ids=["inference", "training"])
 def test_persistent_pointwise_path(dtype, tma, fused, kernel_device):
     """The persistent variant: 3 programs in the interpreter walk 12 tiles (4 row tiles, the last partial, × 3
-    column tiles, the last partial), so each program runs 4 tiles through one flattened loop; every output element
-    and every tile's stats row must be right, the NaN-poisoned output fully overwritten. (TMA pairs with
-    tensor-core dots only: fp32 runs it as tf32, which the interpreter computes exactly.)"""
+    column tiles, the last partial), so each program runs 4 tiles through one flattened loop."""
     if tma and not cfgs.tma_allowed(torch.device(kernel_device)):
         pytest.skip("no TMA descriptors here")
     N, C, H, W, K = 2, 40, 6, 5, 40  # M = 60 rows: 16-row tiles 16, 16, 16, 12; K = 40: 16, 16, 8 channels
-    cfg = ConvConfig(16, 16, 16, 2, 4, 2, tma=tma, persistent=True)
-    x, w, kw = make(N, C, H, W, K, 1, 1, 1, dtype, kernel_device, seed=5, bias=not fused, scale=not fused,
-                    shift=not fused, relu=not fused)
-    xc = x.contiguous(memory_format=torch.channels_last)
-    geo = ConvGeometry.make(x.shape, w.shape)
-    wp = conv_fwd.pack_weight(w, 1, dtype)
-    assert triton_cdiv(geo.M, 16) * triton_cdiv(K, 16) == 12
+    assert triton_cdiv(N * H * W, 16) * triton_cdiv(K, 16) == 12
     assert cfgs.persistent_programs(torch.device(kernel_device), 12) == (12 if kernel_device == "cuda" else 3)
-    out = torch.empty((N, K, H, W), dtype=dtype, device=kernel_device,
-                      memory_format=torch.channels_last).fill_(float("nan"))
-    if fused:
-        isc, ish = (torch.rand(C) + 0.5).to(kernel_device), (torch.rand(C) - 0.3).to(kernel_device)
-        res = torch.randn(N, K, H, W).to(kernel_device, dtype).contiguous(memory_format=torch.channels_last)
-        y, part = conv_fwd.conv2d_nhwc(xc, wp, geo, in_scale=isc, in_shift=ish, in_relu=True, residual=res,
-                                       stats=True, allow_tf32=tma, config=cfg, out=out)
-        ref = reference(x, w, in_scale=isc, in_shift=ish, in_relu=True, residual=res)
-        rows = y.permute(0, 2, 3, 1).reshape(geo.M, K).double().split(cfg.BLOCK_M)
-        assert rel_err(part.sum, torch.stack([t.sum(0) for t in rows])) < 1e-5
-        assert rel_err(part.m2, torch.stack([((t - t.mean(0)) ** 2).sum(0) for t in rows])) < 1e-5
-    else:
-        bias = kw.pop("bias")
-        y, _ = conv_fwd.conv2d_nhwc(xc, wp, geo, bias=bias, allow_tf32=tma, config=cfg, out=out, **kw)
-        ref = reference(x, w, bias, **kw)
-    assert not torch.isnan(y).any()
-    assert rel_err(y, ref) < (5e-3 if tma and dtype == torch.float32 and kernel_device == "cuda" else TOL[dtype])
+    check_pointwise((N, C, H, W, K), ConvConfig(16, 16, 16, 2, 4, 2, tma=tma, persistent=True), dtype, fused,
+                    kernel_device, seed=5)
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -716,15 +699,28 @@ def test_every_tuning_config_gpu(dtype):
             assert rel_err(y, ref) < TOL[dtype], cfg
 
 
+def _pointwise_twins(kind: str, dtype) -> list:
+    """The TMA or persistent twins the launcher may offer for ``dtype`` on this GPU (``[]``: none here)."""
+    tma = cfgs.tma_allowed(torch.device("cuda"))
+    tmas = conv_fwd._tma_variants(cfgs.fwd_configs(dtype)) if tma else []
+    if kind == "tma":
+        return tmas
+    return conv_fwd._persistent_twins(list(cfgs.fwd_configs(dtype)) + tmas, dtype) if cfgs.persistent_allowed() \
+        else []
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["tma", "persistent"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
-def test_every_tma_twin_gpu(dtype):
-    """Each TMA candidate, pinned, on two ResNet-50 pointwise layers and one whose M, C, K are off the tiles,
-    with the inference epilogue and with the training prologue + residual + stats (fp32 runs as tf32)."""
-    if not cfgs.tma_allowed(torch.device("cuda")):
-        pytest.skip("this GPU / Triton has no TMA descriptors")
+def test_every_pointwise_twin_gpu(kind, dtype):
+    """Each TMA / persistent candidate, pinned, on ResNet-50 pointwise layers (the first with several tiles per
+    persistent program) and one whose M, C, K are off the tiles, with the inference epilogue and with the training
+    prologue + residual + stats (fp32 TMA runs as tf32; no persistent twin is offered for fp32)."""
+    twins = _pointwise_twins(kind, dtype)
+    if not twins:
+        pytest.skip(f"no {kind} twin for {dtype} on this GPU / Triton")
     tol = 5e-3 if dtype == torch.float32 else TOL[dtype]
-    for N, C, K, h in ((8, 256, 64, 56), (8, 1024, 2048, 7), (3, 40, 72, 9)):
+    for N, C, K, h in ((32, 256, 128, 56), (8, 1024, 2048, 7), (3, 40, 72, 9)):
         x, w, kw = make(N, C, h, h, K, 1, 1, 1, dtype, "cuda", scale=True, shift=True, relu=True)
         x = x.contiguous(memory_format=torch.channels_last)
         geo = ConvGeometry.make(x.shape, w.shape)
@@ -733,40 +729,12 @@ def test_every_tma_twin_gpu(dtype):
         res = torch.randn(N, K, h, h, device="cuda", dtype=dtype).contiguous(memory_format=torch.channels_last)
         ref = reference(x, w, None, **kw)
         ref_train = reference(x, w, in_scale=isc, in_shift=ish, in_relu=True, residual=res)
-        for cfg in conv_fwd._tma_variants(cfgs.fwd_configs(dtype)):
+        for cfg in twins:
             y, _ = conv_fwd.conv2d_nhwc(x, wp, geo, config=cfg, allow_tf32=True, **kw)
             assert rel_err(y, ref) < tol, cfg
             y, part = conv_fwd.conv2d_nhwc(x, wp, geo, config=cfg, allow_tf32=True, in_scale=isc, in_shift=ish,
                                            in_relu=True, residual=res, stats=True)
             assert rel_err(y, ref_train) < tol, cfg
-            assert rel_err(part.sum.sum(0), y.double().sum((0, 2, 3))) < 1e-5, cfg
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_every_persistent_twin_gpu(dtype):
-    """Each persistent candidate, pinned, on ResNet-50 pointwise layers (tiles over the SM count, several per
-    program) and one off the tiles, inference epilogue and training prologue + residual + stats."""
-    if not cfgs.persistent_allowed():
-        pytest.skip("this Triton does not flatten loop nests")
-    bf = cfgs.fwd_configs(dtype)
-    twins = conv_fwd._persistent_twins(list(bf) + (conv_fwd._tma_variants(bf) if cfgs.tma_allowed(
-        torch.device("cuda")) else []), dtype)
-    for N, C, K, h in ((32, 256, 128, 56), (8, 1024, 2048, 7), (3, 40, 200, 9)):
-        x, w, kw = make(N, C, h, h, K, 1, 1, 1, dtype, "cuda", scale=True, shift=True, relu=True)
-        x = x.contiguous(memory_format=torch.channels_last)
-        geo = ConvGeometry.make(x.shape, w.shape)
-        wp = conv_fwd.pack_weight(w, 1, dtype)
-        isc, ish = torch.rand(C, device="cuda") + 0.5, torch.rand(C, device="cuda") - 0.2
-        res = torch.randn(N, K, h, h, device="cuda", dtype=dtype).contiguous(memory_format=torch.channels_last)
-        ref, ref_train = reference(x, w, None, **kw), reference(x, w, in_scale=isc, in_shift=ish, in_relu=True,
-                                                                residual=res)
-        for cfg in twins:
-            y, _ = conv_fwd.conv2d_nhwc(x, wp, geo, config=cfg, **kw)
-            assert rel_err(y, ref) < TOL[dtype], cfg
-            y, part = conv_fwd.conv2d_nhwc(x, wp, geo, config=cfg, in_scale=isc, in_shift=ish, in_relu=True,
-                                           residual=res, stats=True)
-            assert rel_err(y, ref_train) < TOL[dtype], cfg
             assert rel_err(part.sum.sum(0), y.double().sum((0, 2, 3))) < 1e-5, cfg
 
 

@@ -188,6 +188,22 @@ def test_smoke_check_reports_a_wrong_result_an_error_and_a_fallback():
     assert s.rows[3]["status"].startswith("fell back: conv2d: a test fallback")
 
 
+def test_smoke_pins_each_persistent_twin_on_a_pointwise_conv(triton_backend):
+    """The smoke runs the persistent forward (a tuning twin, which its untuned run would never pick) pinned on
+    pointwise convs, inference and training; here in the interpreter on a small 1×1 conv: 2 × 2 tiles of 128×128
+    over its 3 programs."""
+    from resnet_fast.bench.shapes import ConvShape
+    from resnet_fast.kernels import configs
+    if not configs.persistent_allowed():
+        pytest.skip("this Triton does not flatten loop nests")
+    s = smoke.Smoke(torch.device("cpu"), budget_s=600, log=print)
+    with smoke.smoke_env():
+        smoke.conv_checks(s, ConvShape(cin=16, cout=256, k=1, stride=1, padding=0, groups=1, h=12, w=12), "fp16", 1)
+    pinned = {r["role"] for r in s.rows if "persistent" in r["kernels"]}
+    assert pinned == {"infer[m128n128k64g8w8s3-tma-ps]", "train[m128n128k64g8w8s3-tma-ps]"}
+    assert s.rows and all(r["ok"] for r in s.rows), [r for r in s.rows if not r["ok"]]
+
+
 # ---- precompile: a kernel compiled by preload in one process is a disk-cache hit on another's launch path --
 
 _PROOF = r'''

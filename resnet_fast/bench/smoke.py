@@ -222,7 +222,7 @@ def _up(t: torch.Tensor, dtype) -> torch.Tensor:
 
 def conv_checks(s: Smoke, conv, dtype: str, batch: int) -> None:
     """The three roles of one conv shape in one dtype."""
-    from ..kernels import conv_fwd
+    from ..kernels import configs, conv_fwd
     from ..kernels.conv_common import ConvGeometry
     from .. import ops
 
@@ -295,6 +295,16 @@ def conv_checks(s: Smoke, conv, dtype: str, batch: int) -> None:
             "grad_in_shift": gtol}
     s.check("conv", name, "train", "conv_fwd(prologue,stats)+bn_finalize+conv_dgrad(epilogue)+conv_wgrad(prologue)",
             dtype, train, tols, expect_ops=("conv_bn_stats",))
+    if conv.k == 1 and conv.stride == 1 and conv.groups == 1:  # the persistent forward: a tuning twin, pinned
+        tma = conv_fwd.tma_eligible(x, conv_fwd.pack_weight(w, 1, dt), ConvGeometry.make(x.shape, w.shape),
+                                    dot_ieee=dt == torch.float32 and not configs.conv_allows_tf32())
+        for cfg in conv_fwd.persistent_configs(dt, tma):
+            if cfg.BLOCK_N > max(64, conv.cout):
+                continue
+            with conv_fwd.pinned_config(cfg):
+                s.check("conv", name, f"infer[{cfg.name()}]", "conv_fwd(persistent)", dtype, infer, {"y": tol})
+                s.check("conv", name, f"train[{cfg.name()}]", "conv_fwd(persistent,prologue,stats)+bn_finalize+"
+                        "conv_dgrad+conv_wgrad", dtype, train, tols, expect_ops=("conv_bn_stats",))
     if conv.k > 1 and prologue:  # the backward's third implementation (the chooser's, not forceable by variable)
         with offered_impl("triton_dy_pass"):
             s.check("conv", name, "train_dy_pass", "conv_fwd+bn_finalize+form_dy+conv_dgrad(epilogue)+conv_wgrad",

@@ -89,8 +89,8 @@ from .conv_common import (ConvGeometry, dense_input, next_tap_step, ordered_sign
 from .fwd_epilogue import epilogue
 from .tile_stats import TileStats
 
-__all__ = ["conv2d_nhwc", "pack_weight", "pinned_config", "tma_eligible", "compile_specs", "SUPPORTED_DTYPES",
-           "TileStats", "FwdSwitches"]
+__all__ = ["conv2d_nhwc", "pack_weight", "pinned_config", "tma_eligible", "persistent_configs", "compile_specs",
+           "SUPPORTED_DTYPES", "TileStats", "FwdSwitches"]
 
 SUPPORTED_DTYPES = FLOAT_DTYPES  # the operand dtypes the kernel takes (fp32 as IEEE or TF32)
 
@@ -322,6 +322,13 @@ def _persistent_twins(candidates, dtype: torch.dtype) -> list:
         return []
     return [replace(c, persistent=True) for c in candidates
             if (c.BLOCK_M, c.BLOCK_N, c.num_warps) == (128, 128, 8) and not c.persistent]
+
+
+def persistent_configs(dtype: torch.dtype, tma: bool) -> list:
+    """The persistent twins a pointwise conv with ``dtype`` operands may be offered (of the TMA twins when ``tma``,
+    :func:`tma_eligible`), before pruning for its shape: what GPU checks pin one by one."""
+    cands = list(_cfg.fwd_configs(dtype))
+    return _persistent_twins(_tma_variants(cands) if tma else cands, dtype) if _cfg.persistent_allowed() else []
 
 
 def _tma_variants(candidates) -> list:
