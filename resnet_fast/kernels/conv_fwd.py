@@ -456,8 +456,9 @@ def _candidates(g: ConvGeometry, dtype: torch.dtype, tma_ok: bool, boxes: list, 
             default = next((c for c in candidates if (c.BLOCK_M, c.BLOCK_N) == (128, 256)), default)
     if tma_ok:
         candidates += _tma_variants(candidates)
-    if g.is_pointwise and g.groups == 1 and _cfg.persistent_allowed():  # of the TMA twins where offered (sm_90
-        candidates += _persistent_twins([c for c in candidates if c.tma == tma_ok], dtype)  # SASS: ~half the steps)
+    if g.is_pointwise and g.groups == 1 and _cfg.persistent_allowed():
+        # of the TMA twins where offered: sm_90, 90 instructions per step against the gather's 197
+        candidates += _persistent_twins([c for c in candidates if c.tma == tma_ok], dtype)
     return candidates + boxes, boxes[0] if boxes else default
 
 
