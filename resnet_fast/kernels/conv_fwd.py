@@ -120,7 +120,7 @@ def _conv_fwd_kernel(
                       stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, R, S, POINTWISE, HAS_BIAS, HAS_SCALE,
                       HAS_SHIFT, HAS_RES, RELU, PROLOGUE, IN_RELU, STATS, DOT_IEEE, C_ALIGN, EVEN_C, TMA, PACK_C,
                       BLOCK_M, BLOCK_N, BLOCK_K)
-    else:
+    else:  # its own call: a one-trip tl.range here is not folded away (sm_90: up to 7 % more instructions a step)
         pid_m, pid_n = swizzle_pid(tl.program_id(0), num_pid_m, num_pid_n, GROUP_M)
         _fwd_tile(pid_m, pid_n, tl.program_id(1), num_pid_m, x_ptr, w_ptr, y_ptr, bias_ptr, scale_ptr, shift_ptr,
                   res_ptr, in_scale_ptr, in_shift_ptr, part_ptr, x_desc, w_desc, H, W, C, P, Q, K, Cg, Kg, Cg_pad, M,
