@@ -13,7 +13,9 @@ few), three roles, each against a float32 reference (cuDNN with TF32 off, eager 
   merged by ``bn_finalize`` (y, mean, invstd), and its backward (dgrad's dReLU epilogue, wgrad's prologue, the
   BN gradient formed on load) through a normalised output: grads of x, weight, in_scale, in_shift.
 
-Then the C++/CUDA ops ``bn_add_relu`` / ``bn_relu`` forward and backward at every residual-tail shape, and one
+Then the C++/CUDA ops ``bn_add_relu`` / ``bn_relu`` forward and backward at every residual-tail shape; then, on
+the first :data:`PINNED_SHAPES` pointwise convs, ``infer`` and ``train`` with the forward pinned to each persistent
+twin (a tuning candidate the untuned run never picks, and the autotuner keeps the fastest unchecked); and one
 converted model (ResNet-50 on a GPU) against eager: training step (loss, parameter gradients, running
 statistics after the step) and eval logits, under autocast. A converted model passes when its error against
 the float32 reference is within the dtype's tolerance or 4x eager's own error at that dtype.
@@ -55,6 +57,7 @@ from .runner import TimeBoxExpired, stop_on_sigterm
 TOL = {"fp32": 1e-4, "fp16": 5e-3, "bf16": 2e-2}
 GRAD_FACTOR = 2.0
 MODEL_TWIN_FACTOR = 4.0
+PINNED_SHAPES = 4  # pointwise convs that run each forward tuning twin pinned (see _run_checks)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _CHILD = "RESNET_FAST_SMOKE_CHILD"
 CL = torch.channels_last
@@ -220,8 +223,10 @@ def _up(t: torch.Tensor, dtype) -> torch.Tensor:
 
 # ---- conv roles -----------------------------------------------------------------------------------------
 
-def conv_checks(s: Smoke, conv, dtype: str, batch: int) -> None:
-    """The three roles of one conv shape in one dtype."""
+def conv_checks(s: Smoke, conv, dtype: str, batch: int, twins: bool = False) -> None:
+    """The three roles of one conv shape in one dtype; with ``twins`` instead ``infer`` and ``train`` with the
+    forward pinned to each persistent twin the autotuner may pick for it (a pointwise conv: see
+    :func:`conv_fwd._candidates`), which the untuned run never runs."""
     from ..kernels import configs, conv_fwd
     from ..kernels.conv_common import ConvGeometry
     from .. import ops
@@ -249,7 +254,8 @@ def conv_checks(s: Smoke, conv, dtype: str, batch: int) -> None:
             ref = F.relu(F.conv2d(x.to(rd), w.to(rd), None, **kw) * scale.to(rd).view(1, -1, 1, 1)
                          + shift.to(rd).view(1, -1, 1, 1) + res.to(rd))
         return {"y": (y, ref)}
-    s.check("conv", name, "infer", "conv_fwd", dtype, infer, {"y": tol})
+    if not twins:
+        s.check("conv", name, "infer", "conv_fwd", dtype, infer, {"y": tol})
 
     def conv2d_bwd():
         leaves = [t.detach().clone().requires_grad_(True) for t in (x, w, scale, shift)]
@@ -264,9 +270,10 @@ def conv_checks(s: Smoke, conv, dtype: str, batch: int) -> None:
             want = torch.autograd.grad(yr, r, grad.to(rd))
         names = ("y", "grad_x", "grad_w", "grad_scale", "grad_shift")
         return dict(zip(names, [(y, yr)] + list(zip(got, want))))
-    s.check("conv", name, "conv2d_bwd", "conv_fwd+conv_dgrad+conv_wgrad", dtype, conv2d_bwd,
-            {"y": tol, **{n: gtol for n in ("grad_x", "grad_w", "grad_scale", "grad_shift")}},
-            expect_ops=("conv2d", "conv2d_backward"))
+    if not twins:
+        s.check("conv", name, "conv2d_bwd", "conv_fwd+conv_dgrad+conv_wgrad", dtype, conv2d_bwd,
+                {"y": tol, **{n: gtol for n in ("grad_x", "grad_w", "grad_scale", "grad_shift")}},
+                expect_ops=("conv2d", "conv2d_backward"))
 
     prologue = conv.cin != 3  # every conv but the stem reads a BN+ReLU output in training
 
@@ -293,18 +300,19 @@ def conv_checks(s: Smoke, conv, dtype: str, batch: int) -> None:
         return {"y": (y, yr), "mean": (mean, mr), "invstd": (invstd, ir), **dict(zip(names, zip(got, want)))}
     tols = {"y": tol, "mean": tol, "invstd": tol, "grad_x": gtol, "grad_w": gtol, "grad_in_scale": gtol,
             "grad_in_shift": gtol}
-    s.check("conv", name, "train", "conv_fwd(prologue,stats)+bn_finalize+conv_dgrad(epilogue)+conv_wgrad(prologue)",
-            dtype, train, tols, expect_ops=("conv_bn_stats",))
-    if conv.k == 1 and conv.stride == 1 and conv.groups == 1:  # the persistent forward: a tuning twin, pinned
-        tma = conv_fwd.tma_eligible(x, conv_fwd.pack_weight(w, 1, dt), ConvGeometry.make(x.shape, w.shape),
+    kernels = "conv_fwd(prologue,stats)+bn_finalize+conv_dgrad(epilogue)+conv_wgrad(prologue)"
+    if twins:
+        g = ConvGeometry.make(x.shape, w.shape)
+        tma = conv_fwd.tma_eligible(x, conv_fwd.pack_weight(w, 1, dt), g,
                                     dot_ieee=dt == torch.float32 and not configs.conv_allows_tf32())
-        for cfg in conv_fwd.persistent_configs(dt, tma):
-            if cfg.BLOCK_N > max(64, conv.cout):
-                continue
-            with conv_fwd.pinned_config(cfg):
-                s.check("conv", name, f"infer[{cfg.name()}]", "conv_fwd(persistent)", dtype, infer, {"y": tol})
-                s.check("conv", name, f"train[{cfg.name()}]", "conv_fwd(persistent,prologue,stats)+bn_finalize+"
-                        "conv_dgrad+conv_wgrad", dtype, train, tols, expect_ops=("conv_bn_stats",))
+        for cfg in conv_fwd.persistent_configs(dt, tma) if g.is_pointwise and conv.groups == 1 else ():
+            if cfg.BLOCK_N <= max(64, conv.cout):  # as the launcher prunes
+                with conv_fwd.pinned_config(cfg):
+                    s.check("conv", name, f"infer[{cfg.name()}]", "conv_fwd", dtype, infer, {"y": tol})
+                    s.check("conv", name, f"train[{cfg.name()}]", kernels, dtype, train, tols,
+                            expect_ops=("conv_bn_stats",))
+        return
+    s.check("conv", name, "train", kernels, dtype, train, tols, expect_ops=("conv_bn_stats",))
     if conv.k > 1 and prologue:  # the backward's third implementation (the chooser's, not forceable by variable)
         with offered_impl("triton_dy_pass"):
             s.check("conv", name, "train_dy_pass", "conv_fwd+bn_finalize+form_dy+conv_dgrad(epilogue)+conv_wgrad",
@@ -492,6 +500,12 @@ def _run_checks(s: Smoke, device, jobs, tails, model, batch, main, other, tune) 
             for tail in tails:
                 for dtype in (main,) + other[:1]:
                     tail_checks(s, tail, dtype, batch)
+            # tuning twins the untuned run never picks (the autotuner keeps the fastest unchecked), pinned: after
+            # the defaults, so the time budget cuts these first; on PINNED_SHAPES pointwise convs
+            pointwise = [conv for conv, dtype in jobs if dtype == main and conv.k == 1 and conv.stride == 1
+                         and conv.groups == 1 and conv.cout >= 128]
+            for conv in pointwise[:PINNED_SHAPES]:
+                conv_checks(s, conv, main, batch, twins=True)
         name, make, res, classes, mbatch = model
         # The model on the Triton kernels; on a GPU also with every conv on the cuDNN composite.
         for impl in ("triton",) + (("cudnn",) if device.type == "cuda" else ()):
