@@ -13,12 +13,12 @@ few), three roles, each against a float32 reference (cuDNN with TF32 off, eager 
   merged by ``bn_finalize`` (y, mean, invstd), and its backward (dgrad's dReLU epilogue, wgrad's prologue, the
   BN gradient formed on load) through a normalised output: grads of x, weight, in_scale, in_shift.
 
-Then the C++/CUDA ops ``bn_add_relu`` / ``bn_relu`` forward and backward at every residual-tail shape; then, on
-the first :data:`PINNED_SHAPES` pointwise convs, ``infer`` and ``train`` with the forward pinned to each persistent
-twin (a tuning candidate the untuned run never picks, and the autotuner keeps the fastest unchecked); and one
+Then the C++/CUDA ops ``bn_add_relu`` / ``bn_relu`` forward and backward at every residual-tail shape, and one
 converted model (ResNet-50 on a GPU) against eager: training step (loss, parameter gradients, running
 statistics after the step) and eval logits, under autocast. A converted model passes when its error against
-the float32 reference is within the dtype's tolerance or 4x eager's own error at that dtype.
+the float32 reference is within the dtype's tolerance or 4x eager's own error at that dtype. Last (the time budget
+cuts it first), on the first :data:`PINNED_SHAPES` pointwise convs: ``infer`` and ``train`` with the forward pinned
+to each persistent twin, a tuning candidate the untuned run never picks (the autotuner keeps the fastest unchecked).
 
 Errors are ``‖out − ref‖ / ‖ref‖`` in float64; a NaN/Inf anywhere counts as infinite. Before each op role the
 CUDA caching allocator is handed a NaN-filled block, so an output element a kernel fails to write stays NaN.
@@ -500,17 +500,18 @@ def _run_checks(s: Smoke, device, jobs, tails, model, batch, main, other, tune) 
             for tail in tails:
                 for dtype in (main,) + other[:1]:
                     tail_checks(s, tail, dtype, batch)
-            # tuning twins the untuned run never picks (the autotuner keeps the fastest unchecked), pinned: after
-            # the defaults, so the time budget cuts these first; on PINNED_SHAPES pointwise convs
-            pointwise = [conv for conv, dtype in jobs if dtype == main and conv.k == 1 and conv.stride == 1
-                         and conv.groups == 1 and conv.cout >= 128]
-            for conv in pointwise[:PINNED_SHAPES]:
-                conv_checks(s, conv, main, batch, twins=True)
         name, make, res, classes, mbatch = model
         # The model on the Triton kernels; on a GPU also with every conv on the cuDNN composite.
         for impl in ("triton",) + (("cudnn",) if device.type == "cuda" else ()):
             with smoke_env(tune, conv_impl=impl):
                 model_checks(s, make, f"{name} [{impl}]", main, mbatch, res, classes)
+        # tuning twins the untuned run never picks (the autotuner keeps the fastest unchecked), pinned: last, so
+        # the time budget cuts these first; on PINNED_SHAPES pointwise convs
+        pointwise = [conv for conv, dtype in jobs if dtype == main and conv.k == 1 and conv.stride == 1
+                     and conv.groups == 1 and conv.cout >= 128]
+        with smoke_env(tune):
+            for conv in pointwise[:PINNED_SHAPES]:
+                conv_checks(s, conv, main, batch, twins=True)
 
 
 def _backend_name() -> str:
