@@ -115,6 +115,8 @@ def _smoke_convs(device, dtype, smoke_batch):
     jobs, _tails, _model, _, main, _other = smoke.plan(torch.device("cuda"), False, smoke_batch)
     for c, dt in jobs:
         smoke.conv_checks(s, c, name if dt == main else dt, smoke_batch)
+    for c in smoke.twin_shapes(jobs, main):  # its pinned persistent twins
+        smoke.conv_checks(s, c, name, smoke_batch, twins=True)
 
 
 # ---- counting without a GPU (interpreter) ----------------------------------------------------------------
@@ -150,8 +152,8 @@ def _arg_spec(a) -> str:
 
 @contextlib.contextmanager
 def counting(seen: dict, tuned: dict):
-    """Every kernel of :func:`kernel_modules` replaced by a recorder; ``autotune.choose`` launches every candidate
-    it is offered (as a tuning run would) and returns the untuned default."""
+    """Every kernel of :func:`kernel_modules` replaced by a recorder; ``autotune.choose`` launches a pinned config,
+    else every candidate it is offered (as a tuning run would), and returns the untuned default."""
     import importlib
     from ..kernels import autotune, tuning_table
     mods = [importlib.import_module(f"resnet_fast.kernels.{m}") for m in kernel_modules()]
@@ -163,6 +165,10 @@ def counting(seen: dict, tuned: dict):
                 setattr(mod, attr, _Recorder(attr, seen))
 
     def choose(op, geometry, dtype, device, candidates, flags, launch, default, **_):
+        pinned = getattr(autotune._PINNED, op, None)  # a pin wins, as in autotune.choose (the smoke's twins)
+        if pinned is not None:
+            launch(pinned)
+            return pinned
         if not autotune.Autotuner.enabled():  # tuning off: the default is all that runs
             launch(default)
             return default

@@ -506,12 +506,17 @@ def _run_checks(s: Smoke, device, jobs, tails, model, batch, main, other, tune) 
             with smoke_env(tune, conv_impl=impl):
                 model_checks(s, make, f"{name} [{impl}]", main, mbatch, res, classes)
         # tuning twins the untuned run never picks (the autotuner keeps the fastest unchecked), pinned: last, so
-        # the time budget cuts these first; on PINNED_SHAPES pointwise convs
-        pointwise = [conv for conv, dtype in jobs if dtype == main and conv.k == 1 and conv.stride == 1
-                     and conv.groups == 1 and conv.cout >= 128]
+        # the time budget cuts these first
         with smoke_env(tune):
-            for conv in pointwise[:PINNED_SHAPES]:
+            for conv in twin_shapes(jobs, main):
                 conv_checks(s, conv, main, batch, twins=True)
+
+
+def twin_shapes(jobs, main: str) -> list:
+    """The first :data:`PINNED_SHAPES` pointwise convs (wide enough for a 128×128 tile) of ``jobs`` in the main
+    dtype: where the smoke pins the forward's persistent twins."""
+    return [conv for conv, dtype in jobs if dtype == main and conv.k == 1 and conv.stride == 1 and conv.groups == 1
+            and conv.cout >= 128][:PINNED_SHAPES]
 
 
 def _backend_name() -> str:
