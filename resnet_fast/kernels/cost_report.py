@@ -78,8 +78,9 @@ channels padded to 4 and its 28-wide filter rows to 32, partial tiles) and wave 
 
 Summary: the records missing each target; of the issue-ratio misses, those whose issue time is within their MMA
 or memory time (the ratio costs them nothing in this model), and per role the issue-bound time beyond
-``max(mma_us, memory_us)`` per step, as the records stand and taking each training backward's faster of the
-on-load and ``triton_dy_pass`` forms (what the chooser would measure).
+``max(mma_us, memory_us)`` per step, as the records stand and taking each launch's faster of the record and its
+alternative (the backward's ``triton_dy_pass``, the forward's persistent twin: what the chooser would measure);
+per alternative and role, what it changes per step, always taken and where faster.
 
 Ignored: L2 re-reads of operands by neighbouring tiles, the prologue (address setup) and a new CTA's pipeline
 fill, latency (a dependent load chain or a wgmma wait that the pipeline depth does not cover), bank conflicts,
