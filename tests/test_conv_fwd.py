@@ -12,6 +12,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -383,14 +384,10 @@ def test_persistent_pointwise_path(dtype, tma, fused, kernel_device):
     if tma and not cfgs.tma_allowed(torch.device(kernel_device)):
         pytest.skip("no TMA descriptors here")
     N, C, H, W, K = 2, 40, 6, 5, 40  # M = 60 rows: 16-row tiles 16, 16, 16, 12; K = 40: 16, 16, 8 channels
-    assert triton_cdiv(N * H * W, 16) * triton_cdiv(K, 16) == 12
+    assert triton.cdiv(N * H * W, 16) * triton.cdiv(K, 16) == 12
     assert cfgs.persistent_programs(torch.device(kernel_device), 12) == (12 if kernel_device == "cuda" else 3)
     check_pointwise((N, C, H, W, K), ConvConfig(16, 16, 16, 2, 4, 2, tma=tma, persistent=True), dtype, fused,
                     kernel_device, seed=5)
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def test_persistent_twins_are_tuning_candidates_on_pointwise_convs_only(monkeypatch):

@@ -194,11 +194,11 @@ def persistent_allowed() -> bool:
 INTERPRETER_PROGRAMS = 3  # the interpreter's "SMs": each program walks several tiles, unevenly
 
 
-def persistent_programs(device: torch.device, tiles: int, ctas_per_sm: int = 1) -> int:
-    """Programs of a persistent launch over ``tiles`` output tiles: ``ctas_per_sm`` per SM of ``device`` (CUDA),
-    :data:`INTERPRETER_PROGRAMS` elsewhere, never more than the tiles."""
+def persistent_programs(device: torch.device, tiles: int) -> int:
+    """Programs of a persistent launch over ``tiles`` output tiles: one per SM of ``device`` (CUDA; its tiles fill
+    an SM's registers), :data:`INTERPRETER_PROGRAMS` elsewhere, never more than the tiles."""
     if device.type == "cuda":
-        slots = torch.cuda.get_device_properties(device).multi_processor_count * ctas_per_sm
+        slots = torch.cuda.get_device_properties(device).multi_processor_count
     else:
         slots = INTERPRETER_PROGRAMS
     return max(1, min(tiles, slots))

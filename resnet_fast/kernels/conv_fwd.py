@@ -325,8 +325,10 @@ def _persistent_twins(candidates, dtype: torch.dtype) -> list:
 
 
 def persistent_configs(dtype: torch.dtype, tma: bool) -> list:
-    """The persistent twins a pointwise conv with ``dtype`` operands may be offered (of the TMA twins when ``tma``,
-    :func:`tma_eligible`), before pruning for its shape: what GPU checks pin one by one."""
+    """The persistent twins a pointwise conv with ``dtype`` operands may be offered before pruning for its shape
+    (:func:`_candidates` keeps those whose non-persistent config it kept; GPU checks pin them one by one): of the
+    TMA twins when ``tma`` (:func:`tma_eligible`; sm_90: 90 instructions per step against the gather's 197), else
+    of the gather tiles; none where Triton does not flatten loop nests."""
     cands = list(_cfg.fwd_configs(dtype))
     return _persistent_twins(_tma_variants(cands) if tma else cands, dtype) if _cfg.persistent_allowed() else []
 
@@ -456,9 +458,8 @@ def _candidates(g: ConvGeometry, dtype: torch.dtype, tma_ok: bool, boxes: list, 
             default = next((c for c in candidates if (c.BLOCK_M, c.BLOCK_N) == (128, 256)), default)
     if tma_ok:
         candidates += _tma_variants(candidates)
-    if g.is_pointwise and g.groups == 1 and _cfg.persistent_allowed():
-        # of the TMA twins where offered: sm_90, 90 instructions per step against the gather's 197
-        candidates += _persistent_twins([c for c in candidates if c.tma == tma_ok], dtype)
+    if g.is_pointwise and g.groups == 1:  # the persistent twins of the candidates the shape kept
+        candidates += [c for c in persistent_configs(dtype, tma_ok) if replace(c, persistent=False) in candidates]
     return candidates + boxes, boxes[0] if boxes else default
 
 

@@ -339,7 +339,7 @@ class Launch:
     bytes: int
     sig: dict = dataclasses.field(default_factory=dict)
     extra_bytes: int = 0  # traffic beyond the compulsory bytes (the dense-taps path's pad pass): time, not roofline
-    alt: bool = False     # an alternative the chooser measures (triton_dy_pass), not in the per-step totals
+    alt: bool = False     # an alternative the chooser measures (triton_dy_pass, the persistent twin), not in totals
     split_ctas: int = 0   # wgrad: the CTAs per SM its split-K assumed (conv_wgrad.ctas_per_sm)
 
     def spec_key(self) -> str:
