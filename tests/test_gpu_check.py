@@ -198,7 +198,7 @@ def test_smoke_pins_each_persistent_twin_on_a_pointwise_conv(triton_backend):
         pytest.skip("this Triton does not flatten loop nests")
     s = smoke.Smoke(torch.device("cpu"), budget_s=600, log=print)
     with smoke.smoke_env():
-        smoke.conv_checks(s, ConvShape(cin=16, cout=256, k=1, stride=1, padding=0, groups=1, h=12, w=12), "fp16", 1,
+        smoke.conv_checks(s, ConvShape(cin=64, cout=256, k=1, stride=1, padding=0, groups=1, h=12, w=12), "fp16", 1,
                           twins=True)
     assert {r["role"] for r in s.rows} == {"infer[m128n128k64g8w8s3-tma-ps]", "train[m128n128k64g8w8s3-tma-ps]"}
     assert s.rows and all(r["ok"] for r in s.rows), [r for r in s.rows if not r["ok"]]

@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -305,8 +306,9 @@ def conv_checks(s: Smoke, conv, dtype: str, batch: int, twins: bool = False) -> 
         g = ConvGeometry.make(x.shape, w.shape)
         tma = conv_fwd.tma_eligible(x, conv_fwd.pack_weight(w, 1, dt), g,
                                     dot_ieee=dt == torch.float32 and not configs.conv_allows_tf32())
+        kept = configs.prune(configs.fwd_configs(dt), g.M, g.Kg, g.Cg_pad, dt)  # the launcher's tiles for the shape
         for cfg in conv_fwd.persistent_configs(dt, tma) if g.is_pointwise and conv.groups == 1 else ():
-            if cfg.BLOCK_N <= max(64, conv.cout):  # as the launcher prunes
+            if dataclasses.replace(cfg, persistent=False, tma=False) in kept:
                 with conv_fwd.pinned_config(cfg):
                     s.check("conv", name, f"infer[{cfg.name()}]", "conv_fwd", dtype, infer, {"y": tol})
                     s.check("conv", name, f"train[{cfg.name()}]", kernels, dtype, train, tols,
